@@ -1,0 +1,148 @@
+"""The `concept-erase` command: erase, export, sample."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+from .errors import UserError
+
+LIST_FLAGS = {"concepts": "concept", "anchors": "anchor", "remap_to": "remap-to"}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from .config import EraseConfig
+
+    for f in dataclasses.fields(EraseConfig):
+        help_text = f.metadata.get("help", "")
+        if f.name in LIST_FLAGS:
+            parser.add_argument(f"--{LIST_FLAGS[f.name]}", dest=f.name, action="append", help=help_text,
+                                default=argparse.SUPPRESS)
+        elif f.type in ("bool", bool):
+            if f.default:
+                parser.add_argument(f"--no-{f.name.replace('_', '-')}", dest=f.name, action="store_false",
+                                    help=f"do not: {help_text}", default=argparse.SUPPRESS)
+            else:
+                parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action="store_true", help=help_text,
+                                    default=argparse.SUPPRESS)
+        else:
+            names = [f"--{f.name.replace('_', '-')}"] + (["--lambda"] if f.name == "lambda_init" else [])
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(*names, dest=f.name, type=kind, help=f"{help_text} (default: {f.default!r})",
+                                default=argparse.SUPPRESS, metavar=f.name.upper())
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a usage error is a user error: one line, exit 2
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="concept-erase", description="Erase a concept from a Stable Diffusion model while keeping "
+                     "everything else it draws (implicit gradient surgery, arXiv 2510.22124).")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("erase", help="erase one or more concepts; writes OUTPUT/erased.safetensors",
+                       description="Erase concepts. Settings: defaults < --config YAML < flags.")
+    p.add_argument("--config", help="YAML file of settings (keys as the flags below, dashes or underscores)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    _add_config_flags(p)
+
+    p = sub.add_parser("export", help="turn a run into a diffusers pipeline folder or LoRA weights")
+    p.add_argument("run", help="run folder or its erased.safetensors")
+    p.add_argument("--format", choices=["diffusers", "lora"], required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--model", help="base model (default: the one the run was made from)")
+    p.add_argument("--model-config", default="", help="configs for a single-file base model")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank when factoring a non-LoRA run (--format lora)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-other-base", action="store_true", help="apply even if the base model's digest differs")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("sample", help="generate images (optionally with erased weights) into a folder with a grid")
+    p.add_argument("--model", required=True)
+    p.add_argument("--weights", default="", help="erased.safetensors (or run folder) to apply")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    p.add_argument("--seeds", default="0-3", help="e.g. 0-7 or 1,4,9")
+    p.add_argument("--output", required=True)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--device", default="")
+    p.add_argument("--model-config", default="")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-other-base", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def _erase(args) -> None:
+    from .config import build_config, load_yaml
+    from .trainer import erase
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
+    settings = load_yaml(args.config) if args.config else {}
+    config = build_config(settings, flags, source=args.config or "config")
+    path = erase(config)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"erased weights: {path}")
+        print(f"next: concept-erase sample --model {config.model} --weights {path} --prompt '{config.concepts[0]}' "
+              f"--output {config.output}/samples")
+
+
+def _export(args) -> None:
+    from .export import export_diffusers, export_lora
+
+    if args.format == "diffusers":
+        out = export_diffusers(args.run, args.output, model=args.model, overwrite=args.overwrite,
+                               allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle,
+                               model_config=args.model_config)
+        print(f"pipeline written to {out} (StableDiffusionPipeline.from_pretrained loads it)")
+    else:
+        summary = export_lora(args.run, args.output, model=args.model, rank=args.rank, overwrite=args.overwrite,
+                              allow_pickle=args.allow_pickle, model_config=args.model_config)
+        print(f"LoRA weights written to {args.output} (pipe.load_lora_weights loads them)")
+        if summary.get("dropped"):
+            print(f"note: {len(summary['dropped'])} changed tensor(s) are not Linear weights and are not in the LoRA, "
+                  f"e.g. {summary['dropped'][0]}")
+        if "max_relative_error" in summary:
+            print(f"rank-{summary['rank']} factorisation: largest relative error {summary['max_relative_error']:.3g}")
+
+
+def _sample(args) -> None:
+    from .sample import parse_seeds, sample
+
+    out = sample(args.model, args.prompt, parse_seeds(args.seeds), args.output, weights=args.weights,
+                 steps=args.steps, guidance=args.guidance, overwrite=args.overwrite,
+                 allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle,
+                 model_config=args.model_config, device=args.device)
+    print(f"images written to {out} (grid: {out}/grid.png)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            build_parser().print_help()
+            return 2
+        {"erase": _erase, "export": _export, "sample": _sample}[args.command](args)
+        return 0
+    except UserError as err:
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"concept-erase: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("concept-erase: interrupted; resume a run with --resume latest", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Run settings: one dataclass, a help string per field, checks in `__post_init__`.
+
+Precedence: defaults < YAML file (`--config run.yaml`) < command-line flags. An unknown key in a
+YAML file is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UserError
+
+TRAINABLE_SUBSETS = ("xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora")
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EraseConfig:
+    # what to erase, from what
+    model: str = _f("", "Stable Diffusion model: a diffusers folder, a hub id, a single-file .safetensors "
+                        "(or .ckpt with --allow-pickle), or builtin:tiny")
+    concepts: list = _f([], "concept prompt(s) to erase, e.g. 'van gogh' (repeat --concept for several)")
+    anchors: list = _f([], "anchor prompt(s) whose images must survive, e.g. 'a painting' (repeat --anchor)")
+    output: str = _f("", "run folder: checkpoints, metrics.jsonl, erased.safetensors")
+    # the method
+    method: str = _f("eupmu", "lambda controller: eupmu, eupmu-fast, ungrad, fixed, esd")
+    train: str = _f("xattn", "what is trained: " + ", ".join(TRAINABLE_SUBSETS))
+    forget_loss: str = _f("negative-guidance", "forget loss: negative-guidance or remap")
+    retain_loss: str = _f("denoising", "retain loss on anchor latents")
+    remap_to: list = _f([], "for --forget-loss remap: the prompt(s) each concept is remapped to")
+    eta: float = _f(1.0, "negative-guidance scale: the target is e0 - eta * (ec - e0)")
+    eps: float = _f(0.0, "tolerance eps: the retain loss may rise by at most lr * eps per step (eupmu, ungrad)")
+    beta: float = _f(1e-3, "step size of the lambda update (eupmu)")
+    beta_schedule: str = _f("cuberoot", "beta_t schedule: cuberoot (beta / (t+1)^(1/3), as the paper's analysis) or constant")
+    lambda_max: float = _f(100.0, "upper bound D on lambda (eupmu)")
+    lambda_init: float = _f(0.0, "initial lambda (eupmu), or the constant lambda (fixed)")
+    # optimisation
+    steps: int = _f(400, "optimizer steps")
+    lr: float = _f(1e-5, "learning rate (also the step size alpha_t in the EUPMU slack)")
+    weight_decay: float = _f(0.0, "AdamW weight decay (0: decay would move weights the losses never asked to move)")
+    max_grad_norm: float = _f(0.0, "clip the trained parameters' gradient norm after backward (0: off)")
+    batch_size: int = _f(1, "forget samples per micro-batch")
+    retain_batch_size: int = _f(2, "retain samples per micro-batch (eupmu-fast carries half of them over)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    mixed_precision: str = _f("no", "no, fp16 or bf16 (autocast; trained weights, lambda and losses stay fp32)")
+    seed: int = _f(0, "seed of every random draw of the run")
+    lora_rank: int = _f(4, "LoRA rank (--train lora)")
+    lora_alpha: float = _f(4.0, "LoRA alpha (--train lora)")
+    # negative-guidance trajectories
+    sampling_steps: int = _f(50, "DDIM steps of the schedule the forget latents x_t are drawn on")
+    start_guidance: float = _f(3.0, "classifier-free guidance when sampling the forget trajectory")
+    trajectory_model: str = _f("current", "which model samples x_t: current (ESD) or original")
+    trajectory_refresh: int = _f(1, "1: a fresh partial trajectory every step (ESD); N: one full trajectory reused for N steps")
+    # anchors
+    retain_images: str = _f("", "folder of real anchor images with captions (metadata.jsonl or NAME.txt beside each image)")
+    anchor_images_per_prompt: int = _f(4, "images the original model generates per anchor prompt when no --retain-images")
+    concept_images_per_prompt: int = _f(4, "images generated per concept prompt (remap loss)")
+    anchor_inference_steps: int = _f(30, "DDIM steps when generating anchor images")
+    anchor_guidance: float = _f(7.5, "guidance scale when generating anchor images")
+    cache_dir: str = _f("", "cache of generated anchor latents (default: ~/.cache/concept-erase)")
+    # bookkeeping
+    checkpoint_every: int = _f(100, "save a checkpoint every N steps (0: only at the end)")
+    checkpoints_total_limit: int = _f(2, "keep at most this many checkpoints (0: all)")
+    resume: str = _f("", "resume from 'latest' or a checkpoint folder")
+    overwrite: bool = _f(False, "replace an output folder that already holds a run")
+    allow_pickle: bool = _f(False, "allow loading a pickled .ckpt (it can run code)")
+    model_config: str = _f("", "for a single-file checkpoint: a diffusers folder (or hub id) with the model's configs")
+    progress: bool = _f(True, "show a progress bar")
+
+    def __post_init__(self):
+        from .controllers import LAMBDA_CONTROLLERS
+        from .objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
+
+        if isinstance(self.concepts, str):
+            self.concepts = [self.concepts]
+        if isinstance(self.anchors, str):
+            self.anchors = [self.anchors]
+        if isinstance(self.remap_to, str):
+            self.remap_to = [self.remap_to]
+        LAMBDA_CONTROLLERS.get(self.method)
+        FORGET_OBJECTIVES.get(self.forget_loss)
+        RETAIN_OBJECTIVES.get(self.retain_loss)
+        if self.train not in TRAINABLE_SUBSETS:
+            raise UserError(f"unknown subset {self.train!r} for --train; choose one of: {', '.join(TRAINABLE_SUBSETS)}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "sampling_steps", "trajectory_refresh",
+                     "anchor_images_per_prompt", "concept_images_per_prompt", "anchor_inference_steps", "lora_rank"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("eps", "beta", "lambda_max", "lambda_init", "lr", "weight_decay", "max_grad_norm", "eta",
+                     "retain_batch_size", "checkpoint_every", "checkpoints_total_limit"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.lr == 0:
+            raise UserError("--lr must be positive")
+        if self.beta_schedule not in ("cuberoot", "constant"):
+            raise UserError("--beta-schedule must be cuberoot or constant")
+        if self.trajectory_model not in ("current", "original"):
+            raise UserError("--trajectory-model must be current or original")
+        if self.method == "eupmu-fast" and self.retain_batch_size < 2:
+            raise UserError("--method eupmu-fast carries half of the retain batch into the next step; "
+                            "use --retain-batch-size 2 or more")
+        if LAMBDA_CONTROLLERS.get(self.method).uses_retain and self.retain_batch_size < 1:
+            raise UserError(f"--method {self.method} needs a retain batch; use --retain-batch-size 1 or more")
+        if self.forget_loss == "remap" and self.remap_to and len(self.remap_to) not in (1, len(self.concepts)):
+            raise UserError("give one --remap-to for all concepts, or one per --concept")
+
+    def check_runnable(self) -> None:
+        """Checks that need the whole picture (a config file may fill what flags leave out)."""
+        if not self.model:
+            raise UserError("no model given; pass --model PATH_OR_HUB_ID (or builtin:tiny to try the toolkit)")
+        if not self.concepts:
+            raise UserError("no concept to erase; pass --concept 'the concept' (repeat it for several)")
+        if not self.output:
+            raise UserError("no output folder; pass --output runs/NAME")
+        uses_retain = _controller(self.method).uses_retain
+        if uses_retain and not self.anchors and not self.retain_images:
+            raise UserError(f"--method {self.method} keeps what anchors show; pass --anchor 'a prompt' "
+                            "(repeat it) or --retain-images FOLDER")
+        if self.forget_loss == "remap" and not self.remap_to:
+            raise UserError("--forget-loss remap needs --remap-to 'the prompt to remap to'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _controller(name: str):
+    from .controllers import LAMBDA_CONTROLLERS
+
+    return LAMBDA_CONTROLLERS.get(name)
+
+
+# YAML keys may use dashes or underscores; these read better in a file.
+ALIASES = {"concept": "concepts", "anchor": "anchors", "lambda": "lambda_init"}
+
+
+def normalise_keys(raw: dict, source: str) -> dict:
+    known = set(EraseConfig.field_names())
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise UserError(f"{source}: key {key!r} is not a name")
+        name = key.replace("-", "_")
+        name = ALIASES.get(name, name)
+        if name not in known:
+            raise UserError(f"{source}: unknown setting {key!r}; see `concept-erase erase --help` for the settings")
+        out[name] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise UserError(f"config file {path} is not valid YAML{line}; fix it or start from a file in pipelines/") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must hold a mapping of settings (key: value), not a {type(raw).__name__}")
+    return normalise_keys(raw, str(path))
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    default = next(f for f in dataclasses.fields(EraseConfig) if f.name == name)
+    kind = type(default.default) if default.default is not dataclasses.MISSING else list
+    if kind is list:
+        if isinstance(value, (str, int, float)):
+            return [str(value)]
+        if isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+        raise UserError(f"{source}: {name} must be a list of strings")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{source}: {name} must be true or false, not {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise UserError(f"{source}: {name} must be a whole number, not {value!r}")
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise UserError(f"{source}: {name} must be a number, not {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{source}: {name} must be a number, not {value!r}") from None
+    if kind is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{source}: {name} must be a string, not {value!r}")
+        return str(value)
+    return value
+
+
+def build_config(file_settings: Optional[dict] = None, overrides: Optional[dict] = None,
+                 source: str = "config") -> EraseConfig:
+    """defaults < file settings < overrides (command-line flags that were given)."""
+    merged: dict[str, Any] = {}
+    for src, settings in ((source, file_settings or {}), ("command line", overrides or {})):
+        for name, value in settings.items():
+            merged[name] = _coerce(name, value, src)
+    return EraseConfig(**merged)
+
+
+def config_json(config: EraseConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)

@@ -1,0 +1,152 @@
+"""Lambda controllers: how much the retain loss weighs in each step.
+
+The trainer asks a controller three things, none specific to a method:
+  * `gradients`: "joint" (one backward pass of `forget + lambda * retain`) or "separate"
+    (one backward pass per loss, then `from_gradients` combines them);
+  * `probe`: where the retain loss after the step comes from, for a loss-value update:
+    "none", "after-step" (one extra no-grad forward of the SAME retain tuple) or "carried"
+    (the previous step's retain tuple rides along in this step's retain batch);
+  * `uses_retain`: whether a retain batch is needed at all.
+
+The update rules themselves are the pure functions `eupmu_update` and `ungrad_lambda`.
+Lambda, loss values and the slack are Python floats (fp64), never bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from .registry import Registry
+
+LAMBDA_CONTROLLERS: Registry[type] = Registry("method", "--method")
+
+
+def eupmu_slack(retain_before: float, retain_after: float, step_size: float, eps: float) -> float:
+    """delta_t = (l_r(theta_t) - l_r(theta_{t+1})) / alpha_t + eps_t.
+
+    Negative when the retain loss rose by more than `alpha_t * eps_t` in this step.
+    """
+    if step_size <= 0:
+        raise ValueError("the step size alpha_t must be positive")
+    return (retain_before - retain_after) / step_size + eps
+
+
+def eupmu_update(lam: float, retain_before: float, retain_after: float, *, step_size: float, eps: float,
+                 beta: float, lambda_max: float) -> float:
+    """One EUPMU multiplier step: lambda_{t+1} = clip(lambda_t - beta_t * delta_t, 0, D)."""
+    delta = eupmu_slack(retain_before, retain_after, step_size, eps)
+    return min(max(lam - beta * delta, 0.0), lambda_max)
+
+
+def ungrad_lambda(dot_ru: float, retain_norm_sq: float, eps: float) -> float:
+    """Closed-form multiplier of explicit gradient surgery: max(0, -(<g_r, g_u> + eps) / ||g_r||^2).
+
+    Zero when the two gradients do not conflict beyond the tolerance; zero too when g_r vanishes
+    (the constraint cannot bind).
+    """
+    if retain_norm_sq <= 0.0:
+        return 0.0
+    return max(0.0, -(dot_ru + eps) / retain_norm_sq)
+
+
+def beta_at(step: int, beta: float, schedule: str) -> float:
+    """beta_t. "cuberoot" decays like t^(-1/3), the ratio to a constant alpha the paper's analysis asks for."""
+    if schedule == "constant":
+        return beta
+    if schedule == "cuberoot":
+        return beta / math.pow(step + 1, 1.0 / 3.0)
+    raise ValueError(f"unknown beta schedule {schedule!r}")
+
+
+class LambdaController:
+    """Base: a constant lambda. Subclasses change how it moves."""
+
+    gradients = "joint"
+    probe = "none"
+    uses_retain = True
+    backward_passes = 1
+
+    def __init__(self, config):
+        self.lam = float(config.lambda_init)
+        self.step = 0
+
+    def current(self) -> float:
+        return self.lam
+
+    def from_gradients(self, dot_ru: float, retain_norm_sq: float) -> float:
+        raise NotImplementedError(f"{type(self).__name__} takes one backward pass; it has no gradient rule")
+
+    def update(self, retain_before: float | None, retain_after: float | None, step_size: float) -> None:
+        """Called once per optimizer step; the retain values are None when no paired probe exists."""
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"lambda": self.lam, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam = float(state["lambda"])
+        self.step = int(state["step"])
+
+
+@LAMBDA_CONTROLLERS.register("fixed")
+class FixedLambda(LambdaController):
+    """forget + lambda * retain with a constant lambda (`--lambda`)."""
+
+
+@LAMBDA_CONTROLLERS.register("esd")
+class ForgetOnly(LambdaController):
+    """ESD: the forget loss alone; no retain batch is built."""
+
+    uses_retain = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lam = 0.0
+
+
+@LAMBDA_CONTROLLERS.register("eupmu")
+class ImplicitSurgery(LambdaController):
+    """EUPMU: one backward pass; lambda follows the constraint's slack, measured on a paired probe."""
+
+    probe = "after-step"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.eps = float(config.eps)
+        self.beta = float(config.beta)
+        self.beta_schedule = config.beta_schedule
+        self.lambda_max = float(config.lambda_max)
+        self.last_slack: float | None = None
+
+    def update(self, retain_before: float | None, retain_after: float | None, step_size: float) -> None:
+        if retain_before is None or retain_after is None:  # eupmu-fast's first step has no pair yet
+            self.step += 1
+            return
+        beta_t = beta_at(self.step, self.beta, self.beta_schedule)
+        self.last_slack = eupmu_slack(retain_before, retain_after, step_size, self.eps)
+        self.lam = eupmu_update(self.lam, retain_before, retain_after, step_size=step_size, eps=self.eps,
+                                beta=beta_t, lambda_max=self.lambda_max)
+        self.step += 1
+
+
+@LAMBDA_CONTROLLERS.register("eupmu-fast")
+class ImplicitSurgeryFast(ImplicitSurgery):
+    """EUPMU without the extra forward: the previous retain tuple is carried into the next batch."""
+
+    probe = "carried"
+
+
+@LAMBDA_CONTROLLERS.register("ungrad")
+class ExplicitSurgery(LambdaController):
+    """UNGrad: two backward passes, lambda in closed form from <g_r, g_u> and ||g_r||^2."""
+
+    gradients = "separate"
+    backward_passes = 2
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.eps = float(config.eps)
+        self.lam = 0.0
+
+    def from_gradients(self, dot_ru: float, retain_norm_sq: float) -> float:
+        self.lam = ungrad_lambda(dot_ru, retain_norm_sq, self.eps)
+        return self.lam

@@ -1,0 +1,262 @@
+"""What an erasure produces, and how it is used: the delta file, apply(), diffusers and LoRA exports.
+
+`erased.safetensors` holds only the tensors the erasure changed (the trained subset's new values,
+or the LoRA weights), plus metadata: the base model, its digest, the method, the concepts and
+every setting. `apply()` checks names, shapes and the base model before it touches a pipeline.
+"""
+
+from __future__ import annotations
+
+from . import env  # noqa: F401
+
+import json
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir, atomic_path
+from .banks import tensor_digest
+from .errors import UserError
+
+FORMAT = "concept-erase-delta"
+FORMAT_VERSION = "1"
+STATS_RTOL = 1e-3  # a base loaded in another dtype still matches; another model does not
+
+
+def _lora_base_names(trained_names) -> list[str]:
+    """Names of the plain-UNet weights that LoRA adapters sit on."""
+    out = set()
+    for n in trained_names:
+        module = n.split(".lora_", 1)[0]
+        out.add(f"{module}.weight")
+    return sorted(out)
+
+
+def _stats(t: torch.Tensor) -> list[float]:
+    t = t.detach().double()
+    return [float(t.sum()), float((t * t).sum()), t.numel()]
+
+
+def base_fingerprint(unet, trained: dict, *, lora: bool, digest: str) -> dict:
+    """Identify the base model: a digest of the whole UNet, and sum / sum of squares of each replaced
+    tensor (to recognise the same base loaded in another dtype)."""
+    state = unet.state_dict()
+    if lora:
+        names = _lora_base_names(trained)
+        stats = {n: _stats(state[n.replace(".weight", ".base_layer.weight")]) for n in names}
+    else:
+        stats = {n: _stats(state[n]) for n in trained}
+    dtype = str(next(iter(trained.values())).dtype).replace("torch.", "")
+    return {"digest": digest, "stats": stats, "dtype": dtype}
+
+
+def _lora_state(unet) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: dict, steps: int,
+               lambda_final: float) -> None:
+    from safetensors.torch import save_file
+
+    lora = config.train == "lora"
+    tensors = _lora_state(unet) if lora else {n: p.detach().float().cpu().contiguous() for n, p in trained.items()}
+    settings = config.to_dict()
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "lora" if lora else "weights",
+        "base_model": settings["model"],
+        "base_model_digest": fingerprint["digest"],
+        "base_stats": json.dumps(fingerprint["stats"]),
+        "base_dtype": fingerprint["dtype"],
+        "method": config.method,
+        "concepts": json.dumps(config.concepts),
+        "anchors": json.dumps(config.anchors),
+        "train": config.train,
+        "steps": str(steps),
+        "lambda_final": repr(float(lambda_final)),
+        "settings": json.dumps(settings, sort_keys=True),
+    }
+    if lora:
+        from .subsets import LORA_TARGETS
+
+        meta["lora"] = json.dumps({"r": config.lora_rank, "alpha": config.lora_alpha, "targets": LORA_TARGETS})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    from .loading import check_safetensors_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "erased.safetensors"
+    if not path.is_file():
+        raise UserError(f"no erased weights at {path}; pass a run folder or its erased.safetensors")
+    check_safetensors_file(path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is a safetensors file but not a concept-erase delta (no '{FORMAT}' metadata)")
+    return tensors, meta
+
+
+def check_base(unet, tensors: dict, meta: dict, *, allow_other_base: bool) -> None:
+    """Refuse a delta made from another base model unless told otherwise."""
+    if allow_other_base:
+        return
+    if tensor_digest(unet.state_dict()) == meta["base_model_digest"]:
+        return
+    stats = json.loads(meta["base_stats"])
+    state = unet.state_dict()
+    for name, (s, sq, n) in stats.items():
+        if name not in state or state[name].numel() != n:
+            break
+        cs, csq, _ = _stats(state[name])
+        # rounding to another dtype moves each value by ~1e-3 relative, the sums by far less
+        if abs(cs - s) > STATS_RTOL * (sq * n) ** 0.5 or abs(csq - sq) > STATS_RTOL * sq:
+            break
+    else:
+        return  # the same weights in another dtype or on another device
+    raise UserError(f"this delta was made from another base model ({meta.get('base_model')}, digest "
+                    f"{meta['base_model_digest'][:12]}); apply it to that model, or pass --allow-other-base "
+                    "(allow_other_base=True) if you know they match")
+
+
+def _check_names(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], what: str) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise UserError(f"the delta holds {len(unexpected)} tensor(s) this model does not have, e.g. "
+                        f"{unexpected[0]!r}; it was made for another architecture")
+    if what == "lora" and missing:
+        raise UserError(f"the LoRA delta lacks {len(missing)} tensor(s), e.g. {missing[0]!r}; it is incomplete")
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(expected[name]):
+            raise UserError(f"tensor {name!r} has shape {tuple(t.shape)} in the delta but {tuple(expected[name])} "
+                            "in the model; it was made for another architecture")
+
+
+@torch.no_grad()
+def apply(pipe, path: str | Path, *, allow_other_base: bool = False):
+    """Apply an erased delta to a pipeline in place (LoRA deltas are merged); returns the pipeline."""
+    tensors, meta = read_delta(path)
+    unet = pipe.unet
+    check_base(unet, tensors, meta, allow_other_base=allow_other_base)
+    if meta["kind"] == "weights":
+        params = dict(unet.named_parameters())
+        _check_names({n: p.shape for n, p in params.items()}, tensors, "weights")
+        for name, t in tensors.items():
+            params[name].copy_(t.to(params[name].device, params[name].dtype))
+    elif meta["kind"] == "lora":
+        merge_lora(unet, tensors, json.loads(meta["lora"]))
+    else:
+        raise UserError(f"{path}: unknown delta kind {meta['kind']!r}; upgrade concept-erase")
+    return pipe
+
+
+def merge_lora(unet, tensors: dict, lora: dict) -> None:
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import set_peft_model_state_dict
+
+    unet.add_adapter(LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]), target_modules=lora["targets"]),
+                     adapter_name="concept_erase")
+    from peft.utils import get_peft_model_state_dict
+
+    expected = {k: v.shape for k, v in get_peft_model_state_dict(unet, adapter_name="concept_erase").items()}
+    try:
+        _check_names(expected, tensors, "lora")
+        set_peft_model_state_dict(unet, {k: v.to(unet.dtype) for k, v in tensors.items()}, adapter_name="concept_erase")
+        for module in unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(adapter_names=["concept_erase"])
+    finally:
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(unet)
+        unet._hf_peft_config_loaded = False
+        if hasattr(unet, "peft_config"):
+            del unet.peft_config
+
+
+def _base_pipeline(meta: dict, model: str | None, allow_pickle: bool, model_config: str):
+    from .loading import load_pipeline
+
+    settings = json.loads(meta["settings"])
+    return load_pipeline(model or meta["base_model"], allow_pickle=allow_pickle,
+                         model_config=model_config or settings.get("model_config", ""))
+
+
+def export_diffusers(delta: str | Path, output: str | Path, *, model: str | None = None, overwrite: bool = False,
+                     allow_other_base: bool = False, allow_pickle: bool = False, model_config: str = "") -> Path:
+    """A complete pipeline folder with the erasure applied: `StableDiffusionPipeline.from_pretrained` loads it."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} already exists; choose another --output or pass --overwrite")
+    _, meta = read_delta(delta)
+    pipe = _base_pipeline(meta, model, allow_pickle, model_config)
+    apply(pipe, delta, allow_other_base=allow_other_base)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        pipe.save_pretrained(str(tmp))
+        (tmp / "concept_erase.json").write_text(json.dumps(
+            {k: meta[k] for k in ("base_model", "base_model_digest", "method", "concepts", "train", "steps")},
+            indent=2), encoding="utf-8")
+    return output
+
+
+def export_lora(delta: str | Path, output: str | Path, *, model: str | None = None, rank: int = 16,
+                overwrite: bool = False, allow_pickle: bool = False, model_config: str = "") -> dict:
+    """LoRA weights that diffusers' `load_lora_weights` loads.
+
+    A LoRA run's adapter is written as it is. From a subset run, each changed Linear weight's
+    difference is factored by truncated SVD at `rank`; a changed bias cannot be expressed as LoRA
+    and is reported. Returns a summary (relative error of the factorisation, dropped tensors).
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} already exists; choose another --output or pass --overwrite")
+    tensors, meta = read_delta(delta)
+    summary: dict = {"kind": meta["kind"]}
+    if meta["kind"] == "lora":
+        lora = json.loads(meta["lora"])
+        scale = float(lora["alpha"]) / int(lora["r"])  # folded into B: diffusers then loads it at scale 1
+        peft_state = {k: v * scale if ".lora_B." in k else v for k, v in tensors.items()}
+        r = int(lora["r"])
+    else:
+        pipe = _base_pipeline(meta, model, allow_pickle, model_config)
+        check_base(pipe.unet, tensors, meta, allow_other_base=False)
+        base = pipe.unet.state_dict()
+        peft_state, dropped, errs = {}, [], []
+        for name, new in tensors.items():
+            delta_w = new.float() - base[name].float()
+            if not name.endswith(".weight") or delta_w.dim() != 2:
+                if delta_w.abs().max() > 0:
+                    dropped.append(name)
+                continue
+            u, s, vh = torch.linalg.svd(delta_w, full_matrices=False)
+            k = min(rank, s.numel())
+            module = name[: -len(".weight")]
+            peft_state[f"{module}.lora_B.weight"] = (u[:, :k] * s[:k]).contiguous()
+            peft_state[f"{module}.lora_A.weight"] = vh[:k].contiguous()
+            total = float(delta_w.norm())
+            errs.append(float((s[k:] ** 2).sum().sqrt()) / total if total > 0 else 0.0)
+        if not peft_state:
+            raise UserError("no changed Linear weight in this delta can be written as LoRA; export --format diffusers")
+        summary.update({"rank": rank, "max_relative_error": max(errs), "dropped": dropped})
+        r = rank
+    unet_layers = convert_state_dict_to_diffusers(peft_state)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=unet_layers, safe_serialization=True)
+        (tmp / "concept_erase.json").write_text(json.dumps({"rank": r, **summary,
+                                                            "base_model": meta["base_model"]}, indent=2),
+                                                encoding="utf-8")
+    return summary

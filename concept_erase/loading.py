@@ -1,0 +1,120 @@
+"""Load a Stable Diffusion pipeline from wherever a user keeps it, with errors a person can act on."""
+
+from __future__ import annotations
+
+from . import env  # noqa: F401
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def _looks_like_path(source: str) -> bool:
+    return (source.startswith((".", "/", "~")) or os.sep in source.rstrip(os.sep) and source.count("/") > 1
+            or source.endswith((".safetensors",) + PICKLE_SUFFIXES))
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Refuse a truncated or corrupted safetensors file before anything else reads it."""
+    from safetensors import safe_open
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if size < 8 or header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length out of range")
+            header = json.loads(fh.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end != size:
+            raise ValueError(f"file holds {size} bytes, its header describes {8 + header_len + end}")
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as err:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupted: {err}); "
+                        "copy it again or re-export it") from None
+
+
+def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str = "",
+                  torch_dtype: torch.dtype = torch.float32):
+    """A StableDiffusionPipeline from a diffusers folder, a hub id, a single file or `builtin:tiny`."""
+    from diffusers import StableDiffusionPipeline
+
+    if not source:
+        raise UserError("no model given; pass --model PATH_OR_HUB_ID")
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name == "tiny":
+            from .tiny import build_tiny_pipeline
+
+            return build_tiny_pipeline().to(torch_dtype)
+        if name == "tiny-v":
+            from .tiny import build_tiny_pipeline
+
+            return build_tiny_pipeline(prediction_type="v_prediction").to(torch_dtype)
+        raise UserError(f"unknown built-in model {source!r}; the built-in models are builtin:tiny and builtin:tiny-v")
+
+    path = Path(source).expanduser()
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch_dtype)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path} is a folder but not a diffusers pipeline (it has no model_index.json); "
+                            "pass the folder that holds model_index.json, or a single .safetensors checkpoint")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+            raise UserError(f"could not load the pipeline in {path}: {_first_line(err)}") from None
+        return _checked(pipe, source)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise UserError(f"{path} is a pickled checkpoint, and loading it can run arbitrary code; "
+                            "convert it to .safetensors, or pass --allow-pickle if you trust its source")
+        if suffix == ".safetensors":
+            check_safetensors_file(path)
+        elif suffix not in PICKLE_SUFFIXES:
+            raise UserError(f"{path} is neither a diffusers folder nor a .safetensors/.ckpt checkpoint")
+        single = dict(kwargs)
+        if model_config:
+            single["config"] = model_config
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(str(path), **single)
+        except Exception as err:  # noqa: BLE001 - diffusers raises many kinds here
+            hint = "" if model_config else (" Offline, a single-file checkpoint needs its configs: pass "
+                                            "--model-config with a diffusers folder of the same architecture.")
+            raise UserError(f"could not load the single-file checkpoint {path}: {_first_line(err)}.{hint}") from None
+        return _checked(pipe, source)
+    if _looks_like_path(source):
+        raise UserError(f"model path {source} does not exist; check the path")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+    except Exception as err:  # noqa: BLE001
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = (" The hub is off (HF_HUB_OFFLINE=1): pass a local diffusers folder, or set HF_HUB_OFFLINE=0 "
+                "on a machine with network." if offline else "")
+        raise UserError(f"could not load model {source!r}: it is not a local path and loading it from the hub "
+                        f"failed ({_first_line(err)}).{hint}") from None
+    return _checked(pipe, source)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def _checked(pipe, source: str):
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if getattr(pipe, part, None) is None:
+            raise UserError(f"{source} has no {part}; concept-erase needs a complete Stable Diffusion pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prediction_type(pipe) -> str:
+    return pipe.scheduler.config.get("prediction_type", "epsilon")

@@ -1,0 +1,50 @@
+"""The losses of concept erasure, as pure functions: tensors in, tensors out, no model.
+
+Every loss is a mean squared error in the model's own output space (epsilon, v or sample
+prediction), computed in fp32 whatever precision the forward pass ran in: a retain-loss change
+per step is ~1e-4, below bf16's resolution.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each sample of a batch, in fp32: shape [batch]."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    diff = prediction.float() - target.float()
+    return diff.pow(2).flatten(1).mean(dim=1)
+
+
+def negative_guidance_target(uncond: torch.Tensor, cond: torch.Tensor, eta: float) -> torch.Tensor:
+    """ESD's target `e0 - eta * (ec - e0)`: the original model's prediction steered AWAY from the concept.
+
+    The weights (1 + eta, -eta) sum to one, so the combination is exact in epsilon, v and sample
+    space alike: for a fixed x_t, each is an affine function of the others.
+    """
+    uncond = uncond.float()
+    return uncond - eta * (cond.float() - uncond)
+
+
+def denoising_target(prediction_type: str, latents: torch.Tensor, noise: torch.Tensor,
+                     alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """What a model of this prediction type should output for `sqrt(a) x0 + sqrt(1-a) n`.
+
+    `alphas_cumprod_t` holds abar_t per sample (shape [batch]).
+    """
+    if prediction_type == "epsilon":
+        return noise
+    a = alphas_cumprod_t.float().reshape(-1, *([1] * (latents.dim() - 1)))
+    if prediction_type == "v_prediction":
+        return (a.sqrt() * noise.float() - (1 - a).sqrt() * latents.float()).to(noise.dtype)
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction type {prediction_type!r} (expected epsilon, v_prediction or sample)")
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """The forward process `sqrt(abar_t) x0 + sqrt(1 - abar_t) n`, per sample."""
+    a = alphas_cumprod_t.float().reshape(-1, *([1] * (latents.dim() - 1)))
+    return (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)

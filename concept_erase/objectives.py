@@ -1,0 +1,200 @@
+"""Forget and retain objectives: each builds a regression batch (inputs and a fixed target).
+
+An objective does its no-grad work (sampling a trajectory, the original model's predictions,
+noising cached latents) and hands the trainer a `RegressionBatch`; the trainer runs the model
+being trained on it and takes the per-sample MSE. The trainer never learns which objective it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .losses import add_noise, denoising_target, negative_guidance_target
+from .registry import Registry
+
+FORGET_OBJECTIVES: Registry[type] = Registry("forget loss", "--forget-loss")
+RETAIN_OBJECTIVES: Registry[type] = Registry("retain loss", "--retain-loss")
+
+
+@dataclass
+class RegressionBatch:
+    """One tuple of the model's inputs and the output it should give: everything that makes a loss value."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    embeddings: torch.Tensor
+    target: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @staticmethod
+    def cat(batches: list["RegressionBatch"]) -> "RegressionBatch":
+        return RegressionBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in
+                                 ("latents", "timesteps", "embeddings", "target")))
+
+    def slice(self, start: int, stop: int) -> "RegressionBatch":
+        return RegressionBatch(self.latents[start:stop], self.timesteps[start:stop],
+                               self.embeddings[start:stop], self.target[start:stop])
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{f}": getattr(self, f).contiguous() for f in ("latents", "timesteps", "embeddings", "target")}
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor], prefix: str, device) -> "RegressionBatch":
+        return RegressionBatch(*(tensors[f"{prefix}.{f}"].to(device) for f in ("latents", "timesteps", "embeddings", "target")))
+
+
+def _randn(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    # Draw on the CPU from the step's generator: the same numbers on every device and after a resume.
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(like.device, like.dtype)
+
+
+def _randint(high: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, high, (size,), generator=gen)
+
+
+class Objective:
+    """Base: an objective's state (tensors that must survive a resume) is empty by default."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+@FORGET_OBJECTIVES.register("negative-guidance")
+class NegativeGuidance(Objective):
+    """ESD: steer the concept's prediction to e0 - eta (ec - e0) of the ORIGINAL model.
+
+    x_t lies on a DDIM trajectory sampled for the concept prompt. With `trajectory_refresh` 1 a
+    partial trajectory to a random step is sampled every step (ESD). With N > 1 one full
+    trajectory is sampled and its intermediate latents serve the next N steps.
+    """
+
+    def __init__(self, ctx):
+        from diffusers import DDIMScheduler
+
+        self.ctx = ctx
+        cfg = ctx.config
+        self.eta = cfg.eta
+        self.guidance = cfg.start_guidance
+        self.refresh = cfg.trajectory_refresh
+        self.sampler = DDIMScheduler.from_config(ctx.scheduler_config)
+        self.sampler.set_timesteps(cfg.sampling_steps)
+        self.timesteps = self.sampler.timesteps.clone()
+        self.concepts = ctx.embed(cfg.concepts)  # [n_concepts, L, D]
+        self.uncond = ctx.embed([""])[0]
+        self.model_name = cfg.trajectory_model
+        self.pool: dict[str, torch.Tensor] = {}
+
+    def _sampling_model(self):
+        return self.ctx.original if self.model_name == "original" else self.ctx.current
+
+    @torch.no_grad()
+    def _denoise(self, x: torch.Tensor, cond: torch.Tensor, start: int, stop: int, keep: list | None = None):
+        model = self._sampling_model()
+        uncond = self.uncond.expand_as(cond)
+        for i in range(start, stop):
+            if keep is not None:
+                keep.append(x)
+            t = self.timesteps[i]
+            tt = t.repeat(2 * x.shape[0]).to(x.device)
+            out = model(torch.cat([x, x]), tt, torch.cat([uncond, cond])).float()
+            e_u, e_c = out.chunk(2)
+            x = self.sampler.step(e_u + self.guidance * (e_c - e_u), t, x).prev_sample
+        return x
+
+    def _start_noise(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return _randn((n, *self.ctx.latent_shape), gen, self.ctx.template) * self.sampler.init_noise_sigma
+
+    @torch.no_grad()
+    def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
+        steps = len(self.timesteps)
+        if self.refresh <= 1:
+            which = _randint(len(self.concepts), n, gen)
+            cond = self.concepts[which]
+            k = int(_randint(steps, 1, gen))
+            x = self._denoise(self._start_noise(n, gen), cond, 0, k)
+        else:
+            if step % self.refresh == 0 or "latents" not in self.pool or self.pool["latents"].shape[1] != n:
+                which = _randint(len(self.concepts), n, gen)
+                cond = self.concepts[which]
+                keep: list = []
+                self._denoise(self._start_noise(n, gen), cond, 0, steps, keep)
+                self.pool = {"latents": torch.stack(keep), "which": which}
+            which = self.pool["which"]
+            cond = self.concepts[which]
+            k = int(_randint(steps, 1, gen))
+            x = self.pool["latents"][k]
+        t = self.timesteps[k].repeat(n).to(x.device)
+        e = self.ctx.original(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond.expand_as(cond), cond]))
+        e0, ec = e.float().chunk(2)
+        return RegressionBatch(x, t, cond, negative_guidance_target(e0, ec, self.eta))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"forget_pool.{k}": v.contiguous() for k, v in self.pool.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        device = self.ctx.template.device
+        self.pool = {k.split(".", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith("forget_pool.")}
+
+
+class _NoisedBank(Objective):
+    """Shared by the objectives that noise cached clean latents at a uniform random timestep."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.num_train_timesteps = len(ctx.alphas_cumprod)
+
+    def _noised(self, latents: torch.Tensor, gen: torch.Generator):
+        n = latents.shape[0]
+        t = _randint(self.num_train_timesteps, n, gen).to(latents.device)
+        noise = _randn(latents.shape, gen, latents)
+        a = self.ctx.alphas_cumprod[t.cpu()].to(latents.device)
+        return add_noise(latents, noise, a), t, noise, a
+
+
+@FORGET_OBJECTIVES.register("remap")
+class Remap(_NoisedBank):
+    """Pseudo-label: the concept's images should be denoised as if prompted with `--remap-to`.
+
+    The target is the CURRENT model's no-grad prediction for the remap prompt on the same x_t.
+    """
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        cfg = ctx.config
+        targets = cfg.remap_to if len(cfg.remap_to) == len(cfg.concepts) else cfg.remap_to * len(cfg.concepts)
+        self.bank = ctx.latent_bank(cfg.concepts, cfg.concept_images_per_prompt, role="concept")
+        self.cond = ctx.embed(cfg.concepts)
+        self.remap = ctx.embed(targets)
+
+    @torch.no_grad()
+    def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
+        idx = _randint(len(self.bank.latents), n, gen)
+        x0 = self.bank.latents[idx]
+        prompt = self.bank.prompt_index[idx]
+        x_t, t, _, _ = self._noised(x0, gen)
+        target = self.ctx.current(x_t, t, self.remap[prompt]).float()
+        return RegressionBatch(x_t, t, self.cond[prompt], target)
+
+
+@RETAIN_OBJECTIVES.register("denoising")
+class Denoising(_NoisedBank):
+    """The ordinary denoising loss on anchor latents, in the model's own prediction type."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.bank = ctx.anchor_bank()
+
+    @torch.no_grad()
+    def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
+        idx = _randint(len(self.bank.latents), n, gen)
+        x0 = self.bank.latents[idx]
+        x_t, t, noise, a = self._noised(x0, gen)
+        target = denoising_target(self.ctx.prediction_type, x0, noise, a)
+        return RegressionBatch(x_t, t, self.bank.embeddings[idx], target)

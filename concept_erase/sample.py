@@ -1,0 +1,82 @@
+"""Generate images with a model, optionally with an erased delta applied: seeds fixed per prompt."""
+
+from __future__ import annotations
+
+from . import env  # noqa: F401
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir
+from .errors import UserError
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-7' -> 0..7, '1,4,9' -> [1, 4, 9], '3' -> [3]."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise UserError(f"--seeds {text!r}: write a range like 0-7, a list like 1,4,9, or one number")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UserError(f"--seeds {text!r}: the range {part} runs backwards")
+        seeds.extend(range(lo, hi + 1))
+    return seeds
+
+
+def image_grid(images: list, rows: int):
+    from PIL import Image
+
+    cols = (len(images) + rows - 1) // rows
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, seed: int, *, steps: int, guidance: float):
+    gen = torch.Generator("cpu").manual_seed(seed)
+    c = pipe.unet.config
+    latents = torch.randn((1, c.in_channels, c.sample_size, c.sample_size), generator=gen)
+    latents = latents.to(pipe.device, pipe.unet.dtype)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents).images[0]
+
+
+def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path, *, weights: str = "",
+           steps: int = 30, guidance: float = 7.5, overwrite: bool = False, allow_other_base: bool = False,
+           allow_pickle: bool = False, model_config: str = "", device: str = "") -> Path:
+    from .export import apply
+    from .loading import load_pipeline
+
+    if not prompts:
+        raise UserError("no prompt given; pass --prompt 'a painting by van gogh' (repeat it for several)")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} already exists; choose another --output or pass --overwrite")
+    pipe = load_pipeline(model, allow_pickle=allow_pickle, model_config=model_config)
+    if weights:
+        apply(pipe, weights, allow_other_base=allow_other_base)
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        rows, index = [], []
+        for p, prompt in enumerate(prompts):
+            row = []
+            for seed in seeds:
+                image = generate(pipe, prompt, seed, steps=steps, guidance=guidance)
+                name = f"p{p:02d}-s{seed:04d}.png"
+                image.save(tmp / name)
+                row.append(image)
+                index.append({"file": name, "prompt": prompt, "seed": seed})
+            rows.extend(row)
+        image_grid(rows, len(prompts)).save(tmp / "grid.png")
+        (tmp / "images.json").write_text(json.dumps({"model": model, "weights": weights, "steps": steps,
+                                                     "guidance": guidance, "images": index}, indent=2),
+                                         encoding="utf-8")
+    return output

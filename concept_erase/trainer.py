@@ -1,0 +1,454 @@
+"""The erasure trainer: Accelerate, one loop, no method-specific branch.
+
+What a step does is read off the plug-ins: the forget and retain objectives build regression
+batches, the lambda controller says how the two losses combine (one joint backward pass, or one
+per loss with a closed-form lambda) and where the retain loss after the step comes from.
+"""
+
+from __future__ import annotations
+
+from . import env  # noqa: F401
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_dir, atomic_path, write_json
+from .banks import LatentBank, build_bank, build_caption_bank, tensor_digest
+from .config import EraseConfig, config_json
+from .controllers import LAMBDA_CONTROLLERS
+from .errors import TrainingDiverged, UserError
+from .losses import per_sample_mse
+from .objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
+from .original import OriginalModel
+from .subsets import select_trainable
+
+RUN_MARKERS = ("metrics.jsonl", "erased.safetensors", "checkpoints", "run.json")
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int, stream: int = 0) -> torch.Generator:
+    """Every random draw of a step comes from here: the same on any device, and after a resume."""
+    return torch.Generator("cpu").manual_seed(((seed * 1_000_003 + step) * 1009 + rank * 101 + micro) * 7 + stream)
+
+
+class ErasureContext:
+    """What objectives may use: the models (no-grad), the noise schedule, prompt embeddings, latent banks."""
+
+    def __init__(self, config: EraseConfig, pipe, accelerator, trained, base_digest: str):
+        self.config = config
+        self.pipe = pipe
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.unet = pipe.unet
+        self.original_model = OriginalModel(pipe.unet, trained, lora=config.train == "lora")
+        self.scheduler_config = pipe.scheduler.config
+        from diffusers import DDPMScheduler
+
+        self.alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.float()
+        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        c = pipe.unet.config
+        self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+        self.template = torch.empty(0, device=self.device, dtype=torch.float32)
+        self.base_digest = base_digest
+        self._embeddings: dict[str, torch.Tensor] = {}
+        self._anchor_bank: LatentBank | None = None
+        self.cache_dir = Path(config.cache_dir or Path.home() / ".cache" / "concept-erase").expanduser()
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [n, L, D], each prompt encoded once per run."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
+        if missing:
+            emb, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
+            for p, e in zip(missing, emb.float()):
+                self._embeddings[p] = e
+        return torch.stack([self._embeddings[p] for p in prompts])
+
+    @torch.no_grad()
+    def current(self, x, t, emb):
+        with self.accelerator.autocast():
+            return self.unet(x, t, encoder_hidden_states=emb).sample
+
+    @torch.no_grad()
+    def original(self, x, t, emb):
+        with self.accelerator.autocast():
+            return self.original_model(x, t, emb)
+
+    def latent_bank(self, prompts: list[str], per_prompt: int, role: str) -> LatentBank:
+        return build_bank(self.pipe, list(prompts), per_prompt, embed=self.embed, config=self.config,
+                          base_digest=self.base_digest, device=self.device, cache_dir=self.cache_dir, role=role)
+
+    def anchor_bank(self) -> LatentBank:
+        if self._anchor_bank is None:
+            cfg = self.config
+            if cfg.retain_images:
+                size = cfg_size(self.pipe)
+                self._anchor_bank = build_caption_bank(self.pipe, cfg.retain_images, embed=self.embed,
+                                                       device=self.device, resolution=size)
+            else:
+                self._anchor_bank = self.latent_bank(cfg.anchors, cfg.anchor_images_per_prompt, role="anchor")
+        return self._anchor_bank
+
+
+def cfg_size(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def prepare_output(output: Path, *, overwrite: bool, resume: str) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; choose a folder path")
+    holds_run = output.is_dir() and any((output / m).exists() for m in RUN_MARKERS)
+    if holds_run and resume:
+        return
+    if holds_run and not overwrite:
+        raise UserError(f"{output} already holds a run; pass --resume latest to continue it, --overwrite to "
+                        "replace it, or choose another --output")
+    if holds_run and overwrite:
+        for m in RUN_MARKERS:
+            p = output / m
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def find_checkpoint(output: Path, resume: str, log) -> Path | None:
+    """The checkpoint to resume from: `latest` skips damaged ones, with a message."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise UserError(f"--resume {resume}: no checkpoint there (no state.json)")
+        return path
+    root = output / "checkpoints"
+    candidates = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
+    for path in candidates:
+        if path.name.endswith(".tmp") or not path.is_dir():
+            continue
+        try:
+            json.loads((path / "state.json").read_text())
+            from .loading import check_safetensors_file
+
+            check_safetensors_file(path / "trained.safetensors")
+            if not (path / "optimizer.pt").is_file():
+                raise UserError("no optimizer.pt")
+            return path
+        except (OSError, ValueError, UserError) as err:
+            log(f"skipping damaged checkpoint {path}: {str(err)[:200]}")
+    return None
+
+
+class Trainer:
+    def __init__(self, config: EraseConfig, pipe=None):
+        config.check_runnable()
+        self.config = config
+        self.pipe = pipe
+
+    # ---------------------------------------------------------------- set-up
+    def _setup(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        cfg = self.config
+        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision,
+                                             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        self.output = Path(cfg.output)
+        if acc.is_main_process:
+            prepare_output(self.output, overwrite=cfg.overwrite, resume=cfg.resume)
+        acc.wait_for_everyone()
+
+        # 1. Load the model; the frozen encoders in the run's precision.
+        if self.pipe is None:
+            from .loading import load_pipeline
+
+            self.pipe = load_pipeline(cfg.model, allow_pickle=cfg.allow_pickle, model_config=cfg.model_config)
+        pipe = self.pipe
+        pipe.set_progress_bar_config(disable=True)
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        pipe.to(acc.device)
+        pipe.vae.to(dtype=weight_dtype)
+        pipe.text_encoder.to(dtype=weight_dtype)
+        pipe.unet.to(torch.float32)
+        self.base_digest = tensor_digest(pipe.unet.state_dict())
+        self.base_stats = None
+
+        # 2. Freeze all but the chosen subset; keep only its original values.
+        self.trained = select_trainable(pipe.unet, cfg.train, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+        self.ctx = ErasureContext(cfg, pipe, acc, self.trained, self.base_digest)
+        from .export import base_fingerprint
+
+        self.fingerprint = base_fingerprint(pipe.unet, self.trained, lora=cfg.train == "lora",
+                                            digest=self.base_digest)
+
+        # 3. Objectives: prompts are encoded and anchor latents made here, once.
+        self.controller = LAMBDA_CONTROLLERS.get(cfg.method)(cfg)
+        self.forget = FORGET_OBJECTIVES.get(cfg.forget_loss)(self.ctx)
+        self.retain = RETAIN_OBJECTIVES.get(cfg.retain_loss)(self.ctx) if self.controller.uses_retain else None
+        # The encoders are done: give their memory back to training.
+        if acc.device.type != "cpu":
+            pipe.text_encoder.to("cpu")
+            pipe.vae.to("cpu")
+            torch.cuda.empty_cache()
+
+        # 4. Optimizer and Accelerate.
+        params = list(self.trained.values())
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = acc.prepare(pipe.unet, self.optimizer)
+        self.params = params
+        self.names = list(self.trained)
+        self.carry: dict[int, tuple[RegressionBatch, torch.Tensor]] = {}
+        self.start_step = 0
+        if cfg.resume:
+            self._resume()
+
+    def log(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, step: int) -> Path | None:
+        acc = self.accelerator
+        root = self.output / "checkpoints"
+        path = root / f"step-{step:08d}"
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            with atomic_dir(path, overwrite=True) as tmp:
+                save_file({n: p.detach().cpu().contiguous() for n, p in self.trained.items()},
+                          str(tmp / "trained.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                extra = dict(self.forget.state_tensors())
+                for micro, (batch, before) in self.carry.items():
+                    extra.update(batch.tensors(f"carry.{micro}"))
+                    extra[f"carry.{micro}.before"] = before.detach().cpu().contiguous()
+                save_file({k: v.cpu().contiguous() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
+                write_json(tmp / "state.json", {"step": step, "controller": self.controller.state_dict(),
+                                                "carry": sorted(self.carry), "config": json.loads(config_json(self.config))})
+            limit = self.config.checkpoints_total_limit
+            if limit:
+                kept = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+                for old in kept[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+
+        path = find_checkpoint(self.output, self.config.resume, self.log)
+        if path is None:
+            self.log(f"no usable checkpoint in {self.output / 'checkpoints'}; starting from step 0")
+            return
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(str(path / "trained.safetensors"))
+        if set(weights) != set(self.trained):
+            raise UserError(f"checkpoint {path} was made with another --train subset or model; "
+                            "resume with the settings of that run")
+        with torch.no_grad():
+            for n, p in self.trained.items():
+                p.copy_(weights[n].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        self.controller.load_state_dict(state["controller"])
+        extra_path = path / "extra.safetensors"
+        extra = load_file(str(extra_path)) if extra_path.is_file() else {}
+        self.forget.load_state_tensors(extra)
+        dev = self.accelerator.device
+        self.carry = {int(m): (RegressionBatch.from_tensors(extra, f"carry.{m}", dev), extra[f"carry.{m}.before"].to(dev))
+                      for m in state.get("carry", [])}
+        self.start_step = int(state["step"])
+        if self.accelerator.is_main_process:
+            _truncate_metrics(self.output / "metrics.jsonl", self.start_step)
+        self.log(f"resumed from {path} at step {self.start_step}")
+
+    # ---------------------------------------------------------------- the step
+    def _forward(self, batch: RegressionBatch) -> torch.Tensor:
+        pred = self.model(batch.latents, batch.timesteps, encoder_hidden_states=batch.embeddings).sample
+        return per_sample_mse(pred, batch.target)
+
+    def _retain_batch(self, gen, step: int, micro: int) -> tuple[RegressionBatch, int]:
+        """A retain batch; with a carried probe, its tail is the previous step's tuple. Returns (batch, fresh)."""
+        m = self.config.retain_batch_size
+        carried = self.carry.get(micro) if self.controller.probe == "carried" else None
+        fresh_n = m - len(carried[0]) if carried is not None else m
+        fresh = self.retain.batch(gen, fresh_n, step)
+        return (RegressionBatch.cat([fresh, carried[0]]) if carried is not None else fresh), fresh_n
+
+    def _step(self, step: int) -> dict:
+        cfg, acc, ctl = self.config, self.accelerator, self.controller
+        k = cfg.gradient_accumulation_steps
+        rank = acc.process_index
+        lam = ctl.current()
+        sums = {"forget": 0.0, "retain": 0.0}
+        probe_before, probe_after, probes = [], [], []
+        new_carry = {}
+
+        def sync(micro):
+            return contextlib.nullcontext() if micro == k - 1 else acc.no_sync(self.model)
+
+        if ctl.gradients == "joint":
+            for micro in range(k):
+                gen = step_generator(cfg.seed, step, rank, micro)
+                fb = self.forget.batch(gen, cfg.batch_size, step)
+                with sync(micro):
+                    loss_u = self._forward(fb).mean()
+                    loss = loss_u
+                    if self.retain is not None:
+                        rb, fresh_n = self._retain_batch(gen, step, micro)
+                        per = self._forward(rb)
+                        loss_r = per.mean()
+                        loss = loss_u + lam * loss_r
+                        sums["retain"] += loss_r.detach()
+                        if ctl.probe == "after-step":
+                            probes.append(rb)
+                            probe_before.append(loss_r.detach())
+                        elif ctl.probe == "carried":
+                            if micro in self.carry:
+                                probe_before.append(self.carry[micro][1])
+                                probe_after.append(per[fresh_n:].detach().mean())
+                            keep = cfg.retain_batch_size // 2
+                            new_carry[micro] = (rb.slice(0, keep), per[:keep].detach().mean())
+                    acc.backward(loss / k)
+                sums["forget"] += loss_u.detach()
+        else:  # one backward pass per loss, lambda from the two gradients
+            for micro in range(k):
+                gen = step_generator(cfg.seed, step, rank, micro)
+                fb = self.forget.batch(gen, cfg.batch_size, step)
+                with sync(micro):
+                    loss_u = self._forward(fb).mean()
+                    acc.backward(loss_u / k)
+                sums["forget"] += loss_u.detach()
+            g_u = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            self.optimizer.zero_grad(set_to_none=True)
+            for micro in range(k):
+                gen = step_generator(cfg.seed, step, rank, micro, stream=1)
+                rb, _ = self._retain_batch(gen, step, micro)
+                with sync(micro):
+                    loss_r = self._forward(rb).mean()
+                    acc.backward(loss_r / k)
+                sums["retain"] += loss_r.detach()
+            g_r = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            dot = sum(torch.sum(a.double() * b.double()) for a, b in zip(g_u, g_r))
+            norm_sq = sum(torch.sum(b.double() ** 2) for b in g_r)
+            lam = ctl.from_gradients(float(dot), float(norm_sq))
+            for p, a, b in zip(self.params, g_u, g_r):
+                p.grad = a + lam * b
+
+        grad_norm = self._grad_norm()
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        if probes:  # the same tuples, at theta_{t+1}
+            with torch.no_grad():
+                for rb in probes:
+                    probe_after.append(self._forward(rb).mean())
+        if ctl.probe == "carried":
+            self.carry = new_carry
+
+        # All ranks reduce the same fp32 loss values, so every rank takes the same lambda step.
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else 0.0
+
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=acc.device).reshape(())
+                              for v in (sums["forget"] / k, sums["retain"] / k, mean(probe_before),
+                                        mean(probe_after), grad_norm)])
+        loss_f, loss_r, before, after, gnorm = (float(v) for v in acc.reduce(values, reduction="mean").cpu())
+        paired = bool(probe_after) and len(probe_after) == len(probe_before)
+        ctl.update(before if paired else None, after if paired else None, cfg.lr)
+        record = {"step": step + 1, "loss_forget": loss_f,
+                  "loss_retain": loss_r if self.retain is not None else None,
+                  "lambda": lam, "grad_norm": gnorm}
+        bad = [k2 for k2 in ("loss_forget", "loss_retain", "grad_norm") if record[k2] is not None
+               and not math.isfinite(record[k2])]
+        if not math.isfinite(ctl.current()):
+            bad.append("lambda")
+        if bad:
+            raise TrainingDiverged(f"{' and '.join(bad)} became NaN or Inf at step {step + 1}; {self._last_good()} "
+                                   "Lower --lr, or try --mixed-precision no.")
+        return record
+
+    def _grad_norm(self) -> torch.Tensor:
+        grads = [p.grad.detach().float() for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.accelerator.device)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+    def _last_good(self) -> str:
+        root = self.output / "checkpoints"
+        kept = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if root.is_dir() else []
+        if kept:
+            return f"the last good checkpoint, {kept[-1]}, is intact (resume with --resume latest)."
+        return "no checkpoint had been written yet."
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> Path:
+        from tqdm.auto import tqdm
+
+        self._setup()
+        cfg, acc = self.config, self.accelerator
+        metrics_path = self.output / "metrics.jsonl"
+        if acc.is_main_process:
+            write_json(self.output / "run.json", {"config": json.loads(config_json(cfg)),
+                                                  "num_processes": acc.num_processes,
+                                                  "base_model_digest": self.base_digest})
+        bar = tqdm(total=cfg.steps, initial=self.start_step, desc="erasing", disable=not (cfg.progress and acc.is_main_process),
+                   dynamic_ncols=True)
+        metrics = open(metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
+        try:
+            for step in range(self.start_step, cfg.steps):
+                t0 = time.perf_counter()
+                record = self._step(step)
+                if acc.device.type == "cuda":
+                    torch.cuda.synchronize()
+                record["step_time_s"] = time.perf_counter() - t0
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                bar.update(1)
+                bar.set_postfix(forget=f"{record['loss_forget']:.4f}",
+                                retain="-" if record["loss_retain"] is None else f"{record['loss_retain']:.4f}",
+                                lam=f"{record['lambda']:.3g}")
+                done = step + 1
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    self._save_checkpoint(done)
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+        self._save_checkpoint(cfg.steps)
+        path = self.output / "erased.safetensors"
+        if acc.is_main_process:
+            from .export import save_delta
+
+            save_delta(path, self.pipe.unet, self.trained, config=cfg, fingerprint=self.fingerprint,
+                       steps=cfg.steps, lambda_final=self.controller.current())
+        acc.wait_for_everyone()
+        return path
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume from `step`, drop the lines a crashed run wrote past it."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a torn last line from a crash
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+
+
+def erase(config: EraseConfig, pipe=None) -> Path:
+    """Erase the configured concepts; returns the path of `erased.safetensors`."""
+    return Trainer(config, pipe).run()
