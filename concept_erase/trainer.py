@@ -154,7 +154,12 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
+        from accelerate.state import AcceleratorState
+
         cfg = self.config
+        # Several runs in one process (a benchmark, a notebook) may differ in precision; the process
+        # group (PartialState) is kept.
+        AcceleratorState._reset_state()
         self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision,
                                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         self.output = Path(cfg.output)
@@ -202,6 +207,7 @@ class Trainer:
         self.params = params
         self.names = list(self.trained)
         self.carry: dict[int, tuple[RegressionBatch, torch.Tensor]] = {}
+        self.lambda_history: list[float] = []
         self.start_step = 0
         if cfg.resume:
             self._resume()
@@ -375,6 +381,18 @@ class Trainer:
                                    "Lower --lr, or try --mixed-precision no.")
         return record
 
+    def _record_ranks(self) -> None:
+        """Write what each process ended with into run.json: every rank must hold the same lambda and weights."""
+        from accelerate.utils import gather_object
+
+        mine = {"rank": self.accelerator.process_index, "lambda_history": self.lambda_history,
+                "weights_digest": tensor_digest(self.trained)}
+        ranks = gather_object([mine])
+        if self.accelerator.is_main_process:
+            run = json.loads((self.output / "run.json").read_text())
+            run["ranks"] = ranks
+            write_json(self.output / "run.json", run)
+
     def _grad_norm(self) -> torch.Tensor:
         grads = [p.grad.detach().float() for p in self.params if p.grad is not None]
         if not grads:
@@ -406,6 +424,7 @@ class Trainer:
             for step in range(self.start_step, cfg.steps):
                 t0 = time.perf_counter()
                 record = self._step(step)
+                self.lambda_history.append(record["lambda"])
                 if acc.device.type == "cuda":
                     torch.cuda.synchronize()
                 record["step_time_s"] = time.perf_counter() - t0
@@ -424,6 +443,7 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
         self._save_checkpoint(cfg.steps)
+        self._record_ranks()
         path = self.output / "erased.safetensors"
         if acc.is_main_process:
             from .export import save_delta

@@ -1,0 +1,68 @@
+import os
+
+# Before diffusers / transformers / huggingface_hub are imported: any download must fail loudly.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import copy  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from concept_erase.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline()
+
+
+@pytest.fixture()
+def fresh_pipe(tiny_pipe):
+    """A private copy of the tiny pipeline: tests may change its weights."""
+    return copy.deepcopy(tiny_pipe)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny_pipe, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "pipe"
+    tiny_pipe.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture()
+def make_config(tiny_dir, cache_dir, tmp_path):
+    """A small, fast run on the tiny model; keyword arguments override."""
+    from concept_erase.config import EraseConfig
+
+    def make(**overrides):
+        settings = dict(model=str(tiny_dir), concepts=["van gogh"], anchors=["a painting", "a photo"],
+                        output=str(tmp_path / "run"), steps=3, sampling_steps=4, anchor_inference_steps=2,
+                        anchor_images_per_prompt=2, concept_images_per_prompt=2, cache_dir=str(cache_dir),
+                        progress=False, checkpoint_every=0, lr=1e-3)
+        settings.update(overrides)
+        return EraseConfig(**settings)
+
+    return make

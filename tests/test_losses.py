@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from concept_erase.losses import add_noise, denoising_target, negative_guidance_target, per_sample_mse
+
+
+def test_per_sample_mse_is_fp32_mean_per_sample():
+    pred = torch.zeros(2, 1, 2, 2, dtype=torch.bfloat16)
+    target = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]]], [[[2.0, 0.0], [0.0, 0.0]]]])
+    out = per_sample_mse(pred, target)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.tensor([1.0, 1.0]))
+
+
+def test_per_sample_mse_rejects_shape_mismatch():
+    with pytest.raises(ValueError):
+        per_sample_mse(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_negative_guidance_target_formula():
+    e0 = torch.tensor([1.0, 2.0])
+    ec = torch.tensor([3.0, 0.0])
+    # e0 - eta (ec - e0) with eta = 0.5: [1 - 1, 2 + 1]
+    assert torch.equal(negative_guidance_target(e0, ec, 0.5), torch.tensor([0.0, 3.0]))
+    assert torch.equal(negative_guidance_target(e0, ec, 0.0), e0)
+
+
+def test_negative_guidance_commutes_with_v_parameterisation():
+    """The target made in v space equals the target made in epsilon space, then mapped to v."""
+    torch.manual_seed(0)
+    x_t, e0, ec = torch.randn(3, 4)
+    a = torch.tensor(0.3)
+
+    def to_v(eps):  # v for a fixed x_t: x0 = (x_t - sqrt(1-a) eps) / sqrt(a); v = sqrt(a) eps - sqrt(1-a) x0
+        x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+    assert torch.allclose(negative_guidance_target(to_v(e0), to_v(ec), 1.0), to_v(negative_guidance_target(e0, ec, 1.0)),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_denoising_target_matches_diffusers(prediction_type):
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler(prediction_type=prediction_type)
+    torch.manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, 4, 4)[:2], torch.randn(2, 4, 4, 4)
+    x0 = torch.randn(2, 4, 4, 4)
+    t = torch.tensor([10, 900])
+    a = sched.alphas_cumprod[t]
+    expected = {"epsilon": noise, "sample": x0, "v_prediction": sched.get_velocity(x0, noise, t)}[prediction_type]
+    assert torch.allclose(denoising_target(prediction_type, x0, noise, a), expected, atol=1e-6)
+    assert torch.allclose(add_noise(x0, noise, a), sched.add_noise(x0, noise, t), atol=1e-6)
+
+
+def test_denoising_target_rejects_unknown_type():
+    with pytest.raises(ValueError):
+        denoising_target("flow", torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1))

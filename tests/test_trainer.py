@@ -1,0 +1,174 @@
+"""The trainer on the tiny model: what changes, what must not, pairing, precision, resume."""
+
+import copy
+
+import pytest
+import torch
+
+from concept_erase.subsets import select_trainable
+from concept_erase.trainer import Trainer, erase
+
+from helpers import changed, metrics, snapshot, unet_out, unet_probe
+
+
+def expected_subset(pipe, subset):
+    unet = copy.deepcopy(pipe.unet)
+    return set(select_trainable(unet, subset))
+
+
+@pytest.mark.parametrize("method", ["eupmu", "eupmu-fast", "ungrad", "fixed", "esd"])
+def test_each_method_trains_only_cross_attention(method, fresh_pipe, make_config):
+    cfg = make_config(method=method, lambda_init=0.5)
+    unet_before, text_before, vae_before = snapshot(fresh_pipe.unet), snapshot(fresh_pipe.text_encoder), snapshot(fresh_pipe.vae)
+    path = erase(cfg, pipe=fresh_pipe)
+    moved = changed(unet_before, fresh_pipe.unet)
+    subset = expected_subset(fresh_pipe, "xattn")
+    assert moved == subset, f"changed outside the subset: {sorted(moved ^ subset)[:3]}"
+    assert not changed(text_before, fresh_pipe.text_encoder)
+    assert not changed(vae_before, fresh_pipe.vae)
+    rows = metrics(cfg.output)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert set(r) >= {"loss_forget", "loss_retain", "lambda", "step_time_s"}
+        assert (r["loss_retain"] is None) == (method == "esd")
+    if method == "fixed":
+        assert all(r["lambda"] == 0.5 for r in rows)
+    assert path.is_file()
+
+
+@pytest.mark.parametrize("subset", ["xattn-kv", "noxattn", "selfattn", "full"])
+def test_subsets_change_exactly_what_they_name(subset, fresh_pipe, make_config):
+    before = snapshot(fresh_pipe.unet)
+    erase(make_config(method="fixed", train=subset, steps=2), pipe=fresh_pipe)
+    assert changed(before, fresh_pipe.unet) == expected_subset(fresh_pipe, subset)
+
+
+def test_subset_names():
+    from concept_erase.tiny import build_tiny_pipeline
+
+    unet = build_tiny_pipeline().unet
+    kv = set(select_trainable(copy.deepcopy(unet), "xattn-kv"))
+    assert kv and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in kv)
+    nox = set(select_trainable(copy.deepcopy(unet), "noxattn"))
+    assert not any(".attn2." in n or n.startswith(("time_embedding.", "conv_out.")) for n in nox)
+    assert any(".attn1." in n for n in nox) and any("resnets" in n for n in nox)
+
+
+def test_lora_trains_only_the_adapter(fresh_pipe, make_config):
+    before = snapshot(fresh_pipe.unet)
+    trainer = Trainer(make_config(method="eupmu", train="lora"), pipe=fresh_pipe)
+    trainer.run()
+    state = fresh_pipe.unet.state_dict()
+    lora = {n for n in state if "lora_" in n}
+    assert lora and all(n not in before for n in lora)
+    for n, t in before.items():  # every base weight, now under base_layer, is untouched
+        key = n if n in state else n.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(state[key], t), n
+    assert any(not torch.equal(state[n], torch.zeros_like(state[n])) for n in lora if "lora_B" in n)
+
+
+@pytest.mark.parametrize("train", ["xattn", "lora"])
+def test_original_predictions_are_bit_identical_after_training(train, tiny_pipe, fresh_pipe, make_config):
+    probe = unet_probe(tiny_pipe.unet)
+    expected = unet_out(tiny_pipe.unet, probe)
+    trainer = Trainer(make_config(method="fixed", train=train), pipe=fresh_pipe)
+    trainer.run()
+    assert not torch.equal(unet_out(fresh_pipe.unet, probe), expected)  # the model did move
+    assert torch.equal(trainer.ctx.original(*probe), expected)
+    if train == "xattn":  # only the trained tensors are copied: no second UNet
+        assert trainer.ctx.original_model.nbytes() == sum(p.numel() * 4 for p in trainer.trained.values())
+
+
+def test_eupmu_probe_is_paired(fresh_pipe, make_config, monkeypatch):
+    """With the step made a no-op, l_r before and after come from the same tuple: the slack is exactly eps."""
+    trainer = Trainer(make_config(method="eupmu", eps=0.25, lambda_init=1.0, steps=2), pipe=fresh_pipe)
+    trainer._setup()
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: None)
+    for step in range(2):
+        trainer._step(step)
+        assert trainer.controller.last_slack == 0.25
+
+
+def test_eupmu_fast_pairs_the_carried_tuple(fresh_pipe, make_config, monkeypatch):
+    trainer = Trainer(make_config(method="eupmu-fast", eps=0.5, retain_batch_size=4, steps=3), pipe=fresh_pipe)
+    trainer._setup()
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: None)
+    trainer._step(0)
+    assert trainer.controller.last_slack is None  # nothing carried yet
+    trainer._step(1)
+    assert trainer.controller.last_slack == pytest.approx(0.5, abs=1e-6 / trainer.config.lr)
+
+
+def test_lambda_rises_when_retain_is_hurt(fresh_pipe, make_config):
+    """A large step that hurts the anchors must raise lambda (the sign of the update)."""
+    cfg = make_config(method="eupmu", lr=3e-2, beta=1e-3, steps=4, eps=0.0)
+    erase(cfg, pipe=fresh_pipe)
+    lams = [r["lambda"] for r in metrics(cfg.output)]
+    assert lams[0] == 0.0 and max(lams) > 0.0
+
+
+@pytest.mark.parametrize("model", ["epsilon", "v_prediction"])
+def test_retain_target_uses_the_models_prediction_type(model, make_config):
+    from concept_erase.tiny import build_tiny_pipeline
+    from concept_erase.trainer import step_generator
+
+    pipe = build_tiny_pipeline(prediction_type=model)
+    trainer = Trainer(make_config(method="fixed"), pipe=pipe)
+    trainer._setup()
+    batch = trainer.retain.batch(step_generator(0, 0, 0, 0), 4, 0)
+    a = trainer.ctx.alphas_cumprod[batch.timesteps].reshape(-1, 1, 1, 1)
+    if model == "epsilon":
+        x0 = (batch.latents - (1 - a).sqrt() * batch.target) / a.sqrt()
+    else:
+        x0 = a.sqrt() * batch.latents - (1 - a).sqrt() * batch.target
+    bank = trainer.retain.bank.latents
+    assert all(any(torch.allclose(x, b, atol=1e-4) for b in bank) for x in x0)
+
+
+def test_bf16_runs_and_keeps_fp32_bookkeeping(fresh_pipe, make_config):
+    cfg = make_config(method="eupmu", mixed_precision="bf16", steps=2, lambda_init=0.3)
+    trainer = Trainer(cfg, pipe=fresh_pipe)
+    trainer.run()
+    assert all(p.dtype == torch.float32 for p in trainer.trained.values())
+    assert isinstance(trainer.controller.current(), float)
+    rows = metrics(cfg.output)
+    assert all(isinstance(r["loss_retain"], float) for r in rows)
+
+
+@pytest.mark.parametrize("method,extra", [("eupmu-fast", {}), ("eupmu", {"trajectory_refresh": 3}),
+                                          ("ungrad", {"gradient_accumulation_steps": 2})])
+def test_resume_matches_an_uninterrupted_run(method, extra, tiny_pipe, make_config, tmp_path):
+    straight = make_config(method=method, steps=4, output=str(tmp_path / "a"), lambda_init=0.5, beta=0.01, **extra)
+    erase(straight, pipe=copy.deepcopy(tiny_pipe))
+    first = make_config(method=method, steps=2, output=str(tmp_path / "b"), lambda_init=0.5, beta=0.01, **extra)
+    erase(first, pipe=copy.deepcopy(tiny_pipe))
+    second = make_config(method=method, steps=4, output=str(tmp_path / "b"), lambda_init=0.5, beta=0.01,
+                         resume="latest", **extra)
+    erase(second, pipe=copy.deepcopy(tiny_pipe))
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("lambda", "loss_forget", "loss_retain"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (key, ra, rb)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(tmp_path / "a" / "erased.safetensors")), load_file(str(tmp_path / "b" / "erased.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_several_concepts_in_one_run(fresh_pipe, make_config):
+    cfg = make_config(concepts=["van gogh", "monet"], batch_size=2)
+    path = erase(cfg, pipe=fresh_pipe)
+    from concept_erase.export import read_delta
+    import json
+
+    _, meta = read_delta(path)
+    assert json.loads(meta["concepts"]) == ["van gogh", "monet"]
+
+
+def test_remap_forget_loss_runs(fresh_pipe, make_config):
+    before = snapshot(fresh_pipe.unet)
+    erase(make_config(forget_loss="remap", remap_to=["a painting"], method="eupmu"), pipe=fresh_pipe)
+    assert changed(before, fresh_pipe.unet)
