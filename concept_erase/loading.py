@@ -61,7 +61,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
         raise UserError(f"unknown built-in model {source!r}; the built-in models are builtin:tiny and builtin:tiny-v")
 
     path = Path(source).expanduser()
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch_dtype)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is a folder but not a diffusers pipeline (it has no model_index.json); "
@@ -70,7 +70,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
             pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
             raise UserError(f"could not load the pipeline in {path}: {_first_line(err)}") from None
-        return _checked(pipe, source)
+        return _checked(pipe, source, torch_dtype)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES and not allow_pickle:
@@ -89,7 +89,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
             hint = "" if model_config else (" Offline, a single-file checkpoint needs its configs: pass "
                                             "--model-config with a diffusers folder of the same architecture.")
             raise UserError(f"could not load the single-file checkpoint {path}: {_first_line(err)}.{hint}") from None
-        return _checked(pipe, source)
+        return _checked(pipe, source, torch_dtype)
     if _looks_like_path(source):
         raise UserError(f"model path {source} does not exist; check the path")
     try:
@@ -100,7 +100,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
                 "on a machine with network." if offline else "")
         raise UserError(f"could not load model {source!r}: it is not a local path and loading it from the hub "
                         f"failed ({_first_line(err)}).{hint}") from None
-    return _checked(pipe, source)
+    return _checked(pipe, source, torch_dtype)
 
 
 def _first_line(err: BaseException) -> str:
@@ -108,12 +108,12 @@ def _first_line(err: BaseException) -> str:
     return text[0][:300] if text else type(err).__name__
 
 
-def _checked(pipe, source: str):
+def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         if getattr(pipe, part, None) is None:
             raise UserError(f"{source} has no {part}; concept-erase needs a complete Stable Diffusion pipeline")
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(torch_dtype)
 
 
 def prediction_type(pipe) -> str:

@@ -1,0 +1,145 @@
+"""erased.safetensors, apply(), and the diffusers and LoRA exports round-trip into fresh pipelines."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from concept_erase import apply
+from concept_erase.errors import UserError
+from concept_erase.export import export_diffusers, export_lora, read_delta
+from concept_erase.trainer import erase
+
+from helpers import unet_out, unet_probe
+
+
+@pytest.fixture(scope="module")
+def xattn_run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir):
+    from concept_erase.config import EraseConfig
+
+    pipe = copy.deepcopy(tiny_pipe)
+    out = tmp_path_factory.mktemp("runs") / "x"
+    cfg = EraseConfig(model=str(tiny_dir), concepts=["van gogh"], anchors=["a photo"], output=str(out), steps=2,
+                      sampling_steps=4, anchor_inference_steps=2, anchor_images_per_prompt=2, cache_dir=str(cache_dir),
+                      progress=False, checkpoint_every=0, lr=1e-2, method="fixed", lambda_init=1.0)
+    erase(cfg, pipe=pipe)
+    return out, pipe
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir):
+    from concept_erase.config import EraseConfig
+
+    pipe = copy.deepcopy(tiny_pipe)
+    out = tmp_path_factory.mktemp("runs") / "l"
+    cfg = EraseConfig(model=str(tiny_dir), concepts=["van gogh"], anchors=["a photo"], output=str(out), steps=2,
+                      sampling_steps=4, anchor_inference_steps=2, anchor_images_per_prompt=2, cache_dir=str(cache_dir),
+                      progress=False, checkpoint_every=0, lr=1e-2, method="eupmu", train="lora", lora_rank=2,
+                      lora_alpha=4.0)
+    erase(cfg, pipe=pipe)
+    return out, pipe
+
+
+def test_delta_holds_only_changed_tensors_with_metadata(xattn_run, tiny_pipe):
+    out, _ = xattn_run
+    tensors, meta = read_delta(out / "erased.safetensors")
+    assert set(tensors) == {n for n, _ in tiny_pipe.unet.named_parameters() if ".attn2." in n}
+    assert meta["method"] == "fixed" and json.loads(meta["concepts"]) == ["van gogh"] and meta["steps"] == "2"
+    assert json.loads(meta["settings"])["lambda_init"] == 1.0
+    assert len(meta["base_model_digest"]) == 64
+
+
+def test_apply_reproduces_the_trained_model(xattn_run, tiny_pipe):
+    out, trained = xattn_run
+    probe = unet_probe(tiny_pipe.unet)
+    fresh = copy.deepcopy(tiny_pipe)
+    assert not torch.equal(unet_out(fresh.unet, probe), unet_out(trained.unet, probe))
+    apply(fresh, out / "erased.safetensors")
+    assert torch.equal(unet_out(fresh.unet, probe), unet_out(trained.unet, probe))
+
+
+def test_apply_accepts_the_same_base_in_another_dtype(xattn_run, tiny_pipe):
+    out, _ = xattn_run
+    half = copy.deepcopy(tiny_pipe).to(torch.bfloat16)
+    apply(half, out)
+    assert half.unet.dtype == torch.bfloat16
+
+
+def test_export_diffusers_loads_with_from_pretrained(xattn_run, tmp_path, tiny_pipe):
+    from diffusers import StableDiffusionPipeline
+
+    out, trained = xattn_run
+    folder = export_diffusers(out, tmp_path / "pipe")
+    loaded = StableDiffusionPipeline.from_pretrained(str(folder))
+    probe = unet_probe(tiny_pipe.unet)
+    assert torch.equal(unet_out(loaded.unet, probe), unet_out(trained.unet, probe))
+    with pytest.raises(UserError, match="already exists"):
+        export_diffusers(out, tmp_path / "pipe")
+
+
+def test_lora_run_applies_and_exports_for_load_lora_weights(lora_run, tiny_pipe, tmp_path):
+    out, trained = lora_run
+    probe = unet_probe(tiny_pipe.unet)
+    expected = unet_out(trained.unet, probe)
+    assert not torch.allclose(expected, unet_out(tiny_pipe.unet, probe), atol=1e-6)
+    merged = apply(copy.deepcopy(tiny_pipe), out)
+    torch.testing.assert_close(unet_out(merged.unet, probe), expected, rtol=1e-4, atol=1e-5)
+    assert not any("lora" in n for n in merged.unet.state_dict())  # merged: a plain UNet again
+
+    export_lora(out, tmp_path / "lora")
+    fresh = copy.deepcopy(tiny_pipe)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    torch.testing.assert_close(unet_out(fresh.unet, probe), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_factorisation_of_a_subset_run(xattn_run, tiny_pipe, tmp_path, tiny_dir):
+    out, trained = xattn_run
+    summary = export_lora(out, tmp_path / "lora", model=str(tiny_dir), rank=64)
+    assert summary["max_relative_error"] < 1e-4  # full rank: exact
+    assert summary["dropped"]  # the changed out-projection biases cannot be LoRA
+    fresh = copy.deepcopy(tiny_pipe)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    probe = unet_probe(tiny_pipe.unet)
+    # the LoRA plus the reported (dropped) bias changes is the trained model again
+    assert not torch.allclose(unet_out(fresh.unet, probe), unet_out(trained.unet, probe), atol=1e-4)
+    tensors, _ = read_delta(out)
+    with torch.no_grad():
+        for name, p in fresh.unet.named_parameters():
+            if name.replace(".base_layer", "") in summary["dropped"]:
+                p.copy_(tensors[name.replace(".base_layer", "")])
+    torch.testing.assert_close(unet_out(fresh.unet, probe), unet_out(trained.unet, probe), rtol=1e-4, atol=1e-5)
+
+
+def test_apply_refuses_another_base_model(xattn_run):
+    from concept_erase.tiny import build_tiny_pipeline
+
+    out, _ = xattn_run
+    other = build_tiny_pipeline(seed=5)
+    with pytest.raises(UserError, match="another base model"):
+        apply(other, out)
+    apply(other, out, allow_other_base=True)  # told otherwise: allowed
+
+
+def test_apply_refuses_wrong_shapes(xattn_run):
+    from concept_erase.tiny import build_tiny_pipeline
+
+    out, _ = xattn_run
+    other = build_tiny_pipeline(cross_attention_dim=16)
+    with pytest.raises(UserError, match="shape"):
+        apply(other, out, allow_other_base=True)
+
+
+def test_apply_refuses_truncated_and_foreign_files(xattn_run, tmp_path, tiny_pipe):
+    from safetensors.torch import save_file
+
+    out, _ = xattn_run
+    data = (out / "erased.safetensors").read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated or corrupted"):
+        apply(copy.deepcopy(tiny_pipe), bad)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(foreign))
+    with pytest.raises(UserError, match="not a concept-erase delta"):
+        apply(copy.deepcopy(tiny_pipe), foreign)
