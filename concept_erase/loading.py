@@ -46,6 +46,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
     """A StableDiffusionPipeline from a diffusers folder, a hub id, a single file or `builtin:tiny`."""
     from diffusers import StableDiffusionPipeline
 
+    quiet_hub_progress()
     if not source:
         raise UserError("no model given; pass --model PATH_OR_HUB_ID")
     if source.startswith("builtin:"):
@@ -101,6 +102,15 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
         raise UserError(f"could not load model {source!r}: it is not a local path and loading it from the hub "
                         f"failed ({_first_line(err)}).{hint}") from None
     return _checked(pipe, source, torch_dtype)
+
+
+def quiet_hub_progress() -> None:
+    """Loading and saving bars of diffusers and transformers say nothing a user needs."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
 
 
 def _first_line(err: BaseException) -> str:

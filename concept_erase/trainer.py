@@ -99,16 +99,20 @@ def cfg_size(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
-def prepare_output(output: Path, *, overwrite: bool, resume: str) -> None:
+def check_output(output: Path, *, overwrite: bool, resume: str) -> bool:
+    """Refuse an output that would destroy a run; True when it holds one to replace. Writes nothing."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a folder path")
     holds_run = output.is_dir() and any((output / m).exists() for m in RUN_MARKERS)
-    if holds_run and resume:
-        return
-    if holds_run and not overwrite:
+    if holds_run and not resume and not overwrite:
         raise UserError(f"{output} already holds a run; pass --resume latest to continue it, --overwrite to "
                         "replace it, or choose another --output")
-    if holds_run and overwrite:
+    return holds_run and not resume
+
+
+def prepare_output(output: Path, *, replace: bool) -> None:
+    """Create the run folder once set-up has succeeded (a failed set-up leaves no folder behind)."""
+    if replace:
         for m in RUN_MARKERS:
             p = output / m
             if p.is_dir():
@@ -152,7 +156,6 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def _setup(self):
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
 
         from accelerate.state import AcceleratorState
 
@@ -160,12 +163,9 @@ class Trainer:
         # Several runs in one process (a benchmark, a notebook) may differ in precision; the process
         # group (PartialState) is kept.
         AcceleratorState._reset_state()
-        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision,
-                                             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision)
         self.output = Path(cfg.output)
-        if acc.is_main_process:
-            prepare_output(self.output, overwrite=cfg.overwrite, resume=cfg.resume)
-        acc.wait_for_everyone()
+        replace = check_output(self.output, overwrite=cfg.overwrite, resume=cfg.resume)
 
         # 1. Load the model; the frozen encoders in the run's precision.
         if self.pipe is None:
@@ -209,6 +209,9 @@ class Trainer:
         self.carry: dict[int, tuple[RegressionBatch, torch.Tensor]] = {}
         self.lambda_history: list[float] = []
         self.start_step = 0
+        if acc.is_main_process:
+            prepare_output(self.output, replace=replace)
+        acc.wait_for_everyone()
         if cfg.resume:
             self._resume()
 
