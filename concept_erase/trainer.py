@@ -180,15 +180,21 @@ class Trainer:
         pipe.text_encoder.to(dtype=weight_dtype)
         pipe.unet.to(torch.float32)
         self.base_digest = tensor_digest(pipe.unet.state_dict())
-        self.base_stats = None
 
-        # 2. Freeze all but the chosen subset; keep only its original values.
+        # 2. Freeze all but the chosen subset; keep only its original values. Under mixed precision
+        #    the frozen UNet weights are stored in half precision too (as diffusers' LoRA scripts do);
+        #    the trained ones stay fp32.
         self.trained = select_trainable(pipe.unet, cfg.train, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
-        self.ctx = ErasureContext(cfg, pipe, acc, self.trained, self.base_digest)
         from .export import base_fingerprint
 
         self.fingerprint = base_fingerprint(pipe.unet, self.trained, lora=cfg.train == "lora",
                                             digest=self.base_digest)
+        if weight_dtype != torch.float32:
+            trained_ids = {id(p) for p in self.trained.values()}
+            for p in pipe.unet.parameters():
+                if id(p) not in trained_ids:
+                    p.data = p.data.to(weight_dtype)
+        self.ctx = ErasureContext(cfg, pipe, acc, self.trained, self.base_digest)
 
         # 3. Objectives: prompts are encoded and anchor latents made here, once.
         self.controller = LAMBDA_CONTROLLERS.get(cfg.method)(cfg)
@@ -254,6 +260,8 @@ class Trainer:
         path = find_checkpoint(self.output, self.config.resume, self.log)
         if path is None:
             self.log(f"no usable checkpoint in {self.output / 'checkpoints'}; starting from step 0")
+            if self.accelerator.is_main_process:
+                _truncate_metrics(self.output / "metrics.jsonl", 0)
             return
         state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / "trained.safetensors"))

@@ -130,6 +130,9 @@ def test_bf16_runs_and_keeps_fp32_bookkeeping(fresh_pipe, make_config):
     trainer = Trainer(cfg, pipe=fresh_pipe)
     trainer.run()
     assert all(p.dtype == torch.float32 for p in trainer.trained.values())
+    trained_ids = {id(p) for p in trainer.trained.values()}
+    frozen = [p for p in fresh_pipe.unet.parameters() if id(p) not in trained_ids]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)  # frozen weights stored in bf16
     assert isinstance(trainer.controller.current(), float)
     rows = metrics(cfg.output)
     assert all(isinstance(r["loss_retain"], float) for r in rows)
@@ -172,3 +175,25 @@ def test_remap_forget_loss_runs(fresh_pipe, make_config):
     before = snapshot(fresh_pipe.unet)
     erase(make_config(forget_loss="remap", remap_to=["a painting"], method="eupmu"), pipe=fresh_pipe)
     assert changed(before, fresh_pipe.unet)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(fresh_pipe, make_config, monkeypatch):
+    from concept_erase.errors import TrainingDiverged
+
+    cfg = make_config(method="eupmu", steps=4, checkpoint_every=2)
+    trainer = Trainer(cfg, pipe=fresh_pipe)
+    real_forward = Trainer._forward
+
+    def poisoned(self, batch):
+        out = real_forward(self, batch)
+        if self.lambda_history and len(self.lambda_history) >= 2:  # from step 3 on
+            out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(Trainer, "_forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"at step 3.*step-00000002.*intact"):
+        trainer.run()
+    ckpt = trainer.output / "checkpoints" / "step-00000002"
+    assert (ckpt / "trained.safetensors").is_file() and (ckpt / "state.json").is_file()
+    assert not (trainer.output / "erased.safetensors").exists()
+    assert [r["step"] for r in metrics(cfg.output)] == [1, 2]
