@@ -148,3 +148,9 @@ def test_real_process_prints_no_traceback(tmp_path):
                            str(tmp_path / "missing"), "--concept", "x", "--anchor", "y", "--output", str(tmp_path / "o")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_hub_id_offline_says_how_to_proceed(capsys, tmp_path, cache_dir):
+    code, err = run_cli(capsys, *base_args("someone/no-such-model", tmp_path / "run", cache_dir))
+    assert code == 2 and "HF_HUB_OFFLINE=1" in err and "local diffusers folder" in err
+    assert not (tmp_path / "run").exists()
