@@ -14,31 +14,27 @@ from concept_erase.trainer import erase
 from helpers import unet_out, unet_probe
 
 
-@pytest.fixture(scope="module")
-def xattn_run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir):
+def _run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir, name, **settings):
     from concept_erase.config import EraseConfig
 
     pipe = copy.deepcopy(tiny_pipe)
-    out = tmp_path_factory.mktemp("runs") / "x"
+    out = tmp_path_factory.mktemp("runs") / name
     cfg = EraseConfig(model=str(tiny_dir), concepts=["van gogh"], anchors=["a photo"], output=str(out), steps=2,
                       sampling_steps=4, anchor_inference_steps=2, anchor_images_per_prompt=2, cache_dir=str(cache_dir),
-                      progress=False, checkpoint_every=0, lr=1e-2, method="fixed", lambda_init=1.0)
+                      progress=False, checkpoint_every=0, lr=1e-2, **settings)
     erase(cfg, pipe=pipe)
     return out, pipe
+
+
+@pytest.fixture(scope="module")
+def xattn_run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir):
+    return _run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir, "x", method="fixed", lambda_init=1.0)
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir):
-    from concept_erase.config import EraseConfig
-
-    pipe = copy.deepcopy(tiny_pipe)
-    out = tmp_path_factory.mktemp("runs") / "l"
-    cfg = EraseConfig(model=str(tiny_dir), concepts=["van gogh"], anchors=["a photo"], output=str(out), steps=2,
-                      sampling_steps=4, anchor_inference_steps=2, anchor_images_per_prompt=2, cache_dir=str(cache_dir),
-                      progress=False, checkpoint_every=0, lr=1e-2, method="eupmu", train="lora", lora_rank=2,
-                      lora_alpha=4.0)
-    erase(cfg, pipe=pipe)
-    return out, pipe
+    return _run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir, "l", method="eupmu", train="lora", lora_rank=2,
+                lora_alpha=4.0)
 
 
 def test_delta_holds_only_changed_tensors_with_metadata(xattn_run, tiny_pipe):
