@@ -139,8 +139,9 @@ def find_checkpoint(output: Path, resume: str, log) -> Path | None:
             from .loading import check_safetensors_file
 
             check_safetensors_file(path / "trained.safetensors")
-            if not (path / "optimizer.pt").is_file():
-                raise UserError("no optimizer.pt")
+            for part in ("optimizer.pt", "rank-0.safetensors"):
+                if not (path / part).is_file():
+                    raise UserError(f"no {part}")
             return path
         except (OSError, ValueError, UserError) as err:
             log(f"skipping damaged checkpoint {path}: {str(err)[:200]}")
@@ -211,7 +212,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = acc.prepare(pipe.unet, self.optimizer)
         self.params = params
-        self.names = list(self.trained)
         self.carry: dict[int, tuple[RegressionBatch, torch.Tensor]] = {}
         self.lambda_history: list[float] = []
         self.start_step = 0
@@ -228,10 +228,21 @@ class Trainer:
             tqdm.write(message)
 
     # ---------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, step: int) -> Path | None:
+    def _rank_state(self) -> dict[str, torch.Tensor]:
+        """Tensors this rank needs for its next step (a trajectory pool, a carried retain tuple)."""
+        extra = dict(self.forget.state_tensors())
+        for micro, (batch, before) in self.carry.items():
+            extra.update(batch.tensors(f"carry.{micro}"))
+            extra[f"carry.{micro}.before"] = before.detach().reshape(1)
+        return {k: v.detach().cpu().contiguous() for k, v in extra.items()}
+
+    def _save_checkpoint(self, step: int) -> Path:
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         root = self.output / "checkpoints"
         path = root / f"step-{step:08d}"
+        per_rank = gather_object([self._rank_state()]) if acc.num_processes > 1 else [self._rank_state()]
         if acc.is_main_process:
             from safetensors.torch import save_file
 
@@ -239,13 +250,11 @@ class Trainer:
                 save_file({n: p.detach().cpu().contiguous() for n, p in self.trained.items()},
                           str(tmp / "trained.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                extra = dict(self.forget.state_tensors())
-                for micro, (batch, before) in self.carry.items():
-                    extra.update(batch.tensors(f"carry.{micro}"))
-                    extra[f"carry.{micro}.before"] = before.detach().cpu().contiguous()
-                save_file({k: v.cpu().contiguous() for k, v in extra.items()}, str(tmp / "extra.safetensors"))
+                for rank, extra in enumerate(per_rank):
+                    save_file(extra, str(tmp / f"rank-{rank}.safetensors"))
                 write_json(tmp / "state.json", {"step": step, "controller": self.controller.state_dict(),
-                                                "carry": sorted(self.carry), "config": json.loads(config_json(self.config))})
+                                                "carry": sorted(self.carry), "num_processes": acc.num_processes,
+                                                "config": json.loads(config_json(self.config))})
             limit = self.config.checkpoints_total_limit
             if limit:
                 kept = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
@@ -273,11 +282,14 @@ class Trainer:
                 p.copy_(weights[n].to(p.device, p.dtype))
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         self.controller.load_state_dict(state["controller"])
-        extra_path = path / "extra.safetensors"
-        extra = load_file(str(extra_path)) if extra_path.is_file() else {}
+        if state.get("num_processes", 1) != self.accelerator.num_processes:
+            raise UserError(f"checkpoint {path} was written by {state.get('num_processes', 1)} process(es); "
+                            f"resume it with the same number (now {self.accelerator.num_processes})")
+        extra = load_file(str(path / f"rank-{self.accelerator.process_index}.safetensors"))
         self.forget.load_state_tensors(extra)
         dev = self.accelerator.device
-        self.carry = {int(m): (RegressionBatch.from_tensors(extra, f"carry.{m}", dev), extra[f"carry.{m}.before"].to(dev))
+        self.carry = {int(m): (RegressionBatch.from_tensors(extra, f"carry.{m}", dev),
+                               extra[f"carry.{m}.before"].to(dev).reshape(()))
                       for m in state.get("carry", [])}
         self.start_step = int(state["step"])
         if self.accelerator.is_main_process:
