@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="turn a run into a diffusers pipeline folder or LoRA weights")
     p.add_argument("run", help="run folder or its erased.safetensors")
-    p.add_argument("--format", choices=["diffusers", "lora"], required=True)
+    p.add_argument("--format", choices=["diffusers", "lora", "single-file"], required=True,
+                   help="diffusers: a pipeline folder; lora: LoRA weights; single-file: one original-layout "
+                        ".safetensors (A1111, ComfyUI)")
     p.add_argument("--output", required=True)
     p.add_argument("--model", help="base model (default: the one the run was made from)")
     p.add_argument("--model-config", default="", help="configs for a single-file base model")
@@ -95,9 +97,14 @@ def _erase(args) -> None:
 
 
 def _export(args) -> None:
-    from .export import export_diffusers, export_lora
+    from .export import export_diffusers, export_lora, export_single_file
 
-    if args.format == "diffusers":
+    if args.format == "single-file":
+        out = export_single_file(args.run, args.output, model=args.model, overwrite=args.overwrite,
+                                 allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle,
+                                 model_config=args.model_config)
+        print(f"single-file checkpoint written to {out} (StableDiffusionPipeline.from_single_file loads it)")
+    elif args.format == "diffusers":
         out = export_diffusers(args.run, args.output, model=args.model, overwrite=args.overwrite,
                                allow_other_base=args.allow_other_base, allow_pickle=args.allow_pickle,
                                model_config=args.model_config)

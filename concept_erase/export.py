@@ -263,3 +263,25 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
                                                             "base_model": meta["base_model"]}, indent=2),
                                                 encoding="utf-8")
     return summary
+
+
+def export_single_file(delta: str | Path, output: str | Path, *, model: str | None = None, overwrite: bool = False,
+                       allow_other_base: bool = False, allow_pickle: bool = False, model_config: str = "") -> Path:
+    """One original-layout .safetensors file (A1111 / ComfyUI), with the erasure applied."""
+    from safetensors.torch import save_file
+
+    from .single_file import pipeline_to_ldm
+
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise UserError(f"--output {output}: a single-file checkpoint is written as NAME.safetensors")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output} already exists; choose another --output or pass --overwrite")
+    _, meta = read_delta(delta)
+    pipe = _base_pipeline(meta, model, allow_pickle, model_config)
+    apply(pipe, delta, allow_other_base=allow_other_base)
+    tensors = pipeline_to_ldm(pipe)
+    with atomic_path(output) as tmp:
+        save_file(tensors, str(tmp), metadata={k: meta[k] for k in ("base_model", "base_model_digest", "method",
+                                                                   "concepts", "train", "steps")})
+    return output

@@ -1,0 +1,130 @@
+"""Write a pipeline as one original-layout (LDM) checkpoint, as A1111, ComfyUI and civitai use.
+
+diffusers reads these files (`from_single_file`) but has no writer. The key mapping below is the
+inverse of diffusers' own converters, derived from the model's config so it holds for any depth;
+every file is checked by running diffusers' converters on it before it is written: a mapping
+error cannot produce a silently wrong checkpoint.
+"""
+
+from __future__ import annotations
+
+from . import env  # noqa: F401
+
+import re
+
+import torch
+
+from .errors import UserError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+_UNET_FIXED = {
+    "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+}
+_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+
+
+def _resnet(rest: str) -> str:
+    for new, old in _RESNET:
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+def unet_to_ldm(state: dict, config) -> dict:
+    per = config["layers_per_block"] + 1
+    up_has_attn = {int(m.group(1)) for k in state for m in [re.match(r"up_blocks\.(\d+)\.attentions\.", k)] if m}
+    out = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if module in _UNET_FIXED:
+            out[f"{_UNET_FIXED[module]}.{leaf}"] = value
+            continue
+        if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            n = 1 + i * per + j
+            new = f"input_blocks.{n}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{n}.1.{rest}"
+        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
+        elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+            new = f"middle_block.1.{m[1]}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            n = i * per + j
+            new = f"output_blocks.{n}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{n}.1.{rest}"
+        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            i = int(m[1])
+            new = f"output_blocks.{i * per + per - 1}.{2 if i in up_has_attn else 1}.conv.{m[2]}"
+        else:
+            raise UserError(f"UNet weight {key!r} has no place in the original checkpoint layout; "
+                            "export this model with --format diffusers")
+        out[new] = value
+    return out
+
+
+_VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
+
+
+def vae_to_ldm(state: dict, config) -> dict:
+    n_up = len(config["up_block_types"])
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"(encoder)\.down_blocks\.(\d+)\.resnets\.", r"\1.down.\2.block.", new)
+        new = re.sub(r"(encoder)\.down_blocks\.(\d+)\.downsamplers\.0\.", r"\1.down.\2.downsample.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                     lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                     lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample.", new)
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
+        if ".mid_block.attentions.0." in new:
+            head, rest = new.split(".mid_block.attentions.0.")
+            for d, o in _VAE_ATTN:
+                if rest.startswith(d + "."):
+                    rest = o + rest[len(d):]
+                    break
+            new = f"{head}.mid.attn_1.{rest}"
+            if value.dim() == 2:  # the original layout stores these projections as 1x1 convolutions
+                value = value[:, :, None, None]
+        out[new] = value
+    return out
+
+
+def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items():
+        tensors[UNET_PREFIX + k] = v
+    for k, v in vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items():
+        tensors[VAE_PREFIX + k] = v
+    for k, v in pipe.text_encoder.state_dict().items():
+        # the original layout names CLIP's weights text_model.* (transformers 5 drops that prefix in memory)
+        tensors[CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    _verify(pipe, tensors)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _verify(pipe, tensors: dict) -> None:
+    """Run diffusers' own readers on the mapping: every weight must come back under its name."""
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
+
+    for name, module, back in (
+        ("UNet", pipe.unet, convert_ldm_unet_checkpoint(tensors, dict(pipe.unet.config))),
+        ("VAE", pipe.vae, convert_ldm_vae_checkpoint(tensors, dict(pipe.vae.config))),
+        ("text encoder", pipe.text_encoder, convert_ldm_clip_checkpoint(tensors)),
+    ):
+        state = module.state_dict()
+        if name == "text encoder":
+            state = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+        missing = [k for k in state if k not in back and not k.endswith("position_ids")]
+        wrong = [k for k in state if k in back and tuple(back[k].reshape(state[k].shape).shape) != tuple(state[k].shape)
+                 or k in back and not torch.equal(back[k].reshape(state[k].shape), state[k])]
+        if missing or wrong:
+            raise UserError(f"this {name} cannot be written in the original single-file layout "
+                            f"({(missing + wrong)[0]!r} does not round-trip); export with --format diffusers")
