@@ -197,3 +197,57 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(fresh_pipe, make_config
     assert (ckpt / "trained.safetensors").is_file() and (ckpt / "state.json").is_file()
     assert not (trainer.output / "erased.safetensors").exists()
     assert [r["step"] for r in metrics(cfg.output)] == [1, 2]
+
+
+def _photo():
+    import matplotlib
+    from PIL import Image
+
+    from pathlib import Path
+
+    return Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").convert("RGB")
+
+
+def test_retain_images_with_captions_are_encoded_once(fresh_pipe, make_config, tmp_path):
+    folder = tmp_path / "anchors"
+    folder.mkdir()
+    photo = _photo()
+    for i, caption in enumerate(["a portrait photo", "a photo of a woman", "a portrait photo"]):
+        photo.rotate(90 * i).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption)
+    trainer = Trainer(make_config(retain_images=str(folder), anchors=[], method="eupmu"), pipe=fresh_pipe)
+    calls = {"n": 0}
+    real_encode = fresh_pipe.vae.encode
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real_encode(*a, **k)
+
+    fresh_pipe.vae.encode = counting
+    trainer.run()
+    bank = trainer.retain.bank
+    assert bank.latents.shape == (3, 4, 16, 16)
+    assert bank.prompts == ["a photo of a woman", "a portrait photo"]
+    assert bank.prompt_index.tolist() == [1, 0, 1]
+    assert calls["n"] == 3  # each image once, none per step
+
+
+def test_retain_images_metadata_errors_name_the_line(tmp_path):
+    from concept_erase.banks import read_caption_folder
+    from concept_erase.errors import UserError
+
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n{"file_name": "a.png"}\n')
+    with pytest.raises(UserError, match="line 2"):
+        read_caption_folder(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    with pytest.raises(UserError, match="has no caption"):
+        read_caption_folder(tmp_path)
+
+
+def test_gradient_accumulation_joint_path(fresh_pipe, make_config):
+    cfg = make_config(method="eupmu", gradient_accumulation_steps=2, steps=2, lambda_init=0.5, beta=0.01)
+    before = snapshot(fresh_pipe.unet)
+    erase(cfg, pipe=fresh_pipe)
+    assert changed(before, fresh_pipe.unet)
+    assert len(metrics(cfg.output)) == 2
