@@ -51,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     _add_config_flags(p)
 
+    p = sub.add_parser("demo", help="erase a digit from the embedded model and report before/after",
+                       description="Erase one digit from the embedded digits model with EUPMU, then judge "
+                                   "generations before and after: forget and retain accuracy, domain FID, a grid.")
+    p.add_argument("--output", default="runs/demo", help="folder for report.md, report.json, grid.png, run/")
+    p.add_argument("--digit", default="three", help="the digit to erase, by name (zero ... nine)")
+    p.add_argument("--config", help="erasure recipe (default: the shipped digits-erase.yaml)")
+    p.add_argument("--method", help="override the recipe's method")
+    p.add_argument("--steps", type=int, help="override the recipe's steps")
+    p.add_argument("--seeds", type=int, default=16, help="seeds per digit in the evaluation")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     p = sub.add_parser("export", help="turn a run into a diffusers pipeline folder or LoRA weights")
     p.add_argument("run", help="run folder or its erased.safetensors")
     p.add_argument("--format", choices=["diffusers", "lora", "single-file"], required=True,
@@ -96,6 +109,20 @@ def _erase(args) -> None:
               f"--output {config.output}/samples")
 
 
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    overrides = {k: v for k, v in (("method", args.method), ("steps", args.steps)) if v is not None}
+    report = run_demo(args.output, digit=args.digit, config_file=args.config, seeds=args.seeds,
+                      overwrite=args.overwrite, progress=args.progress, overrides=overrides)
+    b, a = report["before"], report["after"]
+    print(f"erased '{args.digit}' with {report['method']} in {report['erase_seconds']} s")
+    print(f"forget accuracy {b['forget_accuracy']:.1%} -> {a['forget_accuracy']:.1%}   "
+          f"retain accuracy {b['retain_accuracy']:.1%} -> {a['retain_accuracy']:.1%}   "
+          f"domain FID {b['domain_fid']:.2f} -> {a['domain_fid']:.2f}")
+    print(f"targets {'met' if report['passed'] else 'MISSED'}; report: {args.output}/report.md, grid: {args.output}/grid.png")
+
+
 def _export(args) -> None:
     from .export import export_diffusers, export_lora, export_single_file
 
@@ -138,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             build_parser().print_help()
             return 2
-        {"erase": _erase, "export": _export, "sample": _sample}[args.command](args)
+        {"erase": _erase, "demo": _demo, "export": _export, "sample": _sample}[args.command](args)
         return 0
     except UserError as err:
         if debug:

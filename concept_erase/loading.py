@@ -15,6 +15,22 @@ from .errors import UserError
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
+def embedded_model_dir() -> Path:
+    """The shipped digits model and its judge (built by scripts/build_digits_model.py)."""
+    path = Path(__file__).parent / "models" / "digits"
+    if not (path / "pipeline" / "model_index.json").is_file():
+        raise UserError(f"the embedded digits model is missing from {path}; rebuild it with "
+                        "`python scripts/build_digits_model.py` or reinstall concept-erase")
+    return path
+
+
+def load_judge():
+    """The digits judge shipped beside the embedded model."""
+    from .judge import DigitsJudge
+
+    return DigitsJudge.from_pretrained(str(embedded_model_dir() / "judge")).eval()
+
+
 def _looks_like_path(source: str) -> bool:
     return (source.startswith((".", "/", "~")) or os.sep in source.rstrip(os.sep) and source.count("/") > 1
             or source.endswith((".safetensors",) + PICKLE_SUFFIXES))
@@ -59,7 +75,10 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
             from .tiny import build_tiny_pipeline
 
             return build_tiny_pipeline(prediction_type="v_prediction").to(torch_dtype)
-        raise UserError(f"unknown built-in model {source!r}; the built-in models are builtin:tiny and builtin:tiny-v")
+        if name == "digits":
+            return load_pipeline(str(embedded_model_dir() / "pipeline"), torch_dtype=torch_dtype)
+        raise UserError(f"unknown built-in model {source!r}; the built-in models are builtin:digits, "
+                        "builtin:tiny and builtin:tiny-v")
 
     path = Path(source).expanduser()
     kwargs = dict(safety_checker=None, requires_safety_checker=False)

@@ -1,0 +1,86 @@
+"""The digits world, the shipped model and judge, and the demo end to end."""
+
+import json
+
+import pytest
+import torch
+
+from concept_erase import digits
+from concept_erase.digits_eval import domain_fid
+from concept_erase.loading import embedded_model_dir, load_judge, load_pipeline
+
+
+def test_captions():
+    assert digits.caption(7) == "a handwritten digit seven"
+    assert digits.caption(7, "red ink") == "a handwritten digit seven in red ink"
+    assert digits.caption(0, "inverted") == "a handwritten digit zero in white on black"
+
+
+def test_split_is_fixed_disjoint_and_a_fifth():
+    train, held = digits.split_indices(1797)
+    again = digits.split_indices(1797)
+    assert torch.equal(train, again[0]) and torch.equal(held, again[1])
+    assert not set(train.tolist()) & set(held.tolist())
+    assert len(train) + len(held) == 1797 and len(held) == round(1797 * 0.2)
+
+
+def test_renderings_look_like_their_style():
+    scans, _ = digits.load_scans()
+    maps = digits.ink(scans[:4])
+    plain, red = digits.render(maps, "plain"), digits.render(maps, "red ink")
+    inverted, bold = digits.render(maps, "inverted"), digits.render(maps, "bold")
+    assert plain[:, :, 0, 0].min() > 0.95 and inverted[:, :, 0, 0].max() < 0.05  # paper vs black
+    stroke = maps[:, 0] > 0.8
+    r, g = red[:, 0][stroke].mean(), red[:, 1][stroke].mean()
+    assert r > g + 0.5  # red strokes
+    assert (1 - bold).sum() > (1 - plain).sum() * 1.2  # more ink
+    data = digits.build("test")
+    assert data.images.shape[1:] == (3, 32, 32) and len(set(data.styles.tolist())) == 5
+
+
+def test_shipped_judge_meets_its_bar_on_held_out_digits():
+    judge = load_judge()
+    test = digits.build("test")
+    pred_digit, pred_style = judge.predict(test.images)
+    assert float((pred_digit == test.digits).float().mean()) >= 0.97
+    assert float((pred_style == test.styles).float().mean()) >= 0.9
+
+
+def test_shipped_model_is_a_stable_diffusion_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = load_pipeline("builtin:digits")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor >= 32
+    folder = embedded_model_dir()
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 30 * 2**20
+    card = (folder / "README.md").read_text()
+    assert "Measured quality" in card and "not** the standard Inception FID" in card
+
+
+def test_domain_fid_separates_sets():
+    judge = load_judge()
+    test = digits.build("test")
+    a = test.images[test.styles == 0][:150]
+    b = test.images[test.styles == 0][150:300]
+    same = domain_fid(judge, a, a)
+    similar = domain_fid(judge, a, b)
+    shifted = domain_fid(judge, a, test.images[test.styles == 3][:150])  # inverted renderings
+    assert abs(same) < 1e-3
+    assert shifted > 5 * similar and shifted > 1.0
+
+
+def test_demo_end_to_end_on_the_shipped_model(tmp_path):
+    from concept_erase.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", digit="three", seeds=2, progress=False,
+                      overrides={"steps": 4, "anchor_images_per_prompt": 2, "cache_dir": str(tmp_path / "cache")})
+    for name in ("report.json", "report.md", "grid.png", "run/erased.safetensors", "run/metrics.jsonl"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    saved = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert saved["before"]["per_digit"].keys() == saved["after"]["per_digit"].keys()
+    assert set(saved["checks"]) == {"forget_accuracy_at_most_10pct", "retain_within_5_points_of_base"}
+    assert "not the standard Inception FID" in (tmp_path / "demo" / "report.md").read_text()
+    assert report["steps"] == 4
