@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -195,16 +196,20 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return value
         raise UserError(f"{source}: {name} must be true or false, not {value!r}")
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or int(value) != value):
             raise UserError(f"{source}: {name} must be a whole number, not {value!r}")
         return int(value)
     if kind is float:
         if isinstance(value, bool):
             raise UserError(f"{source}: {name} must be a number, not {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise UserError(f"{source}: {name} must be a number, not {value!r}") from None
+        if not math.isfinite(number):
+            raise UserError(f"{source}: {name} must be a finite number, not {value!r}")
+        return number
     if kind is str:
         if value is None:
             return ""

@@ -79,6 +79,10 @@ class LambdaController:
         """Called once per optimizer step; the retain values are None when no paired probe exists."""
         self.step += 1
 
+    def diagnostics(self) -> dict:
+        """Extra per-step values for metrics.jsonl (e.g. the constraint's slack, to calibrate --beta)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"lambda": self.lam, "step": self.step}
 
@@ -126,6 +130,9 @@ class ImplicitSurgery(LambdaController):
         self.lam = eupmu_update(self.lam, retain_before, retain_after, step_size=step_size, eps=self.eps,
                                 beta=beta_t, lambda_max=self.lambda_max)
         self.step += 1
+
+    def diagnostics(self) -> dict:
+        return {"slack": self.last_slack}
 
 
 @LAMBDA_CONTROLLERS.register("eupmu-fast")

@@ -394,7 +394,7 @@ class Trainer:
         ctl.update(before if paired else None, after if paired else None, cfg.lr)
         record = {"step": step + 1, "loss_forget": loss_f,
                   "loss_retain": loss_r if self.retain is not None else None,
-                  "lambda": lam, "grad_norm": gnorm}
+                  "lambda": lam, "grad_norm": gnorm, **ctl.diagnostics()}
         bad = [k2 for k2 in ("loss_forget", "loss_retain", "grad_norm") if record[k2] is not None
                and not math.isfinite(record[k2])]
         if not math.isfinite(ctl.current()):

@@ -1,0 +1,63 @@
+"""Malformed config files never produce a traceback: a UserError (one clear line) or a valid config."""
+
+import string
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from concept_erase.config import EraseConfig, build_config, load_yaml
+from concept_erase.errors import UserError
+
+KEYS = ["model", "concepts", "concept", "anchors", "steps", "lr", "eps", "method", "train", "lambda", "overwrite",
+        "mixed-precision", "beta_schedule", "retain_batch_size", "unknown_key", "seed"]
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.floats(allow_nan=True),
+                    st.text(string.printable, max_size=12))
+VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.text(max_size=4), SCALARS, max_size=2))
+
+
+def _load(path):
+    try:
+        settings_ = load_yaml(path)
+        cfg = build_config(settings_, source=str(path))
+    except UserError as err:
+        assert str(err) and "\n" not in str(err)
+        return None
+    assert isinstance(cfg, EraseConfig)
+    return cfg
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(string.printable, max_size=200))
+def test_random_text_as_yaml(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    _load(path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mapping=st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=6))
+def test_random_settings_as_yaml(tmp_path, mapping):
+    import yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    _load(path)
+
+
+def test_non_finite_numbers_are_refused():
+    import math
+
+    import pytest
+
+    for key in ("steps", "eps", "lr", "lambda_init"):
+        for bad in (math.nan, math.inf):
+            with pytest.raises(UserError, match="finite|whole number"):
+                build_config({key: bad})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=64))
+def test_random_bytes_as_yaml(tmp_path, raw):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(raw)
+    _load(path)
