@@ -97,6 +97,9 @@ def vae_to_ldm(state: dict, config) -> dict:
 
 
 def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
+    if pipe.text_encoder.config.hidden_size == 1024:
+        # SD 2.x keeps its OpenCLIP text encoder in another layout (cond_stage_model.model.*), not written here.
+        raise UserError("single-file export writes the SD 1.x layout; export this SD 2.x model with --format diffusers")
     tensors: dict[str, torch.Tensor] = {}
     for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items():
         tensors[UNET_PREFIX + k] = v

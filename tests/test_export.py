@@ -193,3 +193,12 @@ def test_pickled_ckpt_loads_only_when_allowed(tiny_pipe, tiny_dir, tmp_path):
     loaded = load_pipeline(str(ckpt), model_config=str(tiny_dir), allow_pickle=True)
     probe = unet_probe(tiny_pipe.unet)
     assert torch.equal(unet_out(loaded.unet, probe), unet_out(tiny_pipe.unet, probe))
+
+
+def test_single_file_export_refuses_sd2_text_encoders(tiny_pipe):
+    from concept_erase.single_file import pipeline_to_ldm
+
+    pipe = copy.deepcopy(tiny_pipe)
+    pipe.text_encoder.config.hidden_size = 1024  # what SD 2.x's OpenCLIP-H text encoder reports
+    with pytest.raises(UserError, match="SD 2.x"):
+        pipeline_to_ldm(pipe)
