@@ -26,10 +26,6 @@ class LatentBank:
     embeddings: torch.Tensor  # [N, L, D] the text embedding of each latent's caption
     prompts: list
 
-    def to(self, device) -> "LatentBank":
-        return LatentBank(self.latents.to(device), self.prompt_index.to(device), self.embeddings.to(device),
-                          self.prompts)
-
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over names, shapes and fp32 values: the same for the same weights whatever device."""

@@ -143,7 +143,3 @@ def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
             raise UserError(f"{source} has no {part}; concept-erase needs a complete Stable Diffusion pipeline")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch_dtype)
-
-
-def prediction_type(pipe) -> str:
-    return pipe.scheduler.config.get("prediction_type", "epsilon")
