@@ -1,0 +1,77 @@
+"""A real process killed with SIGKILL mid-run, then resumed, ends where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def erase_cmd(tiny_dir, cache_dir, out, *extra):
+    return [sys.executable, "-m", "concept_erase", "erase", "--model", str(tiny_dir), "--concept", "van gogh",
+            "--anchor", "a photo", "--output", str(out), "--steps", "8", "--sampling-steps", "3",
+            "--anchor-inference-steps", "2", "--anchor-images-per-prompt", "2", "--cache-dir", str(cache_dir),
+            "--no-progress", "--checkpoint-every", "2", "--checkpoints-total-limit", "0", "--lambda", "1.0",
+            "--beta", "0.01", "--lr", "1e-2", "--method", "eupmu-fast", *extra]
+
+
+def steps_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+@pytest.mark.parametrize("kill_after", [3, 5])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(kill_after, tiny_dir, cache_dir, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    straight = tmp_path / "straight"
+    subprocess.run(erase_cmd(tiny_dir, cache_dir, straight), check=True, env=env, capture_output=True, timeout=300)
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(erase_cmd(tiny_dir, cache_dir, crashed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while steps_done(crashed) < kill_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "erased.safetensors").exists()
+
+    resumed = subprocess.run(erase_cmd(tiny_dir, cache_dir, crashed, "--resume", "latest"), env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = [json.loads(l) for l in (straight / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(l) for l in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert ra["lambda"] == pytest.approx(rb["lambda"], rel=1e-6, abs=1e-9)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(straight / "erased.safetensors"))
+    wb = load_file(str(crashed / "erased.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_damaged_latest_checkpoint_is_skipped(tiny_dir, cache_dir, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    cmd = erase_cmd(tiny_dir, cache_dir, out)
+    cmd[cmd.index("--steps") + 1] = "4"
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    latest = out / "checkpoints" / "step-00000004" / "trained.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])  # torn
+    (out / "erased.safetensors").unlink()
+    cmd[cmd.index("--steps") + 1] = "6"
+    proc = subprocess.run(cmd + ["--resume", "latest"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping damaged checkpoint" in proc.stderr + proc.stdout
+    assert "resumed from" in proc.stderr + proc.stdout and "step-00000002" in proc.stderr + proc.stdout
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
