@@ -69,6 +69,12 @@ def write_json(target: str | os.PathLike, obj) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def refuse_existing(target: str | os.PathLike, overwrite: bool) -> None:
+    """Never replace an output without --overwrite; checked early, before any expensive work."""
+    if Path(target).exists() and not overwrite:
+        raise UserError(f"{target} already exists; choose another --output or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; move it onto `target` when the block succeeds.
@@ -76,8 +82,7 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     With `overwrite`, an existing `target` is replaced only after the new one is complete.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; choose another output path or pass --overwrite")
+    refuse_existing(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

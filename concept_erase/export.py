@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, atomic_path
+from .atomic import atomic_dir, atomic_path, refuse_existing
 from .banks import tensor_digest
 from .errors import UserError
 
@@ -200,8 +200,7 @@ def export_diffusers(delta: str | Path, output: str | Path, *, model: str | None
                      allow_other_base: bool = False, allow_pickle: bool = False, model_config: str = "") -> Path:
     """A complete pipeline folder with the erasure applied: `StableDiffusionPipeline.from_pretrained` loads it."""
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} already exists; choose another --output or pass --overwrite")
+    refuse_existing(output, overwrite)
     _, meta = read_delta(delta)
     pipe = _base_pipeline(meta, model, allow_pickle, model_config)
     apply(pipe, delta, allow_other_base=allow_other_base)
@@ -225,8 +224,7 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
     from diffusers.utils import convert_state_dict_to_diffusers
 
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} already exists; choose another --output or pass --overwrite")
+    refuse_existing(output, overwrite)
     tensors, meta = read_delta(delta)
     summary: dict = {"kind": meta["kind"]}
     if meta["kind"] == "lora":
@@ -275,8 +273,7 @@ def export_single_file(delta: str | Path, output: str | Path, *, model: str | No
     output = Path(output)
     if output.suffix != ".safetensors":
         raise UserError(f"--output {output}: a single-file checkpoint is written as NAME.safetensors")
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} already exists; choose another --output or pass --overwrite")
+    refuse_existing(output, overwrite)
     _, meta = read_delta(delta)
     pipe = _base_pipeline(meta, model, allow_pickle, model_config)
     apply(pipe, delta, allow_other_base=allow_other_base)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, refuse_existing
 from .errors import UserError
 
 
@@ -58,8 +58,7 @@ def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path,
     if not prompts:
         raise UserError("no prompt given; pass --prompt 'a painting by van gogh' (repeat it for several)")
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} already exists; choose another --output or pass --overwrite")
+    refuse_existing(output, overwrite)
     pipe = load_pipeline(model, allow_pickle=allow_pickle, model_config=model_config)
     if weights:
         apply(pipe, weights, allow_other_base=allow_other_base)

@@ -87,16 +87,12 @@ class ErasureContext:
         if self._anchor_bank is None:
             cfg = self.config
             if cfg.retain_images:
-                size = cfg_size(self.pipe)
+                size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
                 self._anchor_bank = build_caption_bank(self.pipe, cfg.retain_images, embed=self.embed,
                                                        device=self.device, resolution=size)
             else:
                 self._anchor_bank = self.latent_bank(cfg.anchors, cfg.anchor_images_per_prompt, role="anchor")
         return self._anchor_bank
-
-
-def cfg_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
 def check_output(output: Path, *, overwrite: bool, resume: str) -> bool:
@@ -369,9 +365,10 @@ class Trainer:
             for p, a, b in zip(self.params, g_u, g_r):
                 p.grad = a + lam * b
 
-        grad_norm = self._grad_norm()
-        if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0:  # clipping measures the norm (before clipping) already
+            grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if cfg.max_grad_norm <= 0 or grad_norm is None:
+            grad_norm = self._grad_norm()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
