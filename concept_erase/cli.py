@@ -92,7 +92,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other-base", action="store_true")
     p.add_argument("--allow-pickle", action="store_true")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("eval", help="generate a suite's prompts and score them: CLIP, FID, NudeNet, judge",
+                       description="Evaluate a model (optionally with erased weights) on an evaluation suite "
+                                   "(eval/*.yaml). Rerunning the same command continues a half-finished evaluation.")
+    p.add_argument("--suite", required=True, help="suite YAML, e.g. eval/digits.yaml")
+    p.add_argument("--model", required=True, help="base model: folder, hub id, single file, or builtin:digits")
+    p.add_argument("--weights", default="", help="erased.safetensors (or the run folder) to apply")
+    p.add_argument("--erased", action="append", default=[],
+                   help="concept value that was erased (repeat); default: the run's concepts found in the prompt set")
+    p.add_argument("--output", required=True, help="folder: images/, results.json, results.md, grids/")
+    p.add_argument("--seeds", type=int, default=0, help="seeds per prompt (default: the suite's)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N prompts (a quick look)")
+    p.add_argument("--device", default="")
+    p.add_argument("--clip-model", default="", help="open_clip model name for the CLIP classifiers (suite default)")
+    p.add_argument("--clip-weights", default="", help="local open_clip weights file for that model")
+    p.add_argument("--clip-score-model", default="", help="transformers CLIP folder (or hub id) for CLIP score")
+    p.add_argument("--inception-weights", default="", help="FID Inception weights (torch-fidelity .pth or TorchScript)")
+    p.add_argument("--fid-reference", default="", help="'base' or a folder of reference images (suite default)")
+    p.add_argument("--cache-dir", default="", help="where FID statistics and converted weights are cached")
+    p.add_argument("--model-config", default="")
+    p.add_argument("--allow-pickle", action="store_true")
+    p.add_argument("--allow-other-base", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an output that holds another evaluation")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("compare", help="table and Pareto plot (erasure against quality) of several evaluations")
+    p.add_argument("results", nargs="+", help="output folders of `concept-erase eval` (or their results.json)")
+    p.add_argument("--output", required=True, help="folder for comparison.md, comparison.json, pareto.png")
+    p.add_argument("--label", action="append", default=[], help="a name per evaluation, in order (repeat)")
+    p.add_argument("--quality", default="retain_accuracy",
+                   help="the y axis: retain_accuracy, fid, domain_fid or clip_score")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _eval(args) -> None:
+    from pathlib import Path
+
+    from .evaluation import run_eval
+
+    weights = args.weights
+    if weights and Path(weights).is_dir():
+        weights = str(Path(weights) / "erased.safetensors")
+    options = {"clip_model": args.clip_model, "clip_weights": args.clip_weights,
+               "clip_score_model": args.clip_score_model, "inception_weights": args.inception_weights,
+               "fid_reference": args.fid_reference, "cache_dir": args.cache_dir or None,
+               "allow_other_base": args.allow_other_base,
+               "load": {"allow_pickle": args.allow_pickle, "model_config": args.model_config}}
+    for name, value in (("--seeds", args.seeds), ("--limit", args.limit)):
+        if value < 0:
+            raise UserError(f"{name} must be 0 or more, not {value}")
+    results = run_eval(args.suite, model=args.model, output=args.output, weights=weights, erased=args.erased,
+                       overwrite=args.overwrite, device=args.device, seeds=args.seeds, limit=args.limit,
+                       progress=args.progress, options=options)
+    s = results["summary"]
+    print(f"{results['images']} images ({results['generated_now']} generated now); "
+          + ", ".join(f"{k} {v:.4g}" for k, v in s.items() if isinstance(v, (int, float))))
+    print(f"report: {args.output}/results.md (results.json, grids/)")
+
+
+def _compare(args) -> None:
+    from .evaluation.report import compare
+
+    out = compare(args.results, args.output, labels=args.label or None, quality=args.quality,
+                  overwrite=args.overwrite)
+    print(f"comparison of {len(out['runs'])} evaluations: {args.output}/comparison.md"
+          + (f", plot: {out['plot']}" if out["plot"] else ""))
 
 
 def _erase(args) -> None:
@@ -165,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.command:
             build_parser().print_help()
             return 2
-        {"erase": _erase, "demo": _demo, "export": _export, "sample": _sample}[args.command](args)
+        {"erase": _erase, "demo": _demo, "export": _export, "sample": _sample, "eval": _eval,
+         "compare": _compare}[args.command](args)
         return 0
     except UserError as err:
         if debug:

@@ -1,0 +1,266 @@
+"""The metrics an evaluation suite can name; each plugs in by name (`METRICS`).
+
+A metric is built from its suite options and the command-line options, checks what it needs
+before any image is generated (`check`: weights on disk, labels it can read), and scores the
+images of each group (`score`), returning records:
+
+    {"metric": "clip_classifier", "group": "forget", "value": {"accuracy": 0.04, ...}, "settings": {...}}
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..registry import Registry
+from .run import EvalContext, Sample, as_uint8, labels
+
+METRICS: Registry = Registry("metric", "metrics: in the suite")
+
+
+class Metric:
+    name = ""
+
+    def __init__(self, options: dict, cli: dict):
+        self.options, self.cli = options, cli
+
+    def check(self, samples: list[Sample]) -> None:
+        pass
+
+    def score(self, ctx: EvalContext) -> list[dict]:
+        raise NotImplementedError
+
+    def record(self, group: str, value: dict, settings: dict) -> dict:
+        return {"metric": self.name, "group": group, "value": value, "settings": settings}
+
+
+def _accuracy_value(pred: list[str], truth: list[str]) -> dict:
+    per: dict[str, list[int]] = {}
+    for p, t in zip(pred, truth):
+        per.setdefault(t, [0, 0])
+        per[t][0] += int(p == t)
+        per[t][1] += 1
+    hits = sum(v[0] for v in per.values())
+    return {"accuracy": hits / len(truth) if truth else float("nan"), "images": len(truth),
+            "per_class": {k: v[0] / v[1] for k, v in sorted(per.items())}}
+
+
+# ---------------------------------------------------------------- the digits world
+
+def _digits_labels(samples: list[Sample]) -> None:
+    from ..digits import DIGIT_NAMES, STYLES
+
+    for s in samples:
+        lab = labels(s.row)
+        if lab["concept"] not in DIGIT_NAMES or lab.get("style") not in STYLES:
+            raise UserError(f"the judge reads the digits world only: case {s.row.case_number} has concept "
+                            f"{lab['concept']!r} and style {lab.get('style')!r} (use prompts/digits.csv)")
+
+
+def _judge_input(images) -> torch.Tensor:
+    x = as_uint8(images).float() / 255
+    if x.shape[-1] != 32 or x.shape[-2] != 32:
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+@METRICS.register("judge")
+class JudgeAccuracy(Metric):
+    """The embedded model's judge: digit and style heads (98.7% / 99.3% on held-out real renderings)."""
+
+    name = "judge"
+
+    def check(self, samples):
+        _digits_labels(samples)
+
+    def score(self, ctx):
+        from ..digits import DIGIT_NAMES, STYLES
+        from ..loading import load_judge
+
+        judge = load_judge()
+        out = []
+        for group in ctx.groups:
+            _, samples, images = ctx.select(group)
+            pd, ps = judge.predict(_judge_input(images))
+            digits = [DIGIT_NAMES[i] for i in pd.tolist()]
+            styles = [STYLES[i] for i in ps.tolist()]
+            d = _accuracy_value(digits, [s.row.concept for s in samples])
+            st = _accuracy_value(styles, [labels(s.row)["style"] for s in samples])
+            main = st if ctx.attribute == "style" else d
+            out.append(self.record(group, {"accuracy": main["accuracy"], "digit_accuracy": d["accuracy"],
+                                           "style_accuracy": st["accuracy"], "images": len(samples),
+                                           "per_class": main["per_class"]},
+                                   {"judge": "concept_erase/models/digits/judge", "attribute": ctx.attribute,
+                                    "accuracy_of": "style head" if ctx.attribute == "style" else "digit head"}))
+        return out
+
+
+@METRICS.register("domain_fid")
+class DomainFID(Metric):
+    """Fréchet distance of the judge's 128-d features against real held-out renderings of the same labels."""
+
+    name = "domain_fid"
+
+    def check(self, samples):
+        _digits_labels(samples)
+
+    def score(self, ctx):
+        from ..digits import DIGIT_NAMES, STYLES, build
+        from ..digits_eval import DOMAIN_FID_NOTE, domain_fid
+        from ..loading import load_judge
+
+        judge = load_judge()
+        test = build("test")
+        out = []
+        for group in ctx.groups:
+            _, samples, images = ctx.select(group)
+            wanted = {(DIGIT_NAMES.index(s.row.concept), STYLES.index(labels(s.row)["style"])) for s in samples}
+            keep = torch.tensor([(int(d), int(st)) in wanted for d, st in zip(test.digits, test.styles)])
+            real = test.images[keep]
+            value = domain_fid(judge, _judge_input(images), real) if len(images) > 1 else float("nan")
+            out.append(self.record(group, {"domain_fid": value, "images": len(images), "reference_images": len(real)},
+                                   {"note": DOMAIN_FID_NOTE, "reference": "real held-out renderings of the same labels"}))
+        return out
+
+
+# ---------------------------------------------------------------- CLIP
+
+@METRICS.register("clip_classifier")
+class ClipClassifier(Metric):
+    """open_clip zero-shot accuracy over the prompt set's class names (or artists)."""
+
+    name = "clip_classifier"
+    templates = "object"
+
+    def _settings(self):
+        o = self.options
+        return {"model": self.cli.get("clip_model") or o.get("model", "ViT-L-14"),
+                "pretrained": o.get("pretrained", "openai"),
+                "weights": self.cli.get("clip_weights") or o.get("weights", ""),
+                "templates": o.get("templates", self.templates)}
+
+    def check(self, samples):
+        from .clip import TEMPLATES, load_open_clip
+
+        s = self._settings()
+        if s["templates"] not in TEMPLATES:
+            raise UserError(f"{self.name}: templates must be one of {', '.join(TEMPLATES)}, not {s['templates']!r}")
+        self.loaded = load_open_clip(s["model"], s["weights"], s["pretrained"])
+
+    def score(self, ctx):
+        from .clip import TEMPLATES, ZeroShotClassifier
+
+        s = self._settings()
+        attribute = self.options.get("attribute", ctx.attribute)
+        classes = sorted({labels(x.row).get(attribute, "") for x in ctx.samples} - {""})
+        model, preprocess, tokenizer = self.loaded
+        model.to(ctx.device)
+        clf = ZeroShotClassifier(model, preprocess, tokenizer, classes, TEMPLATES[s["templates"]], ctx.device)
+        out = []
+        for group in ctx.groups:
+            _, samples, images = ctx.select(group)
+            pred = clf.predict(images)
+            truth = [labels(x.row).get(attribute, "") for x in samples]
+            out.append(self.record(group, _accuracy_value(pred, truth),
+                                   {**s, "classes": len(classes), "attribute": attribute,
+                                    "template_texts": TEMPLATES[s["templates"]]}))
+        model.to("cpu")
+        return out
+
+
+@METRICS.register("style")
+class StyleClassifier(ClipClassifier):
+    """CLIP zero-shot style (artist) accuracy: the classifier with style templates."""
+
+    name = "style"
+    templates = "style"
+
+
+@METRICS.register("clip_score")
+class ClipScore(Metric):
+    name = "clip_score"
+
+    def _source(self):
+        return self.cli.get("clip_score_model") or self.options.get("model", "openai/clip-vit-large-patch14")
+
+    def check(self, samples):
+        from .clip import clip_score_metric
+
+        self.metric = clip_score_metric(self._source())
+
+    def score(self, ctx):
+        from .clip import mean_clip_score
+
+        self.metric.to(ctx.device)
+        out = []
+        for group in ctx.groups:
+            _, samples, images = ctx.select(group)
+            value = mean_clip_score(self.metric, as_uint8(images), [s.row.prompt for s in samples])
+            out.append(self.record(group, {"clip_score": value, "images": len(samples)},
+                                   {"model": self._source(), "library": "torchmetrics CLIPScore",
+                                    "formula": "100 * max(cos(image, prompt), 0), mean"}))
+        return out
+
+
+# ---------------------------------------------------------------- FID and nudity
+
+@METRICS.register("fid")
+class FID(Metric):
+    name = "fid"
+
+    def check(self, samples):
+        from pathlib import Path
+
+        from .fid import inception_weights
+
+        ref = self.cli.get("fid_reference") or self.options.get("reference", "base")
+        if ref != "base" and not Path(ref).is_dir():
+            raise UserError(f"FID reference {ref!r} is neither 'base' nor a folder of images")
+        inception_weights(self.cli.get("inception_weights") or self.options.get("weights", ""),
+                          self.cli.get("cache_dir"))
+
+    def score(self, ctx):
+        from .fid import InceptionFID, images_digest, read_image_folder
+
+        ref = self.cli.get("fid_reference") or self.options.get("reference", "base")
+        fid = InceptionFID(weights=self.cli.get("inception_weights") or self.options.get("weights", ""),
+                           cache_dir=self.cli.get("cache_dir"), device=ctx.device)
+        folder_images = folder_key = None
+        if ref != "base":
+            size = self.options.get("size")
+            folder_images, paths = read_image_folder(ref, int(size) if size else None)
+            folder_key = images_digest(paths)
+        out = []
+        for group in ctx.groups:
+            _, samples, images = ctx.select(group)
+            if ref == "base":
+                ref_images, paths = ctx.reference_images(samples)
+                fid.set_reference(as_uint8(ref_images), key=images_digest(paths))
+                n_ref = len(ref_images)
+            else:
+                fid.set_reference(folder_images, key=folder_key)
+                n_ref = len(folder_images)
+            value = fid.score(as_uint8(images))
+            out.append(self.record(group, {"fid": value, "images": len(images), "reference_images": n_ref},
+                                   {**fid.settings, "reference": "base model, same prompts and seeds"
+                                    if ref == "base" else str(ref)}))
+        return out
+
+
+@METRICS.register("nudity")
+class Nudity(Metric):
+    name = "nudity"
+
+    def check(self, samples):
+        from .nudity import load_detector
+
+        self.detector = load_detector()
+
+    def score(self, ctx):
+        from .nudity import EXPOSED_CLASSES, NUDENET_VERSION, THRESHOLD, count_exposed, detect
+
+        threshold = float(self.options.get("threshold", THRESHOLD))
+        found = detect(self.detector, ctx.images())
+        return [self.record("all", count_exposed(found, threshold),
+                            {"detector": f"NudeNet {NUDENET_VERSION} (320n ONNX)", "threshold": threshold,
+                             "classes": EXPOSED_CLASSES, "count": "images with the class detected at >= threshold"})]

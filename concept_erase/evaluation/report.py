@@ -1,0 +1,190 @@
+"""Reports: results.json and results.md of one evaluation, image grids, and the comparison of several.
+
+`concept-erase compare A B C --output DIR` reads the results.json of several evaluations (other
+models, methods, settings) and writes comparison.md, comparison.json and pareto.png: erasure (the
+forget accuracy, lower is better) against quality (retain accuracy by default, or FID), one marker
+per evaluation, with the non-dominated ones joined.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..atomic import atomic_path, write_json, write_text
+from ..errors import UserError
+
+GRID_COLUMNS = 8
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "n/a"
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}"
+    return str(v)
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# Evaluation: {results['suite']}", "",
+             f"- model: `{results['model']}`" + (f", erased weights `{results['weights']}`" if results.get("weights")
+                                                  else " (no erasure applied)"),
+             f"- erased: {', '.join(results['erased']) or 'none named (one group: all)'}",
+             f"- images: {results['images']} ({results['generation']['prompts']} prompts x "
+             f"{results['generation']['seeds_per_prompt']} seeds, {results['generation']['steps']} steps, "
+             f"guidance {results['generation']['guidance']}); generation {results['generation_seconds']} s, "
+             f"total {results['total_seconds']} s on {results['device']}", ""]
+    if results.get("summary"):
+        lines += ["## Summary", "", "| measure | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in results["summary"].items()]
+        lines.append("")
+    lines += ["## Metrics", "", "| metric | group | value | images |", "|---|---|---|---|"]
+    for r in results["metrics"]:
+        main = {k: v for k, v in r["value"].items() if isinstance(v, (int, float)) and k not in ("images",)}
+        text = ", ".join(f"{k} {_fmt(v)}" for k, v in main.items())
+        lines.append(f"| {r['metric']} | {r['group']} | {text} | {r['value'].get('images', '')} |")
+    nud = [r for r in results["metrics"] if r["metric"] == "nudity"]
+    for r in nud:
+        lines += ["", f"## Nudity (NudeNet, threshold {r['settings']['threshold']})", "",
+                  "| class | images |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in r["value"]["per_class"].items()]
+        lines.append(f"| any exposed class | {r['value']['images_flagged']} of {r['value']['images']} |")
+    lines += ["", "## Settings", ""]
+    shown = set()
+    for r in results["metrics"]:
+        settings = {k: v for k, v in r["settings"].items() if k != "template_texts"}
+        text = "; ".join(f"{k}: {v}" for k, v in settings.items())
+        if (r["metric"], text) not in shown:
+            shown.add((r["metric"], text))
+            lines.append(f"- {r['metric']}: {text}")
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v), ""]
+    return "\n".join(lines)
+
+
+def write_grid(images, path: Path, columns: int = GRID_COLUMNS) -> None:
+    from PIL import Image
+
+    if not images:
+        return
+    images = images[: columns * 8]
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * (w + 2), rows * (h + 2)), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.resize((w, h)), ((i % columns) * (w + 2) + 1, (i // columns) * (h + 2) + 1))
+    with atomic_path(path, suffix=".png") as tmp:
+        grid.save(tmp, format="PNG")
+
+
+def write_report(folder: Path, results: dict, ctx) -> None:
+    for group in ctx.groups:
+        _, samples, images = ctx.select(group)
+        # one image per prompt first, so the grid shows many prompts rather than many seeds of one
+        order = sorted(range(len(samples)), key=lambda i: (samples[i].seed - samples[i].row.seed, i))
+        write_grid([images[i] for i in order], folder / "grids" / f"{group}.png")
+    write_json(folder / "results.json", results)
+    write_text(folder / "results.md", markdown(results))
+
+
+# ---------------------------------------------------------------- comparing evaluations
+
+def _load_results(path: str) -> dict:
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    if not p.is_file():
+        raise UserError(f"{path}: no results.json there; give the --output folder of a finished `concept-erase eval`")
+    try:
+        data = json.loads(p.read_text())
+        _ = data["summary"], data["suite"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{p} is not a results.json written by `concept-erase eval`") from None
+    data["_path"] = str(p.parent)
+    return data
+
+
+def pareto_front(points: list[tuple[float, float]], lower_y_better: bool) -> list[int]:
+    """Indices of the non-dominated points; x (forget accuracy) is better lower; y as told."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if math.isnan(x) or math.isnan(y):
+            continue
+        dominated = False
+        for j, (x2, y2) in enumerate(points):
+            if j == i or math.isnan(x2) or math.isnan(y2):
+                continue
+            better_y = y2 <= y if lower_y_better else y2 >= y
+            strictly = x2 < x or (y2 < y if lower_y_better else y2 > y)
+            if x2 <= x and better_y and strictly:
+                dominated = True
+                break
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def compare(paths: list[str], output: str | Path, *, labels: list[str] | None = None, quality: str = "retain_accuracy",
+            overwrite: bool = False) -> dict:
+    from ..atomic import refuse_existing
+
+    if len(paths) < 1:
+        raise UserError("give at least one evaluation folder to compare")
+    if labels and len(labels) != len(paths):
+        raise UserError(f"{len(labels)} --label for {len(paths)} evaluations; give one label each or none")
+    output = Path(output)
+    for name in ("comparison.md", "comparison.json", "pareto.png"):
+        refuse_existing(output / name, overwrite)
+    runs = [_load_results(p) for p in paths]
+    names = labels or [Path(r["_path"]).name for r in runs]
+    rows = []
+    for name, r in zip(names, runs):
+        s = r["summary"]
+        rows.append({"label": name, "path": r["_path"], "suite": r["suite"], "weights": r.get("weights"),
+                     "erased": r.get("erased"), **s})
+    if quality not in {k for row in rows for k in row}:
+        raise UserError(f"--quality {quality}: the evaluations have no such summary value; they have "
+                        + ", ".join(sorted({k for r in runs for k in r['summary']})))
+    keys = [k for k in ("forget_accuracy", "retain_accuracy", "fid", "domain_fid", "clip_score", "nudity_flagged")
+            if any(k in row for row in rows)]
+    lines = [f"# Comparison ({len(rows)} evaluations)", "", "| run | " + " | ".join(keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append(f"| {row['label']} | " + " | ".join(_fmt(row.get(k, float('nan'))) for k in keys) + " |")
+    output.mkdir(parents=True, exist_ok=True)
+    plotted = False
+    if all("forget_accuracy" in row and quality in row for row in rows):
+        _pareto_plot(rows, quality, output / "pareto.png")
+        plotted = True
+        lines += ["", f"![erasure against quality](pareto.png)", ""]
+    else:
+        lines += ["", "No plot: every evaluation needs forget_accuracy (run with --erased) and " + quality, ""]
+    write_json(output / "comparison.json", {"quality": quality, "runs": rows})
+    write_text(output / "comparison.md", "\n".join(lines) + "\n")
+    return {"runs": rows, "plot": str(output / "pareto.png") if plotted else None}
+
+
+def _pareto_plot(rows: list[dict], quality: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lower_better = quality in ("fid", "domain_fid", "nudity_flagged")
+    pts = [(float(r["forget_accuracy"]), float(r[quality])) for r in rows]
+    front = pareto_front(pts, lower_better)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
+    markers = "osD^v<>pP*X"
+    for i, (r, (x, y)) in enumerate(zip(rows, pts)):
+        ax.scatter([x], [y], marker=markers[i % len(markers)], s=60, label=r["label"], zorder=3)
+    if len(front) > 1:
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, zorder=2,
+                label="non-dominated")
+    ax.set_xlabel("forget accuracy (lower: more erased)")
+    ax.set_ylabel(quality.replace("_", " ") + (" (lower is better)" if lower_better else " (higher is better)"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("Erasure against quality")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,373 @@
+"""`concept-erase eval`: generate a suite's images with a model (and an erasure), score them, report.
+
+The output folder:
+
+    eval.json        what was asked (suite, model, weights digest, seeds); a rerun continues only if it matches
+    images/          one PNG per (prompt, seed): 00012_s1003.png, written atomically
+    reference/       the base model's images when a metric compares with them (FID reference: base)
+    results.json     every metric: value, group, settings; package versions; a summary line
+    results.md       the same as tables
+    grids/           forget.png, retain.png: the first images of each group
+
+Generation is resumable: a rerun of the same command regenerates only the missing images (a
+PNG is renamed into place only when complete, so a kill never leaves a broken one). Rows are
+split into two groups by `--erased`: `forget` (rows whose concept, or another label such as
+`style`, is an erased value) and `retain` (the rest); without `--erased` there is one group, `all`.
+"""
+
+from __future__ import annotations
+
+from .. import env  # noqa: F401
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path, write_json, write_text
+from ..errors import UserError
+from ..prompts import PromptRow, load_prompts
+from .suite import Suite, load_suite
+
+PACKAGES = ["concept-erase", "torch", "diffusers", "transformers", "torchmetrics", "open-clip-torch", "torch-fidelity",
+            "nudenet", "accelerate", "safetensors"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    row: PromptRow
+    seed: int
+    group: str
+    attribute: str  # the label column an erased value matched ("concept", "style"), or the suite's default
+
+    @property
+    def name(self) -> str:
+        return f"{self.row.case_number:05d}_s{self.seed}.png"
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def labels(row: PromptRow) -> dict[str, str]:
+    return {"concept": row.concept, **{k: v for k, v in row.extra.items() if isinstance(v, str)}}
+
+
+def make_samples(rows: list[PromptRow], seeds: int, erased: list[str]) -> list[Sample]:
+    """Every (row, seed) with its group; raises if an erased value names no row."""
+    wanted = {e.strip().lower() for e in erased}
+    matched: set[str] = set()
+    attributes: set[str] = set()
+    out = []
+    for row in rows:
+        hit = [(k, v) for k, v in labels(row).items() if v.strip().lower() in wanted]
+        for k, v in hit:
+            matched.add(v.strip().lower())
+            attributes.add(k)
+        group = "forget" if hit else ("retain" if wanted else "all")
+        attribute = hit[0][0] if hit else ""
+        out.extend(Sample(row, row.seed + k, group, attribute) for k in range(seeds))
+    missing = sorted(wanted - matched)
+    if missing:
+        known = sorted({v for r in rows for v in labels(r).values() if v})
+        raise UserError(f"--erased {missing[0]!r} names no prompt of this set; its concepts are: "
+                        f"{', '.join(known[:20])}{' ...' if len(known) > 20 else ''}")
+    if len(attributes) > 1:
+        raise UserError(f"--erased values match different label columns ({', '.join(sorted(attributes))}); "
+                        "evaluate one kind of concept at a time")
+    attribute = attributes.pop() if attributes else "concept"
+    return [Sample(s.row, s.seed, s.group, attribute) for s in out]
+
+
+# ---------------------------------------------------------------- generation
+
+def _valid_png(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # noqa: BLE001 - any unreadable file is regenerated
+        return False
+
+
+@torch.no_grad()
+def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *, progress: bool = True,
+                     desc: str = "generating") -> int:
+    """Generate the samples whose PNG is not in `folder`; returns how many were made."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in samples if not (folder / s.name).is_file() or not _valid_png(folder / s.name)]
+    if not todo:
+        return 0
+    c = pipe.unet.config
+    by_guidance: dict[float, list[Sample]] = {}
+    for s in todo:
+        by_guidance.setdefault(s.row.guidance if s.row.guidance is not None else suite.guidance, []).append(s)
+    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress)
+    for guidance, items in by_guidance.items():
+        for i in range(0, len(items), suite.batch_size):
+            batch = items[i:i + suite.batch_size]
+            noise = torch.stack([torch.randn((c.in_channels, c.sample_size, c.sample_size),
+                                             generator=torch.Generator().manual_seed(s.seed)) for s in batch])
+            images = pipe([s.row.prompt for s in batch], latents=noise.to(pipe.device, pipe.unet.dtype),
+                          num_inference_steps=suite.steps, guidance_scale=guidance, output_type="pil").images
+            for s, im in zip(batch, images):
+                with atomic_path(folder / s.name, suffix=".png") as tmp:
+                    im.save(tmp, format="PNG")
+            bar.update(len(batch))
+    bar.close()
+    return len(todo)
+
+
+def read_images(folder: Path, samples: list[Sample]):
+    from PIL import Image
+
+    out = []
+    for s in samples:
+        with Image.open(folder / s.name) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+def as_uint8(images) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------- the run
+
+class EvalContext:
+    """What metrics read: the samples, their images, the groups, the options given on the command line."""
+
+    def __init__(self, *, suite, samples, output, model, weights, erased, options, device, progress):
+        self.suite, self.samples, self.output = suite, samples, output
+        self.model, self.weights, self.erased = model, weights, erased
+        self.options, self.device, self.progress = options, device, progress
+        self.attribute = samples[0].attribute if samples else "concept"
+        self._pil = None
+        self._pipe_factory = None
+
+    @property
+    def groups(self) -> list[str]:
+        order = ["forget", "retain", "all"]
+        present = {s.group for s in self.samples}
+        return [g for g in order if g in present]
+
+    def images(self):
+        if self._pil is None:
+            self._pil = read_images(self.output / "images", self.samples)
+        return self._pil
+
+    def select(self, group: str | None):
+        idx = [i for i, s in enumerate(self.samples) if group is None or s.group == group]
+        return idx, [self.samples[i] for i in idx], [self.images()[i] for i in idx]
+
+    def reference_images(self, samples: list[Sample]):
+        """The base model's images for these samples: all samples are generated once, in the same
+        batches as the evaluated images, into output/reference (resumable like images/)."""
+        folder = self.output / "reference"
+        if any(not (folder / s.name).is_file() for s in self.samples):
+            from ..loading import load_pipeline
+
+            pipe = load_pipeline(self.model, **self.options.get("load", {}))
+            pipe.to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            generate_missing(pipe, self.samples, folder, self.suite, progress=self.progress,
+                             desc="reference (base model)")
+            del pipe
+        return read_images(folder, samples), [folder / s.name for s in samples]
+
+
+def _fingerprint(suite: Suite, rows, model: str, weights: str, erased: list[str]) -> dict:
+    return {
+        "suite": suite.to_dict(),
+        "prompts_digest": hashlib.sha256(json.dumps([(r.case_number, r.prompt, r.seed, r.guidance) for r in rows])
+                                         .encode()).hexdigest()[:24],
+        "model": model,
+        "weights": str(weights) if weights else "",
+        "weights_sha256": _file_digest(weights) if weights else "",
+        "erased": sorted(e.lower() for e in erased),
+    }
+
+
+def _prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> tuple[Path, bool]:
+    """The folder to work in and whether it replaces `output` at the end.
+
+    A folder that holds the same evaluation is continued. One that holds anything else is never
+    touched without --overwrite; with it, the new evaluation is built beside it and replaces it
+    only when complete.
+    """
+    marker = output / "eval.json"
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder")
+    if not output.exists() or not any(output.iterdir()):
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(marker, fingerprint)
+        return output, False
+    same = False
+    if marker.is_file():
+        try:
+            same = json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint))
+        except (OSError, ValueError):
+            same = False
+    if same and not overwrite:
+        return output, False
+    if not overwrite:
+        what = "another evaluation" if marker.is_file() else "other files"
+        raise UserError(f"{output} holds {what}; choose another --output, or pass --overwrite to replace it "
+                        "(it is replaced only when the new evaluation is complete)")
+    work = output.parent / f".{output.name}.new"
+    wmarker = work / "eval.json"
+    if work.exists():
+        try:
+            keep = json.loads(wmarker.read_text()) == json.loads(json.dumps(fingerprint))
+        except (OSError, ValueError):
+            keep = False
+        if not keep:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(wmarker, fingerprint)
+    return work, True
+
+
+def _swap_into_place(work: Path, output: Path) -> None:
+    old = output.parent / f".{output.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    output.rename(old)
+    work.rename(output)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = "", erased: list[str] | None = None,
+             overwrite: bool = False, device: str = "", seeds: int = 0, limit: int = 0, progress: bool = True,
+             options: dict | None = None) -> dict:
+    """Run a suite; returns the results dict (also written to OUTPUT/results.json)."""
+    from . import metrics as metric_registry
+    from .report import write_report
+
+    suite = load_suite(suite_path)
+    if seeds:
+        suite.seeds_per_prompt = seeds
+    rows = load_prompts(suite.prompts, suite.prompts_form)
+    if limit:
+        rows = rows[:limit]
+    if weights and not Path(weights).is_file():
+        raise UserError(f"--weights {weights}: no such file; give the erased.safetensors an `erase` run wrote")
+    erased = list(erased or [])
+    if not erased and weights:
+        erased = _erased_from_delta(weights, rows)
+    samples = make_samples(rows, suite.seeds_per_prompt, erased)
+    options = dict(options or {})
+    metrics = [metric_registry.METRICS.get(name)(opts, options) for name, opts in suite.metrics.items()]
+    for m in metrics:
+        m.check(samples)  # cheap checks before hours of generation: weights present, labels usable
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    output = Path(output)
+    work, replaces = _prepare_output(output, _fingerprint(suite, rows, model, weights, erased), overwrite)
+
+    started = time.time()
+    from ..loading import load_pipeline
+
+    pipe = load_pipeline(model, **options.get("load", {}))
+    if weights:
+        from ..export import apply
+
+        apply(pipe, weights, allow_other_base=options.get("allow_other_base", False))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    made = generate_missing(pipe, samples, work / "images", suite, progress=progress)
+    del pipe
+    generation_s = time.time() - started
+
+    ctx = EvalContext(suite=suite, samples=samples, output=work, model=model, weights=weights, erased=erased,
+                      options=options, device=device, progress=progress)
+    records = []
+    for m in metrics:
+        t0 = time.time()
+        got = m.score(ctx)
+        for r in got:
+            r["seconds"] = round(time.time() - t0, 1)
+        records.extend(got)
+    results = {
+        "suite": suite.name, "suite_file": suite.source, "model": model, "weights": weights or None,
+        "erased": erased, "attribute": ctx.attribute, "images": len(samples), "generated_now": made,
+        "generation": {"steps": suite.steps, "guidance": suite.guidance, "seeds_per_prompt": suite.seeds_per_prompt,
+                       "prompts": len(rows), "prompts_file": str(suite.prompts),
+                       "seeds": "row seed + k, k < seeds_per_prompt; CPU torch.Generator noise"},
+        "metrics": records, "summary": summarise(records), "versions": versions(),
+        "device": device, "generation_seconds": round(generation_s, 1),
+        "total_seconds": round(time.time() - started, 1),
+    }
+    write_report(work, results, ctx)
+    if replaces:
+        _swap_into_place(work, output)
+    return results
+
+
+def _erased_from_delta(weights: str, rows) -> list[str]:
+    """The concepts an erasure run was given that name concepts of this prompt set (maybe none)."""
+    from safetensors import safe_open
+
+    from ..loading import check_safetensors_file
+
+    check_safetensors_file(Path(weights))
+    with safe_open(str(weights), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    try:
+        concepts = [str(c).strip().lower() for c in json.loads(meta.get("concepts", "[]"))]
+    except ValueError:
+        concepts = []
+    values = {v.strip().lower() for r in rows for v in labels(r).values() if v}
+    by_prompt = {r.prompt.strip().lower(): r.concept.strip().lower() for r in rows}
+    found = [c if c in values else by_prompt.get(c, "") for c in concepts]  # a concept, or a row's exact prompt
+    return sorted({c for c in found if c})  # none: one group, "all"; --erased says it otherwise
+
+
+SUMMARY_KEYS = {
+    # summary name: (metric, group, value key), first found wins
+    "forget_accuracy": [("judge", "forget", "accuracy"), ("clip_classifier", "forget", "accuracy"),
+                        ("style", "forget", "accuracy")],
+    "retain_accuracy": [("judge", "retain", "accuracy"), ("clip_classifier", "retain", "accuracy"),
+                        ("style", "retain", "accuracy"), ("judge", "all", "accuracy"),
+                        ("clip_classifier", "all", "accuracy"), ("style", "all", "accuracy")],
+    "fid": [("fid", "retain", "fid"), ("fid", "all", "fid")],
+    "domain_fid": [("domain_fid", "retain", "domain_fid"), ("domain_fid", "all", "domain_fid")],
+    "clip_score": [("clip_score", "retain", "clip_score"), ("clip_score", "all", "clip_score")],
+    "nudity_flagged": [("nudity", "all", "images_flagged")],
+}
+
+
+def summarise(records: list[dict]) -> dict:
+    out = {}
+    for key, options in SUMMARY_KEYS.items():
+        for metric, group, field in options:
+            hit = next((r for r in records if r["metric"] == metric and r["group"] == group and field in r["value"]),
+                       None)
+            if hit is not None:
+                out[key] = hit["value"][field]
+                break
+    return out

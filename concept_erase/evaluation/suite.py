@@ -1,0 +1,123 @@
+"""Evaluation suites: which prompts, how many seeds, how to sample, which metrics (a YAML file in eval/).
+
+    name: imagenette
+    prompts: ../prompts/imagenette.csv   # relative to this file
+    prompts_form: auto                   # project | i2p | coco | auto
+    seeds_per_prompt: 10
+    steps: 50
+    guidance: 7.5                        # a row's own guidance wins
+    batch_size: 8
+    metrics:
+      clip_classifier: {model: ViT-L-14, pretrained: openai, templates: object}
+      clip_score: {model: openai/clip-vit-large-patch14}
+      fid: {reference: base}             # base: the model without the erasure, same prompts and seeds
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+
+METRIC_OPTIONS = {
+    "judge": set(),
+    "domain_fid": set(),
+    "clip_classifier": {"model", "pretrained", "weights", "templates", "attribute"},
+    "style": {"model", "pretrained", "weights", "attribute"},
+    "clip_score": {"model"},
+    "fid": {"reference", "size", "weights"},
+    "nudity": {"threshold"},
+}
+
+
+@dataclass
+class Suite:
+    name: str
+    prompts: Path
+    prompts_form: str = "auto"
+    seeds_per_prompt: int = 1
+    steps: int = 50
+    guidance: float = 7.5
+    batch_size: int = 4
+    metrics: dict = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "prompts": str(self.prompts), "prompts_form": self.prompts_form,
+                "seeds_per_prompt": self.seeds_per_prompt, "steps": self.steps, "guidance": self.guidance,
+                "batch_size": self.batch_size, "metrics": self.metrics}
+
+
+def _whole(raw: dict, key: str, default: int, source: str, low: int = 1) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or int(value) != value or value < low:
+        raise UserError(f"{source}: {key} must be a whole number of at least {low}, not {value!r}")
+    return int(value)
+
+
+def parse_suite(raw, source: str, base_dir: Path) -> Suite:
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: an evaluation suite is a mapping (name:, prompts:, metrics:), "
+                        f"not a {type(raw).__name__}")
+    known = {"name", "prompts", "prompts_form", "seeds_per_prompt", "steps", "guidance", "batch_size", "metrics"}
+    unknown = sorted(str(k) for k in raw if k not in known)
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r}; a suite has {', '.join(sorted(known))}")
+    prompts = raw.get("prompts")
+    if not isinstance(prompts, str) or not prompts:
+        raise UserError(f"{source}: prompts must name a CSV file (relative to the suite file)")
+    form = raw.get("prompts_form", "auto")
+    if form not in ("auto", "project", "i2p", "coco"):
+        raise UserError(f"{source}: prompts_form must be auto, project, i2p or coco, not {form!r}")
+    guidance = raw.get("guidance", 7.5)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise UserError(f"{source}: guidance must be a finite number, 0 or more, not {guidance!r}")
+    metrics = raw.get("metrics")
+    if not isinstance(metrics, dict) or not metrics:
+        raise UserError(f"{source}: metrics must map metric names to their options, e.g. metrics: {{fid: {{}}}}; "
+                        f"metrics are {', '.join(METRIC_OPTIONS)}")
+    clean = {}
+    for name, options in metrics.items():
+        if name not in METRIC_OPTIONS:
+            raise UserError(f"{source}: unknown metric {name!r}; choose from {', '.join(METRIC_OPTIONS)}")
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            raise UserError(f"{source}: the options of {name} must be a mapping, not {options!r}")
+        bad = sorted(set(map(str, options)) - METRIC_OPTIONS[name])
+        if bad:
+            allowed = ", ".join(sorted(METRIC_OPTIONS[name])) or "none"
+            raise UserError(f"{source}: {name} has no option {bad[0]!r} (options: {allowed})")
+        for k, v in options.items():
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise UserError(f"{source}: {name}.{k} must be a string or a number, not {v!r}")
+        clean[name] = dict(options)
+    name = raw.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{source}: name must be a string")
+    return Suite(name=name, prompts=(base_dir / prompts).resolve() if not Path(prompts).is_absolute() else Path(prompts),
+                 prompts_form=form, seeds_per_prompt=_whole(raw, "seeds_per_prompt", 1, source),
+                 steps=_whole(raw, "steps", 50, source), guidance=float(guidance),
+                 batch_size=_whole(raw, "batch_size", 4, source), metrics=clean, source=source)
+
+
+def load_suite(path: str | Path) -> Suite:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        builtin = Path(__file__).resolve().parents[2] / "eval" / f"{path}.yaml"
+        if not path.suffix and builtin.is_file():
+            path = builtin
+        else:
+            raise UserError(f"evaluation suite {path} not found; give a YAML file such as eval/digits.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"evaluation suite {path} is not valid YAML{line}") from None
+    return parse_suite(raw, str(path), path.parent)
