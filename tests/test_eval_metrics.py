@@ -238,3 +238,39 @@ def test_pareto_front():
     pts = [(0.0, 0.90), (0.1, 0.95), (0.2, 0.94), (0.0, 0.85), (0.5, 0.99), (float("nan"), 1.0)]
     assert pareto_front(pts, lower_y_better=False) == [0, 1, 4]
     assert pareto_front([(0.0, 50.0), (0.1, 40.0), (0.2, 45.0)], lower_y_better=True) == [0, 1]
+
+
+def test_reference_folder_is_read_in_batches_and_checked(tmp_path):
+    from PIL import Image
+
+    from concept_erase.evaluation.fid import folder_batches, image_folder
+
+    for i in range(5):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    batches = list(folder_batches(image_folder(tmp_path), batch=2))
+    assert [b.shape[0] for b in batches] == [2, 2, 1] and batches[0].dtype == torch.uint8
+    assert int(batches[1][1, 0, 0, 0]) == 120  # sorted by name, RGB order kept
+    Image.new("RGB", (30, 20)).save(tmp_path / "9.png")
+    with pytest.raises(UserError, match="set the fid option size"):
+        list(folder_batches(image_folder(tmp_path)))
+    assert {tuple(b.shape[2:]) for b in folder_batches(image_folder(tmp_path), size=16)} == {(16, 16)}
+    with pytest.raises(UserError, match="holds 0 image"):
+        image_folder(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else tmp_path)
+
+
+def test_groups_follow_the_erased_label():
+    from concept_erase.evaluation.run import make_samples
+    from concept_erase.prompts import PromptRow
+
+    rows = [PromptRow(0, "a three", 10, "three", extra={"style": "plain"}),
+            PromptRow(1, "a red three", 20, "three", extra={"style": "red ink"}),
+            PromptRow(2, "a red four", 30, "four", extra={"style": "red ink"})]
+    s = make_samples(rows, 2, ["Red Ink"])
+    assert [(x.row.case_number, x.seed, x.group) for x in s] == [
+        (0, 10, "retain"), (0, 11, "retain"), (1, 20, "forget"), (1, 21, "forget"), (2, 30, "forget"),
+        (2, 31, "forget")]
+    assert {x.attribute for x in s} == {"style"}
+    assert {x.group for x in make_samples(rows, 1, [])} == {"all"}
+    assert {x.attribute for x in make_samples(rows, 1, ["three"])} == {"concept"}
+    with pytest.raises(UserError, match="different label columns"):
+        make_samples(rows, 1, ["three", "red ink"])

@@ -133,12 +133,17 @@ def clip_score_metric(source: str = "openai/clip-vit-large-patch14", device: str
     return CLIPScore(model_name_or_path=load).to(device)
 
 
-def mean_clip_score(metric, images: torch.Tensor, prompts: list[str], batch_size: int = 16) -> float:
-    """torchmetrics' CLIP score of uint8 images [N, 3, H, W] against their prompts (mean over the set)."""
+def mean_clip_score(metric, images, prompts: list[str], batch_size: int = 16) -> float:
+    """torchmetrics' CLIP score of images (uint8 [N, 3, H, W], or a sequence of PIL images read in
+    batches) against their prompts: the mean over the set."""
+    from .run import as_uint8
+
     metric.reset()
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            metric.update(list(images[i:i + batch_size]), prompts[i:i + batch_size])
+            batch = images[i:i + batch_size]
+            batch = batch if isinstance(batch, torch.Tensor) else as_uint8(batch)
+            metric.update(list(batch), prompts[i:i + batch_size])
         value = float(metric.compute())
     metric.reset()
     return value

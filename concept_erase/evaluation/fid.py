@@ -150,13 +150,16 @@ class InceptionFID:
                          "weights": self.source, "input": "uint8 RGB, resized to 299 by torchmetrics "
                          f"(antialias={self.metric.inception.use_antialias})", "library": "torchmetrics"}
 
-    def _feed(self, images: torch.Tensor, real: bool) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError("FID takes uint8 images [N, 3, H, W]")
-        for i in range(0, len(images), self.batch_size):
-            self.metric.update(images[i:i + self.batch_size].to(self.device), real=real)
+    def _feed(self, images, real: bool) -> None:
+        """`images`: a uint8 tensor [N, 3, H, W], or an iterable of such batches (streamed)."""
+        batches = [images] if isinstance(images, torch.Tensor) else images
+        for batch in batches:
+            if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
+                raise ValueError("FID takes uint8 images [N, 3, H, W]")
+            for i in range(0, len(batch), self.batch_size):
+                self.metric.update(batch[i:i + self.batch_size].to(self.device), real=real)
 
-    def set_reference(self, images: torch.Tensor, key: str = "") -> None:
+    def set_reference(self, images, key: str = "") -> None:
         """Feed the reference set; with `key` (a digest of the set), reuse or store its statistics."""
         m = self.metric
         m.reset()  # clears the reference and generated sums alike (reset_real_features=True)
@@ -176,12 +179,12 @@ class InceptionFID:
         m = self.metric
         if int(m.real_features_num_samples) < 2:
             raise UserError("FID needs a reference set of at least 2 images")
-        if len(images) < 2:
-            raise UserError("FID needs at least 2 generated images; raise seeds_per_prompt or the prompt count")
         m.fake_features_sum.zero_()
         m.fake_features_cov_sum.zero_()
         m.fake_features_num_samples.zero_()
         self._feed(images, real=False)
+        if int(m.fake_features_num_samples) < 2:
+            raise UserError("FID needs at least 2 generated images; raise seeds_per_prompt or the prompt count")
         with torch.no_grad():
             return float(m.compute())
 
@@ -194,28 +197,36 @@ def images_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:24]
 
 
-def read_image_folder(folder: str | Path, size: int | None = None) -> tuple[torch.Tensor, list[Path]]:
-    """Every image under `folder` as uint8 [N, 3, H, W] (resized to size x size when given)."""
-    from PIL import Image
-    import numpy as np
-
+def image_folder(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"FID reference {folder} is not a folder of images")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
     if len(paths) < 2:
         raise UserError(f"FID reference {folder} holds {len(paths)} image(s); it needs at least 2")
-    arrays = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if size and im.size != (size, size):
-                    im = im.resize((size, size), Image.BICUBIC)
-                arrays.append(np.asarray(im))
-        except OSError as err:
-            raise UserError(f"FID reference image {p} cannot be read ({err})") from None
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise UserError(f"FID reference {folder} mixes image sizes {sorted(shapes)[:3]}; give a size to resize to")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(), paths
+    return paths
+
+
+def folder_batches(paths: list[Path], size: int | None = None, batch: int = 64):
+    """uint8 batches [B, 3, H, W] of the images (resized to size x size when given), read lazily."""
+    import numpy as np
+    from PIL import Image
+
+    shape = None
+    for i in range(0, len(paths), batch):
+        arrays = []
+        for p in paths[i:i + batch]:
+            try:
+                with Image.open(p) as im:
+                    im = im.convert("RGB")
+                    if size and im.size != (size, size):
+                        im = im.resize((size, size), Image.BICUBIC)
+                    arrays.append(np.asarray(im))
+            except OSError as err:
+                raise UserError(f"FID reference image {p} cannot be read ({err})") from None
+            if shape is None:
+                shape = arrays[-1].shape
+            elif arrays[-1].shape != shape:
+                raise UserError(f"FID reference image {p} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]} where the "
+                                f"first was {shape[1]}x{shape[0]}; set the fid option size: N to resize them all")
+        yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

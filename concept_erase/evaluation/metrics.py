@@ -13,7 +13,7 @@ import torch
 
 from ..errors import UserError
 from ..registry import Registry
-from .run import EvalContext, Sample, as_uint8, labels
+from .run import EvalContext, Sample, as_uint8, labels, uint8_batches
 
 METRICS: Registry = Registry("metric", "metrics: in the suite")
 
@@ -195,7 +195,7 @@ class ClipScore(Metric):
         out = []
         for group in ctx.groups:
             _, samples, images = ctx.select(group)
-            value = mean_clip_score(self.metric, as_uint8(images), [s.row.prompt for s in samples])
+            value = mean_clip_score(self.metric, images, [s.row.prompt for s in samples])
             out.append(self.record(group, {"clip_score": value, "images": len(samples)},
                                    {"model": self._source(), "library": "torchmetrics CLIPScore",
                                     "formula": "100 * max(cos(image, prompt), 0), mean"}))
@@ -220,27 +220,27 @@ class FID(Metric):
                           self.cli.get("cache_dir"))
 
     def score(self, ctx):
-        from .fid import InceptionFID, images_digest, read_image_folder
+        from .fid import InceptionFID, folder_batches, image_folder, images_digest
 
         ref = self.cli.get("fid_reference") or self.options.get("reference", "base")
         fid = InceptionFID(weights=self.cli.get("inception_weights") or self.options.get("weights", ""),
                            cache_dir=self.cli.get("cache_dir"), device=ctx.device)
-        folder_images = folder_key = None
+        folder_paths = folder_key = None
+        size = int(self.options["size"]) if self.options.get("size") else None
         if ref != "base":
-            size = self.options.get("size")
-            folder_images, paths = read_image_folder(ref, int(size) if size else None)
-            folder_key = images_digest(paths)
+            folder_paths = image_folder(ref)
+            folder_key = f"{images_digest(folder_paths)}-{size or 0}"
         out = []
         for group in ctx.groups:
             _, samples, images = ctx.select(group)
             if ref == "base":
                 ref_images, paths = ctx.reference_images(samples)
-                fid.set_reference(as_uint8(ref_images), key=images_digest(paths))
+                fid.set_reference(uint8_batches(ref_images), key=images_digest(paths))
                 n_ref = len(ref_images)
             else:
-                fid.set_reference(folder_images, key=folder_key)
-                n_ref = len(folder_images)
-            value = fid.score(as_uint8(images))
+                fid.set_reference(folder_batches(folder_paths, size), key=folder_key)
+                n_ref = len(folder_paths)
+            value = fid.score(uint8_batches(images))
             out.append(self.record(group, {"fid": value, "images": len(images), "reference_images": n_ref},
                                    {**fid.settings, "reference": "base model, same prompts and seeds"
                                     if ref == "base" else str(ref)}))

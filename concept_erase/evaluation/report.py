@@ -82,7 +82,7 @@ def write_report(folder: Path, results: dict, ctx) -> None:
         _, samples, images = ctx.select(group)
         # one image per prompt first, so the grid shows many prompts rather than many seeds of one
         order = sorted(range(len(samples)), key=lambda i: (samples[i].seed - samples[i].row.seed, i))
-        write_grid([images[i] for i in order], folder / "grids" / f"{group}.png")
+        write_grid([images[i] for i in order[:GRID_COLUMNS * 8]], folder / "grids" / f"{group}.png")
     write_json(folder / "results.json", results)
     write_text(folder / "results.md", markdown(results))
 

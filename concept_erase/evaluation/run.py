@@ -143,18 +143,40 @@ def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *,
     return len(todo)
 
 
-def read_images(folder: Path, samples: list[Sample]):
-    from PIL import Image
+class LazyImages:
+    """The images of some samples, read from disk when indexed: an evaluation of 30,000 images
+    never holds them all in memory (metrics read them in batches)."""
 
-    out = []
-    for s in samples:
-        with Image.open(folder / s.name) as im:
-            out.append(im.convert("RGB"))
-    return out
+    def __init__(self, folder: Path, samples: list[Sample]):
+        self.paths = [folder / s.name for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        with Image.open(self.paths[i]) as im:
+            return im.convert("RGB")
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def read_images(folder: Path, samples: list[Sample]) -> LazyImages:
+    return LazyImages(folder, samples)
 
 
 def as_uint8(images) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def uint8_batches(images, size: int = 64):
+    """uint8 tensors [B, 3, H, W] over an image sequence, `size` at a time."""
+    for i in range(0, len(images), size):
+        yield as_uint8(images[i:i + size])
 
 
 # ---------------------------------------------------------------- the run
@@ -167,8 +189,7 @@ class EvalContext:
         self.model, self.weights, self.erased = model, weights, erased
         self.options, self.device, self.progress = options, device, progress
         self.attribute = samples[0].attribute if samples else "concept"
-        self._pil = None
-        self._pipe_factory = None
+        self._images = None
 
     @property
     def groups(self) -> list[str]:
@@ -176,14 +197,13 @@ class EvalContext:
         present = {s.group for s in self.samples}
         return [g for g in order if g in present]
 
-    def images(self):
-        if self._pil is None:
-            self._pil = read_images(self.output / "images", self.samples)
-        return self._pil
+    def images(self) -> LazyImages:
+        return read_images(self.output / "images", self.samples)
 
     def select(self, group: str | None):
         idx = [i for i, s in enumerate(self.samples) if group is None or s.group == group]
-        return idx, [self.samples[i] for i in idx], [self.images()[i] for i in idx]
+        samples = [self.samples[i] for i in idx]
+        return idx, samples, read_images(self.output / "images", samples)
 
     def reference_images(self, samples: list[Sample]):
         """The base model's images for these samples: all samples are generated once, in the same
