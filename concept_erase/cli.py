@@ -118,6 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    p = sub.add_parser("bench", help="benchmark the methods on the embedded digits model: quality, time, memory",
+                       description="Run every method of a benchmark file on the digits model, judge each run, "
+                                   "probe peak memory, and write bench.md, bench.json and pareto.png. A rerun "
+                                   "continues: finished runs are kept in OUTPUT/runs/.")
+    p.add_argument("--config", default="pipelines/bench-digits.yaml", help="benchmark file")
+    p.add_argument("--output", default="runs/bench")
+    p.add_argument("--seeds", default="", help="override the seeds, e.g. 0 or 0,1")
+    p.add_argument("--concepts", default="", help="override the concepts, e.g. 'three,red ink'")
+    p.add_argument("--only", action="append", default=[], help="run only this method label (repeat)")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; run nothing")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     p = sub.add_parser("compare", help="table and Pareto plot (erasure against quality) of several evaluations")
     p.add_argument("results", nargs="+", help="output folders of `concept-erase eval` (or their results.json)")
     p.add_argument("--output", required=True, help="folder for comparison.md, comparison.json, pareto.png")
@@ -152,6 +165,26 @@ def _eval(args) -> None:
     print(f"{results['images']} images ({results['generated_now']} generated now); "
           + ", ".join(f"{k} {v:.4g}" for k, v in s.items() if isinstance(v, (int, float))))
     print(f"report: {args.output}/results.md (results.json, grids/)")
+
+
+def _bench(args) -> None:
+    from .bench import run_bench
+
+    overrides = {}
+    if args.seeds:
+        try:
+            overrides["seeds"] = [int(x) for x in args.seeds.split(",")]
+        except ValueError:
+            raise UserError(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1") from None
+    if args.concepts:
+        overrides["concepts"] = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    report = run_bench(args.config, args.output, progress=args.progress, only=args.only or None,
+                       overrides=overrides, report_only=args.report_only)
+    for c in report["summary"]["checks"]:
+        m = c["measured"]
+        print(f"{'met   ' if c['met'] else 'MISSED'} {c['target']}: {m:.3f}" if isinstance(m, float)
+              else f"{'met   ' if c['met'] else 'MISSED'} {c['target']}: {m}")
+    print(f"report: {args.output}/bench.md (bench.json, pareto.png)")
 
 
 def _compare(args) -> None:
@@ -234,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 2
         {"erase": _erase, "demo": _demo, "export": _export, "sample": _sample, "eval": _eval,
-         "compare": _compare}[args.command](args)
+         "compare": _compare, "bench": _bench}[args.command](args)
         return 0
     except UserError as err:
         if debug:

@@ -145,10 +145,18 @@ def find_checkpoint(output: Path, resume: str, log) -> Path | None:
 
 
 class Trainer:
-    def __init__(self, config: EraseConfig, pipe=None):
+    def __init__(self, config: EraseConfig, pipe=None, on_step=None):
+        """`on_step(steps_done, trainer)`, if given, runs after every step (outside the step's timing):
+        a benchmark evaluates intermediate weights with it."""
         config.check_runnable()
         self.config = config
         self.pipe = pipe
+        self.on_step = on_step
+        self.backward_passes = 0
+
+    def _backward(self, loss) -> None:
+        self.backward_passes += 1
+        self.accelerator.backward(loss)
 
     # ---------------------------------------------------------------- set-up
     def _setup(self):
@@ -310,6 +318,7 @@ class Trainer:
         k = cfg.gradient_accumulation_steps
         rank = acc.process_index
         lam = ctl.current()
+        backward_before = self.backward_passes
         sums = {"forget": 0.0, "retain": 0.0}
         probe_before, probe_after, probes = [], [], []
         new_carry = {}
@@ -339,7 +348,7 @@ class Trainer:
                                 probe_after.append(per[fresh_n:].detach().mean())
                             keep = cfg.retain_batch_size // 2
                             new_carry[micro] = (rb.slice(0, keep), per[:keep].detach().mean())
-                    acc.backward(loss / k)
+                    self._backward(loss / k)
                 sums["forget"] += loss_u.detach()
         else:  # one backward pass per loss, lambda from the two gradients
             for micro in range(k):
@@ -347,7 +356,7 @@ class Trainer:
                 fb = self.forget.batch(gen, cfg.batch_size, step)
                 with sync(micro):
                     loss_u = self._forward(fb).mean()
-                    acc.backward(loss_u / k)
+                    self._backward(loss_u / k)
                 sums["forget"] += loss_u.detach()
             g_u = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
             self.optimizer.zero_grad(set_to_none=True)
@@ -356,7 +365,7 @@ class Trainer:
                 rb, _ = self._retain_batch(gen, step, micro)
                 with sync(micro):
                     loss_r = self._forward(rb).mean()
-                    acc.backward(loss_r / k)
+                    self._backward(loss_r / k)
                 sums["retain"] += loss_r.detach()
             g_r = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
             dot = sum(torch.sum(a.double() * b.double()) for a, b in zip(g_u, g_r))
@@ -391,7 +400,8 @@ class Trainer:
         ctl.update(before if paired else None, after if paired else None, cfg.lr)
         record = {"step": step + 1, "loss_forget": loss_f,
                   "loss_retain": loss_r if self.retain is not None else None,
-                  "lambda": lam, "grad_norm": gnorm, **ctl.diagnostics()}
+                  "lambda": lam, "grad_norm": gnorm, "backward_passes": self.backward_passes - backward_before,
+                  **ctl.diagnostics()}
         bad = [k2 for k2 in ("loss_forget", "loss_retain", "grad_norm") if record[k2] is not None
                and not math.isfinite(record[k2])]
         if not math.isfinite(ctl.current()):
@@ -458,6 +468,8 @@ class Trainer:
                 done = step + 1
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self._save_checkpoint(done)
+                if self.on_step is not None:
+                    self.on_step(done, self)
         finally:
             bar.close()
             if metrics is not None:
@@ -489,6 +501,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
 
 
-def erase(config: EraseConfig, pipe=None) -> Path:
+def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
     """Erase the configured concepts; returns the path of `erased.safetensors`."""
-    return Trainer(config, pipe).run()
+    return Trainer(config, pipe, on_step=on_step).run()

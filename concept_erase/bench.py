@@ -1,0 +1,572 @@
+"""`concept-erase bench`: EUPMU against EUPMU-fast, UNGrad, fixed weights and ESD on the digits model.
+
+Every run uses the same recipe (subset, batch sizes, steps, learning rate) and differs only in
+the method that combines the forget and retain losses. Per run it measures, with the shipped
+judge: forget accuracy (the erased digit is still drawn, or the erased style still rendered),
+retain accuracy (the other digits; for a style, digit and style both right on the other styles),
+the domain FID of the retained prompts against their real held-out renderings, wall time per
+step, backward passes per step, and (every `evaluation.every` steps) the curve that gives the
+training time to reach the target: forget accuracy at most 10% with retain accuracy at most 3
+points below the base model's. A separate probe runs each method, and a plain fine-tuning step
+of the same UNet subset, in a fresh process and reads its peak memory.
+
+Each finished run is stored in OUTPUT/runs/ID.json, so a rerun of the same command continues.
+Results: OUTPUT/bench.json, OUTPUT/bench.md, OUTPUT/pareto.png.
+"""
+
+from __future__ import annotations
+
+from . import env  # noqa: F401
+
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_path, write_json, write_text
+from .digits import DIGIT_NAMES, STYLES, caption
+from .errors import UserError
+
+FORGET_TARGET = 0.10
+RETAIN_DROP = 0.03
+
+
+@dataclass
+class BenchSpec:
+    recipe: Path
+    concepts: list[str]
+    seeds: list[int]
+    methods: list[dict]
+    eps_sweep: list[float] = field(default_factory=list)
+    eval_seeds: int = 16
+    eval_steps: int = 25
+    eval_guidance: float = 4.0
+    eval_every: int = 50
+    memory_probe_steps: int = 10
+    source: str = ""
+
+
+def load_bench(path: str | Path) -> BenchSpec:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"benchmark file {path} not found; start from pipelines/bench-digits.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise UserError(f"benchmark file {path} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
+    known = {"recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps"}
+    bad = sorted(set(map(str, raw)) - known)
+    if bad:
+        raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
+    recipe = Path(str(raw.get("recipe", "digits-erase.yaml")))
+    if not recipe.is_absolute():
+        local = path.parent / recipe
+        recipe = local if local.is_file() else Path(__file__).parent / "recipes" / recipe.name
+    if not recipe.is_file():
+        raise UserError(f"{path}: recipe {raw.get('recipe')} not found")
+    concepts = [str(c) for c in raw.get("concepts", [])]
+    for c in concepts:
+        if c not in DIGIT_NAMES and c not in STYLES[1:]:
+            raise UserError(f"{path}: concept {c!r} is neither a digit ({', '.join(DIGIT_NAMES)}) nor a style "
+                            f"({', '.join(STYLES[1:])})")
+    methods = raw.get("methods") or []
+    if not concepts or not methods or not isinstance(methods, list) or not all(isinstance(m, dict) and "method" in m
+                                                                                 for m in methods):
+        raise UserError(f"{path}: concepts and methods (a list of {{method: NAME, ...settings}}) are required")
+    ev = raw.get("evaluation") or {}
+    try:
+        seeds = [int(s) for s in raw.get("seeds", [0])]
+        eps = [float(e) for e in raw.get("eps_sweep", [])]
+        spec = BenchSpec(recipe=recipe, concepts=concepts, seeds=seeds, methods=methods, eps_sweep=eps,
+                         eval_seeds=int(ev.get("seeds", 16)), eval_steps=int(ev.get("steps", 25)),
+                         eval_guidance=float(ev.get("guidance", 4.0)), eval_every=int(ev.get("every", 50)),
+                         memory_probe_steps=int(raw.get("memory_probe_steps", 10)), source=str(path))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}: {err}") from None
+    return spec
+
+
+# ---------------------------------------------------------------- what is erased, and how it is judged
+
+def concept_prompts(concept: str) -> tuple[list[str], list[str]]:
+    """(concept prompts, anchor prompts) for a digit or a style of the digits world."""
+    if concept in DIGIT_NAMES:
+        d = DIGIT_NAMES.index(concept)
+        return [caption(d)], [caption(o) for o in range(10) if o != d]
+    return ([caption(d, concept) for d in range(10)],
+            [caption(d, s) for s in STYLES if s != concept for d in range(10)])
+
+
+class Judging:
+    """Forget and retain accuracy (and the domain FID) of a pipeline for one erased concept."""
+
+    def __init__(self, concept: str, seeds: int, steps: int, guidance: float):
+        from .digits import build
+        from .loading import load_judge
+
+        self.concept, self.steps, self.guidance = concept, steps, guidance
+        self.judge = load_judge()
+        test = build("test")
+        if concept in DIGIT_NAMES:
+            d = DIGIT_NAMES.index(concept)
+            self.forget = [(d, "plain", seeds)]
+            self.retain = [(o, "plain", seeds) for o in range(10) if o != d]
+        else:
+            self.forget = [(d, concept, max(2, seeds // 2)) for d in range(10)]
+            self.retain = [(d, s, max(2, seeds // 4)) for s in STYLES if s != concept for d in range(10)]
+        wanted = {(d, STYLES.index(s)) for d, s, _ in self.retain}
+        keep = torch.tensor([(int(a), int(b)) in wanted for a, b in zip(test.digits, test.styles)])
+        self.real = test.images[keep]
+
+    @torch.no_grad()
+    def __call__(self, pipe, *, fid: bool = True) -> dict:
+        from .digits_eval import domain_fid, generate
+
+        def run(items):
+            out = []
+            for d, s, n in items:
+                images = generate(pipe, caption(d, s), range(n), steps=self.steps, guidance=self.guidance)
+                pd, ps = self.judge.predict(images)
+                out.append((d, STYLES.index(s), images, pd, ps))
+            return out
+
+        forget, retain = run(self.forget), run(self.retain)
+        if self.concept in DIGIT_NAMES:
+            f_hits = sum(int((pd == d).sum()) for d, _, _, pd, _ in forget)
+            r_hits = sum(int((pd == d).sum()) for d, _, _, pd, _ in retain)
+        else:
+            f_hits = sum(int((ps == s).sum()) for _, s, _, _, ps in forget)
+            r_hits = sum(int(((pd == d) & (ps == s)).sum()) for d, s, _, pd, ps in retain)
+        n_f = sum(len(x[2]) for x in forget)
+        n_r = sum(len(x[2]) for x in retain)
+        result = {"forget_accuracy": f_hits / n_f, "retain_accuracy": r_hits / n_r, "images": n_f + n_r}
+        if fid:
+            result["domain_fid"] = domain_fid(self.judge, torch.cat([x[2] for x in retain]), self.real)
+        return result
+
+
+# ---------------------------------------------------------------- one run
+
+def _run_id(label: str, concept: str, seed: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in f"{label}__{concept}__s{seed}")
+    return safe
+
+
+def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,
+            seed: int, workdir: Path, progress: bool) -> dict:
+    from .config import build_config, load_yaml
+    from .trainer import erase
+
+    concepts, anchors = concept_prompts(concept)
+    settings = load_yaml(spec.recipe)
+    settings.update(concepts=concepts, anchors=anchors, output=str(workdir / "run"), overwrite=True,
+                    progress=progress, seed=seed)
+    settings.update({k: v for k, v in overrides.items() if k != "label"})
+    config = build_config(settings, {}, source=str(spec.recipe))
+    target_retain = base_eval["retain_accuracy"] - RETAIN_DROP
+    curve: list[dict] = []
+    step_seconds: list[float] = []
+
+    def on_step(done: int, trainer) -> None:
+        if spec.eval_every and done % spec.eval_every == 0 and done < config.steps:
+            trainer.pipe.unet.eval()
+            r = judging(trainer.pipe, fid=False)
+            trainer.pipe.unet.train()
+            curve.append({"step": done, **r})
+
+    t0 = time.perf_counter()
+    erase(config, pipe=copy.deepcopy(base), on_step=on_step)
+    wall = time.perf_counter() - t0
+    records = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    step_seconds = [r["step_time_s"] for r in records]
+    from .export import apply
+
+    final = judging(apply(copy.deepcopy(base), workdir / "run" / "erased.safetensors"))
+    curve.append({"step": config.steps, **{k: final[k] for k in ("forget_accuracy", "retain_accuracy", "images")}})
+    cumulative = {r["step"]: s for r, s in zip(records, _cumsum(step_seconds))}
+    time_to_target = next((cumulative[c["step"]] for c in curve if c["forget_accuracy"] <= FORGET_TARGET
+                           and c["retain_accuracy"] >= target_retain), None)
+    k = config.gradient_accumulation_steps
+    return {
+        "label": label, "method": config.method, "concept": concept, "seed": seed,
+        "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
+        "forget_accuracy": final["forget_accuracy"], "retain_accuracy": final["retain_accuracy"],
+        "domain_fid": final["domain_fid"],
+        "base_forget_accuracy": base_eval["forget_accuracy"], "base_retain_accuracy": base_eval["retain_accuracy"],
+        "base_domain_fid": base_eval["domain_fid"],
+        "meets_target": final["forget_accuracy"] <= FORGET_TARGET and final["retain_accuracy"] >= target_retain,
+        "steps": config.steps, "step_time_s_median": statistics.median(step_seconds),
+        "step_time_s_mean": statistics.fmean(step_seconds),
+        "backward_passes_per_step": statistics.fmean(r.get("backward_passes", float("nan")) for r in records) / k,
+        "lambda_final": records[-1]["lambda"], "train_seconds": sum(step_seconds), "wall_seconds": wall,
+        "time_to_target_s": time_to_target, "curve": curve,
+    }
+
+
+def _cumsum(xs):
+    total = 0.0
+    for x in xs:
+        total += x
+        yield total
+
+
+# ---------------------------------------------------------------- peak memory probe (its own process)
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three") -> dict:
+    """Peak memory of `steps` training steps of `mode` (a method, or 'plain' fine-tuning), measured
+    from just before training (after the model is loaded) in this process."""
+    import tempfile
+
+    from .config import build_config, load_yaml
+    from .loading import load_pipeline
+
+    settings = load_yaml(recipe)
+    concepts, anchors = concept_prompts(concept)
+    out = tempfile.mkdtemp(prefix="ce-probe-")
+    settings.update(concepts=concepts, anchors=anchors, output=out, overwrite=True, progress=False, steps=steps,
+                    checkpoint_every=0, method=mode if mode != "plain" else "fixed")
+    config = build_config(settings, {}, source=recipe)
+    pipe = load_pipeline(config.model)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        pipe.to("cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    have_hwm_reset = True
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM, the peak resident size, to the current size
+    except OSError:
+        have_hwm_reset = False
+    base_kb = _rss_kb("VmRSS")
+    base_cuda = torch.cuda.memory_allocated() if cuda else 0
+    if mode == "plain":
+        _plain_finetune(pipe, config, steps)
+    else:
+        from .trainer import erase
+
+        erase(config, pipe=pipe)
+    peak_kb = _rss_kb("VmHWM")
+    out_dict = {"mode": mode, "steps": steps, "baseline_rss_mb": base_kb / 1024, "peak_rss_mb": peak_kb / 1024,
+                "extra_rss_mb": (peak_kb - base_kb) / 1024, "hwm_reset": have_hwm_reset}
+    if cuda:
+        out_dict.update(baseline_cuda_mb=base_cuda / 2**20, peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20)
+    return out_dict
+
+
+def _plain_finetune(pipe, config, steps: int) -> None:
+    """A plain denoising fine-tuning step of the same UNet subset and the same number of training
+    samples per step (forget batch + retain batch): the memory yardstick."""
+    from .subsets import select_trainable
+
+    unet = pipe.unet
+    device = unet.device
+    trained = select_trainable(unet, config.train, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
+    params = list(trained.values())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    with torch.no_grad():
+        ids = pipe.tokenizer(config.anchors[:1], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        emb = pipe.text_encoder(ids)[0]
+    n = config.batch_size + config.retain_batch_size
+    c = unet.config
+    acp = pipe.scheduler.alphas_cumprod.to(device)
+    g = torch.Generator().manual_seed(0)
+    unet.train()
+    for _ in range(steps):
+        x0 = torch.randn((n, c.in_channels, c.sample_size, c.sample_size), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, len(acp), (n,), generator=g).to(device)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(xt, t, emb.expand(n, -1, -1)).sample.float(), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def memory_table(recipe: Path, modes: list[str], steps: int) -> list[dict]:
+    out = []
+    for mode in modes:
+        cmd = [sys.executable, "-m", "concept_erase.bench", "--probe", mode, "--recipe", str(recipe),
+               "--steps", str(steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0:
+            raise UserError(f"the memory probe for {mode} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, {gpu}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
+    """(label, overrides, concept, seed) of every run. Concept by concept, every method and the eps
+    sweep, so that a benchmark cut short still compares all methods on the concepts it finished."""
+    eupmu = next((m for m in spec.methods if m["method"] == "eupmu"), {"method": "eupmu"})
+    runs = []
+    for seed in spec.seeds:
+        for concept in spec.concepts:
+            for m in spec.methods:
+                runs.append((str(m.get("label", m["method"])), dict(m), concept, seed))
+            if seed == spec.seeds[0]:
+                for eps in spec.eps_sweep:  # the eupmu entry's settings (same step budget), eps changed
+                    label = f"eupmu eps={eps:g}"
+                    runs.append((label, {**eupmu, "eps": eps, "label": label}, concept, seed))
+    return runs
+
+
+def run_bench(config_path: str, output: str | Path, *, progress: bool = True, only: list[str] | None = None,
+              overrides: dict | None = None, report_only: bool = False, log=None) -> dict:
+    from .loading import load_pipeline
+
+    if log is None:
+        def log(message: str) -> None:
+            print(message, flush=True)
+    spec = load_bench(config_path)
+    for key, value in (overrides or {}).items():
+        if key == "concepts":
+            for c in value:
+                if c not in DIGIT_NAMES and c not in STYLES[1:]:
+                    raise UserError(f"--concepts: {c!r} is neither a digit nor a style ({', '.join(STYLES[1:])})")
+        setattr(spec, key, value)
+    output = Path(output)
+    (output / "runs").mkdir(parents=True, exist_ok=True)
+    base = load_pipeline("builtin:digits")
+    base.set_progress_bar_config(disable=True)
+    runs = plan(spec)
+    if only:
+        runs = [r for r in runs if r[0] in only]
+        if not runs:
+            raise UserError(f"--only {', '.join(only)} names no run of {config_path}")
+    results, judgings, base_evals = [], {}, {}
+    started = time.time()
+    for i, (label, overrides, concept, seed) in enumerate(runs):
+        path = output / "runs" / f"{_run_id(label, concept, seed)}.json"
+        if path.is_file():
+            results.append(json.loads(path.read_text()))
+            continue
+        if report_only:
+            continue
+        if concept not in judgings:
+            judgings[concept] = Judging(concept, spec.eval_seeds, spec.eval_steps, spec.eval_guidance)
+            base_file = output / "runs" / f"base__{concept.replace(' ', '_')}.json"
+            if base_file.is_file():
+                base_evals[concept] = json.loads(base_file.read_text())
+            else:
+                base_evals[concept] = judgings[concept](base)
+                write_json(base_file, base_evals[concept])
+        log(f"[{i + 1}/{len(runs)}] {label} erasing {concept!r} (seed {seed})")
+        work = output / "work"
+        record = run_one(spec, base, judgings[concept], base_evals[concept], label=label, overrides=overrides,
+                         concept=concept, seed=seed, workdir=work, progress=progress)
+        write_json(path, record)
+        results.append(record)
+        log(f"    forget {record['forget_accuracy']:.1%}  retain {record['retain_accuracy']:.1%} "
+            f"(base {record['base_retain_accuracy']:.1%})  domain FID {record['domain_fid']:.1f}  "
+            f"{record['step_time_s_median'] * 1000:.0f} ms/step")
+    memory_file = output / "memory.json"
+    if spec.memory_probe_steps and not memory_file.is_file() and not report_only:
+        modes = ["plain"] + sorted({m["method"] for m in spec.methods})
+        log(f"memory probe: {', '.join(modes)} ({spec.memory_probe_steps} steps each, a fresh process each)")
+        write_json(memory_file, memory_table(spec.recipe, modes, spec.memory_probe_steps))
+    memory = json.loads(memory_file.read_text()) if memory_file.is_file() else []
+    summary = summarise(results, memory)
+    if not results:
+        raise UserError(f"no finished run in {output / 'runs'} to report")
+    report = {"config": spec.source, "machine": machine(), "seconds": round(time.time() - started, 1),
+              "runs_planned": len(runs), "runs_finished": len(results),
+              "targets": {"forget_at_most": FORGET_TARGET, "retain_drop_at_most": RETAIN_DROP},
+              "summary": summary, "memory": memory, "runs": results}
+    write_json(output / "bench.json", report)
+    pareto_plot(results, output / "pareto.png")
+    write_text(output / "bench.md", markdown(report, command=f"concept-erase bench --config {spec.source} "
+                                                             f"--output {output}"))
+    return report
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def summarise(results: list[dict], memory: list[dict]) -> dict:
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["label"], []).append(r)
+    rows = {}
+    for label, rs in by.items():
+        ttt = [r["time_to_target_s"] for r in rs]
+        rows[label] = {
+            "runs": len(rs), "forget_accuracy": _mean(r["forget_accuracy"] for r in rs),
+            "retain_drop": _mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs),
+            "domain_fid": _mean(r["domain_fid"] for r in rs),
+            "meets_target": sum(r["meets_target"] for r in rs),
+            "step_time_ms": 1000 * _mean(r["step_time_s_median"] for r in rs),
+            "backward_per_step": _mean(r["backward_passes_per_step"] for r in rs),
+            "time_to_target_s": _mean(ttt) if all(t is not None for t in ttt) else None,
+            "reached_target": sum(t is not None for t in ttt),
+        }
+    checks = []
+
+    def ratio(a, b):
+        return rows[a]["step_time_ms"] / rows[b]["step_time_ms"] if a in rows and b in rows else None
+
+    r1 = ratio("eupmu", "ungrad")
+    if r1 is not None:
+        checks.append({"target": "eupmu step <= 0.6 x ungrad step", "measured": r1, "met": r1 <= 0.6})
+    fixed_labels = [k for k in rows if k.startswith("fixed")]
+    if "eupmu-fast" in rows and fixed_labels:
+        fixed_ms = _mean(rows[k]["step_time_ms"] for k in fixed_labels)
+        r2 = rows["eupmu-fast"]["step_time_ms"] / fixed_ms
+        checks.append({"target": "eupmu-fast step <= 1.05 x fixed step", "measured": r2, "met": r2 <= 1.05})
+    mem = {m["mode"]: m for m in memory}
+    if "plain" in mem:
+        for mode in ("esd", "eupmu", "eupmu-fast", "ungrad", "fixed"):
+            if mode in mem:
+                total = mem[mode]["peak_rss_mb"] / mem["plain"]["peak_rss_mb"]
+                extra = mem[mode]["extra_rss_mb"] / max(mem["plain"]["extra_rss_mb"], 1e-9)
+                checks.append({"target": f"{mode} peak memory <= 1.2 x plain fine-tuning (process peak)",
+                               "measured": total, "met": total <= 1.2, "extra_ratio": extra})
+    if "eupmu" in rows:
+        e = rows["eupmu"]
+        checks.append({"target": "eupmu default: forget <= 10% and retain <= 3 points below base, every run",
+                       "measured": f"{e['meets_target']} of {e['runs']} runs", "met": e["meets_target"] == e["runs"]})
+    sweep = [k for k in rows if k.startswith("eupmu eps=")]
+    if sweep and fixed_labels:
+        dominated = []
+        for s in sweep:
+            for f in fixed_labels:
+                a, b = rows[s], rows[f]
+                if (b["forget_accuracy"] <= a["forget_accuracy"] and b["retain_drop"] <= a["retain_drop"]
+                        and (b["forget_accuracy"] < a["forget_accuracy"] or b["retain_drop"] < a["retain_drop"])):
+                    dominated.append(f"{s} by {f}")
+        checks.append({"target": "eupmu eps curve not dominated by the fixed weights",
+                       "measured": "; ".join(dominated) or "no point dominated", "met": not dominated})
+    return {"by_method": rows, "checks": checks}
+
+
+def _f(v, pct=False, digits=1):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{100 * v:.{digits}f}%" if pct else f"{v:.{digits}f}"
+
+
+def markdown(report: dict, command: str) -> str:
+    s = report["summary"]
+    lines = ["# Benchmark", "", f"Command: `{command}`", "", f"Machine: {report['machine']}", "",
+             f"Targets: forget accuracy <= {FORGET_TARGET:.0%}, retain accuracy at most {RETAIN_DROP * 100:.0f} "
+             "points below the base model's. Means over runs (concepts x seeds).", "",
+             "| method | runs | forget acc | retain drop (points) | domain FID | met target | ms/step | "
+             "backward/step | train s to target |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, r in s["by_method"].items():
+        ttt = _f(r["time_to_target_s"]) if r["time_to_target_s"] is not None else \
+            f"n/a ({r['reached_target']}/{r['runs']} reached)"
+        lines.append(f"| {label} | {r['runs']} | {_f(r['forget_accuracy'], True)} | {_f(100 * r['retain_drop'])} | "
+                     f"{_f(r['domain_fid'])} | {r['meets_target']}/{r['runs']} | {_f(r['step_time_ms'], digits=0)} | "
+                     f"{_f(r['backward_per_step'], digits=2)} | {ttt} |")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for c in s["checks"]:
+        m = c["measured"]
+        m = f"{m:.3f}" if isinstance(m, float) else m
+        if "extra_ratio" in c:
+            m += f" (memory above the loaded model: {c['extra_ratio']:.2f}x)"
+        lines.append(f"| {c['target']} | {m} | {'yes' if c['met'] else '**MISSED**'} |")
+    if report["memory"]:
+        lines += ["", "## Peak memory (a fresh process per mode)", "",
+                  "| mode | loaded model (MB) | peak (MB) | above the loaded model (MB) |", "|---|---|---|---|"]
+        for m in report["memory"]:
+            lines.append(f"| {m['mode']} | {m['baseline_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | "
+                         f"{m['extra_rss_mb']:.0f} |")
+    lines += ["", "## Runs", "", "| method | concept | seed | forget | retain (base) | domain FID (base) | ms/step | "
+              "lambda end |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['label']} | {r['concept']} | {r['seed']} | {_f(r['forget_accuracy'], True)} | "
+                     f"{_f(r['retain_accuracy'], True)} ({_f(r['base_retain_accuracy'], True)}) | "
+                     f"{_f(r['domain_fid'])} ({_f(r['base_domain_fid'])}) | {_f(1000 * r['step_time_s_median'], digits=0)} | "
+                     f"{r['lambda_final']:.3g} |")
+    lines += ["", "![retain against forget](pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def pareto_plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["label"], []).append(r)
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110)
+    markers = "osD^v<>pP*Xh"
+    for i, (label, rs) in enumerate(by.items()):
+        x = _mean(r["forget_accuracy"] for r in rs)
+        y = _mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100
+        ax.scatter([x], [y], marker=markers[i % len(markers)], s=70, label=label, zorder=3)
+    sweep = sorted((k for k in by if k.startswith("eupmu eps=")), key=lambda k: float(k.split("=")[1]))
+    if len(sweep) > 1:
+        xs = [_mean(r["forget_accuracy"] for r in by[k]) for k in sweep]
+        ys = [_mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in by[k]) * 100 for k in sweep]
+        ax.plot(xs, ys, "k:", lw=1, zorder=2)
+    ax.axvline(FORGET_TARGET, color="grey", lw=0.8, ls="--")
+    ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("forget accuracy (lower: more erased)")
+    ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
+    ax.set_title("Erasure against utility: the target is the lower-left box")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _probe_main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--probe", required=True)
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--steps", type=int, default=10)
+    a = p.parse_args(argv)
+    print(json.dumps(probe_memory(a.recipe, a.probe, a.steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_main(sys.argv[1:]))
