@@ -211,7 +211,8 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
         "steps": config.steps, "step_time_s_median": statistics.median(step_seconds),
         "step_time_s_mean": statistics.fmean(step_seconds),
         "backward_passes_per_step": statistics.fmean(r.get("backward_passes", float("nan")) for r in records) / k,
-        "lambda_final": records[-1]["lambda"], "train_seconds": sum(step_seconds), "wall_seconds": wall,
+        "lambda_final": records[-1]["lambda"], "lambda_mean": statistics.fmean(r["lambda"] for r in records),
+        "train_seconds": sum(step_seconds), "wall_seconds": wall,
         "time_to_target_s": time_to_target, "curve": curve,
     }
 
@@ -351,7 +352,7 @@ def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
 
 
 def run_bench(config_path: str, output: str | Path, *, progress: bool = True, only: list[str] | None = None,
-              overrides: dict | None = None, report_only: bool = False, log=None) -> dict:
+              overrides: dict | None = None, report_only: bool = False, command: str = "", log=None) -> dict:
     from .loading import load_pipeline
 
     if log is None:
@@ -414,8 +415,10 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
               "summary": summary, "memory": memory, "runs": results}
     write_json(output / "bench.json", report)
     pareto_plot(results, output / "pareto.png")
-    write_text(output / "bench.md", markdown(report, command=f"concept-erase bench --config {spec.source} "
-                                                             f"--output {output}"))
+    command = command or f"concept-erase bench --config {spec.source} --output {output}"
+    report["command"] = command
+    write_json(output / "bench.json", report)
+    write_text(output / "bench.md", markdown(report, command=command))
     return report
 
 
@@ -513,12 +516,12 @@ def markdown(report: dict, command: str) -> str:
             lines.append(f"| {m['mode']} | {m['baseline_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | "
                          f"{m['extra_rss_mb']:.0f} |")
     lines += ["", "## Runs", "", "| method | concept | seed | forget | retain (base) | domain FID (base) | ms/step | "
-              "lambda end |", "|---|---|---|---|---|---|---|---|"]
+              "mean lambda |", "|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['label']} | {r['concept']} | {r['seed']} | {_f(r['forget_accuracy'], True)} | "
                      f"{_f(r['retain_accuracy'], True)} ({_f(r['base_retain_accuracy'], True)}) | "
                      f"{_f(r['domain_fid'])} ({_f(r['base_domain_fid'])}) | {_f(1000 * r['step_time_s_median'], digits=0)} | "
-                     f"{r['lambda_final']:.3g} |")
+                     f"{_f(r.get('lambda_mean'), digits=3)} |")
     lines += ["", "![retain against forget](pareto.png)", ""]
     return "\n".join(lines)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
+import signal
 import sys
+import threading
 
 from .errors import UserError
 
@@ -179,7 +182,8 @@ def _bench(args) -> None:
     if args.concepts:
         overrides["concepts"] = [c.strip() for c in args.concepts.split(",") if c.strip()]
     report = run_bench(args.config, args.output, progress=args.progress, only=args.only or None,
-                       overrides=overrides, report_only=args.report_only)
+                       overrides=overrides, report_only=args.report_only,
+                       command="concept-erase " + " ".join(shlex.quote(a) for a in args.argv if a != "--report-only"))
     for c in report["summary"]["checks"]:
         m = c["measured"]
         print(f"{'met   ' if c['met'] else 'MISSED'} {c['target']}: {m:.3f}" if isinstance(m, float)
@@ -258,14 +262,21 @@ def _sample(args) -> None:
     print(f"images written to {out} (grid: {out}/grid.png)")
 
 
+def _on_sigterm(signum, frame):  # a launcher stopping this process (one rank of several died)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args = build_parser().parse_args(argv)
         if not args.command:
             build_parser().print_help()
             return 2
+        args.argv = argv
         {"erase": _erase, "demo": _demo, "export": _export, "sample": _sample, "eval": _eval,
          "compare": _compare, "bench": _bench}[args.command](args)
         return 0
@@ -276,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"concept-erase: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("concept-erase: interrupted; resume a run with --resume latest", file=sys.stderr)
+        rank = os.environ.get("RANK")
+        who = f" (process {rank})" if rank is not None else ""
+        print(f"concept-erase: stopped{who}; resume a run with --resume latest", file=sys.stderr)
         return 130
 
 

@@ -126,6 +126,10 @@ def find_checkpoint(output: Path, resume: str, log) -> Path | None:
             raise UserError(f"--resume {resume}: no checkpoint there (no state.json)")
         return path
     root = output / "checkpoints"
+    if root.is_dir():  # a save killed half-way leaves its temporary folder: never a checkpoint, removed
+        for stale in root.glob(".step-*.tmp"):
+            log(f"removing the unfinished checkpoint save {stale.name}")
+            shutil.rmtree(stale, ignore_errors=True)
     candidates = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
     for path in candidates:
         if path.name.endswith(".tmp") or not path.is_dir():
@@ -453,7 +457,13 @@ class Trainer:
         try:
             for step in range(self.start_step, cfg.steps):
                 t0 = time.perf_counter()
-                record = self._step(step)
+                try:
+                    record = self._step(step)
+                except RuntimeError as err:
+                    if acc.num_processes > 1 and _peer_lost(err):
+                        raise UserError(f"another process of this run stopped during step {step + 1} "
+                                        f"({str(err).strip().splitlines()[0][:120]}); {self._last_good()}") from err
+                    raise
                 self.lambda_history.append(record["lambda"])
                 if acc.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -484,6 +494,13 @@ class Trainer:
                        steps=cfg.steps, lambda_final=self.controller.current())
         acc.wait_for_everyone()
         return path
+
+
+def _peer_lost(err: BaseException) -> bool:
+    """A collective failed because another rank is gone (gloo/NCCL say it in several ways)."""
+    text = str(err).lower()
+    return any(w in text for w in ("connection closed", "connection reset", "broken pipe", "peer", "timed out",
+                                   "timeout", "nccl", "gloo"))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -75,3 +75,31 @@ def test_a_damaged_latest_checkpoint_is_skipped(tiny_dir, cache_dir, tmp_path):
     assert "skipping damaged checkpoint" in proc.stderr + proc.stdout
     assert "resumed from" in proc.stderr + proc.stdout and "step-00000002" in proc.stderr + proc.stdout
     assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_the_previous_one_usable(tiny_dir, cache_dir, tmp_path):
+    marker = tmp_path / "saving"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", SLOW_SAVE_STEP="4",
+               SLOW_SAVE_MARKER=str(marker))
+    out = tmp_path / "run"
+    cmd = erase_cmd(tiny_dir, cache_dir, out)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fault_slow_save.py"), *cmd[3:]], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), "the save never started"
+    os.kill(proc.pid, signal.SIGKILL)  # mid-save: weights and optimizer written, state.json not
+    proc.wait()
+    root = out / "checkpoints"
+    assert not (root / "step-00000004").exists()
+    assert list(root.glob(".step-00000004*.tmp"))  # the half-written save, under a temporary name
+    assert (root / "step-00000002" / "state.json").is_file()
+
+    proc = subprocess.run(cmd + ["--resume", "latest"], env=dict(env, SLOW_SAVE_STEP="-1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = proc.stderr + proc.stdout
+    assert "resumed from" in said and "step-00000002" in said and "removing the unfinished checkpoint save" in said
+    assert not list(root.glob(".step-*.tmp"))
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))

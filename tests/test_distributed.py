@@ -20,12 +20,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args, tmp_path):
+def launch_cmd(args):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # `--cpu --num_processes 2` silently runs ONE process; --multi_gpu with ACCELERATE_USE_CPU runs two over gloo.
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "concept_erase", *args]
+    return cmd, env
+
+
+def launch(args, tmp_path):
+    cmd, env = launch_cmd(args)
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
 
 
@@ -77,3 +82,56 @@ def _close_weights(tmp_path):
     wa = load_file(str(tmp_path / "a" / "erased.safetensors"))
     wb = load_file(str(tmp_path / "b" / "erased.safetensors"))
     return all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+
+
+def _rank_pid(rank: int, marker: str) -> int | None:
+    """The pid of the process with RANK=rank whose command line names `marker` (the run's output)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmdline and f"RANK={rank}".encode() in environ and "accelerate" not in cmdline.split()[0]:
+            return int(entry.name)
+    return None
+
+
+def test_killing_one_rank_ends_the_run_with_a_message_and_resume_works(tiny_dir, cache_dir, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = ["erase", "--model", str(tiny_dir), "--concept", "van gogh", "--anchor", "a photo", "--output", str(out),
+            "--steps", "12", "--sampling-steps", "3", "--anchor-inference-steps", "2", "--anchor-images-per-prompt",
+            "2", "--cache-dir", str(cache_dir), "--no-progress", "--checkpoint-every", "2",
+            "--checkpoints-total-limit", "0", "--lambda", "1.0", "--beta", "0.01", "--lr", "1e-2",
+            "--method", "eupmu-fast", "--retain-batch-size", "2"]
+    cmd, env = launch_cmd(args)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=tmp_path)
+        deadline = time.time() + 300
+        metrics = out / "metrics.jsonl"
+        while proc.poll() is None and time.time() < deadline:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        pid = _rank_pid(1, str(out))
+        assert proc.poll() is None and pid is not None, "the run ended before a rank could be killed"
+        os.kill(pid, signal.SIGKILL)
+        code = proc.wait(timeout=180)
+    said = log.read_text()
+    assert code != 0
+    assert "resume a run with --resume latest" in said or "another process of this run stopped" in said, said[-3000:]
+    assert not (out / "erased.safetensors").exists()
+
+    proc = launch([*args, "--resume", "latest"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    ranks = json.loads((out / "run.json").read_text())["ranks"]
+    assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"]
+    assert ranks[0]["lambda_history"] == ranks[1]["lambda_history"]

@@ -1,0 +1,114 @@
+"""The benchmark: its plan, its target checks (pure), and one tiny real run end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from concept_erase.bench import concept_prompts, load_bench, plan, summarise
+from concept_erase.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_benchmark_file_plans_every_method_concept_and_eps():
+    spec = load_bench(ROOT / "pipelines" / "bench-digits.yaml")
+    runs = plan(spec)
+    labels = {r[0] for r in runs}
+    assert {"eupmu", "eupmu-fast", "ungrad", "fixed 0.3", "fixed 1", "fixed 3", "esd"} <= labels
+    assert {"eupmu eps=0.02", "eupmu eps=0.1", "eupmu eps=0.5"} <= labels
+    digits = [c for c in spec.concepts if c in ("three", "seven", "one")]
+    assert len(digits) >= 3 and "red ink" in spec.concepts and len(spec.seeds) >= 2
+    n = len(spec.methods) * len(spec.concepts) * len(spec.seeds) + len(spec.eps_sweep) * len(spec.concepts)
+    assert len(runs) == n == len({(r[0], r[2], r[3]) for r in runs})
+    assert runs[0][2] == runs[len(spec.methods)][2]  # concept by concept: a cut-short run compares all methods
+    sweep = next(r for r in runs if r[0] == "eupmu eps=0.1")
+    assert sweep[1]["method"] == "eupmu" and sweep[1]["eps"] == 0.1
+
+
+def test_concept_prompts():
+    c, a = concept_prompts("seven")
+    assert c == ["a handwritten digit seven"] and len(a) == 9 and c[0] not in a
+    c, a = concept_prompts("red ink")
+    assert len(c) == 10 and all("red ink" in p for p in c)
+    assert len(a) == 40 and not any("red ink" in p for p in a)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("concepts: [three]\nmethods: [{method: eupmu}]\nfoo: 1\n", "unknown key 'foo'"),
+    ("concepts: [eleven]\nmethods: [{method: eupmu}]\n", "concept 'eleven' is neither a digit"),
+    ("concepts: [three]\n", "concepts and methods"),
+    ("concepts: [three]\nmethods: [{method: eupmu}]\nseeds: [a]\n", "invalid literal"),
+])
+def test_bad_benchmark_files(tmp_path, text, message):
+    p = tmp_path / "b.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_bench(p)
+
+
+def _run(label, concept, forget, retain, ms, base_retain=1.0, ttt=None):
+    return {"label": label, "concept": concept, "forget_accuracy": forget, "retain_accuracy": retain,
+            "base_retain_accuracy": base_retain, "domain_fid": 10.0, "step_time_s_median": ms / 1000,
+            "backward_passes_per_step": 2.0 if label == "ungrad" else 1.0, "time_to_target_s": ttt,
+            "meets_target": forget <= 0.1 and retain >= base_retain - 0.03}
+
+
+def test_summary_checks_measure_and_report_misses():
+    runs = [_run("eupmu", "three", 0.05, 0.99, 300, ttt=30.0), _run("eupmu", "seven", 0.2, 0.99, 320),
+            _run("ungrad", "three", 0.0, 0.98, 500), _run("eupmu-fast", "three", 0.0, 0.97, 210),
+            _run("fixed 1", "three", 0.0, 1.0, 200), _run("eupmu eps=0.1", "three", 0.05, 0.95, 300)]
+    memory = [{"mode": "plain", "peak_rss_mb": 1000.0, "extra_rss_mb": 100.0},
+              {"mode": "eupmu", "peak_rss_mb": 1100.0, "extra_rss_mb": 200.0},
+              {"mode": "ungrad", "peak_rss_mb": 1300.0, "extra_rss_mb": 400.0}]
+    s = summarise(runs, memory)
+    checks = {c["target"]: c for c in s["checks"]}
+    speed = checks["eupmu step <= 0.6 x ungrad step"]
+    assert speed["measured"] == pytest.approx(310 / 500) and not speed["met"]  # 0.62: missed, and said so
+    fast = checks["eupmu-fast step <= 1.05 x fixed step"]
+    assert fast["measured"] == pytest.approx(1.05) and fast["met"]
+    assert checks["eupmu peak memory <= 1.2 x plain fine-tuning (process peak)"]["met"]
+    assert checks["eupmu peak memory <= 1.2 x plain fine-tuning (process peak)"]["extra_ratio"] == 2.0
+    assert not checks["ungrad peak memory <= 1.2 x plain fine-tuning (process peak)"]["met"]
+    default = checks["eupmu default: forget <= 10% and retain <= 3 points below base, every run"]
+    assert default["measured"] == "1 of 2 runs" and not default["met"]
+    dom = checks["eupmu eps curve not dominated by the fixed weights"]
+    assert not dom["met"] and "eupmu eps=0.1 by fixed 1" in dom["measured"]
+    e = s["by_method"]["eupmu"]
+    assert e["time_to_target_s"] is None and e["reached_target"] == 1  # one of two never reached it
+    assert s["by_method"]["ungrad"]["backward_per_step"] == 2.0
+
+
+def test_tiny_benchmark_end_to_end(tmp_path):
+    """Two methods, a few steps: every per-run figure is measured and the report is written."""
+    from concept_erase.cli import main
+
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(f"""
+recipe: {ROOT / 'pipelines' / 'digits-erase.yaml'}
+concepts: [three]
+seeds: [0]
+methods:
+  - {{method: eupmu, steps: 4, anchor_images_per_prompt: 2}}
+  - {{method: ungrad, steps: 4, anchor_images_per_prompt: 2}}
+evaluation: {{seeds: 2, steps: 3, every: 2}}
+memory_probe_steps: 1
+""")
+    out = tmp_path / "out"
+    assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    runs = {r["label"]: r for r in report["runs"]}
+    assert set(runs) == {"eupmu", "ungrad"}
+    assert runs["eupmu"]["backward_passes_per_step"] == 1.0  # counted in the trainer, not assumed
+    assert runs["ungrad"]["backward_passes_per_step"] == 2.0
+    assert [c["step"] for c in runs["eupmu"]["curve"]] == [2, 4]
+    assert all(r["step_time_s_median"] > 0 and 0 <= r["forget_accuracy"] <= 1 for r in runs.values())
+    assert {m["mode"] for m in report["memory"]} == {"plain", "eupmu", "ungrad"}
+    assert all(m["peak_rss_mb"] >= m["baseline_rss_mb"] > 0 for m in report["memory"])
+    md = (out / "bench.md").read_text()
+    assert "eupmu step <= 0.6 x ungrad step" in md and "concept-erase bench --config" in md
+    assert (out / "pareto.png").stat().st_size > 1000
+    # a rerun continues: nothing is run again
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == before
