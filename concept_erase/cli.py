@@ -204,7 +204,7 @@ def _erase(args) -> None:
     from .config import build_config, load_yaml
     from .trainer import erase
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "argv")}
     settings = load_yaml(args.config) if args.config else {}
     config = build_config(settings, flags, source=args.config or "config")
     path = erase(config)
