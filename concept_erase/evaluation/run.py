@@ -34,6 +34,7 @@ import torch
 from ..atomic import atomic_path, write_json, write_text
 from ..errors import UserError
 from ..prompts import PromptRow, load_prompts
+from .fid import file_digest
 from .suite import Suite, load_suite
 
 PACKAGES = ["concept-erase", "torch", "diffusers", "transformers", "torchmetrics", "open-clip-torch", "torch-fidelity",
@@ -60,14 +61,6 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             out[p] = None
     return out
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def labels(row: PromptRow) -> dict[str, str]:
@@ -228,7 +221,7 @@ def _fingerprint(suite: Suite, rows, model: str, weights: str, erased: list[str]
                                          .encode()).hexdigest()[:24],
         "model": model,
         "weights": str(weights) if weights else "",
-        "weights_sha256": _file_digest(weights) if weights else "",
+        "weights_sha256": file_digest(weights) if weights else "",
         "erased": sorted(e.lower() for e in erased),
     }
 

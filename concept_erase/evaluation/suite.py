@@ -105,19 +105,11 @@ def parse_suite(raw, source: str, base_dir: Path) -> Suite:
 
 
 def load_suite(path: str | Path) -> Suite:
-    import yaml
+    from ..config import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        builtin = Path(__file__).resolve().parents[2] / "eval" / f"{path}.yaml"
-        if not path.suffix and builtin.is_file():
-            path = builtin
-        else:
-            raise UserError(f"evaluation suite {path} not found; give a YAML file such as eval/digits.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"evaluation suite {path} is not valid YAML{line}") from None
+    builtin = Path(__file__).resolve().parents[2] / "eval" / f"{path}.yaml"
+    if not path.is_file() and not path.suffix and builtin.is_file():
+        path = builtin
+    raw = read_yaml(path, "evaluation suite", "give a YAML file such as eval/digits.yaml")
     return parse_suite(raw, str(path), path.parent)
