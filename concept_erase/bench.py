@@ -173,7 +173,6 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     config = build_config(settings, {}, source=str(spec.recipe))
     target_retain = base_eval["retain_accuracy"] - RETAIN_DROP
     curve: list[dict] = []
-    step_seconds: list[float] = []
 
     def on_step(done: int, trainer) -> None:
         if spec.eval_every and done % spec.eval_every == 0 and done < config.steps:

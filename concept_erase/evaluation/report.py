@@ -155,7 +155,7 @@ def compare(paths: list[str], output: str | Path, *, labels: list[str] | None = 
     if all("forget_accuracy" in row and quality in row for row in rows):
         _pareto_plot(rows, quality, output / "pareto.png")
         plotted = True
-        lines += ["", f"![erasure against quality](pareto.png)", ""]
+        lines += ["", "![erasure against quality](pareto.png)", ""]
     else:
         lines += ["", "No plot: every evaluation needs forget_accuracy (run with --erased) and " + quality, ""]
     write_json(output / "comparison.json", {"quality": quality, "runs": rows})

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_json, write_text
+from ..atomic import atomic_path, write_json
 from ..errors import UserError
 from ..prompts import PromptRow, load_prompts
 from .fid import file_digest
