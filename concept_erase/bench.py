@@ -55,8 +55,31 @@ class BenchSpec:
     source: str = ""
 
 
+def _number_list(raw: dict, key: str, default: list, kind, path: Path, low=None) -> list:
+    value = raw.get(key, default)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              and math.isfinite(v) for v in value):
+        raise UserError(f"{path}: {key} must be a list of numbers, not {value!r}")
+    if kind is int and not all(float(v).is_integer() for v in value):
+        raise UserError(f"{path}: {key} must be whole numbers, not {value!r}")
+    if low is not None and any(v < low for v in value):
+        raise UserError(f"{path}: every value of {key} must be at least {low}, not {value!r}")
+    return [kind(v) for v in value]
+
+
+def _whole(section: dict, key: str, default: int, path: Path, name: str, low: int) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not float(value).is_integer() or value < low:
+        raise UserError(f"{path}: {name} must be a whole number of at least {low}, not {value!r}")
+    return int(value)
+
+
 def load_bench(path: str | Path) -> BenchSpec:
-    from .config import read_yaml
+    """Read and check a benchmark file, every method entry included: a mistake is found before any run."""
+    from .config import build_config, load_yaml, normalise_keys, read_yaml
 
     path = Path(path)
     raw = read_yaml(path, "benchmark file", "start from pipelines/bench-digits.yaml")
@@ -66,31 +89,70 @@ def load_bench(path: str | Path) -> BenchSpec:
     bad = sorted(set(map(str, raw)) - known)
     if bad:
         raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
-    recipe = Path(str(raw.get("recipe", "digits-erase.yaml")))
+    recipe_name = raw.get("recipe", "digits-erase.yaml")
+    if not isinstance(recipe_name, str) or not recipe_name:
+        raise UserError(f"{path}: recipe must name a YAML file, not {recipe_name!r}")
+    recipe = Path(recipe_name)
     if not recipe.is_absolute():
         local = path.parent / recipe
         recipe = local if local.is_file() else Path(__file__).parent / "recipes" / recipe.name
     if not recipe.is_file():
-        raise UserError(f"{path}: recipe {raw.get('recipe')} not found")
-    concepts = [str(c) for c in raw.get("concepts", [])]
+        raise UserError(f"{path}: recipe {recipe_name!r} not found (relative to the benchmark file, or a shipped recipe name)")
+    concepts = raw.get("concepts")
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    if not isinstance(concepts, list) or not concepts or not all(isinstance(c, str) for c in concepts):
+        raise UserError(f"{path}: concepts must list digits ({', '.join(DIGIT_NAMES)}) or styles "
+                        f"({', '.join(STYLES[1:])})")
     for c in concepts:
         if c not in DIGIT_NAMES and c not in STYLES[1:]:
             raise UserError(f"{path}: concept {c!r} is neither a digit ({', '.join(DIGIT_NAMES)}) nor a style "
                             f"({', '.join(STYLES[1:])})")
-    methods = raw.get("methods") or []
-    if not concepts or not methods or not isinstance(methods, list) or not all(isinstance(m, dict) and "method" in m
-                                                                                 for m in methods):
-        raise UserError(f"{path}: concepts and methods (a list of {{method: NAME, ...settings}}) are required")
+    methods = raw.get("methods")
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) and isinstance(m.get("method"), str)
+                                                              for m in methods):
+        raise UserError(f"{path}: methods must be a list of {{method: NAME, ...settings}}")
+    # Settings as the erase command names them (dashes or underscores, --lambda); the label is the bench's own.
+    methods = [{**normalise_keys({k: v for k, v in m.items() if k != "label"}, f"{path}, method {m['method']!r}"),
+                **({"label": m["label"]} if "label" in m else {})} for m in methods]
+    seeds = _number_list(raw, "seeds", [0], int, path, low=0)
+    if not seeds:
+        raise UserError(f"{path}: seeds must list at least one seed")
+    eps = _number_list(raw, "eps_sweep", [], float, path, low=0)
     ev = raw.get("evaluation") or {}
-    try:
-        seeds = [int(s) for s in raw.get("seeds", [0])]
-        eps = [float(e) for e in raw.get("eps_sweep", [])]
-        spec = BenchSpec(recipe=recipe, concepts=concepts, seeds=seeds, methods=methods, eps_sweep=eps,
-                         eval_seeds=int(ev.get("seeds", 16)), eval_steps=int(ev.get("steps", 25)),
-                         eval_guidance=float(ev.get("guidance", 4.0)), eval_every=int(ev.get("every", 50)),
-                         memory_probe_steps=int(raw.get("memory_probe_steps", 10)), source=str(path))
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{path}: {err}") from None
+    if not isinstance(ev, dict):
+        raise UserError(f"{path}: evaluation must be a mapping (seeds:, steps:, guidance:, every:)")
+    bad = sorted(set(map(str, ev)) - {"seeds", "steps", "guidance", "every"})
+    if bad:
+        raise UserError(f"{path}: evaluation has no key {bad[0]!r} (seeds, steps, guidance, every)")
+    guidance = ev.get("guidance", 4.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise UserError(f"{path}: evaluation.guidance must be a finite number, 0 or more, not {guidance!r}")
+    spec = BenchSpec(recipe=recipe, concepts=concepts, seeds=seeds, methods=methods, eps_sweep=eps,
+                     eval_seeds=_whole(ev, "seeds", 16, path, "evaluation.seeds", 1),
+                     eval_steps=_whole(ev, "steps", 25, path, "evaluation.steps", 1),
+                     eval_guidance=float(guidance), eval_every=_whole(ev, "every", 50, path, "evaluation.every", 0),
+                     memory_probe_steps=_whole(raw, "memory_probe_steps", 10, path, "memory_probe_steps", 0),
+                     source=str(path))
+    # Every run's settings are built now: an unknown key or a bad value in a method entry fails here,
+    # not after an hour of other runs.
+    recipe_settings = load_yaml(recipe)
+    labels = set()
+    for label, overrides, concept, seed in plan(spec):
+        if concept != concepts[0] or seed != seeds[0]:
+            continue
+        if label in labels:
+            raise UserError(f"{path}: two method entries are both labelled {label!r}; give each a distinct label")
+        labels.add(label)
+        fixed_here = sorted({"concepts", "concept", "anchors", "anchor", "output", "seed", "overwrite"} & set(overrides))
+        if fixed_here:
+            raise UserError(f"{path}, method {label!r}: {fixed_here[0]} is set by the benchmark itself; remove it")
+        try:
+            build_config({**recipe_settings, **{k: v for k, v in overrides.items() if k != "label"}},
+                         source=f"{path} (method {label!r})")
+        except UserError as err:
+            raise UserError(f"{path}, method {label!r}: {err}") from None
     return spec
 
 
@@ -103,6 +165,12 @@ def concept_prompts(concept: str) -> tuple[list[str], list[str]]:
         return [caption(d)], [caption(o) for o in range(10) if o != d]
     return ([caption(d, concept) for d in range(10)],
             [caption(d, s) for s in STYLES if s != concept for d in range(10)])
+
+
+def erase_relative_to(concept: str) -> list[str]:
+    """A style is erased relative to the same caption without it (negative guidance away from the style,
+    not from the digit); a digit relative to the empty prompt, as ESD does."""
+    return [] if concept in DIGIT_NAMES else [caption(d) for d in range(10)]
 
 
 class Judging:
@@ -169,6 +237,8 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     settings = load_yaml(spec.recipe)
     settings.update(concepts=concepts, anchors=anchors, output=str(workdir / "run"), overwrite=True,
                     progress=progress, seed=seed)
+    if settings.get("forget_loss", "negative-guidance") == "negative-guidance":
+        settings["relative_to"] = erase_relative_to(concept)
     settings.update({k: v for k, v in overrides.items() if k != "label"})
     config = build_config(settings, {}, source=str(spec.recipe))
     target_retain = base_eval["retain_accuracy"] - RETAIN_DROP

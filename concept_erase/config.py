@@ -38,12 +38,18 @@ class EraseConfig:
     forget_loss: str = _f("negative-guidance", "forget loss: negative-guidance or remap")
     retain_loss: str = _f("denoising", "retain loss on anchor latents")
     remap_to: list = _f([], "for --forget-loss remap: the prompt(s) each concept is remapped to")
+    relative_to: list = _f([], "for --forget-loss negative-guidance: erase each concept relative to this prompt "
+                               "instead of the empty one (one for all, or one per --concept), e.g. the caption "
+                               "without the style: the target becomes e(ref) - eta * (e(concept) - e(ref))")
     eta: float = _f(1.0, "negative-guidance scale: the target is e0 - eta * (ec - e0)")
     eps: float = _f(0.0, "tolerance eps: the retain loss may rise by at most lr * eps per step (eupmu, ungrad)")
     beta: float = _f(1e-3, "step size of the lambda update (eupmu)")
     beta_schedule: str = _f("cuberoot", "beta_t schedule: cuberoot (beta / (t+1)^(1/3), as the paper's analysis) or constant")
     lambda_max: float = _f(100.0, "upper bound D on lambda (eupmu)")
     lambda_init: float = _f(0.0, "initial lambda (eupmu), or the constant lambda (fixed)")
+    slack_probe: str = _f("held-out", "eupmu, eupmu-fast: the retain tuple whose loss before and after the step "
+                                      "gives the slack: held-out (a tuple outside the step's gradient: unbiased) or "
+                                      "batch (the step's own retain tuple, biased toward a small lambda)")
     # optimisation
     steps: int = _f(400, "optimizer steps")
     lr: float = _f(1e-5, "learning rate (also the step size alpha_t in the EUPMU slack)")
@@ -60,6 +66,8 @@ class EraseConfig:
     sampling_steps: int = _f(50, "DDIM steps of the schedule the forget latents x_t are drawn on")
     start_guidance: float = _f(3.0, "classifier-free guidance when sampling the forget trajectory")
     trajectory_model: str = _f("current", "which model samples x_t: current (ESD) or original")
+    trajectory_timesteps: int = _f(1, "forget samples taken from each fresh trajectory, at distinct timesteps: "
+                                      "1 (ESD) samples --batch-size trajectories per step, r samples batch-size / r")
     trajectory_refresh: int = _f(1, "1: a fresh partial trajectory every step (ESD); N: one full trajectory reused for N steps")
     # anchors
     retain_images: str = _f("", "folder of real anchor images with captions (metadata.jsonl or NAME.txt beside each image)")
@@ -87,6 +95,8 @@ class EraseConfig:
             self.anchors = [self.anchors]
         if isinstance(self.remap_to, str):
             self.remap_to = [self.remap_to]
+        if isinstance(self.relative_to, str):
+            self.relative_to = [self.relative_to]
         LAMBDA_CONTROLLERS.get(self.method)
         FORGET_OBJECTIVES.get(self.forget_loss)
         RETAIN_OBJECTIVES.get(self.retain_loss)
@@ -94,7 +104,7 @@ class EraseConfig:
             raise UserError(f"unknown subset {self.train!r} for --train; choose one of: {', '.join(TRAINABLE_SUBSETS)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "sampling_steps", "trajectory_refresh",
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "sampling_steps", "trajectory_refresh", "trajectory_timesteps",
                      "anchor_images_per_prompt", "concept_images_per_prompt", "anchor_inference_steps", "lora_rank"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -106,6 +116,8 @@ class EraseConfig:
             raise UserError("--lr must be positive")
         if self.beta_schedule not in ("cuberoot", "constant"):
             raise UserError("--beta-schedule must be cuberoot or constant")
+        if self.slack_probe not in ("batch", "held-out"):
+            raise UserError(f"--slack-probe must be batch or held-out, not {self.slack_probe!r}")
         if self.trajectory_model not in ("current", "original"):
             raise UserError("--trajectory-model must be current or original")
         if self.method == "eupmu-fast" and self.retain_batch_size < 2:
@@ -113,6 +125,17 @@ class EraseConfig:
                             "use --retain-batch-size 2 or more")
         if LAMBDA_CONTROLLERS.get(self.method).uses_retain and self.retain_batch_size < 1:
             raise UserError(f"--method {self.method} needs a retain batch; use --retain-batch-size 1 or more")
+        if self.trajectory_timesteps > 1:
+            if self.trajectory_refresh > 1:
+                raise UserError("--trajectory-timesteps applies to fresh trajectories (--trajectory-refresh 1); "
+                                "a pool already serves many timesteps")
+            if self.batch_size % self.trajectory_timesteps or self.trajectory_timesteps > self.sampling_steps:
+                raise UserError(f"--trajectory-timesteps {self.trajectory_timesteps} must divide --batch-size "
+                                f"{self.batch_size} and be at most --sampling-steps {self.sampling_steps}")
+        if self.relative_to and len(self.relative_to) not in (1, len(self.concepts)):
+            raise UserError("give one --relative-to for all concepts, or one per --concept")
+        if self.relative_to and self.forget_loss != "negative-guidance":
+            raise UserError("--relative-to applies to --forget-loss negative-guidance only")
         if self.forget_loss == "remap" and self.remap_to and len(self.remap_to) not in (1, len(self.concepts)):
             raise UserError("give one --remap-to for all concepts, or one per --concept")
 

@@ -70,6 +70,9 @@ class Objective:
 class NegativeGuidance(Objective):
     """ESD: steer the concept's prediction to e0 - eta (ec - e0) of the ORIGINAL model.
 
+    e0 is the prediction for the empty prompt, or for `--relative-to` (a style erased relative to
+    the caption without it moves away from the style only, not from the whole caption).
+
     x_t lies on a DDIM trajectory sampled for the concept prompt. With `trajectory_refresh` 1 a
     partial trajectory to a random step is sampled every step (ESD). With N > 1 one full
     trajectory is sampled and its intermediate latents serve the next N steps.
@@ -83,11 +86,16 @@ class NegativeGuidance(Objective):
         self.eta = cfg.eta
         self.guidance = cfg.start_guidance
         self.refresh = cfg.trajectory_refresh
+        self.per_trajectory = cfg.trajectory_timesteps
         self.sampler = DDIMScheduler.from_config(ctx.scheduler_config)
         self.sampler.set_timesteps(cfg.sampling_steps)
         self.timesteps = self.sampler.timesteps.clone()
         self.concepts = ctx.embed(cfg.concepts)  # [n_concepts, L, D]
         self.uncond = ctx.embed([""])[0]
+        # What the concept is erased relative to: the empty prompt (ESD), or one prompt per concept
+        # (a style relative to the same caption without it).
+        refs = cfg.relative_to * len(cfg.concepts) if len(cfg.relative_to) == 1 else cfg.relative_to
+        self.reference = ctx.embed(refs) if refs else None
         self.model_name = cfg.trajectory_model
         self.pool: dict[str, torch.Tensor] = {}
 
@@ -114,7 +122,20 @@ class NegativeGuidance(Objective):
     @torch.no_grad()
     def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
         steps = len(self.timesteps)
-        if self.refresh <= 1:
+        if self.refresh <= 1 and self.per_trajectory > 1:
+            # n / r trajectories, each giving its latents at r distinct timesteps: one deeper sampling
+            # pass instead of r shallower ones.
+            r = self.per_trajectory
+            which = _randint(len(self.concepts), n // r, gen)
+            picks = torch.randperm(steps, generator=gen)[:r]
+            path: list = []  # path[i]: the latents before sampling step i; the last entry after them all
+            end = self._denoise(self._start_noise(n // r, gen), self.concepts[which], 0, int(picks.max()), path)
+            path.append(end)
+            x = torch.cat([path[int(k)] for k in picks])
+            which = which.repeat(r)
+            cond = self.concepts[which]
+            t = self.timesteps[picks.repeat_interleave(n // r)].to(x.device)
+        elif self.refresh <= 1:
             which = _randint(len(self.concepts), n, gen)
             cond = self.concepts[which]
             k = int(_randint(steps, 1, gen))
@@ -130,8 +151,10 @@ class NegativeGuidance(Objective):
             cond = self.concepts[which]
             k = int(_randint(steps, 1, gen))
             x = self.pool["latents"][k]
-        t = self.timesteps[k].repeat(n).to(x.device)
-        e = self.ctx.original(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond.expand_as(cond), cond]))
+        if self.refresh > 1 or self.per_trajectory == 1:
+            t = self.timesteps[k].repeat(n).to(x.device)
+        ref = self.reference[which] if self.reference is not None else self.uncond.expand_as(cond)
+        e = self.ctx.original(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ref, cond]))
         e0, ec = e.float().chunk(2)
         return RegressionBatch(x, t, cond, negative_guidance_target(e0, ec, self.eta))
 

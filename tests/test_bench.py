@@ -37,8 +37,19 @@ def test_concept_prompts():
 @pytest.mark.parametrize("text,message", [
     ("concepts: [three]\nmethods: [{method: eupmu}]\nfoo: 1\n", "unknown key 'foo'"),
     ("concepts: [eleven]\nmethods: [{method: eupmu}]\n", "concept 'eleven' is neither a digit"),
-    ("concepts: [three]\n", "concepts and methods"),
-    ("concepts: [three]\nmethods: [{method: eupmu}]\nseeds: [a]\n", "invalid literal"),
+    ("concepts: [three]\n", "methods must be a list"),
+    ("methods: [{method: eupmu}]\n", "concepts must list digits"),
+    ("concepts: [three]\nmethods: [{method: eupmu}]\nseeds: [a]\n", "seeds must be a list of numbers"),
+    ("concepts: [three]\nmethods: [{method: eupmu}]\nseeds: [1.5]\n", "seeds must be whole numbers"),
+    ("concepts: [three]\nmethods: [{method: eupmu}]\nevaluation: [1]\n", "evaluation must be a mapping"),
+    ("concepts: [three]\nmethods: [{method: eupmu}]\nevaluation: {seeds: 0}\n", "evaluation.seeds must be a whole"),
+    ("concepts: [three]\nmethods: [{method: eupmu}]\nevaluation: {sedes: 3}\n", "evaluation has no key 'sedes'"),
+    ("concepts: [three]\nmethods: [{method: eupmu, lamda: 3}]\n", "method 'eupmu'.*unknown setting 'lamda'"),
+    ("concepts: [three]\nmethods: [{method: fixed, lambda_init: -1}]\n", "method 'fixed'.*must not be negative"),
+    ("concepts: [three]\nmethods: [{method: nope}]\n", "unknown method 'nope'"),
+    ("concepts: [three]\nmethods: [{method: fixed}, {method: fixed}]\n", "both labelled 'fixed'"),
+    ("concepts: [three]\nmethods: [{method: esd, output: x}]\n", "output is set by the benchmark"),
+    ("recipe: nowhere.yaml\nconcepts: [three]\nmethods: [{method: esd}]\n", "recipe 'nowhere.yaml' not found"),
 ])
 def test_bad_benchmark_files(tmp_path, text, message):
     p = tmp_path / "b.yaml"

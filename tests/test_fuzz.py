@@ -61,3 +61,59 @@ def test_random_bytes_as_yaml(tmp_path, raw):
     path = tmp_path / "run.yaml"
     path.write_bytes(raw)
     _load(path)
+
+
+# The benchmark file and the evaluation suite: the same promise.
+BENCH_KEYS = ["recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps", "unknown"]
+BENCH_VALUES = st.one_of(VALUES, st.lists(st.dictionaries(st.sampled_from(["method", "label", "lambda_init", "beta",
+                                                                            "eps", "steps", "nonsense"]),
+                                                          SCALARS, max_size=3), max_size=3),
+                         st.sampled_from([["three"], ["red ink", "one"], "three", {"seeds": 2, "every": 0},
+                                          {"seeds": "x"}, [{"method": "eupmu"}], [{"method": "nope"}]]))
+SUITE_KEYS = ["name", "prompts", "prompts_form", "seeds_per_prompt", "steps", "guidance", "batch_size", "metrics",
+              "unknown"]
+SUITE_VALUES = st.one_of(VALUES, st.sampled_from(["digits.csv", {"fid": {}}, {"judge": None}, {"clip_score": []},
+                                                  {"fid": {"reference": "base"}}, "auto", "i2p"]))
+
+
+def _loads_or_says(loader, path):
+    try:
+        loader(path)
+    except UserError as err:
+        assert str(err) and "\n" not in str(err).strip()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mapping=st.dictionaries(st.sampled_from(BENCH_KEYS), BENCH_VALUES, max_size=7))
+def test_random_benchmark_files(tmp_path, mapping):
+    import yaml
+
+    from concept_erase.bench import load_bench
+
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    _loads_or_says(load_bench, path)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mapping=st.dictionaries(st.sampled_from(SUITE_KEYS), SUITE_VALUES, max_size=8))
+def test_random_evaluation_suites(tmp_path, mapping):
+    import yaml
+
+    from concept_erase.evaluation.suite import load_suite
+
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(mapping))
+    _loads_or_says(load_suite, path)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(string.printable, max_size=200))
+def test_random_text_as_benchmark_and_suite(tmp_path, text):
+    from concept_erase.bench import load_bench
+    from concept_erase.evaluation.suite import load_suite
+
+    path = tmp_path / "file.yaml"
+    path.write_text(text)
+    _loads_or_says(load_bench, path)
+    _loads_or_says(load_suite, path)

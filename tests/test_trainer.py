@@ -79,9 +79,11 @@ def test_original_predictions_are_bit_identical_after_training(train, tiny_pipe,
         assert trainer.ctx.original_model.nbytes() == sum(p.numel() * 4 for p in trainer.trained.values())
 
 
-def test_eupmu_probe_is_paired(fresh_pipe, make_config, monkeypatch):
+@pytest.mark.parametrize("probe", ["held-out", "batch"])
+def test_eupmu_probe_is_paired(probe, fresh_pipe, make_config, monkeypatch):
     """With the step made a no-op, l_r before and after come from the same tuple: the slack is exactly eps."""
-    trainer = Trainer(make_config(method="eupmu", eps=0.25, lambda_init=1.0, steps=2), pipe=fresh_pipe)
+    trainer = Trainer(make_config(method="eupmu", eps=0.25, lambda_init=1.0, steps=2, slack_probe=probe),
+                      pipe=fresh_pipe)
     trainer._setup()
     monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: None)
     for step in range(2):
@@ -89,14 +91,44 @@ def test_eupmu_probe_is_paired(fresh_pipe, make_config, monkeypatch):
         assert trainer.controller.last_slack == 0.25
 
 
-def test_eupmu_fast_pairs_the_carried_tuple(fresh_pipe, make_config, monkeypatch):
-    trainer = Trainer(make_config(method="eupmu-fast", eps=0.5, retain_batch_size=4, steps=3), pipe=fresh_pipe)
+@pytest.mark.parametrize("probe", ["held-out", "batch"])
+def test_eupmu_fast_pairs_the_carried_tuple(probe, fresh_pipe, make_config, monkeypatch):
+    trainer = Trainer(make_config(method="eupmu-fast", eps=0.5, retain_batch_size=4, steps=3, slack_probe=probe),
+                      pipe=fresh_pipe)
     trainer._setup()
     monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: None)
     trainer._step(0)
     assert trainer.controller.last_slack is None  # nothing carried yet
     trainer._step(1)
     assert trainer.controller.last_slack == pytest.approx(0.5, abs=1e-6 / trainer.config.lr)
+
+
+@pytest.mark.parametrize("method", ["eupmu", "eupmu-fast"])
+def test_held_out_probe_is_outside_the_gradient(method, fresh_pipe, make_config, monkeypatch):
+    """The slack's tuple must not be one the step descends on (that biases lambda toward 0); eupmu-fast
+    trains on it one step later, after its loss at theta_{t+1} has been read."""
+    trainer = Trainer(make_config(method=method, retain_batch_size=4, steps=3), pipe=fresh_pipe)
+    trainer._setup()
+    seen = []
+    real_forward = Trainer._forward
+
+    def spy(self, batch):
+        seen.append((torch.is_grad_enabled(), batch.latents.detach().clone()))
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(Trainer, "_forward", spy)
+    trained_before: list[torch.Tensor] = []
+    for step in range(3):
+        seen.clear()
+        trainer._step(step)
+        trained = torch.cat([x for g, x in seen if g])
+        probed = [x for g, x in seen if not g]
+        assert probed
+        for x in probed:  # no probe row is among the rows this step descends on
+            assert not any(torch.equal(row, t) for row in x for t in trained)
+        if method == "eupmu-fast" and step > 0:  # last step's probe is trained on now
+            assert all(any(torch.equal(row, t) for t in trained) for row in trained_before)
+        trained_before = [row for row in probed[-1]]
 
 
 def test_lambda_rises_when_retain_is_hurt(fresh_pipe, make_config):

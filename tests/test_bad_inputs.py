@@ -1,0 +1,159 @@
+"""Every bad input of the core commands, met where it hurts most: the output path already holds a good
+result, and the user even passed --overwrite. Each must give one line, exit code 2, and leave that
+result byte for byte as it was."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from concept_erase.cli import main
+
+from test_cli import base_args, tree
+
+
+def run_cli(capsys, argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_refused(code, err, message, out, before):
+    assert code == 2, err
+    assert message in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("concept-erase: error:") and "Traceback" not in err, err
+    assert tree(out) == before, "the output path changed"
+
+
+@pytest.fixture(scope="module")
+def good(tiny_dir, cache_dir, tmp_path_factory):
+    """A finished run, its export and a sample folder: the good results a bad input must not touch."""
+    root = tmp_path_factory.mktemp("good")
+    run = root / "run"
+    assert main(base_args(tiny_dir, run, cache_dir)) == 0
+    assert main(["export", str(run), "--format", "diffusers", "--output", str(root / "pipe")]) == 0
+    assert main(["sample", "--model", str(tiny_dir), "--weights", str(run / "erased.safetensors"), "--prompt", "x",
+                 "--seeds", "0", "--steps", "2", "--output", str(root / "samples")]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-models")
+    (root / "empty").mkdir()
+    (root / "model.ckpt").write_bytes(b"not really a pickle")
+    (root / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    return root
+
+
+ERASE_CASES = [
+    ("model", "/nonexistent/sd", "does not exist"),
+    ("model", "{bad}/empty", "not a diffusers pipeline"),
+    ("model", "{bad}/model.ckpt", "--allow-pickle"),
+    ("model", "{bad}/model.safetensors", "truncated or corrupted"),
+    ("--method", "magic", "unknown method 'magic'"),
+    ("--train", "everything", "unknown subset 'everything'"),
+    ("--steps", "0", "--steps must be at least 1"),
+    ("--eps", "-0.1", "--eps must not be negative"),
+    ("--slack-probe", "sideways", "--slack-probe must be batch or held-out"),
+]
+
+
+@pytest.mark.parametrize("flag,value,message", ERASE_CASES)
+def test_bad_erase_input_leaves_an_existing_run_alone_even_with_overwrite(flag, value, message, good, bad_models,
+                                                                          tiny_dir, cache_dir, capsys):
+    run = good / "run"
+    before = tree(run)
+    argv = base_args(tiny_dir, run, cache_dir) + ["--overwrite"]
+    if flag == "model":
+        argv[argv.index("--model") + 1] = value.format(bad=bad_models)
+    else:
+        argv += [flag, value]
+    code, err = run_cli(capsys, argv)
+    assert_refused(code, err, message, run, before)
+
+
+@pytest.fixture(scope="module")
+def bad_deltas(good, tmp_path_factory, tiny_pipe):
+    """Deltas that must be refused: cut short, not ours, made from another base, of the wrong shapes."""
+    from concept_erase.tiny import build_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("bad-deltas")
+    data = (good / "run" / "erased.safetensors").read_bytes()
+    (root / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    save_file({"x": torch.zeros(2)}, str(root / "foreign.safetensors"))
+    build_tiny_pipeline(seed=5).save_pretrained(str(root / "other-base"))
+    build_tiny_pipeline(cross_attention_dim=16).save_pretrained(str(root / "other-shape"))
+    return root
+
+
+DELTA_CASES = [
+    ("{bad}/cut.safetensors", None, [], "truncated or corrupted"),
+    ("{bad}/foreign.safetensors", None, [], "not a concept-erase delta"),
+    ("{good}/run/erased.safetensors", "{bad}/other-base", [], "another base model"),
+    # told the base is fine, the shapes still have to match
+    ("{good}/run/erased.safetensors", "{bad}/other-shape", ["--allow-other-base"], "shape"),
+]
+
+
+@pytest.mark.parametrize("weights,model,extra,message", DELTA_CASES)
+def test_bad_delta_for_sample_leaves_the_output_alone(weights, model, extra, message, good, bad_deltas, tiny_dir, capsys):
+    out = good / "samples"
+    before = tree(out)
+    model = model.format(bad=bad_deltas) if model else str(tiny_dir)
+    code, err = run_cli(capsys, ["sample", "--model", model, "--weights", weights.format(bad=bad_deltas, good=good),
+                                 "--prompt", "x", "--seeds", "0", "--steps", "2", "--output", str(out),
+                                 "--overwrite", *extra])
+    assert_refused(code, err, message, out, before)
+
+
+@pytest.mark.parametrize("weights,model,extra,message", DELTA_CASES)
+def test_bad_delta_for_export_leaves_the_output_alone(weights, model, extra, message, good, bad_deltas, tiny_dir, capsys):
+    out = good / "pipe"
+    before = tree(out)
+    model = model.format(bad=bad_deltas) if model else str(tiny_dir)
+    code, err = run_cli(capsys, ["export", weights.format(bad=bad_deltas, good=good), "--model", model, "--format",
+                                 "diffusers", "--output", str(out), "--overwrite", *extra])
+    assert_refused(code, err, message, out, before)
+
+
+def test_existing_outputs_need_overwrite(good, tiny_dir, capsys):
+    for out, argv in [
+        (good / "pipe", ["export", str(good / "run"), "--format", "diffusers", "--output", str(good / "pipe")]),
+        (good / "samples", ["sample", "--model", str(tiny_dir), "--weights", str(good / "run"), "--prompt", "x",
+                            "--seeds", "0", "--steps", "2", "--output", str(good / "samples")]),
+    ]:
+        before = tree(out)
+        code, err = run_cli(capsys, argv)
+        assert_refused(code, err, "--overwrite", out, before)
+
+
+def test_a_delta_from_another_base_is_applied_when_forced(good, bad_deltas, capsys, tmp_path):
+    code, err = run_cli(capsys, ["sample", "--model", str(bad_deltas / "other-base"), "--weights", str(good / "run"),
+                                 "--prompt", "x", "--seeds", "0", "--steps", "2", "--output", str(tmp_path / "s"),
+                                 "--allow-other-base"])
+    assert code == 0, err
+    assert (tmp_path / "s" / "grid.png").is_file()
+
+
+def test_nan_from_the_command_line_exits_3_and_keeps_the_checkpoint(tiny_dir, cache_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    from concept_erase.trainer import Trainer
+
+    real_forward = Trainer._forward
+
+    def poisoned(self, batch):  # from the third step on
+        out = real_forward(self, batch)
+        return out * float("nan") if len(self.lambda_history) >= 2 else out
+
+    monkeypatch.setattr(Trainer, "_forward", poisoned)
+    out = tmp_path / "run"
+    argv = base_args(tiny_dir, out, cache_dir)
+    argv[argv.index("--steps") + 1] = "4"
+    argv[argv.index("--checkpoint-every") + 1] = "2"
+    code, err = run_cli(capsys, argv)
+    assert code == 3
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "NaN or Inf at step 3" in lines[0] and "step-00000002" in lines[0], err
+    assert (out / "checkpoints" / "step-00000002" / "trained.safetensors").is_file()
+    assert not (out / "erased.safetensors").exists()

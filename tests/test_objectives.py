@@ -1,0 +1,52 @@
+"""The negative-guidance objective's options, checked against the models directly."""
+
+import pytest
+import torch
+
+from concept_erase.errors import UserError
+from concept_erase.trainer import Trainer, step_generator
+
+
+def _forget(pipe, make_config, **settings):
+    trainer = Trainer(make_config(**settings), pipe=pipe)
+    trainer._setup()
+    return trainer
+
+
+def test_relative_to_replaces_the_empty_prompt_in_the_target(fresh_pipe, make_config):
+    """With eta 0 the target is exactly the original model's prediction for the reference prompt."""
+    trainer = _forget(fresh_pipe, make_config, eta=0.0, relative_to=["a painting"], sampling_steps=4)
+    batch = trainer.forget.batch(step_generator(0, 0, 0, 0), 2, 0)
+    ref = trainer.ctx.embed(["a painting"]).expand(2, -1, -1)
+    with torch.no_grad():
+        expected = trainer.ctx.original(batch.latents, batch.timesteps, ref).float()
+    torch.testing.assert_close(batch.target, expected)
+    empty = trainer.ctx.embed([""]).expand(2, -1, -1)
+    with torch.no_grad():
+        assert not torch.allclose(batch.target, trainer.ctx.original(batch.latents, batch.timesteps, empty).float())
+
+
+def test_several_timesteps_from_one_trajectory(fresh_pipe, make_config):
+    """trajectory_timesteps r: batch_size / r trajectories, each read at r distinct timesteps; the rows
+    of one trajectory are linked by sampling (denoising the earlier row reaches the later one)."""
+    trainer = _forget(fresh_pipe, make_config, batch_size=2, trajectory_timesteps=2, sampling_steps=6)
+    forget = trainer.forget
+    batch = forget.batch(step_generator(0, 3, 0, 0), 2, 3)
+    assert len(batch) == 2 and batch.timesteps[0] != batch.timesteps[1]
+    index = {int(t): i for i, t in enumerate(forget.timesteps)}
+    k = [index[int(t)] for t in batch.timesteps]
+    early, late = (0, 1) if k[0] < k[1] else (1, 0)
+    x = forget._denoise(batch.latents[early:early + 1], batch.embeddings[early:early + 1], k[early], k[late])
+    torch.testing.assert_close(x, batch.latents[late:late + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(trajectory_timesteps=2, batch_size=3), "must divide --batch-size"),
+    (dict(trajectory_timesteps=2, batch_size=2, trajectory_refresh=5), "applies to fresh trajectories"),
+    (dict(relative_to=["a", "b", "c"], concepts=["x", "y"]), "one --relative-to for all concepts"),
+    (dict(relative_to=["a"], forget_loss="remap", remap_to=["b"]), "negative-guidance only"),
+    (dict(slack_probe="sideways"), "--slack-probe must be"),
+])
+def test_bad_objective_settings(settings, message, make_config):
+    with pytest.raises(UserError, match=message):
+        make_config(**settings)
