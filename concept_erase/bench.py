@@ -491,23 +491,41 @@ def _mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def concept_kind(concept: str) -> str:
+    return "digit" if concept in DIGIT_NAMES else "style"
+
+
 def summarise(results: list[dict], memory: list[dict]) -> dict:
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["label"], []).append(r)
-    rows = {}
+    rows = {label: _summary_row(rs) for label, rs in by.items()}
+    by_kind: dict[str, dict[str, dict]] = {}
     for label, rs in by.items():
-        ttt = [r["time_to_target_s"] for r in rs]
-        rows[label] = {
-            "runs": len(rs), "forget_accuracy": _mean(r["forget_accuracy"] for r in rs),
-            "retain_drop": _mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs),
-            "domain_fid": _mean(r["domain_fid"] for r in rs),
-            "meets_target": sum(r["meets_target"] for r in rs),
-            "step_time_ms": 1000 * _mean(r["step_time_s_median"] for r in rs),
-            "backward_per_step": _mean(r["backward_passes_per_step"] for r in rs),
-            "time_to_target_s": _mean(ttt) if all(t is not None for t in ttt) else None,
-            "reached_target": sum(t is not None for t in ttt),
-        }
+        for kind in ("digit", "style"):
+            part = [r for r in rs if concept_kind(r["concept"]) == kind]
+            if part:
+                by_kind.setdefault(kind, {})[label] = _summary_row(part)
+    checks = _checks(rows, memory)
+    return {"by_method": rows, "by_kind": by_kind, "checks": checks}
+
+
+def _summary_row(rs: list[dict]) -> dict:
+    ttt = [r["time_to_target_s"] for r in rs]
+    return {
+        "runs": len(rs), "forget_accuracy": _mean(r["forget_accuracy"] for r in rs),
+        "retain_drop": _mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs),
+        "domain_fid": _mean(r["domain_fid"] for r in rs),
+        "meets_target": sum(r["meets_target"] for r in rs),
+        "step_time_ms": 1000 * _mean(r["step_time_s_median"] for r in rs),
+        "backward_per_step": _mean(r["backward_passes_per_step"] for r in rs),
+        "time_to_target_s": _mean(ttt) if all(t is not None for t in ttt) else None,
+        "reached_target": sum(t is not None for t in ttt),
+        "lambda_mean": _mean(r.get("lambda_mean") for r in rs),
+    }
+
+
+def _checks(rows: dict, memory: list[dict]) -> list[dict]:
     checks = []
 
     def ratio(a, b):
@@ -544,7 +562,7 @@ def summarise(results: list[dict], memory: list[dict]) -> dict:
                     dominated.append(f"{s} by {f}")
         checks.append({"target": "eupmu eps curve not dominated by the fixed weights",
                        "measured": "; ".join(dominated) or "no point dominated", "met": not dominated})
-    return {"by_method": rows, "checks": checks}
+    return checks
 
 
 def _f(v, pct=False, digits=1):
@@ -566,6 +584,16 @@ def markdown(report: dict, command: str) -> str:
         lines.append(f"| {label} | {r['runs']} | {_f(r['forget_accuracy'], True)} | {_f(100 * r['retain_drop'])} | "
                      f"{_f(r['domain_fid'])} | {r['meets_target']}/{r['runs']} | {_f(r['step_time_ms'], digits=0)} | "
                      f"{_f(r['backward_per_step'], digits=2)} | {ttt} |")
+    for kind, title in (("digit", "Digits only"), ("style", "Styles only")):
+        part = s.get("by_kind", {}).get(kind)
+        if not part:
+            continue
+        lines += ["", f"### {title}", "", "| method | runs | forget acc | retain drop (points) | domain FID | "
+                  "met target | mean lambda |", "|---|---|---|---|---|---|---|"]
+        for label, r in part.items():
+            lines.append(f"| {label} | {r['runs']} | {_f(r['forget_accuracy'], True)} | "
+                         f"{_f(100 * r['retain_drop'])} | {_f(r['domain_fid'])} | {r['meets_target']}/{r['runs']} | "
+                         f"{_f(r.get('lambda_mean'), digits=2)} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for c in s["checks"]:
         m = c["measured"]

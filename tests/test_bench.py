@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from concept_erase.bench import concept_prompts, load_bench, plan, summarise
+from concept_erase.bench import concept_prompts, load_bench, markdown, plan, summarise
 from concept_erase.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,6 +88,27 @@ def test_summary_checks_measure_and_report_misses():
     e = s["by_method"]["eupmu"]
     assert e["time_to_target_s"] is None and e["reached_target"] == 1  # one of two never reached it
     assert s["by_method"]["ungrad"]["backward_per_step"] == 2.0
+
+
+def test_means_are_also_split_by_kind_of_concept():
+    runs = [_run("fixed 1", "three", 0.0, 1.0, 200), _run("fixed 1", "seven", 0.1, 0.9, 200),
+            _run("fixed 1", "red ink", 1.0, 1.0, 200)]
+    s = summarise(runs, [])
+    assert s["by_method"]["fixed 1"]["runs"] == 3
+    digit, style = s["by_kind"]["digit"]["fixed 1"], s["by_kind"]["style"]["fixed 1"]
+    assert digit["runs"] == 2 and digit["forget_accuracy"] == pytest.approx(0.05)
+    assert style["runs"] == 1 and style["forget_accuracy"] == 1.0 and style["meets_target"] == 0
+    md = markdown({"summary": s, "machine": "m", "memory": [], "runs": []}, "cmd")
+    assert "### Digits only" in md and "### Styles only" in md
+
+
+def test_style_concepts_are_erased_relative_to_the_plain_caption():
+    from concept_erase.bench import erase_relative_to
+
+    concepts, _ = concept_prompts("red ink")
+    refs = erase_relative_to("red ink")
+    assert len(refs) == len(concepts) and all(c.startswith(r + " ") for c, r in zip(concepts, refs))
+    assert erase_relative_to("three") == []
 
 
 def test_tiny_benchmark_end_to_end(tmp_path):

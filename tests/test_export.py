@@ -141,6 +141,25 @@ def test_apply_refuses_truncated_and_foreign_files(xattn_run, tmp_path, tiny_pip
         apply(copy.deepcopy(tiny_pipe), foreign)
 
 
+def test_apply_refuses_a_delta_with_a_tensor_the_model_lacks(xattn_run, tmp_path, tiny_pipe):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out, _ = xattn_run
+    with safe_open(str(out / "erased.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(tensors)[0]
+    tensors[name.replace("attn2", "attn9")] = tensors.pop(name)
+    renamed = tmp_path / "renamed.safetensors"
+    save_file(tensors, str(renamed), metadata=meta)
+    fresh = copy.deepcopy(tiny_pipe)
+    before = {k: v.clone() for k, v in fresh.unet.state_dict().items()}
+    with pytest.raises(UserError, match="this model does not have.*attn9"):
+        apply(fresh, renamed)
+    assert all(torch.equal(v, fresh.unet.state_dict()[k]) for k, v in before.items())  # untouched
+
+
 def test_single_file_export_round_trips_through_from_single_file(xattn_run, tiny_pipe, tiny_dir, tmp_path):
     from concept_erase.export import export_single_file
     from concept_erase.loading import load_pipeline
