@@ -2,6 +2,8 @@
 
 import string
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -83,28 +85,32 @@ def _loads_or_says(loader, path):
         assert str(err) and "\n" not in str(err).strip()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(mapping=st.dictionaries(st.sampled_from(BENCH_KEYS), BENCH_VALUES, max_size=7))
-def test_random_benchmark_files(tmp_path, mapping):
-    import yaml
-
+def _bench_loader():
     from concept_erase.bench import load_bench
 
-    path = tmp_path / "bench.yaml"
-    path.write_text(yaml.safe_dump(mapping))
-    _loads_or_says(load_bench, path)
+    return load_bench
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(mapping=st.dictionaries(st.sampled_from(SUITE_KEYS), SUITE_VALUES, max_size=8))
-def test_random_evaluation_suites(tmp_path, mapping):
-    import yaml
-
+def _suite_loader():
     from concept_erase.evaluation.suite import load_suite
 
-    path = tmp_path / "suite.yaml"
-    path.write_text(yaml.safe_dump(mapping))
-    _loads_or_says(load_suite, path)
+    return load_suite
+
+
+@pytest.mark.parametrize("loader,keys,values", [(_bench_loader, BENCH_KEYS, BENCH_VALUES),
+                                                (_suite_loader, SUITE_KEYS, SUITE_VALUES)],
+                         ids=["benchmark", "suite"])
+def test_random_benchmark_files_and_suites(tmp_path, loader, keys, values):
+    import yaml
+
+    @settings(max_examples=150, deadline=None)
+    @given(mapping=st.dictionaries(st.sampled_from(keys), values, max_size=8))
+    def check(mapping):
+        path = tmp_path / "file.yaml"
+        path.write_text(yaml.safe_dump(mapping))
+        _loads_or_says(loader(), path)
+
+    check()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
