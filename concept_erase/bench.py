@@ -52,6 +52,8 @@ class BenchSpec:
     eval_guidance: float = 4.0
     eval_every: int = 50
     memory_probe_steps: int = 10
+    timing_rounds: int = 8
+    timing_steps: int = 5
     source: str = ""
 
 
@@ -85,7 +87,7 @@ def load_bench(path: str | Path) -> BenchSpec:
     raw = read_yaml(path, "benchmark file", "start from pipelines/bench-digits.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
-    known = {"recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps"}
+    known = {"recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps", "timing_probe"}
     bad = sorted(set(map(str, raw)) - known)
     if bad:
         raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
@@ -122,6 +124,10 @@ def load_bench(path: str | Path) -> BenchSpec:
     ev = raw.get("evaluation") or {}
     if not isinstance(ev, dict):
         raise UserError(f"{path}: evaluation must be a mapping (seeds:, steps:, guidance:, every:)")
+    timing = raw.get("timing_probe") or {}
+    if not isinstance(timing, dict) or sorted(set(map(str, timing)) - {"rounds", "steps"}):
+        raise UserError(f"{path}: timing_probe must be a mapping with rounds: and steps: (rounds: 0 skips it), "
+                        f"not {timing!r}")
     bad = sorted(set(map(str, ev)) - {"seeds", "steps", "guidance", "every"})
     if bad:
         raise UserError(f"{path}: evaluation has no key {bad[0]!r} (seeds, steps, guidance, every)")
@@ -134,6 +140,8 @@ def load_bench(path: str | Path) -> BenchSpec:
                      eval_steps=_whole(ev, "steps", 25, path, "evaluation.steps", 1),
                      eval_guidance=float(guidance), eval_every=_whole(ev, "every", 50, path, "evaluation.every", 0),
                      memory_probe_steps=_whole(raw, "memory_probe_steps", 10, path, "memory_probe_steps", 0),
+                     timing_rounds=_whole(timing, "rounds", 8, path, "timing_probe.rounds", 0),
+                     timing_steps=_whole(timing, "steps", 5, path, "timing_probe.steps", 1),
                      source=str(path))
     # Every run's settings are built now: an unknown key or a bad value in a method entry fails here,
     # not after an hour of other runs.
@@ -228,19 +236,25 @@ def _run_id(label: str, concept: str, seed: int) -> str:
     return safe
 
 
-def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,
-            seed: int, workdir: Path, progress: bool) -> dict:
+def run_config(spec: BenchSpec, overrides: dict, concept: str, seed: int, output: Path, progress: bool):
+    """The erase settings of one run: the recipe, the concept's prompts, then the method entry."""
     from .config import build_config, load_yaml
-    from .trainer import erase
 
     concepts, anchors = concept_prompts(concept)
     settings = load_yaml(spec.recipe)
-    settings.update(concepts=concepts, anchors=anchors, output=str(workdir / "run"), overwrite=True,
+    settings.update(concepts=concepts, anchors=anchors, output=str(output), overwrite=True,
                     progress=progress, seed=seed)
     if settings.get("forget_loss", "negative-guidance") == "negative-guidance":
         settings["relative_to"] = erase_relative_to(concept)
     settings.update({k: v for k, v in overrides.items() if k != "label"})
-    config = build_config(settings, {}, source=str(spec.recipe))
+    return build_config(settings, {}, source=str(spec.recipe))
+
+
+def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,
+            seed: int, workdir: Path, progress: bool) -> dict:
+    from .trainer import erase
+
+    config = run_config(spec, overrides, concept, seed, workdir / "run", progress)
     target_retain = base_eval["retain_accuracy"] - RETAIN_DROP
     curve: list[dict] = []
 
@@ -286,6 +300,82 @@ def _cumsum(xs):
     for x in xs:
         total += x
         yield total
+
+
+# ---------------------------------------------------------------- step-time probe (interleaved, one process)
+
+def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
+    """Time per step of every method entry, measured in one process, the methods taking turns.
+
+    A run's own step times drift with the machine (about 20% between runs of the same method on
+    the shared 2-core CPU used here), too much for ratios near 1. Here every method is set up once
+    (each on its own copy of the model), then `rounds` rounds each run `steps` steps of every
+    method, the order rotated every round; a first round is a warm-up and is not counted. Slow
+    spells of the machine fall on all methods alike. Also timed: the part of a step spent making
+    the forget batch (for negative guidance: the partial trajectory and the original model's
+    prediction), which no method can avoid.
+    """
+    import tempfile
+
+    from .trainer import Trainer
+
+    rounds, steps = spec.timing_rounds, spec.timing_steps
+    entries = [(str(m.get("label", m["method"])), m) for m in spec.methods]
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory(prefix="ce-timing-") as tmp:
+        trainers = []
+        for i, (label, overrides) in enumerate(entries):
+            config = run_config(spec, overrides, concept, spec.seeds[0], Path(tmp) / str(i), progress=False)
+            config.checkpoint_every = 0
+            trainer = Trainer(config, pipe=copy.deepcopy(base))
+            trainer._setup()
+            clock = _Stopwatch(trainer.forget.batch)
+            trainer.forget.batch = clock
+            trainers.append((label, trainer, clock))
+        times: dict[str, list[float]] = {label: [] for label, _ in entries}
+        target_times: dict[str, list[float]] = {label: [] for label, _ in entries}
+        backward: dict[str, list[int]] = {label: [] for label, _ in entries}
+        for r in range(rounds + 1):
+            shift = r % len(trainers)
+            for label, trainer, clock in trainers[shift:] + trainers[:shift]:
+                for s in range(steps):
+                    clock.seconds = 0.0
+                    t0 = time.perf_counter()
+                    record = trainer._step(r * steps + s)
+                    if cuda:
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                    if r:  # round 0 warms up
+                        times[label].append(dt)
+                        target_times[label].append(clock.seconds)
+                        backward[label].append(record["backward_passes"])
+            if r:
+                log(f"    timing round {r}/{rounds}: " + ", ".join(
+                    f"{label} {1000 * statistics.median(times[label][-steps:]):.0f} ms" for label, _, _ in trainers))
+        del trainers
+    out = []
+    for label, overrides in entries:
+        ts = sorted(times[label])
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        out.append({"label": label, "method": overrides["method"], "steps_timed": len(ts),
+                    "median_ms": 1000 * q[1], "q1_ms": 1000 * q[0], "q3_ms": 1000 * q[2],
+                    "forget_batch_ms": 1000 * statistics.median(target_times[label]),
+                    "backward_per_step": statistics.fmean(backward[label])})
+    return out
+
+
+class _Stopwatch:
+    """Wraps a function and adds up the wall time spent in it."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- peak memory probe (its own process)
@@ -470,13 +560,19 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
         log(f"memory probe: {', '.join(modes)} ({spec.memory_probe_steps} steps each, a fresh process each)")
         write_json(memory_file, memory_table(spec.recipe, modes, spec.memory_probe_steps))
     memory = json.loads(memory_file.read_text()) if memory_file.is_file() else []
-    summary = summarise(results, memory)
+    timing_file = output / "timing.json"
+    if spec.timing_rounds and not timing_file.is_file() and not report_only and not only:
+        log(f"step-time probe: {len(spec.methods)} methods in turn, {spec.timing_rounds} rounds of "
+            f"{spec.timing_steps} steps each, on {spec.concepts[0]!r}")
+        write_json(timing_file, probe_timing(spec, base, spec.concepts[0], log=log))
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else []
+    summary = summarise(results, memory, timing)
     if not results:
         raise UserError(f"no finished run in {output / 'runs'} to report")
     report = {"config": spec.source, "machine": machine(), "seconds": round(time.time() - started, 1),
               "runs_planned": len(runs), "runs_finished": len(results),
               "targets": {"forget_at_most": FORGET_TARGET, "retain_drop_at_most": RETAIN_DROP},
-              "summary": summary, "memory": memory, "runs": results}
+              "summary": summary, "memory": memory, "timing": timing, "runs": results}
     write_json(output / "bench.json", report)
     pareto_plot(results, output / "pareto.png")
     command = command or f"concept-erase bench --config {spec.source} --output {output}"
@@ -495,50 +591,90 @@ def concept_kind(concept: str) -> str:
     return "digit" if concept in DIGIT_NAMES else "style"
 
 
-def summarise(results: list[dict], memory: list[dict]) -> dict:
+def summarise(results: list[dict], memory: list[dict], timing: list[dict] | None = None) -> dict:
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["label"], []).append(r)
-    rows = {label: _summary_row(rs) for label, rs in by.items()}
+    probe_ms = {t["label"]: t["median_ms"] for t in timing or []}
+    rows = {label: _summary_row(rs, probe_ms.get(label)) for label, rs in by.items()}
     by_kind: dict[str, dict[str, dict]] = {}
     for label, rs in by.items():
         for kind in ("digit", "style"):
             part = [r for r in rs if concept_kind(r["concept"]) == kind]
             if part:
-                by_kind.setdefault(kind, {})[label] = _summary_row(part)
-    checks = _checks(rows, memory)
+                by_kind.setdefault(kind, {})[label] = _summary_row(part, probe_ms.get(label))
+    checks = _checks(rows, memory, results, timing or [])
     return {"by_method": rows, "by_kind": by_kind, "checks": checks}
 
 
-def _summary_row(rs: list[dict]) -> dict:
+def steps_to_target(run: dict) -> int | None:
+    """The first evaluated step at which the run met the target (forget and retain), or None."""
+    floor = run["base_retain_accuracy"] - RETAIN_DROP
+    return next((c["step"] for c in run.get("curve", []) if c["forget_accuracy"] <= FORGET_TARGET
+                 and c["retain_accuracy"] >= floor), None)
+
+
+def _summary_row(rs: list[dict], probe_ms: float | None = None) -> dict:
     ttt = [r["time_to_target_s"] for r in rs]
-    return {
+    stt = [steps_to_target(r) for r in rs]
+    all_reached = all(t is not None for t in ttt)
+    row = {
         "runs": len(rs), "forget_accuracy": _mean(r["forget_accuracy"] for r in rs),
         "retain_drop": _mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs),
         "domain_fid": _mean(r["domain_fid"] for r in rs),
         "meets_target": sum(r["meets_target"] for r in rs),
         "step_time_ms": 1000 * _mean(r["step_time_s_median"] for r in rs),
         "backward_per_step": _mean(r["backward_passes_per_step"] for r in rs),
-        "time_to_target_s": _mean(ttt) if all(t is not None for t in ttt) else None,
+        "time_to_target_s": _mean(ttt) if all_reached else None,
         "reached_target": sum(t is not None for t in ttt),
+        "steps_to_target": _mean(stt) if all(t is not None for t in stt) else None,
         "lambda_mean": _mean(r.get("lambda_mean") for r in rs),
+        "probe_step_ms": probe_ms,
     }
+    # The training time to the target at the probe's step time: the runs' own clocks drift with the machine.
+    row["probe_time_to_target_s"] = (row["steps_to_target"] * probe_ms / 1000
+                                     if probe_ms is not None and row["steps_to_target"] is not None else None)
+    return row
 
 
-def _checks(rows: dict, memory: list[dict]) -> list[dict]:
+def _paired(results: list[dict], a: str, b: str) -> tuple[dict, dict, int]:
+    """Mean forget accuracy and retain drop of labels a and b over the (concept, seed) pairs both have."""
+    key = lambda r: (r["concept"], r.get("seed", 0))  # noqa: E731
+    ra = {key(r): r for r in results if r["label"] == a}
+    rb = {key(r): r for r in results if r["label"] == b}
+    common = sorted(set(ra) & set(rb))
+
+    def means(rs):
+        return {"forget_accuracy": _mean(rs[k]["forget_accuracy"] for k in common),
+                "retain_drop": _mean(rs[k]["base_retain_accuracy"] - rs[k]["retain_accuracy"] for k in common)}
+    return means(ra), means(rb), len(common)
+
+
+def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
+            timing: list[dict] | None = None) -> list[dict]:
     checks = []
+    # Step times from the interleaved probe where it ran (methods timed in turns, one process); else
+    # the medians of the runs, each taken at its own time on the machine.
+    if timing:
+        step_ms = {t["label"]: t["median_ms"] for t in timing}
+        source = "interleaved step-time probe"
+    else:
+        step_ms = {label: r["step_time_ms"] for label, r in rows.items()}
+        source = "medians of the runs' step times"
 
     def ratio(a, b):
-        return rows[a]["step_time_ms"] / rows[b]["step_time_ms"] if a in rows and b in rows else None
+        return step_ms[a] / step_ms[b] if a in step_ms and b in step_ms else None
 
     r1 = ratio("eupmu", "ungrad")
     if r1 is not None:
-        checks.append({"target": "eupmu step <= 0.6 x ungrad step", "measured": r1, "met": r1 <= 0.6})
+        checks.append({"target": "eupmu step <= 0.6 x ungrad step", "measured": r1, "met": r1 <= 0.6,
+                       "source": source})
     fixed_labels = [k for k in rows if k.startswith("fixed")]
-    if "eupmu-fast" in rows and fixed_labels:
-        fixed_ms = _mean(rows[k]["step_time_ms"] for k in fixed_labels)
-        r2 = rows["eupmu-fast"]["step_time_ms"] / fixed_ms
-        checks.append({"target": "eupmu-fast step <= 1.05 x fixed step", "measured": r2, "met": r2 <= 1.05})
+    fixed_timed = [k for k in step_ms if k.startswith("fixed")]
+    if "eupmu-fast" in step_ms and fixed_timed:
+        r2 = step_ms["eupmu-fast"] / _mean(step_ms[k] for k in fixed_timed)
+        checks.append({"target": "eupmu-fast step <= 1.05 x fixed step", "measured": r2, "met": r2 <= 1.05,
+                       "source": source})
     mem = {m["mode"]: m for m in memory}
     if "plain" in mem:
         for mode in ("esd", "eupmu", "eupmu-fast", "ungrad", "fixed"):
@@ -553,13 +689,15 @@ def _checks(rows: dict, memory: list[dict]) -> list[dict]:
                        "measured": f"{e['meets_target']} of {e['runs']} runs", "met": e["meets_target"] == e["runs"]})
     sweep = [k for k in rows if k.startswith("eupmu eps=")]
     if sweep and fixed_labels:
+        # Compared on the (concept, seed) pairs both ran: the eps sweep runs on the first seed only, and
+        # a benchmark cut short has some labels on more concepts than others.
         dominated = []
         for s in sweep:
             for f in fixed_labels:
-                a, b = rows[s], rows[f]
-                if (b["forget_accuracy"] <= a["forget_accuracy"] and b["retain_drop"] <= a["retain_drop"]
-                        and (b["forget_accuracy"] < a["forget_accuracy"] or b["retain_drop"] < a["retain_drop"])):
-                    dominated.append(f"{s} by {f}")
+                a, b, n = _paired(results or [], s, f)
+                if n and (b["forget_accuracy"] <= a["forget_accuracy"] and b["retain_drop"] <= a["retain_drop"]
+                          and (b["forget_accuracy"] < a["forget_accuracy"] or b["retain_drop"] < a["retain_drop"])):
+                    dominated.append(f"{s} by {f} ({n} common run{'s' if n > 1 else ''})")
         checks.append({"target": "eupmu eps curve not dominated by the fixed weights",
                        "measured": "; ".join(dominated) or "no point dominated", "met": not dominated})
     return checks
@@ -577,13 +715,20 @@ def markdown(report: dict, command: str) -> str:
              f"Targets: forget accuracy <= {FORGET_TARGET:.0%}, retain accuracy at most {RETAIN_DROP * 100:.0f} "
              "points below the base model's. Means over runs (concepts x seeds).", "",
              "| method | runs | forget acc | retain drop (points) | domain FID | met target | ms/step | "
-             "backward/step | train s to target |", "|---|---|---|---|---|---|---|---|---|"]
+             "backward/step | steps to target | train s to target |", "|---|---|---|---|---|---|---|---|---|---|"]
+    probed = bool(report.get("timing"))
     for label, r in s["by_method"].items():
-        ttt = _f(r["time_to_target_s"]) if r["time_to_target_s"] is not None else \
-            f"n/a ({r['reached_target']}/{r['runs']} reached)"
+        ms = r["probe_step_ms"] if probed and r.get("probe_step_ms") is not None else r["step_time_ms"]
+        ttt = r.get("probe_time_to_target_s") if probed else r["time_to_target_s"]
+        not_reached = f"n/a ({r['reached_target']}/{r['runs']} reached)"
         lines.append(f"| {label} | {r['runs']} | {_f(r['forget_accuracy'], True)} | {_f(100 * r['retain_drop'])} | "
-                     f"{_f(r['domain_fid'])} | {r['meets_target']}/{r['runs']} | {_f(r['step_time_ms'], digits=0)} | "
-                     f"{_f(r['backward_per_step'], digits=2)} | {ttt} |")
+                     f"{_f(r['domain_fid'])} | {r['meets_target']}/{r['runs']} | {_f(ms, digits=0)} | "
+                     f"{_f(r['backward_per_step'], digits=2)} | "
+                     f"{_f(r.get('steps_to_target'), digits=0) if r.get('steps_to_target') is not None else not_reached} | "
+                     f"{_f(ttt) if ttt is not None else not_reached} |")
+    lines += ["", ("ms/step: the interleaved step-time probe (below); train s to target: mean steps to the target "
+                   "(the first evaluated step that meets it) x the probe's ms/step." if probed else
+                   "ms/step: mean of the runs' median step times; train s to target: the runs' own clocks.")]
     for kind, title in (("digit", "Digits only"), ("style", "Styles only")):
         part = s.get("by_kind", {}).get(kind)
         if not part:
@@ -600,7 +745,17 @@ def markdown(report: dict, command: str) -> str:
         m = f"{m:.3f}" if isinstance(m, float) else m
         if "extra_ratio" in c:
             m += f" (memory above the loaded model: {c['extra_ratio']:.2f}x)"
+        if "source" in c:
+            m += f" ({c['source']})"
         lines.append(f"| {c['target']} | {m} | {'yes' if c['met'] else '**MISSED**'} |")
+    if report.get("timing"):
+        lines += ["", "## Step time (interleaved probe: one process, the methods in turn, order rotated each round)", "",
+                  "| method | steps timed | median ms/step | quartiles | making the forget batch (ms) | backward/step |",
+                  "|---|---|---|---|---|---|"]
+        for t in report["timing"]:
+            lines.append(f"| {t['label']} | {t['steps_timed']} | {t['median_ms']:.0f} | {t['q1_ms']:.0f}-{t['q3_ms']:.0f} | "
+                         f"{t['forget_batch_ms']:.0f} ({t['forget_batch_ms'] / t['median_ms']:.0%}) | "
+                         f"{t['backward_per_step']:.2f} |")
     if report["memory"]:
         lines += ["", "## Peak memory (a fresh process per mode)", "",
                   "| mode | loaded model (MB) | peak (MB) | above the loaded model (MB) |", "|---|---|---|---|"]

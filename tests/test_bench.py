@@ -50,6 +50,9 @@ def test_concept_prompts():
     ("concepts: [three]\nmethods: [{method: fixed}, {method: fixed}]\n", "both labelled 'fixed'"),
     ("concepts: [three]\nmethods: [{method: esd, output: x}]\n", "output is set by the benchmark"),
     ("recipe: nowhere.yaml\nconcepts: [three]\nmethods: [{method: esd}]\n", "recipe 'nowhere.yaml' not found"),
+    ("concepts: [three]\nmethods: [{method: esd}]\ntiming_probe: 3\n", "timing_probe must be a mapping"),
+    ("concepts: [three]\nmethods: [{method: esd}]\ntiming_probe: {round: 3}\n", "timing_probe must be a mapping"),
+    ("concepts: [three]\nmethods: [{method: esd}]\ntiming_probe: {steps: 0}\n", "timing_probe.steps must be a whole"),
 ])
 def test_bad_benchmark_files(tmp_path, text, message):
     p = tmp_path / "b.yaml"
@@ -90,6 +93,42 @@ def test_summary_checks_measure_and_report_misses():
     assert s["by_method"]["ungrad"]["backward_per_step"] == 2.0
 
 
+def test_step_time_checks_use_the_interleaved_probe_when_it_ran():
+    runs = [_run("eupmu", "three", 0.05, 0.99, 300), _run("ungrad", "three", 0.0, 0.98, 310),
+            _run("eupmu-fast", "three", 0.0, 0.97, 400), _run("fixed 1", "three", 0.0, 1.0, 200)]
+    for r in runs:  # evaluated every 50 steps; the target is met from step 100 on (never for fixed 1)
+        r["curve"] = [{"step": 50, "forget_accuracy": 0.5, "retain_accuracy": 1.0},
+                      {"step": 100, "forget_accuracy": 0.05 if r["label"] != "fixed 1" else 0.5,
+                       "retain_accuracy": 0.99}]
+    timing = [{"label": "eupmu", "median_ms": 100.0}, {"label": "ungrad", "median_ms": 250.0},
+              {"label": "eupmu-fast", "median_ms": 110.0}, {"label": "fixed 1", "median_ms": 100.0}]
+    checks = {c["target"]: c for c in summarise(runs, [], timing)["checks"]}
+    speed = checks["eupmu step <= 0.6 x ungrad step"]
+    assert speed["measured"] == pytest.approx(0.4) and speed["met"] and speed["source"].startswith("interleaved")
+    assert checks["eupmu-fast step <= 1.05 x fixed step"]["measured"] == pytest.approx(1.1)
+    without = {c["target"]: c for c in summarise(runs, [])["checks"]}  # the runs' own medians
+    assert without["eupmu step <= 0.6 x ungrad step"]["measured"] == pytest.approx(300 / 310)
+    rows = summarise(runs, [], timing)["by_method"]
+    assert rows["eupmu"]["steps_to_target"] == 100
+    assert rows["eupmu"]["probe_time_to_target_s"] == pytest.approx(100 * 0.1)
+    assert rows["fixed 1"]["steps_to_target"] is None and rows["fixed 1"]["probe_time_to_target_s"] is None
+    md = markdown({"summary": summarise(runs, [], timing), "machine": "m", "memory": [], "runs": [],
+                   "timing": [{**t, "steps_timed": 40, "q1_ms": 1.0, "q3_ms": 2.0, "forget_batch_ms": 50.0,
+                               "backward_per_step": 1.0} for t in timing]}, "cmd")
+    assert "interleaved step-time probe" in md and "| eupmu | 40 | 100 | 1-2 | 50 (50%) | 1.00 |" in md
+
+
+def test_dominance_is_judged_on_the_runs_both_labels_have():
+    """The eps sweep runs on the first seed only: a fixed weight's mean over more concepts must not decide."""
+    runs = [_run("eupmu eps=0.1", "three", 0.05, 0.99, 1), _run("fixed 1", "three", 0.06, 0.99, 1),
+            _run("fixed 1", "seven", 0.0, 1.0, 1), _run("fixed 1", "one", 0.0, 1.0, 1)]
+    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}["eupmu eps curve not dominated by the fixed weights"]
+    assert dom["met"], dom  # on "three", the only common run, eps 0.1 is better than fixed 1
+    runs.append(_run("eupmu eps=0.1", "seven", 0.2, 0.99, 1))
+    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}["eupmu eps curve not dominated by the fixed weights"]
+    assert not dom["met"] and "eupmu eps=0.1 by fixed 1 (2 common runs)" in dom["measured"]
+
+
 def test_means_are_also_split_by_kind_of_concept():
     runs = [_run("fixed 1", "three", 0.0, 1.0, 200), _run("fixed 1", "seven", 0.1, 0.9, 200),
             _run("fixed 1", "red ink", 1.0, 1.0, 200)]
@@ -125,6 +164,7 @@ methods:
   - {{method: ungrad, steps: 4, anchor_images_per_prompt: 2}}
 evaluation: {{seeds: 2, steps: 3, every: 2}}
 memory_probe_steps: 1
+timing_probe: {{rounds: 1, steps: 2}}
 """)
     out = tmp_path / "out"
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
@@ -137,6 +177,12 @@ memory_probe_steps: 1
     assert all(r["step_time_s_median"] > 0 and 0 <= r["forget_accuracy"] <= 1 for r in runs.values())
     assert {m["mode"] for m in report["memory"]} == {"plain", "eupmu", "ungrad"}
     assert all(m["peak_rss_mb"] >= m["baseline_rss_mb"] > 0 for m in report["memory"])
+    timing = {t["label"]: t for t in report["timing"]}
+    assert set(timing) == {"eupmu", "ungrad"} and all(t["steps_timed"] == 2 for t in timing.values())
+    assert timing["ungrad"]["backward_per_step"] == 2.0 and timing["eupmu"]["backward_per_step"] == 1.0
+    assert all(0 < t["forget_batch_ms"] < t["median_ms"] for t in timing.values())
+    speed = {c["target"]: c for c in report["summary"]["checks"]}["eupmu step <= 0.6 x ungrad step"]
+    assert speed["measured"] == pytest.approx(timing["eupmu"]["median_ms"] / timing["ungrad"]["median_ms"])
     md = (out / "bench.md").read_text()
     assert "eupmu step <= 0.6 x ungrad step" in md and "concept-erase bench --config" in md
     assert (out / "pareto.png").stat().st_size > 1000

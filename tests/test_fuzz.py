@@ -66,7 +66,7 @@ def test_random_bytes_as_yaml(tmp_path, raw):
 
 
 # The benchmark file and the evaluation suite: the same promise.
-BENCH_KEYS = ["recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps", "unknown"]
+BENCH_KEYS = ["recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps", "timing_probe", "unknown"]
 BENCH_VALUES = st.one_of(VALUES, st.lists(st.dictionaries(st.sampled_from(["method", "label", "lambda_init", "beta",
                                                                             "eps", "steps", "nonsense"]),
                                                           SCALARS, max_size=3), max_size=3),

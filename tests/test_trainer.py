@@ -131,6 +131,28 @@ def test_held_out_probe_is_outside_the_gradient(method, fresh_pipe, make_config,
         trained_before = [row for row in probed[-1]]
 
 
+@pytest.mark.parametrize("method", ["fixed", "eupmu"])
+def test_joint_step_gradient_is_that_of_the_two_losses_computed_apart(method, fresh_pipe, make_config, monkeypatch):
+    """The step joins the forget and retain rows in one UNet call: its gradient must be exactly
+    grad(l_u + lambda * l_r) with each loss computed on its own batch."""
+    trainer = Trainer(make_config(method=method, lambda_init=0.7, retain_batch_size=3, max_grad_norm=0, steps=1),
+                      pipe=fresh_pipe)
+    trainer._setup()
+    batches, grads = {}, {}
+    forget_batch, retain_batch = trainer.forget.batch, trainer._retain_batch
+    monkeypatch.setattr(trainer.forget, "batch", lambda *a: batches.setdefault("u", forget_batch(*a)))
+    monkeypatch.setattr(trainer, "_retain_batch", lambda *a: batches.setdefault("r", retain_batch(*a)))
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: grads.update(
+        {i: p.grad.clone() for i, p in enumerate(trainer.params)}))
+    trainer._step(0)
+    fb, (rb, _) = batches["u"], batches["r"]
+    loss = trainer._forward(fb).mean() + 0.7 * trainer._forward(rb).mean()
+    loss.backward()
+    assert len(grads) == len(trainer.params) > 0
+    for i, p in enumerate(trainer.params):
+        torch.testing.assert_close(grads[i], p.grad, rtol=1e-4, atol=1e-7)
+
+
 def test_lambda_rises_when_retain_is_hurt(fresh_pipe, make_config):
     """A large step that hurts the anchors must raise lambda (the sign of the update)."""
     cfg = make_config(method="eupmu", lr=3e-2, beta=1e-3, steps=4, eps=0.0)
