@@ -71,17 +71,9 @@ def _number_list(raw: dict, key: str, default: list, kind, path: Path, low=None)
     return [kind(v) for v in value]
 
 
-def _whole(section: dict, key: str, default: int, path: Path, name: str, low: int) -> int:
-    value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not float(value).is_integer() or value < low:
-        raise UserError(f"{path}: {name} must be a whole number of at least {low}, not {value!r}")
-    return int(value)
-
-
 def load_bench(path: str | Path) -> BenchSpec:
     """Read and check a benchmark file, every method entry included: a mistake is found before any run."""
-    from .config import build_config, load_yaml, normalise_keys, read_yaml
+    from .config import build_config, load_yaml, normalise_keys, read_yaml, whole_number
 
     path = Path(path)
     raw = read_yaml(path, "benchmark file", "start from pipelines/bench-digits.yaml")
@@ -136,12 +128,12 @@ def load_bench(path: str | Path) -> BenchSpec:
             or guidance < 0:
         raise UserError(f"{path}: evaluation.guidance must be a finite number, 0 or more, not {guidance!r}")
     spec = BenchSpec(recipe=recipe, concepts=concepts, seeds=seeds, methods=methods, eps_sweep=eps,
-                     eval_seeds=_whole(ev, "seeds", 16, path, "evaluation.seeds", 1),
-                     eval_steps=_whole(ev, "steps", 25, path, "evaluation.steps", 1),
-                     eval_guidance=float(guidance), eval_every=_whole(ev, "every", 50, path, "evaluation.every", 0),
-                     memory_probe_steps=_whole(raw, "memory_probe_steps", 10, path, "memory_probe_steps", 0),
-                     timing_rounds=_whole(timing, "rounds", 8, path, "timing_probe.rounds", 0),
-                     timing_steps=_whole(timing, "steps", 5, path, "timing_probe.steps", 1),
+                     eval_seeds=whole_number(ev, "seeds", 16, path, 1, "evaluation.seeds"),
+                     eval_steps=whole_number(ev, "steps", 25, path, 1, "evaluation.steps"),
+                     eval_guidance=float(guidance), eval_every=whole_number(ev, "every", 50, path, 0, "evaluation.every"),
+                     memory_probe_steps=whole_number(raw, "memory_probe_steps", 10, path, 0, "memory_probe_steps"),
+                     timing_rounds=whole_number(timing, "rounds", 8, path, 0, "timing_probe.rounds"),
+                     timing_steps=whole_number(timing, "steps", 5, path, 1, "timing_probe.steps"),
                      source=str(path))
     # Every run's settings are built now: an unknown key or a bad value in a method entry fails here,
     # not after an hour of other runs.

@@ -186,6 +186,17 @@ def normalise_keys(raw: dict, source: str) -> dict:
     return out
 
 
+def whole_number(section: dict, key: str, default: int, where, low: int, name: str | None = None) -> int:
+    """section[key] (or the default) as a whole number of at least `low`; anything else (a bool, a
+    fraction, NaN, a string) is refused with a message naming `where: name`. Shared by the files
+    that are not erase recipes (benchmark files, evaluation suites)."""
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not float(value).is_integer() or value < low:
+        raise UserError(f"{where}: {name or key} must be a whole number of at least {low}, not {value!r}")
+    return int(value)
+
+
 def read_yaml(path: Path, what: str, hint: str):
     """The parsed YAML of `path`, or a one-line UserError naming `what` (and the line) when it is
     missing or malformed. Every YAML the toolkit reads (configs, suites, benchmarks) goes through here."""

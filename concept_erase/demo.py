@@ -10,7 +10,6 @@ from __future__ import annotations
 from . import env  # noqa: F401
 
 import copy
-import json
 import time
 from pathlib import Path
 

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import whole_number
 from ..errors import UserError
 
 METRIC_OPTIONS = {
@@ -48,14 +49,6 @@ class Suite:
         return {"name": self.name, "prompts": str(self.prompts), "prompts_form": self.prompts_form,
                 "seeds_per_prompt": self.seeds_per_prompt, "steps": self.steps, "guidance": self.guidance,
                 "batch_size": self.batch_size, "metrics": self.metrics}
-
-
-def _whole(raw: dict, key: str, default: int, source: str, low: int = 1) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or int(value) != value or value < low:
-        raise UserError(f"{source}: {key} must be a whole number of at least {low}, not {value!r}")
-    return int(value)
 
 
 def parse_suite(raw, source: str, base_dir: Path) -> Suite:
@@ -99,9 +92,9 @@ def parse_suite(raw, source: str, base_dir: Path) -> Suite:
     if not isinstance(name, str) or not name:
         raise UserError(f"{source}: name must be a string")
     return Suite(name=name, prompts=(base_dir / prompts).resolve() if not Path(prompts).is_absolute() else Path(prompts),
-                 prompts_form=form, seeds_per_prompt=_whole(raw, "seeds_per_prompt", 1, source),
-                 steps=_whole(raw, "steps", 50, source), guidance=float(guidance),
-                 batch_size=_whole(raw, "batch_size", 4, source), metrics=clean, source=source)
+                 prompts_form=form, seeds_per_prompt=whole_number(raw, "seeds_per_prompt", 1, source, 1),
+                 steps=whole_number(raw, "steps", 50, source, 1), guidance=float(guidance),
+                 batch_size=whole_number(raw, "batch_size", 4, source, 1), metrics=clean, source=source)
 
 
 def load_suite(path: str | Path) -> Suite:
