@@ -681,10 +681,11 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
                        "measured": f"{e['meets_target']} of {e['runs']} runs", "met": e["meets_target"] == e["runs"]})
     sweep = [k for k in rows if k.startswith("eupmu eps=")]
     if sweep and fixed_labels:
-        # Compared on the (concept, seed) pairs both ran: the eps sweep runs on the first seed only, and
-        # a benchmark cut short has some labels on more concepts than others.
+        # The curve is the sweep and the default eupmu point (the recipe's eps). Every point is compared
+        # with every fixed weight on the (concept, seed) pairs both ran: the eps sweep runs on the first
+        # seed only, and a benchmark cut short has some labels on more concepts than others.
         dominated = []
-        for s in sweep:
+        for s in (["eupmu"] if "eupmu" in rows else []) + sweep:
             for f in fixed_labels:
                 a, b, n = _paired(results or [], s, f)
                 if n and (b["forget_accuracy"] <= a["forget_accuracy"] and b["retain_drop"] <= a["retain_drop"]
@@ -780,11 +781,16 @@ def pareto_plot(results: list[dict], path: Path) -> None:
         x = _mean(r["forget_accuracy"] for r in rs)
         y = _mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100
         ax.scatter([x], [y], marker=markers[i % len(markers)], s=70, label=label, zorder=3)
-    sweep = sorted((k for k in by if k.startswith("eupmu eps=")), key=lambda k: float(k.split("=")[1]))
-    if len(sweep) > 1:
-        xs = [_mean(r["forget_accuracy"] for r in by[k]) for k in sweep]
-        ys = [_mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in by[k]) * 100 for k in sweep]
-        ax.plot(xs, ys, "k:", lw=1, zorder=2)
+    sweep = [k for k in by if k.startswith("eupmu eps=")]
+    if sweep:  # the eps curve (the default eupmu point included), on the runs the sweep has
+        pairs = {(r["concept"], r.get("seed", 0)) for r in by[sweep[0]]}
+        curve = sorted(((by[k][0].get("eps", 0.0), [r for r in by[k] if (r["concept"], r.get("seed", 0)) in pairs])
+                        for k in (["eupmu"] if "eupmu" in by else []) + sweep), key=lambda c: c[0])
+        curve = [rs for _, rs in curve if rs]
+        if len(curve) > 1:
+            xs = [_mean(r["forget_accuracy"] for r in rs) for rs in curve]
+            ys = [_mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100 for rs in curve]
+            ax.plot(xs, ys, "k:", lw=1, zorder=2, label="eps curve (first seed)")
     ax.axvline(FORGET_TARGET, color="grey", lw=0.8, ls="--")
     ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("forget accuracy (lower: more erased)")

@@ -127,6 +127,10 @@ def test_dominance_is_judged_on_the_runs_both_labels_have():
     runs.append(_run("eupmu eps=0.1", "seven", 0.2, 0.99, 1))
     dom = {c["target"]: c for c in summarise(runs, [])["checks"]}["eupmu eps curve not dominated by the fixed weights"]
     assert not dom["met"] and "eupmu eps=0.1 by fixed 1 (2 common runs)" in dom["measured"]
+    # the default eupmu point belongs to the curve too
+    runs = runs[:2] + [_run("eupmu", "three", 0.07, 0.99, 1)]
+    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}["eupmu eps curve not dominated by the fixed weights"]
+    assert dom["measured"] == "eupmu by fixed 1 (1 common run)"
 
 
 def test_means_are_also_split_by_kind_of_concept():
