@@ -115,7 +115,8 @@ def test_step_time_checks_use_the_interleaved_probe_when_it_ran():
     md = markdown({"summary": summarise(runs, [], timing), "machine": "m", "memory": [], "runs": [],
                    "timing": [{**t, "steps_timed": 40, "median_ms": 1.5, "q1_ms": 1.0, "q3_ms": 2.0, "forget_batch_ms": 50.0,
                                "backward_per_step": 1.0} for t in timing]}, "cmd")
-    assert "interleaved step-time probe" in md and "| eupmu | 40 | 100 | 2 (1-2) | 50 (50%) | 1.00 |" in md
+    assert "interleaved step-time probe" in md and "| eupmu | 40 | 100 | 2 (1-2) | 50 (50%) | 50 | 1.00 |" in md
+    assert "eupmu / ungrad 0.25, eupmu-fast / fixed 1.20" in md
 
 
 def test_dominance_is_judged_on_the_runs_both_labels_have():
