@@ -693,7 +693,9 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
                 a, b, n = _paired(results or [], s, f)
                 if n and (b["forget_accuracy"] <= a["forget_accuracy"] and b["retain_drop"] <= a["retain_drop"]
                           and (b["forget_accuracy"] < a["forget_accuracy"] or b["retain_drop"] < a["retain_drop"])):
-                    dominated.append(f"{s} by {f} ({n} common run{'s' if n > 1 else ''})")
+                    dominated.append(f"{s} by {f} ({n} common run{'s' if n > 1 else ''}: forget "
+                                     f"{a['forget_accuracy']:.1%} vs {b['forget_accuracy']:.1%}, retain drop "
+                                     f"{100 * a['retain_drop']:.2f} vs {100 * b['retain_drop']:.2f} points)")
         checks.append({"target": "eupmu eps curve not dominated by the fixed weights",
                        "measured": "; ".join(dominated) or "no point dominated", "met": not dominated})
     return checks
