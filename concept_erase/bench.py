@@ -771,13 +771,15 @@ def markdown(report: dict, command: str) -> str:
         for m in report["memory"]:
             lines.append(f"| {m['mode']} | {m['baseline_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | "
                          f"{m['extra_rss_mb']:.0f} |")
-    lines += ["", "## Runs", "", "| method | concept | seed | forget | retain (base) | domain FID (base) | ms/step | "
-              "mean lambda |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Runs", "", "ms/step: the run's own median (its clock, not the probe's).", "",
+              "| method | concept | seed | forget | retain (base) | domain FID (base) | ms/step | "
+              "mean lambda | steps to target |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
+        stt = steps_to_target(r)
         lines.append(f"| {r['label']} | {r['concept']} | {r['seed']} | {_f(r['forget_accuracy'], True)} | "
                      f"{_f(r['retain_accuracy'], True)} ({_f(r['base_retain_accuracy'], True)}) | "
                      f"{_f(r['domain_fid'])} ({_f(r['base_domain_fid'])}) | {_f(1000 * r['step_time_s_median'], digits=0)} | "
-                     f"{_f(r.get('lambda_mean'), digits=3)} |")
+                     f"{_f(r.get('lambda_mean'), digits=3)} | {stt if stt is not None else 'not reached'} |")
     lines += ["", "![retain against forget](pareto.png)", ""]
     return "\n".join(lines)
 
