@@ -591,6 +591,9 @@ def summarise(results: list[dict], memory: list[dict], timing: list[dict] | None
     for r in results:
         by.setdefault(r["label"], []).append(r)
     probe_ms = {t["label"]: t["mean_ms"] for t in timing or []}
+    for label in by:  # the eps sweep is the eupmu entry with eps changed: the same work per step
+        if label.startswith("eupmu eps=") and label not in probe_ms and "eupmu" in probe_ms:
+            probe_ms[label] = probe_ms["eupmu"]
     rows = {label: _summary_row(rs, probe_ms.get(label)) for label, rs in by.items()}
     by_kind: dict[str, dict[str, dict]] = {}
     for label, rs in by.items():

@@ -108,7 +108,11 @@ def test_step_time_checks_use_the_interleaved_probe_when_it_ran():
     assert checks["eupmu-fast step <= 1.05 x fixed step"]["measured"] == pytest.approx(1.1)
     without = {c["target"]: c for c in summarise(runs, [])["checks"]}  # the runs' own medians
     assert without["eupmu step <= 0.6 x ungrad step"]["measured"] == pytest.approx(300 / 310)
-    rows = summarise(runs, [], timing)["by_method"]
+    sweep = _run("eupmu eps=0.1", "three", 0.0, 1.0, 900)
+    sweep["curve"] = [{"step": 50, "forget_accuracy": 0.0, "retain_accuracy": 1.0}]
+    rows = summarise(runs + [sweep], [], timing)["by_method"]
+    assert rows["eupmu eps=0.1"]["probe_step_ms"] == 100.0  # eupmu's work per step, not the run's own clock
+    assert rows["eupmu eps=0.1"]["probe_time_to_target_s"] == pytest.approx(5.0)
     assert rows["eupmu"]["steps_to_target"] == 100
     assert rows["eupmu"]["probe_time_to_target_s"] == pytest.approx(100 * 0.1)
     assert rows["fixed 1"]["steps_to_target"] is None and rows["fixed 1"]["probe_time_to_target_s"] is None
