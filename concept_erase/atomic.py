@@ -18,6 +18,10 @@ from typing import Iterator
 
 from .errors import UserError
 
+# mkstemp makes its file private (0600); a finished file gets the mode an ordinary write would give.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def _explain(err: OSError, target: Path) -> UserError:
     if err.errno == errno.ENOSPC:
@@ -50,6 +54,7 @@ def atomic_path(target: str | os.PathLike, *, suffix: str = "") -> Iterator[Path
         with contextlib.suppress(OSError):
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as err:

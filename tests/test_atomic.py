@@ -62,3 +62,12 @@ def test_full_disk_during_export_of_erased_weights(tmp_path, monkeypatch, tiny_p
                    steps=1, lambda_final=0.0)
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_finished_file_has_the_modes_an_ordinary_write_gives(tmp_path):
+    from concept_erase.atomic import write_text
+
+    ordinary = tmp_path / "ordinary.txt"
+    ordinary.write_text("x")
+    write_text(tmp_path / "atomic.txt", "x")
+    assert (tmp_path / "atomic.txt").stat().st_mode & 0o777 == ordinary.stat().st_mode & 0o777
