@@ -352,10 +352,6 @@ class Trainer:
                         rb, fresh_n = self._retain_batch(gen, step, micro)
                         both = self._forward(RegressionBatch.cat([fb, rb]))
                         loss_u, per = both[:len(fb)].mean(), both[len(fb):]
-                    else:
-                        loss_u = self._forward(fb).mean()
-                    loss = loss_u
-                    if self.retain is not None:
                         loss_r = per.mean()
                         loss = loss_u + lam * loss_r
                         sums["retain"] += loss_r.detach()
@@ -378,6 +374,8 @@ class Trainer:
                                     new_carry[micro] = (pb, self._forward(pb).mean())
                             else:
                                 new_carry[micro] = (rb.slice(0, keep), per[:keep].detach().mean())
+                    else:
+                        loss = loss_u = self._forward(fb).mean()
                     self._backward(loss / k)
                 sums["forget"] += loss_u.detach()
         else:  # one backward pass per loss, lambda from the two gradients
