@@ -53,7 +53,9 @@ class EraseConfig:
     # optimisation
     steps: int = _f(400, "optimizer steps")
     lr: float = _f(1e-5, "learning rate (also the step size alpha_t in the EUPMU slack)")
-    weight_decay: float = _f(0.0, "AdamW weight decay (0: decay would move weights the losses never asked to move)")
+    optimizer: str = _f("adamw", "adamw, or sgd (plain gradient steps, no momentum: the step the paper's "
+                                 "constraint and UNGrad's closed-form lambda are written for; needs a far larger --lr)")
+    weight_decay: float = _f(0.0, "weight decay (0: decay would move weights the losses never asked to move)")
     max_grad_norm: float = _f(0.0, "clip the trained parameters' gradient norm after backward (0: off)")
     batch_size: int = _f(1, "forget samples per micro-batch")
     retain_batch_size: int = _f(2, "retain samples per micro-batch (eupmu-fast carries half of them over)")
@@ -114,6 +116,8 @@ class EraseConfig:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr == 0:
             raise UserError("--lr must be positive")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise UserError(f"--optimizer must be adamw or sgd, not {self.optimizer!r}")
         if self.beta_schedule not in ("cuberoot", "constant"):
             raise UserError("--beta-schedule must be cuberoot or constant")
         if self.slack_probe not in ("batch", "held-out"):

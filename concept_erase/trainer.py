@@ -217,7 +217,8 @@ class Trainer:
 
         # 4. Optimizer and Accelerate.
         params = list(self.trained.values())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        make = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
+        self.optimizer = make(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = acc.prepare(pipe.unet, self.optimizer)
         self.params = params
         self.carry: dict[int, tuple[RegressionBatch, torch.Tensor]] = {}
@@ -288,6 +289,10 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.trained.items():
                 p.copy_(weights[n].to(p.device, p.dtype))
+        saved_optimizer = state.get("config", {}).get("optimizer", "adamw")
+        if saved_optimizer != self.config.optimizer:
+            raise UserError(f"checkpoint {path} was made with --optimizer {saved_optimizer}; "
+                            f"resume with the settings of that run (now --optimizer {self.config.optimizer})")
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
         self.controller.load_state_dict(state["controller"])
         if state.get("num_processes", 1) != self.accelerator.num_processes:

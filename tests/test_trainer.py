@@ -153,6 +153,29 @@ def test_joint_step_gradient_is_that_of_the_two_losses_computed_apart(method, fr
         torch.testing.assert_close(grads[i], p.grad, rtol=1e-4, atol=1e-7)
 
 
+def test_sgd_takes_the_plain_gradient_step(fresh_pipe, make_config, monkeypatch):
+    """--optimizer sgd: theta_{t+1} = theta_t - lr * g, the step the EUPMU slack and UNGrad assume."""
+    trainer = Trainer(make_config(method="fixed", lambda_init=0.7, optimizer="sgd", lr=0.5, steps=1), pipe=fresh_pipe)
+    trainer._setup()
+    before = [p.detach().clone() for p in trainer.params]
+    grads, real_step = [], trainer.optimizer.step
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: (
+        grads.extend(p.grad.clone() for p in trainer.params), real_step(*a, **k))[-1])
+    trainer._step(0)
+    assert grads and any(g.abs().max() > 0 for g in grads)
+    for p, b, g in zip(trainer.params, before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.5 * g, rtol=1e-5, atol=1e-8)
+
+
+def test_resume_refuses_another_optimizer(tiny_pipe, make_config, tmp_path):
+    from concept_erase.errors import UserError
+
+    erase(make_config(steps=2, checkpoint_every=1, output=str(tmp_path / "r")), pipe=copy.deepcopy(tiny_pipe))
+    with pytest.raises(UserError, match="--optimizer adamw.*now --optimizer sgd"):
+        erase(make_config(steps=3, output=str(tmp_path / "r"), resume="latest", optimizer="sgd"),
+              pipe=copy.deepcopy(tiny_pipe))
+
+
 def test_lambda_rises_when_retain_is_hurt(fresh_pipe, make_config):
     """A large step that hurts the anchors must raise lambda (the sign of the update)."""
     cfg = make_config(method="eupmu", lr=3e-2, beta=1e-3, steps=4, eps=0.0)

@@ -79,8 +79,7 @@ def make_samples(rows: list[PromptRow], seeds: int, erased: list[str]) -> list[S
             matched.add(v.strip().lower())
             attributes.add(k)
         group = "forget" if hit else ("retain" if wanted else "all")
-        attribute = hit[0][0] if hit else ""
-        out.extend(Sample(row, row.seed + k, group, attribute) for k in range(seeds))
+        out.extend((row, row.seed + k, group) for k in range(seeds))
     missing = sorted(wanted - matched)
     if missing:
         known = sorted({v for r in rows for v in labels(r).values() if v})
@@ -90,7 +89,7 @@ def make_samples(rows: list[PromptRow], seeds: int, erased: list[str]) -> list[S
         raise UserError(f"--erased values match different label columns ({', '.join(sorted(attributes))}); "
                         "evaluate one kind of concept at a time")
     attribute = attributes.pop() if attributes else "concept"
-    return [Sample(s.row, s.seed, s.group, attribute) for s in out]
+    return [Sample(row, seed, group, attribute) for row, seed, group in out]
 
 
 # ---------------------------------------------------------------- generation
