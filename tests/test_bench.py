@@ -26,6 +26,13 @@ def test_shipped_benchmark_file_plans_every_method_concept_and_eps():
     assert sweep[1]["method"] == "eupmu" and sweep[1]["eps"] == 0.1
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "pipelines").glob("bench-*.yaml")))
+def test_every_shipped_benchmark_file_loads(name):
+    """Every method entry of every shipped benchmark file builds its run settings (load_bench checks them)."""
+    spec = load_bench(ROOT / "pipelines" / name)
+    assert plan(spec)
+
+
 def test_concept_prompts():
     c, a = concept_prompts("seven")
     assert c == ["a handwritten digit seven"] and len(a) == 9 and c[0] not in a
