@@ -222,6 +222,9 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(pipe.unet, self.optimizer)
         self.params = params
         self.carry: dict[int, tuple[RegressionBatch, torch.Tensor]] = {}
+        # eupmu's held-out tuples of the next step with their loss at theta_{t+1}, measured in the same
+        # no-grad call as this step's "after" values: {step: {micro: (tuple, loss)}}.
+        self.next_probe: dict[int, dict[int, tuple[RegressionBatch, torch.Tensor]]] = {}
         self.lambda_history: list[float] = []
         self.start_step = 0
         if acc.is_main_process:
@@ -361,10 +364,13 @@ class Trainer:
                         loss = loss_u + lam * loss_r
                         sums["retain"] += loss_r.detach()
                         if ctl.probe == "after-step" and cfg.slack_probe == "held-out":
-                            pb = self._probe_batch(step, rank, micro, cfg.retain_batch_size)
-                            with torch.no_grad():
-                                probe_before.append(self._forward(pb).mean())
-                            probes.append(pb)
+                            ready = self.next_probe.get(step, {}).get(micro)
+                            if ready is None:  # the first step, or the first after a resume
+                                pb = self._probe_batch(step, rank, micro, cfg.retain_batch_size)
+                                with torch.no_grad():
+                                    ready = (pb, self._forward(pb).mean())
+                            probes.append(ready[0])
+                            probe_before.append(ready[1])
                         elif ctl.probe == "after-step":
                             probes.append(rb)
                             probe_before.append(loss_r.detach())
@@ -414,10 +420,21 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+        self.next_probe = {}
         if probes:  # the same tuples, at theta_{t+1}
+            upcoming = []
+            if cfg.slack_probe == "held-out" and step + 1 < cfg.steps:
+                # The next step's held-out tuples are measured at theta_{t+1} too: one UNet call for
+                # both (rows are independent; the tuples come from their own per-step random stream).
+                upcoming = [self._probe_batch(step + 1, rank, micro, cfg.retain_batch_size) for micro in range(k)]
             with torch.no_grad():
-                for rb in probes:
-                    probe_after.append(self._forward(rb).mean())
+                per = self._forward(RegressionBatch.cat(probes + upcoming))
+            sizes = [len(b) for b in probes + upcoming]
+            means = [part.mean() for part in torch.split(per, sizes)]
+            probe_after.extend(means[:len(probes)])
+            if upcoming:
+                self.next_probe = {step + 1: {micro: (b, m) for micro, (b, m)
+                                              in enumerate(zip(upcoming, means[len(probes):]))}}
         if ctl.probe == "carried":
             self.carry = new_carry
 

@@ -81,14 +81,25 @@ def test_original_predictions_are_bit_identical_after_training(train, tiny_pipe,
 
 @pytest.mark.parametrize("probe", ["held-out", "batch"])
 def test_eupmu_probe_is_paired(probe, fresh_pipe, make_config, monkeypatch):
-    """With the step made a no-op, l_r before and after come from the same tuple: the slack is exactly eps."""
-    trainer = Trainer(make_config(method="eupmu", eps=0.25, lambda_init=1.0, steps=2, slack_probe=probe),
+    """With the step made a no-op, l_r before and after come from the same tuple: the slack is eps.
+
+    (Up to float rounding: the held-out tuple's loss before the step is read in the previous step's
+    no-grad call, beside other rows; an unpaired tuple would be off by ~(loss spread) / lr, i.e. ~100.)
+    """
+    trainer = Trainer(make_config(method="eupmu", eps=0.25, lambda_init=1.0, steps=3, slack_probe=probe),
                       pipe=fresh_pipe)
     trainer._setup()
     monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: None)
-    for step in range(2):
+    for step in range(3):
         trainer._step(step)
-        assert trainer.controller.last_slack == 0.25
+        assert trainer.controller.last_slack == pytest.approx(0.25, abs=1e-6 / trainer.config.lr)
+        if probe == "held-out" and step < 2:  # the next step's own fresh tuple, measured at theta_{t+1}
+            pb, before = trainer.next_probe[step + 1][0]
+            expected = trainer._probe_batch(step + 1, 0, 0, trainer.config.retain_batch_size)
+            assert torch.equal(pb.latents, expected.latents) and torch.equal(pb.target, expected.target)
+            with torch.no_grad():
+                assert float(before) == pytest.approx(float(trainer._forward(expected).mean()), rel=1e-5)
+    assert trainer.next_probe == {}  # nothing measured past the last step
 
 
 @pytest.mark.parametrize("probe", ["held-out", "batch"])
