@@ -422,19 +422,20 @@ class Trainer:
 
         self.next_probe = {}
         if probes:  # the same tuples, at theta_{t+1}
-            upcoming = []
-            if cfg.slack_probe == "held-out" and step + 1 < cfg.steps:
-                # The next step's held-out tuples are measured at theta_{t+1} too: one UNet call for
-                # both (rows are independent; the tuples come from their own per-step random stream).
-                upcoming = [self._probe_batch(step + 1, rank, micro, cfg.retain_batch_size) for micro in range(k)]
-            with torch.no_grad():
-                per = self._forward(RegressionBatch.cat(probes + upcoming))
-            sizes = [len(b) for b in probes + upcoming]
-            means = [part.mean() for part in torch.split(per, sizes)]
-            probe_after.extend(means[:len(probes)])
-            if upcoming:
-                self.next_probe = {step + 1: {micro: (b, m) for micro, (b, m)
-                                              in enumerate(zip(upcoming, means[len(probes):]))}}
+            ahead = cfg.slack_probe == "held-out" and step + 1 < cfg.steps
+            ready = {}
+            for micro, pb in enumerate(probes):
+                # The next step's held-out tuple is measured at theta_{t+1} too: one UNet call for both
+                # (rows are independent; the tuple comes from its own per-step random stream). One call
+                # per micro-batch, so no call is larger than twice the retain batch.
+                nxt = self._probe_batch(step + 1, rank, micro, cfg.retain_batch_size) if ahead else None
+                with torch.no_grad():
+                    per = self._forward(RegressionBatch.cat([pb, nxt]) if nxt is not None else pb)
+                probe_after.append(per[:len(pb)].mean())
+                if nxt is not None:
+                    ready[micro] = (nxt, per[len(pb):].mean())
+            if ready:
+                self.next_probe = {step + 1: ready}
         if ctl.probe == "carried":
             self.carry = new_carry
 
