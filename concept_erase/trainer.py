@@ -334,6 +334,12 @@ class Trainer:
         """
         return self.retain.batch(step_generator(self.config.seed, step, rank, micro, stream=2), n, step)
 
+    def _measured_probe(self, step: int, rank: int, micro: int, n: int) -> tuple[RegressionBatch, torch.Tensor]:
+        """A held-out tuple and its loss at the current weights (no gradient)."""
+        pb = self._probe_batch(step, rank, micro, n)
+        with torch.no_grad():
+            return pb, self._forward(pb).mean()
+
     def _step(self, step: int) -> dict:
         cfg, acc, ctl = self.config, self.accelerator, self.controller
         k = cfg.gradient_accumulation_steps
@@ -366,9 +372,7 @@ class Trainer:
                         if ctl.probe == "after-step" and cfg.slack_probe == "held-out":
                             ready = self.next_probe.get(step, {}).get(micro)
                             if ready is None:  # the first step, or the first after a resume
-                                pb = self._probe_batch(step, rank, micro, cfg.retain_batch_size)
-                                with torch.no_grad():
-                                    ready = (pb, self._forward(pb).mean())
+                                ready = self._measured_probe(step, rank, micro, cfg.retain_batch_size)
                             probes.append(ready[0])
                             probe_before.append(ready[1])
                         elif ctl.probe == "after-step":
@@ -380,9 +384,7 @@ class Trainer:
                                 probe_after.append(per[fresh_n:].detach().mean())
                             keep = cfg.retain_batch_size // 2
                             if cfg.slack_probe == "held-out":  # measured now, trained on next step
-                                pb = self._probe_batch(step, rank, micro, keep)
-                                with torch.no_grad():
-                                    new_carry[micro] = (pb, self._forward(pb).mean())
+                                new_carry[micro] = self._measured_probe(step, rank, micro, keep)
                             else:
                                 new_carry[micro] = (rb.slice(0, keep), per[:keep].detach().mean())
                     else:
