@@ -88,32 +88,59 @@ def encode_images(pipe, paths: list[Path], resolution: int, device) -> torch.Ten
 
 @torch.no_grad()
 def generate_latents(pipe, prompts: list[str], per_prompt: int, *, steps: int, guidance: float, seed: int,
-                     device, progress: bool) -> torch.Tensor:
-    """The original model's images for each prompt, as latents (never decoded: the VAE is not needed)."""
+                     device, progress: bool, resolution: int, autocast=None, role: str = "anchor",
+                     on_prompt=None) -> torch.Tensor:
+    """The original model's images for each prompt, as latents (never decoded: the VAE is not needed).
+
+    `autocast` (a context-manager factory, e.g. `accelerator.autocast`) runs the pipeline in the
+    run's precision: under bf16/fp16 the frozen weights are stored in half precision, and a call
+    outside autocast would meet fp32 latents with them. `on_prompt(i, seconds)` hears of each prompt.
+    """
+    import contextlib
+    import time
+
     from tqdm.auto import tqdm
 
+    from .seeds import generator
+
+    side = resolution // pipe.vae_scale_factor
     out = []
-    for i, prompt in enumerate(tqdm(prompts, desc="generating anchor images", disable=not progress, leave=False)):
-        gen = torch.Generator("cpu").manual_seed(seed * 100003 + i)
-        shape = (per_prompt, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-        start = torch.randn(shape, generator=gen).to(device, pipe.unet.dtype)
-        images = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                      latents=start, output_type="latent").images
+    for i, prompt in enumerate(tqdm(prompts, desc=f"generating {role} images", disable=not progress, leave=False)):
+        t0 = time.perf_counter()
+        gen = generator(seed, i, 1 if role == "anchor" else 2)  # (run seed, prompt, which bank)
+        shape = (per_prompt, pipe.unet.config.in_channels, side, side)
+        start = torch.randn(shape, generator=gen).to(device, torch.float32)
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            images = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps,
+                          guidance_scale=guidance, latents=start, height=resolution, width=resolution,
+                          output_type="latent").images
         out.append(images.float())
+        if on_prompt is not None:
+            on_prompt(i, time.perf_counter() - t0)
     return torch.cat(out)
 
 
+CACHE_VERSION = 2  # 2: collision-free seeds, precision and resolution in the key
+
+
+def bank_key(*, base_digest: str, prompts: list[str], per_prompt: int, config, role: str, scheduler_config,
+             resolution: int) -> str:
+    """The cache key of generated latents: everything that changes the images."""
+    return hashlib.sha256(json.dumps({
+        "version": CACHE_VERSION, "base": base_digest, "prompts": prompts, "n": per_prompt,
+        "steps": config.anchor_inference_steps, "guidance": config.anchor_guidance, "seed": config.seed,
+        "role": role, "scheduler": {k: v for k, v in scheduler_config.items() if not k.startswith("_")},
+        "resolution": resolution, "precision": config.mixed_precision,
+    }, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 def build_bank(pipe, prompts: list[str], per_prompt: int, *, embed, config, base_digest: str, device,
-               cache_dir: Path, role: str) -> LatentBank:
+               cache_dir: Path, role: str, resolution: int, autocast=None, on_prompt=None) -> LatentBank:
     from .atomic import atomic_path
     from safetensors.torch import load_file, save_file
 
-    key = hashlib.sha256(json.dumps({
-        "base": base_digest, "prompts": prompts, "n": per_prompt, "steps": config.anchor_inference_steps,
-        "guidance": config.anchor_guidance, "seed": config.seed, "role": role,
-        "scheduler": {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")},
-        "size": pipe.unet.config.sample_size,
-    }, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    key = bank_key(base_digest=base_digest, prompts=prompts, per_prompt=per_prompt, config=config, role=role,
+                   scheduler_config=pipe.scheduler.config, resolution=resolution)
     path = cache_dir / f"{role}-{key}.safetensors"
     latents = None
     if path.is_file():
@@ -124,7 +151,8 @@ def build_bank(pipe, prompts: list[str], per_prompt: int, *, embed, config, base
     if latents is None:
         latents = generate_latents(pipe, prompts, per_prompt, steps=config.anchor_inference_steps,
                                    guidance=config.anchor_guidance, seed=config.seed, device=device,
-                                   progress=config.progress)
+                                   progress=config.progress, resolution=resolution, autocast=autocast, role=role,
+                                   on_prompt=on_prompt)
         try:
             with atomic_path(path) as tmp:
                 save_file({"latents": latents.cpu().contiguous()}, str(tmp))

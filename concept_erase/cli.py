@@ -291,6 +291,22 @@ def main(argv: list[str] | None = None) -> int:
         who = f" (process {rank})" if rank is not None else ""
         print(f"concept-erase: stopped{who}; resume a run with --resume latest", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"concept-erase: error: {crash_line(err)} (rerun with --debug for the details)", file=sys.stderr)
+        return 1
+
+
+def crash_line(err: BaseException) -> str:
+    """What failed, in one line: the error's kind and first line, and a hint for the usual causes."""
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    text = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    low = first.lower()
+    if isinstance(err, MemoryError) or "out of memory" in low:
+        text += "; out of memory: lower --resolution or --batch-size, add --gradient-checkpointing, or --train lora"
+    return text
 
 
 if __name__ == "__main__":

@@ -53,14 +53,23 @@ class EraseConfig:
     # optimisation
     steps: int = _f(400, "optimizer steps")
     lr: float = _f(1e-5, "learning rate (also the step size alpha_t in the EUPMU slack)")
-    optimizer: str = _f("adamw", "adamw, or sgd (plain gradient steps, no momentum: the step the paper's "
-                                 "constraint and UNGrad's closed-form lambda are written for; needs a far larger --lr)")
+    optimizer: str = _f("adamw", "adamw; adamw8bit (bitsandbytes' 8-bit AdamW states, CUDA only: a quarter of "
+                                 "AdamW's optimizer memory); or sgd (plain gradient steps, no momentum: the step the "
+                                 "paper's constraint and UNGrad's closed-form lambda are written for; needs a far larger --lr)")
     weight_decay: float = _f(0.0, "weight decay (0: decay would move weights the losses never asked to move)")
     max_grad_norm: float = _f(0.0, "clip the trained parameters' gradient norm after backward (0: off)")
     batch_size: int = _f(1, "forget samples per micro-batch")
     retain_batch_size: int = _f(2, "retain samples per micro-batch (eupmu-fast carries half of them over)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    mixed_precision: str = _f("no", "no, fp16 or bf16 (autocast; trained weights, lambda and losses stay fp32)")
+    mixed_precision: str = _f("no", "no, fp16 or bf16 (autocast; frozen weights stored in that precision; trained "
+                                    "weights, lambda and losses stay fp32). fp16 needs a CUDA GPU (its gradient scaler)")
+    resolution: int = _f(0, "training image side in pixels (0: the model's native size); anchor images, concept "
+                            "images and trajectories all follow it, e.g. 512 on a 1024 model to save memory")
+    gradient_checkpointing: bool = _f(False, "recompute the denoiser's activations in backward (the UNet's own "
+                                             "gradient checkpointing): less memory, about a third more time per step")
+    original_copy: str = _f("fp32", "how the trained subset's original values are kept for the original model's "
+                                    "predictions: fp32 (exact) or bf16 (half the memory; exact for the Linear and "
+                                    "convolution weights under --mixed-precision bf16, which casts them anyway)")
     seed: int = _f(0, "seed of every random draw of the run")
     lora_rank: int = _f(4, "LoRA rank (--train lora)")
     lora_alpha: float = _f(4.0, "LoRA alpha (--train lora)")
@@ -77,10 +86,12 @@ class EraseConfig:
     concept_images_per_prompt: int = _f(4, "images generated per concept prompt (remap loss)")
     anchor_inference_steps: int = _f(30, "DDIM steps when generating anchor images")
     anchor_guidance: float = _f(7.5, "guidance scale when generating anchor images")
-    cache_dir: str = _f("", "cache of generated anchor latents (default: ~/.cache/concept-erase)")
+    cache_dir: str = _f("", "cache of generated anchor and concept latents (default: $CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase)")
     # bookkeeping
     checkpoint_every: int = _f(100, "save a checkpoint every N steps (0: only at the end)")
-    checkpoints_total_limit: int = _f(2, "keep at most this many checkpoints (0: all)")
+    checkpoints_total_limit: int = _f(2, "keep at most this many checkpoints while training, and only the last once "
+                                            "the run has finished (0: keep all). At SD 1.5 scale one checkpoint of "
+                                            "--train full holds about 10 GB, xattn 0.5 GB")
     resume: str = _f("", "resume from 'latest' or a checkpoint folder")
     overwrite: bool = _f(False, "replace an output folder that already holds a run")
     allow_pickle: bool = _f(False, "allow loading a pickled .ckpt (it can run code)")
@@ -116,8 +127,19 @@ class EraseConfig:
                 raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.lr == 0:
             raise UserError("--lr must be positive")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise UserError(f"--optimizer must be adamw or sgd, not {self.optimizer!r}")
+        if self.optimizer not in ("adamw", "adamw8bit", "sgd"):
+            raise UserError(f"--optimizer must be adamw, adamw8bit or sgd, not {self.optimizer!r}")
+        if self.original_copy not in ("fp32", "bf16"):
+            raise UserError(f"--original-copy must be fp32 or bf16, not {self.original_copy!r}")
+        if self.original_copy == "bf16" and self.mixed_precision != "bf16":
+            raise UserError("--original-copy bf16 needs --mixed-precision bf16 (its autocast casts the copy; "
+                            "in fp32 the copy would round the original model's weights)")
+        if self.resolution < 0:
+            raise UserError(f"--resolution must be a number of pixels (0: the model's native size), not {self.resolution}")
+        from .seeds import MAX_SEED
+
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"--seed must be a whole number from 0 to 2^63 - 1, not {self.seed}")
         if self.beta_schedule not in ("cuberoot", "constant"):
             raise UserError("--beta-schedule must be cuberoot or constant")
         if self.slack_probe not in ("batch", "held-out"):

@@ -143,3 +143,21 @@ def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
             raise UserError(f"{source} has no {part}; concept-erase needs a complete Stable Diffusion pipeline")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch_dtype)
+
+
+def training_resolution(pipe, requested: int) -> int:
+    """The image side a run trains at: `requested`, or the model's native size when 0.
+
+    The VAE divides the side by its scale factor, and the UNet halves the latent once per down block
+    but the last; a side that does not divide evenly cannot go through both.
+    """
+    scale = pipe.vae_scale_factor
+    native = pipe.unet.config.sample_size * scale
+    if not requested:
+        return native
+    step = scale * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    if requested % step:
+        lower, upper = max(step, requested - requested % step), requested - requested % step + step
+        raise UserError(f"--resolution {requested}: this model needs a multiple of {step} pixels (its VAE divides "
+                        f"by {scale}, its UNet by {step // scale}); try {lower} or {upper} (native: {native})")
+    return requested

@@ -14,10 +14,14 @@ from torch.func import functional_call
 
 
 class OriginalModel:
-    def __init__(self, unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter], lora: bool):
+    def __init__(self, unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter], lora: bool,
+                 dtype: torch.dtype | None = None):
+        """`dtype` stores the copy in another precision (bf16: half the memory; only under a bf16
+        autocast, which casts Linear and convolution weights to bf16 anyway)."""
         self.unet = unet
         self.lora = lora
-        self.original = {} if lora else {n: p.detach().clone() for n, p in trained.items()}
+        self.original = {} if lora else {n: p.detach().to(dtype=dtype or p.dtype, copy=True)
+                                         for n, p in trained.items()}
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:

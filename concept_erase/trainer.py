@@ -23,6 +23,8 @@ from .banks import LatentBank, build_bank, build_caption_bank, tensor_digest
 from .config import EraseConfig, config_json
 from .controllers import LAMBDA_CONTROLLERS
 from .errors import TrainingDiverged, UserError
+from .loading import training_resolution
+from .hardware import check_device, describe_device, duration, estimate_step_seconds, make_optimizer
 from .losses import per_sample_mse
 from .objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
 from .original import OriginalModel
@@ -32,32 +34,42 @@ RUN_MARKERS = ("metrics.jsonl", "erased.safetensors", "checkpoints", "run.json")
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int, stream: int = 0) -> torch.Generator:
-    """Every random draw of a step comes from here: the same on any device, and after a resume."""
-    return torch.Generator("cpu").manual_seed(((seed * 1_000_003 + step) * 1009 + rank * 101 + micro) * 7 + stream)
+    """Every random draw of a step comes from here: the same on any device, and after a resume.
+
+    The stream is named by all of its coordinates (see `seeds`): no two (step, rank, micro-batch,
+    stream) share draws, whatever the number of ranks and micro-batches.
+    """
+    from .seeds import generator
+
+    return generator(seed, step, rank, micro, stream)
 
 
 class ErasureContext:
     """What objectives may use: the models (no-grad), the noise schedule, prompt embeddings, latent banks."""
 
-    def __init__(self, config: EraseConfig, pipe, accelerator, trained, base_digest: str):
+    def __init__(self, config: EraseConfig, pipe, accelerator, trained, base_digest: str, resolution: int,
+                 log=print):
         self.config = config
         self.pipe = pipe
         self.accelerator = accelerator
         self.device = accelerator.device
         self.unet = pipe.unet
-        self.original_model = OriginalModel(pipe.unet, trained, lora=config.train == "lora")
+        self.resolution = resolution
+        self.log = log
+        copy_dtype = torch.bfloat16 if config.original_copy == "bf16" else None
+        self.original_model = OriginalModel(pipe.unet, trained, lora=config.train == "lora", dtype=copy_dtype)
         self.scheduler_config = pipe.scheduler.config
         from diffusers import DDPMScheduler
 
         self.alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.float()
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-        c = pipe.unet.config
-        self.latent_shape = (c.in_channels, c.sample_size, c.sample_size)
+        side = resolution // pipe.vae_scale_factor
+        self.latent_shape = (pipe.unet.config.in_channels, side, side)
         self.template = torch.empty(0, device=self.device, dtype=torch.float32)
         self.base_digest = base_digest
         self._embeddings: dict[str, torch.Tensor] = {}
         self._anchor_bank: LatentBank | None = None
-        self.cache_dir = Path(config.cache_dir or Path.home() / ".cache" / "concept-erase").expanduser()
+        self.cache_dir = env.cache_root(config.cache_dir)
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
@@ -80,16 +92,23 @@ class ErasureContext:
             return self.original_model(x, t, emb)
 
     def latent_bank(self, prompts: list[str], per_prompt: int, role: str) -> LatentBank:
+        n = len(prompts)
+
+        def heard(i, seconds):  # the first prompt tells what the whole bank will cost
+            if i == 0 and n > 1:
+                self.log(f"{role} images: first prompt took {seconds:.1f} s; the {n} prompts will take about "
+                         f"{duration(seconds * n)} (cached afterwards)")
+
         return build_bank(self.pipe, list(prompts), per_prompt, embed=self.embed, config=self.config,
-                          base_digest=self.base_digest, device=self.device, cache_dir=self.cache_dir, role=role)
+                          base_digest=self.base_digest, device=self.device, cache_dir=self.cache_dir, role=role,
+                          resolution=self.resolution, autocast=self.accelerator.autocast, on_prompt=heard)
 
     def anchor_bank(self) -> LatentBank:
         if self._anchor_bank is None:
             cfg = self.config
             if cfg.retain_images:
-                size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
                 self._anchor_bank = build_caption_bank(self.pipe, cfg.retain_images, embed=self.embed,
-                                                       device=self.device, resolution=size)
+                                                       device=self.device, resolution=self.resolution)
             else:
                 self._anchor_bank = self.latent_bank(cfg.anchors, cfg.anchor_images_per_prompt, role="anchor")
         return self._anchor_bank
@@ -173,15 +192,21 @@ class Trainer:
         # group (PartialState) is kept.
         AcceleratorState._reset_state()
         self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        check_device(cfg, acc.device)
         self.output = Path(cfg.output)
         replace = check_output(self.output, overwrite=cfg.overwrite, resume=cfg.resume)
 
         # 1. Load the model; the frozen encoders in the run's precision.
+        t_load = time.perf_counter()
         if self.pipe is None:
             from .loading import load_pipeline
 
             self.pipe = load_pipeline(cfg.model, allow_pickle=cfg.allow_pickle, model_config=cfg.model_config)
         pipe = self.pipe
+        self.resolution = training_resolution(pipe, cfg.resolution)
+        if cfg.gradient_checkpointing and not getattr(pipe.unet, "_supports_gradient_checkpointing", False):
+            raise UserError(f"--gradient-checkpointing: this model's {type(pipe.unet).__name__} has no gradient "
+                            "checkpointing; run without the flag (or lower --resolution to save memory)")
         pipe.set_progress_bar_config(disable=True)
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         pipe.to(acc.device)
@@ -189,6 +214,7 @@ class Trainer:
         pipe.text_encoder.to(dtype=weight_dtype)
         pipe.unet.to(torch.float32)
         self.base_digest = tensor_digest(pipe.unet.state_dict())
+        self.log(describe_device(acc.device, cfg.mixed_precision, pipe.unet, time.perf_counter() - t_load))
 
         # 2. Freeze all but the chosen subset; keep only its original values. Under mixed precision
         #    the frozen UNet weights are stored in half precision too (as diffusers' LoRA scripts do);
@@ -203,7 +229,10 @@ class Trainer:
             for p in pipe.unet.parameters():
                 if id(p) not in trained_ids:
                     p.data = p.data.to(weight_dtype)
-        self.ctx = ErasureContext(cfg, pipe, acc, self.trained, self.base_digest)
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        self.ctx = ErasureContext(cfg, pipe, acc, self.trained, self.base_digest, self.resolution, log=self.log)
+        self._estimate_cost()
 
         # 3. Objectives: prompts are encoded and anchor latents made here, once.
         self.controller = LAMBDA_CONTROLLERS.get(cfg.method)(cfg)
@@ -217,8 +246,7 @@ class Trainer:
 
         # 4. Optimizer and Accelerate.
         params = list(self.trained.values())
-        make = torch.optim.SGD if cfg.optimizer == "sgd" else torch.optim.AdamW
-        self.optimizer = make(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(cfg, params)
         self.model, self.optimizer = acc.prepare(pipe.unet, self.optimizer)
         self.params = params
         self.carry: dict[int, tuple[RegressionBatch, torch.Tensor]] = {}
@@ -232,6 +260,28 @@ class Trainer:
         acc.wait_for_everyone()
         if cfg.resume:
             self._resume()
+
+    @torch.no_grad()
+    def _estimate_cost(self) -> None:
+        """Time one UNet call at the training size and say what set-up and a step will roughly cost."""
+        cfg, acc = self.config, self.accelerator
+        n = 2
+        x = torch.zeros((n, *self.ctx.latent_shape), device=acc.device)
+        t = torch.full((n,), 500, device=acc.device, dtype=torch.long)
+        emb = self.ctx.embed([""]).expand(n, -1, -1)
+        calls = 2 if acc.device.type == "cuda" else 1  # the first CUDA call pays for kernel selection
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            self.ctx.current(x, t, emb)
+            if acc.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+        per_sample = seconds / n
+        step = estimate_step_seconds(per_sample, cfg)
+        anchors = per_sample * 2 * cfg.anchor_images_per_prompt * cfg.anchor_inference_steps * len(cfg.anchors)
+        self.log(f"first UNet call ({n} samples at {self.resolution} px): {seconds:.2f} s. Rough estimate: "
+                 + ("" if cfg.retain_images else f"anchor images {duration(anchors)} unless cached, ")
+                 + f"one step {duration(step)}, {cfg.steps} steps {duration(step * cfg.steps)}")
 
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:
@@ -399,8 +449,11 @@ class Trainer:
                     loss_u = self._forward(fb).mean()
                     self._backward(loss_u / k)
                 sums["forget"] += loss_u.detach()
-            g_u = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            self.optimizer.zero_grad(set_to_none=True)
+            # Hand g_u's buffers over (no copy), then let backward make g_r: two gradient vectors at the
+            # peak, never three (the combined gradient is made in g_r's buffers, in place).
+            g_u = [p.grad for p in self.params]
+            for p in self.params:
+                p.grad = None
             for micro in range(k):
                 gen = step_generator(cfg.seed, step, rank, micro, stream=1)
                 rb, _ = self._retain_batch(gen, step, micro)
@@ -408,12 +461,20 @@ class Trainer:
                     loss_r = self._forward(rb).mean()
                     self._backward(loss_r / k)
                 sums["retain"] += loss_r.detach()
-            g_r = [p.grad.detach() if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            dot = sum(torch.sum(a.double() * b.double()) for a, b in zip(g_u, g_r))
-            norm_sq = sum(torch.sum(b.double() ** 2) for b in g_r)
-            lam = ctl.from_gradients(float(dot), float(norm_sq))
-            for p, a, b in zip(self.params, g_u, g_r):
-                p.grad = a + lam * b
+            g_r = [p.grad for p in self.params]
+            # Under fp16 both gradients carry the gradient scaler's factor S: <g_r, g_u> and ||g_r||^2 are
+            # S^2 too large, and eps would act as eps / S^2. The closed form takes them unscaled.
+            dot, norm_sq = surgery_products(g_u, g_r, grad_scale(acc))
+            lam = ctl.from_gradients(dot, norm_sq)
+            for i, p in enumerate(self.params):
+                a, g_u[i] = g_u[i], None  # each g_u buffer is released as soon as it is added
+                if p.grad is None:
+                    p.grad = a  # g_r is zero here: the combination is g_u alone
+                else:
+                    p.grad.mul_(lam)
+                    if a is not None:
+                        p.grad.add_(a)
+            del g_r
 
         if cfg.max_grad_norm > 0:  # clipping measures the norm (before clipping) already
             grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -533,7 +594,11 @@ class Trainer:
             bar.close()
             if metrics is not None:
                 metrics.close()
-        self._save_checkpoint(cfg.steps)
+        final = self._save_checkpoint(cfg.steps)
+        if acc.is_main_process and cfg.checkpoints_total_limit:  # a finished run keeps its last one only
+            for old in (self.output / "checkpoints").glob("step-*"):
+                if old != final and old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
         self._record_ranks()
         path = self.output / "erased.safetensors"
         if acc.is_main_process:
@@ -543,6 +608,31 @@ class Trainer:
                        steps=cfg.steps, lambda_final=self.controller.current())
         acc.wait_for_everyone()
         return path
+
+
+def grad_scale(accelerator) -> float:
+    """The factor the loss was multiplied by before backward (fp16's gradient scaler), else 1."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
+
+
+def surgery_products(g_u: list, g_r: list, scale: float = 1.0) -> tuple[float, float]:
+    """<g_r, g_u> and ||g_r||^2 of the true (unscaled) gradients, in fp64, over the trained subset.
+
+    `g_u` and `g_r` hold the gradients as backward left them, each multiplied by `scale`; a missing
+    gradient (None) counts as zeros.
+    """
+    dot, norm_sq = 0.0, 0.0
+    for a, b in zip(g_u, g_r):
+        if b is None:
+            continue
+        bd = b.double()
+        norm_sq += float(torch.sum(bd * bd))
+        if a is not None:
+            dot += float(torch.sum(a.double() * bd))
+    return dot / scale**2, norm_sq / scale**2
 
 
 def _peer_lost(err: BaseException) -> bool:

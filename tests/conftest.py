@@ -4,6 +4,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Never the user's ~/.cache: a module-scoped fixture (made before any test's own folder exists) caches
+# here; every test overrides it with a folder of its own (own_default_cache below).
+import tempfile  # noqa: E402
+
+os.environ["CONCEPT_ERASE_CACHE"] = tempfile.mkdtemp(prefix="concept-erase-test-cache-")
 
 import copy  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -27,6 +32,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def own_default_cache(tmp_path, monkeypatch):
+    """Every test, and every process it starts, caches under its own folder, never ~/.cache."""
+    monkeypatch.setenv("CONCEPT_ERASE_CACHE", str(tmp_path / "default-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe():
     from concept_erase.tiny import build_tiny_pipeline
@@ -47,9 +58,11 @@ def tiny_dir(tiny_pipe, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+@pytest.fixture()
+def cache_dir(tmp_path) -> Path:
+    """A test's own image cache: no test may find images another test generated (a cold cache is a
+    path of its own: precision, resolution and seeds all shape the images)."""
+    return tmp_path / "image-cache"
 
 
 @pytest.fixture()

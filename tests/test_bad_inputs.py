@@ -26,11 +26,11 @@ def assert_refused(code, err, message, out, before):
 
 
 @pytest.fixture(scope="module")
-def good(tiny_dir, cache_dir, tmp_path_factory):
+def good(tiny_dir, tmp_path_factory):
     """A finished run, its export and a sample folder: the good results a bad input must not touch."""
     root = tmp_path_factory.mktemp("good")
     run = root / "run"
-    assert main(base_args(tiny_dir, run, cache_dir)) == 0
+    assert main(base_args(tiny_dir, run, root / "image-cache")) == 0
     assert main(["export", str(run), "--format", "diffusers", "--output", str(root / "pipe")]) == 0
     assert main(["sample", "--model", str(tiny_dir), "--weights", str(run / "erased.safetensors"), "--prompt", "x",
                  "--seeds", "0", "--steps", "2", "--output", str(root / "samples")]) == 0

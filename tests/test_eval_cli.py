@@ -37,9 +37,9 @@ metrics:
     return path
 
 
-@pytest.fixture(scope="module")
-def fid_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("evalcache"))
+@pytest.fixture()
+def fid_cache(tmp_path):
+    return str(tmp_path / "evalcache")
 
 
 def run(suite, out, cache, *extra):

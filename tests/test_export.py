@@ -27,13 +27,13 @@ def _run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir, name, **settings):
 
 
 @pytest.fixture(scope="module")
-def xattn_run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir):
-    return _run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir, "x", method="fixed", lambda_init=1.0)
+def xattn_run(tiny_pipe, tmp_path_factory, tiny_dir):
+    return _run(tiny_pipe, tmp_path_factory, tmp_path_factory.mktemp("cache"), tiny_dir, "x", method="fixed", lambda_init=1.0)
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir):
-    return _run(tiny_pipe, tmp_path_factory, cache_dir, tiny_dir, "l", method="eupmu", train="lora", lora_rank=2,
+def lora_run(tiny_pipe, tmp_path_factory, tiny_dir):
+    return _run(tiny_pipe, tmp_path_factory, tmp_path_factory.mktemp("cache"), tiny_dir, "l", method="eupmu", train="lora", lora_rank=2,
                 lora_alpha=4.0)
 
 

@@ -101,7 +101,9 @@ def convert_torchscript(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _cache_root(cache_dir: str | None) -> Path:
-    return Path(cache_dir or Path.home() / ".cache" / "concept-erase").expanduser()
+    from ..env import cache_root
+
+    return cache_root(cache_dir)
 
 
 def inception_weights(given: str = "", cache_dir: str | None = None) -> tuple[Path, str]:
