@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (default: the one the run was made from)")
     p.add_argument("--model-config", default="", help="configs for a single-file base model")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank when factoring a non-LoRA run (--format lora)")
+    p.add_argument("--exact-svd", action="store_true",
+                   help="factor with the exact SVD (default: randomized SVD for matrices of 256 or more rows and columns)")
+    p.add_argument("--no-lora-bias", dest="lora_bias", action="store_false",
+                   help="leave changed biases out of the LoRA (they are carried as lora_B.bias by default, which "
+                        "load_lora_weights reads but fuse_lora and A1111 cannot use)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--allow-other-base", action="store_true", help="apply even if the base model's digest differs")
     p.add_argument("--allow-pickle", action="store_true")
@@ -242,14 +247,24 @@ def _export(args) -> None:
                                model_config=args.model_config)
         print(f"pipeline written to {out} (StableDiffusionPipeline.from_pretrained loads it)")
     else:
+        if args.rank < 1:
+            raise UserError(f"--rank must be at least 1, not {args.rank}")
         summary = export_lora(args.run, args.output, model=args.model, rank=args.rank, overwrite=args.overwrite,
-                              allow_pickle=args.allow_pickle, model_config=args.model_config)
+                              allow_pickle=args.allow_pickle, model_config=args.model_config, exact_svd=args.exact_svd,
+                              lora_bias=args.lora_bias)
         print(f"LoRA weights written to {args.output} (pipe.load_lora_weights loads them)")
-        if summary.get("dropped"):
-            print(f"note: {len(summary['dropped'])} changed tensor(s) are not Linear weights and are not in the LoRA, "
-                  f"e.g. {summary['dropped'][0]}")
         if "max_relative_error" in summary:
-            print(f"rank-{summary['rank']} factorisation: largest relative error {summary['max_relative_error']:.3g}")
+            print(f"rank-{summary['rank']} factorisation: largest relative error on a weight "
+                  f"{summary['max_relative_error']:.3g}; {summary['biases_carried']} changed bias(es) carried as lora_B.bias")
+        if "output_change_kept" in summary:
+            kept = summary["output_change_kept"]
+            print(f"read back with load_lora_weights: it carries {kept:.1%} of the erasure's change in the UNet's "
+                  "output (concept prompts, four timesteps)")
+            if summary.get("dropped") or kept < 0.95:
+                what = (f"{len(summary['dropped'])} changed tensor(s) no LoRA can hold (e.g. {summary['dropped'][0]}) "
+                        "are left out" if summary.get("dropped") else "the factorisation loses part of it")
+                print(f"note: {what}. For the whole erasure export --format diffusers or single-file, or use "
+                      "erased.safetensors with concept_erase.apply(); or raise --rank.")
 
 
 def _sample(args) -> None:

@@ -90,21 +90,60 @@ def test_lora_run_applies_and_exports_for_load_lora_weights(lora_run, tiny_pipe,
 
 
 def test_lora_factorisation_of_a_subset_run(xattn_run, tiny_pipe, tmp_path, tiny_dir):
+    """At full rank the LoRA, changed biases included (lora_B.bias), is the trained model again,
+    read back by diffusers' own load_lora_weights."""
     out, trained = xattn_run
+    tensors, _ = read_delta(out)
+    assert any(n.endswith(".bias") and not torch.equal(t, tiny_pipe.unet.state_dict()[n]) for n, t in tensors.items())
     summary = export_lora(out, tmp_path / "lora", model=str(tiny_dir), rank=64)
-    assert summary["max_relative_error"] < 1e-4  # full rank: exact
-    assert summary["dropped"]  # the changed out-projection biases cannot be LoRA
+    assert summary["max_relative_error"] < 1e-4 and summary["dropped"] == [] and summary["biases_carried"] > 0
+    assert summary["output_change_kept"] > 0.999
     fresh = copy.deepcopy(tiny_pipe)
     fresh.load_lora_weights(str(tmp_path / "lora"))
     probe = unet_probe(tiny_pipe.unet)
-    # the LoRA plus the reported (dropped) bias changes is the trained model again
-    assert not torch.allclose(unet_out(fresh.unet, probe), unet_out(trained.unet, probe), atol=1e-4)
-    tensors, _ = read_delta(out)
-    with torch.no_grad():
-        for name, p in fresh.unet.named_parameters():
-            if name.replace(".base_layer", "") in summary["dropped"]:
-                p.copy_(tensors[name.replace(".base_layer", "")])
     torch.testing.assert_close(unet_out(fresh.unet, probe), unet_out(trained.unet, probe), rtol=1e-4, atol=1e-5)
+
+
+def test_lora_at_low_rank_or_without_biases_reports_the_output_change_it_loses(xattn_run, tmp_path, tiny_dir):
+    out, _ = xattn_run
+    summary = export_lora(out, tmp_path / "lora", model=str(tiny_dir), rank=1)
+    assert summary["max_relative_error"] > 0.01
+    assert 0 < summary["output_change_kept"] < 0.999
+    no_bias = export_lora(out, tmp_path / "lora-nb", model=str(tiny_dir), rank=64, lora_bias=False)
+    assert no_bias["dropped"] and all(n.endswith(".bias") for n in no_bias["dropped"])
+    assert no_bias["output_change_kept"] < 0.999 and no_bias["biases_carried"] == 0
+
+
+def test_lora_of_convolutions_and_what_no_lora_can_hold(tiny_pipe, tmp_path, tiny_dir):
+    """--train noxattn changes convolutions (factored as conv LoRA) and normalisation weights (listed)."""
+    from concept_erase.export import lora_from_delta
+
+    base = tiny_pipe.unet.state_dict()
+    g = torch.Generator().manual_seed(0)
+    names = ["conv_in.weight", "conv_in.bias", "down_blocks.0.resnets.0.norm1.weight",
+             "down_blocks.0.resnets.0.conv1.weight"]
+    tensors = {n: base[n] + 0.01 * torch.randn(base[n].shape, generator=g) for n in names}
+    state, dropped, errs = lora_from_delta(tensors, base, rank=1000)
+    assert dropped == ["down_blocks.0.resnets.0.norm1.weight"]
+    assert state["conv_in.lora_A.weight"].dim() == 4 and state["conv_in.lora_B.weight"].shape[-2:] == (1, 1)
+    assert "conv_in.lora_B.bias" in state and max(errs) < 1e-4
+    a, b = state["down_blocks.0.resnets.0.conv1.lora_A.weight"], state["down_blocks.0.resnets.0.conv1.lora_B.weight"]
+    rebuilt = (b.flatten(1) @ a.flatten(1)).reshape(base["down_blocks.0.resnets.0.conv1.weight"].shape)
+    torch.testing.assert_close(rebuilt, tensors["down_blocks.0.resnets.0.conv1.weight"] -
+                               base["down_blocks.0.resnets.0.conv1.weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_randomized_factorisation_is_within_tolerance_of_the_exact_one():
+    from concept_erase.export import factor_delta
+
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(640, 24, generator=g) @ torch.randn(24, 768, generator=g)  # a rank-24 change plus noise
+    delta = low + 0.05 * torch.randn(640, 768, generator=g)
+    for rank in (4, 16):
+        _, _, exact = factor_delta(delta, rank, exact=True)
+        b, a, fast = factor_delta(delta, rank)
+        assert b.shape == (640, rank) and a.shape == (rank, 768)
+        assert fast <= exact + 0.01, (rank, fast, exact)
 
 
 def test_apply_refuses_another_base_model(xattn_run):
