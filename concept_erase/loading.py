@@ -142,7 +142,10 @@ def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
         if getattr(pipe, part, None) is None:
             raise UserError(f"{source} has no {part}; concept-erase needs a complete Stable Diffusion pipeline")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(torch_dtype)
+    parts = (pipe.unet, pipe.vae, pipe.text_encoder)
+    if any(p.dtype != torch_dtype for m in parts for p in m.parameters()):  # .to() warns even when nothing changes
+        pipe.to(torch_dtype)
+    return pipe
 
 
 def training_resolution(pipe, requested: int) -> int:

@@ -1,0 +1,338 @@
+"""SD-scale check: the toolkit on pipelines shaped like SD 1.5 and SD 2.1, with random weights.
+
+No download: the UNet is diffusers' own default UNet2DConditionModel config (SD 1.x's layout) with
+SD 1.5's or SD 2.1's cross-attention settings, the VAE is SD's four-level AutoencoderKL, the text
+encoder a CLIP text model of SD 1.5's size (768 wide, 12 layers) or SD 2.1's OpenCLIP-H size (1024
+wide, 23 layers), and SD 2.1 is v-prediction. Random weights prove shapes, memory, formats and time
+per step, not image quality.
+
+On each model it runs every shipped `pipelines/sd15-*.yaml` recipe for 2 steps at --resolution 128
+under bf16, then every method and every --train subset once, and a plain fine-tuning step of each
+subset as the memory yardstick. It reports load, anchor-generation and first-step times, peak
+memory (process peak resident size above the loaded model, VmHWM reset before each run), checkpoint
+size on disk, and exports every format, reading each back with diffusers' own readers.
+
+Stays out of CI (too heavy). Usage:
+    python scripts/scale_check.py --output runs/scale [--models sd15,sd21]
+To keep it under 30 minutes on 2 CPU cores, the recipes' sampling lengths are cut (trajectory
+--sampling-steps 4, anchors --anchor-inference-steps 2 with 2 images per prompt); the rest of each
+recipe is as shipped. Writes OUTPUT/scale.json and OUTPUT/scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CUT = {"sampling_steps": 4, "anchor_inference_steps": 2, "anchor_images_per_prompt": 2}
+METHODS = ["eupmu", "eupmu-fast", "ungrad", "fixed", "esd"]
+RESOLUTION = 128
+SUBSETS = ["xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora"]
+
+
+def build(kind: str):
+    """An SD-1.5- or SD-2.1-shaped pipeline with seeded random weights, from configs."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from concept_erase.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    if kind == "tiny":  # a dry run of this script in a minute
+        from concept_erase.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline()
+    if kind == "sd15":
+        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+        text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
+        prediction = "epsilon"
+    else:  # SD 2.1: linear projections, per-level head dims, OpenCLIP-H text encoder, v-prediction at 768
+        unet = UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                    use_linear_projection=True)
+        text = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                              max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=512)
+        prediction = "v_prediction"
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512 if kind == "sd15" else 768)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=CLIPTextModel(text), tokenizer=load_clip_tokenizer(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def rss_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak() -> int:
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return rss_kb("VmRSS")
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Timeline:
+    """Collects the trainer's log lines with the time they came."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.lines: list[tuple[float, str]] = []
+
+    def __call__(self, message: str) -> None:
+        self.lines.append((time.perf_counter() - self.t0, message))
+        print(f"    {message}", flush=True)
+
+
+def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str) -> dict:
+    from concept_erase.config import build_config
+    from concept_erase.trainer import Trainer
+
+    settings = {**settings, **CUT, "model": str(model_dir), "output": str(out), "steps": 2, "resolution": RESOLUTION,
+                "mixed_precision": "bf16", "cache_dir": str(cache), "progress": False, "overwrite": True,
+                "checkpoint_every": 1}
+    cfg = build_config(settings, {}, source=label)
+    base = reset_peak()
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg)
+    timeline = Timeline()
+    trainer.log = timeline
+    steps: list[float] = []
+    trainer.on_step = lambda done, tr: steps.append(time.perf_counter())
+    trainer.run()
+    total = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loaded = next((t for t, m in timeline.lines if m.startswith("device:")), None)
+    first_call = next((t for t, m in timeline.lines if m.startswith("first UNet call")), None)
+    ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
+    result = {"label": label, "method": cfg.method, "train": cfg.train, "total_s": round(total, 1),
+              "load_s": round(loaded, 1) if loaded is not None else None,
+              "setup_s": round(steps[0] - t0 - rows[0]["step_time_s"], 1),
+              "first_step_s": round(rows[0]["step_time_s"], 1), "second_step_s": round(rows[1]["step_time_s"], 1),
+              "peak_extra_mb": round((rss_kb("VmHWM") - base) / 1024), "checkpoint_mb": round(folder_bytes(ckpt) / 2**20),
+              "delta_mb": round((out / "erased.safetensors").stat().st_size / 2**20, 1),
+              "estimate": next((m for _, m in timeline.lines if m.startswith("first UNet call")), ""),
+              "first_call_at_s": round(first_call, 1) if first_call is not None else None,
+              "trained_mb": round(sum(p.numel() for p in trainer.trained.values()) * 4 / 2**20)}
+    del trainer
+    gc.collect()
+    return result
+
+
+def plain_one(model_dir: Path, subset: str, label: str) -> dict:
+    """A plain denoising fine-tuning step of the same subset and batch, under bf16: the memory yardstick."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from concept_erase.loading import load_pipeline
+    from concept_erase.subsets import select_trainable
+
+    base = reset_peak()
+    pipe = load_pipeline(str(model_dir))
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision="bf16")
+    unet = pipe.unet
+    trained = select_trainable(unet, subset, lora_rank=8, lora_alpha=8)
+    ids = {id(p) for p in trained.values()}
+    for p in unet.parameters():
+        if id(p) not in ids:
+            p.data = p.data.to(torch.bfloat16)
+    opt = torch.optim.AdamW(list(trained.values()), lr=1e-5)
+    with torch.no_grad():
+        tok = pipe.tokenizer(["a painting"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        emb = pipe.text_encoder(tok)[0]
+    n, side = 3, RESOLUTION // pipe.vae_scale_factor  # forget batch 1 + retain batch 2, as the recipes
+    acp = pipe.scheduler.alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(2):
+        x0 = torch.randn((n, 4, side, side), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, len(acp), (n,), generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        with acc.autocast():
+            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=emb.expand(n, -1, -1)).sample
+        torch.nn.functional.mse_loss(pred.float(), noise).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out = {"label": label, "method": "plain", "train": subset, "total_s": round(time.perf_counter() - t0, 1),
+           "peak_extra_mb": round((rss_kb("VmHWM") - base) / 1024),
+           "trained_mb": round(sum(p.numel() for p in trained.values()) * 4 / 2**20)}
+    del pipe, unet, opt, trained
+    gc.collect()
+    return out
+
+
+def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: Path) -> list[dict]:
+    """Every export of an xattn run (and the LoRA run's), read back with diffusers' own readers."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from concept_erase.errors import UserError
+    from concept_erase.export import export_diffusers, export_lora, export_single_file, read_delta
+
+    base = UNet2DConditionModel.from_pretrained(str(model_dir / "unet")).state_dict()
+    tensors, _ = read_delta(run)
+    out = []
+
+    def differing(state: dict) -> set:
+        return {n for n, v in state.items() if n in base and not torch.equal(v.float(), base[n].float())}
+
+    t0 = time.perf_counter()
+    folder = export_diffusers(run, work / "diffusers", overwrite=True)
+    back = StableDiffusionPipeline.from_pretrained(str(folder)).unet.state_dict()
+    diff = differing(back)
+    out.append({"format": "diffusers", "seconds": round(time.perf_counter() - t0, 1), "mb": round(folder_bytes(folder) / 2**20),
+                "reader": "StableDiffusionPipeline.from_pretrained", "only_trained_differ": diff == set(tensors),
+                "differing": len(diff), "trained": len(tensors)})
+    shutil.rmtree(folder)
+    t0 = time.perf_counter()
+    try:
+        path = export_single_file(run, work / "single.safetensors", overwrite=True)
+        back = StableDiffusionPipeline.from_single_file(str(path), config=str(model_dir)).unet.state_dict()
+        diff = differing(back)
+        out.append({"format": "single-file", "seconds": round(time.perf_counter() - t0, 1),
+                    "mb": round(path.stat().st_size / 2**20), "reader": "StableDiffusionPipeline.from_single_file",
+                    "only_trained_differ": diff == set(tensors), "differing": len(diff), "trained": len(tensors)})
+        path.unlink()
+    except UserError as err:
+        out.append({"format": "single-file", "refused": str(err)})
+    for name, source in (("lora (factored xattn run)", run), ("lora (LoRA run)", lora_run)):
+        t0 = time.perf_counter()
+        summary = export_lora(source, work / "lora", overwrite=True)
+        pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
+        pipe.load_lora_weights(str(work / "lora"))
+        out.append({"format": name, "seconds": round(time.perf_counter() - t0, 1),
+                    "mb": round(folder_bytes(work / "lora") / 2**20, 1), "reader": "load_lora_weights",
+                    **{k: v for k, v in summary.items() if k != "dropped"}, "dropped": len(summary.get("dropped", []))})
+        del pipe
+        shutil.rmtree(work / "lora")
+    return out
+
+
+def check_model(kind: str, root: Path) -> dict:
+    print(f"== {kind}: building the pipeline from configs", flush=True)
+    t0 = time.perf_counter()
+    model_dir = root / f"{kind}-model"
+    if not (model_dir / "model_index.json").is_file():
+        pipe = build(kind)
+        pipe.save_pretrained(str(model_dir))
+        del pipe
+        gc.collect()
+    built = time.perf_counter() - t0
+    from concept_erase.config import load_yaml
+
+    cache = root / f"{kind}-cache"
+    runs, plains = [], []
+    recipes = sorted((ROOT / "pipelines").glob("sd15-*.yaml"))
+    for recipe in recipes:
+        settings = load_yaml(recipe)
+        settings.pop("model", None)
+        label = recipe.stem
+        print(f"== {kind}: recipe {label}", flush=True)
+        runs.append({**run_one(model_dir, settings, root / f"{kind}-{label}", cache, label), "recipe": str(recipe.name)})
+    xattn = load_yaml(ROOT / "pipelines" / "sd15-style-vangogh.yaml")
+    xattn.pop("model", None)
+    for method in METHODS[1:]:
+        print(f"== {kind}: method {method} (xattn)", flush=True)
+        runs.append(run_one(model_dir, {**xattn, "method": method}, root / f"{kind}-m-{method}", cache, method))
+    for subset in ("xattn-kv", "selfattn", "full"):
+        print(f"== {kind}: eupmu on {subset}", flush=True)
+        runs.append(run_one(model_dir, {**xattn, "train": subset}, root / f"{kind}-s-{subset}", cache, f"eupmu {subset}"))
+    print(f"== {kind}: ungrad on full", flush=True)
+    runs.append(run_one(model_dir, {**xattn, "method": "ungrad", "train": "full"}, root / f"{kind}-ungrad-full", cache,
+                        "ungrad full"))
+    for subset in SUBSETS:
+        print(f"== {kind}: plain fine-tuning of {subset}", flush=True)
+        plains.append(plain_one(model_dir, subset, f"plain {subset}"))
+    print(f"== {kind}: exports", flush=True)
+    exports = check_exports(kind, model_dir, root / f"{kind}-sd15-style-vangogh", root / f"{kind}-sd15-object-church",
+                            root / f"{kind}-exports")
+    for r in runs:
+        shutil.rmtree(root / f"{kind}-{r['label']}", ignore_errors=True)
+    return {"model": kind, "build_s": round(built, 1), "runs": runs, "plain": plains, "exports": exports}
+
+
+def report(results: list[dict], command: str, seconds: float) -> str:
+    lines = ["# Scale check (random weights, SD-1.5 and SD-2.1 shapes)", "",
+             f"Command: `{command}`; {seconds / 60:.1f} min on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+             f"bf16 autocast, --resolution {RESOLUTION}, 2 steps per run; sampling cut to trajectory 4 / anchors 2 steps, "
+             "2 anchor images per prompt.", ""]
+    for res in results:
+        plain = {p["train"]: p for p in res["plain"]}
+        lines += [f"## {res['model']}", "",
+                  "| run | method | train | load s | set-up s (anchors incl.) | step 1 s | step 2 s | peak above model MB | "
+                  "plain same subset MB | ratio | checkpoint MB | delta MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["runs"]:
+            p = plain.get(r["train"], {})
+            ratio = f"{r['peak_extra_mb'] / p['peak_extra_mb']:.2f}" if p.get("peak_extra_mb") else "-"
+            lines.append(f"| {r['label']} | {r['method']} | {r['train']} | {r['load_s']} | {r['setup_s']} | "
+                         f"{r['first_step_s']} | {r['second_step_s']} | {r['peak_extra_mb']} | {p.get('peak_extra_mb', '-')} | "
+                         f"{ratio} | {r['checkpoint_mb']} | {r['delta_mb']} |")
+        full = {r["method"]: r for r in res["runs"] if r["train"] == "full"}
+        if "eupmu" in full and "ungrad" in full:
+            gap = full["ungrad"]["peak_extra_mb"] - full["eupmu"]["peak_extra_mb"]
+            lines += ["", f"--train full: ungrad peak - eupmu peak = {gap} MB; one fp32 gradient vector of the subset = "
+                          f"{full['eupmu']['trained_mb']} MB: {'met' if gap >= full['eupmu']['trained_mb'] else 'MISSED'}"]
+        lines += ["", "| export | read back by | seconds | MB | result |", "|---|---|---|---|---|"]
+        for e in res["exports"]:
+            if "refused" in e:
+                lines.append(f"| {e['format']} | - | - | - | refused: {e['refused']} |")
+                continue
+            if "only_trained_differ" in e:
+                what = (f"only the {e['trained']} trained tensors differ from the base" if e["only_trained_differ"]
+                        else f"MISMATCH: {e['differing']} tensors differ, {e['trained']} trained")
+            else:
+                what = (f"carries {e['output_change_kept']:.1%} of the output change; weight error "
+                        f"{e['max_relative_error']:.3g}; {e['biases_carried']} biases carried; {e['dropped']} dropped"
+                        if "output_change_kept" in e else "the LoRA run's adapter as trained")
+            lines.append(f"| {e['format']} | {e['reader']} | {e['seconds']} | {e['mb']} | {what} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default="runs/scale")
+    parser.add_argument("--models", default="sd15,sd21", help="sd15, sd21, or tiny (a dry run of the script)")
+    parser.add_argument("--resolution", type=int, default=128)
+    args = parser.parse_args()
+    global RESOLUTION
+    RESOLUTION = args.resolution
+    root = Path(args.output)
+    root.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(ROOT))
+    t0 = time.perf_counter()
+    results = []
+    for kind in args.models.split(","):
+        results.append(check_model(kind, root))
+        (root / "scale.json").write_text(json.dumps(results, indent=2))
+    command = "python scripts/scale_check.py " + " ".join(sys.argv[1:])
+    (root / "scale.md").write_text(report(results, command, time.perf_counter() - t0))
+    print(f"report: {root / 'scale.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
