@@ -231,6 +231,12 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
     return out
 
 
+def _progress(root: Path, kind: str, rows: list) -> None:
+    """Each finished run is written at once: a check cut short keeps what it measured."""
+    (root / f"{kind}-partial.json").write_text(json.dumps(rows, indent=2))
+    print(f"    result: {json.dumps(rows[-1])}", flush=True)
+
+
 def check_model(kind: str, root: Path) -> dict:
     print(f"== {kind}: building the pipeline from configs", flush=True)
     t0 = time.perf_counter()
@@ -252,20 +258,25 @@ def check_model(kind: str, root: Path) -> dict:
         label = recipe.stem
         print(f"== {kind}: recipe {label}", flush=True)
         runs.append({**run_one(model_dir, settings, root / f"{kind}-{label}", cache, label), "recipe": str(recipe.name)})
+        _progress(root, kind, runs)
     xattn = load_yaml(ROOT / "pipelines" / "sd15-style-vangogh.yaml")
     xattn.pop("model", None)
     for method in METHODS[1:]:
         print(f"== {kind}: method {method} (xattn)", flush=True)
         runs.append(run_one(model_dir, {**xattn, "method": method}, root / f"{kind}-m-{method}", cache, method))
+        _progress(root, kind, runs)
     for subset in ("xattn-kv", "selfattn", "full"):
         print(f"== {kind}: eupmu on {subset}", flush=True)
         runs.append(run_one(model_dir, {**xattn, "train": subset}, root / f"{kind}-s-{subset}", cache, f"eupmu {subset}"))
+        _progress(root, kind, runs)
     print(f"== {kind}: ungrad on full", flush=True)
     runs.append(run_one(model_dir, {**xattn, "method": "ungrad", "train": "full"}, root / f"{kind}-ungrad-full", cache,
                         "ungrad full"))
+    _progress(root, kind, runs)
     for subset in SUBSETS:
         print(f"== {kind}: plain fine-tuning of {subset}", flush=True)
         plains.append(plain_one(model_dir, subset, f"plain {subset}"))
+        _progress(root, kind, runs + plains)
     print(f"== {kind}: exports", flush=True)
     exports = check_exports(kind, model_dir, root / f"{kind}-sd15-style-vangogh", root / f"{kind}-sd15-object-church",
                             root / f"{kind}-exports")
