@@ -92,6 +92,7 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        _share(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -106,3 +107,83 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _share(folder: Path) -> None:
+    """mkdtemp makes a private folder (0700): give it, and any private file in it, the modes an ordinary
+    mkdir and write would (0777 / 0666 less the umask), so that another user (a web UI) can read them."""
+    os.chmod(folder, 0o777 & ~_UMASK)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            p = os.path.join(root, name)
+            if os.stat(p).st_mode & 0o777 == 0o700:
+                os.chmod(p, 0o777 & ~_UMASK)
+        for name in files:
+            p = os.path.join(root, name)
+            if os.stat(p).st_mode & 0o777 == 0o600:
+                os.chmod(p, 0o666 & ~_UMASK)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists, owned by someone else
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike, log=None) -> Iterator[None]:
+    """Hold the one-writer lock of an output path for the duration of the block.
+
+    The lock is `.NAME.lock` beside the output, held with `flock` and holding the holder's PID. The
+    operating system drops the lock when its process dies, so a lock left by a killed process is
+    simply taken over (and said so). A second process is refused with a message naming the holder.
+    Written by hand rather than with `filelock`, which does not expose the holder's PID (it truncates
+    the lock file on every attempt). Without `fcntl` (Windows) no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not a platform the toolkit trains on
+        yield
+        return
+    target = Path(target)
+    lock = target.with_name(f".{target.name}.lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _explain(err, target) from err
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise _explain(err, lock) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise UserError(f"{target} is being written by {who} (lock {lock}); wait for it to finish, stop it, "
+                            "or choose another --output") from None
+        try:  # the file may have been removed by the holder that just released it: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    previous = os.read(fd, 64).decode(errors="replace").strip()
+    if previous.isdigit() and int(previous) != os.getpid() and log is not None:
+        log(f"took over the lock of {target} left by process {previous}, which is "
+            + ("still running but no longer holds it" if _pid_alive(int(previous)) else "no longer running"))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)

@@ -515,14 +515,19 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
                     raise UserError(f"--concepts: {c!r} is neither a digit nor a style ({', '.join(STYLES[1:])})")
         setattr(spec, key, value)
     output = Path(output)
-    (output / "runs").mkdir(parents=True, exist_ok=True)
-    base = load_pipeline("builtin:digits")
-    base.set_progress_bar_config(disable=True)
     runs = plan(spec)
     if only:
         runs = [r for r in runs if r[0] in only]
         if not runs:
             raise UserError(f"--only {', '.join(only)} names no run of {config_path}")
+    if report_only:
+        if not (output / "runs").is_dir():
+            raise UserError(f"no finished run in {output / 'runs'} to report")
+        base = None
+    else:
+        (output / "runs").mkdir(parents=True, exist_ok=True)
+        base = load_pipeline("builtin:digits")
+        base.set_progress_bar_config(disable=True)
     results, judgings, base_evals = [], {}, {}
     started = time.time()
     for i, (label, overrides, concept, seed) in enumerate(runs):

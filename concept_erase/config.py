@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import UserError
+from .options import IN_DIR, MAX_SEED, OUT_DIR, check_fields, setting
 
 TRAINABLE_SUBSETS = ("xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora")
 
 
-def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+_f = setting
 
 
 @dataclass
@@ -29,69 +27,86 @@ class EraseConfig:
     # what to erase, from what
     model: str = _f("", "Stable Diffusion model: a diffusers folder, a hub id, a single-file .safetensors "
                         "(or .ckpt with --allow-pickle), or builtin:tiny")
-    concepts: list = _f([], "concept prompt(s) to erase, e.g. 'van gogh' (repeat --concept for several)")
-    anchors: list = _f([], "anchor prompt(s) whose images must survive, e.g. 'a painting' (repeat --anchor)")
-    output: str = _f("", "run folder: checkpoints, metrics.jsonl, erased.safetensors")
+    concepts: list = _f([], "concept prompt(s) to erase, e.g. 'van gogh' (repeat --concept for several)",
+                        flag="concept", nonempty=True, metavar="PROMPT")
+    anchors: list = _f([], "anchor prompt(s) whose images must survive, e.g. 'a painting' (repeat --anchor)",
+                       flag="anchor", nonempty=True, metavar="PROMPT")
+    output: str = _f("", "run folder: checkpoints, metrics.jsonl, erased.safetensors", path=OUT_DIR)
     # the method
     method: str = _f("eupmu", "lambda controller: eupmu, eupmu-fast, ungrad, fixed, esd")
-    train: str = _f("xattn", "what is trained: " + ", ".join(TRAINABLE_SUBSETS))
+    train: str = _f("xattn", "what is trained: " + ", ".join(TRAINABLE_SUBSETS), choices=TRAINABLE_SUBSETS)
     forget_loss: str = _f("negative-guidance", "forget loss: negative-guidance or remap")
     retain_loss: str = _f("denoising", "retain loss on anchor latents")
-    remap_to: list = _f([], "for --forget-loss remap: the prompt(s) each concept is remapped to")
+    remap_to: list = _f([], "for --forget-loss remap: the prompt(s) each concept is remapped to",
+                        flag="remap-to", nonempty=True, metavar="PROMPT")
     relative_to: list = _f([], "for --forget-loss negative-guidance: erase each concept relative to this prompt "
                                "instead of the empty one (one for all, or one per --concept), e.g. the caption "
-                               "without the style: the target becomes e(ref) - eta * (e(concept) - e(ref))")
-    eta: float = _f(1.0, "negative-guidance scale: the target is e0 - eta * (ec - e0)")
-    eps: float = _f(0.0, "tolerance eps: the retain loss may rise by at most lr * eps per step (eupmu, ungrad)")
-    beta: float = _f(1e-3, "step size of the lambda update (eupmu)")
-    beta_schedule: str = _f("cuberoot", "beta_t schedule: cuberoot (beta / (t+1)^(1/3), as the paper's analysis) or constant")
-    lambda_max: float = _f(100.0, "upper bound D on lambda (eupmu)")
-    lambda_init: float = _f(0.0, "initial lambda (eupmu), or the constant lambda (fixed)")
+                               "without the style: the target becomes e(ref) - eta * (e(concept) - e(ref))",
+                           flag="relative-to", metavar="PROMPT")
+    eta: float = _f(1.0, "negative-guidance scale: the target is e0 - eta * (ec - e0)", ge=0, le=1000)
+    eps: float = _f(0.0, "tolerance eps: the retain loss may rise by at most lr * eps per step (eupmu, ungrad)", ge=0)
+    beta: float = _f(1e-3, "step size of the lambda update (eupmu)", ge=0)
+    beta_schedule: str = _f("cuberoot", "beta_t schedule: cuberoot (beta / (t+1)^(1/3), as the paper's analysis) or constant",
+                            choices=("cuberoot", "constant"))
+    lambda_max: float = _f(100.0, "upper bound D on lambda (eupmu)", gt=0)
+    lambda_init: float = _f(0.0, "initial lambda (eupmu), or the constant lambda (fixed)", ge=0, aliases=("--lambda",))
     slack_probe: str = _f("held-out", "eupmu, eupmu-fast: the retain tuple whose loss before and after the step "
                                       "gives the slack: held-out (a tuple outside the step's gradient: unbiased) or "
-                                      "batch (the step's own retain tuple, biased toward a small lambda)")
+                                      "batch (the step's own retain tuple, biased toward a small lambda)",
+                          choices=("held-out", "batch"))
     # optimisation
-    steps: int = _f(400, "optimizer steps")
-    lr: float = _f(1e-5, "learning rate (also the step size alpha_t in the EUPMU slack)")
+    steps: int = _f(400, "optimizer steps", ge=1, le=10**8)
+    lr: float = _f(1e-5, "learning rate (also the step size alpha_t in the EUPMU slack)", gt=0, le=1000)
     optimizer: str = _f("adamw", "adamw; adamw8bit (bitsandbytes' 8-bit AdamW states, CUDA only: a quarter of "
                                  "AdamW's optimizer memory); or sgd (plain gradient steps, no momentum: the step the "
-                                 "paper's constraint and UNGrad's closed-form lambda are written for; needs a far larger --lr)")
-    weight_decay: float = _f(0.0, "weight decay (0: decay would move weights the losses never asked to move)")
-    max_grad_norm: float = _f(0.0, "clip the trained parameters' gradient norm after backward (0: off)")
-    batch_size: int = _f(1, "forget samples per micro-batch")
-    retain_batch_size: int = _f(2, "retain samples per micro-batch (eupmu-fast carries half of them over)")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+                                 "paper's constraint and UNGrad's closed-form lambda are written for; needs a far larger --lr)",
+                        choices=("adamw", "adamw8bit", "sgd"))
+    weight_decay: float = _f(0.0, "weight decay (0: decay would move weights the losses never asked to move)", ge=0)
+    max_grad_norm: float = _f(0.0, "clip the trained parameters' gradient norm after backward (0: off)", ge=0)
+    batch_size: int = _f(1, "forget samples per micro-batch", ge=1, le=4096)
+    retain_batch_size: int = _f(2, "retain samples per micro-batch (eupmu-fast carries half of them over)",
+                                ge=0, le=4096)
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", ge=1, le=4096)
     mixed_precision: str = _f("no", "no, fp16 or bf16 (autocast; frozen weights stored in that precision; trained "
-                                    "weights, lambda and losses stay fp32). fp16 needs a CUDA GPU (its gradient scaler)")
+                                    "weights, lambda and losses stay fp32). fp16 needs a CUDA GPU (its gradient scaler)",
+                              choices=("no", "fp16", "bf16"))
     resolution: int = _f(0, "training image side in pixels (0: the model's native size); anchor images, concept "
-                            "images and trajectories all follow it, e.g. 512 on a 1024 model to save memory")
+                            "images and trajectories all follow it, e.g. 512 on a 1024 model to save memory",
+                         ge=0, le=16384)
     gradient_checkpointing: bool = _f(False, "recompute the denoiser's activations in backward (the UNet's own "
                                              "gradient checkpointing): less memory, about a third more time per step")
     original_copy: str = _f("fp32", "how the trained subset's original values are kept for the original model's "
                                     "predictions: fp32 (exact) or bf16 (half the memory; exact for the Linear and "
-                                    "convolution weights under --mixed-precision bf16, which casts them anyway)")
-    seed: int = _f(0, "seed of every random draw of the run")
-    lora_rank: int = _f(4, "LoRA rank (--train lora)")
-    lora_alpha: float = _f(4.0, "LoRA alpha (--train lora)")
+                                    "convolution weights under --mixed-precision bf16, which casts them anyway)",
+                            choices=("fp32", "bf16"))
+    seed: int = _f(0, "seed of every random draw of the run", ge=0, le=MAX_SEED)
+    lora_rank: int = _f(4, "LoRA rank (--train lora)", ge=1, le=4096)
+    lora_alpha: float = _f(4.0, "LoRA alpha (--train lora)", gt=0)
     # negative-guidance trajectories
-    sampling_steps: int = _f(50, "DDIM steps of the schedule the forget latents x_t are drawn on")
-    start_guidance: float = _f(3.0, "classifier-free guidance when sampling the forget trajectory")
-    trajectory_model: str = _f("current", "which model samples x_t: current (ESD) or original")
+    sampling_steps: int = _f(50, "DDIM steps of the schedule the forget latents x_t are drawn on", ge=1, le=1000)
+    start_guidance: float = _f(3.0, "classifier-free guidance when sampling the forget trajectory", ge=0, le=100)
+    trajectory_model: str = _f("current", "which model samples x_t: current (ESD) or original",
+                               choices=("current", "original"))
     trajectory_timesteps: int = _f(1, "forget samples taken from each fresh trajectory, at distinct timesteps: "
-                                      "1 (ESD) samples --batch-size trajectories per step, r samples batch-size / r")
-    trajectory_refresh: int = _f(1, "1: a fresh partial trajectory every step (ESD); N: one full trajectory reused for N steps")
+                                      "1 (ESD) samples --batch-size trajectories per step, r samples batch-size / r",
+                                   ge=1, le=1000)
+    trajectory_refresh: int = _f(1, "1: a fresh partial trajectory every step (ESD); N: one full trajectory reused for N steps",
+                                 ge=1, le=10**8)
     # anchors
-    retain_images: str = _f("", "folder of real anchor images with captions (metadata.jsonl or NAME.txt beside each image)")
-    anchor_images_per_prompt: int = _f(4, "images the original model generates per anchor prompt when no --retain-images")
-    concept_images_per_prompt: int = _f(4, "images generated per concept prompt (remap loss)")
-    anchor_inference_steps: int = _f(30, "DDIM steps when generating anchor images")
-    anchor_guidance: float = _f(7.5, "guidance scale when generating anchor images")
-    cache_dir: str = _f("", "cache of generated anchor and concept latents (default: $CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase)")
+    retain_images: str = _f("", "folder of real anchor images with captions (metadata.jsonl or NAME.txt beside each image)",
+                            path=IN_DIR)
+    anchor_images_per_prompt: int = _f(4, "images the original model generates per anchor prompt when no --retain-images",
+                                       ge=1, le=100000)
+    concept_images_per_prompt: int = _f(4, "images generated per concept prompt (remap loss)", ge=1, le=100000)
+    anchor_inference_steps: int = _f(30, "DDIM steps when generating anchor images", ge=1, le=1000)
+    anchor_guidance: float = _f(7.5, "guidance scale when generating anchor images", ge=0, le=100)
+    cache_dir: str = _f("", "cache of generated anchor and concept latents (default: $CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase)",
+                        path=OUT_DIR)
     # bookkeeping
-    checkpoint_every: int = _f(100, "save a checkpoint every N steps (0: only at the end)")
+    checkpoint_every: int = _f(100, "save a checkpoint every N steps (0: only at the end)", ge=0)
     checkpoints_total_limit: int = _f(2, "keep at most this many checkpoints while training, and only the last once "
                                             "the run has finished (0: keep all). At SD 1.5 scale one checkpoint of "
-                                            "--train full holds about 10 GB, xattn 0.5 GB")
+                                            "--train full holds about 10 GB, xattn 0.5 GB", ge=0)
     resume: str = _f("", "resume from 'latest' or a checkpoint folder")
     overwrite: bool = _f(False, "replace an output folder that already holds a run")
     allow_pickle: bool = _f(False, "allow loading a pickled .ckpt (it can run code)")
@@ -113,39 +128,24 @@ class EraseConfig:
         LAMBDA_CONTROLLERS.get(self.method)
         FORGET_OBJECTIVES.get(self.forget_loss)
         RETAIN_OBJECTIVES.get(self.retain_loss)
-        if self.train not in TRAINABLE_SUBSETS:
-            raise UserError(f"unknown subset {self.train!r} for --train; choose one of: {', '.join(TRAINABLE_SUBSETS)}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise UserError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "sampling_steps", "trajectory_refresh", "trajectory_timesteps",
-                     "anchor_images_per_prompt", "concept_images_per_prompt", "anchor_inference_steps", "lora_rank"):
-            if int(getattr(self, name)) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("eps", "beta", "lambda_max", "lambda_init", "lr", "weight_decay", "max_grad_norm", "eta",
-                     "retain_batch_size", "checkpoint_every", "checkpoints_total_limit"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.lr == 0:
-            raise UserError("--lr must be positive")
-        if self.optimizer not in ("adamw", "adamw8bit", "sgd"):
-            raise UserError(f"--optimizer must be adamw, adamw8bit or sgd, not {self.optimizer!r}")
-        if self.original_copy not in ("fp32", "bf16"):
-            raise UserError(f"--original-copy must be fp32 or bf16, not {self.original_copy!r}")
+        check_fields(self)
         if self.original_copy == "bf16" and self.mixed_precision != "bf16":
             raise UserError("--original-copy bf16 needs --mixed-precision bf16 (its autocast casts the copy; "
                             "in fp32 the copy would round the original model's weights)")
-        if self.resolution < 0:
-            raise UserError(f"--resolution must be a number of pixels (0: the model's native size), not {self.resolution}")
-        from .seeds import MAX_SEED
-
-        if not 0 <= self.seed <= MAX_SEED:
-            raise UserError(f"--seed must be a whole number from 0 to 2^63 - 1, not {self.seed}")
-        if self.beta_schedule not in ("cuberoot", "constant"):
-            raise UserError("--beta-schedule must be cuberoot or constant")
-        if self.slack_probe not in ("batch", "held-out"):
-            raise UserError(f"--slack-probe must be batch or held-out, not {self.slack_probe!r}")
-        if self.trajectory_model not in ("current", "original"):
-            raise UserError("--trajectory-model must be current or original")
+        if self.lambda_init > self.lambda_max:
+            raise UserError(f"--lambda-init {self.lambda_init} is above --lambda-max {self.lambda_max}; "
+                            "lower it or raise --lambda-max")
+        if self.resume and self.overwrite:
+            raise UserError("--resume continues the run in --output and --overwrite replaces it: give one of them")
+        if self.resume not in ("", "latest") and not (Path(self.resume) / "state.json").is_file():
+            raise UserError(f"--resume {self.resume}: no checkpoint there (no state.json); give a checkpoint "
+                            "folder (OUTPUT/checkpoints/step-N) or 'latest'")
+        if self.remap_to and self.forget_loss != "remap":
+            raise UserError("--remap-to applies to --forget-loss remap only; add --forget-loss remap or drop --remap-to")
+        same = {c.strip().lower() for c in self.concepts} & {a.strip().lower() for a in self.anchors}
+        if same:
+            raise UserError(f"{sorted(same)[0]!r} is both a concept to erase and an anchor to keep; "
+                            "an anchor must be something else the model should still draw")
         if self.method == "eupmu-fast" and self.retain_batch_size < 2:
             raise UserError("--method eupmu-fast carries half of the retain batch into the next step; "
                             "use --retain-batch-size 2 or more")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path, write_json, write_text
+from .atomic import atomic_dir, atomic_path, write_json, write_text
 from .digits import DIGIT_NAMES, caption
 from .digits_eval import DOMAIN_FID_NOTE, domain_fid, generate
 from .errors import UserError
@@ -61,23 +61,29 @@ def _grid(before: torch.Tensor, after: torch.Tensor, path: Path, columns: int = 
 def run_demo(output: str | Path, *, digit: str = "three", config_file: str | None = None, seeds: int = 16,
              steps: int = 25, guidance: float = 4.0, overwrite: bool = False, progress: bool = True,
              overrides: dict | None = None) -> dict:
-    from .config import build_config, load_yaml
-    from .digits import build as build_digits
-    from .export import apply
-    from .loading import load_judge, load_pipeline
-    from .trainer import erase
-
     if digit not in DIGIT_NAMES:
         raise UserError(f"--digit {digit!r}: choose one of {', '.join(DIGIT_NAMES)}")
     erased = DIGIT_NAMES.index(digit)
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise UserError(f"{output} already exists; choose another --output or pass --overwrite")
+    with atomic_dir(output, overwrite=True) as work:  # the previous demo output stays until this one is whole
+        report = _run(output, work, digit, erased, config_file, seeds, steps, guidance, progress, overrides)
+    return report
+
+
+def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, guidance, progress, overrides) -> dict:
+    from .config import build_config, load_yaml
+    from .digits import build as build_digits
+    from .export import apply
+    from .loading import load_judge, load_pipeline
+    from .trainer import erase
+
     started = time.time()
     recipe = Path(config_file) if config_file else Path(__file__).parent / "recipes" / "digits-erase.yaml"
     settings = load_yaml(recipe)
     settings.update(concepts=[caption(erased)], anchors=[caption(d) for d in range(10) if d != erased],
-                    output=str(output / "run"), overwrite=True, progress=progress)
+                    output=str(work / "run"), overwrite=True, progress=progress)
     config = build_config(settings, overrides or {}, source=str(recipe))
 
     seed_list = list(range(seeds))
@@ -106,11 +112,12 @@ def run_demo(output: str | Path, *, digit: str = "three", config_file: str | Non
         "erase_seconds": round(erase_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "evaluation": {"seeds": seeds, "sampling_steps": steps, "guidance": guidance,
                        "judge": "shipped digits judge (models/digits/judge)", "domain_fid": DOMAIN_FID_NOTE},
-        "erased_weights": str(delta), "settings": config.to_dict(),
+        "erased_weights": str(output / "run" / delta.name), "settings": config.to_dict(),
     }
-    write_json(output / "report.json", report)
-    write_text(output / "report.md", _markdown(report))
-    _grid(before_images, after_images, output / "grid.png")
+    report["settings"]["output"] = str(output / "run")
+    write_json(work / "report.json", report)
+    write_text(work / "report.md", _markdown(report))
+    _grid(before_images, after_images, work / "grid.png")
     return report
 
 

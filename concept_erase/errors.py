@@ -15,3 +15,11 @@ class TrainingDiverged(UserError):
     """A loss, a gradient or lambda became NaN or Inf."""
 
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a command, with what survived and what to do next."""
+
+    def __init__(self, hint: str):
+        super().__init__(hint)
+        self.hint = hint

@@ -321,7 +321,7 @@ def output_change_kept(pipe, tensors: dict, lora_dir: Path, concepts: list[str])
 
 def export_lora(delta: str | Path, output: str | Path, *, model: str | None = None, rank: int = 16,
                 overwrite: bool = False, allow_pickle: bool = False, model_config: str = "",
-                exact_svd: bool = False, lora_bias: bool = True) -> dict:
+                exact_svd: bool = False, lora_bias: bool = True, allow_other_base: bool = False) -> dict:
     """LoRA weights that diffusers' `load_lora_weights` loads.
 
     A LoRA run's adapter is written as it is. From a subset run, each changed Linear or convolution
@@ -344,7 +344,7 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
         pipe = None
     else:
         pipe = _base_pipeline(meta, model, allow_pickle, model_config)
-        check_base(pipe.unet, tensors, meta, allow_other_base=False)
+        check_base(pipe.unet, tensors, meta, allow_other_base=allow_other_base)
         peft_state, dropped, errs = lora_from_delta(tensors, pipe.unet.state_dict(), rank, exact=exact_svd,
                                                       with_bias=lora_bias)
         if not any(k.endswith("lora_A.weight") for k in peft_state):

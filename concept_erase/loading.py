@@ -164,3 +164,24 @@ def training_resolution(pipe, requested: int) -> int:
         raise UserError(f"--resolution {requested}: this model needs a multiple of {step} pixels (its VAE divides "
                         f"by {scale}, its UNet by {step // scale}); try {lower} or {upper} (native: {native})")
     return requested
+
+
+def check_schedule_steps(scheduler, **named: int) -> None:
+    """Refuse a number of denoising steps the model's scheduler cannot take (more than it has timesteps).
+    `named` maps a flag name (dashes as underscores) to its value."""
+    limit = int(getattr(scheduler.config, "num_train_timesteps", 1000))
+    for name, n in named.items():
+        if n > limit:
+            raise UserError(f"--{name.replace('_', '-')} {n} is more than this model's scheduler has timesteps "
+                            f"({limit}); use at most {limit}")
+
+
+def warn_long_prompts(tokenizer, prompts, log) -> None:
+    """Say when a prompt is longer than the text encoder reads: it is cut, silently otherwise."""
+    limit = getattr(tokenizer, "model_max_length", 77)
+    for prompt in dict.fromkeys(prompts):
+        n = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+        if n > limit:
+            short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            log(f"warning: the prompt {short!r} is {n} tokens; the text encoder reads the first {limit}, "
+                "the rest is cut")

@@ -6,12 +6,14 @@ from . import env  # noqa: F401
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_dir, refuse_existing
 from .errors import UserError
+from .options import MAX_SEED
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -19,12 +21,18 @@ def parse_seeds(text: str) -> list[int]:
     seeds: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part, flags=re.ASCII)
         if not m:
             raise UserError(f"--seeds {text!r}: write a range like 0-7, a list like 1,4,9, or one number")
+        if max(len(m.group(1)), len(m.group(2) or "")) > 19:
+            raise UserError(f"--seeds {text!r}: a seed must be from 0 to 2^63 - 1")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise UserError(f"--seeds {text!r}: the range {part} runs backwards")
+        if hi > MAX_SEED:
+            raise UserError(f"--seeds {text!r}: a seed must be from 0 to 2^63 - 1")
+        if len(seeds) + hi - lo + 1 > 100_000:
+            raise UserError(f"--seeds {text!r}: more than 100,000 seeds; give a shorter range")
         seeds.extend(range(lo, hi + 1))
     return seeds
 
@@ -53,13 +61,15 @@ def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path,
            steps: int = 30, guidance: float = 7.5, overwrite: bool = False, allow_other_base: bool = False,
            allow_pickle: bool = False, model_config: str = "", device: str = "") -> Path:
     from .export import apply
-    from .loading import load_pipeline
+    from .loading import check_schedule_steps, load_pipeline, warn_long_prompts
 
     if not prompts:
         raise UserError("no prompt given; pass --prompt 'a painting by van gogh' (repeat it for several)")
     output = Path(output)
     refuse_existing(output, overwrite)
     pipe = load_pipeline(model, allow_pickle=allow_pickle, model_config=model_config)
+    check_schedule_steps(pipe.scheduler, steps=steps)
+    warn_long_prompts(pipe.tokenizer, prompts, lambda m: print(m, file=sys.stderr))
     if weights:
         apply(pipe, weights, allow_other_base=allow_other_base)
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -12,8 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-MAX_SEED = 2**63 - 1
+from .options import MAX_SEED  # noqa: F401 - the seed range every command declares
 
 
 def derive_seed(*coords: int) -> int:

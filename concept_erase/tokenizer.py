@@ -71,16 +71,22 @@ def write_clip_tokenizer(directory: str | Path, max_length: int = 77) -> Path:
 
 
 @lru_cache(maxsize=None)
-def _cached_dir() -> Path:
+def _loaded(max_length: int):
+    """Built once per process in a temporary folder that is removed at once (the tokenizer keeps its
+    vocabulary in memory): no folder is left behind."""
     import tempfile
 
-    return write_clip_tokenizer(Path(tempfile.mkdtemp(prefix="concept-erase-tokenizer-")))
-
-
-def load_clip_tokenizer(max_length: int = 77):
     from transformers import CLIPTokenizer
 
-    tok = CLIPTokenizer.from_pretrained(str(_cached_dir()), model_max_length=max_length)
+    with tempfile.TemporaryDirectory(prefix="concept-erase-tokenizer-") as tmp:
+        tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp, max_length)), model_max_length=max_length)
     if len(tok) < 49000:
         raise RuntimeError(f"the CLIP tokenizer came out with {len(tok)} tokens instead of 49408")
     return tok
+
+
+def load_clip_tokenizer(max_length: int = 77):
+    """A fresh copy each call: a caller may add tokens (textual inversion) without touching the others."""
+    import copy
+
+    return copy.deepcopy(_loaded(max_length))

@@ -12,6 +12,7 @@ from . import env  # noqa: F401
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from .banks import LatentBank, build_bank, build_caption_bank, tensor_digest
 from .config import EraseConfig, config_json
 from .controllers import LAMBDA_CONTROLLERS
 from .errors import TrainingDiverged, UserError
-from .loading import training_resolution
+from .loading import check_schedule_steps, training_resolution, warn_long_prompts
 from .hardware import check_device, describe_device, duration, estimate_step_seconds, make_optimizer
 from .losses import per_sample_mse
 from .objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
@@ -114,6 +115,9 @@ class ErasureContext:
         return self._anchor_bank
 
 
+STAGING, REPLACED = ".incoming", ".replaced"  # inside the output: the replacement run, the run it replaces
+
+
 def check_output(output: Path, *, overwrite: bool, resume: str) -> bool:
     """Refuse an output that would destroy a run; True when it holds one to replace. Writes nothing."""
     if output.exists() and not output.is_dir():
@@ -125,15 +129,50 @@ def check_output(output: Path, *, overwrite: bool, resume: str) -> bool:
     return holds_run and not resume
 
 
-def prepare_output(output: Path, *, replace: bool) -> None:
-    """Create the run folder once set-up has succeeded (a failed set-up leaves no folder behind)."""
-    if replace:
+def finish_swap(output: Path, log=None) -> None:
+    """Complete a replacement that was stopped half-way through `swap_in` (the new run was whole
+    when the swap began, so it is carried forward), and remove a replacement that never finished."""
+    incoming, replaced = output / STAGING, output / REPLACED
+    if replaced.is_dir():
         for m in RUN_MARKERS:
-            p = output / m
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+            if (incoming / m).exists():
+                if (output / m).exists():
+                    os.replace(output / m, replaced / m)
+                os.replace(incoming / m, output / m)
+        shutil.rmtree(replaced, ignore_errors=True)
+        shutil.rmtree(incoming, ignore_errors=True)
+        if log:
+            log(f"completed the replacement of the run in {output} that an earlier --overwrite had begun")
+    elif incoming.is_dir():
+        shutil.rmtree(incoming, ignore_errors=True)
+        if log:
+            log(f"removed an unfinished replacement run from {output} (an earlier --overwrite that stopped)")
+
+
+def swap_in(output: Path) -> None:
+    """Put the finished replacement run (OUTPUT/.incoming) in place of the run in OUTPUT. Files of the
+    user's beside the run (samples/, notes) stay. Each move is a rename; `finish_swap` completes a
+    swap that a crash interrupted."""
+    incoming, replaced = output / STAGING, output / REPLACED
+    if not (incoming / "erased.safetensors").is_file():
+        raise RuntimeError(f"no finished replacement run in {incoming}; the run in {output} was left as it is")
+    replaced.mkdir(exist_ok=True)
+    for m in RUN_MARKERS:
+        if (output / m).exists():
+            os.replace(output / m, replaced / m)
+    for m in RUN_MARKERS:
+        if (incoming / m).exists():
+            os.replace(incoming / m, output / m)
+    shutil.rmtree(replaced, ignore_errors=True)
+    shutil.rmtree(incoming, ignore_errors=True)
+
+
+def prepare_output(output: Path, *, replace: bool) -> None:
+    """Create the run folder once set-up has succeeded (a failed set-up leaves no folder behind).
+    With `replace`, the new run goes to OUTPUT/.incoming and the old run is left as it is."""
+    if replace:
+        shutil.rmtree(output / STAGING, ignore_errors=True)
+        (output / STAGING).mkdir(parents=True)
     output.mkdir(parents=True, exist_ok=True)
 
 
@@ -193,8 +232,11 @@ class Trainer:
         AcceleratorState._reset_state()
         self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision)
         check_device(cfg, acc.device)
-        self.output = Path(cfg.output)
-        replace = check_output(self.output, overwrite=cfg.overwrite, resume=cfg.resume)
+        self.final_output = self.output = Path(cfg.output)
+        if acc.is_main_process:
+            finish_swap(self.output, self.log)
+        acc.wait_for_everyone()
+        self.replacing = replace = check_output(self.output, overwrite=cfg.overwrite, resume=cfg.resume)
 
         # 1. Load the model; the frozen encoders in the run's precision.
         t_load = time.perf_counter()
@@ -204,6 +246,9 @@ class Trainer:
             self.pipe = load_pipeline(cfg.model, allow_pickle=cfg.allow_pickle, model_config=cfg.model_config)
         pipe = self.pipe
         self.resolution = training_resolution(pipe, cfg.resolution)
+        check_schedule_steps(pipe.scheduler, sampling_steps=cfg.sampling_steps,
+                             anchor_inference_steps=cfg.anchor_inference_steps)
+        warn_long_prompts(pipe.tokenizer, [*cfg.concepts, *cfg.anchors, *cfg.remap_to, *cfg.relative_to], self.log)
         if cfg.gradient_checkpointing and not getattr(pipe.unet, "_supports_gradient_checkpointing", False):
             raise UserError(f"--gradient-checkpointing: this model's {type(pipe.unet).__name__} has no gradient "
                             "checkpointing; run without the flag (or lower --resolution to save memory)")
@@ -257,6 +302,8 @@ class Trainer:
         self.start_step = 0
         if acc.is_main_process:
             prepare_output(self.output, replace=replace)
+        if replace:  # the old run stays whole until the new one is complete
+            self.output = self.final_output / STAGING
         acc.wait_for_everyone()
         if cfg.resume:
             self._resume()
@@ -544,14 +591,41 @@ class Trainer:
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
     def _last_good(self) -> str:
-        root = self.output / "checkpoints"
-        kept = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) if root.is_dir() else []
+        """What survives a failure now, and what to do: for messages."""
+        if getattr(self, "replacing", False):
+            return (f"the previous run in {self.final_output} is unchanged (the unfinished replacement was removed); "
+                    "run the same command again to replace it.")
+        output = getattr(self, "output", None)
+        root = output / "checkpoints" if output else None
+        kept = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) \
+            if root and root.is_dir() else []
         if kept:
-            return f"the last good checkpoint, {kept[-1]}, is intact (resume with --resume latest)."
-        return "no checkpoint had been written yet."
+            return f"the last good checkpoint, {kept[-1]}, is intact (continue with --resume latest)."
+        if output and output.is_dir():
+            return "no checkpoint had been written yet (--resume latest starts it again from step 0)."
+        return "nothing was written."
+
+    def _discard_replacement(self) -> None:
+        if getattr(self, "replacing", False) and getattr(self, "accelerator", None) is not None \
+                and self.accelerator.is_main_process:
+            shutil.rmtree(self.final_output / STAGING, ignore_errors=True)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> Path:
+        """Train, then write erased.safetensors. With --overwrite the new run is built in OUTPUT/.incoming
+        and swapped in only once complete: any failure before that leaves the previous run as it was."""
+        from .errors import Interrupted
+
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            self._discard_replacement()
+            raise Interrupted(self._last_good()) from None
+        except BaseException:
+            self._discard_replacement()
+            raise
+
+    def _run(self) -> Path:
         from tqdm.auto import tqdm
 
         self._setup()
@@ -607,7 +681,13 @@ class Trainer:
             save_delta(path, self.pipe.unet, self.trained, config=cfg, fingerprint=self.fingerprint,
                        steps=cfg.steps, lambda_final=self.controller.current())
         acc.wait_for_everyone()
-        return path
+        if self.replacing:
+            if acc.is_main_process:
+                swap_in(self.final_output)
+            self.replacing = False
+            self.output = self.final_output
+            acc.wait_for_everyone()
+        return self.output / "erased.safetensors"
 
 
 def grad_scale(accelerator) -> float:

@@ -7,7 +7,7 @@ wide, 23 layers), and SD 2.1 is v-prediction. Random weights prove shapes, memor
 per step, not image quality.
 
 On each model it runs every shipped `pipelines/sd15-*.yaml` recipe for 2 steps at --resolution 128
-under bf16, then every method and every --train subset once, and a plain fine-tuning step of each
+under bf16, then every other method and every other --train subset for one step each, and a plain fine-tuning step of each
 subset as the memory yardstick. It reports load, anchor-generation and first-step times, peak
 memory (process peak resident size above the loaded model, VmHWM reset before each run), checkpoint
 size on disk, and exports every format, reading each back with diffusers' own readers.
@@ -101,24 +101,53 @@ class Timeline:
 
     def __call__(self, message: str) -> None:
         self.lines.append((time.perf_counter() - self.t0, message))
+        if message.startswith("device:"):  # the model is loaded: what the run adds is measured from here
+            self.rss_loaded = reset_peak()
         print(f"    {message}", flush=True)
 
 
-def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str) -> dict:
+def in_child(kind: str, *args, **kwargs) -> dict:
+    """Run one measurement in a fresh process: its memory peak is its own, not inflated or hidden by what
+    an earlier run in the same process left allocated."""
+    import subprocess
+
+    spec = json.dumps({"kind": kind, "args": [str(a) for a in args], "kwargs": kwargs})
+    proc = subprocess.run([sys.executable, __file__, "--child", spec, "--resolution", str(RESOLUTION)],
+                          stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    lines = proc.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]), flush=True)
+    if proc.returncode:
+        print("\n".join(lines[-1:]), flush=True)
+        raise SystemExit(f"the {kind} measurement failed (exit {proc.returncode}); its output is above")
+    return json.loads(lines[-1])
+
+
+def child(spec: str) -> int:
+    spec = json.loads(spec)
+    fn = {"run": run_one, "plain": plain_one}[spec["kind"]]
+    args = spec["args"]
+    if spec["kind"] == "run":
+        result = run_one(Path(args[0]), json.loads(args[1]), Path(args[2]), Path(args[3]), args[4], **spec["kwargs"])
+    else:
+        result = fn(Path(args[0]), args[1], args[2])
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str, steps: int = 2) -> dict:
     from concept_erase.config import build_config
     from concept_erase.trainer import Trainer
 
-    settings = {**settings, **CUT, "model": str(model_dir), "output": str(out), "steps": 2, "resolution": RESOLUTION,
+    settings = {**settings, **CUT, "model": str(model_dir), "output": str(out), "steps": steps, "resolution": RESOLUTION,
                 "mixed_precision": "bf16", "cache_dir": str(cache), "progress": False, "overwrite": True,
                 "checkpoint_every": 1}
     cfg = build_config(settings, {}, source=label)
-    base = reset_peak()
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     timeline = Timeline()
     trainer.log = timeline
-    steps: list[float] = []
-    trainer.on_step = lambda done, tr: steps.append(time.perf_counter())
+    stamps: list[float] = []
+    trainer.on_step = lambda done, tr: stamps.append(time.perf_counter())
     trainer.run()
     total = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -127,9 +156,11 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str)
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     result = {"label": label, "method": cfg.method, "train": cfg.train, "total_s": round(total, 1),
               "load_s": round(loaded, 1) if loaded is not None else None,
-              "setup_s": round(steps[0] - t0 - rows[0]["step_time_s"], 1),
-              "first_step_s": round(rows[0]["step_time_s"], 1), "second_step_s": round(rows[1]["step_time_s"], 1),
-              "peak_extra_mb": round((rss_kb("VmHWM") - base) / 1024), "checkpoint_mb": round(folder_bytes(ckpt) / 2**20),
+              "setup_s": round(stamps[0] - t0 - rows[0]["step_time_s"], 1),
+              "first_step_s": round(rows[0]["step_time_s"], 1), "second_step_s": round(rows[1]["step_time_s"], 1) if len(rows) > 1 else None,
+              "peak_extra_mb": round((rss_kb("VmHWM") - timeline.rss_loaded) / 1024),
+              "peak_mb": round(rss_kb("VmHWM") / 1024), "loaded_mb": round(timeline.rss_loaded / 1024),
+              "checkpoint_mb": round(folder_bytes(ckpt) / 2**20),
               "delta_mb": round((out / "erased.safetensors").stat().st_size / 2**20, 1),
               "estimate": next((m for _, m in timeline.lines if m.startswith("first UNet call")), ""),
               "first_call_at_s": round(first_call, 1) if first_call is not None else None,
@@ -147,8 +178,8 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
     from concept_erase.loading import load_pipeline
     from concept_erase.subsets import select_trainable
 
-    base = reset_peak()
     pipe = load_pipeline(str(model_dir))
+    base = reset_peak()  # measured from the loaded model, as the runs are (the trainer's "device:" line)
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="bf16")
     unet = pipe.unet
@@ -176,8 +207,8 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     out = {"label": label, "method": "plain", "train": subset, "total_s": round(time.perf_counter() - t0, 1),
-           "peak_extra_mb": round((rss_kb("VmHWM") - base) / 1024),
-           "trained_mb": round(sum(p.numel() for p in trained.values()) * 4 / 2**20)}
+           "peak_extra_mb": round((rss_kb("VmHWM") - base) / 1024), "peak_mb": round(rss_kb("VmHWM") / 1024),
+           "loaded_mb": round(base / 1024), "trained_mb": round(sum(p.numel() for p in trained.values()) * 4 / 2**20)}
     del pipe, unet, opt, trained
     gc.collect()
     return out
@@ -255,25 +286,29 @@ def check_model(kind: str, root: Path) -> dict:
         settings.pop("model", None)
         label = recipe.stem
         print(f"== {kind}: recipe {label}", flush=True)
-        runs.append({**run_one(model_dir, settings, root / f"{kind}-{label}", cache, label), "recipe": str(recipe.name)})
+        runs.append({**in_child("run", model_dir, json.dumps(settings), root / f"{kind}-{label}", cache, label),
+                     "recipe": str(recipe.name)})
         _progress(root, kind, runs)
     xattn = load_yaml(ROOT / "pipelines" / "sd15-style-vangogh.yaml")
     xattn.pop("model", None)
     for method in METHODS[1:]:
         print(f"== {kind}: method {method} (xattn)", flush=True)
-        runs.append(run_one(model_dir, {**xattn, "method": method}, root / f"{kind}-m-{method}", cache, method))
+        runs.append(in_child("run", model_dir, json.dumps({**xattn, "method": method}), root / f"{kind}-m-{method}",
+                             cache, method, steps=1))
         _progress(root, kind, runs)
     for subset in ("xattn-kv", "selfattn", "full"):
         print(f"== {kind}: eupmu on {subset}", flush=True)
-        runs.append(run_one(model_dir, {**xattn, "train": subset}, root / f"{kind}-s-{subset}", cache, f"eupmu {subset}"))
+        runs.append(in_child("run", model_dir, json.dumps({**xattn, "train": subset}), root / f"{kind}-s-{subset}", cache,
+                             f"eupmu {subset}",
+                            steps=1))
         _progress(root, kind, runs)
     print(f"== {kind}: ungrad on full", flush=True)
-    runs.append(run_one(model_dir, {**xattn, "method": "ungrad", "train": "full"}, root / f"{kind}-ungrad-full", cache,
-                        "ungrad full"))
+    runs.append(in_child("run", model_dir, json.dumps({**xattn, "method": "ungrad", "train": "full"}),
+                         root / f"{kind}-ungrad-full", cache, "ungrad full", steps=1))
     _progress(root, kind, runs)
     for subset in SUBSETS:
         print(f"== {kind}: plain fine-tuning of {subset}", flush=True)
-        plains.append(plain_one(model_dir, subset, f"plain {subset}"))
+        plains.append(in_child("plain", model_dir, subset, f"plain {subset}"))
         _progress(root, kind, runs + plains)
     print(f"== {kind}: exports", flush=True)
     exports = check_exports(kind, model_dir, root / f"{kind}-sd15-style-vangogh", root / f"{kind}-sd15-object-church",
@@ -286,12 +321,14 @@ def check_model(kind: str, root: Path) -> dict:
 def report(results: list[dict], command: str, seconds: float) -> str:
     lines = ["# Scale check (random weights, SD-1.5 and SD-2.1 shapes)", "",
              f"Command: `{command}`; {seconds / 60:.1f} min on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-             f"bf16 autocast, --resolution {RESOLUTION}, 2 steps per run; sampling cut to trajectory 4 / anchors 2 steps, "
-             "2 anchor images per prompt.", ""]
+             f"bf16 autocast, --resolution {RESOLUTION}, 2 steps per recipe, 1 per other method or subset; "
+             "sampling cut to trajectory 4 / anchors 2 steps, 2 anchor images per prompt. Each run and each plain "
+             "step in a process of its own; peak = the process's peak resident size (VmHWM) above its size once "
+             "the model was loaded.", ""]
     for res in results:
         plain = {p["train"]: p for p in res["plain"]}
         lines += [f"## {res['model']}", "",
-                  "| run | method | train | load s | set-up s (anchors incl.) | step 1 s | step 2 s | peak above model MB | "
+                  "| run | method | train | load s | set-up s (anchors incl.) | step 1 s | step 2 s | peak above loaded model MB | "
                   "plain same subset MB | ratio | checkpoint MB | delta MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["runs"]:
             p = plain.get(r["train"], {})
@@ -322,23 +359,30 @@ def report(results: list[dict], command: str, seconds: float) -> str:
 
 
 def main() -> int:
+    global RESOLUTION
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="runs/scale")
     parser.add_argument("--models", default="sd15,sd21", help="sd15, sd21, or tiny (a dry run of the script)")
     parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from OUTPUT/scale.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global RESOLUTION
     RESOLUTION = args.resolution
+    sys.path.insert(0, str(ROOT))
+    if args.child:
+        return child(args.child)
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
-    t0 = time.perf_counter()
-    results = []
-    for kind in args.models.split(","):
-        results.append(check_model(kind, root))
-        (root / "scale.json").write_text(json.dumps(results, indent=2))
-    command = "python scripts/scale_check.py " + " ".join(sys.argv[1:])
-    (root / "scale.md").write_text(report(results, command, time.perf_counter() - t0))
+    command = "python scripts/scale_check.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
+    if args.report_only:
+        results = json.loads((root / "scale.json").read_text())
+    else:
+        results = []
+        for kind in args.models.split(","):
+            t0 = time.perf_counter()
+            results.append({**check_model(kind, root), "check_s": round(time.perf_counter() - t0, 1)})
+            (root / "scale.json").write_text(json.dumps(results, indent=2))
+    (root / "scale.md").write_text(report(results, command, sum(r.get("check_s", 0) for r in results)))
     print(f"report: {root / 'scale.md'}")
     return 0
 

@@ -52,10 +52,10 @@ ERASE_CASES = [
     ("model", "{bad}/model.ckpt", "--allow-pickle"),
     ("model", "{bad}/model.safetensors", "truncated or corrupted"),
     ("--method", "magic", "unknown method 'magic'"),
-    ("--train", "everything", "unknown subset 'everything'"),
-    ("--steps", "0", "--steps must be at least 1"),
-    ("--eps", "-0.1", "--eps must not be negative"),
-    ("--slack-probe", "sideways", "--slack-probe must be batch or held-out"),
+    ("--train", "everything", "--train 'everything' is not one of"),
+    ("--steps", "0", "--steps must be 1 to"),
+    ("--eps", "-0.1", "--eps must be at least 0"),
+    ("--slack-probe", "sideways", "--slack-probe 'sideways' is not one of: held-out, batch"),
 ]
 
 

@@ -52,7 +52,7 @@ def test_concept_prompts():
     ("concepts: [three]\nmethods: [{method: eupmu}]\nevaluation: {seeds: 0}\n", "evaluation.seeds must be a whole"),
     ("concepts: [three]\nmethods: [{method: eupmu}]\nevaluation: {sedes: 3}\n", "evaluation has no key 'sedes'"),
     ("concepts: [three]\nmethods: [{method: eupmu, lamda: 3}]\n", "method 'eupmu'.*unknown setting 'lamda'"),
-    ("concepts: [three]\nmethods: [{method: fixed, lambda_init: -1}]\n", "method 'fixed'.*must not be negative"),
+    ("concepts: [three]\nmethods: [{method: fixed, lambda_init: -1}]\n", "method 'fixed'.*must be at least 0"),
     ("concepts: [three]\nmethods: [{method: nope}]\n", "unknown method 'nope'"),
     ("concepts: [three]\nmethods: [{method: fixed}, {method: fixed}]\n", "both labelled 'fixed'"),
     ("concepts: [three]\nmethods: [{method: esd, output: x}]\n", "output is set by the benchmark"),

@@ -45,7 +45,7 @@ def test_several_timesteps_from_one_trajectory(fresh_pipe, make_config):
     (dict(trajectory_timesteps=2, batch_size=2, trajectory_refresh=5), "applies to fresh trajectories"),
     (dict(relative_to=["a", "b", "c"], concepts=["x", "y"]), "one --relative-to for all concepts"),
     (dict(relative_to=["a"], forget_loss="remap", remap_to=["b"]), "negative-guidance only"),
-    (dict(slack_probe="sideways"), "--slack-probe must be"),
+    (dict(slack_probe="sideways"), "--slack-probe 'sideways' is not one of"),
 ])
 def test_bad_objective_settings(settings, message, make_config):
     with pytest.raises(UserError, match=message):

@@ -225,6 +225,28 @@ def _fingerprint(suite: Suite, rows, model: str, weights: str, erased: list[str]
     }
 
 
+def _output_plan(output: Path, fingerprint: dict, overwrite: bool) -> str:
+    """"new", "continue" (the same evaluation, half done) or "replace"; refuses anything else. Writes nothing."""
+    marker = output / "eval.json"
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a folder")
+    if not output.exists() or not any(output.iterdir()):
+        return "new"
+    same = False
+    if marker.is_file():
+        try:
+            same = json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint))
+        except (OSError, ValueError):
+            same = False
+    if same and not overwrite:
+        return "continue"
+    if not overwrite:
+        what = "another evaluation" if marker.is_file() else "other files"
+        raise UserError(f"{output} holds {what}; choose another --output, or pass --overwrite to replace it "
+                        "(it is replaced only when the new evaluation is complete)")
+    return "replace"
+
+
 def _prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> tuple[Path, bool]:
     """The folder to work in and whether it replaces `output` at the end.
 
@@ -233,24 +255,12 @@ def _prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> tuple[P
     only when complete.
     """
     marker = output / "eval.json"
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder")
-    if not output.exists() or not any(output.iterdir()):
+    if _output_plan(output, fingerprint, overwrite) == "new":
         output.mkdir(parents=True, exist_ok=True)
         write_json(marker, fingerprint)
         return output, False
-    same = False
-    if marker.is_file():
-        try:
-            same = json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint))
-        except (OSError, ValueError):
-            same = False
-    if same and not overwrite:
+    if _output_plan(output, fingerprint, overwrite) == "continue":
         return output, False
-    if not overwrite:
-        what = "another evaluation" if marker.is_file() else "other files"
-        raise UserError(f"{output} holds {what}; choose another --output, or pass --overwrite to replace it "
-                        "(it is replaced only when the new evaluation is complete)")
     work = output.parent / f".{output.name}.new"
     wmarker = work / "eval.json"
     if work.exists():
@@ -293,13 +303,28 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
     if not erased and weights:
         erased = _erased_from_delta(weights, rows)
     samples = make_samples(rows, suite.seeds_per_prompt, erased)
+    _output_plan(Path(output), _fingerprint(suite, rows, model, weights, erased), overwrite)  # refuse before any work
     options = dict(options or {})
     metrics = [metric_registry.METRICS.get(name)(opts, options) for name, opts in suite.metrics.items()]
     for m in metrics:
         m.check(samples)  # cheap checks before hours of generation: weights present, labels usable
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     output = Path(output)
+    created = not output.exists()
     work, replaces = _prepare_output(output, _fingerprint(suite, rows, model, weights, erased), overwrite)
+    try:
+        return _generate_and_score(suite, rows, samples, metrics, model, weights, erased, options, device, output,
+                                   work, replaces, progress)
+    except BaseException:
+        # A failure before any image was made leaves no folder behind (only the marker was written).
+        if (created or replaces) and not any((work / "images").glob("*")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, options, device, output, work,
+                        replaces, progress) -> dict:
+    from .report import write_report
 
     started = time.time()
     from ..loading import load_pipeline
