@@ -312,6 +312,8 @@ def crash_line(err: BaseException, command: str = "erase") -> str:
     low = first.lower()
     if isinstance(err, MemoryError) or "out of memory" in low:
         text += "; out of memory: " + OOM_HINTS.get(command, "close other programs and run it again")
+    elif "unexpected pos" in low or "no space left" in low:  # torch.save on a full disk says the former
+        text += "; the disk is probably full: free some space (earlier checkpoints and outputs were left as they were)"
     return text
 
 

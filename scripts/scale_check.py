@@ -140,14 +140,20 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str,
 
     settings = {**settings, **CUT, "model": str(model_dir), "output": str(out), "steps": steps, "resolution": RESOLUTION,
                 "mixed_precision": "bf16", "cache_dir": str(cache), "progress": False, "overwrite": True,
-                "checkpoint_every": 1}
+                "checkpoint_every": 0}  # the final checkpoint only: the step peak is read before it
     cfg = build_config(settings, {}, source=label)
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     timeline = Timeline()
     trainer.log = timeline
     stamps: list[float] = []
-    trainer.on_step = lambda done, tr: stamps.append(time.perf_counter())
+    step_peaks: list[int] = []  # the peak through each step, before the run's final save
+
+    def on_step(done, tr):
+        stamps.append(time.perf_counter())
+        step_peaks.append(rss_kb("VmHWM"))
+
+    trainer.on_step = on_step
     trainer.run()
     total = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -159,6 +165,7 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str,
               "setup_s": round(stamps[0] - t0 - rows[0]["step_time_s"], 1),
               "first_step_s": round(rows[0]["step_time_s"], 1), "second_step_s": round(rows[1]["step_time_s"], 1) if len(rows) > 1 else None,
               "peak_extra_mb": round((rss_kb("VmHWM") - timeline.rss_loaded) / 1024),
+              "step_peak_extra_mb": round((step_peaks[-1] - timeline.rss_loaded) / 1024),
               "peak_mb": round(rss_kb("VmHWM") / 1024), "loaded_mb": round(timeline.rss_loaded / 1024),
               "checkpoint_mb": round(folder_bytes(ckpt) / 2**20),
               "delta_mb": round((out / "erased.safetensors").stat().st_size / 2**20, 1),
@@ -179,7 +186,10 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
     from concept_erase.subsets import select_trainable
 
     pipe = load_pipeline(str(model_dir))
-    base = reset_peak()  # measured from the loaded model, as the runs are (the trainer's "device:" line)
+    from concept_erase.banks import tensor_digest
+
+    tensor_digest(pipe.unet.state_dict())  # as the trainer does before its "device:" line: the weights are read in
+    base = reset_peak()  # measured from the loaded model, as the runs are
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="bf16")
     unet = pipe.unet
@@ -279,43 +289,56 @@ def check_model(kind: str, root: Path) -> dict:
     from concept_erase.config import load_yaml
 
     cache = root / f"{kind}-cache"
-    runs, plains = [], []
+    partial = root / f"{kind}-partial.json"
+    done = {r["label"]: r for r in json.loads(partial.read_text())} if partial.is_file() else {}
+    if done:
+        print(f"== {kind}: continuing; {len(done)} measurement(s) already in {partial}", flush=True)
+    results: list = []
+    keep = {"sd15-style-vangogh", "sd15-object-church"}  # the exports read these two runs
+
+    def measure(label: str, settings: dict, folder: str, steps: int = 2, **extra) -> None:
+        if label in done:
+            results.append(done[label])
+            return
+        print(f"== {kind}: {label}", flush=True)
+        out = root / f"{kind}-{folder}"
+        results.append({**in_child("run", model_dir, json.dumps(settings), out, cache, label, steps=steps), **extra})
+        if label not in keep:  # a full-UNet checkpoint is 10 GB: only the measurement is kept
+            shutil.rmtree(out, ignore_errors=True)
+        _progress(root, kind, results)
+
     recipes = sorted((ROOT / "pipelines").glob("sd15-*.yaml"))
     for recipe in recipes:
         settings = load_yaml(recipe)
         settings.pop("model", None)
-        label = recipe.stem
-        print(f"== {kind}: recipe {label}", flush=True)
-        runs.append({**in_child("run", model_dir, json.dumps(settings), root / f"{kind}-{label}", cache, label),
-                     "recipe": str(recipe.name)})
-        _progress(root, kind, runs)
+        measure(recipe.stem, settings, recipe.stem, recipe=recipe.name)
     xattn = load_yaml(ROOT / "pipelines" / "sd15-style-vangogh.yaml")
     xattn.pop("model", None)
     for method in METHODS[1:]:
-        print(f"== {kind}: method {method} (xattn)", flush=True)
-        runs.append(in_child("run", model_dir, json.dumps({**xattn, "method": method}), root / f"{kind}-m-{method}",
-                             cache, method, steps=1))
-        _progress(root, kind, runs)
+        measure(method, {**xattn, "method": method}, f"m-{method}", steps=1)
     for subset in ("xattn-kv", "selfattn", "full"):
-        print(f"== {kind}: eupmu on {subset}", flush=True)
-        runs.append(in_child("run", model_dir, json.dumps({**xattn, "train": subset}), root / f"{kind}-s-{subset}", cache,
-                             f"eupmu {subset}",
-                            steps=1))
-        _progress(root, kind, runs)
-    print(f"== {kind}: ungrad on full", flush=True)
-    runs.append(in_child("run", model_dir, json.dumps({**xattn, "method": "ungrad", "train": "full"}),
-                         root / f"{kind}-ungrad-full", cache, "ungrad full", steps=1))
-    _progress(root, kind, runs)
+        # full: two steps, for the optimizer's states exist from the second step on (AdamW makes them lazily
+        # in the first): only then does UNGrad's second gradient add to the peak.
+        measure(f"eupmu {subset}", {**xattn, "train": subset}, f"s-{subset}", steps=2 if subset == "full" else 1)
+    measure("ungrad full", {**xattn, "method": "ungrad", "train": "full"}, "ungrad-full", steps=2)
     for subset in SUBSETS:
+        label = f"plain {subset}"
+        if label in done:
+            results.append(done[label])
+            continue
         print(f"== {kind}: plain fine-tuning of {subset}", flush=True)
-        plains.append(in_child("plain", model_dir, subset, f"plain {subset}"))
-        _progress(root, kind, runs + plains)
+        results.append(in_child("plain", model_dir, subset, label))
+        _progress(root, kind, results)
+    runs = [r for r in results if r["method"] != "plain"]
+    plains = [r for r in results if r["method"] == "plain"]
     print(f"== {kind}: exports", flush=True)
     exports = check_exports(kind, model_dir, root / f"{kind}-sd15-style-vangogh", root / f"{kind}-sd15-object-church",
                             root / f"{kind}-exports")
-    for r in runs:
-        shutil.rmtree(root / f"{kind}-{r['label']}", ignore_errors=True)
-    return {"model": kind, "build_s": round(built, 1), "runs": runs, "plain": plains, "exports": exports}
+    for label in keep:
+        shutil.rmtree(root / f"{kind}-{label}", ignore_errors=True)
+    carried = round(sum(r.get("total_s", 0) for label, r in done.items()), 1)
+    return {"model": kind, "build_s": round(built, 1), "runs": runs, "plain": plains, "exports": exports,
+            "carried_over": len(done), "carried_s": carried}
 
 
 def report(results: list[dict], command: str, seconds: float) -> str:
@@ -326,19 +349,32 @@ def report(results: list[dict], command: str, seconds: float) -> str:
              "step in a process of its own; peak = the process's peak resident size (VmHWM) above its size once "
              "the model was loaded.", ""]
     for res in results:
+        if res.get("carried_over"):
+            lines += [f"{res['model']}: {res['carried_over']} measurements were carried over from an earlier "
+                      f"invocation that stopped (their runs took {res['carried_s'] / 60:.1f} min, counted above "
+                      "without their process start-up).", ""]
+    for res in results:
         plain = {p["train"]: p for p in res["plain"]}
         lines += [f"## {res['model']}", "",
                   "| run | method | train | load s | set-up s (anchors incl.) | step 1 s | step 2 s | peak above loaded model MB | "
-                  "plain same subset MB | ratio | checkpoint MB | delta MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "peak through the steps MB | plain same subset MB | ratio | checkpoint MB | delta MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["runs"]:
             p = plain.get(r["train"], {})
-            ratio = f"{r['peak_extra_mb'] / p['peak_extra_mb']:.2f}" if p.get("peak_extra_mb") else "-"
+            mine = r.get("step_peak_extra_mb", r["peak_extra_mb"])  # the plain step has no save to compare with
+            ratio = f"{mine / p['peak_extra_mb']:.2f}" if p.get("peak_extra_mb") else "-"
             lines.append(f"| {r['label']} | {r['method']} | {r['train']} | {r['load_s']} | {r['setup_s']} | "
-                         f"{r['first_step_s']} | {r['second_step_s']} | {r['peak_extra_mb']} | {p.get('peak_extra_mb', '-')} | "
+                         f"{r['first_step_s']} | {r['second_step_s'] or '-'} | {r['peak_extra_mb']} | "
+                         f"{r.get('step_peak_extra_mb', '-')} | {p.get('peak_extra_mb', '-')} | "
                          f"{ratio} | {r['checkpoint_mb']} | {r['delta_mb']} |")
         full = {r["method"]: r for r in res["runs"] if r["train"] == "full"}
+        if "eupmu" in full and "ungrad" in full and "step_peak_extra_mb" in full["eupmu"]:
+            gap = full["ungrad"]["step_peak_extra_mb"] - full["eupmu"]["step_peak_extra_mb"]
+            lines += ["", f"--train full, peak through both steps (before the final save): ungrad "
+                          f"{full['ungrad']['step_peak_extra_mb']} MB, eupmu {full['eupmu']['step_peak_extra_mb']} MB"]
         if "eupmu" in full and "ungrad" in full:
-            gap = full["ungrad"]["peak_extra_mb"] - full["eupmu"]["peak_extra_mb"]
+            gap = full["ungrad"].get("step_peak_extra_mb", full["ungrad"]["peak_extra_mb"]) - \
+                full["eupmu"].get("step_peak_extra_mb", full["eupmu"]["peak_extra_mb"])
             lines += ["", f"--train full: ungrad peak - eupmu peak = {gap} MB; one fp32 gradient vector of the subset = "
                           f"{full['eupmu']['trained_mb']} MB: {'met' if gap >= full['eupmu']['trained_mb'] else 'MISSED'}"]
         lines += ["", "| export | read back by | seconds | MB | result |", "|---|---|---|---|---|"]
@@ -382,7 +418,8 @@ def main() -> int:
             t0 = time.perf_counter()
             results.append({**check_model(kind, root), "check_s": round(time.perf_counter() - t0, 1)})
             (root / "scale.json").write_text(json.dumps(results, indent=2))
-    (root / "scale.md").write_text(report(results, command, sum(r.get("check_s", 0) for r in results)))
+    (root / "scale.md").write_text(report(results, command,
+                                          sum(r.get("check_s", 0) + r.get("carried_s", 0) for r in results)))
     print(f"report: {root / 'scale.md'}")
     return 0
 

@@ -308,3 +308,22 @@ def test_a_failed_eval_leaves_no_empty_folder(tmp_path, capsys):
                  "--limit", "1", "--seeds", "1"]) == 2
     one_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_crash_hints_name_only_flags_the_command_has():
+    from concept_erase.cli import crash_line
+
+    assert "--gradient-checkpointing" in crash_line(MemoryError(), "erase")
+    for command in ("sample", "eval", "export", "demo", "bench"):
+        assert "--gradient-checkpointing" not in crash_line(MemoryError(), command)
+    full = RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 3364086464 vs 3364086356")
+    assert "disk is probably full" in crash_line(full, "erase")
+
+
+def test_a_path_the_system_cannot_take_is_bad_input(tmp_path, capsys):
+    long = str(tmp_path / ("é" * 300))
+    assert main(["sample", "--model", long, "--prompt", "x", "--output", str(tmp_path / "o")]) == 2
+    assert "cannot use" in one_line(capsys.readouterr().err)
+    assert main(["compare", long, "--output", str(tmp_path / "c")]) == 2
+    assert "not a usable path" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
