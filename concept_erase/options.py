@@ -252,6 +252,31 @@ def check_device(value: str, name: str = "--device") -> None:
 
 
 # ---------------------------------------------------------------- the commands other than erase
+# Settings several commands share, declared once so that every command says the same about them.
+def _device():
+    return setting("", "cpu, cuda, cuda:N or mps (default: cuda when there is one)")
+
+
+def _model_config():
+    return setting("", "configs for a single-file model: a diffusers folder or hub id")
+
+
+def _allow_pickle():
+    return setting(False, "allow loading a pickled .ckpt (it can run code)")
+
+
+def _allow_other_base():
+    return setting(False, "apply even if the base model's digest differs from the run's")
+
+
+def _overwrite(what: str = "an existing output"):
+    return setting(False, f"replace {what}, once the new one is complete")
+
+
+def _progress():
+    return setting(True, "show a progress bar")
+
+
 @dataclass
 class ExportOptions:
     run: str = setting("", "run folder or its erased.safetensors", positional=True, path=IN_ANY)
@@ -261,15 +286,15 @@ class ExportOptions:
     output: str = setting("", "where to write: a folder (diffusers, lora) or a .safetensors file (single-file)",
                           required=True)
     model: str = setting("", "base model (default: the one the run was made from)")
-    model_config: str = setting("", "configs for a single-file base model: a diffusers folder or hub id")
+    model_config: str = _model_config()
     rank: int = setting(16, "LoRA rank when factoring a non-LoRA run (--format lora)", ge=1, le=4096)
     exact_svd: bool = setting(False, "factor with the exact SVD (default: randomized SVD for matrices of 256 or "
                                      "more rows and columns)")
     lora_bias: bool = setting(True, "carry changed biases in the LoRA as lora_B.bias (load_lora_weights reads "
                                     "them; fuse_lora and A1111 cannot use them)")
-    overwrite: bool = setting(False, "replace an existing output, once the new one is complete")
-    allow_other_base: bool = setting(False, "apply even if the base model's digest differs from the run's")
-    allow_pickle: bool = setting(False, "allow loading a pickled .ckpt base model (it can run code)")
+    overwrite: bool = _overwrite()
+    allow_other_base: bool = _allow_other_base()
+    allow_pickle: bool = _allow_pickle()
 
 
 @dataclass
@@ -282,11 +307,11 @@ class SampleOptions:
     seeds: str = setting("0-3", "seeds: a range like 0-7, a list like 1,4,9, or one number")
     steps: int = setting(30, "denoising steps", ge=1, le=1000)
     guidance: float = setting(7.5, "classifier-free guidance scale", ge=0, le=100)
-    device: str = setting("", "cpu, cuda, cuda:N or mps (default: cuda when there is one)")
-    model_config: str = setting("", "configs for a single-file model: a diffusers folder or hub id")
-    overwrite: bool = setting(False, "replace an existing output, once the new one is complete")
-    allow_other_base: bool = setting(False, "apply even if the base model's digest differs from the run's")
-    allow_pickle: bool = setting(False, "allow loading a pickled .ckpt (it can run code)")
+    device: str = _device()
+    model_config: str = _model_config()
+    overwrite: bool = _overwrite()
+    allow_other_base: bool = _allow_other_base()
+    allow_pickle: bool = _allow_pickle()
 
 
 @dataclass
@@ -299,18 +324,18 @@ class EvalOptions:
                                "the prompt set", repeat=True, nonempty=True, metavar="VALUE")
     seeds: int = setting(0, "seeds per prompt (0: the suite's)", ge=0, le=100000)
     limit: int = setting(0, "evaluate only the first N prompts, a quick look (0: all)", ge=0)
-    device: str = setting("", "cpu, cuda, cuda:N or mps (default: cuda when there is one)")
+    device: str = _device()
     clip_model: str = setting("", "open_clip model name for the CLIP classifiers (default: the suite's)")
     clip_weights: str = setting("", "local open_clip weights file for that model", path=IN_FILE)
     clip_score_model: str = setting("", "transformers CLIP folder (or hub id) for CLIP score")
     inception_weights: str = setting("", "FID Inception weights (torch-fidelity .pth or TorchScript)", path=IN_FILE)
     fid_reference: str = setting("", "'base' or a folder of reference images (default: the suite's)")
     cache_dir: str = setting("", "where FID statistics and converted weights are cached", path=OUT_DIR)
-    model_config: str = setting("", "configs for a single-file model: a diffusers folder or hub id")
-    allow_pickle: bool = setting(False, "allow loading a pickled .ckpt (it can run code)")
-    allow_other_base: bool = setting(False, "apply even if the base model's digest differs from the run's")
-    overwrite: bool = setting(False, "replace an output that holds another evaluation, once the new one is complete")
-    progress: bool = setting(True, "show a progress bar")
+    model_config: str = _model_config()
+    allow_pickle: bool = _allow_pickle()
+    allow_other_base: bool = _allow_other_base()
+    overwrite: bool = _overwrite("an output that holds another evaluation")
+    progress: bool = _progress()
 
 
 @dataclass
@@ -322,8 +347,8 @@ class DemoOptions:
     method: str = setting("", "override the recipe's method: eupmu, eupmu-fast, ungrad, fixed, esd")
     steps: int = setting(0, "override the recipe's steps (0: the recipe's)", ge=0, le=1000000)
     seeds: int = setting(16, "seeds per digit in the evaluation", ge=1, le=10000)
-    overwrite: bool = setting(False, "replace an existing output, once the new one is complete")
-    progress: bool = setting(True, "show a progress bar")
+    overwrite: bool = _overwrite()
+    progress: bool = _progress()
 
 
 @dataclass
@@ -335,7 +360,7 @@ class BenchOptions:
     concepts: str = setting("", "override the concepts, e.g. 'three,red ink'")
     only: list = setting([], "run only this method label (repeat)", repeat=True, nonempty=True, metavar="LABEL")
     report_only: bool = setting(False, "write the report from the finished runs; run nothing")
-    progress: bool = setting(True, "show a progress bar")
+    progress: bool = _progress()
 
 
 @dataclass
@@ -346,4 +371,4 @@ class CompareOptions:
     label: list = setting([], "a name per evaluation, in order (repeat)", repeat=True, nonempty=True)
     quality: str = setting("retain_accuracy", "the y axis",
                            choices=("retain_accuracy", "fid", "domain_fid", "clip_score"))
-    overwrite: bool = setting(False, "replace an existing output, once the new one is complete")
+    overwrite: bool = _overwrite()

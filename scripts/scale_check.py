@@ -7,14 +7,16 @@ wide, 23 layers), and SD 2.1 is v-prediction. Random weights prove shapes, memor
 per step, not image quality.
 
 On each model it runs every shipped `pipelines/sd15-*.yaml` recipe for 2 steps at --resolution 128
-under bf16, then every other method and every other --train subset for one step each, and a plain fine-tuning step of each
-subset as the memory yardstick. It reports load, anchor-generation and first-step times, peak
-memory (process peak resident size above the loaded model, VmHWM reset before each run), checkpoint
-size on disk, and exports every format, reading each back with diffusers' own readers.
+under bf16, then every other method and every other --train subset for one step each (full: two), and
+a plain fine-tuning step of each subset as the memory yardstick, each in a process of its own. It
+reports load, anchor-generation and step times, peak memory (the process's peak resident size above
+its size once the model was loaded; through the steps, before the final save), checkpoint size on
+disk, and exports every format, reading each back with diffusers' own readers. A run cut short
+continues from OUTPUT/{kind}-partial.json; run folders are deleted once measured.
 
 Stays out of CI (too heavy). Usage:
     python scripts/scale_check.py --output runs/scale [--models sd15,sd21]
-To keep it under 30 minutes on 2 CPU cores, the recipes' sampling lengths are cut (trajectory
+To save time on a CPU, the recipes' sampling lengths are cut (trajectory
 --sampling-steps 4, anchors --anchor-inference-steps 2 with 2 images per prompt); the rest of each
 recipe is as shipped. Writes OUTPUT/scale.json and OUTPUT/scale.md.
 """
@@ -124,12 +126,11 @@ def in_child(kind: str, *args, **kwargs) -> dict:
 
 def child(spec: str) -> int:
     spec = json.loads(spec)
-    fn = {"run": run_one, "plain": plain_one}[spec["kind"]]
     args = spec["args"]
     if spec["kind"] == "run":
         result = run_one(Path(args[0]), json.loads(args[1]), Path(args[2]), Path(args[3]), args[4], **spec["kwargs"])
     else:
-        result = fn(Path(args[0]), args[1], args[2])
+        result = plain_one(Path(args[0]), args[1], args[2])
     print(json.dumps(result), flush=True)
     return 0
 
