@@ -134,6 +134,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def writer_lock(output: str | os.PathLike, log=None):
+    """The output's one-writer lock, taken by the first process of a launch only (its other processes
+    write into the same output, under its lock); no lock for an empty output."""
+    if os.environ.get("RANK", "0") != "0" or not str(output):
+        return contextlib.nullcontext()
+    return output_lock(output, log=log)
+
+
 @contextlib.contextmanager
 def output_lock(target: str | os.PathLike, log=None) -> Iterator[None]:
     """Hold the one-writer lock of an output path for the duration of the block.
@@ -151,6 +159,7 @@ def output_lock(target: str | os.PathLike, log=None) -> Iterator[None]:
         return
     target = Path(target)
     lock = target.with_name(f".{target.name}.lock")
+    made = _missing_parents(lock.parent)  # removed again at the end if nothing was written into them
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -187,3 +196,15 @@ def output_lock(target: str | os.PathLike, log=None) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+        for folder in made:  # innermost first; rmdir refuses a folder that holds anything
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """The folders, innermost first, that creating `folder` would make."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing

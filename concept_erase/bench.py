@@ -18,11 +18,13 @@ from __future__ import annotations
 
 from . import env  # noqa: F401
 
+import contextlib
 import copy
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -523,11 +525,22 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
     if report_only:
         if not (output / "runs").is_dir():
             raise UserError(f"no finished run in {output / 'runs'} to report")
-        base = None
-    else:
-        (output / "runs").mkdir(parents=True, exist_ok=True)
+        return _bench(spec, runs, output, None, progress, only, report_only, command, log)
+    made = [f for f in (output / "runs", output) if not f.exists()]
+    (output / "runs").mkdir(parents=True, exist_ok=True)
+    try:
         base = load_pipeline("builtin:digits")
         base.set_progress_bar_config(disable=True)
+        return _bench(spec, runs, output, base, progress, only, report_only, command, log)
+    finally:  # the scratch run goes; folders this call made go too if nothing finished into them
+        shutil.rmtree(output / "work", ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only, report_only: bool, command: str,
+           log) -> dict:
     results, judgings, base_evals = [], {}, {}
     started = time.time()
     for i, (label, overrides, concept, seed) in enumerate(runs):

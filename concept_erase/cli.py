@@ -156,8 +156,7 @@ def _erase(args) -> None:
     settings = load_yaml(args.config) if args.config else {}
     config = build_config(settings, flags, source=args.config or "config")
     config.check_runnable()
-    with _locked(config.output):
-        path = erase(config)
+    path = erase(config)  # takes the output's lock itself
     if os.environ.get("RANK", "0") == "0":
         q = shlex.quote
         print(f"erased weights: {path}")
@@ -231,15 +230,9 @@ def _sample(args) -> None:
 
 
 def _locked(output: str):
-    """The output's one-writer lock, taken by the first process of a launch only (its other processes
-    write into the same run, under its lock)."""
-    import contextlib
+    from .atomic import writer_lock
 
-    from .atomic import output_lock
-
-    if os.environ.get("RANK", "0") != "0" or not output:
-        return contextlib.nullcontext()
-    return output_lock(output, log=lambda m: print(m, file=sys.stderr))
+    return writer_lock(output, log=lambda m: print(m, file=sys.stderr))
 
 
 def _on_sigterm(signum, frame):  # a launcher stopping this process (one rank of several died)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -738,5 +739,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
-    """Erase the configured concepts; returns the path of `erased.safetensors`."""
-    return Trainer(config, pipe, on_step=on_step).run()
+    """Erase the configured concepts; returns the path of `erased.safetensors`. One writer per output:
+    a second process erasing into the same folder is refused (`atomic.writer_lock`)."""
+    from .atomic import writer_lock
+
+    with writer_lock(config.output, log=lambda m: print(m, file=sys.stderr)):
+        return Trainer(config, pipe, on_step=on_step).run()

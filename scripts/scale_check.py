@@ -342,10 +342,11 @@ def check_model(kind: str, root: Path) -> dict:
             "carried_over": len(done), "carried_s": carried}
 
 
-def report(results: list[dict], command: str, seconds: float) -> str:
+def report(results: list[dict], command: str) -> str:
+    runs = "; ".join(f"{r['model']}: `{r.get('command', command)}`, "
+                     f"{(r.get('check_s', 0) + r.get('carried_s', 0)) / 60:.1f} min" for r in results)
     lines = ["# Scale check (random weights, SD-1.5 and SD-2.1 shapes)", "",
-             f"Command: `{command}`; {seconds / 60:.1f} min on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-             f"bf16 autocast, --resolution {RESOLUTION}, 2 steps per recipe, 1 per other method or subset; "
+             f"Commands: {runs}; on {os.cpu_count()} CPU cores, torch {torch.__version__}, bf16 autocast, --resolution {RESOLUTION}, 2 steps per recipe, 1 per other method or subset; "
              "sampling cut to trajectory 4 / anchors 2 steps, 2 anchor images per prompt. Each run and each plain "
              "step in a process of its own; peak = the process's peak resident size (VmHWM) above its size once "
              "the model was loaded.", ""]
@@ -411,16 +412,16 @@ def main() -> int:
     root = Path(args.output)
     root.mkdir(parents=True, exist_ok=True)
     command = "python scripts/scale_check.py " + " ".join(a for a in sys.argv[1:] if a != "--report-only")
-    if args.report_only:
-        results = json.loads((root / "scale.json").read_text())
-    else:
-        results = []
+    # scale.json keeps one entry per model shape: checking one shape leaves the others' figures in place
+    saved = root / "scale.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else []
+    if not args.report_only:
         for kind in args.models.split(","):
             t0 = time.perf_counter()
-            results.append({**check_model(kind, root), "check_s": round(time.perf_counter() - t0, 1)})
-            (root / "scale.json").write_text(json.dumps(results, indent=2))
-    (root / "scale.md").write_text(report(results, command,
-                                          sum(r.get("check_s", 0) + r.get("carried_s", 0) for r in results)))
+            res = {**check_model(kind, root), "check_s": round(time.perf_counter() - t0, 1), "command": command}
+            results = [r for r in results if r["model"] != kind] + [res]
+            saved.write_text(json.dumps(results, indent=2))
+    (root / "scale.md").write_text(report(results, command))
     print(f"report: {root / 'scale.md'}")
     return 0
 

@@ -207,3 +207,41 @@ timing_probe: {{rounds: 1, steps: 2}}
     before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == before
+
+
+def test_a_failed_bench_leaves_no_empty_folders_nor_its_scratch_run(tmp_path, monkeypatch, capsys):
+    from concept_erase import bench, loading
+    from concept_erase.cli import main
+
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(f"""
+recipe: {ROOT / 'pipelines' / 'digits-erase.yaml'}
+concepts: [three]
+seeds: [0]
+methods:
+  - {{method: eupmu, steps: 2, anchor_images_per_prompt: 2}}
+evaluation: {{seeds: 1, steps: 2, every: 0}}
+memory_probe_steps: 0
+""")
+    out = tmp_path / "sub" / "out"
+    real_load = loading.load_pipeline
+
+    def broken(*a, **k):
+        raise RuntimeError("the model file is damaged")
+
+    monkeypatch.setattr(loading, "load_pipeline", broken)
+    assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 1
+    assert "the model file is damaged" in capsys.readouterr().err
+    assert not (tmp_path / "sub").exists(), "a bench that failed at once left folders behind"
+
+    monkeypatch.setattr(loading, "load_pipeline", real_load)
+
+    def fail_in_training(*a, workdir, **k):
+        (workdir / "run").mkdir(parents=True)
+        (workdir / "run" / "half.bin").write_bytes(b"x")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench, "run_one", fail_in_training)
+    assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["runs"], "the scratch run outlived the failure"
+    assert [p.name for p in (out / "runs").iterdir()] == ["base__three.json"]  # kept: a rerun continues from it

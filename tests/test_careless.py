@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from concept_erase.cli import main
+from concept_erase.cli import build_parser, main
 
 from test_cli import base_args, tree
 
@@ -112,6 +112,22 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tiny_dir, tmp_path, cac
     assert f"process {os.getpid()}" in line and "being written" in line
     assert not out.exists(), "the refused process wrote something"
     assert not (tmp_path / ".run.lock").exists(), "the lock file outlived its holder"
+
+
+def test_the_python_api_takes_the_same_lock(tiny_dir, tmp_path, cache_dir):
+    """`concept_erase.erase` (not only the command) refuses an output another writer holds."""
+    import concept_erase
+    from concept_erase.atomic import output_lock
+    from concept_erase.config import build_config
+    from concept_erase.errors import UserError
+
+    out = tmp_path / "run"
+    flags = vars(build_parser().parse_args(base_args(tiny_dir, out, cache_dir)))
+    config = build_config({}, {k: v for k, v in flags.items() if k not in ("command", "config", "debug")})
+    with output_lock(out):
+        with pytest.raises(UserError, match=f"being written by process {os.getpid()}"):
+            concept_erase.erase(config)
+    assert not out.exists()
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, capsys):

@@ -121,3 +121,26 @@ def test_each_flag_with_each_nasty_value(world, capsys, monkeypatch, command):
     for flag, kind in _flags(command):
         for value in _values(kind):
             _check(world, capsys, command, [flag] if value is None else [flag, value])
+
+
+POSITIONAL_BASES = {"export": ["--format", "diffusers", "--output", "{fresh}"],
+                    "compare": ["--output", "{fresh}/report.md"]}
+
+
+@pytest.mark.parametrize("command", sorted(POSITIONAL_BASES))
+def test_each_positional_with_each_nasty_value(world, capsys, monkeypatch, tmp_path, command):
+    """The positional arguments (export's RUN, compare's RESULTS) given nasty values, with an output that
+    could be written: the command must refuse at the door and write nothing."""
+    monkeypatch.chdir(world[0])
+    for i, value in enumerate(NASTY + BAD_OUTPUTS):
+        fresh = tmp_path / f"out{i}"
+        args = [command, value.replace("{held}", str(world[2]))] + \
+            [a.replace("{fresh}", str(fresh)) for a in POSITIONAL_BASES[command]]
+        before = sorted(p.name for p in world[0].iterdir())
+        code = main(args)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, (args, err)
+        assert code == 2, (args, code, err)
+        assert len([x for x in err.splitlines() if x.startswith("concept-erase:")]) == 1, (args, err)
+        assert not fresh.exists(), (args, "an output was written for bad input")
+        assert sorted(p.name for p in world[0].iterdir()) == before, (args, "something was written")

@@ -162,3 +162,30 @@ def test_erased_concepts_are_read_from_the_delta(tmp_path):
     assert _erased_from_delta(str(path), rows) == ["red ink"]
     save_file({"x": torch.zeros(1)}, str(path), metadata={"concepts": json.dumps(["van gogh"])})
     assert _erased_from_delta(str(path), rows) == []
+
+
+def test_what_fid_and_the_classifier_need_is_checked_before_any_image(suite, tmp_path, fid_cache, capsys):
+    """Checks that used to come only after the images were made: too few images for FID, a reference
+    folder of mixed sizes or unreadable images, a classifier with one class."""
+    assert run(suite, tmp_path / "a", fid_cache, "--limit", "1") == 2
+    assert "FID needs at least 2 images per group" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(ref / "a.png")
+    Image.fromarray(np.zeros((24, 16, 3), np.uint8)).save(ref / "b.png")
+    assert run(suite, tmp_path / "b", fid_cache, "--fid-reference", str(ref)) == 2
+    assert "b.png is 16x24 where a.png is 16x16" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    (ref / "b.png").write_bytes(b"not an image")
+    assert run(suite, tmp_path / "b", fid_cache, "--fid-reference", str(ref)) == 2
+    assert "b.png cannot be read" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+    one = tmp_path / "one.yaml"
+    one.write_text(suite.read_text().replace("judge: {}", "clip_classifier: {model: ViT-B-32}")
+                   .replace("  fid: {reference: base}\n", ""))
+    assert run(one, tmp_path / "c", fid_cache, "--limit", "1") == 2
+    assert "needs at least two concept names" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -216,6 +216,23 @@ def image_folder(folder: str | Path) -> list[Path]:
     return paths
 
 
+def check_folder(paths: list[Path], size: int | None = None) -> None:
+    """Every reference image can be opened, and all have one size unless they are to be resized."""
+    from PIL import Image
+
+    first = None
+    for p in paths:
+        try:
+            with Image.open(p) as im:  # reads the header only
+                got = im.size
+        except OSError as err:
+            raise UserError(f"FID reference image {p} cannot be read ({err})") from None
+        first = first or (p, got)
+        if not size and got != first[1]:
+            raise UserError(f"FID reference image {p} is {got[0]}x{got[1]} where {first[0].name} is "
+                            f"{first[1][0]}x{first[1][1]}; set the fid option size: N to resize them all")
+
+
 def folder_batches(paths: list[Path], size: int | None = None, batch: int = 64):
     """uint8 batches [B, 3, H, W] of the images (resized to size x size when given), read lazily."""
     import numpy as np

@@ -145,6 +145,11 @@ class ClipClassifier(Metric):
         s = self._settings()
         if s["templates"] not in TEMPLATES:
             raise UserError(f"{self.name}: templates must be one of {', '.join(TEMPLATES)}, not {s['templates']!r}")
+        attribute = self.options.get("attribute", samples[0].attribute if samples else "concept")
+        classes = {labels(x.row).get(attribute, "") for x in samples} - {""}
+        if len(classes) < 2:  # said now, not after the images are made
+            raise UserError(f"{self.name}: a zero-shot classifier needs at least two {attribute} names; the prompts "
+                            f"chosen have {len(classes)}: give more prompts (a larger --limit) or drop the metric")
         self.loaded = load_open_clip(s["model"], s["weights"], s["pretrained"])
 
     def score(self, ctx):
@@ -211,11 +216,18 @@ class FID(Metric):
     def check(self, samples):
         from pathlib import Path
 
-        from .fid import inception_weights
+        from .fid import check_folder, image_folder, inception_weights
 
         ref = self.cli.get("fid_reference") or self.options.get("reference", "base")
         if ref != "base" and not Path(ref).is_dir():
             raise UserError(f"FID reference {ref!r} is neither 'base' nor a folder of images")
+        if ref != "base":  # read every header now: a bad reference is said before the images are made
+            check_folder(image_folder(ref), int(self.options["size"]) if self.options.get("size") else None)
+        for group in {x.group for x in samples}:
+            n = sum(x.group == group for x in samples)
+            if n < 2:
+                raise UserError(f"FID needs at least 2 images per group; the {group} group has {n}: give more "
+                                "prompts (a larger --limit) or more --seeds")
         inception_weights(self.cli.get("inception_weights") or self.options.get("weights", ""),
                           self.cli.get("cache_dir"))
 
