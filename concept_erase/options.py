@@ -31,16 +31,16 @@ IN_FILE, IN_DIR, IN_ANY = "in-file", "in-dir", "in-any"  # must exist (a file / 
 OUT_DIR, OUT_FILE = "out-dir", "out-file"  # will be written: its kind if it exists, and a writable place
 
 
-def setting(default, help: str, *, ge=None, gt=None, le=None, choices=None, path: str | None = None,
+def setting(default, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None, path: str | None = None,
             flag: str | None = None, aliases: tuple = (), repeat: bool = False, positional: bool = False,
             required: bool = False, metavar: str | None = None, nonempty: bool = False, hidden: bool = False):
     """A dataclass field with its command-line and checking metadata.
 
-    ge/gt/le: numeric bounds (every float must also be finite); choices: allowed values; path: one of
+    ge/gt/le/lt: numeric bounds (every float must also be finite); choices: allowed values; path: one of
     the path kinds above (empty means "not given"); repeat: a list filled by repeating the flag;
     nonempty: strings (or each list item) must hold something other than spaces.
     """
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices, "path": path, "flag": flag,
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "path": path, "flag": flag,
             "aliases": aliases, "repeat": repeat, "positional": positional, "required": required,
             "metavar": metavar, "nonempty": nonempty, "hidden": hidden}
     if isinstance(default, list):
@@ -74,7 +74,9 @@ def _range_text(meta: dict) -> str:
         parts.append(f"above {lo_open}" + (f", at most {_num(hi)}" if hi is not None else ""))
     elif hi is not None:
         parts.append(f"at most {_num(hi)}")
-    return "; ".join(parts)
+    if meta.get("lt") is not None:
+        parts.append(f"below {_num(meta['lt'])}")
+    return ", ".join(parts)
 
 
 def _num(x) -> str:
@@ -160,7 +162,8 @@ def check_value(f: dataclasses.Field, value: Any, where: str = "") -> None:
             raise UserError(f"{name} must be a finite number, not {value}")
         rng = _range_text(meta)
         if ((meta.get("ge") is not None and value < meta["ge"]) or (meta.get("gt") is not None and value <= meta["gt"])
-                or (meta.get("le") is not None and value > meta["le"])):
+                or (meta.get("le") is not None and value > meta["le"])
+                or (meta.get("lt") is not None and value >= meta["lt"])):
             raise UserError(f"{name} must be {rng}, not {value}")
     if meta.get("choices") and value not in meta["choices"] and not (value == f.default and not meta.get("required")):
         raise UserError(f"{name} {value!r} is not one of: {', '.join(map(str, meta['choices']))}")
@@ -353,7 +356,8 @@ class DemoOptions:
 
 @dataclass
 class BenchOptions:
-    config: str = setting("pipelines/bench-digits.yaml", "benchmark file", path=IN_FILE)
+    config: str = setting("", "benchmark file (default: the shipped bench-digits.yaml, also in pipelines/)",
+                          path=IN_FILE)
     output: str = setting("runs/bench", "folder: bench.md, bench.json, pareto.png, runs/ (a rerun continues)",
                           path=OUT_DIR)
     seeds: str = setting("", "override the seeds, e.g. 0 or 0,1")

@@ -19,6 +19,7 @@ from .errors import UserError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
 
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -96,18 +97,64 @@ def vae_to_ldm(state: dict, config) -> dict:
     return out
 
 
+def _is_open_clip(text_encoder) -> bool:
+    """SD 2.x's text encoder is OpenCLIP's (GELU), SD 1.x's OpenAI's CLIP (quick GELU): their original
+    checkpoints store them in different layouts."""
+    return getattr(text_encoder.config, "hidden_act", "quick_gelu") == "gelu"
+
+
+_OPEN_CLIP_NAMES = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                    ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+_OPEN_CLIP_FIXED = {"embeddings.position_embedding.weight": "positional_embedding",
+                    "embeddings.token_embedding.weight": "token_embedding.weight",
+                    "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def clip_to_open_clip(state: dict) -> dict:
+    """transformers' CLIPTextModel weights in OpenCLIP's layout (cond_stage_model.model.*): the inverse
+    of diffusers' `convert_open_clip_checkpoint`, with q, k and v fused into one in_proj."""
+    state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+    out = {}
+    for key, value in state.items():
+        if key.endswith("position_ids"):
+            continue
+        if key in _OPEN_CLIP_FIXED:
+            out[_OPEN_CLIP_FIXED[key]] = value
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", key)
+        if not m:
+            raise UserError(f"text encoder weight {key!r} has no place in the OpenCLIP checkpoint layout; "
+                            "export with --format diffusers")
+        layer, rest = m.groups()
+        qkv = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+        if qkv:
+            if qkv.group(1) == "q":  # written once, for all three
+                parts = [state[f"encoder.layers.{layer}.self_attn.{x}_proj.{qkv.group(2)}"] for x in "qkv"]
+                out[f"transformer.resblocks.{layer}.attn.in_proj_{qkv.group(2)}"] = torch.cat(parts, 0)
+            continue
+        for name, ldm in _OPEN_CLIP_NAMES:
+            if rest.startswith(name + "."):
+                out[f"transformer.resblocks.{layer}.{ldm}{rest[len(name):]}"] = value
+                break
+        else:
+            raise UserError(f"text encoder weight {key!r} has no place in the OpenCLIP checkpoint layout; "
+                            "export with --format diffusers")
+    return out
+
+
 def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    if pipe.text_encoder.config.hidden_size == 1024:
-        # SD 2.x keeps its OpenCLIP text encoder in another layout (cond_stage_model.model.*), not written here.
-        raise UserError("single-file export writes the SD 1.x layout; export this SD 2.x model with --format diffusers")
     tensors: dict[str, torch.Tensor] = {}
     for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items():
         tensors[UNET_PREFIX + k] = v
     for k, v in vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items():
         tensors[VAE_PREFIX + k] = v
-    for k, v in pipe.text_encoder.state_dict().items():
-        # the original layout names CLIP's weights text_model.* (transformers 5 drops that prefix in memory)
-        tensors[CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
+    if _is_open_clip(pipe.text_encoder):
+        for k, v in clip_to_open_clip(pipe.text_encoder.state_dict()).items():
+            tensors[OPEN_CLIP_PREFIX + k] = v
+    else:
+        for k, v in pipe.text_encoder.state_dict().items():
+            # the original layout names CLIP's weights text_model.* (transformers 5 drops that prefix in memory)
+            tensors[CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
     _verify(pipe, tensors)
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
@@ -115,12 +162,14 @@ def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
 def _verify(pipe, tensors: dict) -> None:
     """Run diffusers' own readers on the mapping: every weight must come back under its name."""
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint)
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 
+    text = (convert_open_clip_checkpoint(pipe.text_encoder, tensors) if _is_open_clip(pipe.text_encoder)
+            else convert_ldm_clip_checkpoint(tensors))
     for name, module, back in (
         ("UNet", pipe.unet, convert_ldm_unet_checkpoint(tensors, dict(pipe.unet.config))),
         ("VAE", pipe.vae, convert_ldm_vae_checkpoint(tensors, dict(pipe.vae.config))),
-        ("text encoder", pipe.text_encoder, convert_ldm_clip_checkpoint(tensors)),
+        ("text encoder", pipe.text_encoder, text),
     ):
         state = module.state_dict()
         if name == "text encoder":

@@ -14,7 +14,7 @@ import torch
 
 
 def build_tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", image_size: int = 32,
-                        cross_attention_dim: int = 32):
+                        cross_attention_dim: int = 32, open_clip: bool = False):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -56,6 +56,7 @@ def build_tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", imag
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
+        hidden_act="gelu" if open_clip else "quick_gelu",  # OpenCLIP's text encoder (SD 2.x) or OpenAI's (SD 1.x)
     )
     text_encoder = CLIPTextModel(text_config)
     scheduler = DDIMScheduler(

@@ -214,6 +214,29 @@ def test_single_file_export_round_trips_through_from_single_file(xattn_run, tiny
     assert torch.equal(loaded.vae.encode(x).latent_dist.mean, tiny_pipe.vae.encode(x).latent_dist.mean)
 
 
+def test_an_sd2_shaped_pipeline_round_trips_through_the_open_clip_layout(tmp_path):
+    """SD 2.x keeps its OpenCLIP text encoder as cond_stage_model.model.* with q, k, v fused: written so,
+    and read back by diffusers' from_single_file into the same weights."""
+    from safetensors.torch import save_file
+
+    from concept_erase.loading import load_pipeline
+    from concept_erase.single_file import pipeline_to_ldm
+    from concept_erase.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(3, prediction_type="v_prediction", open_clip=True)
+    pipe.save_pretrained(str(tmp_path / "sd2"))
+    tensors = pipeline_to_ldm(pipe)
+    assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in tensors
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in tensors)
+    save_file(tensors, str(tmp_path / "sd2.safetensors"))
+    loaded = load_pipeline(str(tmp_path / "sd2.safetensors"), model_config=str(tmp_path / "sd2"))
+    ids = pipe.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(loaded.text_encoder(ids)[0], pipe.text_encoder(ids)[0])
+    probe = unet_probe(pipe.unet)
+    assert torch.equal(unet_out(loaded.unet, probe), unet_out(pipe.unet, probe))
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
+
+
 def test_erase_from_a_single_file_model(tiny_pipe, tiny_dir, tmp_path, make_config):
     from safetensors.torch import save_file
 
@@ -251,12 +274,3 @@ def test_pickled_ckpt_loads_only_when_allowed(tiny_pipe, tiny_dir, tmp_path):
     loaded = load_pipeline(str(ckpt), model_config=str(tiny_dir), allow_pickle=True)
     probe = unet_probe(tiny_pipe.unet)
     assert torch.equal(unet_out(loaded.unet, probe), unet_out(tiny_pipe.unet, probe))
-
-
-def test_single_file_export_refuses_sd2_text_encoders(tiny_pipe):
-    from concept_erase.single_file import pipeline_to_ldm
-
-    pipe = copy.deepcopy(tiny_pipe)
-    pipe.text_encoder.config.hidden_size = 1024  # what SD 2.x's OpenCLIP-H text encoder reports
-    with pytest.raises(UserError, match="SD 2.x"):
-        pipeline_to_ldm(pipe)
