@@ -44,8 +44,18 @@ class EraseConfig:
                                "without the style: the target becomes e(ref) - eta * (e(concept) - e(ref))",
                            flag="relative-to", metavar="PROMPT")
     eta: float = _f(1.0, "negative-guidance scale: the target is e0 - eta * (ec - e0)", ge=0, le=1000)
-    eps: float = _f(0.0, "tolerance eps: the retain loss may rise by at most lr * eps per step (eupmu, ungrad)", ge=0)
+    lambda_update: str = _f("paper", "eupmu's lambda rule: paper (the paper's literal rule: beta in lambda per "
+                                     "unit slack, set for each model) or normalised (the slack over its running "
+                                     "scale: lambda moves by about beta per step whatever the losses' scale and the "
+                                     "learning rate; not yet the default, see BENCHMARKS.md)",
+                            choices=("paper", "normalised"))
+    eps: float = _f(0.0, "tolerance: the retain loss may rise per step by at most the fraction eps of its value "
+                         "(eupmu normalised), lr * eps (eupmu paper), or <g_r, g_u> may be as low as -eps (ungrad)",
+                    ge=0)
     beta: float = _f(1e-3, "step size of the lambda update (eupmu)", ge=0)
+    slack_decay: float = _f(0.9, "eupmu normalised: decay of the running mean square the slack is divided by "
+                                 "(0: each slack is divided by its own size, a sign; near 1: a long memory)",
+                            ge=0, lt=1)
     beta_schedule: str = _f("cuberoot", "beta_t schedule: cuberoot (beta / (t+1)^(1/3), as the paper's analysis) or constant",
                             choices=("cuberoot", "constant"))
     lambda_max: float = _f(100.0, "upper bound D on lambda (eupmu)", gt=0)

@@ -8,7 +8,8 @@ The trainer asks a controller three things, none specific to a method:
     (the previous step's retain tuple rides along in this step's retain batch);
   * `uses_retain`: whether a retain batch is needed at all.
 
-The update rules themselves are the pure functions `eupmu_update` and `ungrad_lambda`.
+The update rules themselves are the pure functions `eupmu_update` (the paper's), `relative_slack` with
+`normalised_slack` (free of the losses' scale) and `ungrad_lambda`.
 Lambda, loss values and the slack are Python floats (fp64), never bf16.
 """
 
@@ -35,6 +36,31 @@ def eupmu_update(lam: float, retain_before: float, retain_after: float, *, step_
     """One EUPMU multiplier step: lambda_{t+1} = clip(lambda_t - beta_t * delta_t, 0, D)."""
     delta = eupmu_slack(retain_before, retain_after, step_size, eps)
     return min(max(lam - beta * delta, 0.0), lambda_max)
+
+
+def relative_slack(retain_before: float, retain_after: float, step_size: float, eps: float) -> float:
+    """The slack with a tolerance relative to the retain loss: delta_t = (l_r(theta_t) - l_r(theta_{t+1})
+    + eps * l_r(theta_t)) / alpha_t, negative when this step raised the retain loss by more than the
+    fraction eps of its value. Scaling the retain loss scales the slack by the same factor."""
+    if step_size <= 0:
+        raise ValueError("the step size alpha_t must be positive")
+    return (retain_before - retain_after + eps * abs(retain_before)) / step_size
+
+
+def normalised_slack(slack: float, mean_square: float, seen: int, decay: float) -> tuple[float, float]:
+    """The slack divided by a running estimate of its own scale.
+
+    The scale is the root of an exponential moving average of the squared slack (decay `decay`,
+    bias-corrected over the `seen` earlier values, like Adam's second moment). Returns the
+    normalised slack and the new average. A positive factor does not move the slack's zero, so the
+    fixed point is the paper's; multiplying every slack by c leaves the result unchanged, so neither
+    the loss scale nor the learning rate sets the speed of lambda. |result| <= 1 / sqrt(1 - decay).
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError("the decay of the slack's scale must be in [0, 1)")
+    mean_square = decay * mean_square + (1.0 - decay) * slack * slack
+    corrected = mean_square / (1.0 - decay ** (seen + 1))
+    return (slack / math.sqrt(corrected) if corrected > 0.0 else 0.0), mean_square
 
 
 def ungrad_lambda(dot_ru: float, retain_norm_sq: float, eps: float) -> float:
@@ -109,7 +135,14 @@ class ForgetOnly(LambdaController):
 
 @LAMBDA_CONTROLLERS.register("eupmu")
 class ImplicitSurgery(LambdaController):
-    """EUPMU: one backward pass; lambda follows the constraint's slack, measured on a paired probe."""
+    """EUPMU: one backward pass; lambda follows the constraint's slack, measured on a paired probe.
+
+    `--lambda-update paper` (the default for now) is the paper's literal rule, beta_t times the raw
+    slack with eps in loss per unit learning rate, where beta must be set for each model.
+    `--lambda-update normalised` steps lambda by beta_t times the slack over its running scale, with
+    the tolerance eps a fraction of the retain loss: the path of lambda is the same for any loss scale
+    and learning rate.
+    """
 
     probe = "after-step"
 
@@ -119,20 +152,43 @@ class ImplicitSurgery(LambdaController):
         self.beta = float(config.beta)
         self.beta_schedule = config.beta_schedule
         self.lambda_max = float(config.lambda_max)
+        self.rule = config.lambda_update
+        self.decay = float(config.slack_decay)
+        self.mean_square = 0.0  # the running average of the squared slack (normalised rule)
+        self.pairs = 0  # slack values seen
         self.last_slack: float | None = None
+        self.last_normalised: float | None = None
 
     def update(self, retain_before: float | None, retain_after: float | None, step_size: float) -> None:
         if retain_before is None or retain_after is None:  # eupmu-fast's first step has no pair yet
             self.step += 1
             return
         beta_t = beta_at(self.step, self.beta, self.beta_schedule)
-        self.last_slack = eupmu_slack(retain_before, retain_after, step_size, self.eps)
-        self.lam = eupmu_update(self.lam, retain_before, retain_after, step_size=step_size, eps=self.eps,
-                                beta=beta_t, lambda_max=self.lambda_max)
+        if self.rule == "paper":
+            self.last_slack = eupmu_slack(retain_before, retain_after, step_size, self.eps)
+            self.lam = eupmu_update(self.lam, retain_before, retain_after, step_size=step_size, eps=self.eps,
+                                    beta=beta_t, lambda_max=self.lambda_max)
+        else:
+            self.last_slack = relative_slack(retain_before, retain_after, step_size, self.eps)
+            self.last_normalised, self.mean_square = normalised_slack(self.last_slack, self.mean_square, self.pairs,
+                                                                      self.decay)
+            self.lam = min(max(self.lam - beta_t * self.last_normalised, 0.0), self.lambda_max)
+        self.pairs += 1
         self.step += 1
 
     def diagnostics(self) -> dict:
-        return {"slack": self.last_slack}
+        out = {"slack": self.last_slack}
+        if self.rule != "paper":
+            out["slack_normalised"] = self.last_normalised
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "mean_square": self.mean_square, "pairs": self.pairs}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.mean_square = float(state.get("mean_square", 0.0))
+        self.pairs = int(state.get("pairs", self.step))
 
 
 @LAMBDA_CONTROLLERS.register("eupmu-fast")

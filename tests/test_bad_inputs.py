@@ -56,6 +56,9 @@ ERASE_CASES = [
     ("--steps", "0", "--steps must be 1 to"),
     ("--eps", "-0.1", "--eps must be at least 0"),
     ("--slack-probe", "sideways", "--slack-probe 'sideways' is not one of: held-out, batch"),
+    ("--lambda-update", "adam", "--lambda-update 'adam' is not one of: paper, normalised"),
+    ("--slack-decay", "1", "--slack-decay must be at least 0, below 1, not 1"),
+    ("--slack-decay", "-0.5", "--slack-decay must be at least 0, below 1, not -0.5"),
 ]
 
 

@@ -3,13 +3,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from concept_erase.controllers import (LAMBDA_CONTROLLERS, beta_at, eupmu_slack, eupmu_update, ungrad_lambda)
+from concept_erase.controllers import (LAMBDA_CONTROLLERS, beta_at, eupmu_slack, eupmu_update, normalised_slack,
+                                       relative_slack, ungrad_lambda)
 from concept_erase.errors import UserError
 from concept_erase.registry import Registry
 
 
 def settings(**kw):
-    base = dict(lambda_init=0.0, eps=0.0, beta=0.1, beta_schedule="constant", lambda_max=10.0)
+    base = dict(lambda_init=0.0, eps=0.0, beta=0.1, beta_schedule="constant", lambda_max=10.0, lambda_update="paper",
+                slack_decay=0.9)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -49,14 +51,16 @@ def test_beta_schedule():
         beta_at(0, 1.0, "linear")
 
 
-def test_eupmu_fixed_point_is_the_explicit_lambda():
-    """On a linear forget loss and a quadratic retain loss, EUPMU's lambda (loss values only) settles at UNGrad's closed form."""
+@pytest.mark.parametrize("rule,beta", [("paper", 0.05), ("normalised", 0.01)])
+def test_eupmu_fixed_point_is_the_explicit_lambda(rule, beta):
+    """On a linear forget loss and a quadratic retain loss, EUPMU's lambda (loss values only) settles at UNGrad's
+    closed form, under the paper's rule and the normalised one alike."""
     # forget loss <g_u, theta> (constant gradient), retain loss ||theta||^2 / 2 (gradient theta)
     def retain(th):
         return 0.5 * float(th @ th)
 
     alpha, eps = 1e-3, 0.0
-    ctl = LAMBDA_CONTROLLERS.get("eupmu")(settings(beta=0.05, eps=eps, lambda_max=50.0))
+    ctl = LAMBDA_CONTROLLERS.get("eupmu")(settings(beta=beta, eps=eps, lambda_max=50.0, lambda_update=rule))
     theta = torch.tensor([0.0, 1.0])
     lams, targets = [], []
     for _ in range(4000):
@@ -72,6 +76,68 @@ def test_eupmu_fixed_point_is_the_explicit_lambda():
     mean_target = sum(targets[tail]) / len(targets[tail])
     assert mean_target > 0.1  # the constraint binds in this problem
     assert mean_lam == pytest.approx(mean_target, rel=0.05)
+
+
+def _lambda_path(befores, afters, *, retain_scale=1.0, lr=1e-3, rule="normalised", eps=0.0):
+    ctl = LAMBDA_CONTROLLERS.get("eupmu")(settings(lambda_update=rule, beta=0.2, eps=eps, beta_schedule="cuberoot",
+                                                   lambda_max=5.0))
+    path = []
+    for b, a in zip(befores, afters):
+        ctl.update(b * retain_scale, a * retain_scale, lr)
+        path.append(ctl.current())
+    return path
+
+
+def _loss_series(n=300, seed=0):
+    """A retain loss that a step raises in the first third, leaves alone in the second and lowers in the last,
+    with noise on every pair."""
+    g = torch.Generator().manual_seed(seed)
+    befores = (0.2 + 0.01 * torch.rand(n, generator=g, dtype=torch.float64)).tolist()
+    drift = [-2e-3] * (n // 3) + [0.0] * (n // 3) + [1e-3] * (n - 2 * (n // 3))
+    noise = (1e-3 * torch.randn(n, generator=g, dtype=torch.float64)).tolist()
+    afters = [b - d + z for b, d, z in zip(befores, drift, noise)]
+    return befores, afters
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.005])
+def test_the_normalised_update_is_free_of_the_loss_scale_and_the_learning_rate(eps):
+    befores, afters = _loss_series()
+    reference = _lambda_path(befores, afters, eps=eps)
+    assert max(reference) > 0.5 and reference[-1] < max(reference)  # lambda moved, up then down
+    for kwargs in ({"retain_scale": 10.0}, {"retain_scale": 0.1}, {"lr": 1e-2}, {"retain_scale": 10.0, "lr": 1e-5}):
+        assert _lambda_path(befores, afters, eps=eps, **kwargs) == pytest.approx(reference, rel=1e-9, abs=1e-12), kwargs
+    # the paper's literal rule is not: the same series at another scale gives another path
+    paper = _lambda_path(befores, afters, rule="paper")
+    assert _lambda_path(befores, afters, rule="paper", retain_scale=10.0) != pytest.approx(paper, rel=1e-3)
+
+
+def test_normalised_slack_by_hand():
+    # the first slack is divided by its own size (bias-corrected): a sign
+    value, ms = normalised_slack(-3.0, 0.0, 0, 0.9)
+    assert value == pytest.approx(-1.0) and ms == pytest.approx(0.1 * 9.0)
+    # the second: 3 / sqrt((0.9 * 0.9 + 0.1 * 9) / (1 - 0.81)) = 3 / 3
+    value, _ = normalised_slack(3.0, ms, 1, 0.9)
+    assert value == pytest.approx(3.0 / ((0.81 + 0.9) / 0.19) ** 0.5)
+    assert normalised_slack(0.0, 0.0, 0, 0.9)[0] == 0.0  # no scale yet: no move
+    assert normalised_slack(5.0, 0.0, 0, 0.0)[0] == pytest.approx(1.0)  # decay 0: a sign
+    with pytest.raises(ValueError):
+        normalised_slack(1.0, 0.0, 0, 1.0)
+    # the tolerance is a fraction of the retain loss: a rise of 1% of 2.0 is exactly eps = 0.01
+    assert relative_slack(2.0, 2.02, 0.1, 0.01) == pytest.approx(0.0, abs=1e-12)
+    assert relative_slack(2.0, 2.04, 0.1, 0.01) < 0 < relative_slack(2.0, 2.01, 0.1, 0.01)
+
+
+def test_the_normalised_state_round_trips():
+    befores, afters = _loss_series(60)
+    ctl = LAMBDA_CONTROLLERS.get("eupmu")(settings(lambda_update="normalised"))
+    for b, a in zip(befores[:30], afters[:30]):
+        ctl.update(b, a, 1e-3)
+    other = LAMBDA_CONTROLLERS.get("eupmu")(settings(lambda_update="normalised"))
+    other.load_state_dict(ctl.state_dict())
+    for b, a in zip(befores[30:], afters[30:]):
+        ctl.update(b, a, 1e-3)
+        other.update(b, a, 1e-3)
+        assert other.current() == ctl.current()
 
 
 def test_controllers_are_registered_with_their_capabilities():
