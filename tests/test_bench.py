@@ -167,22 +167,21 @@ def test_style_concepts_are_erased_relative_to_the_plain_caption():
     assert erase_relative_to("three") == []
 
 
+def tiny_bench_file(folder, methods: list[str], *, steps: int, evaluation: str, rest: str):
+    """A benchmark file for one digit and one seed, each method a few steps."""
+    entries = "".join(f"  - {{method: {m}, steps: {steps}, anchor_images_per_prompt: 2}}\n" for m in methods)
+    path = folder / "bench.yaml"
+    path.write_text(f"recipe: {ROOT / 'pipelines' / 'digits-erase.yaml'}\nconcepts: [three]\nseeds: [0]\n"
+                    f"methods:\n{entries}evaluation: {evaluation}\n{rest}")
+    return path
+
+
 def test_tiny_benchmark_end_to_end(tmp_path):
     """Two methods, a few steps: every per-run figure is measured and the report is written."""
     from concept_erase.cli import main
 
-    cfg = tmp_path / "bench.yaml"
-    cfg.write_text(f"""
-recipe: {ROOT / 'pipelines' / 'digits-erase.yaml'}
-concepts: [three]
-seeds: [0]
-methods:
-  - {{method: eupmu, steps: 4, anchor_images_per_prompt: 2}}
-  - {{method: ungrad, steps: 4, anchor_images_per_prompt: 2}}
-evaluation: {{seeds: 2, steps: 3, every: 2}}
-memory_probe_steps: 1
-timing_probe: {{rounds: 1, steps: 2}}
-""")
+    cfg = tiny_bench_file(tmp_path, ["eupmu", "ungrad"], steps=4, evaluation="{seeds: 2, steps: 3, every: 2}",
+                          rest="memory_probe_steps: 1\ntiming_probe: {rounds: 1, steps: 2}\n")
     out = tmp_path / "out"
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
     report = json.loads((out / "bench.json").read_text())
@@ -213,16 +212,8 @@ def test_a_failed_bench_leaves_no_empty_folders_nor_its_scratch_run(tmp_path, mo
     from concept_erase import bench, loading
     from concept_erase.cli import main
 
-    cfg = tmp_path / "bench.yaml"
-    cfg.write_text(f"""
-recipe: {ROOT / 'pipelines' / 'digits-erase.yaml'}
-concepts: [three]
-seeds: [0]
-methods:
-  - {{method: eupmu, steps: 2, anchor_images_per_prompt: 2}}
-evaluation: {{seeds: 1, steps: 2, every: 0}}
-memory_probe_steps: 0
-""")
+    cfg = tiny_bench_file(tmp_path, ["eupmu"], steps=2, evaluation="{seeds: 1, steps: 2, every: 0}",
+                          rest="memory_probe_steps: 0\n")
     out = tmp_path / "sub" / "out"
     real_load = loading.load_pipeline
 
