@@ -34,8 +34,12 @@ def eupmu_slack(retain_before: float, retain_after: float, step_size: float, eps
 def eupmu_update(lam: float, retain_before: float, retain_after: float, *, step_size: float, eps: float,
                  beta: float, lambda_max: float) -> float:
     """One EUPMU multiplier step: lambda_{t+1} = clip(lambda_t - beta_t * delta_t, 0, D)."""
-    delta = eupmu_slack(retain_before, retain_after, step_size, eps)
-    return min(max(lam - beta * delta, 0.0), lambda_max)
+    return lambda_step(lam, beta * eupmu_slack(retain_before, retain_after, step_size, eps), lambda_max)
+
+
+def lambda_step(lam: float, move: float, lambda_max: float) -> float:
+    """lambda - move, clipped to [0, D]: the multiplier step both EUPMU rules share."""
+    return min(max(lam - move, 0.0), lambda_max)
 
 
 def relative_slack(retain_before: float, retain_after: float, step_size: float, eps: float) -> float:
@@ -172,7 +176,7 @@ class ImplicitSurgery(LambdaController):
             self.last_slack = relative_slack(retain_before, retain_after, step_size, self.eps)
             self.last_normalised, self.mean_square = normalised_slack(self.last_slack, self.mean_square, self.pairs,
                                                                       self.decay)
-            self.lam = min(max(self.lam - beta_t * self.last_normalised, 0.0), self.lambda_max)
+            self.lam = lambda_step(self.lam, beta_t * self.last_normalised, self.lambda_max)
         self.pairs += 1
         self.step += 1
 
