@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from . import stats
 from .atomic import atomic_path, write_json, write_text
 from .digits import DIGIT_NAMES, STYLES, caption
 from .errors import UserError
@@ -53,6 +54,8 @@ class BenchSpec:
     eval_steps: int = 25
     eval_guidance: float = 4.0
     eval_every: int = 50
+    eval_final_seeds: int = 0  # images per prompt at the final evaluations (0: eval_seeds)
+    held_time_reference: str = ""  # the label eupmu's time to held target is compared with
     memory_probe_steps: int = 10
     timing_rounds: int = 8
     timing_steps: int = 5
@@ -84,7 +87,8 @@ def load_bench(path: str | Path) -> BenchSpec:
     raw = read_yaml(path, "benchmark file", "start from pipelines/bench-digits.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
-    known = {"recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps", "timing_probe"}
+    known = {"recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps", "timing_probe",
+             "held_time_reference"}
     bad = sorted(set(map(str, raw)) - known)
     if bad:
         raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
@@ -125,9 +129,12 @@ def load_bench(path: str | Path) -> BenchSpec:
     if not isinstance(timing, dict) or sorted(set(map(str, timing)) - {"rounds", "steps"}):
         raise UserError(f"{path}: timing_probe must be a mapping with rounds: and steps: (rounds: 0 skips it), "
                         f"not {timing!r}")
-    bad = sorted(set(map(str, ev)) - {"seeds", "steps", "guidance", "every"})
+    bad = sorted(set(map(str, ev)) - {"seeds", "final_seeds", "steps", "guidance", "every"})
     if bad:
-        raise UserError(f"{path}: evaluation has no key {bad[0]!r} (seeds, steps, guidance, every)")
+        raise UserError(f"{path}: evaluation has no key {bad[0]!r} (seeds, final_seeds, steps, guidance, every)")
+    reference = raw.get("held_time_reference", "")
+    if not isinstance(reference, str):
+        raise UserError(f"{path}: held_time_reference must be a method entry's label, not {reference!r}")
     guidance = ev.get("guidance", 4.0)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
             or guidance < 0:
@@ -136,6 +143,8 @@ def load_bench(path: str | Path) -> BenchSpec:
                      eval_seeds=whole_number(ev, "seeds", 16, path, 1, "evaluation.seeds"),
                      eval_steps=whole_number(ev, "steps", 25, path, 1, "evaluation.steps"),
                      eval_guidance=float(guidance), eval_every=whole_number(ev, "every", 50, path, 0, "evaluation.every"),
+                     eval_final_seeds=whole_number(ev, "final_seeds", 0, path, 0, "evaluation.final_seeds"),
+                     held_time_reference=reference,
                      memory_probe_steps=whole_number(raw, "memory_probe_steps", 10, path, 0, "memory_probe_steps"),
                      timing_rounds=whole_number(timing, "rounds", 8, path, 0, "timing_probe.rounds"),
                      timing_steps=whole_number(timing, "steps", 5, path, 1, "timing_probe.steps"),
@@ -158,6 +167,9 @@ def load_bench(path: str | Path) -> BenchSpec:
                          source=f"{path} (method {label!r})")
         except UserError as err:
             raise UserError(f"{path}, method {label!r}: {err}") from None
+    if reference and reference not in labels:
+        raise UserError(f"{path}: held_time_reference {reference!r} is not the label of a method entry "
+                        f"({', '.join(sorted(labels))})")
     return spec
 
 
@@ -178,40 +190,59 @@ def erase_relative_to(concept: str) -> list[str]:
     return [] if concept in DIGIT_NAMES else [caption(d) for d in range(10)]
 
 
-class Judging:
-    """Forget and retain accuracy (and the domain FID) of a pipeline for one erased concept."""
+def judged_items(concept: str, seeds: int) -> tuple[list, list]:
+    """(forget, retain) as (digit, style, images) for `seeds` images per prompt: a digit is judged on its
+    one caption and the other nine; a style on every digit in it (half as many images per prompt) and
+    every digit in each other style (a quarter)."""
+    if concept in DIGIT_NAMES:
+        d = DIGIT_NAMES.index(concept)
+        return [(d, "plain", seeds)], [(o, "plain", seeds) for o in range(10) if o != d]
+    return ([(d, concept, max(2, seeds // 2)) for d in range(10)],
+            [(d, s, max(2, seeds // 4)) for s in STYLES if s != concept for d in range(10)])
 
-    def __init__(self, concept: str, seeds: int, steps: int, guidance: float):
+
+def judged_images(concept: str, seeds: int) -> int:
+    return sum(n for part in judged_items(concept, seeds) for _, _, n in part)
+
+
+class Judging:
+    """Forget and retain accuracy (and the domain FID) of a pipeline for one erased concept.
+
+    `seeds` images per prompt for the evaluations during training (the curve), `final_seeds` for the
+    base model's and each run's final evaluation, the figures the report's means are taken over.
+    """
+
+    def __init__(self, concept: str, seeds: int, steps: int, guidance: float, final_seeds: int | None = None):
         from .digits import build
         from .loading import load_judge
 
         self.concept, self.steps, self.guidance = concept, steps, guidance
+        self.seeds, self.final_seeds = seeds, final_seeds or seeds
         self.judge = load_judge()
         test = build("test")
-        if concept in DIGIT_NAMES:
-            d = DIGIT_NAMES.index(concept)
-            self.forget = [(d, "plain", seeds)]
-            self.retain = [(o, "plain", seeds) for o in range(10) if o != d]
-        else:
-            self.forget = [(d, concept, max(2, seeds // 2)) for d in range(10)]
-            self.retain = [(d, s, max(2, seeds // 4)) for s in STYLES if s != concept for d in range(10)]
-        wanted = {(d, STYLES.index(s)) for d, s, _ in self.retain}
+        wanted = {(d, STYLES.index(s)) for d, s, _ in self.items(1)[1]}
         keep = torch.tensor([(int(a), int(b)) in wanted for a, b in zip(test.digits, test.styles)])
         self.real = test.images[keep]
 
+    def items(self, seeds: int) -> tuple[list, list]:
+        return judged_items(self.concept, seeds)
+
+    def images(self, final: bool) -> int:
+        """How many images one evaluation generates."""
+        return judged_images(self.concept, self.final_seeds if final else self.seeds)
+
     @torch.no_grad()
-    def __call__(self, pipe, *, fid: bool = True) -> dict:
-        from .digits_eval import domain_fid, generate
+    def __call__(self, pipe, *, fid: bool = True, final: bool = False) -> dict:
+        from .digits_eval import domain_fid, generate_many
 
-        def run(items):
-            out = []
-            for d, s, n in items:
-                images = generate(pipe, caption(d, s), range(n), steps=self.steps, guidance=self.guidance)
-                pd, ps = self.judge.predict(images)
-                out.append((d, STYLES.index(s), images, pd, ps))
-            return out
-
-        forget, retain = run(self.forget), run(self.retain)
+        forget_items, retain_items = self.items(self.final_seeds if final else self.seeds)
+        every = forget_items + retain_items
+        made = generate_many(pipe, [(caption(d, s), n) for d, s, n in every], steps=self.steps, guidance=self.guidance)
+        judged = []
+        for (d, s, _), images in zip(every, made):
+            pd, ps = self.judge.predict(images)
+            judged.append((d, STYLES.index(s), images, pd, ps))
+        forget, retain = judged[:len(forget_items)], judged[len(forget_items):]
         if self.concept in DIGIT_NAMES:
             f_hits = sum(int((pd == d).sum()) for d, _, _, pd, _ in forget)
             r_hits = sum(int((pd == d).sum()) for d, _, _, pd, _ in retain)
@@ -220,7 +251,8 @@ class Judging:
             r_hits = sum(int(((pd == d) & (ps == s)).sum()) for d, s, _, pd, ps in retain)
         n_f = sum(len(x[2]) for x in forget)
         n_r = sum(len(x[2]) for x in retain)
-        result = {"forget_accuracy": f_hits / n_f, "retain_accuracy": r_hits / n_r, "images": n_f + n_r}
+        result = {"forget_accuracy": f_hits / n_f, "retain_accuracy": r_hits / n_r, "images": n_f + n_r,
+                  "forget_images": n_f}
         if fid:
             result["domain_fid"] = domain_fid(self.judge, torch.cat([x[2] for x in retain]), self.real)
         return result
@@ -265,31 +297,52 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     t0 = time.perf_counter()
     erase(config, pipe=copy.deepcopy(base), on_step=on_step)
     wall = time.perf_counter() - t0
-    records = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    run_dir = workdir / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     step_seconds = [r["step_time_s"] for r in records]
+    done = len(records)  # fewer than config.steps when --stop-when-erased stopped the run
+    checks = _read_checks(run_dir)
     from .export import apply
 
-    final = judging(apply(copy.deepcopy(base), workdir / "run" / "erased.safetensors"))
-    curve.append({"step": config.steps, **{k: final[k] for k in ("forget_accuracy", "retain_accuracy", "images")}})
-    cumulative = {r["step"]: s for r, s in zip(records, _cumsum(step_seconds))}
-    time_to_target = next((cumulative[c["step"]] for c in curve if c["forget_accuracy"] <= FORGET_TARGET
-                           and c["retain_accuracy"] >= target_retain), None)
+    final = judging(apply(copy.deepcopy(base), run_dir / "erased.safetensors"), final=True)
+    curve = [c for c in curve if c["step"] < done]
+    curve.append({"step": done, **{k: final[k] for k in ("forget_accuracy", "retain_accuracy", "images")}})
+    cumulative = dict(zip((r["step"] for r in records), _cumsum(step_seconds)))
+    meets = final["forget_accuracy"] <= FORGET_TARGET and final["retain_accuracy"] >= target_retain
+    first = next((c["step"] for c in curve if c["forget_accuracy"] <= FORGET_TARGET
+                  and c["retain_accuracy"] >= target_retain), None)
+    # The erasure's own checks during training (--stop-when-erased) are part of its cost.
+    check_seconds = lambda step: sum(c["seconds"] for c in checks if c["step"] <= step)  # noqa: E731
+    time_to_target = None if first is None else cumulative[first] + check_seconds(first)
     k = config.gradient_accumulation_steps
     return {
         "label": label, "method": config.method, "concept": concept, "seed": seed,
         "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
+        "lambda_update": config.lambda_update,
         "forget_accuracy": final["forget_accuracy"], "retain_accuracy": final["retain_accuracy"],
-        "domain_fid": final["domain_fid"],
+        "domain_fid": final["domain_fid"], "eval_images": final["images"], "forget_images": final["forget_images"],
         "base_forget_accuracy": base_eval["forget_accuracy"], "base_retain_accuracy": base_eval["retain_accuracy"],
         "base_domain_fid": base_eval["domain_fid"],
-        "meets_target": final["forget_accuracy"] <= FORGET_TARGET and final["retain_accuracy"] >= target_retain,
-        "steps": config.steps, "step_time_s_median": statistics.median(step_seconds),
+        "meets_target": meets, "steps": done, "steps_planned": config.steps,
+        "step_time_s_median": statistics.median(step_seconds),
         "step_time_s_mean": statistics.fmean(step_seconds),
         "backward_passes_per_step": statistics.fmean(r.get("backward_passes", float("nan")) for r in records) / k,
         "lambda_final": records[-1]["lambda"], "lambda_mean": statistics.fmean(r["lambda"] for r in records),
-        "train_seconds": sum(step_seconds), "wall_seconds": wall,
-        "time_to_target_s": time_to_target, "curve": curve,
+        "train_seconds": sum(step_seconds), "check_seconds": check_seconds(done), "wall_seconds": wall,
+        "time_to_target_s": time_to_target,
+        # held: the first evaluation at target counts only if the run is still at target at its end
+        "steps_to_held_target": first if meets else None,
+        "time_to_held_target_s": time_to_target if meets else None,
+        "curve": curve, "checks": checks,
     }
+
+
+def _read_checks(run_dir: Path) -> list[dict]:
+    """The erasure checks a --stop-when-erased run made (checks.jsonl), else none."""
+    path = run_dir / "checks.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _cumsum(xs):
@@ -358,6 +411,7 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
         # (cover whole refresh periods: rounds x steps a multiple of the period); quartiles give the spread.
         out.append({"label": label, "method": overrides["method"], "steps_timed": len(ts),
                     "mean_ms": 1000 * statistics.fmean(ts), "median_ms": 1000 * q[1],
+                    "mean_ms_ci": [1000 * v for v in stats.mean_ci(ts)],
                     "q1_ms": 1000 * q[0], "q3_ms": 1000 * q[2],
                     "forget_batch_ms": 1000 * statistics.fmean(target_times[label]),
                     "backward_per_step": statistics.fmean(backward[label])})
@@ -547,20 +601,27 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
            log) -> dict:
     results, judgings, base_evals = [], {}, {}
     started = time.time()
+    final_seeds = spec.eval_final_seeds or spec.eval_seeds
     for i, (label, overrides, concept, seed) in enumerate(runs):
         path = output / "runs" / f"{_run_id(label, concept, seed)}.json"
+        wanted = judged_images(concept, final_seeds)
         if path.is_file():
-            results.append(json.loads(path.read_text()))
-            continue
+            record = json.loads(path.read_text())
+            if report_only or _final_images(record) == wanted:
+                results.append(record)
+                continue
+            log(f"[{i + 1}/{len(runs)}] {label} on {concept!r} (seed {seed}) was judged on {_final_images(record)} "
+                f"images, this file asks for {wanted}: run again")
         if report_only:
             continue
         if concept not in judgings:
-            judgings[concept] = Judging(concept, spec.eval_seeds, spec.eval_steps, spec.eval_guidance)
+            judgings[concept] = Judging(concept, spec.eval_seeds, spec.eval_steps, spec.eval_guidance, final_seeds)
             base_file = output / "runs" / f"base__{concept.replace(' ', '_')}.json"
-            if base_file.is_file():
-                base_evals[concept] = json.loads(base_file.read_text())
+            stored = json.loads(base_file.read_text()) if base_file.is_file() else {}
+            if stored.get("images") == wanted:
+                base_evals[concept] = stored
             else:
-                base_evals[concept] = judgings[concept](base)
+                base_evals[concept] = judgings[concept](base, final=True)
                 write_json(base_file, base_evals[concept])
         log(f"[{i + 1}/{len(runs)}] {label} erasing {concept!r} (seed {seed})")
         work = output / "work"
@@ -583,7 +644,7 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
             f"{spec.timing_steps} steps each, on {spec.concepts[0]!r}")
         write_json(timing_file, probe_timing(spec, base, spec.concepts[0], log=log))
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else []
-    summary = summarise(results, memory, timing)
+    summary = summarise(results, memory, timing, spec.held_time_reference)
     if not results:
         raise UserError(f"no finished run in {output / 'runs'} to report")
     report = {"config": spec.source, "machine": machine(), "seconds": round(time.time() - started, 1),
@@ -599,6 +660,14 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
     return report
 
 
+def _final_images(record: dict) -> int | None:
+    """How many images a stored run's final evaluation judged (older files: its curve's last point)."""
+    if "eval_images" in record:
+        return record["eval_images"]
+    curve = record.get("curve") or [{}]
+    return curve[-1].get("images")
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return statistics.fmean(xs) if xs else float("nan")
@@ -608,7 +677,7 @@ def concept_kind(concept: str) -> str:
     return "digit" if concept in DIGIT_NAMES else "style"
 
 
-def summarise(results: list[dict], memory: list[dict], timing: list[dict] | None = None) -> dict:
+def summarise(results: list[dict], memory: list[dict], timing: list[dict] | None = None, reference: str = "") -> dict:
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["label"], []).append(r)
@@ -623,7 +692,7 @@ def summarise(results: list[dict], memory: list[dict], timing: list[dict] | None
             part = [r for r in rs if concept_kind(r["concept"]) == kind]
             if part:
                 by_kind.setdefault(kind, {})[label] = _summary_row(part, probe_ms.get(label))
-    checks = _checks(rows, memory, results, timing or [])
+    checks = _checks(rows, memory, results, timing or [], reference)
     return {"by_method": rows, "by_kind": by_kind, "checks": checks}
 
 
@@ -634,40 +703,82 @@ def steps_to_target(run: dict) -> int | None:
                  and c["retain_accuracy"] >= floor), None)
 
 
+def steps_to_held_target(run: dict) -> int | None:
+    """The first evaluated step at target, if the run is still at target at its end; else None."""
+    return steps_to_target(run) if run.get("meets_target") else None
+
+
+def _held_seconds(run: dict, probe_ms: float | None) -> float | None:
+    """Training seconds to the held target: the probe's step time where it ran (the runs' own clocks drift
+    with the machine), else the run's clock; an erasure check's own time (--stop-when-erased) added."""
+    steps = steps_to_held_target(run)
+    if steps is None:
+        return None
+    checks = sum(c["seconds"] for c in run.get("checks", []) if c["step"] <= steps)
+    if probe_ms is not None:
+        return steps * probe_ms / 1000 + checks
+    own = run.get("time_to_held_target_s", run.get("time_to_target_s"))
+    return None if own is None else float(own)
+
+
+def _with_ci(row: dict, key: str, values) -> None:
+    """row[key] = the mean, row["ci"][key] = its 95% bootstrap interval (see stats.py)."""
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    row[key] = _mean(values) if values else None
+    ci = stats.mean_ci(values)
+    row.setdefault("ci", {})[key] = list(ci) if ci is not None else None
+
+
 def _summary_row(rs: list[dict], probe_ms: float | None = None) -> dict:
-    ttt = [r["time_to_target_s"] for r in rs]
+    ttt = [r.get("time_to_target_s") for r in rs]
     stt = [steps_to_target(r) for r in rs]
-    all_reached = all(t is not None for t in ttt)
-    row = {
-        "runs": len(rs), "forget_accuracy": _mean(r["forget_accuracy"] for r in rs),
-        "retain_drop": _mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs),
-        "domain_fid": _mean(r["domain_fid"] for r in rs),
-        "meets_target": sum(r["meets_target"] for r in rs),
-        "step_time_ms": 1000 * _mean(r["step_time_s_median"] for r in rs),
-        "backward_per_step": _mean(r["backward_passes_per_step"] for r in rs),
-        "time_to_target_s": _mean(ttt) if all_reached else None,
-        "reached_target": sum(t is not None for t in ttt),
-        "steps_to_target": _mean(stt) if all(t is not None for t in stt) else None,
-        "lambda_mean": _mean(r.get("lambda_mean") for r in rs),
-        "probe_step_ms": probe_ms,
-    }
-    # The training time to the target at the probe's step time: the runs' own clocks drift with the machine.
+    held = [steps_to_held_target(r) for r in rs]
+    row = {"runs": len(rs), "meets_target": sum(bool(r["meets_target"]) for r in rs),
+           "backward_per_step": _mean(r["backward_passes_per_step"] for r in rs), "probe_step_ms": probe_ms,
+           "reached_target": sum(a is not None or b is not None for a, b in zip(stt, ttt)), "held_target": sum(t is not None for t in held),
+           "images_per_run": _mean(_final_images(r) for r in rs)}
+    _with_ci(row, "forget_accuracy", [r["forget_accuracy"] for r in rs])
+    _with_ci(row, "retain_drop", [r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs])
+    _with_ci(row, "domain_fid", [r["domain_fid"] for r in rs])
+    _with_ci(row, "met_fraction", [float(bool(r["meets_target"])) for r in rs])
+    _with_ci(row, "step_time_ms", [1000 * r["step_time_s_median"] for r in rs])
+    _with_ci(row, "lambda_mean", [r.get("lambda_mean") for r in rs])
+    # Means over the runs that reached (held) the target; the counts beside them say how many did.
+    _with_ci(row, "steps_to_held_target", held)
+    _with_ci(row, "time_to_held_target_s", [_held_seconds(r, probe_ms) for r in rs])
+    row["time_to_held_target_source"] = "probe" if probe_ms is not None else "run clocks"
+    # Kept from earlier reports: the first evaluation at target whether or not it held, over every run.
+    row["time_to_target_s"] = _mean(ttt) if all(t is not None for t in ttt) else None
+    row["steps_to_target"] = _mean(stt) if all(t is not None for t in stt) else None
     row["probe_time_to_target_s"] = (row["steps_to_target"] * probe_ms / 1000
                                      if probe_ms is not None and row["steps_to_target"] is not None else None)
     return row
 
 
-def _paired(results: list[dict], a: str, b: str) -> tuple[dict, dict, int]:
-    """Mean forget accuracy and retain drop of labels a and b over the (concept, seed) pairs both have."""
+def _pairs(results: list[dict], a: str, b: str) -> list[tuple[dict, dict]]:
+    """The runs of labels a and b on the (concept, seed) pairs both have, matched."""
     key = lambda r: (r["concept"], r.get("seed", 0))  # noqa: E731
     ra = {key(r): r for r in results if r["label"] == a}
     rb = {key(r): r for r in results if r["label"] == b}
-    common = sorted(set(ra) & set(rb))
+    return [(ra[k], rb[k]) for k in sorted(set(ra) & set(rb))]
 
-    def means(rs):
-        return {"forget_accuracy": _mean(rs[k]["forget_accuracy"] for k in common),
-                "retain_drop": _mean(rs[k]["base_retain_accuracy"] - rs[k]["retain_accuracy"] for k in common)}
-    return means(ra), means(rb), len(common)
+
+def dominance(results: list[dict], a: str, b: str) -> dict | None:
+    """Is label a dominated by label b beyond the noise? On the pairs both ran, the paired bootstrap
+    intervals of a - b in forget accuracy and in retain drop: dominated when neither interval reaches
+    below zero and one lies wholly above it (b at least as good on both axes, better on one, both
+    beyond chance). None when the labels share no run."""
+    pairs = _pairs(results, a, b)
+    if not pairs:
+        return None
+    drop = lambda r: r["base_retain_accuracy"] - r["retain_accuracy"]  # noqa: E731
+    fa, fb = [x["forget_accuracy"] for x, _ in pairs], [y["forget_accuracy"] for _, y in pairs]
+    da, db = [drop(x) for x, _ in pairs], [drop(y) for _, y in pairs]
+    ci_f, ci_d = stats.paired_difference_ci(fa, fb), stats.paired_difference_ci(da, db)
+    dominated = ci_f[0] >= 0 and ci_d[0] >= 0 and (ci_f[0] > 0 or ci_d[0] > 0)
+    return {"pairs": len(pairs), "dominated": dominated,
+            "forget": (_mean(fa), _mean(fb)), "retain_drop": (_mean(da), _mean(db)),
+            "forget_diff_ci": ci_f, "retain_drop_diff_ci": ci_d}
 
 
 # The step-time targets: (method, what it is compared with) -> the largest ratio allowed.
@@ -682,7 +793,7 @@ def _speed_ratios(ms: dict[str, float]) -> dict[tuple[str, str], float]:
 
 
 def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
-            timing: list[dict] | None = None) -> list[dict]:
+            timing: list[dict] | None = None, reference: str = "") -> list[dict]:
     checks = []
     # Step times from the interleaved probe where it ran (methods timed in turns, one process); else
     # the medians of the runs, each taken at its own time on the machine.
@@ -715,19 +826,39 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
     sweep = [k for k in rows if k.startswith("eupmu eps=")]
     if sweep and fixed_labels:
         # The curve is the sweep and the default eupmu point (the recipe's eps). Every point is compared
-        # with every fixed weight on the (concept, seed) pairs both ran: the eps sweep runs on the first
-        # seed only, and a benchmark cut short has some labels on more concepts than others.
+        # with every fixed weight on the (concept, seed) pairs both ran (the eps sweep runs on the first
+        # seed only), by paired bootstrap intervals: a difference inside the noise dominates nothing.
         dominated = []
         for s in (["eupmu"] if "eupmu" in rows else []) + sweep:
             for f in fixed_labels:
-                a, b, n = _paired(results or [], s, f)
-                if n and (b["forget_accuracy"] <= a["forget_accuracy"] and b["retain_drop"] <= a["retain_drop"]
-                          and (b["forget_accuracy"] < a["forget_accuracy"] or b["retain_drop"] < a["retain_drop"])):
-                    dominated.append(f"{s} by {f} ({n} common run{'s' if n > 1 else ''}: forget "
-                                     f"{a['forget_accuracy']:.1%} vs {b['forget_accuracy']:.1%}, retain drop "
-                                     f"{100 * a['retain_drop']:.2f} vs {100 * b['retain_drop']:.2f} points)")
-        checks.append({"target": "eupmu eps curve not dominated by the fixed weights",
+                d = dominance(results or [], s, f)
+                if d and d["dominated"]:
+                    n = d["pairs"]
+                    dominated.append(
+                        f"{s} by {f} ({n} common run{'s' if n > 1 else ''}: forget {d['forget'][0]:.1%} vs "
+                        f"{d['forget'][1]:.1%}, retain drop {100 * d['retain_drop'][0]:.2f} vs "
+                        f"{100 * d['retain_drop'][1]:.2f} points; 95% intervals of the differences "
+                        f"[{100 * d['forget_diff_ci'][0]:.1f}, {100 * d['forget_diff_ci'][1]:.1f}] and "
+                        f"[{100 * d['retain_drop_diff_ci'][0]:.2f}, {100 * d['retain_drop_diff_ci'][1]:.2f}] points)")
+        checks.append({"target": "eupmu eps curve not dominated by the fixed weights beyond the 95% intervals",
                        "measured": "; ".join(dominated) or "no point dominated", "met": not dominated})
+    if reference and "eupmu" in rows and reference in rows:
+        # Time to held target, eupmu against the reference, on the runs where both held the target.
+        both = [(x, y) for x, y in _pairs(results or [], "eupmu", reference)
+                if steps_to_held_target(x) is not None and steps_to_held_target(y) is not None]
+        ms = {t["label"]: t["mean_ms"] for t in timing or []}
+        if both:
+            te = _mean(_held_seconds(x, ms.get("eupmu")) for x, _ in both)
+            tr = _mean(_held_seconds(y, ms.get(reference)) for _, y in both)
+            ratio = te / tr if tr else float("nan")
+            checks.append({"target": f"eupmu time to held target <= 0.5 x {reference}",
+                           "measured": f"{ratio:.2f} ({te:.1f} s vs {tr:.1f} s on the {len(both)} runs both held; "
+                                       f"eupmu held {rows['eupmu']['held_target']} of {rows['eupmu']['runs']}, "
+                                       f"{reference} {rows[reference]['held_target']} of {rows[reference]['runs']})",
+                           "met": ratio <= 0.5 and rows["eupmu"]["held_target"] == rows["eupmu"]["runs"]})
+        else:
+            checks.append({"target": f"eupmu time to held target <= 0.5 x {reference}",
+                           "measured": "no run where both held the target", "met": False})
     return checks
 
 
@@ -737,26 +868,44 @@ def _f(v, pct=False, digits=1):
     return f"{100 * v:.{digits}f}%" if pct else f"{v:.{digits}f}"
 
 
+def _ci_text(row: dict, key: str, scale: float = 1.0, digits: int = 1, pct: bool = False) -> str:
+    """'3.1% [1.0, 5.2]': the mean and its 95% interval."""
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    ci = (row.get("ci") or {}).get(key)
+    unit = "%" if pct else ""
+    text = f"{scale * v:.{digits}f}{unit}"
+    if ci is not None:
+        text += f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+    return text
+
+
 def markdown(report: dict, command: str) -> str:
     s = report["summary"]
     lines = ["# Benchmark", "", f"Command: `{command}`", "", f"Machine: {report['machine']}", "",
              f"Targets: forget accuracy <= {FORGET_TARGET:.0%}, retain accuracy at most {RETAIN_DROP * 100:.0f} "
-             "points below the base model's. Means over runs (concepts x seeds).", "",
-             "| method | runs | forget acc | retain drop (points) | domain FID | met target | ms/step | "
-             "backward/step | steps to target | train s to target |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "points below the base model's. Means over runs (concepts x seeds), each with its 95% bootstrap "
+             "interval in brackets (runs resampled; `stats.py`).", "",
+             "| method | runs | images/run | forget acc | retain drop (points) | domain FID | met target | ms/step | "
+             "backward/step | held target | steps to held target | train s to held target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     probed = bool(report.get("timing"))
     for label, r in s["by_method"].items():
-        ms = r["probe_step_ms"] if probed and r.get("probe_step_ms") is not None else r["step_time_ms"]
-        ttt = r.get("probe_time_to_target_s") if probed else r["time_to_target_s"]
-        not_reached = f"n/a ({r['reached_target']}/{r['runs']} reached)"
-        lines.append(f"| {label} | {r['runs']} | {_f(r['forget_accuracy'], True)} | {_f(100 * r['retain_drop'])} | "
-                     f"{_f(r['domain_fid'])} | {r['meets_target']}/{r['runs']} | {_f(ms, digits=0)} | "
-                     f"{_f(r['backward_per_step'], digits=2)} | "
-                     f"{_f(r.get('steps_to_target'), digits=0) if r.get('steps_to_target') is not None else not_reached} | "
-                     f"{_f(ttt) if ttt is not None else not_reached} |")
-    lines += ["", ("ms/step: the interleaved step-time probe's mean (below); train s to target: mean steps to the target "
-                   "(the first evaluated step that meets it) x the probe's ms/step." if probed else
-                   "ms/step: mean of the runs' median step times; train s to target: the runs' own clocks.")]
+        ms = _f(r["probe_step_ms"], digits=0) if probed and r.get("probe_step_ms") is not None else \
+            _ci_text(r, "step_time_ms", digits=0)
+        lines.append(f"| {label} | {r['runs']} | {_f(r.get('images_per_run'), digits=0)} | "
+                     f"{_ci_text(r, 'forget_accuracy', 100, pct=True)} | {_ci_text(r, 'retain_drop', 100)} | "
+                     f"{_ci_text(r, 'domain_fid')} | {r['meets_target']}/{r['runs']} | {ms} | "
+                     f"{_f(r['backward_per_step'], digits=2)} | {r.get('held_target', 'n/a')}/{r['runs']} | "
+                     f"{_ci_text(r, 'steps_to_held_target', digits=0)} | {_ci_text(r, 'time_to_held_target_s')} |")
+    lines += ["", "images/run: images judged at each run's final evaluation (forget and retain prompts). Held target: "
+              "the run met the target at an evaluation during training and still meets it at its end; steps and "
+              "seconds to it are means over the runs that held it, at the first evaluation at target. "
+              + ("ms/step: the interleaved step-time probe's mean (below); train s to held target: steps x the "
+                 "probe's ms/step." if probed else
+                 "ms/step: mean of the runs' median step times; train s to held target: the runs' own clocks.")
+              + " An erasure check's own time (--stop-when-erased) is included."]
     for kind, title in (("digit", "Digits only"), ("style", "Styles only")):
         part = s.get("by_kind", {}).get(kind)
         if not part:
@@ -764,9 +913,9 @@ def markdown(report: dict, command: str) -> str:
         lines += ["", f"### {title}", "", "| method | runs | forget acc | retain drop (points) | domain FID | "
                   "met target | mean lambda |", "|---|---|---|---|---|---|---|"]
         for label, r in part.items():
-            lines.append(f"| {label} | {r['runs']} | {_f(r['forget_accuracy'], True)} | "
-                         f"{_f(100 * r['retain_drop'])} | {_f(r['domain_fid'])} | {r['meets_target']}/{r['runs']} | "
-                         f"{_f(r.get('lambda_mean'), digits=2)} |")
+            lines.append(f"| {label} | {r['runs']} | {_ci_text(r, 'forget_accuracy', 100, pct=True)} | "
+                         f"{_ci_text(r, 'retain_drop', 100)} | {_ci_text(r, 'domain_fid')} | "
+                         f"{r['meets_target']}/{r['runs']} | {_ci_text(r, 'lambda_mean', digits=2)} |")
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for c in s["checks"]:
         m = c["measured"]
@@ -778,10 +927,12 @@ def markdown(report: dict, command: str) -> str:
         lines.append(f"| {c['target']} | {m} | {'yes' if c['met'] else '**MISSED**'} |")
     if report.get("timing"):
         lines += ["", "## Step time (interleaved probe: one process, the methods in turn, order rotated each round)", "",
-                  "| method | steps timed | mean ms/step | median (quartiles) | making the forget batch (ms) | "
+                  "| method | steps timed | mean ms/step [95% interval] | median (quartiles) | "
+                  "making the forget batch (ms) | "
                   "rest of the step (ms) | backward/step |", "|---|---|---|---|---|---|---|"]
         for t in report["timing"]:
-            lines.append(f"| {t['label']} | {t['steps_timed']} | {t['mean_ms']:.0f} | {t['median_ms']:.0f} "
+            ci = f" [{t['mean_ms_ci'][0]:.0f}, {t['mean_ms_ci'][1]:.0f}]" if t.get("mean_ms_ci") else ""
+            lines.append(f"| {t['label']} | {t['steps_timed']} | {t['mean_ms']:.0f}{ci} | {t['median_ms']:.0f} "
                          f"({t['q1_ms']:.0f}-{t['q3_ms']:.0f}) | "
                          f"{t['forget_batch_ms']:.0f} ({t['forget_batch_ms'] / t['mean_ms']:.0%}) | "
                          f"{t['mean_ms'] - t['forget_batch_ms']:.0f} | {t['backward_per_step']:.2f} |")
@@ -797,19 +948,22 @@ def markdown(report: dict, command: str) -> str:
             lines.append(f"| {m['mode']} | {m['baseline_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | "
                          f"{m['extra_rss_mb']:.0f} |")
     lines += ["", "## Runs", "", "ms/step: the run's own median (its clock, not the probe's).", "",
-              "| method | concept | seed | forget | retain (base) | domain FID (base) | ms/step | "
-              "mean lambda | steps to target |", "|---|---|---|---|---|---|---|---|---|"]
+              "| method | concept | seed | steps | forget | retain (base) | domain FID (base) | ms/step | "
+              "mean lambda | first at target | held |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         stt = steps_to_target(r)
-        lines.append(f"| {r['label']} | {r['concept']} | {r['seed']} | {_f(r['forget_accuracy'], True)} | "
+        held = "yes" if steps_to_held_target(r) is not None else "no"
+        lines.append(f"| {r['label']} | {r['concept']} | {r['seed']} | {r.get('steps', 'n/a')} | "
+                     f"{_f(r['forget_accuracy'], True)} | "
                      f"{_f(r['retain_accuracy'], True)} ({_f(r['base_retain_accuracy'], True)}) | "
                      f"{_f(r['domain_fid'])} ({_f(r['base_domain_fid'])}) | {_f(1000 * r['step_time_s_median'], digits=0)} | "
-                     f"{_f(r.get('lambda_mean'), digits=3)} | {stt if stt is not None else 'not reached'} |")
+                     f"{_f(r.get('lambda_mean'), digits=3)} | {stt if stt is not None else 'not reached'} | {held} |")
     lines += ["", "![retain against forget](pareto.png)", ""]
     return "\n".join(lines)
 
 
 def pareto_plot(results: list[dict], path: Path) -> None:
+    """Mean retain drop against mean forget accuracy per method, with 95% bootstrap bars on both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -820,10 +974,17 @@ def pareto_plot(results: list[dict], path: Path) -> None:
         by.setdefault(r["label"], []).append(r)
     fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110)
     markers = "osD^v<>pP*Xh"
+
+    def point(rs):
+        fx = [r["forget_accuracy"] for r in rs]
+        dy = [100 * (r["base_retain_accuracy"] - r["retain_accuracy"]) for r in rs]
+        return (_mean(fx), stats.mean_ci(fx)), (_mean(dy), stats.mean_ci(dy))
+
     for i, (label, rs) in enumerate(by.items()):
-        x = _mean(r["forget_accuracy"] for r in rs)
-        y = _mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100
-        ax.scatter([x], [y], marker=markers[i % len(markers)], s=70, label=label, zorder=3)
+        (x, cx), (y, cy) = point(rs)
+        ax.errorbar([x], [y], xerr=[[x - cx[0]], [cx[1] - x]], yerr=[[y - cy[0]], [cy[1] - y]],
+                    fmt=markers[i % len(markers)], ms=7, capsize=3, elinewidth=0.9, label=f"{label} ({len(rs)})",
+                    zorder=3)
     sweep = [k for k in by if k.startswith("eupmu eps=")]
     if sweep:  # the eps curve (the default eupmu point included), on the runs the sweep has
         pairs = {(r["concept"], r.get("seed", 0)) for r in by[sweep[0]]}
@@ -838,7 +999,7 @@ def pareto_plot(results: list[dict], path: Path) -> None:
     ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("forget accuracy (lower: more erased)")
     ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
-    ax.set_title("Erasure against utility: the target is the lower-left box")
+    ax.set_title("Erasure against utility (means, 95% bootstrap bars; runs in brackets)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -44,18 +44,22 @@ class EraseConfig:
                                "without the style: the target becomes e(ref) - eta * (e(concept) - e(ref))",
                            flag="relative-to", metavar="PROMPT")
     eta: float = _f(1.0, "negative-guidance scale: the target is e0 - eta * (ec - e0)", ge=0, le=1000)
-    lambda_update: str = _f("paper", "eupmu's lambda rule: paper (the paper's literal rule: beta in lambda per "
-                                     "unit slack, set for each model) or normalised (the slack over its running "
-                                     "scale: lambda moves by about beta per step whatever the losses' scale and the "
-                                     "learning rate; not yet the default, see BENCHMARKS.md)",
+    lambda_update: str = _f("normalised", "eupmu's lambda rule: normalised (the slack's running mean over its "
+                                          "running scale: lambda moves by at most about beta_t per step whatever "
+                                          "the losses' scale and the learning rate) or paper (the paper's literal "
+                                          "rule: beta in lambda per unit slack, to be set for each model and lr)",
                             choices=("paper", "normalised"))
     eps: float = _f(0.0, "tolerance: the retain loss may rise per step by at most the fraction eps of its value "
                          "(eupmu normalised), lr * eps (eupmu paper), or <g_r, g_u> may be as low as -eps (ungrad)",
                     ge=0)
-    beta: float = _f(1e-3, "step size of the lambda update (eupmu)", ge=0)
-    slack_decay: float = _f(0.9, "eupmu normalised: decay of the running mean square the slack is divided by "
+    beta: float = _f(1.0, "step size of the lambda update (eupmu); normalised rule: lambda per step at most "
+                          "(about), calibrated on the digits; paper rule: per unit slack, set it per model", ge=0)
+    slack_decay: float = _f(0.99, "eupmu normalised: decay of the running mean square the slack is divided by "
                                  "(0: each slack is divided by its own size, a sign; near 1: a long memory)",
                             ge=0, lt=1)
+    slack_momentum: float = _f(0.9, "eupmu normalised: decay of the running mean of the slack that moves lambda "
+                                    "(0: this step's slack alone; 0.9: about the last ten, which damps the noise "
+                                    "of a single probe tuple)", ge=0, lt=1)
     beta_schedule: str = _f("cuberoot", "beta_t schedule: cuberoot (beta / (t+1)^(1/3), as the paper's analysis) or constant",
                             choices=("cuberoot", "constant"))
     lambda_max: float = _f(100.0, "upper bound D on lambda (eupmu)", gt=0)
@@ -113,6 +117,13 @@ class EraseConfig:
     cache_dir: str = _f("", "cache of generated anchor and concept latents (default: $CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase)",
                         path=OUT_DIR)
     # bookkeeping
+    stop_when_erased: bool = _f(False, "judge the model every --check-every steps and stop at the first check "
+                                       "where at most 10% of the concept's images show it and the anchors' "
+                                       "accuracy is at most 3 points below the model's before training (needs a "
+                                       "judge for the model: builtin:digits has one)")
+    check_every: int = _f(25, "with --stop-when-erased: steps between erasure checks", ge=1, le=10**8)
+    check_images: int = _f(32, "with --stop-when-erased: concept images per check (the anchors get twice as "
+                                "many, spread over their prompts)", ge=2, le=100000)
     checkpoint_every: int = _f(100, "save a checkpoint every N steps (0: only at the end)", ge=0)
     checkpoints_total_limit: int = _f(2, "keep at most this many checkpoints while training, and only the last once "
                                             "the run has finished (0: keep all). At SD 1.5 scale one checkpoint of "

@@ -51,20 +51,29 @@ def relative_slack(retain_before: float, retain_after: float, step_size: float, 
     return (retain_before - retain_after + eps * abs(retain_before)) / step_size
 
 
-def normalised_slack(slack: float, mean_square: float, seen: int, decay: float) -> tuple[float, float]:
-    """The slack divided by a running estimate of its own scale.
+def normalised_slack(slack: float, mean_square: float, seen: int, decay: float, *, mean: float = 0.0,
+                     momentum: float = 0.0) -> tuple[float, float, float]:
+    """The slack, averaged over recent steps, divided by a running estimate of its own scale.
 
-    The scale is the root of an exponential moving average of the squared slack (decay `decay`,
-    bias-corrected over the `seen` earlier values, like Adam's second moment). Returns the
-    normalised slack and the new average. A positive factor does not move the slack's zero, so the
-    fixed point is the paper's; multiplying every slack by c leaves the result unchanged, so neither
-    the loss scale nor the learning rate sets the speed of lambda. |result| <= 1 / sqrt(1 - decay).
+    mean: an exponential moving average of the slack (decay `momentum`; 0 keeps only this step's);
+    scale: the root of an exponential moving average of the squared slack (decay `decay`). Both are
+    bias-corrected over the `seen` earlier values, like Adam's two moments. Returns the normalised
+    slack, the new mean and the new mean square. A positive factor does not move the slack's zero, so
+    the fixed point is the paper's; multiplying every slack by c leaves the result unchanged, so neither
+    the loss scale nor the learning rate sets the speed of lambda. The average damps the step-to-step
+    noise of a single probe tuple, which otherwise swings lambda by about beta every step.
+    With momentum == decay the result is at most 1 in size (Jensen); with momentum 0 at most
+    1 / sqrt(1 - decay).
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError("the decay of the slack's scale must be in [0, 1)")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError("the slack's momentum must be in [0, 1)")
+    mean = momentum * mean + (1.0 - momentum) * slack
     mean_square = decay * mean_square + (1.0 - decay) * slack * slack
     corrected = mean_square / (1.0 - decay ** (seen + 1))
-    return (slack / math.sqrt(corrected) if corrected > 0.0 else 0.0), mean_square
+    average = mean / (1.0 - momentum ** (seen + 1))
+    return (average / math.sqrt(corrected) if corrected > 0.0 else 0.0), mean, mean_square
 
 
 def ungrad_lambda(dot_ru: float, retain_norm_sq: float, eps: float) -> float:
@@ -158,6 +167,8 @@ class ImplicitSurgery(LambdaController):
         self.lambda_max = float(config.lambda_max)
         self.rule = config.lambda_update
         self.decay = float(config.slack_decay)
+        self.momentum = float(config.slack_momentum)
+        self.mean = 0.0  # the running average of the slack (normalised rule)
         self.mean_square = 0.0  # the running average of the squared slack (normalised rule)
         self.pairs = 0  # slack values seen
         self.last_slack: float | None = None
@@ -174,8 +185,8 @@ class ImplicitSurgery(LambdaController):
                                     beta=beta_t, lambda_max=self.lambda_max)
         else:
             self.last_slack = relative_slack(retain_before, retain_after, step_size, self.eps)
-            self.last_normalised, self.mean_square = normalised_slack(self.last_slack, self.mean_square, self.pairs,
-                                                                      self.decay)
+            self.last_normalised, self.mean, self.mean_square = normalised_slack(
+                self.last_slack, self.mean_square, self.pairs, self.decay, mean=self.mean, momentum=self.momentum)
             self.lam = lambda_step(self.lam, beta_t * self.last_normalised, self.lambda_max)
         self.pairs += 1
         self.step += 1
@@ -187,10 +198,11 @@ class ImplicitSurgery(LambdaController):
         return out
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "mean_square": self.mean_square, "pairs": self.pairs}
+        return {**super().state_dict(), "mean": self.mean, "mean_square": self.mean_square, "pairs": self.pairs}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        self.mean = float(state.get("mean", 0.0))
         self.mean_square = float(state.get("mean_square", 0.0))
         self.pairs = int(state.get("pairs", self.step))
 

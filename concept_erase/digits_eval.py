@@ -29,6 +29,29 @@ def generate(pipe, prompt: str, seeds, *, steps: int, guidance: float) -> torch.
     return out.float().cpu().clamp(0, 1)
 
 
+@torch.no_grad()
+def generate_many(pipe, requests: list[tuple[str, int]], *, steps: int, guidance: float,
+                  batch: int = 128) -> list[torch.Tensor]:
+    """`generate(pipe, prompt, range(n))` for every (prompt, n), in pipeline calls of up to `batch` images.
+
+    The same images as one call per prompt (each image keeps its seed's starting noise) up to
+    floating-point summation order; on a CPU, batches of ~100 small images cost a third less per image
+    than the 4 to 16 of one prompt.
+    """
+    c = pipe.unet.config
+    flat = [(p, s) for p, n in requests for s in range(n)]
+    images = []
+    for start in range(0, len(flat), batch):
+        part = flat[start:start + batch]
+        noise = torch.stack([torch.randn((c.in_channels, c.sample_size, c.sample_size),
+                                         generator=torch.Generator().manual_seed(s)) for _, s in part])
+        out = pipe([p for p, _ in part], latents=noise.to(pipe.device, pipe.unet.dtype), num_inference_steps=steps,
+                   guidance_scale=guidance, output_type="pt").images
+        images.append(out.float().cpu().clamp(0, 1))
+    every = torch.cat(images) if images else torch.empty(0)
+    return list(every.split([n for _, n in requests]))
+
+
 class JudgeFeatures(nn.Module):
     """The judge's penultimate features, in the shape torchmetrics' FID expects of a feature network."""
 

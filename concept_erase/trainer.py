@@ -210,7 +210,9 @@ def find_checkpoint(output: Path, resume: str, log) -> Path | None:
 class Trainer:
     def __init__(self, config: EraseConfig, pipe=None, on_step=None):
         """`on_step(steps_done, trainer)`, if given, runs after every step (outside the step's timing):
-        a benchmark evaluates intermediate weights with it."""
+        a benchmark evaluates intermediate weights with it. A true return stops the run there (the
+        processes agree when the hook says `may_stop`); a hook's `start(trainer)`, if it has one, runs
+        before the first step."""
         config.check_runnable()
         self.config = config
         self.pipe = pipe
@@ -301,6 +303,7 @@ class Trainer:
         self.next_probe: dict[int, dict[int, tuple[RegressionBatch, torch.Tensor]]] = {}
         self.lambda_history: list[float] = []
         self.start_step = 0
+        self.stopped_at: int | None = None
         if acc.is_main_process:
             prepare_output(self.output, replace=replace)
         if replace:  # the old run stays whole until the new one is complete
@@ -365,7 +368,8 @@ class Trainer:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 for rank, extra in enumerate(per_rank):
                     save_file(extra, str(tmp / f"rank-{rank}.safetensors"))
-                write_json(tmp / "state.json", {"step": step, "controller": self.controller.state_dict(),
+                write_json(tmp / "state.json", {"step": step, "stopped_at": self.stopped_at,
+                                                "controller": self.controller.state_dict(),
                                                 "carry": sorted(self.carry), "num_processes": acc.num_processes,
                                                 "config": json.loads(config_json(self.config))})
             limit = self.config.checkpoints_total_limit
@@ -409,6 +413,7 @@ class Trainer:
                                extra[f"carry.{m}.before"].to(dev).reshape(()))
                       for m in state.get("carry", [])}
         self.start_step = int(state["step"])
+        self.stopped_at = state.get("stopped_at")
         if self.accelerator.is_main_process:
             _truncate_metrics(self.output / "metrics.jsonl", self.start_step)
         self.log(f"resumed from {path} at step {self.start_step}")
@@ -588,6 +593,15 @@ class Trainer:
             run["ranks"] = ranks
             write_json(self.output / "run.json", run)
 
+    def _agreed(self, stop: bool, may_stop: bool) -> bool:
+        """Every process's view of a hook's stop: any one of them asking stops all (the hooks that may
+        stop judge on the main process only)."""
+        acc = self.accelerator
+        if not may_stop or acc.num_processes == 1:
+            return stop
+        flag = torch.tensor([1.0 if stop else 0.0], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
     def _grad_norm(self) -> torch.Tensor:
         grads = [p.grad.detach().float() for p in self.params if p.grad is not None]
         if not grads:
@@ -642,8 +656,12 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.start_step, desc="erasing", disable=not (cfg.progress and acc.is_main_process),
                    dynamic_ncols=True)
         metrics = open(metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
+        hook = self.on_step
+        if hook is not None and hasattr(hook, "start"):
+            hook.start(self)
+        last = self.stopped_at or cfg.steps  # a resumed run that had stopped early stays stopped
         try:
-            for step in range(self.start_step, cfg.steps):
+            for step in range(self.start_step, last):
                 t0 = time.perf_counter()
                 try:
                     record = self._step(step)
@@ -666,13 +684,14 @@ class Trainer:
                 done = step + 1
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self._save_checkpoint(done)
-                if self.on_step is not None:
-                    self.on_step(done, self)
+                if hook is not None and self._agreed(bool(hook(done, self)), getattr(hook, "may_stop", False)):
+                    self.stopped_at = last = done
+                    break
         finally:
             bar.close()
             if metrics is not None:
                 metrics.close()
-        final = self._save_checkpoint(cfg.steps)
+        final = self._save_checkpoint(last)
         if acc.is_main_process and cfg.checkpoints_total_limit:  # a finished run keeps its last one only
             for old in (self.output / "checkpoints").glob("step-*"):
                 if old != final and old.is_dir():
@@ -683,7 +702,10 @@ class Trainer:
             from .export import save_delta
 
             save_delta(path, self.pipe.unet, self.trained, config=cfg, fingerprint=self.fingerprint,
-                       steps=cfg.steps, lambda_final=self.controller.current())
+                       steps=last, lambda_final=self.controller.current())
+            if self.stopped_at:
+                run = json.loads((self.output / "run.json").read_text())
+                write_json(self.output / "run.json", {**run, "stopped_at": self.stopped_at})
         acc.wait_for_everyone()
         if self.replacing:
             if acc.is_main_process:
@@ -746,5 +768,10 @@ def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
     a second process erasing into the same folder is refused (`atomic.writer_lock`)."""
     from .atomic import writer_lock
 
+    hook = on_step
+    if config.stop_when_erased:  # the judge is found (or refused) before the lock and the model
+        from .stopping import ErasureCheck, Hooks
+
+        hook = Hooks(on_step, ErasureCheck(config))
     with writer_lock(config.output, log=lambda m: print(m, file=sys.stderr)):
-        return Trainer(config, pipe, on_step=on_step).run()
+        return Trainer(config, pipe, on_step=hook).run()

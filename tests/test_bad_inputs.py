@@ -59,6 +59,9 @@ ERASE_CASES = [
     ("--lambda-update", "adam", "--lambda-update 'adam' is not one of: paper, normalised"),
     ("--slack-decay", "1", "--slack-decay must be at least 0, below 1, not 1"),
     ("--slack-decay", "-0.5", "--slack-decay must be at least 0, below 1, not -0.5"),
+    ("--slack-momentum", "1.5", "--slack-momentum must be at least 0, below 1, not 1.5"),
+    ("--stop-when-erased", None, "--stop-when-erased needs a judge for the model"),
+    ("--check-every", "0", "--check-every must be 1 to"),
 ]
 
 
@@ -71,7 +74,7 @@ def test_bad_erase_input_leaves_an_existing_run_alone_even_with_overwrite(flag, 
     if flag == "model":
         argv[argv.index("--model") + 1] = value.format(bad=bad_models)
     else:
-        argv += [flag, value]
+        argv += [flag] if value is None else [flag, value]
     code, err = run_cli(capsys, argv)
     assert_refused(code, err, message, run, before)
 

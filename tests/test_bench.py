@@ -16,14 +16,16 @@ def test_shipped_benchmark_file_plans_every_method_concept_and_eps():
     runs = plan(spec)
     labels = {r[0] for r in runs}
     assert {"eupmu", "eupmu-fast", "ungrad", "fixed 0.3", "fixed 1", "fixed 3", "esd"} <= labels
-    assert {"eupmu eps=0.02", "eupmu eps=0.1", "eupmu eps=0.5"} <= labels
-    digits = [c for c in spec.concepts if c in ("three", "seven", "one")]
-    assert len(digits) >= 3 and "red ink" in spec.concepts and len(spec.seeds) >= 2
+    assert {"eupmu eps=0.01", "eupmu eps=0.05", "previous default", "eupmu, stop when erased"} <= labels
+    # the statistical power issue 16 asks for: 4 digits, 2 styles, 3 seeds, 64 images per prompt at the end
+    styles = [c for c in spec.concepts if c in ("red ink", "blue ink", "inverted", "bold")]
+    assert len(spec.concepts) - len(styles) >= 4 and len(styles) >= 2 and len(spec.seeds) >= 3
+    assert spec.eval_final_seeds >= 64 and spec.held_time_reference == "previous default"
     n = len(spec.methods) * len(spec.concepts) * len(spec.seeds) + len(spec.eps_sweep) * len(spec.concepts)
     assert len(runs) == n == len({(r[0], r[2], r[3]) for r in runs})
     assert runs[0][2] == runs[len(spec.methods)][2]  # concept by concept: a cut-short run compares all methods
-    sweep = next(r for r in runs if r[0] == "eupmu eps=0.1")
-    assert sweep[1]["method"] == "eupmu" and sweep[1]["eps"] == 0.1
+    sweep = next(r for r in runs if r[0] == "eupmu eps=0.05")
+    assert sweep[1]["method"] == "eupmu" and sweep[1]["eps"] == 0.05
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "pipelines").glob("bench-*.yaml")))
@@ -60,6 +62,8 @@ def test_concept_prompts():
     ("concepts: [three]\nmethods: [{method: esd}]\ntiming_probe: 3\n", "timing_probe must be a mapping"),
     ("concepts: [three]\nmethods: [{method: esd}]\ntiming_probe: {round: 3}\n", "timing_probe must be a mapping"),
     ("concepts: [three]\nmethods: [{method: esd}]\ntiming_probe: {steps: 0}\n", "timing_probe.steps must be a whole"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nheld_time_reference: eupmu\n", "'eupmu' is not the label of"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nevaluation: {final_seeds: -1}\n", "evaluation.final_seeds must"),
 ])
 def test_bad_benchmark_files(tmp_path, text, message):
     p = tmp_path / "b.yaml"
@@ -93,7 +97,7 @@ def test_summary_checks_measure_and_report_misses():
     assert not checks["ungrad peak memory <= 1.2 x plain fine-tuning (process peak)"]["met"]
     default = checks["eupmu default: forget <= 10% and retain <= 3 points below base, every run"]
     assert default["measured"] == "1 of 2 runs" and not default["met"]
-    dom = checks["eupmu eps curve not dominated by the fixed weights"]
+    dom = checks["eupmu eps curve not dominated by the fixed weights beyond the 95% intervals"]
     assert not dom["met"] and "eupmu eps=0.1 by fixed 1" in dom["measured"]
     e = s["by_method"]["eupmu"]
     assert e["time_to_target_s"] is None and e["reached_target"] == 1  # one of two never reached it
@@ -130,20 +134,78 @@ def test_step_time_checks_use_the_interleaved_probe_when_it_ran():
     assert "eupmu / ungrad 0.25, eupmu-fast / fixed 1.20" in md
 
 
+DOMINANCE = "eupmu eps curve not dominated by the fixed weights beyond the 95% intervals"
+
+
+def _seeded(run, seed):
+    return {**run, "seed": seed}
+
+
 def test_dominance_is_judged_on_the_runs_both_labels_have():
     """The eps sweep runs on the first seed only: a fixed weight's mean over more concepts must not decide."""
     runs = [_run("eupmu eps=0.1", "three", 0.05, 0.99, 1), _run("fixed 1", "three", 0.06, 0.99, 1),
             _run("fixed 1", "seven", 0.0, 1.0, 1), _run("fixed 1", "one", 0.0, 1.0, 1)]
-    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}["eupmu eps curve not dominated by the fixed weights"]
+    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}[DOMINANCE]
     assert dom["met"], dom  # on "three", the only common run, eps 0.1 is better than fixed 1
-    runs.append(_run("eupmu eps=0.1", "seven", 0.2, 0.99, 1))
-    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}["eupmu eps curve not dominated by the fixed weights"]
-    assert not dom["met"] and "eupmu eps=0.1 by fixed 1 (2 common runs: forget 12.5% vs 3.0%" in dom["measured"]
     # the default eupmu point belongs to the curve too
     runs = runs[:2] + [_run("eupmu", "three", 0.07, 0.99, 1)]
-    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}["eupmu eps curve not dominated by the fixed weights"]
-    assert dom["measured"] == ("eupmu by fixed 1 (1 common run: forget 7.0% vs 6.0%, retain drop 1.00 vs 1.00 "
-                               "points)")
+    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}[DOMINANCE]
+    assert dom["measured"].startswith("eupmu by fixed 1 (1 common run: forget 7.0% vs 6.0%, retain drop 1.00 vs "
+                                      "1.00 points")
+
+
+def test_dominance_needs_the_differences_beyond_their_intervals():
+    """A mean that is worse on both axes dominates only when the paired differences' intervals say so."""
+    # fixed 1 better on one pair, worse on the other: the means say dominated, the intervals do not
+    runs = [_run("eupmu eps=0.1", "three", 0.05, 0.99, 1), _run("fixed 1", "three", 0.06, 0.99, 1),
+            _run("eupmu eps=0.1", "seven", 0.2, 0.98, 1), _run("fixed 1", "seven", 0.0, 1.0, 1)]
+    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}[DOMINANCE]
+    assert dom["met"], dom
+    # better on every one of six pairs: dominated, and the intervals are reported
+    runs = []
+    for seed in range(6):
+        runs += [_seeded(_run("eupmu eps=0.1", "three", 0.2 + 0.01 * seed, 0.97, 1), seed),
+                 _seeded(_run("fixed 1", "three", 0.05, 0.99 - 0.001 * seed, 1), seed)]
+    dom = {c["target"]: c for c in summarise(runs, [])["checks"]}[DOMINANCE]
+    assert not dom["met"] and "6 common runs" in dom["measured"] and "95% intervals" in dom["measured"]
+
+
+def test_bootstrap_intervals_are_deterministic_and_cover_the_mean():
+    from concept_erase import stats
+
+    xs = [0.0, 0.0625, 0.125, 0.0, 0.25, 0.0625]
+    lo, hi = stats.mean_ci(xs)
+    assert lo < sum(xs) / len(xs) < hi and 0.0 <= lo and hi <= 0.25
+    assert stats.mean_ci(xs) == (lo, hi)  # the same resamples every time
+    assert stats.mean_ci([0.3]) == (0.3, 0.3) and stats.mean_ci([]) is None
+    wide, narrow = stats.mean_ci([0.0, 1.0] * 3), stats.mean_ci([0.0, 1.0] * 30)
+    assert narrow[1] - narrow[0] < 0.5 * (wide[1] - wide[0])  # more runs, a narrower interval
+    assert stats.paired_difference_ci([1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        stats.paired_difference_ci([1.0], [1.0, 2.0])
+
+
+def test_held_target_counts_only_runs_still_at_target_at_their_end():
+    def run(label, seed, curve, final_forget):
+        r = _seeded(_run(label, "three", final_forget, 1.0, 100), seed)
+        r["curve"] = [{"step": s, "forget_accuracy": f, "retain_accuracy": 1.0} for s, f in curve]
+        return r
+
+    runs = [run("eupmu", 0, [(50, 0.5), (100, 0.0), (150, 0.0)], 0.0),   # held from step 100
+            run("eupmu", 1, [(50, 0.0), (100, 0.3), (150, 0.0)], 0.0),   # first at target at 50, held at the end
+            run("eupmu", 2, [(50, 0.0), (100, 0.0), (150, 0.4)], 0.4),   # reached, then lost: not held
+            run("paper", 0, [(50, 0.5), (100, 0.5), (150, 0.0)], 0.0),
+            run("paper", 1, [(50, 0.5), (100, 0.0), (150, 0.0)], 0.0)]
+    timing = [{"label": "eupmu", "mean_ms": 100.0}, {"label": "paper", "mean_ms": 200.0}]
+    s = summarise(runs, [], timing, reference="paper")
+    e = s["by_method"]["eupmu"]
+    assert e["held_target"] == 2 and e["reached_target"] == 3 and e["steps_to_held_target"] == 75
+    assert e["time_to_held_target_s"] == pytest.approx(7.5) and e["ci"]["steps_to_held_target"] == [50, 100]
+    check = {c["target"]: c for c in s["checks"]}["eupmu time to held target <= 0.5 x paper"]
+    # on the two runs both held: eupmu (10 + 5) / 2 s, paper (30 + 20) / 2 s -> 0.3; but eupmu lost one run
+    assert check["measured"].startswith("0.30 (7.5 s vs 25.0 s on the 2 runs both held") and not check["met"]
+    s = summarise(runs[:2] + runs[3:], [], timing, reference="paper")
+    assert {c["target"]: c for c in s["checks"]}["eupmu time to held target <= 0.5 x paper"]["met"]
 
 
 def test_means_are_also_split_by_kind_of_concept():
@@ -180,7 +242,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     """Two methods, a few steps: every per-run figure is measured and the report is written."""
     from concept_erase.cli import main
 
-    cfg = tiny_bench_file(tmp_path, ["eupmu", "ungrad"], steps=4, evaluation="{seeds: 2, steps: 3, every: 2}",
+    cfg = tiny_bench_file(tmp_path, ["eupmu", "ungrad"], steps=4,
+                          evaluation="{seeds: 2, final_seeds: 3, steps: 3, every: 2}",
                           rest="memory_probe_steps: 1\ntiming_probe: {rounds: 1, steps: 2}\n")
     out = tmp_path / "out"
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
@@ -190,6 +253,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert runs["eupmu"]["backward_passes_per_step"] == 1.0  # counted in the trainer, not assumed
     assert runs["ungrad"]["backward_passes_per_step"] == 2.0
     assert [c["step"] for c in runs["eupmu"]["curve"]] == [2, 4]
+    assert [c["images"] for c in runs["eupmu"]["curve"]] == [20, 30]  # 2 images per prompt, then 3 at the end
+    assert runs["eupmu"]["eval_images"] == 30 and runs["eupmu"]["forget_images"] == 3
     assert all(r["step_time_s_median"] > 0 and 0 <= r["forget_accuracy"] <= 1 for r in runs.values())
     assert {m["mode"] for m in report["memory"]} == {"plain", "eupmu", "ungrad"}
     assert all(m["peak_rss_mb"] >= m["baseline_rss_mb"] > 0 for m in report["memory"])

@@ -81,12 +81,14 @@ def test_original_predictions_are_bit_identical_after_training(train, tiny_pipe,
 
 @pytest.mark.parametrize("probe", ["held-out", "batch"])
 def test_eupmu_probe_is_paired(probe, fresh_pipe, make_config, monkeypatch):
-    """With the step made a no-op, l_r before and after come from the same tuple: the slack is eps.
+    """With the step made a no-op, l_r before and after come from the same tuple: the slack is eps (the
+    paper's rule, whose slack is in loss per unit learning rate).
 
     (Up to float rounding: the held-out tuple's loss before the step is read in the previous step's
     no-grad call, beside other rows; an unpaired tuple would be off by ~(loss spread) / lr, i.e. ~100.)
     """
-    trainer = Trainer(make_config(method="eupmu", eps=0.25, lambda_init=1.0, steps=3, slack_probe=probe),
+    trainer = Trainer(make_config(method="eupmu", eps=0.25, lambda_init=1.0, steps=3, slack_probe=probe,
+                                  lambda_update="paper"),
                       pipe=fresh_pipe)
     trainer._setup()
     monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: None)
@@ -104,7 +106,8 @@ def test_eupmu_probe_is_paired(probe, fresh_pipe, make_config, monkeypatch):
 
 @pytest.mark.parametrize("probe", ["held-out", "batch"])
 def test_eupmu_fast_pairs_the_carried_tuple(probe, fresh_pipe, make_config, monkeypatch):
-    trainer = Trainer(make_config(method="eupmu-fast", eps=0.5, retain_batch_size=4, steps=3, slack_probe=probe),
+    trainer = Trainer(make_config(method="eupmu-fast", eps=0.5, retain_batch_size=4, steps=3, slack_probe=probe,
+                                  lambda_update="paper"),
                       pipe=fresh_pipe)
     trainer._setup()
     monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: None)
