@@ -5,30 +5,30 @@
     pipe = apply(StableDiffusionPipeline.from_pretrained("path/to/sd"), path)
 """
 
-from . import env  # noqa: F401  (hub settings before any diffusers import)
+from concept_erase import env  # noqa: F401  (hub settings before any diffusers import)
 
 __version__ = "0.1.0"
 
-from .config import EraseConfig, build_config, load_yaml  # noqa: E402
-from .errors import UserError  # noqa: E402
+from concept_erase.config import EraseConfig, build_config, load_yaml  # noqa: E402
+from concept_erase.errors import UserError  # noqa: E402
 
 
 def erase(config, pipe=None):
-    """Run an erasure; returns the path of the erased weights (see `concept_erase.trainer`)."""
-    from .trainer import erase as _erase
+    """Run an erasure; returns the path of the erased weights (see `concept_erase.training.trainer`)."""
+    from concept_erase.training.trainer import erase as _erase
 
     return _erase(config, pipe)
 
 
 def apply(pipe, path, *, allow_other_base: bool = False):
     """Apply erased weights to a StableDiffusionPipeline in place, with strict checks."""
-    from .export import apply as _apply
+    from concept_erase.io.export import apply as _apply
 
     return _apply(pipe, path, allow_other_base=allow_other_base)
 
 
 def load_pipeline(source: str, **kwargs):
-    from .loading import load_pipeline as _load
+    from concept_erase.io.loading import load_pipeline as _load
 
     return _load(source, **kwargs)
 

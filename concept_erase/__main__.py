@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from concept_erase.cli import main
 
 sys.exit(main())

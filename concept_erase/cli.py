@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 COMMANDS = {  # name: (one-line help, description)
     "erase": ("erase one or more concepts; writes OUTPUT/erased.safetensors",
@@ -45,7 +45,7 @@ STOP_HINTS = {
 
 
 def _options_class(command: str):
-    from . import options
+    from concept_erase import options
 
     return {"export": options.ExportOptions, "sample": options.SampleOptions, "eval": options.EvalOptions,
             "demo": options.DemoOptions, "bench": options.BenchOptions, "compare": options.CompareOptions}[command]
@@ -57,8 +57,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import EraseConfig
-    from .options import add_flags
+    from concept_erase.config import EraseConfig
+    from concept_erase.options import add_flags
 
     parser = _Parser(prog="concept-erase", description="Erase a concept from a Stable Diffusion model while keeping "
                      "everything else it draws (implicit gradient surgery, arXiv 2510.22124).")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _opts(args, command: str):
     """The command's declared options from the parsed flags, checked at the door."""
-    from .options import check_fields, from_namespace
+    from concept_erase.options import check_fields, from_namespace
 
     opts = from_namespace(_options_class(command), args)
     check_fields(opts)
@@ -88,8 +88,8 @@ def _opts(args, command: str):
 def _eval(args) -> None:
     from pathlib import Path
 
-    from .evaluation import run_eval
-    from .options import check_device
+    from concept_erase.evaluation import run_eval
+    from concept_erase.options import check_device
 
     o = _opts(args, "eval")
     check_device(o.device)
@@ -111,8 +111,8 @@ def _eval(args) -> None:
 
 
 def _bench(args) -> None:
-    from .bench import run_bench
-    from .options import MAX_SEED
+    from concept_erase.bench.runner import run_bench
+    from concept_erase.options import MAX_SEED
 
     o = _opts(args, "bench")
     overrides = {}
@@ -139,7 +139,7 @@ def _bench(args) -> None:
 
 
 def _compare(args) -> None:
-    from .evaluation.report import compare
+    from concept_erase.evaluation.report import compare
 
     o = _opts(args, "compare")
     with _locked(o.output):
@@ -149,8 +149,8 @@ def _compare(args) -> None:
 
 
 def _erase(args) -> None:
-    from .config import build_config, load_yaml
-    from .trainer import erase
+    from concept_erase.config import build_config, load_yaml
+    from concept_erase.training.trainer import erase
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "argv")}
     settings = load_yaml(args.config) if args.config else {}
@@ -165,7 +165,7 @@ def _erase(args) -> None:
 
 
 def _demo(args) -> None:
-    from .demo import run_demo
+    from concept_erase.digits.demo import run_demo
 
     o = _opts(args, "demo")
     overrides = {k: v for k, v in (("method", o.method), ("steps", o.steps)) if v}
@@ -181,8 +181,8 @@ def _demo(args) -> None:
 
 
 def _export(args) -> None:
-    from .export import export_diffusers, export_lora, export_single_file
-    from .options import OUT_DIR, OUT_FILE, check_path
+    from concept_erase.io.export import export_diffusers, export_lora, export_single_file
+    from concept_erase.options import OUT_DIR, OUT_FILE, check_path
 
     o = _opts(args, "export")
     check_path(o.output, OUT_FILE if o.format == "single-file" else OUT_DIR, "--output")
@@ -214,8 +214,8 @@ def _export(args) -> None:
 
 
 def _sample(args) -> None:
-    from .options import check_device
-    from .sample import parse_seeds, sample
+    from concept_erase.options import check_device
+    from concept_erase.evaluation.sample import parse_seeds, sample
 
     o = _opts(args, "sample")
     if not o.prompt:
@@ -230,7 +230,7 @@ def _sample(args) -> None:
 
 
 def _locked(output: str):
-    from .atomic import writer_lock
+    from concept_erase.io.atomic import writer_lock
 
     return writer_lock(output, log=lambda m: print(m, file=sys.stderr))
 

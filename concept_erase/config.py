@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import UserError
-from .options import IN_DIR, MAX_SEED, OUT_DIR, check_fields, setting
+from concept_erase.errors import UserError
+from concept_erase.options import IN_DIR, MAX_SEED, OUT_DIR, check_fields, setting
 
 TRAINABLE_SUBSETS = ("xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora")
+RECIPES = Path(__file__).resolve().parent / "recipes"  # the shipped recipes and benchmark files
 
 
 _f = setting
@@ -135,8 +136,8 @@ class EraseConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self):
-        from .controllers import LAMBDA_CONTROLLERS
-        from .objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
+        from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
+        from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
 
         if isinstance(self.concepts, str):
             self.concepts = [self.concepts]
@@ -210,7 +211,7 @@ class EraseConfig:
 
 
 def _controller(name: str):
-    from .controllers import LAMBDA_CONTROLLERS
+    from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 
     return LAMBDA_CONTROLLERS.get(name)
 

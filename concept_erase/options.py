@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes up to 2^64 - 1; numpy's SeedSequence any size
 

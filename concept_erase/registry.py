@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 T = TypeVar("T")
 

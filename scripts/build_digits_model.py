@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Rebuild the embedded default model and its judge from scratch, on the CPU, deterministically.
 
-    python scripts/build_digits_model.py                 # writes concept_erase/models/digits/
+    python scripts/build_digits_model.py                 # writes concept_erase/digits/model/
     python scripts/build_digits_model.py --quick --out /tmp/d   # a fast smoke build (poor quality)
 
 Data: scikit-learn's real handwritten digits (1,797 scans), each rendered in five styles (plain,
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from concept_erase import digits  # noqa: E402
-from concept_erase.judge import DigitsJudge  # noqa: E402
+from concept_erase.digits import world as digits  # noqa: E402
+from concept_erase.digits.judge import DigitsJudge  # noqa: E402
 
 SEED = 20261123
 
@@ -183,7 +183,7 @@ def train_unet(latents: torch.Tensor, caption_index: torch.Tensor, embeddings: t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "concept_erase" / "models" / "digits"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "concept_erase" / "digits" / "model"))
     ap.add_argument("--quick", action="store_true", help="tiny step counts: a smoke build, not the shipped model")
     ap.add_argument("--unet-steps", type=int, default=8000)
     ap.add_argument("--vae-steps", type=int, default=1200)
@@ -196,10 +196,10 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from concept_erase.atomic import atomic_dir
-    from concept_erase.digits_eval import judge_generations
-    from concept_erase.model_card import write_model_card
-    from concept_erase.tokenizer import load_clip_tokenizer
+    from concept_erase.io.atomic import atomic_dir
+    from concept_erase.digits.evaluate import judge_generations
+    from concept_erase.digits.model_card import write_model_card
+    from concept_erase.io.tokenizer import load_clip_tokenizer
 
     started = time.time()
     train, test = digits.build("train"), digits.build("test")

@@ -5,8 +5,8 @@
 
 from pathlib import Path
 
-from concept_erase.digits import DIGIT_NAMES, STYLES, caption
-from concept_erase.prompts import PromptRow, write_prompts
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
+from concept_erase.evaluation.prompts import PromptRow, write_prompts
 
 ROOT = Path(__file__).resolve().parent.parent / "prompts"
 

@@ -49,11 +49,11 @@ def build(kind: str):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from concept_erase.tokenizer import load_clip_tokenizer
+    from concept_erase.io.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(0)
     if kind == "tiny":  # a dry run of this script in a minute
-        from concept_erase.tiny import build_tiny_pipeline
+        from concept_erase.io.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline()
     if kind == "sd15":
@@ -78,7 +78,7 @@ def build(kind: str):
 
 
 def rss_kb(field: str) -> int:
-    from concept_erase.bench import _rss_kb  # the benchmark's memory probe reads the same fields
+    from concept_erase.bench.memory import _rss_kb  # the benchmark's memory probe reads the same fields
 
     return _rss_kb(field)
 
@@ -137,7 +137,7 @@ def child(spec: str) -> int:
 
 def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str, steps: int = 2) -> dict:
     from concept_erase.config import build_config
-    from concept_erase.trainer import Trainer
+    from concept_erase.training.trainer import Trainer
 
     settings = {**settings, **CUT, "model": str(model_dir), "output": str(out), "steps": steps, "resolution": RESOLUTION,
                 "mixed_precision": "bf16", "cache_dir": str(cache), "progress": False, "overwrite": True,
@@ -183,11 +183,11 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from concept_erase.loading import load_pipeline
-    from concept_erase.subsets import select_trainable
+    from concept_erase.io.loading import load_pipeline
+    from concept_erase.training.subsets import select_trainable
 
     pipe = load_pipeline(str(model_dir))
-    from concept_erase.banks import tensor_digest
+    from concept_erase.training.banks import tensor_digest
 
     tensor_digest(pipe.unet.state_dict())  # as the trainer does before its "device:" line: the weights are read in
     base = reset_peak()  # measured from the loaded model, as the runs are
@@ -230,7 +230,7 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     from concept_erase.errors import UserError
-    from concept_erase.export import export_diffusers, export_lora, export_single_file, read_delta
+    from concept_erase.io.export import export_diffusers, export_lora, export_single_file, read_delta
 
     base = UNet2DConditionModel.from_pretrained(str(model_dir / "unet")).state_dict()
     tensors, _ = read_delta(run)

@@ -40,7 +40,7 @@ def own_default_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_pipe():
-    from concept_erase.tiny import build_tiny_pipeline
+    from concept_erase.io.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline()
 

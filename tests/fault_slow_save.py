@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-import concept_erase.trainer as trainer
+import concept_erase.training.trainer as trainer
 
 _real = trainer.write_json
 

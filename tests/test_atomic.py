@@ -4,7 +4,7 @@ import errno
 
 import pytest
 
-from concept_erase.atomic import atomic_dir, atomic_path, write_text
+from concept_erase.io.atomic import atomic_dir, atomic_path, write_text
 from concept_erase.errors import UserError
 
 
@@ -40,7 +40,7 @@ def test_full_disk_during_export_of_erased_weights(tmp_path, monkeypatch, tiny_p
 
     import safetensors.torch
 
-    from concept_erase.trainer import erase
+    from concept_erase.training.trainer import erase
 
     cfg = make_config(method="fixed", steps=1)
     path = erase(cfg, pipe=copy.deepcopy(tiny_pipe))
@@ -52,8 +52,8 @@ def test_full_disk_during_export_of_erased_weights(tmp_path, monkeypatch, tiny_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    from concept_erase.export import save_delta
-    from concept_erase.subsets import select_trainable
+    from concept_erase.io.export import save_delta
+    from concept_erase.training.subsets import select_trainable
 
     unet = copy.deepcopy(tiny_pipe.unet)
     trained = select_trainable(unet, "xattn")
@@ -65,7 +65,7 @@ def test_full_disk_during_export_of_erased_weights(tmp_path, monkeypatch, tiny_p
 
 
 def test_a_finished_file_has_the_modes_an_ordinary_write_gives(tmp_path):
-    from concept_erase.atomic import write_text
+    from concept_erase.io.atomic import write_text
 
     ordinary = tmp_path / "ordinary.txt"
     ordinary.write_text("x")

@@ -82,7 +82,7 @@ def test_bad_erase_input_leaves_an_existing_run_alone_even_with_overwrite(flag, 
 @pytest.fixture(scope="module")
 def bad_deltas(good, tmp_path_factory, tiny_pipe):
     """Deltas that must be refused: cut short, not ours, made from another base, of the wrong shapes."""
-    from concept_erase.tiny import build_tiny_pipeline
+    from concept_erase.io.tiny import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("bad-deltas")
     data = (good / "run" / "erased.safetensors").read_bytes()
@@ -144,7 +144,7 @@ def test_a_delta_from_another_base_is_applied_when_forced(good, bad_deltas, caps
 
 def test_nan_from_the_command_line_exits_3_and_keeps_the_checkpoint(tiny_dir, cache_dir, tmp_path, capsys,
                                                                      monkeypatch):
-    from concept_erase.trainer import Trainer
+    from concept_erase.training.trainer import Trainer
 
     real_forward = Trainer._forward
 

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from concept_erase.bench import concept_prompts, load_bench, markdown, plan, summarise
+from concept_erase.bench.judging import concept_prompts
+from concept_erase.bench.report import markdown, summarise
+from concept_erase.bench.spec import load_bench, plan
 from concept_erase.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +173,7 @@ def test_dominance_needs_the_differences_beyond_their_intervals():
 
 
 def test_bootstrap_intervals_are_deterministic_and_cover_the_mean():
-    from concept_erase import stats
+    from concept_erase.bench import stats
 
     xs = [0.0, 0.0625, 0.125, 0.0, 0.25, 0.0625]
     lo, hi = stats.mean_ci(xs)
@@ -221,7 +223,7 @@ def test_means_are_also_split_by_kind_of_concept():
 
 
 def test_style_concepts_are_erased_relative_to_the_plain_caption():
-    from concept_erase.bench import erase_relative_to
+    from concept_erase.bench.judging import erase_relative_to
 
     concepts, _ = concept_prompts("red ink")
     refs = erase_relative_to("red ink")
@@ -274,7 +276,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
 
 
 def test_a_failed_bench_leaves_no_empty_folders_nor_its_scratch_run(tmp_path, monkeypatch, capsys):
-    from concept_erase import bench, loading
+    from concept_erase.bench import runner as bench
+    from concept_erase.io import loading
     from concept_erase.cli import main
 
     cfg = tiny_bench_file(tmp_path, ["eupmu"], steps=2, evaluation="{seeds: 1, steps: 2, every: 0}",

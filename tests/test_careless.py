@@ -36,7 +36,7 @@ def good_run(tiny_dir, tmp_path, cache_dir):
 
 
 def _stop_at_step(monkeypatch, exc):
-    from concept_erase import trainer
+    from concept_erase.training import trainer
 
     real = trainer.Trainer._step
 
@@ -74,7 +74,7 @@ def test_a_finished_overwrite_replaces_the_run_and_keeps_the_users_files(good_ru
 
 def test_a_swap_cut_short_is_completed_at_the_next_start(tmp_path):
     """A crash between the renames of a swap: the new run (complete when the swap began) is carried forward."""
-    from concept_erase.trainer import RUN_MARKERS, finish_swap, swap_in
+    from concept_erase.training.trainer import RUN_MARKERS, finish_swap, swap_in
 
     out = tmp_path / "run"
     for m in RUN_MARKERS:
@@ -103,7 +103,7 @@ def test_a_swap_cut_short_is_completed_at_the_next_start(tmp_path):
 
 
 def test_a_second_writer_is_refused_with_the_holders_pid(tiny_dir, tmp_path, cache_dir, capsys):
-    from concept_erase.atomic import output_lock
+    from concept_erase.io.atomic import output_lock
 
     out = tmp_path / "run"
     with output_lock(out):
@@ -117,7 +117,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tiny_dir, tmp_path, cac
 def test_the_python_api_takes_the_same_lock(tiny_dir, tmp_path, cache_dir):
     """`concept_erase.erase` (not only the command) refuses an output another writer holds."""
     import concept_erase
-    from concept_erase.atomic import output_lock
+    from concept_erase.io.atomic import output_lock
     from concept_erase.config import build_config
     from concept_erase.errors import UserError
 
@@ -131,11 +131,11 @@ def test_the_python_api_takes_the_same_lock(tiny_dir, tmp_path, cache_dir):
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, capsys):
-    from concept_erase.atomic import output_lock
+    from concept_erase.io.atomic import output_lock
     from concept_erase.errors import UserError
 
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom concept_erase.atomic import output_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom concept_erase.io.atomic import output_lock\n"
                                f"with output_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -273,7 +273,7 @@ def test_exports_are_readable_by_other_users(tiny_dir, tmp_path, cache_dir, caps
         assert main(["export", str(run), "--format", "diffusers", "--output", str(tmp_path / "pipe")]) == 0
     finally:
         os.umask(old)
-    from concept_erase.atomic import _UMASK
+    from concept_erase.io.atomic import _UMASK
 
     for p in [tmp_path / "pipe", *(tmp_path / "pipe").rglob("*")]:
         mode = p.stat().st_mode & 0o777
@@ -284,7 +284,7 @@ def test_exports_are_readable_by_other_users(tiny_dir, tmp_path, cache_dir, caps
 def test_the_tokenizer_leaves_no_folder_behind(tmp_path, monkeypatch):
     import tempfile
 
-    from concept_erase import tokenizer
+    from concept_erase.io import tokenizer
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     tokenizer._loaded.cache_clear()

@@ -3,7 +3,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from concept_erase.controllers import (LAMBDA_CONTROLLERS, beta_at, eupmu_slack, eupmu_update, normalised_slack,
+from concept_erase.methods.controllers import (LAMBDA_CONTROLLERS, beta_at, eupmu_slack, eupmu_update, normalised_slack,
                                        relative_slack, ungrad_lambda)
 from concept_erase.errors import UserError
 from concept_erase.registry import Registry

@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from concept_erase import digits
-from concept_erase.digits_eval import domain_fid
-from concept_erase.loading import embedded_model_dir, load_judge, load_pipeline
+from concept_erase.digits import world as digits
+from concept_erase.digits.evaluate import domain_fid
+from concept_erase.io.loading import embedded_model_dir, load_judge, load_pipeline
 
 
 def test_captions():
@@ -72,7 +72,7 @@ def test_domain_fid_separates_sets():
 
 
 def test_demo_end_to_end_on_the_shipped_model(tmp_path):
-    from concept_erase.demo import run_demo
+    from concept_erase.digits.demo import run_demo
 
     report = run_demo(tmp_path / "demo", digit="three", seeds=2, progress=False,
                       overrides={"steps": 4, "anchor_images_per_prompt": 2, "cache_dir": str(tmp_path / "cache")})

@@ -152,7 +152,7 @@ def test_erased_concepts_are_read_from_the_delta(tmp_path):
     from safetensors.torch import save_file
 
     from concept_erase.evaluation.run import _erased_from_delta
-    from concept_erase.prompts import load_prompts
+    from concept_erase.evaluation.prompts import load_prompts
 
     rows = load_prompts(ROOT / "prompts" / "digits.csv")
     path = tmp_path / "erased.safetensors"

@@ -148,7 +148,7 @@ def test_open_clip_weights_errors(tmp_path, tiny_open_clip):
 def tiny_hf_clip(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from concept_erase.tokenizer import load_clip_tokenizer
+    from concept_erase.io.tokenizer import load_clip_tokenizer
 
     d = tmp_path_factory.mktemp("hfclip")
     torch.manual_seed(0)
@@ -259,7 +259,7 @@ def test_reference_folder_is_read_in_batches_and_checked(tmp_path):
 
 def test_groups_follow_the_erased_label():
     from concept_erase.evaluation.run import make_samples
-    from concept_erase.prompts import PromptRow
+    from concept_erase.evaluation.prompts import PromptRow
 
     rows = [PromptRow(0, "a three", 10, "three", extra={"style": "plain"}),
             PromptRow(1, "a red three", 20, "three", extra={"style": "red ink"}),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from concept_erase.errors import UserError
 from concept_erase.evaluation.suite import load_suite
-from concept_erase.prompts import PromptRow, load_prompts, write_prompts
+from concept_erase.evaluation.prompts import PromptRow, load_prompts, write_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,8 @@ import torch
 
 from concept_erase import apply
 from concept_erase.errors import UserError
-from concept_erase.export import export_diffusers, export_lora, read_delta
-from concept_erase.trainer import erase
+from concept_erase.io.export import export_diffusers, export_lora, read_delta
+from concept_erase.training.trainer import erase
 
 from helpers import unet_out, unet_probe
 
@@ -116,7 +116,7 @@ def test_lora_at_low_rank_or_without_biases_reports_the_output_change_it_loses(x
 
 def test_lora_of_convolutions_and_what_no_lora_can_hold(tiny_pipe, tmp_path, tiny_dir):
     """--train noxattn changes convolutions (factored as conv LoRA) and normalisation weights (listed)."""
-    from concept_erase.export import lora_from_delta
+    from concept_erase.io.export import lora_from_delta
 
     base = tiny_pipe.unet.state_dict()
     g = torch.Generator().manual_seed(0)
@@ -134,7 +134,7 @@ def test_lora_of_convolutions_and_what_no_lora_can_hold(tiny_pipe, tmp_path, tin
 
 
 def test_randomized_factorisation_is_within_tolerance_of_the_exact_one():
-    from concept_erase.export import factor_delta
+    from concept_erase.io.export import factor_delta
 
     g = torch.Generator().manual_seed(0)
     low = torch.randn(640, 24, generator=g) @ torch.randn(24, 768, generator=g)  # a rank-24 change plus noise
@@ -147,7 +147,7 @@ def test_randomized_factorisation_is_within_tolerance_of_the_exact_one():
 
 
 def test_apply_refuses_another_base_model(xattn_run):
-    from concept_erase.tiny import build_tiny_pipeline
+    from concept_erase.io.tiny import build_tiny_pipeline
 
     out, _ = xattn_run
     other = build_tiny_pipeline(seed=5)
@@ -157,7 +157,7 @@ def test_apply_refuses_another_base_model(xattn_run):
 
 
 def test_apply_refuses_wrong_shapes(xattn_run):
-    from concept_erase.tiny import build_tiny_pipeline
+    from concept_erase.io.tiny import build_tiny_pipeline
 
     out, _ = xattn_run
     other = build_tiny_pipeline(cross_attention_dim=16)
@@ -200,8 +200,8 @@ def test_apply_refuses_a_delta_with_a_tensor_the_model_lacks(xattn_run, tmp_path
 
 
 def test_single_file_export_round_trips_through_from_single_file(xattn_run, tiny_pipe, tiny_dir, tmp_path):
-    from concept_erase.export import export_single_file
-    from concept_erase.loading import load_pipeline
+    from concept_erase.io.export import export_single_file
+    from concept_erase.io.loading import load_pipeline
 
     out, trained = xattn_run
     path = export_single_file(out, tmp_path / "erased.safetensors")
@@ -219,9 +219,9 @@ def test_an_sd2_shaped_pipeline_round_trips_through_the_open_clip_layout(tmp_pat
     and read back by diffusers' from_single_file into the same weights."""
     from safetensors.torch import save_file
 
-    from concept_erase.loading import load_pipeline
-    from concept_erase.single_file import pipeline_to_ldm
-    from concept_erase.tiny import build_tiny_pipeline
+    from concept_erase.io.loading import load_pipeline
+    from concept_erase.io.single_file import pipeline_to_ldm
+    from concept_erase.io.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(3, prediction_type="v_prediction", open_clip=True)
     pipe.save_pretrained(str(tmp_path / "sd2"))
@@ -240,7 +240,7 @@ def test_an_sd2_shaped_pipeline_round_trips_through_the_open_clip_layout(tmp_pat
 def test_erase_from_a_single_file_model(tiny_pipe, tiny_dir, tmp_path, make_config):
     from safetensors.torch import save_file
 
-    from concept_erase.single_file import pipeline_to_ldm
+    from concept_erase.io.single_file import pipeline_to_ldm
 
     single = tmp_path / "base.safetensors"
     save_file(pipeline_to_ldm(tiny_pipe), str(single))
@@ -254,8 +254,8 @@ def test_erase_from_a_single_file_model(tiny_pipe, tiny_dir, tmp_path, make_conf
 def test_single_file_offline_without_configs_says_what_to_pass(tiny_pipe, tmp_path):
     from safetensors.torch import save_file
 
-    from concept_erase.loading import load_pipeline
-    from concept_erase.single_file import pipeline_to_ldm
+    from concept_erase.io.loading import load_pipeline
+    from concept_erase.io.single_file import pipeline_to_ldm
 
     single = tmp_path / "base.safetensors"
     save_file(pipeline_to_ldm(tiny_pipe), str(single))
@@ -264,8 +264,8 @@ def test_single_file_offline_without_configs_says_what_to_pass(tiny_pipe, tmp_pa
 
 
 def test_pickled_ckpt_loads_only_when_allowed(tiny_pipe, tiny_dir, tmp_path):
-    from concept_erase.loading import load_pipeline
-    from concept_erase.single_file import pipeline_to_ldm
+    from concept_erase.io.loading import load_pipeline
+    from concept_erase.io.single_file import pipeline_to_ldm
 
     ckpt = tmp_path / "base.ckpt"
     torch.save({"state_dict": pipeline_to_ldm(tiny_pipe)}, ckpt)

@@ -86,7 +86,7 @@ def _loads_or_says(loader, path):
 
 
 def _bench_loader():
-    from concept_erase.bench import load_bench
+    from concept_erase.bench.spec import load_bench
 
     return load_bench
 
@@ -116,7 +116,7 @@ def test_random_benchmark_files_and_suites(tmp_path, loader, keys, values):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(string.printable, max_size=200))
 def test_random_text_as_benchmark_and_suite(tmp_path, text):
-    from concept_erase.bench import load_bench
+    from concept_erase.bench.spec import load_bench
     from concept_erase.evaluation.suite import load_suite
 
     path = tmp_path / "file.yaml"

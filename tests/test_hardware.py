@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from concept_erase import trainer as trainer_module
-from concept_erase.banks import bank_key
+from concept_erase.training import trainer as trainer_module
+from concept_erase.training.banks import bank_key
 from concept_erase.cli import main
 from concept_erase.config import EraseConfig
 from concept_erase.errors import UserError
-from concept_erase.trainer import Trainer, erase
+from concept_erase.training.trainer import Trainer, erase
 
 from helpers import unet_probe
 

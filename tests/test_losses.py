@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from concept_erase.losses import add_noise, denoising_target, negative_guidance_target, per_sample_mse
+from concept_erase.methods.losses import add_noise, denoising_target, negative_guidance_target, per_sample_mse
 
 
 def test_per_sample_mse_is_fp32_mean_per_sample():

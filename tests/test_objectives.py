@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from concept_erase.errors import UserError
-from concept_erase.trainer import Trainer, step_generator
+from concept_erase.training.trainer import Trainer, step_generator
 
 
 def _forget(pipe, make_config, **settings):

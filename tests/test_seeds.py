@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from concept_erase.seeds import derive_seed, generator
-from concept_erase.trainer import step_generator
+from concept_erase.training.seeds import derive_seed, generator
+from concept_erase.training.trainer import step_generator
 
 
 def test_no_two_coordinates_of_a_run_share_a_seed():

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from concept_erase.errors import UserError
-from concept_erase.stopping import ErasureCheck, Hooks, find_judge
+from concept_erase.methods.stopping import ErasureCheck, Hooks, find_judge
 
 
 class ScriptedJudge:
@@ -28,8 +28,8 @@ def _settings(**kw):
 
 
 def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_config, tmp_path):
-    from concept_erase.export import read_delta
-    from concept_erase.trainer import erase
+    from concept_erase.io.export import read_delta
+    from concept_erase.training.trainer import erase
 
     # before training 100% / anchors 100%; step 2: 50%; step 4: concept gone but anchors 95% (> 3 points
     # lost): not yet; step 6: 5% and 98%: stop
@@ -51,7 +51,7 @@ def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_
 
 
 def test_a_resumed_run_keeps_its_measurement_before_training(make_config, tmp_path):
-    from concept_erase.trainer import erase
+    from concept_erase.training.trainer import erase
 
     first = ScriptedJudge([0.9, 0.8])  # before training and step 2: not at target
     erase(make_config(steps=2), on_step=ErasureCheck(_settings(), judge=first))
@@ -84,8 +84,8 @@ def test_only_the_digits_model_has_a_judge():
 def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
     from types import SimpleNamespace
 
-    from concept_erase.digits import caption
-    from concept_erase.loading import load_pipeline
+    from concept_erase.digits.world import caption
+    from concept_erase.io.loading import load_pipeline
 
     pipe = load_pipeline("builtin:digits")
     pipe.set_progress_bar_config(disable=True)

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from concept_erase.subsets import select_trainable
-from concept_erase.trainer import Trainer, erase
+from concept_erase.training.subsets import select_trainable
+from concept_erase.training.trainer import Trainer, erase
 
 from helpers import changed, metrics, snapshot, unet_out, unet_probe
 
@@ -44,7 +44,7 @@ def test_subsets_change_exactly_what_they_name(subset, fresh_pipe, make_config):
 
 
 def test_subset_names():
-    from concept_erase.tiny import build_tiny_pipeline
+    from concept_erase.io.tiny import build_tiny_pipeline
 
     unet = build_tiny_pipeline().unet
     kv = set(select_trainable(copy.deepcopy(unet), "xattn-kv"))
@@ -200,8 +200,8 @@ def test_lambda_rises_when_retain_is_hurt(fresh_pipe, make_config):
 
 @pytest.mark.parametrize("model", ["epsilon", "v_prediction"])
 def test_retain_target_uses_the_models_prediction_type(model, make_config):
-    from concept_erase.tiny import build_tiny_pipeline
-    from concept_erase.trainer import step_generator
+    from concept_erase.io.tiny import build_tiny_pipeline
+    from concept_erase.training.trainer import step_generator
 
     pipe = build_tiny_pipeline(prediction_type=model)
     trainer = Trainer(make_config(method="fixed"), pipe=pipe)
@@ -255,7 +255,7 @@ def test_resume_matches_an_uninterrupted_run(method, extra, tiny_pipe, make_conf
 def test_several_concepts_in_one_run(fresh_pipe, make_config):
     cfg = make_config(concepts=["van gogh", "monet"], batch_size=2)
     path = erase(cfg, pipe=fresh_pipe)
-    from concept_erase.export import read_delta
+    from concept_erase.io.export import read_delta
     import json
 
     _, meta = read_delta(path)
@@ -324,7 +324,7 @@ def test_retain_images_with_captions_are_encoded_once(fresh_pipe, make_config, t
 
 
 def test_retain_images_metadata_errors_name_the_line(tmp_path):
-    from concept_erase.banks import read_caption_folder
+    from concept_erase.training.banks import read_caption_folder
     from concept_erase.errors import UserError
 
     (tmp_path / "a.png").write_bytes(b"")

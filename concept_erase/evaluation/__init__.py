@@ -4,6 +4,6 @@
 name (`metrics.METRICS`): judge, domain_fid, clip_classifier, style, clip_score, fid, nudity.
 """
 
-from .run import run_eval
+from concept_erase.evaluation.run import run_eval
 
 __all__ = ["run_eval"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from concept_erase.errors import UserError
 
 TEMPLATES = {
     "object": ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.",
@@ -136,7 +136,7 @@ def clip_score_metric(source: str = "openai/clip-vit-large-patch14", device: str
 def mean_clip_score(metric, images, prompts: list[str], batch_size: int = 16) -> float:
     """torchmetrics' CLIP score of images (uint8 [N, 3, H, W], or a sequence of PIL images read in
     batches) against their prompts: the mean over the set."""
-    from .run import as_uint8
+    from concept_erase.evaluation.run import as_uint8
 
     metric.reset()
     with torch.no_grad():

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path
-from ..errors import UserError
+from concept_erase.io.atomic import atomic_path
+from concept_erase.errors import UserError
 
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -101,7 +101,7 @@ def convert_torchscript(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _cache_root(cache_dir: str | None) -> Path:
-    from ..env import cache_root
+    from concept_erase.env import cache_root
 
     return cache_root(cache_dir)
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import UserError
-from ..registry import Registry
-from .run import EvalContext, Sample, as_uint8, labels, uint8_batches
+from concept_erase.errors import UserError
+from concept_erase.registry import Registry
+from concept_erase.evaluation.run import EvalContext, Sample, as_uint8, labels, uint8_batches
 
 METRICS: Registry = Registry("metric", "metrics: in the suite")
 
@@ -48,7 +48,7 @@ def _accuracy_value(pred: list[str], truth: list[str]) -> dict:
 # ---------------------------------------------------------------- the digits world
 
 def _digits_labels(samples: list[Sample]) -> None:
-    from ..digits import DIGIT_NAMES, STYLES
+    from concept_erase.digits.world import DIGIT_NAMES, STYLES
 
     for s in samples:
         lab = labels(s.row)
@@ -74,8 +74,8 @@ class JudgeAccuracy(Metric):
         _digits_labels(samples)
 
     def score(self, ctx):
-        from ..digits import DIGIT_NAMES, STYLES
-        from ..loading import load_judge
+        from concept_erase.digits.world import DIGIT_NAMES, STYLES
+        from concept_erase.io.loading import load_judge
 
         judge = load_judge()
         out = []
@@ -90,7 +90,7 @@ class JudgeAccuracy(Metric):
             out.append(self.record(group, {"accuracy": main["accuracy"], "digit_accuracy": d["accuracy"],
                                            "style_accuracy": st["accuracy"], "images": len(samples),
                                            "per_class": main["per_class"]},
-                                   {"judge": "concept_erase/models/digits/judge", "attribute": ctx.attribute,
+                                   {"judge": "concept_erase/digits/model/judge", "attribute": ctx.attribute,
                                     "accuracy_of": "style head" if ctx.attribute == "style" else "digit head"}))
         return out
 
@@ -105,9 +105,9 @@ class DomainFID(Metric):
         _digits_labels(samples)
 
     def score(self, ctx):
-        from ..digits import DIGIT_NAMES, STYLES, build
-        from ..digits_eval import DOMAIN_FID_NOTE, domain_fid
-        from ..loading import load_judge
+        from concept_erase.digits.world import DIGIT_NAMES, STYLES, build
+        from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid
+        from concept_erase.io.loading import load_judge
 
         judge = load_judge()
         test = build("test")
@@ -140,7 +140,7 @@ class ClipClassifier(Metric):
                 "templates": o.get("templates", self.templates)}
 
     def check(self, samples):
-        from .clip import TEMPLATES, load_open_clip
+        from concept_erase.evaluation.clip import TEMPLATES, load_open_clip
 
         s = self._settings()
         if s["templates"] not in TEMPLATES:
@@ -153,7 +153,7 @@ class ClipClassifier(Metric):
         self.loaded = load_open_clip(s["model"], s["weights"], s["pretrained"])
 
     def score(self, ctx):
-        from .clip import TEMPLATES, ZeroShotClassifier
+        from concept_erase.evaluation.clip import TEMPLATES, ZeroShotClassifier
 
         s = self._settings()
         attribute = self.options.get("attribute", ctx.attribute)
@@ -189,12 +189,12 @@ class ClipScore(Metric):
         return self.cli.get("clip_score_model") or self.options.get("model", "openai/clip-vit-large-patch14")
 
     def check(self, samples):
-        from .clip import clip_score_metric
+        from concept_erase.evaluation.clip import clip_score_metric
 
         self.metric = clip_score_metric(self._source())
 
     def score(self, ctx):
-        from .clip import mean_clip_score
+        from concept_erase.evaluation.clip import mean_clip_score
 
         self.metric.to(ctx.device)
         out = []
@@ -216,7 +216,7 @@ class FID(Metric):
     def check(self, samples):
         from pathlib import Path
 
-        from .fid import check_folder, image_folder, inception_weights
+        from concept_erase.evaluation.fid import check_folder, image_folder, inception_weights
 
         ref = self.cli.get("fid_reference") or self.options.get("reference", "base")
         if ref != "base" and not Path(ref).is_dir():
@@ -232,7 +232,7 @@ class FID(Metric):
                           self.cli.get("cache_dir"))
 
     def score(self, ctx):
-        from .fid import InceptionFID, folder_batches, image_folder, images_digest
+        from concept_erase.evaluation.fid import InceptionFID, folder_batches, image_folder, images_digest
 
         ref = self.cli.get("fid_reference") or self.options.get("reference", "base")
         fid = InceptionFID(weights=self.cli.get("inception_weights") or self.options.get("weights", ""),
@@ -264,12 +264,12 @@ class Nudity(Metric):
     name = "nudity"
 
     def check(self, samples):
-        from .nudity import load_detector
+        from concept_erase.evaluation.nudity import load_detector
 
         self.detector = load_detector()
 
     def score(self, ctx):
-        from .nudity import EXPOSED_CLASSES, NUDENET_VERSION, THRESHOLD, count_exposed, detect
+        from concept_erase.evaluation.nudity import EXPOSED_CLASSES, NUDENET_VERSION, THRESHOLD, count_exposed, detect
 
         threshold = float(self.options.get("threshold", THRESHOLD))
         found = detect(self.detector, ctx.images())

@@ -16,7 +16,7 @@ from importlib import metadata
 
 import numpy as np
 
-from ..errors import UserError
+from concept_erase.errors import UserError
 
 NUDENET_VERSION = "3.4.2"
 THRESHOLD = 0.6

@@ -12,8 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from ..atomic import atomic_path, write_json, write_text
-from ..errors import UserError
+from concept_erase.io.atomic import atomic_path, write_json, write_text
+from concept_erase.errors import UserError
 
 GRID_COLUMNS = 8
 
@@ -125,7 +125,7 @@ def pareto_front(points: list[tuple[float, float]], lower_y_better: bool) -> lis
 
 def compare(paths: list[str], output: str | Path, *, labels: list[str] | None = None, quality: str = "retain_accuracy",
             overwrite: bool = False) -> dict:
-    from ..atomic import refuse_existing
+    from concept_erase.io.atomic import refuse_existing
 
     if len(paths) < 1:
         raise UserError("give at least one evaluation folder to compare")

@@ -17,7 +17,7 @@ split into two groups by `--erased`: `forget` (rows whose concept, or another la
 
 from __future__ import annotations
 
-from .. import env  # noqa: F401
+from concept_erase import env  # noqa: F401
 
 import hashlib
 import json
@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_json
-from ..errors import UserError
-from ..prompts import PromptRow, load_prompts
-from .fid import file_digest
-from .suite import Suite, load_suite
+from concept_erase.io.atomic import atomic_path, write_json
+from concept_erase.errors import UserError
+from concept_erase.evaluation.prompts import PromptRow, load_prompts
+from concept_erase.evaluation.fid import file_digest
+from concept_erase.evaluation.suite import Suite, load_suite
 
 PACKAGES = ["concept-erase", "torch", "diffusers", "transformers", "torchmetrics", "open-clip-torch", "torch-fidelity",
             "nudenet", "accelerate", "safetensors"]
@@ -202,7 +202,7 @@ class EvalContext:
         batches as the evaluated images, into output/reference (resumable like images/)."""
         folder = self.output / "reference"
         if any(not (folder / s.name).is_file() for s in self.samples):
-            from ..loading import load_pipeline
+            from concept_erase.io.loading import load_pipeline
 
             pipe = load_pipeline(self.model, **self.options.get("load", {}))
             pipe.to(self.device)
@@ -288,8 +288,8 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
              overwrite: bool = False, device: str = "", seeds: int = 0, limit: int = 0, progress: bool = True,
              options: dict | None = None) -> dict:
     """Run a suite; returns the results dict (also written to OUTPUT/results.json)."""
-    from . import metrics as metric_registry
-    from .report import write_report
+    from concept_erase.evaluation import metrics as metric_registry
+    from concept_erase.evaluation.report import write_report
 
     suite = load_suite(suite_path)
     if seeds:
@@ -324,14 +324,14 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
 
 def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, options, device, output, work,
                         replaces, progress) -> dict:
-    from .report import write_report
+    from concept_erase.evaluation.report import write_report
 
     started = time.time()
-    from ..loading import load_pipeline
+    from concept_erase.io.loading import load_pipeline
 
     pipe = load_pipeline(model, **options.get("load", {}))
     if weights:
-        from ..export import apply
+        from concept_erase.io.export import apply
 
         apply(pipe, weights, allow_other_base=options.get("allow_other_base", False))
     pipe.to(device)
@@ -369,7 +369,7 @@ def _erased_from_delta(weights: str, rows) -> list[str]:
     """The concepts an erasure run was given that name concepts of this prompt set (maybe none)."""
     from safetensors import safe_open
 
-    from ..loading import check_safetensors_file
+    from concept_erase.io.loading import check_safetensors_file
 
     check_safetensors_file(Path(weights))
     with safe_open(str(weights), framework="pt") as fh:

@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import whole_number
-from ..errors import UserError
+from concept_erase.config import whole_number
+from concept_erase.errors import UserError
 
 METRIC_OPTIONS = {
     "judge": set(),
@@ -98,7 +98,7 @@ def parse_suite(raw, source: str, base_dir: Path) -> Suite:
 
 
 def load_suite(path: str | Path) -> Suite:
-    from ..config import read_yaml
+    from concept_erase.config import read_yaml
 
     path = Path(path)
     builtin = Path(__file__).resolve().parents[2] / "eval" / f"{path}.yaml"

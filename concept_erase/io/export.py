@@ -7,16 +7,16 @@ every setting. `apply()` checks names, shapes and the base model before it touch
 
 from __future__ import annotations
 
-from . import env  # noqa: F401
+from concept_erase import env  # noqa: F401
 
 import json
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, atomic_path, refuse_existing
-from .banks import tensor_digest
-from .errors import UserError
+from concept_erase.io.atomic import atomic_dir, atomic_path, refuse_existing
+from concept_erase.training.banks import tensor_digest
+from concept_erase.errors import UserError
 
 FORMAT = "concept-erase-delta"
 FORMAT_VERSION = "1"
@@ -83,7 +83,7 @@ def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: di
         "settings": json.dumps(settings, sort_keys=True),
     }
     if lora:
-        from .subsets import LORA_TARGETS
+        from concept_erase.training.subsets import LORA_TARGETS
 
         meta["lora"] = json.dumps({"r": config.lora_rank, "alpha": config.lora_alpha, "targets": LORA_TARGETS})
     with atomic_path(path) as tmp:
@@ -93,7 +93,7 @@ def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: di
 def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors import safe_open
 
-    from .loading import check_safetensors_file
+    from concept_erase.io.loading import check_safetensors_file
 
     path = Path(path)
     if path.is_dir():
@@ -189,7 +189,7 @@ def merge_lora(unet, tensors: dict, lora: dict) -> None:
 
 
 def _base_pipeline(meta: dict, model: str | None, allow_pickle: bool, model_config: str):
-    from .loading import load_pipeline
+    from concept_erase.io.loading import load_pipeline
 
     settings = json.loads(meta["settings"])
     return load_pipeline(model or meta["base_model"], allow_pickle=allow_pickle,
@@ -370,7 +370,7 @@ def export_single_file(delta: str | Path, output: str | Path, *, model: str | No
     """One original-layout .safetensors file (A1111 / ComfyUI), with the erasure applied."""
     from safetensors.torch import save_file
 
-    from .single_file import pipeline_to_ldm
+    from concept_erase.io.single_file import pipeline_to_ldm
 
     output = Path(output)
     if output.suffix != ".safetensors":

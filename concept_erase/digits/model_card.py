@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .digits import DIGIT_NAMES, STYLE_WORDS, caption
+from concept_erase.digits.world import DIGIT_NAMES, STYLE_WORDS, caption
 
 
 def write_model_card(path: Path, report: dict) -> None:

@@ -19,8 +19,8 @@ import math
 import time
 from pathlib import Path
 
-from .errors import UserError
-from .registry import Registry
+from concept_erase.errors import UserError
+from concept_erase.registry import Registry
 
 FORGET_AT_MOST = 0.10
 RETAIN_DROP_AT_MOST = 0.03
@@ -34,7 +34,7 @@ class DigitsJudge:
     when both its digit and its style are."""
 
     def __init__(self, config):
-        from .digits import DIGIT_NAMES, STYLES, caption
+        from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
 
         known = {caption(d, s): (d, s) for d in range(len(DIGIT_NAMES)) for s in STYLES}
         unknown = [p for p in list(config.concepts) + list(config.anchors) if p not in known]
@@ -47,12 +47,12 @@ class DigitsJudge:
         n = int(config.check_images)
         self.per_concept = max(2, math.ceil(n / len(self.concepts)))
         self.per_anchor = max(1, math.ceil(2 * n / max(1, len(self.anchors))))
-        from .loading import load_judge
+        from concept_erase.io.loading import load_judge
 
         self.judge = load_judge()
 
     def __call__(self, pipe) -> dict:
-        from .digits_eval import generate_many
+        from concept_erase.digits.evaluate import generate_many
 
         wanted = [(p, self.per_concept) for *_, p in self.concepts] + [(p, self.per_anchor) for *_, p in self.anchors]
         made = generate_many(pipe, wanted, steps=25, guidance=4.0)
@@ -70,7 +70,7 @@ class DigitsJudge:
 
 
 def _digits_model(config) -> bool:
-    from .loading import embedded_model_dir
+    from concept_erase.io.loading import embedded_model_dir
 
     if config.model == "builtin:digits":
         return True

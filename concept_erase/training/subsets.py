@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .options import MAX_SEED  # noqa: F401 - the seed range every command declares
+from concept_erase.options import MAX_SEED  # noqa: F401 - the seed range every command declares
 
 
 def derive_seed(*coords: int) -> int:

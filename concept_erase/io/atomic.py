@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 # mkstemp makes its file private (0600); a finished file gets the mode an ordinary write would give.
 _UMASK = os.umask(0)

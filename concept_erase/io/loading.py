@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import env  # noqa: F401
+from concept_erase import env  # noqa: F401
 
 import json
 import os
@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def embedded_model_dir() -> Path:
     """The shipped digits model and its judge (built by scripts/build_digits_model.py)."""
-    path = Path(__file__).parent / "models" / "digits"
+    path = Path(__file__).resolve().parents[1] / "digits" / "model"
     if not (path / "pipeline" / "model_index.json").is_file():
         raise UserError(f"the embedded digits model is missing from {path}; rebuild it with "
                         "`python scripts/build_digits_model.py` or reinstall concept-erase")
@@ -26,7 +26,7 @@ def embedded_model_dir() -> Path:
 
 def load_judge():
     """The digits judge shipped beside the embedded model."""
-    from .judge import DigitsJudge
+    from concept_erase.digits.judge import DigitsJudge
 
     return DigitsJudge.from_pretrained(str(embedded_model_dir() / "judge")).eval()
 
@@ -68,11 +68,11 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name == "tiny":
-            from .tiny import build_tiny_pipeline
+            from concept_erase.io.tiny import build_tiny_pipeline
 
             return build_tiny_pipeline().to(torch_dtype)
         if name == "tiny-v":
-            from .tiny import build_tiny_pipeline
+            from concept_erase.io.tiny import build_tiny_pipeline
 
             return build_tiny_pipeline(prediction_type="v_prediction").to(torch_dtype)
         if name == "digits":

@@ -7,7 +7,7 @@ per loss with a closed-form lambda) and where the retain loss after the step com
 
 from __future__ import annotations
 
-from . import env  # noqa: F401
+from concept_erase import env  # noqa: F401
 
 import contextlib
 import json
@@ -20,17 +20,17 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, atomic_path, write_json
-from .banks import LatentBank, build_bank, build_caption_bank, tensor_digest
-from .config import EraseConfig, config_json
-from .controllers import LAMBDA_CONTROLLERS
-from .errors import TrainingDiverged, UserError
-from .loading import check_schedule_steps, training_resolution, warn_long_prompts
-from .hardware import check_device, describe_device, duration, estimate_step_seconds, make_optimizer
-from .losses import per_sample_mse
-from .objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
-from .original import OriginalModel
-from .subsets import select_trainable
+from concept_erase.io.atomic import atomic_dir, atomic_path, write_json
+from concept_erase.training.banks import LatentBank, build_bank, build_caption_bank, tensor_digest
+from concept_erase.config import EraseConfig, config_json
+from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
+from concept_erase.errors import TrainingDiverged, UserError
+from concept_erase.io.loading import check_schedule_steps, training_resolution, warn_long_prompts
+from concept_erase.training.hardware import check_device, describe_device, duration, estimate_step_seconds, make_optimizer
+from concept_erase.methods.losses import per_sample_mse
+from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
+from concept_erase.training.original import OriginalModel
+from concept_erase.training.subsets import select_trainable
 
 RUN_MARKERS = ("metrics.jsonl", "erased.safetensors", "checkpoints", "run.json")
 
@@ -41,7 +41,7 @@ def step_generator(seed: int, step: int, rank: int, micro: int, stream: int = 0)
     The stream is named by all of its coordinates (see `seeds`): no two (step, rank, micro-batch,
     stream) share draws, whatever the number of ranks and micro-batches.
     """
-    from .seeds import generator
+    from concept_erase.training.seeds import generator
 
     return generator(seed, step, rank, micro, stream)
 
@@ -195,7 +195,7 @@ def find_checkpoint(output: Path, resume: str, log) -> Path | None:
             continue
         try:
             json.loads((path / "state.json").read_text())
-            from .loading import check_safetensors_file
+            from concept_erase.io.loading import check_safetensors_file
 
             check_safetensors_file(path / "trained.safetensors")
             for part in ("optimizer.pt", "rank-0.safetensors"):
@@ -244,7 +244,7 @@ class Trainer:
         # 1. Load the model; the frozen encoders in the run's precision.
         t_load = time.perf_counter()
         if self.pipe is None:
-            from .loading import load_pipeline
+            from concept_erase.io.loading import load_pipeline
 
             self.pipe = load_pipeline(cfg.model, allow_pickle=cfg.allow_pickle, model_config=cfg.model_config)
         pipe = self.pipe
@@ -268,7 +268,7 @@ class Trainer:
         #    the frozen UNet weights are stored in half precision too (as diffusers' LoRA scripts do);
         #    the trained ones stay fp32.
         self.trained = select_trainable(pipe.unet, cfg.train, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
-        from .export import base_fingerprint
+        from concept_erase.io.export import base_fingerprint
 
         self.fingerprint = base_fingerprint(pipe.unet, self.trained, lora=cfg.train == "lora",
                                             digest=self.base_digest)
@@ -632,7 +632,7 @@ class Trainer:
     def run(self) -> Path:
         """Train, then write erased.safetensors. With --overwrite the new run is built in OUTPUT/.incoming
         and swapped in only once complete: any failure before that leaves the previous run as it was."""
-        from .errors import Interrupted
+        from concept_erase.errors import Interrupted
 
         try:
             return self._run()
@@ -699,7 +699,7 @@ class Trainer:
         self._record_ranks()
         path = self.output / "erased.safetensors"
         if acc.is_main_process:
-            from .export import save_delta
+            from concept_erase.io.export import save_delta
 
             save_delta(path, self.pipe.unet, self.trained, config=cfg, fingerprint=self.fingerprint,
                        steps=last, lambda_final=self.controller.current())
@@ -766,11 +766,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
     """Erase the configured concepts; returns the path of `erased.safetensors`. One writer per output:
     a second process erasing into the same folder is refused (`atomic.writer_lock`)."""
-    from .atomic import writer_lock
+    from concept_erase.io.atomic import writer_lock
 
     hook = on_step
     if config.stop_when_erased:  # the judge is found (or refused) before the lock and the model
-        from .stopping import ErasureCheck, Hooks
+        from concept_erase.methods.stopping import ErasureCheck, Hooks
 
         hook = Hooks(on_step, ErasureCheck(config))
     with writer_lock(config.output, log=lambda m: print(m, file=sys.stderr)):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -101,7 +101,7 @@ def generate_latents(pipe, prompts: list[str], per_prompt: int, *, steps: int, g
 
     from tqdm.auto import tqdm
 
-    from .seeds import generator
+    from concept_erase.training.seeds import generator
 
     side = resolution // pipe.vae_scale_factor
     out = []
@@ -136,7 +136,7 @@ def bank_key(*, base_digest: str, prompts: list[str], per_prompt: int, config, r
 
 def build_bank(pipe, prompts: list[str], per_prompt: int, *, embed, config, base_digest: str, device,
                cache_dir: Path, role: str, resolution: int, autocast=None, on_prompt=None) -> LatentBank:
-    from .atomic import atomic_path
+    from concept_erase.io.atomic import atomic_path
     from safetensors.torch import load_file, save_file
 
     key = bank_key(base_digest=base_digest, prompts=prompts, per_prompt=per_prompt, config=config, role=role,

@@ -14,7 +14,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 
 def _bytes_to_unicode() -> dict[int, str]:

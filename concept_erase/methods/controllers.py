@@ -16,7 +16,7 @@ Lambda, loss values and the slack are Python floats (fp64), never bf16.
 from __future__ import annotations
 
 import math
-from .registry import Registry
+from concept_erase.registry import Registry
 
 LAMBDA_CONTROLLERS: Registry[type] = Registry("method", "--method")
 

@@ -8,7 +8,7 @@ weights are random: what it draws is noise.
 
 from __future__ import annotations
 
-from . import env  # noqa: F401  (hub settings before diffusers import)
+from concept_erase import env  # noqa: F401  (hub settings before diffusers import)
 
 import torch
 
@@ -18,7 +18,7 @@ def build_tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", imag
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tokenizer import load_clip_tokenizer
+    from concept_erase.io.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .losses import add_noise, denoising_target, negative_guidance_target
-from .registry import Registry
+from concept_erase.methods.losses import add_noise, denoising_target, negative_guidance_target
+from concept_erase.registry import Registry
 
 FORGET_OBJECTIVES: Registry[type] = Registry("forget loss", "--forget-loss")
 RETAIN_OBJECTIVES: Registry[type] = Registry("retain loss", "--retain-loss")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 # A UNet this large is a real model (SD 1.5's has 860M parameters; the embedded digits model 2M).
 REAL_SIZE_PARAMETERS = 200_000_000

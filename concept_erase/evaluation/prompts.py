@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 SEED_MAX = 2**32 - 1
 KINDS = ("project", "i2p", "coco", "auto")
@@ -182,7 +182,7 @@ def load_prompts(path: str | Path, kind: str = "auto") -> list[PromptRow]:
 
 def write_prompts(path: str | Path, rows: list[PromptRow]) -> None:
     """Write rows in the project's schema (extra columns after the four required ones)."""
-    from .atomic import write_text
+    from concept_erase.io.atomic import write_text
 
     extras = sorted({k for r in rows for k in r.extra})
     buf = io.StringIO()

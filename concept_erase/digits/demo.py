@@ -7,7 +7,7 @@ Domain FID: the other nine digits' generations against their real held-out rende
 
 from __future__ import annotations
 
-from . import env  # noqa: F401
+from concept_erase import env  # noqa: F401
 
 import copy
 import time
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, atomic_path, write_json, write_text
-from .digits import DIGIT_NAMES, caption
-from .digits_eval import DOMAIN_FID_NOTE, domain_fid, generate
-from .errors import UserError
+from concept_erase.io.atomic import atomic_dir, atomic_path, write_json, write_text
+from concept_erase.digits.world import DIGIT_NAMES, caption
+from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid, generate
+from concept_erase.errors import UserError
+from concept_erase.config import RECIPES
 
 FORGET_TARGET = 0.10  # forget accuracy at most 10%
 RETAIN_DROP = 0.05  # retain accuracy at most 5 points below the base model's
@@ -73,14 +74,14 @@ def run_demo(output: str | Path, *, digit: str = "three", config_file: str | Non
 
 
 def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, guidance, progress, overrides) -> dict:
-    from .config import build_config, load_yaml
-    from .digits import build as build_digits
-    from .export import apply
-    from .loading import load_judge, load_pipeline
-    from .trainer import erase
+    from concept_erase.config import build_config, load_yaml
+    from concept_erase.digits.world import build as build_digits
+    from concept_erase.io.export import apply
+    from concept_erase.io.loading import load_judge, load_pipeline
+    from concept_erase.training.trainer import erase
 
     started = time.time()
-    recipe = Path(config_file) if config_file else Path(__file__).parent / "recipes" / "digits-erase.yaml"
+    recipe = Path(config_file) if config_file else RECIPES / "digits-erase.yaml"
     settings = load_yaml(recipe)
     settings.update(concepts=[caption(erased)], anchors=[caption(d) for d in range(10) if d != erased],
                     output=str(work / "run"), overwrite=True, progress=progress)
@@ -111,7 +112,7 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
         "steps": config.steps, "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
         "erase_seconds": round(erase_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "evaluation": {"seeds": seeds, "sampling_steps": steps, "guidance": guidance,
-                       "judge": "shipped digits judge (models/digits/judge)", "domain_fid": DOMAIN_FID_NOTE},
+                       "judge": "shipped digits judge (digits/model/judge)", "domain_fid": DOMAIN_FID_NOTE},
         "erased_weights": str(output / "run" / delta.name), "settings": config.to_dict(),
     }
     report["settings"]["output"] = str(output / "run")

@@ -8,13 +8,13 @@ error cannot produce a silently wrong checkpoint.
 
 from __future__ import annotations
 
-from . import env  # noqa: F401
+from concept_erase import env  # noqa: F401
 
 import re
 
 import torch
 
-from .errors import UserError
+from concept_erase.errors import UserError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import env  # noqa: F401
+from concept_erase import env  # noqa: F401
 
 import json
 import re
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, refuse_existing
-from .errors import UserError
-from .options import MAX_SEED
+from concept_erase.io.atomic import atomic_dir, refuse_existing
+from concept_erase.errors import UserError
+from concept_erase.options import MAX_SEED
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -60,8 +60,8 @@ def generate(pipe, prompt: str, seed: int, *, steps: int, guidance: float):
 def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path, *, weights: str = "",
            steps: int = 30, guidance: float = 7.5, overwrite: bool = False, allow_other_base: bool = False,
            allow_pickle: bool = False, model_config: str = "", device: str = "") -> Path:
-    from .export import apply
-    from .loading import check_schedule_steps, load_pipeline, warn_long_prompts
+    from concept_erase.io.export import apply
+    from concept_erase.io.loading import check_schedule_steps, load_pipeline, warn_long_prompts
 
     if not prompts:
         raise UserError("no prompt given; pass --prompt 'a painting by van gogh' (repeat it for several)")

@@ -7,12 +7,12 @@ NOT the standard Inception FID and is not comparable with published FID figures.
 
 from __future__ import annotations
 
-from . import env  # noqa: F401
+from concept_erase import env  # noqa: F401
 
 import torch
 from torch import nn
 
-from .digits import DIGIT_NAMES, STYLES, caption
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
 
 DOMAIN_FID_NOTE = ("domain FID: Fréchet distance of the digits judge's 128-d features, not the standard "
                    "Inception FID; comparable only with other domain FIDs of this model")

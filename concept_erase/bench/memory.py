@@ -1,0 +1,131 @@
+"""Peak memory per method, each in a fresh process, against a plain fine-tuning step of the same subset.
+
+Run as `python -m concept_erase.bench.memory --probe MODE --recipe FILE --steps N` (the benchmark does).
+"""
+
+from __future__ import annotations
+
+from concept_erase import env  # noqa: F401
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from concept_erase.errors import UserError
+from concept_erase.bench.judging import concept_prompts
+
+
+
+# ---------------------------------------------------------------- peak memory probe (its own process)
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three") -> dict:
+    """Peak memory of `steps` training steps of `mode` (a method, or 'plain' fine-tuning), measured
+    from just before training (after the model is loaded) in this process."""
+    import tempfile
+
+    from concept_erase.config import build_config, load_yaml
+    from concept_erase.io.loading import load_pipeline
+
+    settings = load_yaml(recipe)
+    concepts, anchors = concept_prompts(concept)
+    out = tempfile.mkdtemp(prefix="ce-probe-")
+    settings.update(concepts=concepts, anchors=anchors, output=out, overwrite=True, progress=False, steps=steps,
+                    checkpoint_every=0, method=mode if mode != "plain" else "fixed")
+    config = build_config(settings, {}, source=recipe)
+    pipe = load_pipeline(config.model)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        pipe.to("cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    have_hwm_reset = True
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM, the peak resident size, to the current size
+    except OSError:
+        have_hwm_reset = False
+    base_kb = _rss_kb("VmRSS")
+    base_cuda = torch.cuda.memory_allocated() if cuda else 0
+    if mode == "plain":
+        _plain_finetune(pipe, config, steps)
+    else:
+        from concept_erase.training.trainer import erase
+
+        erase(config, pipe=pipe)
+    peak_kb = _rss_kb("VmHWM")
+    out_dict = {"mode": mode, "steps": steps, "baseline_rss_mb": base_kb / 1024, "peak_rss_mb": peak_kb / 1024,
+                "extra_rss_mb": (peak_kb - base_kb) / 1024, "hwm_reset": have_hwm_reset}
+    if cuda:
+        out_dict.update(baseline_cuda_mb=base_cuda / 2**20, peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20)
+    return out_dict
+
+
+def _plain_finetune(pipe, config, steps: int) -> None:
+    """A plain denoising fine-tuning step of the same UNet subset and the same number of training
+    samples per step (forget batch + retain batch): the memory yardstick."""
+    from concept_erase.training.subsets import select_trainable
+
+    unet = pipe.unet
+    device = unet.device
+    trained = select_trainable(unet, config.train, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
+    params = list(trained.values())
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    with torch.no_grad():
+        ids = pipe.tokenizer(config.anchors[:1], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+        emb = pipe.text_encoder(ids)[0]
+    n = config.batch_size + config.retain_batch_size
+    c = unet.config
+    acp = pipe.scheduler.alphas_cumprod.to(device)
+    g = torch.Generator().manual_seed(0)
+    unet.train()
+    for _ in range(steps):
+        x0 = torch.randn((n, c.in_channels, c.sample_size, c.sample_size), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, len(acp), (n,), generator=g).to(device)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(xt, t, emb.expand(n, -1, -1)).sample.float(), noise)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def memory_table(recipe: Path, modes: list[str], steps: int) -> list[dict]:
+    out = []
+    for mode in modes:
+        cmd = [sys.executable, "-m", "concept_erase.bench.memory", "--probe", mode, "--recipe", str(recipe),
+               "--steps", str(steps)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0:
+            raise UserError(f"the memory probe for {mode} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def _probe_main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--probe", required=True)
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--steps", type=int, default=10)
+    a = p.parse_args(argv)
+    print(json.dumps(probe_memory(a.recipe, a.probe, a.steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_main(sys.argv[1:]))

@@ -1,0 +1,239 @@
+"""`concept-erase bench`: EUPMU against EUPMU-fast, UNGrad, fixed weights and ESD on the digits model.
+
+Every run uses the same recipe (subset, batch sizes, steps, learning rate) and differs only in
+the method that combines the forget and retain losses. Per run it measures, with the shipped
+judge: forget accuracy (the erased digit is still drawn, or the erased style still rendered),
+retain accuracy (the other digits; for a style, digit and style both right on the other styles),
+the domain FID of the retained prompts against their real held-out renderings, wall time per
+step, backward passes per step, and (every `evaluation.every` steps) the curve that gives the
+training time to reach the target: forget accuracy at most 10% with retain accuracy at most 3
+points below the base model's. A separate probe runs each method, and a plain fine-tuning step
+of the same UNet subset, in a fresh process and reads its peak memory.
+
+Each finished run is stored in OUTPUT/runs/ID.json, so a rerun of the same command continues.
+Results: OUTPUT/bench.json, OUTPUT/bench.md, OUTPUT/pareto.png.
+"""
+
+from __future__ import annotations
+
+from concept_erase import env  # noqa: F401
+
+import contextlib
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from concept_erase.io.atomic import write_json, write_text
+from concept_erase.digits.world import DIGIT_NAMES, STYLES
+from concept_erase.errors import UserError
+from concept_erase.bench.judging import Judging, judged_images
+from concept_erase.bench.memory import memory_table
+from concept_erase.bench.report import final_images, markdown, pareto_plot, summarise
+from concept_erase.bench.spec import (FORGET_TARGET, RETAIN_DROP, SHIPPED_BENCH, BenchSpec, load_bench, plan,
+                                      run_config)
+from concept_erase.bench.timing import probe_timing
+
+
+
+# ---------------------------------------------------------------- one run
+
+def _run_id(label: str, concept: str, seed: int) -> str:
+    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in f"{label}__{concept}__s{seed}")
+    return safe
+
+
+def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,
+            seed: int, workdir: Path, progress: bool) -> dict:
+    from concept_erase.training.trainer import erase
+
+    config = run_config(spec, overrides, concept, seed, workdir / "run", progress)
+    target_retain = base_eval["retain_accuracy"] - RETAIN_DROP
+    curve: list[dict] = []
+
+    def on_step(done: int, trainer) -> None:
+        if spec.eval_every and done % spec.eval_every == 0 and done < config.steps:
+            trainer.pipe.unet.eval()
+            r = judging(trainer.pipe, fid=False)
+            trainer.pipe.unet.train()
+            curve.append({"step": done, **r})
+
+    t0 = time.perf_counter()
+    erase(config, pipe=copy.deepcopy(base), on_step=on_step)
+    wall = time.perf_counter() - t0
+    run_dir = workdir / "run"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step_seconds = [r["step_time_s"] for r in records]
+    done = len(records)  # fewer than config.steps when --stop-when-erased stopped the run
+    checks = _read_checks(run_dir)
+    from concept_erase.io.export import apply
+
+    final = judging(apply(copy.deepcopy(base), run_dir / "erased.safetensors"), final=True)
+    curve = [c for c in curve if c["step"] < done]
+    curve.append({"step": done, **{k: final[k] for k in ("forget_accuracy", "retain_accuracy", "images")}})
+    cumulative = dict(zip((r["step"] for r in records), _cumsum(step_seconds)))
+    meets = final["forget_accuracy"] <= FORGET_TARGET and final["retain_accuracy"] >= target_retain
+    first = next((c["step"] for c in curve if c["forget_accuracy"] <= FORGET_TARGET
+                  and c["retain_accuracy"] >= target_retain), None)
+    # The erasure's own checks during training (--stop-when-erased) are part of its cost.
+    check_seconds = lambda step: sum(c["seconds"] for c in checks if c["step"] <= step)  # noqa: E731
+    time_to_target = None if first is None else cumulative[first] + check_seconds(first)
+    k = config.gradient_accumulation_steps
+    return {
+        "label": label, "method": config.method, "concept": concept, "seed": seed,
+        "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
+        "lambda_update": config.lambda_update,
+        "forget_accuracy": final["forget_accuracy"], "retain_accuracy": final["retain_accuracy"],
+        "domain_fid": final["domain_fid"], "eval_images": final["images"], "forget_images": final["forget_images"],
+        "base_forget_accuracy": base_eval["forget_accuracy"], "base_retain_accuracy": base_eval["retain_accuracy"],
+        "base_domain_fid": base_eval["domain_fid"],
+        "meets_target": meets, "steps": done, "steps_planned": config.steps,
+        "step_time_s_median": statistics.median(step_seconds),
+        "step_time_s_mean": statistics.fmean(step_seconds),
+        "backward_passes_per_step": statistics.fmean(r.get("backward_passes", float("nan")) for r in records) / k,
+        "lambda_final": records[-1]["lambda"], "lambda_mean": statistics.fmean(r["lambda"] for r in records),
+        "train_seconds": sum(step_seconds), "check_seconds": check_seconds(done), "wall_seconds": wall,
+        "time_to_target_s": time_to_target,
+        # held: the first evaluation at target counts only if the run is still at target at its end
+        "steps_to_held_target": first if meets else None,
+        "time_to_held_target_s": time_to_target if meets else None,
+        "curve": curve, "checks": checks,
+    }
+
+
+def _read_checks(run_dir: Path) -> list[dict]:
+    """The erasure checks a --stop-when-erased run made (checks.jsonl), else none."""
+    path = run_dir / "checks.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cumsum(xs):
+    total = 0.0
+    for x in xs:
+        total += x
+        yield total
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, {gpu}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def run_bench(config_path: str, output: str | Path, *, progress: bool = True, only: list[str] | None = None,
+              overrides: dict | None = None, report_only: bool = False, command: str = "", log=None) -> dict:
+    from concept_erase.io.loading import load_pipeline
+
+    if log is None:
+        def log(message: str) -> None:
+            print(message, flush=True)
+    config_path = config_path or SHIPPED_BENCH  # found wherever the command runs, not only in a clone
+    spec = load_bench(config_path)
+    for key, value in (overrides or {}).items():
+        if key == "concepts":
+            for c in value:
+                if c not in DIGIT_NAMES and c not in STYLES[1:]:
+                    raise UserError(f"--concepts: {c!r} is neither a digit nor a style ({', '.join(STYLES[1:])})")
+        setattr(spec, key, value)
+    output = Path(output)
+    runs = plan(spec)
+    if only:
+        runs = [r for r in runs if r[0] in only]
+        if not runs:
+            raise UserError(f"--only {', '.join(only)} names no run of {config_path}")
+    if report_only:
+        if not (output / "runs").is_dir():
+            raise UserError(f"no finished run in {output / 'runs'} to report")
+        return _bench(spec, runs, output, None, progress, only, report_only, command, log)
+    made = [f for f in (output / "runs", output) if not f.exists()]
+    (output / "runs").mkdir(parents=True, exist_ok=True)
+    try:
+        base = load_pipeline("builtin:digits")
+        base.set_progress_bar_config(disable=True)
+        return _bench(spec, runs, output, base, progress, only, report_only, command, log)
+    finally:  # the scratch run goes; folders this call made go too if nothing finished into them
+        shutil.rmtree(output / "work", ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only, report_only: bool, command: str,
+           log) -> dict:
+    results, judgings, base_evals = [], {}, {}
+    started = time.time()
+    final_seeds = spec.eval_final_seeds or spec.eval_seeds
+    for i, (label, overrides, concept, seed) in enumerate(runs):
+        path = output / "runs" / f"{_run_id(label, concept, seed)}.json"
+        wanted = judged_images(concept, final_seeds)
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if report_only or final_images(record) == wanted:
+                results.append(record)
+                continue
+            log(f"[{i + 1}/{len(runs)}] {label} on {concept!r} (seed {seed}) was judged on {final_images(record)} "
+                f"images, this file asks for {wanted}: run again")
+        if report_only:
+            continue
+        if concept not in judgings:
+            judgings[concept] = Judging(concept, spec.eval_seeds, spec.eval_steps, spec.eval_guidance, final_seeds)
+            base_file = output / "runs" / f"base__{concept.replace(' ', '_')}.json"
+            stored = json.loads(base_file.read_text()) if base_file.is_file() else {}
+            if stored.get("images") == wanted:
+                base_evals[concept] = stored
+            else:
+                base_evals[concept] = judgings[concept](base, final=True)
+                write_json(base_file, base_evals[concept])
+        log(f"[{i + 1}/{len(runs)}] {label} erasing {concept!r} (seed {seed})")
+        work = output / "work"
+        record = run_one(spec, base, judgings[concept], base_evals[concept], label=label, overrides=overrides,
+                         concept=concept, seed=seed, workdir=work, progress=progress)
+        write_json(path, record)
+        results.append(record)
+        log(f"    forget {record['forget_accuracy']:.1%}  retain {record['retain_accuracy']:.1%} "
+            f"(base {record['base_retain_accuracy']:.1%})  domain FID {record['domain_fid']:.1f}  "
+            f"{record['step_time_s_median'] * 1000:.0f} ms/step")
+    memory_file = output / "memory.json"
+    if spec.memory_probe_steps and not memory_file.is_file() and not report_only:
+        modes = ["plain"] + sorted({m["method"] for m in spec.methods})
+        log(f"memory probe: {', '.join(modes)} ({spec.memory_probe_steps} steps each, a fresh process each)")
+        write_json(memory_file, memory_table(spec.recipe, modes, spec.memory_probe_steps))
+    memory = json.loads(memory_file.read_text()) if memory_file.is_file() else []
+    timing_file = output / "timing.json"
+    if spec.timing_rounds and not timing_file.is_file() and not report_only and not only:
+        log(f"step-time probe: {len(spec.methods)} methods in turn, {spec.timing_rounds} rounds of "
+            f"{spec.timing_steps} steps each, on {spec.concepts[0]!r}")
+        write_json(timing_file, probe_timing(spec, base, spec.concepts[0], log=log))
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else []
+    summary = summarise(results, memory, timing, spec.held_time_reference)
+    if not results:
+        raise UserError(f"no finished run in {output / 'runs'} to report")
+    report = {"config": spec.source, "machine": machine(), "seconds": round(time.time() - started, 1),
+              "runs_planned": len(runs), "runs_finished": len(results),
+              "targets": {"forget_at_most": FORGET_TARGET, "retain_drop_at_most": RETAIN_DROP},
+              "summary": summary, "memory": memory, "timing": timing, "runs": results}
+    write_json(output / "bench.json", report)
+    pareto_plot(results, output / "pareto.png")
+    command = command or f"concept-erase bench --config {spec.source} --output {output}"
+    report["command"] = command
+    write_json(output / "bench.json", report)
+    write_text(output / "bench.md", markdown(report, command=command))
+    return report

@@ -1,0 +1,181 @@
+"""A benchmark file: what runs (recipe, concepts, seeds, method entries, eps sweep), how each run is
+evaluated, and the plan of runs. Checked whole before any run starts."""
+
+from __future__ import annotations
+
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from concept_erase.digits.world import DIGIT_NAMES, STYLES
+from concept_erase.errors import UserError
+from concept_erase.config import RECIPES
+from concept_erase.bench.judging import concept_prompts, erase_relative_to
+
+
+
+FORGET_TARGET = 0.10
+RETAIN_DROP = 0.03
+
+
+@dataclass
+class BenchSpec:
+    recipe: Path
+    concepts: list[str]
+    seeds: list[int]
+    methods: list[dict]
+    eps_sweep: list[float] = field(default_factory=list)
+    eval_seeds: int = 16
+    eval_steps: int = 25
+    eval_guidance: float = 4.0
+    eval_every: int = 50
+    eval_final_seeds: int = 0  # images per prompt at the final evaluations (0: eval_seeds)
+    held_time_reference: str = ""  # the label eupmu's time to held target is compared with
+    memory_probe_steps: int = 10
+    timing_rounds: int = 8
+    timing_steps: int = 5
+    source: str = ""
+
+
+def _number_list(raw: dict, key: str, default: list, kind, path: Path, low=None) -> list:
+    value = raw.get(key, default)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              and math.isfinite(v) for v in value):
+        raise UserError(f"{path}: {key} must be a list of numbers, not {value!r}")
+    if kind is int and not all(float(v).is_integer() for v in value):
+        raise UserError(f"{path}: {key} must be whole numbers, not {value!r}")
+    if low is not None and any(v < low for v in value):
+        raise UserError(f"{path}: every value of {key} must be at least {low}, not {value!r}")
+    return [kind(v) for v in value]
+
+
+SHIPPED_BENCH = RECIPES / "bench-digits.yaml"
+
+
+def load_bench(path: str | Path) -> BenchSpec:
+    """Read and check a benchmark file, every method entry included: a mistake is found before any run."""
+    from concept_erase.config import build_config, load_yaml, normalise_keys, read_yaml, whole_number
+
+    path = Path(path)
+    raw = read_yaml(path, "benchmark file", "start from pipelines/bench-digits.yaml")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
+    known = {"recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps", "timing_probe",
+             "held_time_reference"}
+    bad = sorted(set(map(str, raw)) - known)
+    if bad:
+        raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
+    recipe_name = raw.get("recipe", "digits-erase.yaml")
+    if not isinstance(recipe_name, str) or not recipe_name:
+        raise UserError(f"{path}: recipe must name a YAML file, not {recipe_name!r}")
+    recipe = Path(recipe_name)
+    if not recipe.is_absolute():
+        local = path.parent / recipe
+        recipe = local if local.is_file() else RECIPES / recipe.name
+    if not recipe.is_file():
+        raise UserError(f"{path}: recipe {recipe_name!r} not found (relative to the benchmark file, or a shipped recipe name)")
+    concepts = raw.get("concepts")
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    if not isinstance(concepts, list) or not concepts or not all(isinstance(c, str) for c in concepts):
+        raise UserError(f"{path}: concepts must list digits ({', '.join(DIGIT_NAMES)}) or styles "
+                        f"({', '.join(STYLES[1:])})")
+    for c in concepts:
+        if c not in DIGIT_NAMES and c not in STYLES[1:]:
+            raise UserError(f"{path}: concept {c!r} is neither a digit ({', '.join(DIGIT_NAMES)}) nor a style "
+                            f"({', '.join(STYLES[1:])})")
+    methods = raw.get("methods")
+    if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) and isinstance(m.get("method"), str)
+                                                              for m in methods):
+        raise UserError(f"{path}: methods must be a list of {{method: NAME, ...settings}}")
+    # Settings as the erase command names them (dashes or underscores, --lambda); the label is the bench's own.
+    methods = [{**normalise_keys({k: v for k, v in m.items() if k != "label"}, f"{path}, method {m['method']!r}"),
+                **({"label": m["label"]} if "label" in m else {})} for m in methods]
+    seeds = _number_list(raw, "seeds", [0], int, path, low=0)
+    if not seeds:
+        raise UserError(f"{path}: seeds must list at least one seed")
+    eps = _number_list(raw, "eps_sweep", [], float, path, low=0)
+    ev = raw.get("evaluation") or {}
+    if not isinstance(ev, dict):
+        raise UserError(f"{path}: evaluation must be a mapping (seeds:, steps:, guidance:, every:)")
+    timing = raw.get("timing_probe") or {}
+    if not isinstance(timing, dict) or sorted(set(map(str, timing)) - {"rounds", "steps"}):
+        raise UserError(f"{path}: timing_probe must be a mapping with rounds: and steps: (rounds: 0 skips it), "
+                        f"not {timing!r}")
+    bad = sorted(set(map(str, ev)) - {"seeds", "final_seeds", "steps", "guidance", "every"})
+    if bad:
+        raise UserError(f"{path}: evaluation has no key {bad[0]!r} (seeds, final_seeds, steps, guidance, every)")
+    reference = raw.get("held_time_reference", "")
+    if not isinstance(reference, str):
+        raise UserError(f"{path}: held_time_reference must be a method entry's label, not {reference!r}")
+    guidance = ev.get("guidance", 4.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise UserError(f"{path}: evaluation.guidance must be a finite number, 0 or more, not {guidance!r}")
+    spec = BenchSpec(recipe=recipe, concepts=concepts, seeds=seeds, methods=methods, eps_sweep=eps,
+                     eval_seeds=whole_number(ev, "seeds", 16, path, 1, "evaluation.seeds"),
+                     eval_steps=whole_number(ev, "steps", 25, path, 1, "evaluation.steps"),
+                     eval_guidance=float(guidance), eval_every=whole_number(ev, "every", 50, path, 0, "evaluation.every"),
+                     eval_final_seeds=whole_number(ev, "final_seeds", 0, path, 0, "evaluation.final_seeds"),
+                     held_time_reference=reference,
+                     memory_probe_steps=whole_number(raw, "memory_probe_steps", 10, path, 0, "memory_probe_steps"),
+                     timing_rounds=whole_number(timing, "rounds", 8, path, 0, "timing_probe.rounds"),
+                     timing_steps=whole_number(timing, "steps", 5, path, 1, "timing_probe.steps"),
+                     source=str(path))
+    # Every run's settings are built now: an unknown key or a bad value in a method entry fails here,
+    # not after an hour of other runs.
+    recipe_settings = load_yaml(recipe)
+    labels = set()
+    for label, overrides, concept, seed in plan(spec):
+        if concept != concepts[0] or seed != seeds[0]:
+            continue
+        if label in labels:
+            raise UserError(f"{path}: two method entries are both labelled {label!r}; give each a distinct label")
+        labels.add(label)
+        fixed_here = sorted({"concepts", "concept", "anchors", "anchor", "output", "seed", "overwrite"} & set(overrides))
+        if fixed_here:
+            raise UserError(f"{path}, method {label!r}: {fixed_here[0]} is set by the benchmark itself; remove it")
+        try:
+            build_config({**recipe_settings, **{k: v for k, v in overrides.items() if k != "label"}},
+                         source=f"{path} (method {label!r})")
+        except UserError as err:
+            raise UserError(f"{path}, method {label!r}: {err}") from None
+    if reference and reference not in labels:
+        raise UserError(f"{path}: held_time_reference {reference!r} is not the label of a method entry "
+                        f"({', '.join(sorted(labels))})")
+    return spec
+
+
+
+def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
+    """(label, overrides, concept, seed) of every run. Concept by concept, every method and the eps
+    sweep, so that a benchmark cut short still compares all methods on the concepts it finished."""
+    eupmu = next((m for m in spec.methods if m["method"] == "eupmu"), {"method": "eupmu"})
+    runs = []
+    for seed in spec.seeds:
+        for concept in spec.concepts:
+            for m in spec.methods:
+                runs.append((str(m.get("label", m["method"])), dict(m), concept, seed))
+            if seed == spec.seeds[0]:
+                for eps in spec.eps_sweep:  # the eupmu entry's settings (same step budget), eps changed
+                    label = f"eupmu eps={eps:g}"
+                    runs.append((label, {**eupmu, "eps": eps, "label": label}, concept, seed))
+    return runs
+
+
+def run_config(spec: BenchSpec, overrides: dict, concept: str, seed: int, output: Path, progress: bool):
+    """The erase settings of one run: the recipe, the concept's prompts, then the method entry."""
+    from concept_erase.config import build_config, load_yaml
+
+    concepts, anchors = concept_prompts(concept)
+    settings = load_yaml(spec.recipe)
+    settings.update(concepts=concepts, anchors=anchors, output=str(output), overwrite=True,
+                    progress=progress, seed=seed)
+    if settings.get("forget_loss", "negative-guidance") == "negative-guidance":
+        settings["relative_to"] = erase_relative_to(concept)
+    settings.update({k: v for k, v in overrides.items() if k != "label"})
+    return build_config(settings, {}, source=str(spec.recipe))
