@@ -53,13 +53,14 @@ def test_full_disk_during_export_of_erased_weights(tmp_path, monkeypatch, tiny_p
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     from concept_erase.io.export import save_delta
+    from concept_erase.families.sd import StableDiffusion
     from concept_erase.training.subsets import select_trainable
 
     unet = copy.deepcopy(tiny_pipe.unet)
     trained = select_trainable(unet, "xattn")
     with pytest.raises(UserError, match="no space left"):
         save_delta(path, unet, trained, config=cfg, fingerprint={"digest": "x", "stats": {}, "dtype": "float32"},
-                   steps=1, lambda_final=0.0)
+                   steps=1, lambda_final=0.0, family=StableDiffusion())
     assert path.read_bytes() == before
     assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".")) == []
 

@@ -17,11 +17,11 @@ def test_relative_to_replaces_the_empty_prompt_in_the_target(fresh_pipe, make_co
     """With eta 0 the target is exactly the original model's prediction for the reference prompt."""
     trainer = _forget(fresh_pipe, make_config, eta=0.0, relative_to=["a painting"], sampling_steps=4)
     batch = trainer.forget.batch(step_generator(0, 0, 0, 0), 2, 0)
-    ref = trainer.ctx.embed(["a painting"]).expand(2, -1, -1)
+    ref = trainer.ctx.embed(["a painting"]).repeat(2)
     with torch.no_grad():
         expected = trainer.ctx.original(batch.latents, batch.timesteps, ref).float()
     torch.testing.assert_close(batch.target, expected)
-    empty = trainer.ctx.embed([""]).expand(2, -1, -1)
+    empty = trainer.ctx.embed([""]).repeat(2)
     with torch.no_grad():
         assert not torch.allclose(batch.target, trainer.ctx.original(batch.latents, batch.timesteps, empty).float())
 
@@ -36,7 +36,7 @@ def test_several_timesteps_from_one_trajectory(fresh_pipe, make_config):
     index = {int(t): i for i, t in enumerate(forget.timesteps)}
     k = [index[int(t)] for t in batch.timesteps]
     early, late = (0, 1) if k[0] < k[1] else (1, 0)
-    x = forget._denoise(batch.latents[early:early + 1], batch.embeddings[early:early + 1], k[early], k[late])
+    x = forget._denoise(batch.latents[early:early + 1], batch.cond[early:early + 1], k[early], k[late])
     torch.testing.assert_close(x, batch.latents[late:late + 1], rtol=1e-4, atol=1e-5)
 
 

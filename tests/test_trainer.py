@@ -207,7 +207,7 @@ def test_retain_target_uses_the_models_prediction_type(model, make_config):
     trainer = Trainer(make_config(method="fixed"), pipe=pipe)
     trainer._setup()
     batch = trainer.retain.batch(step_generator(0, 0, 0, 0), 4, 0)
-    a = trainer.ctx.alphas_cumprod[batch.timesteps].reshape(-1, 1, 1, 1)
+    a = trainer.ctx.schedule.alphas_cumprod[batch.timesteps].reshape(-1, 1, 1, 1)
     if model == "epsilon":
         x0 = (batch.latents - (1 - a).sqrt() * batch.target) / a.sqrt()
     else:

@@ -60,7 +60,7 @@ def _lora_state(unet) -> dict[str, torch.Tensor]:
 
 
 def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: dict, steps: int,
-               lambda_final: float) -> None:
+               lambda_final: float, family) -> None:
     from safetensors.torch import save_file
 
     lora = config.train == "lora"
@@ -74,6 +74,7 @@ def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: di
         "base_model_digest": fingerprint["digest"],
         "base_stats": json.dumps(fingerprint["stats"]),
         "base_dtype": fingerprint["dtype"],
+        "family": family.name,
         "method": config.method,
         "concepts": json.dumps(config.concepts),
         "anchors": json.dumps(config.anchors),
@@ -83,9 +84,8 @@ def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: di
         "settings": json.dumps(settings, sort_keys=True),
     }
     if lora:
-        from concept_erase.training.subsets import LORA_TARGETS
-
-        meta["lora"] = json.dumps({"r": config.lora_rank, "alpha": config.lora_alpha, "targets": LORA_TARGETS})
+        meta["lora"] = json.dumps({"r": config.lora_rank, "alpha": config.lora_alpha,
+                                   "targets": list(family.lora_targets)})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from concept_erase.methods.losses import add_noise, denoising_target, negative_guidance_target
+from concept_erase.families.base import Cond
+from concept_erase.methods.losses import negative_guidance_target
 from concept_erase.registry import Registry
 
 FORGET_OBJECTIVES: Registry[type] = Registry("forget loss", "--forget-loss")
@@ -24,7 +25,7 @@ class RegressionBatch:
 
     latents: torch.Tensor
     timesteps: torch.Tensor
-    embeddings: torch.Tensor
+    cond: Cond  # the prompts' conditioning, in the model family's form
     target: torch.Tensor
 
     def __len__(self) -> int:
@@ -32,19 +33,22 @@ class RegressionBatch:
 
     @staticmethod
     def cat(batches: list["RegressionBatch"]) -> "RegressionBatch":
-        return RegressionBatch(*(torch.cat([getattr(b, f) for b in batches]) for f in
-                                 ("latents", "timesteps", "embeddings", "target")))
+        return RegressionBatch(torch.cat([b.latents for b in batches]), torch.cat([b.timesteps for b in batches]),
+                               Cond.cat(b.cond for b in batches), torch.cat([b.target for b in batches]))
 
     def slice(self, start: int, stop: int) -> "RegressionBatch":
         return RegressionBatch(self.latents[start:stop], self.timesteps[start:stop],
-                               self.embeddings[start:stop], self.target[start:stop])
+                               self.cond[start:stop], self.target[start:stop])
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.{f}": getattr(self, f).contiguous() for f in ("latents", "timesteps", "embeddings", "target")}
+        return {f"{prefix}.latents": self.latents.contiguous(), f"{prefix}.timesteps": self.timesteps.contiguous(),
+                f"{prefix}.target": self.target.contiguous(), **self.cond.state(f"{prefix}.cond")}
 
     @staticmethod
     def from_tensors(tensors: dict[str, torch.Tensor], prefix: str, device) -> "RegressionBatch":
-        return RegressionBatch(*(tensors[f"{prefix}.{f}"].to(device) for f in ("latents", "timesteps", "embeddings", "target")))
+        return RegressionBatch(tensors[f"{prefix}.latents"].to(device), tensors[f"{prefix}.timesteps"].to(device),
+                               Cond.from_state(tensors, f"{prefix}.cond", device),
+                               tensors[f"{prefix}.target"].to(device))
 
 
 def _randn(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -79,19 +83,16 @@ class NegativeGuidance(Objective):
     """
 
     def __init__(self, ctx):
-        from diffusers import DDIMScheduler
-
         self.ctx = ctx
         cfg = ctx.config
         self.eta = cfg.eta
         self.guidance = cfg.start_guidance
         self.refresh = cfg.trajectory_refresh
         self.per_trajectory = cfg.trajectory_timesteps
-        self.sampler = DDIMScheduler.from_config(ctx.scheduler_config)
-        self.sampler.set_timesteps(cfg.sampling_steps)
+        self.sampler = ctx.family.sampler(ctx.pipe, cfg.sampling_steps)
         self.timesteps = self.sampler.timesteps.clone()
-        self.concepts = ctx.embed(cfg.concepts)  # [n_concepts, L, D]
-        self.uncond = ctx.embed([""])[0]
+        self.concepts = ctx.embed(cfg.concepts)  # one conditioning per concept
+        self.uncond = ctx.embed([""])
         # What the concept is erased relative to: the empty prompt (ESD), or one prompt per concept
         # (a style relative to the same caption without it).
         refs = cfg.relative_to * len(cfg.concepts) if len(cfg.relative_to) == 1 else cfg.relative_to
@@ -103,15 +104,15 @@ class NegativeGuidance(Objective):
         return self.ctx.original if self.model_name == "original" else self.ctx.current
 
     @torch.no_grad()
-    def _denoise(self, x: torch.Tensor, cond: torch.Tensor, start: int, stop: int, keep: list | None = None):
+    def _denoise(self, x: torch.Tensor, cond: Cond, start: int, stop: int, keep: list | None = None):
         model = self._sampling_model()
-        uncond = self.uncond.expand_as(cond)
+        uncond = self.uncond.repeat(len(cond))
         for i in range(start, stop):
             if keep is not None:
                 keep.append(x)
             t = self.timesteps[i]
             tt = t.repeat(2 * x.shape[0]).to(x.device)
-            out = model(torch.cat([x, x]), tt, torch.cat([uncond, cond])).float()
+            out = model(torch.cat([x, x]), tt, Cond.cat([uncond, cond])).float()
             e_u, e_c = out.chunk(2)
             x = self.sampler.step(e_u + self.guidance * (e_c - e_u), t, x).prev_sample
         return x
@@ -153,8 +154,8 @@ class NegativeGuidance(Objective):
             x = self.pool["latents"][k]
         if self.refresh > 1 or self.per_trajectory == 1:
             t = self.timesteps[k].repeat(n).to(x.device)
-        ref = self.reference[which] if self.reference is not None else self.uncond.expand_as(cond)
-        e = self.ctx.original(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ref, cond]))
+        ref = self.reference[which] if self.reference is not None else self.uncond.repeat(len(cond))
+        e = self.ctx.original(torch.cat([x, x]), torch.cat([t, t]), Cond.cat([ref, cond]))
         e0, ec = e.float().chunk(2)
         return RegressionBatch(x, t, cond, negative_guidance_target(e0, ec, self.eta))
 
@@ -171,14 +172,13 @@ class _NoisedBank(Objective):
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.num_train_timesteps = len(ctx.alphas_cumprod)
+        self.schedule = ctx.schedule
 
     def _noised(self, latents: torch.Tensor, gen: torch.Generator):
         n = latents.shape[0]
-        t = _randint(self.num_train_timesteps, n, gen).to(latents.device)
+        t = self.schedule.sample_timesteps(n, gen).to(latents.device)
         noise = _randn(latents.shape, gen, latents)
-        a = self.ctx.alphas_cumprod[t.cpu()].to(latents.device)
-        return add_noise(latents, noise, a), t, noise, a
+        return self.schedule.noised(latents, noise, t), t, noise
 
 
 @FORGET_OBJECTIVES.register("remap")
@@ -201,7 +201,7 @@ class Remap(_NoisedBank):
         idx = _randint(len(self.bank.latents), n, gen)
         x0 = self.bank.latents[idx]
         prompt = self.bank.prompt_index[idx]
-        x_t, t, _, _ = self._noised(x0, gen)
+        x_t, t, _ = self._noised(x0, gen)
         target = self.ctx.current(x_t, t, self.remap[prompt]).float()
         return RegressionBatch(x_t, t, self.cond[prompt], target)
 
@@ -218,6 +218,5 @@ class Denoising(_NoisedBank):
     def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
         idx = _randint(len(self.bank.latents), n, gen)
         x0 = self.bank.latents[idx]
-        x_t, t, noise, a = self._noised(x0, gen)
-        target = denoising_target(self.ctx.prediction_type, x0, noise, a)
-        return RegressionBatch(x_t, t, self.bank.embeddings[idx], target)
+        x_t, t, noise = self._noised(x0, gen)
+        return RegressionBatch(x_t, t, self.bank.cond[idx], self.schedule.target(x0, noise, t))

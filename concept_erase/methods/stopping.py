@@ -108,7 +108,7 @@ class ErasureCheck:
         return Path(trainer.output) / "checks.jsonl"
 
     def _judge(self, trainer) -> dict:
-        unet = trainer.pipe.unet
+        unet = trainer.ctx.unet
         was_training = unet.training
         unet.eval()
         t0 = time.perf_counter()

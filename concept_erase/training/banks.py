@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from concept_erase.errors import UserError
+from concept_erase.families.base import Cond
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -23,7 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class LatentBank:
     latents: torch.Tensor  # [N, C, h, w], in the UNet's (scaled) latent space
     prompt_index: torch.Tensor  # [N] which prompt each latent belongs to
-    embeddings: torch.Tensor  # [N, L, D] the text embedding of each latent's caption
+    cond: Cond  # the conditioning of each latent's caption (families.base.Cond)
     prompts: list
 
 
@@ -159,8 +160,7 @@ def build_bank(pipe, prompts: list[str], per_prompt: int, *, embed, config, base
         except UserError:
             pass  # a cache that cannot be written only costs time
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
-    emb = embed(prompts)
-    return LatentBank(latents.to(device), index.to(device), emb[index.to(emb.device)], list(prompts))
+    return LatentBank(latents.to(device), index.to(device), embed(prompts)[index], list(prompts))
 
 
 def build_caption_bank(pipe, folder: str, *, embed, device, resolution: int) -> LatentBank:
@@ -168,5 +168,4 @@ def build_caption_bank(pipe, folder: str, *, embed, device, resolution: int) -> 
     captions = sorted({c for _, c in pairs})
     index = torch.tensor([captions.index(c) for _, c in pairs])
     latents = encode_images(pipe, [p for p, _ in pairs], resolution, device)
-    emb = embed(captions)
-    return LatentBank(latents, index.to(device), emb[index.to(emb.device)], captions)
+    return LatentBank(latents, index.to(device), embed(captions)[index], captions)

@@ -14,22 +14,23 @@ from torch.func import functional_call
 
 
 class OriginalModel:
-    def __init__(self, unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter], lora: bool,
+    def __init__(self, family, unet: torch.nn.Module, trained: dict[str, torch.nn.Parameter], lora: bool,
                  dtype: torch.dtype | None = None):
-        """`dtype` stores the copy in another precision (bf16: half the memory; only under a bf16
-        autocast, which casts Linear and convolution weights to bf16 anyway)."""
+        """`unet` is the family's denoiser. `dtype` stores the copy in another precision (bf16: half the
+        memory; only under a bf16 autocast, which casts Linear and convolution weights to bf16 anyway)."""
+        self.family = family
         self.unet = unet
         self.lora = lora
         self.original = {} if lora else {n: p.detach().to(dtype=dtype or p.dtype, copy=True)
                                          for n, p in trained.items()}
 
     @torch.no_grad()
-    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
         if self.lora:
             with self.adapter_off():
-                return self.unet(sample, timesteps, encoder_hidden_states=embeddings).sample
-        return functional_call(self.unet, self.original, (sample, timesteps),
-                               {"encoder_hidden_states": embeddings}, strict=False).sample
+                return self.family.predict(self.unet, sample, timesteps, cond)
+        args, kwargs = self.family.inputs(sample, timesteps, cond)
+        return functional_call(self.unet, self.original, args, kwargs, strict=False).sample
 
     @contextlib.contextmanager
     def adapter_off(self):

@@ -31,6 +31,7 @@ from concept_erase.methods.losses import per_sample_mse
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
 from concept_erase.training.original import OriginalModel
 from concept_erase.training.subsets import select_trainable
+from concept_erase.families.base import Cond, family_of
 
 RUN_MARKERS = ("metrics.jsonl", "erased.safetensors", "checkpoints", "run.json")
 
@@ -47,51 +48,49 @@ def step_generator(seed: int, step: int, rank: int, micro: int, stream: int = 0)
 
 
 class ErasureContext:
-    """What objectives may use: the models (no-grad), the noise schedule, prompt embeddings, latent banks."""
+    """What objectives may use: the model family, the models (no-grad), the noise schedule, prompt
+    conditionings, latent banks."""
 
-    def __init__(self, config: EraseConfig, pipe, accelerator, trained, base_digest: str, resolution: int,
+    def __init__(self, config: EraseConfig, pipe, family, accelerator, trained, base_digest: str, resolution: int,
                  log=print):
         self.config = config
         self.pipe = pipe
+        self.family = family
         self.accelerator = accelerator
         self.device = accelerator.device
-        self.unet = pipe.unet
+        self.unet = family.denoiser(pipe)
         self.resolution = resolution
         self.log = log
         copy_dtype = torch.bfloat16 if config.original_copy == "bf16" else None
-        self.original_model = OriginalModel(pipe.unet, trained, lora=config.train == "lora", dtype=copy_dtype)
-        self.scheduler_config = pipe.scheduler.config
-        from diffusers import DDPMScheduler
-
-        self.alphas_cumprod = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.float()
-        self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-        side = resolution // pipe.vae_scale_factor
-        self.latent_shape = (pipe.unet.config.in_channels, side, side)
+        self.original_model = OriginalModel(family, self.unet, trained, lora=config.train == "lora", dtype=copy_dtype)
+        self.schedule = family.schedule(pipe)
+        self.prediction_type = self.schedule.prediction_type
+        self.latent_shape = family.latent_shape(pipe, resolution)
         self.template = torch.empty(0, device=self.device, dtype=torch.float32)
         self.base_digest = base_digest
-        self._embeddings: dict[str, torch.Tensor] = {}
+        self._cond: dict[str, Cond] = {}
         self._anchor_bank: LatentBank | None = None
         self.cache_dir = env.cache_root(config.cache_dir)
 
     @torch.no_grad()
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings [n, L, D], each prompt encoded once per run."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
+    def embed(self, prompts: list[str]) -> Cond:
+        """The prompts' conditioning (one per prompt, in order), each prompt encoded once per run."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond]
         if missing:
-            emb, _ = self.pipe.encode_prompt(missing, self.device, 1, False)
-            for p, e in zip(missing, emb.float()):
-                self._embeddings[p] = e
-        return torch.stack([self._embeddings[p] for p in prompts])
+            cond = self.family.encode(self.pipe, missing, self.device, self.resolution)
+            for i, p in enumerate(missing):
+                self._cond[p] = cond[i]
+        return Cond.cat(self._cond[p] for p in prompts)
 
     @torch.no_grad()
-    def current(self, x, t, emb):
+    def current(self, x, t, cond: Cond):
         with self.accelerator.autocast():
-            return self.unet(x, t, encoder_hidden_states=emb).sample
+            return self.family.predict(self.unet, x, t, cond)
 
     @torch.no_grad()
-    def original(self, x, t, emb):
+    def original(self, x, t, cond: Cond):
         with self.accelerator.autocast():
-            return self.original_model(x, t, emb)
+            return self.original_model(x, t, cond)
 
     def latent_bank(self, prompts: list[str], per_prompt: int, role: str) -> LatentBank:
         n = len(prompts)
@@ -248,38 +247,42 @@ class Trainer:
 
             self.pipe = load_pipeline(cfg.model, allow_pickle=cfg.allow_pickle, model_config=cfg.model_config)
         pipe = self.pipe
+        self.family = family = family_of(pipe)
+        unet = family.denoiser(pipe)
         self.resolution = training_resolution(pipe, cfg.resolution)
         check_schedule_steps(pipe.scheduler, sampling_steps=cfg.sampling_steps,
                              anchor_inference_steps=cfg.anchor_inference_steps)
         warn_long_prompts(pipe.tokenizer, [*cfg.concepts, *cfg.anchors, *cfg.remap_to, *cfg.relative_to], self.log)
-        if cfg.gradient_checkpointing and not getattr(pipe.unet, "_supports_gradient_checkpointing", False):
-            raise UserError(f"--gradient-checkpointing: this model's {type(pipe.unet).__name__} has no gradient "
+        if cfg.gradient_checkpointing and not getattr(unet, "_supports_gradient_checkpointing", False):
+            raise UserError(f"--gradient-checkpointing: this model's {type(unet).__name__} has no gradient "
                             "checkpointing; run without the flag (or lower --resolution to save memory)")
         pipe.set_progress_bar_config(disable=True)
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
         pipe.to(acc.device)
         pipe.vae.to(dtype=weight_dtype)
-        pipe.text_encoder.to(dtype=weight_dtype)
-        pipe.unet.to(torch.float32)
-        self.base_digest = tensor_digest(pipe.unet.state_dict())
-        self.log(describe_device(acc.device, cfg.mixed_precision, pipe.unet, time.perf_counter() - t_load))
+        for encoder in family.text_encoders(pipe):
+            encoder.to(dtype=weight_dtype)
+        unet.to(torch.float32)
+        self.base_digest = tensor_digest(unet.state_dict())
+        self.log(describe_device(acc.device, cfg.mixed_precision, unet, time.perf_counter() - t_load))
 
         # 2. Freeze all but the chosen subset; keep only its original values. Under mixed precision
         #    the frozen UNet weights are stored in half precision too (as diffusers' LoRA scripts do);
         #    the trained ones stay fp32.
-        self.trained = select_trainable(pipe.unet, cfg.train, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+        self.trained = select_trainable(unet, cfg.train, family, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
         from concept_erase.io.export import base_fingerprint
 
-        self.fingerprint = base_fingerprint(pipe.unet, self.trained, lora=cfg.train == "lora",
+        self.fingerprint = base_fingerprint(unet, self.trained, lora=cfg.train == "lora",
                                             digest=self.base_digest)
         if weight_dtype != torch.float32:
             trained_ids = {id(p) for p in self.trained.values()}
-            for p in pipe.unet.parameters():
+            for p in unet.parameters():
                 if id(p) not in trained_ids:
                     p.data = p.data.to(weight_dtype)
         if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-        self.ctx = ErasureContext(cfg, pipe, acc, self.trained, self.base_digest, self.resolution, log=self.log)
+            unet.enable_gradient_checkpointing()
+        self.ctx = ErasureContext(cfg, pipe, family, acc, self.trained, self.base_digest, self.resolution,
+                                  log=self.log)
         self._estimate_cost()
 
         # 3. Objectives: prompts are encoded and anchor latents made here, once.
@@ -288,14 +291,15 @@ class Trainer:
         self.retain = RETAIN_OBJECTIVES.get(cfg.retain_loss)(self.ctx) if self.controller.uses_retain else None
         # The encoders are done: give their memory back to training.
         if acc.device.type != "cpu":
-            pipe.text_encoder.to("cpu")
+            for encoder in family.text_encoders(pipe):
+                encoder.to("cpu")
             pipe.vae.to("cpu")
             torch.cuda.empty_cache()
 
         # 4. Optimizer and Accelerate.
         params = list(self.trained.values())
         self.optimizer = make_optimizer(cfg, params)
-        self.model, self.optimizer = acc.prepare(pipe.unet, self.optimizer)
+        self.model, self.optimizer = acc.prepare(unet, self.optimizer)
         self.params = params
         self.carry: dict[int, tuple[RegressionBatch, torch.Tensor]] = {}
         # eupmu's held-out tuples of the next step with their loss at theta_{t+1}, measured in the same
@@ -319,7 +323,7 @@ class Trainer:
         n = 2
         x = torch.zeros((n, *self.ctx.latent_shape), device=acc.device)
         t = torch.full((n,), 500, device=acc.device, dtype=torch.long)
-        emb = self.ctx.embed([""]).expand(n, -1, -1)
+        emb = self.ctx.embed([""]).repeat(n)
         # The first call pays for kernel selection (CUDA) or primitive creation (CPU): it is timed again
         # on a GPU, and on a CPU when it was short enough for that one-off cost to dominate it.
         for _ in range(2):
@@ -420,7 +424,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- the step
     def _forward(self, batch: RegressionBatch) -> torch.Tensor:
-        pred = self.model(batch.latents, batch.timesteps, encoder_hidden_states=batch.embeddings).sample
+        pred = self.family.predict(self.model, batch.latents, batch.timesteps, batch.cond)
         return per_sample_mse(pred, batch.target)
 
     def _retain_batch(self, gen, step: int, micro: int) -> tuple[RegressionBatch, int]:
@@ -701,8 +705,8 @@ class Trainer:
         if acc.is_main_process:
             from concept_erase.io.export import save_delta
 
-            save_delta(path, self.pipe.unet, self.trained, config=cfg, fingerprint=self.fingerprint,
-                       steps=last, lambda_final=self.controller.current())
+            save_delta(path, self.ctx.unet, self.trained, config=cfg, fingerprint=self.fingerprint,
+                       steps=last, lambda_final=self.controller.current(), family=self.family)
             if self.stopped_at:
                 run = json.loads((self.output / "run.json").read_text())
                 write_json(self.output / "run.json", {**run, "stopped_at": self.stopped_at})

@@ -1,0 +1,156 @@
+"""What differs between model families, behind one small interface.
+
+The trainer, the lambda controllers, the objectives and the losses know no family: they hold a
+`Family` and ask it to encode prompts, call the denoiser, noise latents and give the training target,
+sample the negative-guidance trajectory, and name the trainable subsets. A family is registered by
+name and found from the pipeline's class (`model_index.json`'s `_class_name`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from concept_erase.errors import UserError
+from concept_erase.registry import Registry
+
+
+class Cond:
+    """A batch of prompt conditionings: named tensors, the batch in dim 0.
+
+    SD's is the text encoder's hidden states; SDXL adds the pooled embedding and the time ids. Objectives
+    index, repeat and concatenate conditionings without knowing what is in them.
+    """
+
+    def __init__(self, **tensors: torch.Tensor):
+        if not tensors:
+            raise ValueError("a conditioning needs at least one tensor")
+        sizes = {v.shape[0] for v in tensors.values()}
+        if len(sizes) != 1:
+            raise ValueError(f"a conditioning's tensors disagree on the batch size: {sizes}")
+        self.tensors = dict(tensors)
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, index) -> "Cond":
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        if isinstance(index, torch.Tensor):
+            return Cond(**{k: v[index.to(v.device)] for k, v in self.tensors.items()})
+        return Cond(**{k: v[index] for k, v in self.tensors.items()})
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, Cond) and self.tensors.keys() == other.tensors.keys()
+                and all(torch.equal(v, other.tensors[k]) for k, v in self.tensors.items()))
+
+    def repeat(self, n: int) -> "Cond":
+        """A one-item conditioning repeated n times."""
+        if len(self) != 1:
+            raise ValueError("only a single conditioning can be repeated")
+        return Cond(**{k: v.expand(n, *v.shape[1:]) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(conds: Iterable["Cond"]) -> "Cond":
+        conds = list(conds)
+        return Cond(**{k: torch.cat([c.tensors[k] for c in conds]) for k in conds[0].tensors})
+
+    def to(self, device=None, dtype=None) -> "Cond":
+        """Floating-point tensors cast to dtype; every tensor moved to device."""
+        return Cond(**{k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                       for k, v in self.tensors.items()})
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{k}": v.contiguous() for k, v in self.tensors.items()}
+
+    @staticmethod
+    def from_state(tensors: dict[str, torch.Tensor], prefix: str, device) -> "Cond":
+        head = prefix + "."
+        return Cond(**{k[len(head):]: v.to(device) for k, v in tensors.items() if k.startswith(head)})
+
+
+class NoiseSchedule:
+    """Training's noising: a timestep per sample, the noised latents, the target of the denoiser."""
+
+    prediction_type = "epsilon"
+
+    def sample_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Family:
+    """One model family. Subclasses fill in what their pipelines need."""
+
+    name = ""
+    pipeline_classes: tuple[str, ...] = ()
+    subsets: dict[str, Callable[[str], bool]] = {}
+    lora_targets: list[str] = []
+
+    # ------------------------------------------------------------ the model
+    def denoiser(self, pipe) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def text_encoders(self, pipe) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    def native_resolution(self, pipe) -> int:
+        raise NotImplementedError
+
+    def latent_shape(self, pipe, resolution: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ prompts and the denoiser call
+    def encode(self, pipe, prompts: list[str], device, resolution: int) -> Cond:
+        raise NotImplementedError
+
+    def inputs(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[tuple, dict]:
+        """(args, kwargs) of the denoiser call: the same for the model being trained and for
+        `functional_call` on the original weights."""
+        raise NotImplementedError
+
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        args, kwargs = self.inputs(x, t, cond)
+        return model(*args, **kwargs).sample
+
+    # ------------------------------------------------------------ noise, targets, trajectories
+    def schedule(self, pipe) -> "NoiseSchedule":
+        """How training noises latents and what the denoiser should output for them."""
+        raise NotImplementedError
+
+    def sampler(self, pipe, steps: int):
+        """A scheduler set to `steps` sampling steps for the negative-guidance trajectory."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ subsets
+    def in_subset(self, name: str, subset: str) -> bool:
+        if subset not in self.subsets:
+            raise UserError(f"--train {subset}: the {self.name} family has no such subset; choose one of "
+                            f"{', '.join(sorted(self.subsets))} or lora")
+        return self.subsets[subset](name)
+
+
+FAMILIES: Registry[type] = Registry("model family", "--model")
+
+
+def family_for_class(class_name: str) -> Family:
+    """The family that handles a pipeline class, or a one-line error naming those that are handled."""
+    import concept_erase.families  # noqa: F401  (registers every family)
+
+    for name in FAMILIES.names():
+        family = FAMILIES.get(name)
+        if class_name in family.pipeline_classes:
+            return family()
+    handled = sorted(c for n in FAMILIES.names() for c in FAMILIES.get(n).pipeline_classes)
+    raise UserError(f"this model is a {class_name}, which no family of concept-erase handles; the pipelines it "
+                    f"handles are {', '.join(handled)}")
+
+
+def family_of(pipe) -> Family:
+    return family_for_class(type(pipe).__name__)

@@ -1,0 +1,90 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP (or OpenCLIP) text encoder, a UNet with cross-attention, a
+DDPM noise schedule in epsilon or v-prediction. The negative-guidance trajectory is sampled with DDIM
+built from the model's own scheduler config (its betas, its prediction type), as ESD does."""
+
+from __future__ import annotations
+
+import torch
+
+from concept_erase.families.base import FAMILIES, Cond, Family, NoiseSchedule
+from concept_erase.methods.losses import add_noise, denoising_target
+
+
+class DDPMSchedule(NoiseSchedule):
+    """`sqrt(abar_t) x0 + sqrt(1 - abar_t) n` at a timestep drawn uniformly from the model's training
+    timesteps; the target in the model's prediction type (epsilon, v or sample)."""
+
+    def __init__(self, scheduler_config):
+        from diffusers import DDPMScheduler
+
+        self.alphas_cumprod = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.float()
+        self.prediction_type = scheduler_config.get("prediction_type", "epsilon")
+
+    def __len__(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def sample_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, len(self.alphas_cumprod), (n,), generator=gen)
+
+    def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.alphas_cumprod[t.cpu()].to(like.device)
+
+    def noised(self, x0, noise, t):
+        return add_noise(x0, noise, self._abar(t, x0))
+
+    def target(self, x0, noise, t):
+        return denoising_target(self.prediction_type, x0, noise, self._abar(t, x0))
+
+
+def _xattn(name: str) -> bool:
+    return ".attn2." in name
+
+
+class UNetFamily(Family):
+    """What SD and SDXL share: the UNet's attention subsets, DDPM noising and DDIM trajectories."""
+
+    subsets = {
+        "full": lambda n: True,
+        "xattn": _xattn,  # ESD-x: the cross-attention layers, where text enters the image
+        "xattn-kv": lambda n: ".attn2.to_k." in n or ".attn2.to_v." in n,  # the text projections (UCE, MACE)
+        "selfattn": lambda n: ".attn1." in n,
+        # ESD-u: all but cross-attention, the time embedding and the output layers
+        "noxattn": lambda n: not (_xattn(n) or n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))),
+    }
+    lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+
+    def denoiser(self, pipe):
+        return pipe.unet
+
+    def native_resolution(self, pipe) -> int:
+        return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    def latent_shape(self, pipe, resolution: int) -> tuple[int, ...]:
+        side = resolution // pipe.vae_scale_factor
+        return (pipe.unet.config.in_channels, side, side)
+
+    def schedule(self, pipe) -> DDPMSchedule:
+        return DDPMSchedule(pipe.scheduler.config)
+
+    def sampler(self, pipe, steps: int):
+        from diffusers import DDIMScheduler
+
+        sampler = DDIMScheduler.from_config(pipe.scheduler.config)
+        sampler.set_timesteps(steps)
+        return sampler
+
+
+@FAMILIES.register("sd")
+class StableDiffusion(UNetFamily):
+    name = "sd"
+    pipeline_classes = ("StableDiffusionPipeline",)
+
+    def text_encoders(self, pipe):
+        return [pipe.text_encoder]
+
+    def encode(self, pipe, prompts: list[str], device, resolution: int) -> Cond:
+        emb, _ = pipe.encode_prompt(list(prompts), device, 1, False)
+        return Cond(encoder_hidden_states=emb.float())
+
+    def inputs(self, x, t, cond):
+        return (x, t), {"encoder_hidden_states": cond.tensors["encoder_hidden_states"]}
