@@ -92,6 +92,8 @@ class Family:
     pipeline_classes: tuple[str, ...] = ()
     subsets: dict[str, Callable[[str], bool]] = {}
     lora_targets: list[str] = []
+    load_kwargs: dict = {}  # extra from_pretrained / from_single_file arguments
+    required_parts: tuple[str, ...] = ()  # what a pipeline must hold to be erased from
 
     # ------------------------------------------------------------ the model
     def denoiser(self, pipe) -> torch.nn.Module:

@@ -78,6 +78,8 @@ class UNetFamily(Family):
 class StableDiffusion(UNetFamily):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
+    load_kwargs = {"safety_checker": None, "requires_safety_checker": False}
+    required_parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
     def text_encoders(self, pipe):
         return [pipe.text_encoder]

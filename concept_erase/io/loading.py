@@ -59,9 +59,9 @@ def check_safetensors_file(path: Path) -> None:
 
 def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str = "",
                   torch_dtype: torch.dtype = torch.float32):
-    """A StableDiffusionPipeline from a diffusers folder, a hub id, a single file or `builtin:tiny`."""
-    from diffusers import StableDiffusionPipeline
-
+    """A pipeline of a family concept-erase handles (`families/`: SD 1.x/2.x, SDXL) from a diffusers
+    folder, a hub id, a single file or a built-in model (`builtin:digits`, `builtin:tiny`, ...). The
+    family comes from `model_index.json` (a single file: from `--model-config`'s, else its keys)."""
     quiet_hub_progress()
     if not source:
         raise UserError("no model given; pass --model PATH_OR_HUB_ID")
@@ -75,19 +75,24 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
             from concept_erase.io.tiny import build_tiny_pipeline
 
             return build_tiny_pipeline(prediction_type="v_prediction").to(torch_dtype)
+        if name in ("tiny-xl", "tiny-xl-v"):
+            from concept_erase.io.tiny import build_tiny_sdxl_pipeline
+
+            kind = "v_prediction" if name.endswith("-v") else "epsilon"
+            return build_tiny_sdxl_pipeline(prediction_type=kind).to(torch_dtype)
         if name == "digits":
             return load_pipeline(str(embedded_model_dir() / "pipeline"), torch_dtype=torch_dtype)
         raise UserError(f"unknown built-in model {source!r}; the built-in models are builtin:digits, "
-                        "builtin:tiny and builtin:tiny-v")
+                        "builtin:tiny, builtin:tiny-v, builtin:tiny-xl and builtin:tiny-xl-v")
 
     path = Path(source).expanduser()
-    kwargs = dict(safety_checker=None, requires_safety_checker=False)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is a folder but not a diffusers pipeline (it has no model_index.json); "
                             "pass the folder that holds model_index.json, or a single .safetensors checkpoint")
+        pipeline_class, kwargs = _pipeline_class(_class_name(path / "model_index.json"))
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+            pipe = pipeline_class.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
             raise UserError(f"could not load the pipeline in {path}: {_first_line(err)}") from None
         return _checked(pipe, source, torch_dtype)
@@ -100,11 +105,11 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
             check_safetensors_file(path)
         elif suffix not in PICKLE_SUFFIXES:
             raise UserError(f"{path} is neither a diffusers folder nor a .safetensors/.ckpt checkpoint")
-        single = dict(kwargs)
+        pipeline_class, single = _pipeline_class(_single_file_class(path, model_config))
         if model_config:
             single["config"] = model_config
         try:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **single)
+            pipe = pipeline_class.from_single_file(str(path), **single)
         except Exception as err:  # noqa: BLE001 - diffusers raises many kinds here
             hint = "" if model_config else (" Offline, a single-file checkpoint needs its configs: pass "
                                             "--model-config with a diffusers folder of the same architecture.")
@@ -113,7 +118,12 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
     if _looks_like_path(source):
         raise UserError(f"model path {source} does not exist; check the path")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+        from diffusers import DiffusionPipeline
+
+        pipeline_class, kwargs = _pipeline_class(DiffusionPipeline.load_config(source)["_class_name"])
+        pipe = pipeline_class.from_pretrained(source, **kwargs)
+    except UserError:
+        raise
     except Exception as err:  # noqa: BLE001
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = (" The hub is off (HF_HUB_OFFLINE=1): pass a local diffusers folder, or set HF_HUB_OFFLINE=0 "
@@ -121,6 +131,39 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
         raise UserError(f"could not load model {source!r}: it is not a local path and loading it from the hub "
                         f"failed ({_first_line(err)}).{hint}") from None
     return _checked(pipe, source, torch_dtype)
+
+
+def _class_name(model_index: Path) -> str:
+    try:
+        return str(json.loads(model_index.read_text())["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{model_index} is not a diffusers model index (no _class_name); the folder is damaged or "
+                        "not a pipeline") from None
+
+
+def _single_file_class(path: Path, model_config: str) -> str:
+    """A single file's pipeline class: its --model-config folder's, else told by its keys (SDXL's
+    checkpoints hold `conditioner.embedders.*`, SD's `cond_stage_model.*`)."""
+    if model_config and (Path(model_config) / "model_index.json").is_file():
+        return _class_name(Path(model_config) / "model_index.json")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if any(k.startswith("conditioner.embedders.") for k in f.keys()):
+                return "StableDiffusionXLPipeline"
+    return "StableDiffusionPipeline"
+
+
+def _pipeline_class(class_name: str):
+    """(diffusers pipeline class, from_pretrained keyword arguments) for a family's pipeline class, or the
+    one-line error of a class no family handles."""
+    import diffusers
+
+    from concept_erase.families.base import family_for_class
+
+    family = family_for_class(class_name)
+    return getattr(diffusers, class_name), dict(family.load_kwargs)
 
 
 def quiet_hub_progress() -> None:
@@ -138,11 +181,14 @@ def _first_line(err: BaseException) -> str:
 
 
 def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    from concept_erase.families.base import family_of
+
+    family = family_of(pipe)
+    for part in family.required_parts:
         if getattr(pipe, part, None) is None:
-            raise UserError(f"{source} has no {part}; concept-erase needs a complete Stable Diffusion pipeline")
+            raise UserError(f"{source} has no {part}; concept-erase needs a complete {type(pipe).__name__}")
     pipe.set_progress_bar_config(disable=True)
-    parts = (pipe.unet, pipe.vae, pipe.text_encoder)
+    parts = (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe))
     if any(p.dtype != torch_dtype for m in parts for p in m.parameters()):  # .to() warns even when nothing changes
         pipe.to(torch_dtype)
     return pipe
