@@ -1,0 +1,145 @@
+"""The SDXL family on a tiny SDXL pipeline built from configs (two CLIP text encoders, the second with a
+projection; a UNet with text-time conditioning): every method, the subsets, the original model's
+predictions, the exports read back by diffusers' own SDXL readers, bf16 from a cold cache."""
+
+import copy
+
+import pytest
+import torch
+
+from concept_erase.training.trainer import Trainer, erase
+
+from helpers import changed, metrics, snapshot
+
+
+@pytest.fixture(scope="module")
+def xl_pipe():
+    from concept_erase.io.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline()
+
+
+@pytest.fixture()
+def xl(xl_pipe):
+    return copy.deepcopy(xl_pipe)
+
+
+@pytest.fixture(scope="module")
+def xl_dir(xl_pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-xl") / "pipe"
+    xl_pipe.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture()
+def xl_config(make_config, xl_dir):
+    def make(**overrides):
+        return make_config(**{"model": str(xl_dir), **overrides})
+    return make
+
+
+def _subset(pipe, subset):
+    from concept_erase.families.sdxl import StableDiffusionXL
+    from concept_erase.training.subsets import select_trainable
+
+    return set(select_trainable(copy.deepcopy(pipe.unet), subset, StableDiffusionXL()))
+
+
+def test_the_family_is_found_and_encodes_two_encoders_pooled_and_time_ids(xl):
+    from concept_erase.families.base import family_of
+
+    family = family_of(xl)
+    assert family.name == "sdxl"
+    cond = family.encode(xl, ["a cat", ""], "cpu", 32)
+    c = cond.tensors
+    # the penultimate hidden states of both encoders, concatenated: 32 + 32 wide
+    assert c["encoder_hidden_states"].shape == (2, 77, 64) and c["text_embeds"].shape == (2, 32)
+    assert c["time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
+    # what diffusers' pipeline itself encodes
+    emb, _, pooled, _ = xl.encode_prompt(["a cat"], device="cpu", num_images_per_prompt=1,
+                                         do_classifier_free_guidance=False)
+    torch.testing.assert_close(c["encoder_hidden_states"][:1], emb.float())
+    torch.testing.assert_close(c["text_embeds"][:1], pooled.float())
+    # the empty prompt is zeros where the model forces them, as the pipeline's guidance uses
+    assert xl.config.force_zeros_for_empty_prompt and not c["encoder_hidden_states"][1].any()
+
+
+@pytest.mark.parametrize("method", ["eupmu", "eupmu-fast", "ungrad", "fixed", "esd"])
+def test_each_method_trains_only_cross_attention(method, xl, xl_config):
+    cfg = xl_config(method=method, lambda_init=0.5)
+    before = {n: snapshot(m) for n, m in (("unet", xl.unet), ("te", xl.text_encoder), ("te2", xl.text_encoder_2))}
+    path = erase(cfg, pipe=xl)
+    assert changed(before["unet"], xl.unet) == _subset(xl, "xattn")
+    assert not changed(before["te"], xl.text_encoder) and not changed(before["te2"], xl.text_encoder_2)
+    assert [r["step"] for r in metrics(cfg.output)] == [1, 2, 3] and path.is_file()
+
+
+@pytest.mark.parametrize("subset", ["xattn-kv", "noxattn", "selfattn", "full"])
+def test_subsets_change_exactly_what_they_name(subset, xl, xl_config):
+    before = snapshot(xl.unet)
+    erase(xl_config(method="fixed", train=subset, steps=2), pipe=xl)
+    assert changed(before, xl.unet) == _subset(xl, subset)
+
+
+def test_lora_trains_only_the_adapter(xl, xl_config):
+    before = snapshot(xl.unet)
+    Trainer(xl_config(method="eupmu", train="lora", steps=2), pipe=xl).run()
+    assert not changed(before, xl.unet)  # the base weights; the adapter's are new tensors
+
+
+@pytest.mark.parametrize("train", ["xattn", "lora"])
+def test_original_predictions_are_bit_exact_against_a_frozen_copy(train, xl, xl_config):
+    trainer = Trainer(xl_config(method="fixed", train=train, steps=2, lr=1e-1), pipe=xl)
+    frozen = copy.deepcopy(xl.unet)
+    trainer._setup()
+    for step in range(2):
+        trainer._step(step)
+    ctx = trainer.ctx
+    cond = ctx.embed(["van gogh", "a painting"])
+    x = torch.randn((2, *ctx.latent_shape), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        expected = ctx.family.predict(frozen, x, t, cond)
+        assert torch.equal(ctx.original(x, t, cond), expected)
+        assert not torch.equal(ctx.current(x, t, cond), expected)  # training did move the model
+
+
+def test_exports_read_back_with_diffusers_sdxl_readers(xl_pipe, xl_config, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from concept_erase.io.export import apply, export_diffusers, export_lora
+
+    cfg = xl_config(method="eupmu", steps=2, lr=1e-2)
+    delta = erase(cfg)
+    trained = StableDiffusionXLPipeline.from_pretrained(str(cfg.model))
+    apply(trained, delta)
+    folder = export_diffusers(delta, tmp_path / "pipe")
+    loaded = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    for name, tensor in trained.unet.state_dict().items():
+        assert torch.equal(tensor, loaded.unet.state_dict()[name]), name
+    summary = export_lora(delta, tmp_path / "lora", rank=8)
+    base = StableDiffusionXLPipeline.from_pretrained(str(cfg.model))
+    base.load_lora_weights(str(tmp_path / "lora"))  # diffusers' own SDXL reader
+    assert summary["output_change_kept"] > 0.5
+
+
+def test_bf16_from_a_cold_cache(xl, xl_config, cache_dir):
+    assert not cache_dir.exists()
+    cfg = xl_config(method="eupmu", steps=2, mixed_precision="bf16")
+    erase(cfg, pipe=xl)
+    rows = metrics(cfg.output)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss_forget"])) for r in rows)
+    assert any(cache_dir.iterdir())  # the anchor latents were generated, not found
+
+
+def test_a_pipeline_no_family_handles_is_named(tmp_path):
+    import json
+
+    from concept_erase.errors import UserError
+    from concept_erase.io.loading import load_pipeline
+
+    folder = tmp_path / "kandinsky"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(UserError, match="KandinskyPipeline, which no family.*StableDiffusionXLPipeline"):
+        load_pipeline(str(folder))
