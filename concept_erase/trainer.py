@@ -685,7 +685,8 @@ class Trainer:
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self._save_checkpoint(done)
                 if hook is not None and self._agreed(bool(hook(done, self)), getattr(hook, "may_stop", False)):
-                    self.stopped_at = last = done
+                    if done < last:  # a stop asked at the last step ends nothing early
+                        self.stopped_at = last = done
                     break
         finally:
             bar.close()
