@@ -591,6 +591,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             run = json.loads((self.output / "run.json").read_text())
             run["ranks"] = ranks
+            if self.stopped_at:
+                run["stopped_at"] = self.stopped_at
             write_json(self.output / "run.json", run)
 
     def _agreed(self, stop: bool, may_stop: bool) -> bool:
@@ -704,9 +706,6 @@ class Trainer:
 
             save_delta(path, self.pipe.unet, self.trained, config=cfg, fingerprint=self.fingerprint,
                        steps=last, lambda_final=self.controller.current())
-            if self.stopped_at:
-                run = json.loads((self.output / "run.json").read_text())
-                write_json(self.output / "run.json", {**run, "stopped_at": self.stopped_at})
         acc.wait_for_everyone()
         if self.replacing:
             if acc.is_main_process:
