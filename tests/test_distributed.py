@@ -135,3 +135,38 @@ def test_killing_one_rank_ends_the_run_with_a_message_and_resume_works(tiny_dir,
     ranks = json.loads((out / "run.json").read_text())["ranks"]
     assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"]
     assert ranks[0]["lambda_history"] == ranks[1]["lambda_history"]
+
+
+STOP_SCRIPT = '''
+import sys
+from concept_erase.config import EraseConfig
+from concept_erase.training.trainer import erase
+
+
+class RankZeroSaysStop:
+    """A hook like --stop-when-erased's: it judges on the main process only and says stop at step 3."""
+    may_stop = True
+
+    def __call__(self, done, trainer):
+        return trainer.accelerator.is_main_process and done == 3
+
+
+model, out, cache = sys.argv[1:4]
+erase(EraseConfig(model=model, concepts=["van gogh"], anchors=["a photo"], output=out, steps=8, sampling_steps=3,
+                  anchor_inference_steps=2, anchor_images_per_prompt=2, cache_dir=cache, progress=False,
+                  checkpoint_every=0, lr=1e-2), on_step=RankZeroSaysStop())
+'''
+
+
+def test_a_stop_asked_on_the_main_process_stops_every_rank_at_the_same_step(tiny_dir, cache_dir, tmp_path):
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    cmd, env = launch_cmd([])
+    cmd = cmd[:cmd.index("-m")] + [str(script), str(tiny_dir), str(tmp_path / "run"), str(cache_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["stopped_at"] == 3
+    r0, r1 = sorted(run["ranks"], key=lambda r: r["rank"])
+    assert len(r0["lambda_history"]) == len(r1["lambda_history"]) == 3  # rank 1 stopped too, at step 3
+    assert r0["weights_digest"] == r1["weights_digest"]

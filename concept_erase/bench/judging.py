@@ -76,7 +76,7 @@ class Judging:
 
         forget_items, retain_items = self.items(self.final_seeds if final else self.seeds)
         every = forget_items + retain_items
-        made = generate_many(pipe, [(caption(d, s), n) for d, s, n in every], steps=self.steps, guidance=self.guidance)
+        made = generate_many(pipe, [(caption(d, s), range(n)) for d, s, n in every], steps=self.steps, guidance=self.guidance)
         judged = []
         for (d, s, _), images in zip(every, made):
             pd, ps = self.judge.predict(images)

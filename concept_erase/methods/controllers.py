@@ -150,11 +150,11 @@ class ForgetOnly(LambdaController):
 class ImplicitSurgery(LambdaController):
     """EUPMU: one backward pass; lambda follows the constraint's slack, measured on a paired probe.
 
-    `--lambda-update paper` (the default for now) is the paper's literal rule, beta_t times the raw
-    slack with eps in loss per unit learning rate, where beta must be set for each model.
-    `--lambda-update normalised` steps lambda by beta_t times the slack over its running scale, with
-    the tolerance eps a fraction of the retain loss: the path of lambda is the same for any loss scale
-    and learning rate.
+    `--lambda-update normalised` (the default) steps lambda by beta_t times the slack's running mean
+    over its running scale, with the tolerance eps a fraction of the retain loss: the path of lambda is
+    the same for any loss scale and learning rate. `--lambda-update paper` is the paper's literal rule,
+    beta_t times the raw slack with eps in loss per unit learning rate, where beta must be set for each
+    model.
     """
 
     probe = "after-step"

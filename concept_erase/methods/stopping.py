@@ -54,7 +54,8 @@ class DigitsJudge:
     def __call__(self, pipe) -> dict:
         from concept_erase.digits.evaluate import generate_many
 
-        wanted = [(p, self.per_concept) for *_, p in self.concepts] + [(p, self.per_anchor) for *_, p in self.anchors]
+        wanted = ([(p, range(self.per_concept)) for *_, p in self.concepts]
+                  + [(p, range(self.per_anchor)) for *_, p in self.anchors])
         made = generate_many(pipe, wanted, steps=25, guidance=4.0)
         hits_f = total_f = hits_r = total_r = 0
         for (d, s, _), images in zip(self.concepts, made):

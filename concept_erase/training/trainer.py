@@ -595,6 +595,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             run = json.loads((self.output / "run.json").read_text())
             run["ranks"] = ranks
+            if self.stopped_at:
+                run["stopped_at"] = self.stopped_at
             write_json(self.output / "run.json", run)
 
     def _agreed(self, stop: bool, may_stop: bool) -> bool:
@@ -689,7 +691,8 @@ class Trainer:
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self._save_checkpoint(done)
                 if hook is not None and self._agreed(bool(hook(done, self)), getattr(hook, "may_stop", False)):
-                    self.stopped_at = last = done
+                    if done < last:  # a stop asked at the last step ends nothing early
+                        self.stopped_at = last = done
                     break
         finally:
             bar.close()
@@ -707,9 +710,6 @@ class Trainer:
 
             save_delta(path, self.ctx.unet, self.trained, config=cfg, fingerprint=self.fingerprint,
                        steps=last, lambda_final=self.controller.current(), family=self.family)
-            if self.stopped_at:
-                run = json.loads((self.output / "run.json").read_text())
-                write_json(self.output / "run.json", {**run, "stopped_at": self.stopped_at})
         acc.wait_for_everyone()
         if self.replacing:
             if acc.is_main_process:
