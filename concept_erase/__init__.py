@@ -1,4 +1,4 @@
-"""concept-erase: erase concepts from Stable Diffusion models with utility-preserving unlearning.
+"""concept-erase: erase concepts from text-to-image diffusion models (SD 1.x/2.x, SDXL) with\nutility-preserving unlearning.
 
     from concept_erase import EraseConfig, erase, apply
     path = erase(EraseConfig(model="path/to/sd", concepts=["van gogh"], anchors=["a painting"], output="runs/vg"))
@@ -21,7 +21,7 @@ def erase(config, pipe=None):
 
 
 def apply(pipe, path, *, allow_other_base: bool = False):
-    """Apply erased weights to a StableDiffusionPipeline in place, with strict checks."""
+    """Apply erased weights in place to a pipeline of the model they were made from, with strict checks."""
     from concept_erase.io.export import apply as _apply
 
     return _apply(pipe, path, allow_other_base=allow_other_base)

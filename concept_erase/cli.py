@@ -180,6 +180,14 @@ def _demo(args) -> None:
     print(f"targets {'met' if report['passed'] else 'MISSED'}; report: {o.output}/report.md, grid: {o.output}/grid.png")
 
 
+def _pipeline_name(run) -> str:
+    """The diffusers pipeline class that reads what was exported from this run's delta."""
+    from concept_erase.families.base import FAMILIES
+    from concept_erase.io.export import read_delta
+
+    return FAMILIES.get(read_delta(run)[1].get("family", "sd")).pipeline_classes[0]
+
+
 def _export(args) -> None:
     from concept_erase.io.export import export_diffusers, export_lora, export_single_file
     from concept_erase.options import OUT_DIR, OUT_FILE, check_path
@@ -191,11 +199,11 @@ def _export(args) -> None:
     with _locked(o.output):
         if o.format == "single-file":
             out = export_single_file(o.run, o.output, **common)
-            print(f"single-file checkpoint written to {out} (StableDiffusionPipeline.from_single_file loads it)")
+            print(f"single-file checkpoint written to {out} ({_pipeline_name(o.run)}.from_single_file loads it)")
             return
         if o.format == "diffusers":
             out = export_diffusers(o.run, o.output, **common)
-            print(f"pipeline written to {out} (StableDiffusionPipeline.from_pretrained loads it)")
+            print(f"pipeline written to {out} ({_pipeline_name(o.run)}.from_pretrained loads it)")
             return
         summary = export_lora(o.run, o.output, rank=o.rank, exact_svd=o.exact_svd, lora_bias=o.lora_bias, **common)
     print(f"LoRA weights written to {o.output} (pipe.load_lora_weights loads them)")

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from concept_erase.families.base import Cond
+
 from concept_erase.training import trainer as trainer_module
 from concept_erase.training.banks import bank_key
 from concept_erase.cli import main
@@ -182,7 +184,7 @@ def test_bf16_original_copy_is_exact_for_cross_attention(tiny_pipe, make_config)
             for p in trainer.params:
                 p.add_(0.5)
         x, t, emb = unet_probe(tiny_pipe.unet)
-        outs.append(trainer.ctx.original(x, t, emb).float())
+        outs.append(trainer.ctx.original(x, t, Cond(encoder_hidden_states=emb)).float())
         nbytes = trainer.ctx.original_model.nbytes()
         assert {v.dtype for v in trainer.ctx.original_model.original.values()} == \
             {torch.float32 if copy_dtype == "fp32" else torch.bfloat16}

@@ -52,8 +52,8 @@ def test_the_family_is_found_and_encodes_two_encoders_pooled_and_time_ids(xl):
     assert family.name == "sdxl"
     cond = family.encode(xl, ["a cat", ""], "cpu", 32)
     c = cond.tensors
-    # the penultimate hidden states of both encoders, concatenated: 32 + 32 wide
-    assert c["encoder_hidden_states"].shape == (2, 77, 64) and c["text_embeds"].shape == (2, 32)
+    # the penultimate hidden states of both encoders, concatenated: 32 + 48 wide; the pooled one from the second
+    assert c["encoder_hidden_states"].shape == (2, 77, 80) and c["text_embeds"].shape == (2, 48)
     assert c["time_ids"].tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 2
     # what diffusers' pipeline itself encodes
     emb, _, pooled, _ = xl.encode_prompt(["a cat"], device="cpu", num_images_per_prompt=1,
@@ -84,7 +84,13 @@ def test_subsets_change_exactly_what_they_name(subset, xl, xl_config):
 def test_lora_trains_only_the_adapter(xl, xl_config):
     before = snapshot(xl.unet)
     Trainer(xl_config(method="eupmu", train="lora", steps=2), pipe=xl).run()
-    assert not changed(before, xl.unet)  # the base weights; the adapter's are new tensors
+    state = xl.unet.state_dict()
+    lora = {n for n in state if "lora_" in n}
+    assert lora and all(n.split(".lora_")[0].rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0") for n in lora)
+    for n, t in before.items():  # every base weight, now under base_layer, is untouched
+        key = n if n in state else n.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(state[key], t), n
+    assert any(state[n].abs().max() > 0 for n in lora if "lora_B" in n)  # the adapter did train
 
 
 @pytest.mark.parametrize("train", ["xattn", "lora"])
@@ -143,3 +149,41 @@ def test_a_pipeline_no_family_handles_is_named(tmp_path):
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(UserError, match="KandinskyPipeline, which no family.*StableDiffusionXLPipeline"):
         load_pipeline(str(folder))
+
+
+def test_single_file_is_sgm_layout_read_back_by_from_single_file(xl_dir, xl_config, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from concept_erase.io.export import apply, export_single_file
+    from concept_erase.io.loading import load_pipeline
+
+    delta = erase(xl_config(method="eupmu", steps=2, lr=1e-2))
+    path = export_single_file(delta, tmp_path / "erased-xl.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert any(k.startswith("conditioner.embedders.0.transformer.text_model.") for k in keys)
+    assert "conditioner.embedders.1.model.text_projection" in keys and "model.diffusion_model.label_emb.0.0.weight" in keys
+    expected = StableDiffusionXLPipeline.from_pretrained(str(xl_dir))
+    apply(expected, delta)
+    loaded = StableDiffusionXLPipeline.from_single_file(str(path), config=str(xl_dir))  # diffusers' own reader
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(expected, part).state_dict(), getattr(loaded, part).state_dict()
+        for name, tensor in want.items():
+            if not name.endswith("position_ids"):
+                assert torch.equal(tensor, got[name]), f"{part}.{name}"
+    # and the toolkit's own loader finds the family from the file's keys
+    assert type(load_pipeline(str(path), model_config=str(xl_dir))).__name__ == "StableDiffusionXLPipeline"
+
+
+def test_a_delta_is_refused_by_a_model_of_another_family(xl_config, tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from concept_erase.errors import UserError
+    from concept_erase.io.export import apply
+
+    delta = erase(xl_config(method="eupmu", steps=1))
+    sd = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
+    with pytest.raises(UserError, match="made for the sdxl family.*StableDiffusionPipeline"):
+        apply(sd, delta)

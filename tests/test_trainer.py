@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from concept_erase.families.base import Cond
+
 from concept_erase.training.subsets import select_trainable
 from concept_erase.training.trainer import Trainer, erase
 
@@ -74,7 +76,8 @@ def test_original_predictions_are_bit_identical_after_training(train, tiny_pipe,
     trainer = Trainer(make_config(method="fixed", train=train), pipe=fresh_pipe)
     trainer.run()
     assert not torch.equal(unet_out(fresh_pipe.unet, probe), expected)  # the model did move
-    assert torch.equal(trainer.ctx.original(*probe), expected)
+    x, t, emb = probe
+    assert torch.equal(trainer.ctx.original(x, t, Cond(encoder_hidden_states=emb)), expected)
     if train == "xattn":  # only the trained tensors are copied: no second UNet
         assert trainer.ctx.original_model.nbytes() == sum(p.numel() * 4 for p in trainer.trained.values())
 
@@ -96,12 +99,12 @@ def test_eupmu_probe_is_paired(probe, fresh_pipe, make_config, monkeypatch):
         trainer._step(step)
         assert trainer.controller.last_slack == pytest.approx(0.25, abs=1e-6 / trainer.config.lr)
         if probe == "held-out" and step < 2:  # the next step's own fresh tuple, measured at theta_{t+1}
-            pb, before = trainer.next_probe[step + 1][0]
-            expected = trainer._probe_batch(step + 1, 0, 0, trainer.config.retain_batch_size)
+            pb, before = trainer.probe.ready[step + 1][0]
+            expected = trainer.probe.held_out(step + 1, 0, 0, trainer.config.retain_batch_size)
             assert torch.equal(pb.latents, expected.latents) and torch.equal(pb.target, expected.target)
             with torch.no_grad():
                 assert float(before) == pytest.approx(float(trainer._forward(expected).mean()), rel=1e-5)
-    assert trainer.next_probe == {}  # nothing measured past the last step
+    assert trainer.probe.ready == {}  # nothing measured past the last step
 
 
 @pytest.mark.parametrize("probe", ["held-out", "batch"])

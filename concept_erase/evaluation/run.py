@@ -289,7 +289,6 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
              options: dict | None = None) -> dict:
     """Run a suite; returns the results dict (also written to OUTPUT/results.json)."""
     from concept_erase.evaluation import metrics as metric_registry
-    from concept_erase.evaluation.report import write_report
 
     suite = load_suite(suite_path)
     if seeds:

@@ -130,6 +130,12 @@ class Family:
         """A scheduler set to `steps` sampling steps for the negative-guidance trajectory."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------ exports
+    def single_file(self, pipe) -> dict[str, torch.Tensor]:
+        """The whole pipeline as one checkpoint in the family's original layout, checked by diffusers'
+        own readers before it is returned."""
+        raise UserError(f"the {self.name} family has no single-file layout here; export with --format diffusers")
+
     # ------------------------------------------------------------ subsets
     def in_subset(self, name: str, subset: str) -> bool:
         if subset not in self.subsets:

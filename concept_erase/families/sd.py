@@ -90,3 +90,8 @@ class StableDiffusion(UNetFamily):
 
     def inputs(self, x, t, cond):
         return (x, t), {"encoder_hidden_states": cond.tensors["encoder_hidden_states"]}
+
+    def single_file(self, pipe):
+        from concept_erase.io.single_file import pipeline_to_ldm
+
+        return pipeline_to_ldm(pipe)

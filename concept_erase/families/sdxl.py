@@ -49,3 +49,8 @@ class StableDiffusionXL(UNetFamily):
         c = cond.tensors
         return (x, t), {"encoder_hidden_states": c["encoder_hidden_states"],
                         "added_cond_kwargs": {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}}
+
+    def single_file(self, pipe):
+        from concept_erase.io.single_file import pipeline_to_sgm
+
+        return pipeline_to_sgm(pipe)

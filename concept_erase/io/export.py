@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from concept_erase.families.base import FAMILIES, family_of
 from concept_erase.io.atomic import atomic_dir, atomic_path, refuse_existing
 from concept_erase.training.banks import tensor_digest
 from concept_erase.errors import UserError
@@ -149,7 +150,12 @@ def _check_names(expected: dict[str, torch.Size], tensors: dict[str, torch.Tenso
 def apply(pipe, path: str | Path, *, allow_other_base: bool = False):
     """Apply an erased delta to a pipeline in place (LoRA deltas are merged); returns the pipeline."""
     tensors, meta = read_delta(path)
-    unet = pipe.unet
+    family = family_of(pipe)
+    made_for = meta.get("family", "sd")  # deltas written before families existed are SD's
+    if made_for != family.name:
+        raise UserError(f"this delta was made for the {made_for} family and the model is a {type(pipe).__name__} "
+                        f"({family.name}); apply it to the model it was made from")
+    unet = family.denoiser(pipe)
     check_base(unet, tensors, meta, allow_other_base=allow_other_base)
     if meta["kind"] == "weights":
         params = dict(unet.named_parameters())
@@ -198,7 +204,8 @@ def _base_pipeline(meta: dict, model: str | None, allow_pickle: bool, model_conf
 
 def export_diffusers(delta: str | Path, output: str | Path, *, model: str | None = None, overwrite: bool = False,
                      allow_other_base: bool = False, allow_pickle: bool = False, model_config: str = "") -> Path:
-    """A complete pipeline folder with the erasure applied: `StableDiffusionPipeline.from_pretrained` loads it."""
+    """A complete pipeline folder with the erasure applied: the model's own pipeline class
+    (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) loads it with `from_pretrained`."""
     output = Path(output)
     refuse_existing(output, overwrite)
     _, meta = read_delta(delta)
@@ -289,18 +296,18 @@ def output_change_kept(pipe, tensors: dict, lora_dir: Path, concepts: list[str])
     """The share of the erasure's change in the UNet's output that the LoRA file carries, read back
     by diffusers' own `load_lora_weights`: 1 - ||out_lora - out_delta|| / ||out_delta - out_base||,
     on the concept prompts at four timesteps (fixed noise). The pipeline is left as it was."""
-    unet = pipe.unet
-    c = unet.config
+    family = family_of(pipe)
+    unet = family.denoiser(pipe)
     prompts = (concepts or [""])[:4]
-    emb, _ = pipe.encode_prompt(prompts, unet.device, 1, False)
-    n = emb.shape[0] * 4
+    resolution = family.native_resolution(pipe)
+    cond = family.encode(pipe, prompts, unet.device, resolution)
+    cond = cond[torch.arange(len(prompts)).repeat_interleave(4)].to(unet.device, unet.dtype)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn((n, c.in_channels, c.sample_size, c.sample_size), generator=g).to(unet.device, unet.dtype)
-    t = torch.tensor([100, 400, 700, 950] * emb.shape[0], device=unet.device)
-    emb = emb.repeat_interleave(4, dim=0).to(unet.dtype)
+    x = torch.randn((len(cond), *family.latent_shape(pipe, resolution)), generator=g).to(unet.device, unet.dtype)
+    t = torch.tensor([100, 400, 700, 950] * len(prompts), device=unet.device)
 
     def out():
-        return unet(x, t, encoder_hidden_states=emb).sample.float()
+        return family.predict(unet, x, t, cond).float()
 
     base_out = out()
     params = dict(unet.named_parameters())
@@ -329,7 +336,7 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
     Normalisation weights and embeddings cannot be LoRA: they are listed. The file is read back with
     `load_lora_weights`, and the share of the erasure's effect on the UNet's output it keeps is measured.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
 
     output = Path(output)
@@ -344,8 +351,9 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
         pipe = None
     else:
         pipe = _base_pipeline(meta, model, allow_pickle, model_config)
-        check_base(pipe.unet, tensors, meta, allow_other_base=allow_other_base)
-        peft_state, dropped, errs = lora_from_delta(tensors, pipe.unet.state_dict(), rank, exact=exact_svd,
+        unet = family_of(pipe).denoiser(pipe)
+        check_base(unet, tensors, meta, allow_other_base=allow_other_base)
+        peft_state, dropped, errs = lora_from_delta(tensors, unet.state_dict(), rank, exact=exact_svd,
                                                       with_bias=lora_bias)
         if not any(k.endswith("lora_A.weight") for k in peft_state):
             raise UserError("no changed Linear or convolution weight in this delta can be written as LoRA; "
@@ -355,8 +363,10 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
                                               for k, v in peft_state.items())})
         r = rank
     unet_layers = convert_state_dict_to_diffusers(peft_state)
+    family = FAMILIES.get(meta.get("family", "sd"))()
+    pipeline_class = getattr(diffusers, family.pipeline_classes[0])  # its save_lora_weights names the keys
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=unet_layers, safe_serialization=True)
+        pipeline_class.save_lora_weights(str(tmp), unet_lora_layers=unet_layers, safe_serialization=True)
         if pipe is not None:  # read back by diffusers' own loader, and measured where it matters: the output
             summary["output_change_kept"] = output_change_kept(pipe, tensors, tmp, json.loads(meta["concepts"]))
         (tmp / "concept_erase.json").write_text(json.dumps({"rank": r, **summary,
@@ -367,10 +377,9 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
 
 def export_single_file(delta: str | Path, output: str | Path, *, model: str | None = None, overwrite: bool = False,
                        allow_other_base: bool = False, allow_pickle: bool = False, model_config: str = "") -> Path:
-    """One original-layout .safetensors file (A1111 / ComfyUI), with the erasure applied."""
+    """One original-layout .safetensors file (A1111 / ComfyUI), with the erasure applied: the LDM layout
+    for SD 1.x/2.x, SGM's for SDXL."""
     from safetensors.torch import save_file
-
-    from concept_erase.io.single_file import pipeline_to_ldm
 
     output = Path(output)
     if output.suffix != ".safetensors":
@@ -379,7 +388,7 @@ def export_single_file(delta: str | Path, output: str | Path, *, model: str | No
     _, meta = read_delta(delta)
     pipe = _base_pipeline(meta, model, allow_pickle, model_config)
     apply(pipe, delta, allow_other_base=allow_other_base)
-    tensors = pipeline_to_ldm(pipe)
+    tensors = family_of(pipe).single_file(pipe)
     with atomic_path(output) as tmp:
         save_file(tensors, str(tmp), metadata={k: meta[k] for k in ("base_model", "base_model_digest", "method",
                                                                    "concepts", "train", "steps")})

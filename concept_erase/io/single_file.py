@@ -1,4 +1,5 @@
-"""Write a pipeline as one original-layout (LDM) checkpoint, as A1111, ComfyUI and civitai use.
+"""Write a pipeline as one original-layout checkpoint, as A1111, ComfyUI and civitai use: the LDM
+layout of SD 1.x/2.x and the SGM layout of SDXL (`conditioner.embedders.N`).
 
 diffusers reads these files (`from_single_file`) but has no writer. The key mapping below is the
 inverse of diffusers' own converters, derived from the model's config so it holds for any depth;
@@ -20,10 +21,14 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's first text encoder (CLIP ViT-L)
+SGM_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's second (OpenCLIP ViT-bigG, with its projection)
 
 _UNET_FIXED = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
     "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    # SDXL's text-time embedding (pooled text + time ids)
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
 }
 _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
            ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
@@ -118,6 +123,9 @@ def clip_to_open_clip(state: dict) -> dict:
     for key, value in state.items():
         if key.endswith("position_ids"):
             continue
+        if key == "text_projection.weight":  # SDXL's second encoder: OpenCLIP stores x @ P, not P x
+            out["text_projection"] = value.T.contiguous()
+            continue
         if key in _OPEN_CLIP_FIXED:
             out[_OPEN_CLIP_FIXED[key]] = value
             continue
@@ -142,38 +150,63 @@ def clip_to_open_clip(state: dict) -> dict:
     return out
 
 
+def _clip_state(text_encoder) -> dict:
+    # the original layouts name CLIP's weights text_model.* (transformers 5 drops that prefix in memory)
+    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in text_encoder.state_dict().items()}
+
+
+def _unet_and_vae(pipe) -> dict[str, torch.Tensor]:
+    tensors = {UNET_PREFIX + k: v for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items()}
+    tensors.update({VAE_PREFIX + k: v for k, v in vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items()})
+    return tensors
+
+
 def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items():
-        tensors[UNET_PREFIX + k] = v
-    for k, v in vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items():
-        tensors[VAE_PREFIX + k] = v
+    """SD 1.x/2.x in the LDM layout."""
+    tensors = _unet_and_vae(pipe)
     if _is_open_clip(pipe.text_encoder):
-        for k, v in clip_to_open_clip(pipe.text_encoder.state_dict()).items():
-            tensors[OPEN_CLIP_PREFIX + k] = v
+        tensors.update({OPEN_CLIP_PREFIX + k: v for k, v in clip_to_open_clip(pipe.text_encoder.state_dict()).items()})
     else:
-        for k, v in pipe.text_encoder.state_dict().items():
-            # the original layout names CLIP's weights text_model.* (transformers 5 drops that prefix in memory)
-            tensors[CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k)] = v
+        tensors.update({CLIP_PREFIX + k: v for k, v in _clip_state(pipe.text_encoder).items()})
     _verify(pipe, tensors)
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def _verify(pipe, tensors: dict) -> None:
+def pipeline_to_sgm(pipe) -> dict[str, torch.Tensor]:
+    """SDXL in the SGM layout of its original checkpoints: the UNet and VAE as SD's, the first text encoder
+    in transformers' CLIP layout under conditioner.embedders.0.transformer, the second in OpenCLIP's
+    under conditioner.embedders.1.model (q, k, v fused, the projection transposed)."""
+    if pipe.text_encoder is None:
+        raise UserError("this SDXL pipeline has no first text encoder (a refiner?); the single-file layout "
+                        "written here is SDXL base's: export with --format diffusers")
+    tensors = _unet_and_vae(pipe)
+    tensors.update({SGM_CLIP_PREFIX + k: v for k, v in _clip_state(pipe.text_encoder).items()})
+    tensors.update({SGM_OPEN_CLIP_PREFIX + k: v
+                    for k, v in clip_to_open_clip(pipe.text_encoder_2.state_dict()).items()})
+    _verify(pipe, tensors, sgm=True)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _verify(pipe, tensors: dict, *, sgm: bool = False) -> None:
     """Run diffusers' own readers on the mapping: every weight must come back under its name."""
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 
-    text = (convert_open_clip_checkpoint(pipe.text_encoder, tensors) if _is_open_clip(pipe.text_encoder)
-            else convert_ldm_clip_checkpoint(tensors))
-    for name, module, back in (
-        ("UNet", pipe.unet, convert_ldm_unet_checkpoint(tensors, dict(pipe.unet.config))),
-        ("VAE", pipe.vae, convert_ldm_vae_checkpoint(tensors, dict(pipe.vae.config))),
-        ("text encoder", pipe.text_encoder, text),
-    ):
+    parts = [("UNet", pipe.unet, convert_ldm_unet_checkpoint(tensors, dict(pipe.unet.config))),
+             ("VAE", pipe.vae, convert_ldm_vae_checkpoint(tensors, dict(pipe.vae.config)))]
+    if sgm:
+        parts += [("text encoder", pipe.text_encoder, convert_ldm_clip_checkpoint(tensors)),
+                  ("second text encoder", pipe.text_encoder_2,
+                   convert_open_clip_checkpoint(pipe.text_encoder_2, tensors, prefix=SGM_OPEN_CLIP_PREFIX))]
+    else:
+        parts.append(("text encoder", pipe.text_encoder,
+                      convert_open_clip_checkpoint(pipe.text_encoder, tensors) if _is_open_clip(pipe.text_encoder)
+                      else convert_ldm_clip_checkpoint(tensors)))
+    for name, module, back in parts:
         state = module.state_dict()
-        if name == "text encoder":
-            state = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+        if "text encoder" in name:
+            state = {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+                     for k, v in state.items()}
         missing = [k for k in state if k not in back and not k.endswith("position_ids")]
         wrong = [k for k in state if k in back and tuple(back[k].reshape(state[k].shape).shape) != tuple(state[k].shape)
                  or k in back and not torch.equal(back[k].reshape(state[k].shape), state[k])]

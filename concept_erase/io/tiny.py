@@ -84,8 +84,10 @@ def build_tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", imag
 
 def build_tiny_sdxl_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", image_size: int = 32):
     """A tiny SDXL pipeline (as diffusers' own SDXL tests build one): two CLIP text encoders, the second
-    with a projection (the pooled embedding), their penultimate hidden states concatenated (32 + 32 wide),
-    and a UNet with `addition_embed_type="text_time"` that takes the pooled embedding and six time ids."""
+    with a projection (the pooled embedding), their penultimate hidden states concatenated (32 + 48 wide),
+    and a UNet with `addition_embed_type="text_time"` that takes the pooled embedding and six time ids.
+    The encoders differ in width and activation as SDXL's do (CLIP ViT-L, quick GELU; OpenCLIP bigG,
+    GELU): diffusers' single-file reader tells them apart by width."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -105,8 +107,8 @@ def build_tiny_sdxl_pipeline(seed: int = 0, *, prediction_type: str = "epsilon",
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids x 8 + the pooled embedding
-        cross_attention_dim=64,
+        projection_class_embeddings_input_dim=6 * 8 + 48,  # six time ids x 8 + the pooled embedding
+        cross_attention_dim=32 + 48,
         norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
@@ -115,13 +117,13 @@ def build_tiny_sdxl_pipeline(seed: int = 0, *, prediction_type: str = "epsilon",
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(16, 32), latent_channels=4,
         layers_per_block=1, norm_num_groups=8, sample_size=image_size,
     )
-    config = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                  hidden_act="gelu", projection_dim=32)
+    config = dict(vocab_size=49408, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config, hidden_size=32, projection_dim=32, hidden_act="quick_gelu"))
     torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, hidden_size=48, projection_dim=48,
+                                                                hidden_act="gelu"))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type)
     tokenizer = load_clip_tokenizer()

@@ -30,6 +30,7 @@ from concept_erase.training.hardware import check_device, describe_device, durat
 from concept_erase.methods.losses import per_sample_mse
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
 from concept_erase.training.original import OriginalModel
+from concept_erase.training.probes import PROBES
 from concept_erase.training.subsets import select_trainable
 from concept_erase.families.base import Cond, family_of
 
@@ -301,10 +302,8 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, params)
         self.model, self.optimizer = acc.prepare(unet, self.optimizer)
         self.params = params
-        self.carry: dict[int, tuple[RegressionBatch, torch.Tensor]] = {}
-        # eupmu's held-out tuples of the next step with their loss at theta_{t+1}, measured in the same
-        # no-grad call as this step's "after" values: {step: {micro: (tuple, loss)}}.
-        self.next_probe: dict[int, dict[int, tuple[RegressionBatch, torch.Tensor]]] = {}
+        # where the controller's lambda update reads the retain loss before and after each step
+        self.probe = PROBES.get(self.controller.probe)(cfg, self.retain, lambda batch: self._forward(batch))
         self.lambda_history: list[float] = []
         self.start_step = 0
         self.stopped_at: int | None = None
@@ -351,9 +350,7 @@ class Trainer:
     def _rank_state(self) -> dict[str, torch.Tensor]:
         """Tensors this rank needs for its next step (a trajectory pool, a carried retain tuple)."""
         extra = dict(self.forget.state_tensors())
-        for micro, (batch, before) in self.carry.items():
-            extra.update(batch.tensors(f"carry.{micro}"))
-            extra[f"carry.{micro}.before"] = before.detach().reshape(1)
+        extra.update(self.probe.state()[0])
         return {k: v.detach().cpu().contiguous() for k, v in extra.items()}
 
     def _save_checkpoint(self, step: int) -> Path:
@@ -374,7 +371,7 @@ class Trainer:
                     save_file(extra, str(tmp / f"rank-{rank}.safetensors"))
                 write_json(tmp / "state.json", {"step": step, "stopped_at": self.stopped_at,
                                                 "controller": self.controller.state_dict(),
-                                                "carry": sorted(self.carry), "num_processes": acc.num_processes,
+                                                **self.probe.state()[1], "num_processes": acc.num_processes,
                                                 "config": json.loads(config_json(self.config))})
             limit = self.config.checkpoints_total_limit
             if limit:
@@ -412,10 +409,7 @@ class Trainer:
                             f"resume it with the same number (now {self.accelerator.num_processes})")
         extra = load_file(str(path / f"rank-{self.accelerator.process_index}.safetensors"))
         self.forget.load_state_tensors(extra)
-        dev = self.accelerator.device
-        self.carry = {int(m): (RegressionBatch.from_tensors(extra, f"carry.{m}", dev),
-                               extra[f"carry.{m}.before"].to(dev).reshape(()))
-                      for m in state.get("carry", [])}
+        self.probe.load_state(extra, state, self.accelerator.device)
         self.start_step = int(state["step"])
         self.stopped_at = state.get("stopped_at")
         if self.accelerator.is_main_process:
@@ -428,113 +422,92 @@ class Trainer:
         return per_sample_mse(pred, batch.target)
 
     def _retain_batch(self, gen, step: int, micro: int) -> tuple[RegressionBatch, int]:
-        """A retain batch; with a carried probe, its tail is the previous step's tuple. Returns (batch, fresh)."""
-        m = self.config.retain_batch_size
-        carried = self.carry.get(micro) if self.controller.probe == "carried" else None
-        fresh_n = m - len(carried[0]) if carried is not None else m
+        """A retain batch, with the probe's tail (a carried tuple) after the fresh rows. Returns (batch, fresh)."""
+        tail = self.probe.retain_tail(micro)
+        fresh_n = self.config.retain_batch_size - (len(tail) if tail is not None else 0)
         fresh = self.retain.batch(gen, fresh_n, step)
-        return (RegressionBatch.cat([fresh, carried[0]]) if carried is not None else fresh), fresh_n
+        return (RegressionBatch.cat([fresh, tail]) if tail is not None else fresh), fresh_n
 
-    def _probe_batch(self, step: int, rank: int, micro: int, n: int) -> RegressionBatch:
-        """A retain tuple outside this step's gradient (its own random stream), to measure the slack on.
+    def _sync(self, micro: int):
+        """No gradient all-reduce until the last micro-batch."""
+        last = micro == self.config.gradient_accumulation_steps - 1
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
 
-        The step's own retain batch would bias the slack: the step descends on that very batch, so its
-        loss falls by more than the retain loss does, and lambda is held near 0 (measured: the mean
-        lambda of the digits recipe is 0.37 with the batch, 2.1 with a held-out tuple).
-        """
-        return self.retain.batch(step_generator(self.config.seed, step, rank, micro, stream=2), n, step)
+    def _joint_backward(self, step: int, rank: int, sums: dict) -> float:
+        """forget + lambda * retain, one backward pass; the probe sees each retain batch."""
+        cfg, k, lam = self.config, self.config.gradient_accumulation_steps, self.controller.current()
+        for micro in range(k):
+            gen = step_generator(cfg.seed, step, rank, micro)
+            fb = self.forget.batch(gen, cfg.batch_size, step)
+            with self._sync(micro):
+                if self.retain is not None:
+                    # Both losses from one UNet call: the rows are independent (no batch statistics in
+                    # the UNet), and one call on the joined batch costs about half of two calls on
+                    # small batches (measured on the digits UNet: 185 ms against 342 ms, forward and
+                    # backward). UNGrad cannot do this: it needs the two gradients apart.
+                    rb, fresh_n = self._retain_batch(gen, step, micro)
+                    both = self._forward(RegressionBatch.cat([fb, rb]))
+                    loss_u, per = both[:len(fb)].mean(), both[len(fb):]
+                    loss_r = per.mean()
+                    loss = loss_u + lam * loss_r
+                    sums["retain"] += loss_r.detach()
+                    self.probe.observe(step, rank, micro, rb, per, fresh_n)
+                else:
+                    loss = loss_u = self._forward(fb).mean()
+                self._backward(loss / k)
+            sums["forget"] += loss_u.detach()
+        return lam
 
-    def _measured_probe(self, step: int, rank: int, micro: int, n: int) -> tuple[RegressionBatch, torch.Tensor]:
-        """A held-out tuple and its loss at the current weights (no gradient)."""
-        pb = self._probe_batch(step, rank, micro, n)
-        with torch.no_grad():
-            return pb, self._forward(pb).mean()
+    def _separate_backward(self, step: int, rank: int, sums: dict) -> float:
+        """One backward pass per loss; lambda in closed form from the two gradients (UNGrad)."""
+        cfg, k, acc, ctl = self.config, self.config.gradient_accumulation_steps, self.accelerator, self.controller
+        for micro in range(k):
+            gen = step_generator(cfg.seed, step, rank, micro)
+            fb = self.forget.batch(gen, cfg.batch_size, step)
+            with self._sync(micro):
+                loss_u = self._forward(fb).mean()
+                self._backward(loss_u / k)
+            sums["forget"] += loss_u.detach()
+        # Hand g_u's buffers over (no copy), then let backward make g_r: two gradient vectors at the
+        # peak, never three (the combined gradient is made in g_r's buffers, in place).
+        g_u = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        for micro in range(k):
+            gen = step_generator(cfg.seed, step, rank, micro, stream=1)
+            rb, _ = self._retain_batch(gen, step, micro)
+            with self._sync(micro):
+                loss_r = self._forward(rb).mean()
+                self._backward(loss_r / k)
+            sums["retain"] += loss_r.detach()
+        g_r = [p.grad for p in self.params]
+        # Under fp16 both gradients carry the gradient scaler's factor S: <g_r, g_u> and ||g_r||^2 are
+        # S^2 too large, and eps would act as eps / S^2. The closed form takes them unscaled.
+        dot, norm_sq = surgery_products(g_u, g_r, grad_scale(acc))
+        lam = ctl.from_gradients(dot, norm_sq)
+        for i, p in enumerate(self.params):
+            a, g_u[i] = g_u[i], None  # each g_u buffer is released as soon as it is added
+            if p.grad is None:
+                p.grad = a  # g_r is zero here: the combination is g_u alone
+            else:
+                p.grad.mul_(lam)
+                if a is not None:
+                    p.grad.add_(a)
+        del g_r
+        return lam
 
     def _step(self, step: int) -> dict:
         cfg, acc, ctl = self.config, self.accelerator, self.controller
         k = cfg.gradient_accumulation_steps
         rank = acc.process_index
-        lam = ctl.current()
         backward_before = self.backward_passes
         sums = {"forget": 0.0, "retain": 0.0}
-        probe_before, probe_after, probes = [], [], []
-        new_carry = {}
-
-        def sync(micro):
-            return contextlib.nullcontext() if micro == k - 1 else acc.no_sync(self.model)
-
-        if ctl.gradients == "joint":
-            for micro in range(k):
-                gen = step_generator(cfg.seed, step, rank, micro)
-                fb = self.forget.batch(gen, cfg.batch_size, step)
-                with sync(micro):
-                    if self.retain is not None:
-                        # Both losses from one UNet call: the rows are independent (no batch statistics in
-                        # the UNet), and one call on the joined batch costs about half of two calls on
-                        # small batches (measured on the digits UNet: 185 ms against 342 ms, forward and
-                        # backward). UNGrad cannot do this: it needs the two gradients apart.
-                        rb, fresh_n = self._retain_batch(gen, step, micro)
-                        both = self._forward(RegressionBatch.cat([fb, rb]))
-                        loss_u, per = both[:len(fb)].mean(), both[len(fb):]
-                        loss_r = per.mean()
-                        loss = loss_u + lam * loss_r
-                        sums["retain"] += loss_r.detach()
-                        if ctl.probe == "after-step" and cfg.slack_probe == "held-out":
-                            ready = self.next_probe.get(step, {}).get(micro)
-                            if ready is None:  # the first step, or the first after a resume
-                                ready = self._measured_probe(step, rank, micro, cfg.retain_batch_size)
-                            probes.append(ready[0])
-                            probe_before.append(ready[1])
-                        elif ctl.probe == "after-step":
-                            probes.append(rb)
-                            probe_before.append(loss_r.detach())
-                        elif ctl.probe == "carried":
-                            if micro in self.carry:
-                                probe_before.append(self.carry[micro][1])
-                                probe_after.append(per[fresh_n:].detach().mean())
-                            keep = cfg.retain_batch_size // 2
-                            if cfg.slack_probe == "held-out":  # measured now, trained on next step
-                                new_carry[micro] = self._measured_probe(step, rank, micro, keep)
-                            else:
-                                new_carry[micro] = (rb.slice(0, keep), per[:keep].detach().mean())
-                    else:
-                        loss = loss_u = self._forward(fb).mean()
-                    self._backward(loss / k)
-                sums["forget"] += loss_u.detach()
-        else:  # one backward pass per loss, lambda from the two gradients
-            for micro in range(k):
-                gen = step_generator(cfg.seed, step, rank, micro)
-                fb = self.forget.batch(gen, cfg.batch_size, step)
-                with sync(micro):
-                    loss_u = self._forward(fb).mean()
-                    self._backward(loss_u / k)
-                sums["forget"] += loss_u.detach()
-            # Hand g_u's buffers over (no copy), then let backward make g_r: two gradient vectors at the
-            # peak, never three (the combined gradient is made in g_r's buffers, in place).
-            g_u = [p.grad for p in self.params]
-            for p in self.params:
-                p.grad = None
-            for micro in range(k):
-                gen = step_generator(cfg.seed, step, rank, micro, stream=1)
-                rb, _ = self._retain_batch(gen, step, micro)
-                with sync(micro):
-                    loss_r = self._forward(rb).mean()
-                    self._backward(loss_r / k)
-                sums["retain"] += loss_r.detach()
-            g_r = [p.grad for p in self.params]
-            # Under fp16 both gradients carry the gradient scaler's factor S: <g_r, g_u> and ||g_r||^2 are
-            # S^2 too large, and eps would act as eps / S^2. The closed form takes them unscaled.
-            dot, norm_sq = surgery_products(g_u, g_r, grad_scale(acc))
-            lam = ctl.from_gradients(dot, norm_sq)
-            for i, p in enumerate(self.params):
-                a, g_u[i] = g_u[i], None  # each g_u buffer is released as soon as it is added
-                if p.grad is None:
-                    p.grad = a  # g_r is zero here: the combination is g_u alone
-                else:
-                    p.grad.mul_(lam)
-                    if a is not None:
-                        p.grad.add_(a)
-            del g_r
+        probe = self.probe
+        probe.begin_step()
+        # The controller names the step's shape: one backward pass on forget + lambda * retain, or one per
+        # loss with lambda from the two gradients.
+        backward = {"joint": self._joint_backward, "separate": self._separate_backward}[ctl.gradients]
+        lam = backward(step, rank, sums)
 
         if cfg.max_grad_norm > 0:  # clipping measures the norm (before clipping) already
             grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -543,34 +516,17 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        self.next_probe = {}
-        if probes:  # the same tuples, at theta_{t+1}
-            ahead = cfg.slack_probe == "held-out" and step + 1 < cfg.steps
-            ready = {}
-            for micro, pb in enumerate(probes):
-                # The next step's held-out tuple is measured at theta_{t+1} too: one UNet call for both
-                # (rows are independent; the tuple comes from its own per-step random stream). One call
-                # per micro-batch, so no call is larger than twice the retain batch.
-                nxt = self._probe_batch(step + 1, rank, micro, cfg.retain_batch_size) if ahead else None
-                with torch.no_grad():
-                    per = self._forward(RegressionBatch.cat([pb, nxt]) if nxt is not None else pb)
-                probe_after.append(per[:len(pb)].mean())
-                if nxt is not None:
-                    ready[micro] = (nxt, per[len(pb):].mean())
-            if ready:
-                self.next_probe = {step + 1: ready}
-        if ctl.probe == "carried":
-            self.carry = new_carry
+        probe.after_step(step, rank)
 
         # All ranks reduce the same fp32 loss values, so every rank takes the same lambda step.
         def mean(xs):
             return sum(xs) / len(xs) if xs else 0.0
 
         values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=acc.device).reshape(())
-                              for v in (sums["forget"] / k, sums["retain"] / k, mean(probe_before),
-                                        mean(probe_after), grad_norm)])
+                              for v in (sums["forget"] / k, sums["retain"] / k, mean(probe.before),
+                                        mean(probe.after), grad_norm)])
         loss_f, loss_r, before, after, gnorm = (float(v) for v in acc.reduce(values, reduction="mean").cpu())
-        paired = bool(probe_after) and len(probe_after) == len(probe_before)
+        paired = bool(probe.after) and len(probe.after) == len(probe.before)
         ctl.update(before if paired else None, after if paired else None, cfg.lr)
         record = {"step": step + 1, "loss_forget": loss_f,
                   "loss_retain": loss_r if self.retain is not None else None,
