@@ -1,10 +1,15 @@
-"""SD-scale check: the toolkit on pipelines shaped like SD 1.5 and SD 2.1, with random weights.
+"""SD-scale check: the toolkit on pipelines shaped like SD 1.5, SD 2.1 and SDXL, with random weights.
 
 No download: the UNet is diffusers' own default UNet2DConditionModel config (SD 1.x's layout) with
 SD 1.5's or SD 2.1's cross-attention settings, the VAE is SD's four-level AutoencoderKL, the text
 encoder a CLIP text model of SD 1.5's size (768 wide, 12 layers) or SD 2.1's OpenCLIP-H size (1024
-wide, 23 layers), and SD 2.1 is v-prediction. Random weights prove shapes, memory, formats and time
-per step, not image quality.
+wide, 23 layers), and SD 2.1 is v-prediction. SDXL is SDXL base 1.0's configuration (a 2.6B UNet with
+text-time conditioning, CLIP ViT-L and OpenCLIP bigG-sized text encoders, SD's VAE). Random weights
+prove shapes, memory, formats and time per step, not image quality.
+
+On SDXL (`--models sdxl --resolution 256`) it runs `pipelines/sdxl-style-vangogh.yaml` for 2 steps,
+every other method on the same subset for one, a LoRA run, a plain fine-tuning step of xattn and of
+LoRA, and every export.
 
 On each model it runs every shipped `pipelines/sd15-*.yaml` recipe for 2 steps at --resolution 128
 under bf16, then every other method and every other --train subset for one step each (full: two), and
@@ -44,8 +49,42 @@ RESOLUTION = 128
 SUBSETS = ["xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora"]
 
 
+XL_KINDS = ("sdxl", "tiny-xl")
+
+
+def build_sdxl():
+    """An SDXL-base-1.0-shaped pipeline with seeded random weights (its published configs' numbers)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from concept_erase.io.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20), use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        cross_attention_dim=2048)
+    common = dict(max_position_embeddings=77, vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                       num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768, **common))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                     num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+                                                     **common))
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=1024, scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    tok = load_clip_tokenizer()
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=scheduler)
+
+
 def build(kind: str):
-    """An SD-1.5- or SD-2.1-shaped pipeline with seeded random weights, from configs."""
+    """An SD-1.5-, SD-2.1- or SDXL-shaped pipeline with seeded random weights, from configs."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -56,6 +95,12 @@ def build(kind: str):
         from concept_erase.io.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline()
+    if kind == "tiny-xl":
+        from concept_erase.io.tiny import build_tiny_sdxl_pipeline
+
+        return build_tiny_sdxl_pipeline()
+    if kind == "sdxl":
+        return build_sdxl()
     if kind == "sd15":
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
         text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -186,24 +231,25 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
     from concept_erase.io.loading import load_pipeline
     from concept_erase.training.subsets import select_trainable
 
-    pipe = load_pipeline(str(model_dir))
+    from concept_erase.families.base import family_of
     from concept_erase.training.banks import tensor_digest
 
+    pipe = load_pipeline(str(model_dir))
+    family = family_of(pipe)
     tensor_digest(pipe.unet.state_dict())  # as the trainer does before its "device:" line: the weights are read in
     base = reset_peak()  # measured from the loaded model, as the runs are
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="bf16")
     unet = pipe.unet
-    trained = select_trainable(unet, subset, lora_rank=8, lora_alpha=8)
+    trained = select_trainable(unet, subset, family, lora_rank=8, lora_alpha=8)
     ids = {id(p) for p in trained.values()}
     for p in unet.parameters():
         if id(p) not in ids:
             p.data = p.data.to(torch.bfloat16)
     opt = torch.optim.AdamW(list(trained.values()), lr=1e-5)
-    with torch.no_grad():
-        tok = pipe.tokenizer(["a painting"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-        emb = pipe.text_encoder(tok)[0]
     n, side = 3, RESOLUTION // pipe.vae_scale_factor  # forget batch 1 + retain batch 2, as the recipes
+    with torch.no_grad():
+        cond = family.encode(pipe, ["a painting"], "cpu", RESOLUTION).repeat(n)
     acp = pipe.scheduler.alphas_cumprod
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -213,7 +259,7 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
         t = torch.randint(0, len(acp), (n,), generator=g)
         a = acp[t].view(-1, 1, 1, 1)
         with acc.autocast():
-            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=emb.expand(n, -1, -1)).sample
+            pred = family.predict(unet, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond)
         torch.nn.functional.mse_loss(pred.float(), noise).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -227,10 +273,14 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
 
 def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: Path) -> list[dict]:
     """Every export of an xattn run (and the LoRA run's), read back with diffusers' own readers."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import UNet2DConditionModel
 
     from concept_erase.errors import UserError
     from concept_erase.io.export import export_diffusers, export_lora, export_single_file, read_delta
+
+    name = json.loads((model_dir / "model_index.json").read_text())["_class_name"]
+    pipeline_class = getattr(diffusers, name)  # StableDiffusionPipeline or StableDiffusionXLPipeline
 
     base = UNet2DConditionModel.from_pretrained(str(model_dir / "unet")).state_dict()
     tensors, _ = read_delta(run)
@@ -241,19 +291,19 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
 
     t0 = time.perf_counter()
     folder = export_diffusers(run, work / "diffusers", overwrite=True)
-    back = StableDiffusionPipeline.from_pretrained(str(folder)).unet.state_dict()
+    back = pipeline_class.from_pretrained(str(folder)).unet.state_dict()
     diff = differing(back)
     out.append({"format": "diffusers", "seconds": round(time.perf_counter() - t0, 1), "mb": round(folder_bytes(folder) / 2**20),
-                "reader": "StableDiffusionPipeline.from_pretrained", "only_trained_differ": diff == set(tensors),
+                "reader": f"{name}.from_pretrained", "only_trained_differ": diff == set(tensors),
                 "differing": len(diff), "trained": len(tensors)})
     shutil.rmtree(folder)
     t0 = time.perf_counter()
     try:
         path = export_single_file(run, work / "single.safetensors", overwrite=True)
-        back = StableDiffusionPipeline.from_single_file(str(path), config=str(model_dir)).unet.state_dict()
+        back = pipeline_class.from_single_file(str(path), config=str(model_dir)).unet.state_dict()
         diff = differing(back)
         out.append({"format": "single-file", "seconds": round(time.perf_counter() - t0, 1),
-                    "mb": round(path.stat().st_size / 2**20), "reader": "StableDiffusionPipeline.from_single_file",
+                    "mb": round(path.stat().st_size / 2**20), "reader": f"{name}.from_single_file",
                     "only_trained_differ": diff == set(tensors), "differing": len(diff), "trained": len(tensors)})
         path.unlink()
     except UserError as err:
@@ -261,7 +311,7 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
     for name, source in (("lora (factored xattn run)", run), ("lora (LoRA run)", lora_run)):
         t0 = time.perf_counter()
         summary = export_lora(source, work / "lora", overwrite=True)
-        pipe = StableDiffusionPipeline.from_pretrained(str(model_dir))
+        pipe = pipeline_class.from_pretrained(str(model_dir))
         pipe.load_lora_weights(str(work / "lora"))
         out.append({"format": name, "seconds": round(time.perf_counter() - t0, 1),
                     "mb": round(folder_bytes(work / "lora") / 2**20, 1), "reader": "load_lora_weights",
@@ -295,7 +345,10 @@ def check_model(kind: str, root: Path) -> dict:
     if done:
         print(f"== {kind}: continuing; {len(done)} measurement(s) already in {partial}", flush=True)
     results: list = []
-    keep = {"sd15-style-vangogh", "sd15-object-church"}  # the exports read these two runs
+    xl = kind in XL_KINDS
+    # the exports read these two runs: an xattn run and a LoRA run
+    xattn_run, lora_run = ("sdxl-style-vangogh", "eupmu-lora") if xl else ("sd15-style-vangogh", "sd15-object-church")
+    keep = {xattn_run, lora_run}
 
     def measure(label: str, settings: dict, folder: str, steps: int = 2, **extra) -> None:
         if label in done and (label not in keep or (root / f"{kind}-{folder}").is_dir()):  # the exports read keep's
@@ -308,21 +361,24 @@ def check_model(kind: str, root: Path) -> dict:
             shutil.rmtree(out, ignore_errors=True)
         _progress(root, kind, results)
 
-    recipes = sorted((ROOT / "pipelines").glob("sd15-*.yaml"))
+    recipes = sorted((ROOT / "pipelines").glob("sdxl-*.yaml" if xl else "sd15-*.yaml"))
     for recipe in recipes:
         settings = load_yaml(recipe)
         settings.pop("model", None)
         measure(recipe.stem, settings, recipe.stem, recipe=recipe.name)
-    xattn = load_yaml(ROOT / "pipelines" / "sd15-style-vangogh.yaml")
+    xattn = load_yaml(ROOT / "pipelines" / f"{xattn_run}.yaml")
     xattn.pop("model", None)
     for method in METHODS[1:]:
         measure(method, {**xattn, "method": method}, f"m-{method}", steps=1)
-    for subset in ("xattn-kv", "selfattn", "full"):
-        # full: two steps, for the optimizer's states exist from the second step on (AdamW makes them lazily
-        # in the first): only then does UNGrad's second gradient add to the peak.
-        measure(f"eupmu {subset}", {**xattn, "train": subset}, f"s-{subset}", steps=2 if subset == "full" else 1)
-    measure("ungrad full", {**xattn, "method": "ungrad", "train": "full"}, "ungrad-full", steps=2)
-    for subset in SUBSETS:
+    if xl:  # SDXL: the attention subsets and LoRA (the issue's scope); the full UNet is 10 GB of fp32 here
+        measure(lora_run, {**xattn, "train": "lora", "lr": 1e-4, "lora_rank": 8, "lora_alpha": 8}, lora_run, steps=2)
+    else:
+        for subset in ("xattn-kv", "selfattn", "full"):
+            # full: two steps, for the optimizer's states exist from the second step on (AdamW makes them
+            # lazily in the first): only then does UNGrad's second gradient add to the peak.
+            measure(f"eupmu {subset}", {**xattn, "train": subset}, f"s-{subset}", steps=2 if subset == "full" else 1)
+        measure("ungrad full", {**xattn, "method": "ungrad", "train": "full"}, "ungrad-full", steps=2)
+    for subset in (("xattn", "lora") if xl else SUBSETS):
         label = f"plain {subset}"
         if label in done:
             results.append(done[label])
@@ -333,7 +389,7 @@ def check_model(kind: str, root: Path) -> dict:
     runs = [r for r in results if r["method"] != "plain"]
     plains = [r for r in results if r["method"] == "plain"]
     print(f"== {kind}: exports", flush=True)
-    exports = check_exports(kind, model_dir, root / f"{kind}-sd15-style-vangogh", root / f"{kind}-sd15-object-church",
+    exports = check_exports(kind, model_dir, root / f"{kind}-{xattn_run}", root / f"{kind}-{lora_run}",
                             root / f"{kind}-exports")
     for label in keep:
         shutil.rmtree(root / f"{kind}-{label}", ignore_errors=True)
@@ -345,7 +401,7 @@ def check_model(kind: str, root: Path) -> dict:
 def report(results: list[dict], command: str) -> str:
     runs = "; ".join(f"{r['model']}: `{r.get('command', command)}`, "
                      f"{(r.get('check_s', 0) + r.get('carried_s', 0)) / 60:.1f} min" for r in results)
-    lines = ["# Scale check (random weights, SD-1.5 and SD-2.1 shapes)", "",
+    lines = ["# Scale check (random weights, SD-1.5, SD-2.1 and SDXL shapes)", "",
              f"Commands: {runs}; on {os.cpu_count()} CPU cores, torch {torch.__version__}, bf16 autocast, --resolution {RESOLUTION}, 2 steps per recipe, 1 per other method or subset; "
              "sampling cut to trajectory 4 / anchors 2 steps, 2 anchor images per prompt. Each run and each plain "
              "step in a process of its own; peak = the process's peak resident size (VmHWM) above its size once "
@@ -400,7 +456,8 @@ def main() -> int:
     global RESOLUTION
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="runs/scale")
-    parser.add_argument("--models", default="sd15,sd21", help="sd15, sd21, or tiny (a dry run of the script)")
+    parser.add_argument("--models", default="sd15,sd21",
+                        help="sd15, sd21, sdxl, or tiny / tiny-xl (dry runs of the script)")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from OUTPUT/scale.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)

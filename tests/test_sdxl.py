@@ -187,3 +187,93 @@ def test_a_delta_is_refused_by_a_model_of_another_family(xl_config, tiny_dir):
     sd = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
     with pytest.raises(UserError, match="made for the sdxl family.*StableDiffusionPipeline"):
         apply(sd, delta)
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing changed
+@pytest.fixture()
+def good_xl_run(xl_dir, cache_dir, tmp_path):
+    from concept_erase.cli import main
+
+    from test_cli import base_args
+
+    run = tmp_path / "run"
+    assert main(base_args(xl_dir, run, cache_dir)) == 0
+    return run
+
+
+def _refused(capsys, argv, message, run):
+    from concept_erase.cli import main
+
+    from test_bad_inputs import assert_refused
+    from test_cli import tree
+
+    before = tree(run)
+    code = main(argv)
+    assert_refused(code, capsys.readouterr().err, message, run, before)
+
+
+def test_bad_family_inputs_leave_a_good_run_alone(good_xl_run, xl_dir, xl_pipe, cache_dir, tmp_path, capsys,
+                                                  monkeypatch):
+    import json
+
+    from concept_erase.families.sdxl import StableDiffusionXL
+    from concept_erase.io.export import export_single_file
+
+    from test_cli import base_args
+
+    def argv(model, *extra):
+        args = base_args(model, good_xl_run, cache_dir) + ["--overwrite", *extra]
+        return args
+
+    # a pipeline class no family handles: named, with those that are handled
+    other = tmp_path / "kandinsky"
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    _refused(capsys, argv(other), "KandinskyPipeline, which no family of concept-erase handles", good_xl_run)
+    # an SDXL single file offline without its configs: says to pass --model-config
+    single = export_single_file(good_xl_run, tmp_path / "xl.safetensors")
+    _refused(capsys, argv(single), "--model-config", good_xl_run)
+    # a --train subset the family lacks (SDXL has all of SD's: take one away to see the path)
+    monkeypatch.setattr(StableDiffusionXL, "subsets",
+                        {k: v for k, v in StableDiffusionXL.subsets.items() if k != "selfattn"})
+    _refused(capsys, argv(xl_dir, "--train", "selfattn"), "--train selfattn: the sdxl family has no such subset",
+             good_xl_run)
+
+
+def test_sample_and_eval_run_on_sdxl_with_the_same_flags(good_xl_run, xl_dir, tmp_path):
+    from PIL import Image
+
+    from concept_erase.cli import main
+
+    weights = str(good_xl_run / "erased.safetensors")
+    assert main(["sample", "--model", str(xl_dir), "--weights", weights, "--prompt", "van gogh", "--prompt", "a photo",
+                 "--seeds", "0-1", "--steps", "2", "--output", str(tmp_path / "samples")]) == 0
+    pngs = sorted((tmp_path / "samples").rglob("*.png"))
+    assert pngs and Image.open(pngs[0]).size[0] == 32  # the tiny SDXL's native side
+    (tmp_path / "prompts.csv").write_text("case_number,prompt,seed,concept\n0,van gogh,0,van gogh\n1,a photo,1,\n")
+    (tmp_path / "suite.yaml").write_text(f"name: xl\nprompts: {tmp_path / 'prompts.csv'}\nseeds_per_prompt: 2\n"
+                                         "steps: 2\nguidance: 4.0\nbatch_size: 4\nmetrics:\n  fid: {reference: base}\n"
+                                         "  nudity: {}\n")
+    assert main(["eval", "--model", str(xl_dir), "--weights", weights, "--suite", str(tmp_path / "suite.yaml"),
+                 "--output", str(tmp_path / "eval"), "--no-progress", "--cache-dir", str(tmp_path / "evalcache")]) == 0
+    results = __import__("json").loads((tmp_path / "eval" / "results.json").read_text())
+    names = {m["metric"] for m in results["metrics"]} if isinstance(results["metrics"], list) else set(results["metrics"])
+    assert {"fid", "nudity"} <= names, results["metrics"]
+
+
+def test_v_prediction_sdxl_trains_on_v_targets(make_config):
+    from concept_erase.families.base import family_of
+    from concept_erase.io.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline(prediction_type="v_prediction")
+    schedule = family_of(pipe).schedule(pipe)
+    assert schedule.prediction_type == "v_prediction"
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn((2, 4, 16, 16), generator=g), torch.randn((2, 4, 16, 16), generator=g)
+    t = torch.tensor([10, 900])
+    a = schedule.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(schedule.target(x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0)
+    torch.testing.assert_close(schedule.noised(x0, noise, t), a.sqrt() * x0 + (1 - a).sqrt() * noise)
+    cfg = make_config(model="builtin:tiny-xl-v", method="eupmu", steps=2)
+    erase(cfg)
+    assert all(torch.isfinite(torch.tensor(r["loss_forget"])) for r in metrics(cfg.output))
