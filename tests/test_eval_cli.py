@@ -126,10 +126,13 @@ def test_eval_bad_inputs_leave_the_output_alone(suite, tmp_path, fid_cache, caps
     assert not (tmp_path / "z").exists()
 
 
-def test_overwrite_replaces_only_a_complete_evaluation(suite, tmp_path, fid_cache, monkeypatch, capsys):
+def test_overwrite_replaces_only_a_complete_evaluation(tmp_path, fid_cache, monkeypatch, capsys):
     from concept_erase.errors import UserError
     from concept_erase.evaluation import metrics
 
+    suite = tmp_path / "judge-only.yaml"  # what is checked here is the overwrite, not the metrics
+    suite.write_text(f"name: judge-only\nprompts: {ROOT / 'prompts' / 'digits.csv'}\nseeds_per_prompt: 1\n"
+                     "steps: 4\nguidance: 4.0\nbatch_size: 8\nmetrics:\n  judge: {}\n")
     out = tmp_path / "ev"
     assert run(suite, out, fid_cache, "--erased", "three") == 0
     old = tree(out)

@@ -1,8 +1,9 @@
 """The erasure trainer: Accelerate, one loop, no method-specific branch.
 
-What a step does is read off the plug-ins: the forget and retain objectives build regression
-batches, the lambda controller says how the two losses combine (one joint backward pass, or one
-per loss with a closed-form lambda) and where the retain loss after the step comes from.
+What a step does is read off the plug-ins: the model family encodes prompts and calls the denoiser,
+the forget and retain objectives build regression batches, the lambda controller says how the two
+losses combine (one joint backward pass, or one per loss with a closed-form lambda) and names the
+probe (`probes.py`) that reads the retain loss before and after the step.
 """
 
 from __future__ import annotations
