@@ -176,8 +176,9 @@ def quiet_hub_progress() -> None:
 
 
 def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message, without its closing period (the caller's sentence goes on)."""
     text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
+    return text[0][:300].rstrip(".") if text else type(err).__name__
 
 
 def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
