@@ -274,7 +274,6 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
 def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: Path) -> list[dict]:
     """Every export of an xattn run (and the LoRA run's), read back with diffusers' own readers."""
     import diffusers
-    from diffusers import UNet2DConditionModel
 
     from concept_erase.errors import UserError
     from concept_erase.io.export import export_diffusers, export_lora, export_single_file, read_delta
@@ -282,12 +281,17 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
     name = json.loads((model_dir / "model_index.json").read_text())["_class_name"]
     pipeline_class = getattr(diffusers, name)  # StableDiffusionPipeline or StableDiffusionXLPipeline
 
-    base = UNet2DConditionModel.from_pretrained(str(model_dir / "unet")).state_dict()
+    from safetensors import safe_open
+
+    # the base UNet's tensors read one at a time: SDXL's whole fp32 UNet (10 GB) beside a loaded pipeline
+    # (14 GB) would not fit this machine
+    files = [safe_open(str(f), "pt") for f in sorted((model_dir / "unet").glob("*.safetensors"))]
+    where = {k: f for f in files for k in f.keys()}
     tensors, _ = read_delta(run)
     out = []
 
     def differing(state: dict) -> set:
-        return {n for n, v in state.items() if n in base and not torch.equal(v.float(), base[n].float())}
+        return {n for n, v in state.items() if n in where and not torch.equal(v.float(), where[n].get_tensor(n).float())}
 
     t0 = time.perf_counter()
     folder = export_diffusers(run, work / "diffusers", overwrite=True)
