@@ -182,10 +182,9 @@ def _demo(args) -> None:
 
 def _pipeline_name(run) -> str:
     """The diffusers pipeline class that reads what was exported from this run's delta."""
-    from concept_erase.families.base import FAMILIES
-    from concept_erase.io.export import read_delta
+    from concept_erase.io.export import delta_family, read_delta
 
-    return FAMILIES.get(read_delta(run)[1].get("family", "sd")).pipeline_classes[0]
+    return delta_family(read_delta(run, tensors=False)[1]).pipeline_classes[0]
 
 
 def _export(args) -> None:

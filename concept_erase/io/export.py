@@ -91,7 +91,8 @@ def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: di
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+def read_delta(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a delta file or run folder; with tensors=False the metadata alone is read."""
     from safetensors import safe_open
 
     from concept_erase.io.loading import check_safetensors_file
@@ -104,10 +105,15 @@ def read_delta(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     check_safetensors_file(path)
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        values = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is a safetensors file but not a concept-erase delta (no '{FORMAT}' metadata)")
-    return tensors, meta
+    return values, meta
+
+
+def delta_family(meta: dict):
+    """The family a delta was made for (deltas written before families existed are SD's)."""
+    return FAMILIES.get(meta.get("family", "sd"))()
 
 
 def check_base(unet, tensors: dict, meta: dict, *, allow_other_base: bool) -> None:
@@ -151,7 +157,7 @@ def apply(pipe, path: str | Path, *, allow_other_base: bool = False):
     """Apply an erased delta to a pipeline in place (LoRA deltas are merged); returns the pipeline."""
     tensors, meta = read_delta(path)
     family = family_of(pipe)
-    made_for = meta.get("family", "sd")  # deltas written before families existed are SD's
+    made_for = delta_family(meta).name
     if made_for != family.name:
         raise UserError(f"this delta was made for the {made_for} family and the model is a {type(pipe).__name__} "
                         f"({family.name}); apply it to the model it was made from")
@@ -366,8 +372,7 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
                                               for k, v in peft_state.items())})
         r = rank
     unet_layers = convert_state_dict_to_diffusers(peft_state)
-    family = FAMILIES.get(meta.get("family", "sd"))()
-    pipeline_class = getattr(diffusers, family.pipeline_classes[0])  # its save_lora_weights names the keys
+    pipeline_class = getattr(diffusers, delta_family(meta).pipeline_classes[0])  # its save_lora_weights names the keys
     with atomic_dir(output, overwrite=overwrite) as tmp:
         pipeline_class.save_lora_weights(str(tmp), unet_lora_layers=unet_layers, safe_serialization=True)
         if pipe is not None:  # read back by diffusers' own loader, and measured where it matters: the output
