@@ -168,7 +168,7 @@ def _demo(args) -> None:
     from concept_erase.digits.demo import run_demo
 
     o = _opts(args, "demo")
-    overrides = {k: v for k, v in (("method", o.method), ("steps", o.steps)) if v}
+    overrides = {k: v for k, v in (("model", o.model), ("method", o.method), ("steps", o.steps)) if v}
     with _locked(o.output):
         report = run_demo(o.output, digit=o.digit, config_file=o.config or None, seeds=o.seeds,
                           overwrite=o.overwrite, progress=o.progress, overrides=overrides)
@@ -211,12 +211,12 @@ def _export(args) -> None:
               f"{summary['max_relative_error']:.3g}; {summary['biases_carried']} changed bias(es) carried as lora_B.bias")
     if "output_change_kept" in summary:
         kept = summary["output_change_kept"]
-        print(f"read back with load_lora_weights: it carries {kept:.1%} of the erasure's change in the UNet's "
+        print(f"read back with load_lora_weights: it carries {kept:.1%} of the erasure's change in the denoiser's "
               "output (concept prompts, four timesteps)")
         if summary.get("dropped") or kept < 0.95:
             what = (f"{len(summary['dropped'])} changed tensor(s) no LoRA can hold (e.g. {summary['dropped'][0]}) "
                     "are left out" if summary.get("dropped") else "the factorisation loses part of it")
-            print(f"note: {what}. For the whole erasure export --format diffusers or single-file, or use "
+            print(f"note: {what}. For the whole erasure export --format diffusers (or single-file for SD and SDXL), or use "
                   "erased.safetensors with concept_erase.apply(); or raise --rank.")
 
 

@@ -344,6 +344,9 @@ class EvalOptions:
 @dataclass
 class DemoOptions:
     output: str = setting("runs/demo", "folder for report.md, report.json, grid.png, run/", path=OUT_DIR)
+    model: str = setting("builtin:digits", "the digits model: builtin:digits (SD) or builtin:digits-flow "
+                                           "(flow-matching, SD3's structure)", choices=("builtin:digits",
+                                                                                        "builtin:digits-flow"))
     digit: str = setting("three", "the digit to erase, by name",
                          choices=("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
     config: str = setting("", "erasure recipe (default: the shipped digits-erase.yaml)", path=IN_FILE)

@@ -215,7 +215,7 @@ def test_device_and_cost_estimate_come_before_anchor_generation(tiny_dir, tmp_pa
     assert main(erase_args(tiny_dir, tmp_path / "run", tmp_path / "c", "--anchor", "a photo")) == 0
     text = capsys.readouterr().out
     assert "device: cpu" in text and "one step" in text
-    assert text.index("device: cpu") < text.index("first UNet call") < text.index("anchor images: first prompt took")
+    assert text.index("device: cpu") < text.index("first UNet2DConditionModel call") < text.index("anchor images: first prompt took")
     assert text.index("anchor images: first prompt took") < text.index("erased weights:")
 
 

@@ -57,3 +57,31 @@ def test_denoising_target_matches_diffusers(prediction_type):
 def test_denoising_target_rejects_unknown_type():
     with pytest.raises(ValueError):
         denoising_target("flow", torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1))
+
+
+def test_flow_noising_and_velocity_target_match_diffusers_flow_matching():
+    """(1 - s) x0 + s n, as FlowMatchEulerDiscreteScheduler.scale_noise gives it, and the velocity n - x0:
+    the x0 a velocity model implies, x_s - s v, is the clean latent exactly."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from concept_erase.methods.losses import flow_noised, flow_target
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn((3, 4, 8, 8), generator=g), torch.randn((3, 4, 8, 8), generator=g)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    t = sched.timesteps[torch.tensor([0, 400, 999])]
+    sigma = t / 1000
+    want = torch.stack([sched.scale_noise(x0[i:i + 1], t[i:i + 1], noise[i:i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(flow_noised(x0, noise, sigma), want)
+    v = flow_target(x0, noise)
+    torch.testing.assert_close(flow_noised(x0, noise, sigma) - sigma.view(-1, 1, 1, 1) * v, x0, rtol=1e-5, atol=1e-5)
+
+
+def test_negative_guidance_is_exact_in_velocity_space():
+    """For a fixed x_s, v = n - x0 and x0 = x_s - s v are affine in each other: steering v0 - eta (vc - v0)
+    is the same steering of the implied clean image."""
+    g = torch.Generator().manual_seed(1)
+    x_s, v0, vc = (torch.randn((2, 16), generator=g) for _ in range(3))
+    s, eta = 0.7, 1.5
+    x0 = lambda v: x_s - s * v  # noqa: E731
+    torch.testing.assert_close(x0(negative_guidance_target(v0, vc, eta)), negative_guidance_target(x0(v0), x0(vc), eta))

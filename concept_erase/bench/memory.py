@@ -73,31 +73,32 @@ def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three") -> 
 
 
 def _plain_finetune(pipe, config, steps: int) -> None:
-    """A plain denoising fine-tuning step of the same UNet subset and the same number of training
-    samples per step (forget batch + retain batch): the memory yardstick."""
+    """A plain denoising fine-tuning step of the same denoiser subset and the same number of training
+    samples per step (forget batch + retain batch), through the model's family: the memory yardstick."""
+    from concept_erase.families.base import family_of
+    from concept_erase.io.loading import training_resolution
     from concept_erase.training.subsets import select_trainable
 
-    unet = pipe.unet
-    device = unet.device
-    trained = select_trainable(unet, config.train, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
+    family = family_of(pipe)
+    model = family.denoiser(pipe)
+    device = model.device
+    trained = select_trainable(model, config.train, family, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
     params = list(trained.values())
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    resolution = training_resolution(pipe, config.resolution)
     with torch.no_grad():
-        ids = pipe.tokenizer(config.anchors[:1], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        emb = pipe.text_encoder(ids)[0]
+        cond = family.encode(pipe, config.anchors[:1], device, resolution)
     n = config.batch_size + config.retain_batch_size
-    c = unet.config
-    acp = pipe.scheduler.alphas_cumprod.to(device)
+    schedule = family.schedule(pipe)
+    shape = (n, *family.latent_shape(pipe, resolution))
     g = torch.Generator().manual_seed(0)
-    unet.train()
+    model.train()
     for _ in range(steps):
-        x0 = torch.randn((n, c.in_channels, c.sample_size, c.sample_size), generator=g).to(device)
+        x0 = torch.randn(shape, generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, len(acp), (n,), generator=g).to(device)
-        a = acp[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(xt, t, emb.expand(n, -1, -1)).sample.float(), noise)
+        t = schedule.sample_timesteps(n, g).to(device)
+        prediction = family.predict(model, schedule.noised(x0, noise, t), t, cond.repeat(n))
+        loss = torch.nn.functional.mse_loss(prediction.float(), schedule.target(x0, noise, t).float())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

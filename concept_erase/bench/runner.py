@@ -59,9 +59,9 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
 
     def on_step(done: int, trainer) -> None:
         if spec.eval_every and done % spec.eval_every == 0 and done < config.steps:
-            trainer.pipe.unet.eval()
+            trainer.ctx.denoiser.eval()
             r = judging(trainer.pipe, fid=False)
-            trainer.pipe.unet.train()
+            trainer.ctx.denoiser.train()
             curve.append({"step": done, **r})
 
     t0 = time.perf_counter()

@@ -108,7 +108,8 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
         "retain_within_5_points_of_base": after["retain_accuracy"] >= before["retain_accuracy"] - RETAIN_DROP,
     }
     report = {
-        "erased_digit": digit, "concept": config.concepts[0], "method": config.method, "train": config.train,
+        "model": config.model, "erased_digit": digit, "concept": config.concepts[0], "method": config.method,
+        "train": config.train,
         "steps": config.steps, "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
         "erase_seconds": round(erase_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "evaluation": {"seeds": seeds, "sampling_steps": steps, "guidance": guidance,
@@ -127,7 +128,7 @@ def _markdown(r: dict) -> str:
     rows = "\n".join(f"| {d} | {b['per_digit'][d]:.0%} | {a['per_digit'][d]:.0%} |" for d in DIGIT_NAMES)
     verdict = "PASSED" if r["passed"] else "MISSED"
     checks = "\n".join(f"- {k}: {'yes' if v else 'NO'}" for k, v in r["checks"].items())
-    return f"""# Erasing the digit {r['erased_digit']} from the embedded model
+    return f"""# Erasing the digit {r['erased_digit']} from the embedded model ({r.get('model', 'builtin:digits')})
 
 Method `{r['method']}` on `{r['train']}`, {r['steps']} steps ({r['erase_seconds']} s); whole demo {r['total_seconds']} s.
 

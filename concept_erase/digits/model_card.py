@@ -58,3 +58,50 @@ The judge on the base model's generations: every (digit, style) prompt, {q['seed
 Figures from `build_report.json`, written by the build that produced these weights.
 """
     path.write_text(text, encoding="utf-8")
+
+
+def write_flow_model_card(path: Path, report: dict) -> None:
+    """The card of the flow-matching digits model (`builtin:digits-flow`)."""
+    q, t, s = report["base_generations"], report["transformer"], report["settings"]
+    per_digit = " · ".join(f"{d} {q['per_digit'][d]:.0%}" for d in DIGIT_NAMES)
+    quick = "\n> **Smoke build (`--quick`)**: too few steps; quality below is not the shipped model's.\n" if s["quick"] else ""
+    text = f"""# digits-flow: the flow-matching digits model of concept-erase
+{quick}
+A small text-to-image model in the exact diffusers Stable Diffusion 3 format (`StableDiffusion3Pipeline`:
+`SD3Transformer2DModel`, `AutoencoderKL`, two `CLIPTextModelWithProjection` and a `T5EncoderModel`,
+`FlowMatchEulerDiscreteScheduler`), trained on the same real data as the embedded SD model
+(`builtin:digits`), so that erasure from a flow-matching transformer runs, and is judged, on a 2-core
+CPU. Load it with `concept_erase.load_pipeline("builtin:digits-flow")` or
+`StableDiffusion3Pipeline.from_pretrained("<this folder>/pipeline")`; outside concept-erase pass
+`max_sequence_length={s['text_tokens']}` to the pipeline (it was trained with T5 reading {s['text_tokens']} tokens).
+
+## Data
+The digits world of the embedded model: scikit-learn's 1,797 real 8x8 handwritten digit scans,
+upsampled to 32x32, each rendered in five styles (plain, red ink, blue ink, inverted, bold), captioned
+as `a handwritten digit seven in red ink`. The same fixed fifth of the scans is held out.
+
+## Training (seed {s['seed']}, {s['threads']} CPU threads, torch {s['torch']}, {report['build_seconds']} s in all)
+- VAE: the embedded SD model's (trained on the same renderings), reused as it is; `shift_factor` 0.
+- Text encoders: two 2-layer CLIP text transformers (width 16, projections 16) and a 2-layer T5 encoder
+  (width 32), seeded and frozen, stored in fp16: fixed feature maps of the real CLIP BPE tokens (no T5
+  vocabulary can be had offline: T5 reads the CLIP tokens). Each tokenizer reads {s['text_tokens']} tokens.
+- Transformer: `SD3Transformer2DModel`, 4 joint blocks, width 64 (4 heads of 16), patch 1 on 4x8x8
+  latents, {t['parameters']:,} parameters. Flow matching: x_s = (1 - s) x0 + s n, velocity target
+  n - x0, s logit-normal (as diffusers' SD3 training script draws it), scheduler shift 1.0. {t['steps']}
+  steps at batch {t['batch']}, AdamW 1e-3 with cosine decay, 10% caption dropout, EMA 0.999 (the
+  shipped weights), {t['seconds']} s.
+- Rebuild: `python scripts/build_digits_flow_model.py` (deterministic for the same machine and thread count).
+
+## The judge
+The embedded model's (`digits/model/judge`): a CNN with a digit head and a style head.
+
+## Measured quality of the base model
+The judge on the base model's generations: every (digit, style) prompt, {q['seeds']} seeds each
+({q['images']} images), flow-matching Euler {q['steps']} steps, guidance {q['guidance']}:
+- prompted digit recognised: **{q['digit_accuracy']:.1%}** (bar: 85%)
+- prompted style recognised: **{q['style_accuracy']:.1%}** (bar: 85%)
+- per digit: {per_digit}
+
+Figures from `build_report.json`, written by the build that produced these weights.
+"""
+    path.write_text(text, encoding="utf-8")

@@ -115,7 +115,11 @@ def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *,
     todo = [s for s in samples if not (folder / s.name).is_file() or not _valid_png(folder / s.name)]
     if not todo:
         return 0
-    c = pipe.unet.config
+    from concept_erase.families.base import family_of
+
+    family = family_of(pipe)
+    resolution = family.native_resolution(pipe)
+    dtype = family.denoiser(pipe).dtype
     by_guidance: dict[float, list[Sample]] = {}
     for s in todo:
         by_guidance.setdefault(s.row.guidance if s.row.guidance is not None else suite.guidance, []).append(s)
@@ -123,10 +127,10 @@ def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *,
     for guidance, items in by_guidance.items():
         for i in range(0, len(items), suite.batch_size):
             batch = items[i:i + suite.batch_size]
-            noise = torch.stack([torch.randn((c.in_channels, c.sample_size, c.sample_size),
-                                             generator=torch.Generator().manual_seed(s.seed)) for s in batch])
-            images = pipe([s.row.prompt for s in batch], latents=noise.to(pipe.device, pipe.unet.dtype),
-                          num_inference_steps=suite.steps, guidance_scale=guidance, output_type="pil").images
+            noise = family.initial_noise(pipe, [s.seed for s in batch], resolution)
+            images = pipe([s.row.prompt for s in batch], latents=noise.to(pipe.device, dtype),
+                          num_inference_steps=suite.steps, guidance_scale=guidance, output_type="pil",
+                          **family.generation_kwargs(pipe, resolution)).images
             for s, im in zip(batch, images):
                 with atomic_path(folder / s.name, suffix=".png") as tmp:
                     im.save(tmp, format="PNG")

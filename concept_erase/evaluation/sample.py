@@ -50,11 +50,13 @@ def image_grid(images: list, rows: int):
 
 @torch.no_grad()
 def generate(pipe, prompt: str, seed: int, *, steps: int, guidance: float):
-    gen = torch.Generator("cpu").manual_seed(seed)
-    c = pipe.unet.config
-    latents = torch.randn((1, c.in_channels, c.sample_size, c.sample_size), generator=gen)
-    latents = latents.to(pipe.device, pipe.unet.dtype)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents).images[0]
+    from concept_erase.families.base import family_of
+
+    family = family_of(pipe)
+    resolution = family.native_resolution(pipe)
+    latents = family.initial_noise(pipe, [seed], resolution).to(pipe.device, family.denoiser(pipe).dtype)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+                **family.generation_kwargs(pipe, resolution)).images[0]
 
 
 def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path, *, weights: str = "",

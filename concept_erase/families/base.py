@@ -94,6 +94,9 @@ class Family:
     lora_targets: list[str] = []
     load_kwargs: dict = {}  # extra from_pretrained / from_single_file arguments
     required_parts: tuple[str, ...] = ()  # what a pipeline must hold to be erased from
+    part_names: dict[str, str] = {}  # how an error names a missing part, where its attribute says little
+    lora_layers_argument = "unet_lora_layers"  # the pipeline's save_lora_weights names the denoiser's layers so
+    fp16_refusal = ""  # why the family cannot train under fp16 autocast ("" when it can)
 
     # ------------------------------------------------------------ the model
     def denoiser(self, pipe) -> torch.nn.Module:
@@ -106,7 +109,30 @@ class Family:
         raise NotImplementedError
 
     def latent_shape(self, pipe, resolution: int) -> tuple[int, ...]:
+        """One sample's latents as the denoiser and the pipeline's `latents=` take them."""
         raise NotImplementedError
+
+    def resolution_step(self, pipe) -> int:
+        """Image sides must be a multiple of this many pixels."""
+        raise NotImplementedError
+
+    def initial_noise(self, pipe, seeds: list[int], resolution: int) -> torch.Tensor:
+        """The starting latents of one image per seed, each drawn from its own seeded generator on the CPU:
+        the same image for the same seed on any device and in any batch."""
+        shape = self.latent_shape(pipe, resolution)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+    def generation_kwargs(self, pipe, resolution: int) -> dict:
+        """What a pipeline call needs besides the prompts, the latents and the steps."""
+        return {"height": resolution, "width": resolution}
+
+    @torch.no_grad()
+    def image_latents(self, pipe, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images in [-1, 1] (the VAE posterior's mean), in the denoiser's space."""
+        vae = pipe.vae
+        z = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
 
     # ------------------------------------------------------------ prompts and the denoiser call
     def encode(self, pipe, prompts: list[str], device, resolution: int) -> Cond:
@@ -121,13 +147,21 @@ class Family:
         args, kwargs = self.inputs(x, t, cond)
         return model(*args, **kwargs).sample
 
+    def guided(self, model, x: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond, scale: float) -> torch.Tensor:
+        """The prediction a pipeline samples with at guidance `scale`: classifier-free guidance,
+        `u + scale (c - u)`, from one call on the doubled batch. `model(x, t, cond)` is a prediction."""
+        out = model(torch.cat([x, x]), torch.cat([t, t]), Cond.cat([uncond, cond])).float()
+        u, c = out.chunk(2)
+        return u + scale * (c - u)
+
     # ------------------------------------------------------------ noise, targets, trajectories
     def schedule(self, pipe) -> "NoiseSchedule":
         """How training noises latents and what the denoiser should output for them."""
         raise NotImplementedError
 
-    def sampler(self, pipe, steps: int):
-        """A scheduler set to `steps` sampling steps for the negative-guidance trajectory."""
+    def sampler(self, pipe, steps: int, resolution: int):
+        """The negative-guidance trajectory's sampler at `steps` steps: `timesteps`, `init_noise_sigma`,
+        and `step(output, i, x)`, the latents after sampling step i."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ exports
@@ -137,6 +171,10 @@ class Family:
         raise UserError(f"the {self.name} family has no single-file layout here; export with --format diffusers")
 
     # ------------------------------------------------------------ subsets
+    def subset_names(self, model: torch.nn.Module, subset: str) -> set[str]:
+        """The names of the denoiser's parameters a subset trains."""
+        return {n for n, _ in model.named_parameters() if self.in_subset(n, subset)}
+
     def in_subset(self, name: str, subset: str) -> bool:
         if subset not in self.subsets:
             raise UserError(f"--train {subset}: the {self.name} family has no such subset; choose one of "

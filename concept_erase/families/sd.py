@@ -36,6 +36,21 @@ class DDPMSchedule(NoiseSchedule):
         return denoising_target(self.prediction_type, x0, noise, self._abar(t, x0))
 
 
+class DDIMSampler:
+    """DDIM on the model's own betas and prediction type; `step(output, i, x)` takes sampling step i."""
+
+    def __init__(self, scheduler_config, steps: int):
+        from diffusers import DDIMScheduler
+
+        self.scheduler = DDIMScheduler.from_config(scheduler_config)
+        self.scheduler.set_timesteps(steps)
+        self.timesteps = self.scheduler.timesteps
+        self.init_noise_sigma = self.scheduler.init_noise_sigma
+
+    def step(self, output: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.step(output, self.timesteps[i], x).prev_sample
+
+
 def _xattn(name: str) -> bool:
     return ".attn2." in name
 
@@ -66,12 +81,12 @@ class UNetFamily(Family):
     def schedule(self, pipe) -> DDPMSchedule:
         return DDPMSchedule(pipe.scheduler.config)
 
-    def sampler(self, pipe, steps: int):
-        from diffusers import DDIMScheduler
+    def resolution_step(self, pipe) -> int:
+        # the VAE divides the side by its scale factor, the UNet halves it once per down block but the last
+        return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
 
-        sampler = DDIMScheduler.from_config(pipe.scheduler.config)
-        sampler.set_timesteps(steps)
-        return sampler
+    def sampler(self, pipe, steps: int, resolution: int) -> "DDIMSampler":
+        return DDIMSampler(pipe.scheduler.config, steps)
 
 
 @FAMILIES.register("sd")

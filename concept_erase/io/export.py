@@ -371,10 +371,11 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
                         "biases_carried": sum(k.endswith("lora_B.bias") and bool(v.abs().max() > 0)
                                               for k, v in peft_state.items())})
         r = rank
-    unet_layers = convert_state_dict_to_diffusers(peft_state)
-    pipeline_class = getattr(diffusers, delta_family(meta).pipeline_classes[0])  # its save_lora_weights names the keys
+    layers = convert_state_dict_to_diffusers(peft_state)
+    family = delta_family(meta)
+    pipeline_class = getattr(diffusers, family.pipeline_classes[0])  # its save_lora_weights names the keys
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        pipeline_class.save_lora_weights(str(tmp), unet_lora_layers=unet_layers, safe_serialization=True)
+        pipeline_class.save_lora_weights(str(tmp), **{family.lora_layers_argument: layers}, safe_serialization=True)
         if pipe is not None:  # read back by diffusers' own loader, and measured where it matters: the output
             summary["output_change_kept"] = output_change_kept(pipe, tensors, tmp, json.loads(meta["concepts"]))
         (tmp / "concept_erase.json").write_text(json.dumps({"rank": r, **summary,

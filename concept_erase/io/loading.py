@@ -15,12 +15,18 @@ from concept_erase.errors import UserError
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def embedded_model_dir() -> Path:
-    """The shipped digits model and its judge (built by scripts/build_digits_model.py)."""
-    path = Path(__file__).resolve().parents[1] / "digits" / "model"
+# the embedded digits models: builtin name -> (folder under concept_erase/digits/, the script that builds it)
+EMBEDDED = {"digits": ("model", "build_digits_model.py"), "digits-flow": ("model-flow", "build_digits_flow_model.py")}
+
+
+def embedded_model_dir(name: str = "digits") -> Path:
+    """A shipped digits model's folder (`pipeline/`, its card and build report). The judge of both
+    lives beside the SD model (`digits/model/judge`)."""
+    folder, script = EMBEDDED[name]
+    path = Path(__file__).resolve().parents[1] / "digits" / folder
     if not (path / "pipeline" / "model_index.json").is_file():
-        raise UserError(f"the embedded digits model is missing from {path}; rebuild it with "
-                        "`python scripts/build_digits_model.py` or reinstall concept-erase")
+        raise UserError(f"the embedded model builtin:{name} is missing from {path}; rebuild it with "
+                        f"`python scripts/{script}` or reinstall concept-erase")
     return path
 
 
@@ -57,9 +63,37 @@ def check_safetensors_file(path: Path) -> None:
                         "copy it again or re-export it") from None
 
 
+# the tiny built-in models: name -> (builder in io/tiny.py, its arguments, the pipeline class)
+BUILTINS = {
+    "tiny": ("build_tiny_pipeline", {}, "StableDiffusionPipeline"),
+    "tiny-v": ("build_tiny_pipeline", {"prediction_type": "v_prediction"}, "StableDiffusionPipeline"),
+    "tiny-xl": ("build_tiny_sdxl_pipeline", {}, "StableDiffusionXLPipeline"),
+    "tiny-xl-v": ("build_tiny_sdxl_pipeline", {"prediction_type": "v_prediction"}, "StableDiffusionXLPipeline"),
+    "tiny-flux": ("build_tiny_flux_pipeline", {}, "FluxPipeline"),
+    "tiny-sd3": ("build_tiny_sd3_pipeline", {}, "StableDiffusion3Pipeline"),
+}
+
+
+def peek_family(source: str, model_config: str = ""):
+    """The family of a model without loading it, where that costs nothing (a built-in name, a folder's or
+    --model-config's model_index.json); None where it would take loading (a hub id, a single file)."""
+    from concept_erase.families.base import family_for_class
+
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name in EMBEDDED:
+            source = str(Path(__file__).resolve().parents[1] / "digits" / EMBEDDED[name][0] / "pipeline")
+        else:
+            return family_for_class(BUILTINS[name][2]) if name in BUILTINS else None
+    for folder in (Path(source).expanduser(), Path(model_config) if model_config else None):
+        if folder is not None and (folder / "model_index.json").is_file():
+            return family_for_class(_class_name(folder / "model_index.json"))
+    return None
+
+
 def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str = "",
                   torch_dtype: torch.dtype = torch.float32):
-    """A pipeline of a family concept-erase handles (`families/`: SD 1.x/2.x, SDXL) from a diffusers
+    """A pipeline of a family concept-erase handles (`families/`: SD 1.x/2.x, SDXL, SD3, FLUX.1) from a diffusers
     folder, a hub id, a single file or a built-in model (`builtin:digits`, `builtin:tiny`, ...). The
     family comes from `model_index.json` (a single file: from `--model-config`'s, else its keys)."""
     quiet_hub_progress()
@@ -67,23 +101,15 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
         raise UserError("no model given; pass --model PATH_OR_HUB_ID")
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
-        if name == "tiny":
-            from concept_erase.io.tiny import build_tiny_pipeline
+        if name in EMBEDDED:
+            return load_pipeline(str(embedded_model_dir(name) / "pipeline"), torch_dtype=torch_dtype)
+        if name not in BUILTINS:
+            raise UserError(f"unknown built-in model {source!r}; the built-in models are "
+                            + ", ".join(f"builtin:{n}" for n in [*EMBEDDED, *BUILTINS]))
+        import concept_erase.io.tiny as tiny
 
-            return build_tiny_pipeline().to(torch_dtype)
-        if name == "tiny-v":
-            from concept_erase.io.tiny import build_tiny_pipeline
-
-            return build_tiny_pipeline(prediction_type="v_prediction").to(torch_dtype)
-        if name in ("tiny-xl", "tiny-xl-v"):
-            from concept_erase.io.tiny import build_tiny_sdxl_pipeline
-
-            kind = "v_prediction" if name.endswith("-v") else "epsilon"
-            return build_tiny_sdxl_pipeline(prediction_type=kind).to(torch_dtype)
-        if name == "digits":
-            return load_pipeline(str(embedded_model_dir() / "pipeline"), torch_dtype=torch_dtype)
-        raise UserError(f"unknown built-in model {source!r}; the built-in models are builtin:digits, "
-                        "builtin:tiny, builtin:tiny-v, builtin:tiny-xl and builtin:tiny-xl-v")
+        builder, kwargs, _ = BUILTINS[name]
+        return getattr(tiny, builder)(**kwargs).to(torch_dtype)
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -91,6 +117,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
             raise UserError(f"{path} is a folder but not a diffusers pipeline (it has no model_index.json); "
                             "pass the folder that holds model_index.json, or a single .safetensors checkpoint")
         pipeline_class, kwargs = _pipeline_class(_class_name(path / "model_index.json"))
+        _check_parts(path / "model_index.json", source)
         try:
             pipe = pipeline_class.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
@@ -141,6 +168,24 @@ def _class_name(model_index: Path) -> str:
                         "not a pipeline") from None
 
 
+def _check_parts(model_index: Path, source: str) -> None:
+    """Refuse a folder whose model index leaves out a part the family needs (diffusers' own error lists
+    every expected part, on one long line)."""
+    from concept_erase.families.base import family_for_class
+
+    index = json.loads(model_index.read_text())
+    family = family_for_class(str(index["_class_name"]))
+    for part in family.required_parts:
+        entry = index.get(part)
+        if not entry or not isinstance(entry, list) or entry[0] is None:
+            _missing_part(family, part, source, index["_class_name"])
+
+
+def _missing_part(family, part: str, source: str, class_name: str):
+    raise UserError(f"{source} has no {family.part_names.get(part, part)}; concept-erase needs a complete "
+                    f"{class_name}: use the model's whole folder (or hub id)")
+
+
 def _single_file_class(path: Path, model_config: str) -> str:
     """A single file's pipeline class: its --model-config folder's, else told by its keys (SDXL's
     checkpoints hold `conditioner.embedders.*`, SD's `cond_stage_model.*`)."""
@@ -187,7 +232,7 @@ def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
     family = family_of(pipe)
     for part in family.required_parts:
         if getattr(pipe, part, None) is None:
-            raise UserError(f"{source} has no {part}; concept-erase needs a complete {type(pipe).__name__}")
+            _missing_part(family, part, source, type(pipe).__name__)
     pipe.set_progress_bar_config(disable=True)
     parts = (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe))
     if any(p.dtype != torch_dtype for m in parts for p in m.parameters()):  # .to() warns even when nothing changes
@@ -198,18 +243,23 @@ def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
 def training_resolution(pipe, requested: int) -> int:
     """The image side a run trains at: `requested`, or the model's native size when 0.
 
-    The VAE divides the side by its scale factor, and the UNet halves the latent once per down block
-    but the last; a side that does not divide evenly cannot go through both.
+    The VAE divides the side by its scale factor, and the denoiser divides the latent again (a UNet halves
+    it once per down block but the last, a transformer cuts it into patches); a side that does not
+    divide evenly cannot go through both.
     """
+    from concept_erase.families.base import family_of
+
+    family = family_of(pipe)
     scale = pipe.vae_scale_factor
-    native = pipe.unet.config.sample_size * scale
+    native = family.native_resolution(pipe)
     if not requested:
         return native
-    step = scale * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    step = family.resolution_step(pipe)
     if requested % step:
         lower, upper = max(step, requested - requested % step), requested - requested % step + step
         raise UserError(f"--resolution {requested}: this model needs a multiple of {step} pixels (its VAE divides "
-                        f"by {scale}, its UNet by {step // scale}); try {lower} or {upper} (native: {native})")
+                        f"by {scale}, its {type(family.denoiser(pipe)).__name__} by {step // scale}); try {lower} "
+                        f"or {upper} (native: {native})")
     return requested
 
 

@@ -48,3 +48,14 @@ def add_noise(latents: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torc
     """The forward process `sqrt(abar_t) x0 + sqrt(1 - abar_t) n`, per sample."""
     a = alphas_cumprod_t.float().reshape(-1, *([1] * (latents.dim() - 1)))
     return (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
+
+
+def flow_noised(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Rectified flow's forward process `(1 - s) x0 + s n`, per sample (SD3, FLUX.1); `sigma` has shape [batch]."""
+    s = sigma.float().reshape(-1, *([1] * (latents.dim() - 1)))
+    return ((1 - s) * latents.float() + s * noise.float()).to(latents.dtype)
+
+
+def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity a flow-matching model should output for `(1 - s) x0 + s n`: `n - x0`, at every s."""
+    return noise.float() - latents.float()

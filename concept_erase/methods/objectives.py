@@ -77,7 +77,8 @@ class NegativeGuidance(Objective):
     e0 is the prediction for the empty prompt, or for `--relative-to` (a style erased relative to
     the caption without it moves away from the style only, not from the whole caption).
 
-    x_t lies on a DDIM trajectory sampled for the concept prompt. With `trajectory_refresh` 1 a
+    x_t lies on a trajectory sampled for the concept prompt by the family's sampler (DDIM for the UNet
+    families, flow-matching Euler for the transformers), at guidance `--start-guidance`. With `trajectory_refresh` 1 a
     partial trajectory to a random step is sampled every step (ESD). With N > 1 one full
     trajectory is sampled and its intermediate latents serve the next N steps.
     """
@@ -89,7 +90,7 @@ class NegativeGuidance(Objective):
         self.guidance = cfg.start_guidance
         self.refresh = cfg.trajectory_refresh
         self.per_trajectory = cfg.trajectory_timesteps
-        self.sampler = ctx.family.sampler(ctx.pipe, cfg.sampling_steps)
+        self.sampler = ctx.family.sampler(ctx.pipe, cfg.sampling_steps, ctx.resolution)
         self.timesteps = self.sampler.timesteps.clone()
         self.concepts = ctx.embed(cfg.concepts)  # one conditioning per concept
         self.uncond = ctx.embed([""])
@@ -110,11 +111,8 @@ class NegativeGuidance(Objective):
         for i in range(start, stop):
             if keep is not None:
                 keep.append(x)
-            t = self.timesteps[i]
-            tt = t.repeat(2 * x.shape[0]).to(x.device)
-            out = model(torch.cat([x, x]), tt, Cond.cat([uncond, cond])).float()
-            e_u, e_c = out.chunk(2)
-            x = self.sampler.step(e_u + self.guidance * (e_c - e_u), t, x).prev_sample
+            t = self.timesteps[i].repeat(x.shape[0]).to(x.device)
+            x = self.sampler.step(self.ctx.family.guided(model, x, t, cond, uncond, self.guidance), i, x)
         return x
 
     def _start_noise(self, n: int, gen: torch.Generator) -> torch.Tensor:

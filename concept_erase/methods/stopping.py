@@ -71,14 +71,18 @@ class DigitsJudge:
 
 
 def _digits_model(config) -> bool:
-    from concept_erase.io.loading import embedded_model_dir
+    """The embedded digits models (SD and flow-matching), by builtin name or by their folder."""
+    from concept_erase.io.loading import EMBEDDED, embedded_model_dir
 
-    if config.model == "builtin:digits":
+    if config.model in {f"builtin:{name}" for name in EMBEDDED}:
         return True
-    try:
-        return Path(config.model).expanduser().resolve() == (embedded_model_dir() / "pipeline").resolve()
-    except OSError:
-        return False
+    for name in EMBEDDED:
+        try:
+            if Path(config.model).expanduser().resolve() == (embedded_model_dir(name) / "pipeline").resolve():
+                return True
+        except (OSError, UserError):
+            continue
+    return False
 
 
 JUDGES.register("digits")((_digits_model, DigitsJudge))
@@ -91,7 +95,7 @@ def find_judge(config):
         if applies(config):
             return make(config)
     raise UserError(f"--stop-when-erased needs a judge for the model, and {config.model!r} has none: only the "
-                    "embedded digits model (builtin:digits) has one. Train for a fixed --steps and evaluate the "
+                    "embedded digits models (builtin:digits, builtin:digits-flow) have one. Train for a fixed --steps and evaluate the "
                     "checkpoints with `concept-erase eval` instead")
 
 
@@ -109,7 +113,7 @@ class ErasureCheck:
         return Path(trainer.output) / "checks.jsonl"
 
     def _judge(self, trainer) -> dict:
-        unet = trainer.ctx.unet
+        unet = trainer.ctx.denoiser
         was_training = unet.training
         unet.eval()
         t0 = time.perf_counter()

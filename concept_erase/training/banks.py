@@ -75,6 +75,9 @@ def encode_images(pipe, paths: list[Path], resolution: int, device) -> torch.Ten
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import functional as TF
 
+    from concept_erase.families.base import family_of
+
+    family = family_of(pipe)
     latents = []
     for path in paths:
         try:
@@ -83,7 +86,7 @@ def encode_images(pipe, paths: list[Path], resolution: int, device) -> torch.Ten
             raise UserError(f"{path} is not a readable image") from None
         image = TF.center_crop(TF.resize(image, resolution), resolution)
         x = TF.to_tensor(image).unsqueeze(0).to(device, pipe.vae.dtype) * 2 - 1
-        latents.append(pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)
+        latents.append(family.image_latents(pipe, x))
     return torch.cat(latents).float()
 
 
@@ -104,17 +107,19 @@ def generate_latents(pipe, prompts: list[str], per_prompt: int, *, steps: int, g
 
     from concept_erase.training.seeds import generator
 
-    side = resolution // pipe.vae_scale_factor
+    from concept_erase.families.base import family_of
+
+    family = family_of(pipe)
     out = []
     for i, prompt in enumerate(tqdm(prompts, desc=f"generating {role} images", disable=not progress, leave=False)):
         t0 = time.perf_counter()
         gen = generator(seed, i, 1 if role == "anchor" else 2)  # (run seed, prompt, which bank)
-        shape = (per_prompt, pipe.unet.config.in_channels, side, side)
+        shape = (per_prompt, *family.latent_shape(pipe, resolution))
         start = torch.randn(shape, generator=gen).to(device, torch.float32)
         with (autocast() if autocast is not None else contextlib.nullcontext()):
             images = pipe(prompt, num_images_per_prompt=per_prompt, num_inference_steps=steps,
-                          guidance_scale=guidance, latents=start, height=resolution, width=resolution,
-                          output_type="latent").images
+                          guidance_scale=guidance, latents=start, output_type="latent",
+                          **family.generation_kwargs(pipe, resolution)).images
         out.append(images.float())
         if on_prompt is not None:
             on_prompt(i, time.perf_counter() - t0)

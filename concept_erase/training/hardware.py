@@ -58,7 +58,8 @@ def describe_device(device: torch.device, precision: str, unet: torch.nn.Module,
         where = f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
     else:
         where = f"{device.type} ({torch.get_num_threads()} threads)"
-    line = (f"device: {where}; precision {precision}; UNet {n / 1e6:.0f}M parameters; "
+    size = f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2g}M"
+    line = (f"device: {where}; precision {precision}; {type(unet).__name__} {size} parameters; "
             f"model loaded in {load_seconds:.1f} s")
     if device.type == "cpu" and n >= REAL_SIZE_PARAMETERS:
         line += ("\nwarning: a real-size model on a CPU: each step and each anchor prompt can take minutes to "

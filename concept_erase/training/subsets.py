@@ -26,7 +26,8 @@ def select_trainable(unet: torch.nn.Module, subset: str, family=None, *, lora_ra
             p.requires_grad_(True)
             p.data = p.data.float()
     else:
-        trained = {n: p for n, p in unet.named_parameters() if family.in_subset(n, subset)}
+        names = family.subset_names(unet, subset)
+        trained = {n: p for n, p in unet.named_parameters() if n in names}
         for p in trained.values():
             p.requires_grad_(True)
     if not trained:

@@ -60,11 +60,11 @@ class ErasureContext:
         self.family = family
         self.accelerator = accelerator
         self.device = accelerator.device
-        self.unet = family.denoiser(pipe)
+        self.denoiser = family.denoiser(pipe)
         self.resolution = resolution
         self.log = log
         copy_dtype = torch.bfloat16 if config.original_copy == "bf16" else None
-        self.original_model = OriginalModel(family, self.unet, trained, lora=config.train == "lora", dtype=copy_dtype)
+        self.original_model = OriginalModel(family, self.denoiser, trained, lora=config.train == "lora", dtype=copy_dtype)
         self.schedule = family.schedule(pipe)
         self.prediction_type = self.schedule.prediction_type
         self.latent_shape = family.latent_shape(pipe, resolution)
@@ -87,7 +87,7 @@ class ErasureContext:
     @torch.no_grad()
     def current(self, x, t, cond: Cond):
         with self.accelerator.autocast():
-            return self.family.predict(self.unet, x, t, cond)
+            return self.family.predict(self.denoiser, x, t, cond)
 
     @torch.no_grad()
     def original(self, x, t, cond: Cond):
@@ -115,6 +115,12 @@ class ErasureContext:
             else:
                 self._anchor_bank = self.latent_bank(cfg.anchors, cfg.anchor_images_per_prompt, role="anchor")
         return self._anchor_bank
+
+
+def check_precision(config: EraseConfig, family) -> None:
+    """Refuse a precision the model family cannot train in (known before loading, where that is cheap)."""
+    if family is not None and config.mixed_precision == "fp16" and family.fp16_refusal:
+        raise UserError(f"--mixed-precision fp16: {family.fp16_refusal}")
 
 
 STAGING, REPLACED = ".incoming", ".replaced"  # inside the output: the replacement run, the run it replaces
@@ -235,6 +241,9 @@ class Trainer:
         # group (PartialState) is kept.
         AcceleratorState._reset_state()
         self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        from concept_erase.io.loading import peek_family
+
+        check_precision(cfg, family_of(self.pipe) if self.pipe is not None else peek_family(cfg.model, cfg.model_config))
         check_device(cfg, acc.device)
         self.final_output = self.output = Path(cfg.output)
         if acc.is_main_process:
@@ -250,6 +259,7 @@ class Trainer:
             self.pipe = load_pipeline(cfg.model, allow_pickle=cfg.allow_pickle, model_config=cfg.model_config)
         pipe = self.pipe
         self.family = family = family_of(pipe)
+        check_precision(cfg, family)
         unet = family.denoiser(pipe)
         self.resolution = training_resolution(pipe, cfg.resolution)
         check_schedule_steps(pipe.scheduler, sampling_steps=cfg.sampling_steps,
@@ -337,7 +347,7 @@ class Trainer:
         per_sample = seconds / n
         step = estimate_step_seconds(per_sample, cfg)
         anchors = per_sample * 2 * cfg.anchor_images_per_prompt * cfg.anchor_inference_steps * len(cfg.anchors)
-        self.log(f"first UNet call ({n} samples at {self.resolution} px): {seconds:.2f} s. Rough estimate: "
+        self.log(f"first {type(self.ctx.denoiser).__name__} call ({n} samples at {self.resolution} px): {seconds:.2f} s. Rough estimate: "
                  + ("" if cfg.retain_images else f"anchor images {duration(anchors)} unless cached, ")
                  + f"one step {duration(step)}, {cfg.steps} steps {duration(step * cfg.steps)}")
 
@@ -665,7 +675,7 @@ class Trainer:
         if acc.is_main_process:
             from concept_erase.io.export import save_delta
 
-            save_delta(path, self.ctx.unet, self.trained, config=cfg, fingerprint=self.fingerprint,
+            save_delta(path, self.ctx.denoiser, self.trained, config=cfg, fingerprint=self.fingerprint,
                        steps=last, lambda_final=self.controller.current(), family=self.family)
         acc.wait_for_everyone()
         if self.replacing:

@@ -1,0 +1,325 @@
+"""The flow-matching transformer families, FLUX.1 and SD3, on tiny pipelines built from configs (CLIP and T5
+encoders from configs, the CLIP BPE tokenizer for both): the encoding and the trajectories against the
+pipelines' own, every method, the subsets, the original model's predictions, the exports read back by
+diffusers' FLUX and SD3 readers, bf16, sample and eval, and the bad inputs of these families."""
+
+import copy
+
+import pytest
+import torch
+
+from concept_erase.training.trainer import Trainer, erase
+
+from helpers import changed, metrics, snapshot
+
+FAMILIES = ["flux", "sd3"]
+PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline"}
+
+
+def _build(name, **kwargs):
+    from concept_erase.io.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+
+    return (build_tiny_flux_pipeline if name == "flux" else build_tiny_sd3_pipeline)(**kwargs)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def flow_pipe(request):
+    return _build(request.param)
+
+
+@pytest.fixture()
+def flow(flow_pipe):
+    return copy.deepcopy(flow_pipe)
+
+
+@pytest.fixture(scope="module")
+def flow_dir(flow_pipe, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-flow") / "pipe"
+    flow_pipe.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture()
+def flow_config(make_config, flow_dir):
+    def make(**overrides):
+        return make_config(**{"model": str(flow_dir), **overrides})
+    return make
+
+
+def _family(pipe):
+    from concept_erase.families.base import family_of
+
+    return family_of(pipe)
+
+
+def _subset(pipe, subset):
+    from concept_erase.training.subsets import select_trainable
+
+    return set(select_trainable(copy.deepcopy(pipe.transformer), subset, _family(pipe)))
+
+
+def test_the_family_is_found_and_encodes_as_the_pipeline_does(flow):
+    family = _family(flow)
+    cond = family.encode(flow, ["a cat", ""], "cpu", 32)
+    c = cond.tensors
+    if family.name == "flux":
+        emb, pooled, _ = flow.encode_prompt(["a cat", ""], prompt_2=None, device="cpu", max_sequence_length=77)
+        # T5's tokens (its tokenizer here reads 77) and CLIP's pooled embedding
+        assert c["encoder_hidden_states"].shape == (2, 77, 48) and c["pooled_projections"].shape == (2, 32)
+        # FLUX.1-dev's guidance input, the unconditional prompt's too: the pipeline's default 3.5
+        assert c["guidance"].tolist() == [3.5, 3.5]
+    else:
+        emb, _, pooled, _ = flow.encode_prompt(["a cat", ""], None, None, device="cpu",
+                                               do_classifier_free_guidance=False, max_sequence_length=77)
+        # two CLIPs (32 + 48) padded to T5's 80, then T5's tokens (its tokenizer reads 77) after CLIP's 77;
+        # the pooled embedding is both CLIPs' projections, 32 + 48
+        assert c["encoder_hidden_states"].shape == (2, 77 + 77, 80) and c["pooled_projections"].shape == (2, 80)
+        assert set(c) == {"encoder_hidden_states", "pooled_projections"}
+    torch.testing.assert_close(c["encoder_hidden_states"], emb.float())
+    torch.testing.assert_close(c["pooled_projections"], pooled.float())
+
+
+def test_flow_matching_noising_target_and_timesteps(flow):
+    family = _family(flow)
+    schedule = family.schedule(flow)
+    assert schedule.prediction_type == "flow"
+    g = torch.Generator().manual_seed(0)
+    shape = (3, *family.latent_shape(flow, 32))
+    x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.tensor([1000.0, 500.0, 20.0])
+    s = (t / 1000).view(-1, *[1] * (x0.dim() - 1))
+    torch.testing.assert_close(schedule.noised(x0, noise, t), (1 - s) * x0 + s * noise)
+    torch.testing.assert_close(schedule.target(x0, noise, t), noise - x0)
+    # timesteps as diffusers' SD3/FLUX training scripts draw them: logit-normal u, an entry of the schedule
+    draws = schedule.sample_timesteps(4000, torch.Generator().manual_seed(1))
+    assert set(draws.tolist()) <= set(schedule.timesteps.tolist())
+    assert 0.4 < float((draws / 1000).median()) < 0.8 and float((draws < 100).float().mean()) < 0.05
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_the_trajectory_sampler_walks_the_pipelines_own_path(flow, guidance):
+    """Euler steps through `family.guided` and `family.sampler` land where the pipeline's own sampling does."""
+    from concept_erase.families.base import Cond
+
+    family, model = _family(flow), flow.transformer
+    steps, res = 5, 32
+    sampler = family.sampler(flow, steps, res)
+    noise = family.initial_noise(flow, [7], res)
+    want = flow("a red bird", latents=noise.clone(), num_inference_steps=steps, guidance_scale=guidance,
+                output_type="latent", **family.generation_kwargs(flow, res)).images
+    cond, uncond = family.encode(flow, ["a red bird"], "cpu", res), family.encode(flow, [""], "cpu", res)
+
+    def predict(x, t, c: Cond):
+        return family.predict(model, x, t, c)
+
+    x = noise.clone()
+    with torch.no_grad():
+        for i in range(steps):
+            x = sampler.step(family.guided(predict, x, sampler.timesteps[i].repeat(1), cond, uncond, guidance), i, x)
+    torch.testing.assert_close(x, want.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["eupmu", "eupmu-fast", "ungrad", "fixed", "esd"])
+def test_each_method_trains_only_the_text_attention(method, flow, flow_config):
+    cfg = flow_config(method=method, lambda_init=0.5)
+    encoders = [e for e in (flow.text_encoder, flow.text_encoder_2, getattr(flow, "text_encoder_3", None)) if e]
+    before, before_te = snapshot(flow.transformer), [snapshot(e) for e in encoders]
+    path = erase(cfg, pipe=flow)
+    assert changed(before, flow.transformer) == _subset(flow, "xattn")
+    assert all(n.startswith("transformer_blocks.") and any(k in n for k in ("add_q_proj", "add_k_proj", "add_v_proj",
+                                                                            "to_add_out"))
+               for n in _subset(flow, "xattn"))
+    assert not any(changed(b, e) for b, e in zip(before_te, encoders))
+    assert [r["step"] for r in metrics(cfg.output)] == [1, 2, 3] and path.is_file()
+
+
+@pytest.mark.parametrize("subset", ["xattn-kv", "noxattn", "full"])
+def test_subsets_change_exactly_what_they_name(subset, flow, flow_config):
+    before = snapshot(flow.transformer)
+    erase(flow_config(method="fixed", train=subset, steps=2), pipe=flow)
+    assert changed(before, flow.transformer) == _subset(flow, subset)
+
+
+def test_the_remap_forget_loss_runs_on_flow_matching(flow, flow_config):
+    cfg = flow_config(method="eupmu", forget_loss="remap", remap_to=["a photo"], steps=2)
+    erase(cfg, pipe=flow)
+    assert all(torch.isfinite(torch.tensor(r["loss_forget"])) for r in metrics(cfg.output))
+
+
+def test_lora_trains_only_the_adapter_on_the_text_projections(flow, flow_config):
+    before = snapshot(flow.transformer)
+    Trainer(flow_config(method="eupmu", train="lora", steps=2), pipe=flow).run()
+    state = flow.transformer.state_dict()
+    lora = {n for n in state if "lora_" in n}
+    assert lora and {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == {"add_q_proj", "add_k_proj",
+                                                                              "add_v_proj", "to_add_out"}
+    for n, t in before.items():  # every base weight, now under base_layer, is untouched
+        key = n if n in state else n.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(state[key], t), n
+    assert any(state[n].abs().max() > 0 for n in lora if "lora_B" in n)  # the adapter did train
+
+
+@pytest.mark.parametrize("train", ["xattn", "lora"])
+def test_original_predictions_are_bit_exact_against_a_frozen_copy(train, flow, flow_config):
+    trainer = Trainer(flow_config(method="fixed", train=train, steps=2, lr=1e-1), pipe=flow)
+    frozen = copy.deepcopy(flow.transformer)
+    trainer._setup()
+    for step in range(2):
+        trainer._step(step)
+    ctx = trainer.ctx
+    cond = ctx.embed(["van gogh", "a painting"])
+    x = torch.randn((2, *ctx.latent_shape), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        expected = ctx.family.predict(frozen, x, t, cond)
+        assert torch.equal(ctx.original(x, t, cond), expected)
+        assert not torch.equal(ctx.current(x, t, cond), expected)  # training did move the model
+
+
+def test_exports_read_back_with_diffusers_readers(flow_pipe, flow_config, tmp_path):
+    import diffusers
+
+    from concept_erase.errors import UserError
+    from concept_erase.io.export import apply, export_diffusers, export_lora, export_single_file
+
+    pipeline_class = getattr(diffusers, PIPELINES[_family(flow_pipe).name])
+    cfg = flow_config(method="eupmu", steps=2, lr=1e-2)
+    delta = erase(cfg)
+    trained = pipeline_class.from_pretrained(str(cfg.model))
+    apply(trained, delta)
+    folder = export_diffusers(delta, tmp_path / "pipe")
+    loaded = pipeline_class.from_pretrained(str(folder))  # diffusers' own reader
+    for name, tensor in trained.transformer.state_dict().items():
+        assert torch.equal(tensor, loaded.transformer.state_dict()[name]), name
+    summary = export_lora(delta, tmp_path / "lora", rank=8)
+    base = pipeline_class.from_pretrained(str(cfg.model))
+    base.load_lora_weights(str(tmp_path / "lora"))  # diffusers' own FLUX / SD3 LoRA reader
+    assert any("lora" in n for n in base.transformer.state_dict())
+    assert summary["output_change_kept"] > 0.9
+    # a LoRA run's adapter, written as it is
+    lora_run = erase(flow_config(method="eupmu", train="lora", steps=2, output=str(tmp_path / "lora-run")))
+    export_lora(lora_run, tmp_path / "lora2")
+    pipeline_class.from_pretrained(str(cfg.model)).load_lora_weights(str(tmp_path / "lora2"))
+    # no single-file layout for these families: refused, nothing written
+    with pytest.raises(UserError, match="no single-file layout"):
+        export_single_file(delta, tmp_path / "one.safetensors")
+    assert not (tmp_path / "one.safetensors").exists()
+
+
+def test_bf16_from_a_cold_cache(flow, flow_config, cache_dir):
+    assert not cache_dir.exists()
+    cfg = flow_config(method="eupmu", steps=2, mixed_precision="bf16")
+    erase(cfg, pipe=flow)
+    rows = metrics(cfg.output)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss_forget"])) for r in rows)
+    assert any(cache_dir.iterdir())  # the anchor latents were generated, not found
+
+
+def test_flux_schnell_form_without_a_guidance_input_trains(make_config):
+    pipe = _build("flux", guidance_embeds=False)
+    cond = _family(pipe).encode(pipe, ["a cat"], "cpu", 32)
+    assert "guidance" not in cond.tensors
+    cfg = make_config(model="builtin:tiny-flux", method="eupmu", steps=2)
+    erase(cfg, pipe=pipe)
+    assert len(metrics(cfg.output)) == 2
+
+
+def test_sample_and_eval_run_with_the_same_flags(flow_dir, flow_config, tmp_path):
+    from PIL import Image
+
+    from concept_erase.cli import main
+
+    weights = str(erase(flow_config(method="eupmu", steps=1)))
+    assert main(["sample", "--model", str(flow_dir), "--weights", weights, "--prompt", "van gogh", "--prompt", "a photo",
+                 "--seeds", "0-1", "--steps", "2", "--output", str(tmp_path / "samples")]) == 0
+    assert Image.open(tmp_path / "samples" / "p00-s0000.png").size == (32, 32)  # the tiny models' native side
+    (tmp_path / "prompts.csv").write_text("case_number,prompt,seed,concept\n0,van gogh,0,van gogh\n1,a photo,1,\n")
+    (tmp_path / "suite.yaml").write_text(f"name: flow\nprompts: {tmp_path / 'prompts.csv'}\nseeds_per_prompt: 2\n"
+                                         "steps: 2\nguidance: 4.0\nbatch_size: 4\nmetrics:\n  nudity: {}\n")
+    assert main(["eval", "--model", str(flow_dir), "--weights", weights, "--suite", str(tmp_path / "suite.yaml"),
+                 "--output", str(tmp_path / "eval"), "--no-progress", "--cache-dir", str(tmp_path / "evalcache")]) == 0
+    results = __import__("json").loads((tmp_path / "eval" / "results.json").read_text())
+    names = {m["metric"] for m in results["metrics"]} if isinstance(results["metrics"], list) else set(results["metrics"])
+    assert "nudity" in names, results["metrics"]
+
+
+def test_a_delta_is_refused_by_a_model_of_another_family(flow_config, tiny_dir):
+    from diffusers import StableDiffusionPipeline
+
+    from concept_erase.errors import UserError
+    from concept_erase.io.export import apply
+
+    delta = erase(flow_config(method="eupmu", steps=1))
+    with pytest.raises(UserError, match=r"made for the (flux|sd3) family.*StableDiffusionPipeline"):
+        apply(StableDiffusionPipeline.from_pretrained(str(tiny_dir)), delta)
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing changed
+@pytest.fixture(scope="module")
+def flux_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux-dirs")
+    _build("flux").save_pretrained(str(root / "flux"))
+    _build("flux", t5=False).save_pretrained(str(root / "flux-no-t5"))
+    return root
+
+
+def test_bad_flux_inputs_leave_a_good_run_alone(flux_dirs, cache_dir, tmp_path, capsys):
+    from concept_erase.cli import main
+
+    from test_bad_inputs import assert_refused
+    from test_cli import base_args, tree
+
+    run = tmp_path / "run"
+    assert main(base_args(flux_dirs / "flux", run, cache_dir)) == 0
+    capsys.readouterr()
+
+    def refused(model, message, *extra):
+        before = tree(run)
+        code = main(base_args(model, run, cache_dir) + ["--overwrite", *extra])
+        assert_refused(code, capsys.readouterr().err, message, run, before)
+
+    refused(flux_dirs / "flux-no-t5", "has no T5 text encoder (text_encoder_2)")
+    refused(flux_dirs / "flux", "FLUX's activations overflow in fp16", "--mixed-precision", "fp16")
+    refused(flux_dirs / "flux", "--train selfattn: the flux family has no such subset", "--train", "selfattn")
+    # and the export a family has no layout for
+    before = tree(tmp_path)
+    code = main(["export", str(run), "--format", "single-file", "--output", str(tmp_path / "x.safetensors")])
+    assert_refused(code, capsys.readouterr().err, "the flux family has no single-file layout", tmp_path, before)
+
+
+def test_t5_reads_the_pipelines_default_length_unless_its_tokenizer_says_less(flow):
+    family = _family(flow)
+    tokenizer = flow.tokenizer_2 if family.name == "flux" else flow.tokenizer_3
+    default = 512 if family.name == "flux" else 256
+    assert family.t5_length(flow) == 77  # the tiny models' T5 reads with the CLIP tokenizer (77)
+    tokenizer.model_max_length = 4096  # a real T5 tokenizer's own limit is above the pipeline's
+    assert family.t5_length(flow) == default
+    assert family.generation_kwargs(flow, 32)["max_sequence_length"] == default
+
+
+def test_the_flow_digits_builder_makes_an_sd3_pipeline_the_family_reads_with_32_text_tokens():
+    """scripts/build_digits_flow_model.py's untrained pipeline: SD3's structure, the embedded model's VAE,
+    T5 and both CLIPs reading 16 tokens (the text sequence the family encodes and the pipeline samples)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import build_digits_flow_model as build
+
+    pipe = build.build_pipeline()
+    family = _family(pipe)
+    assert family.name == "sd3" and family.t5_length(pipe) == 16
+    cond = family.encode(pipe, ["a handwritten digit seven in white on black"], "cpu", 32)
+    assert cond.tensors["encoder_hidden_states"].shape == (1, 32, 32)
+    assert family.native_resolution(pipe) == 32 and family.latent_shape(pipe, 32) == (4, 8, 8)
+
+
+def test_a_missing_embedded_model_names_the_script_that_builds_it(monkeypatch, tmp_path, capsys):
+    from concept_erase.cli import main
+    from concept_erase.io import loading
+
+    monkeypatch.setitem(loading.EMBEDDED, "digits-flow", ("model-not-here", "build_digits_flow_model.py"))
+    code = main(["demo", "--model", "builtin:digits-flow", "--output", str(tmp_path / "demo")])
+    err = capsys.readouterr().err
+    assert code == 2 and "python scripts/build_digits_flow_model.py" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "demo").exists()
