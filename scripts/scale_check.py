@@ -7,7 +7,13 @@ wide, 23 layers), and SD 2.1 is v-prediction. SDXL is SDXL base 1.0's configurat
 text-time conditioning, CLIP ViT-L and OpenCLIP bigG-sized text encoders, SD's VAE). Random weights
 prove shapes, memory, formats and time per step, not image quality.
 
-On SDXL (`--models sdxl --resolution 256`) it runs `pipelines/sdxl-style-vangogh.yaml` for 2 steps,
+SD3 is SD3-medium's configuration without T5 (`sd3`); FLUX.1-dev's at full width with 1 joint + 2 single
+blocks (`flux-1`) or 2 + 4 (`flux-2`): the difference is one nineteenth of the whole model's blocks, from
+which its memory is extrapolated (the 12B model does not fit this machine).
+
+On SDXL, SD3 and FLUX (`--models sdxl --resolution 256`) it runs the family's recipes
+(`pipelines/{sdxl,sd3,flux}-*.yaml`) for 2 steps, every other method on xattn for one, a LoRA run, a
+plain fine-tuning step of xattn and of LoRA, and every export. On SDXL it runs `pipelines/sdxl-style-vangogh.yaml` for 2 steps,
 every other method on the same subset for one, a LoRA run, a plain fine-tuning step of xattn and of
 LoRA, and every export.
 
@@ -50,6 +56,77 @@ SUBSETS = ["xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora"]
 
 
 XL_KINDS = ("sdxl", "tiny-xl")
+# FLUX.1-dev at full width with a few blocks (FLUX.1 has 19 joint and 38 single blocks: the whole 12B model
+# does not fit this machine): flux-1 has 1 joint + 2 single, flux-2 has 2 + 4. The difference is the cost of
+# one nineteenth of the model's blocks, from which the whole model is extrapolated.
+FLUX_BLOCKS = {"flux-1": (1, 2), "flux-2": (2, 4)}
+FLOW_TINY = ("tiny-flux", "tiny-sd3")
+
+
+def _clip(width: int, layers: int, heads: int, act: str, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                            num_attention_heads=heads, hidden_act=act, projection_dim=width, max_position_embeddings=77,
+                            vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _flow_vae(sample_size: int):
+    """SD3's and FLUX.1's VAE: SD's four levels with 16 latent channels and a shift."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         sample_size=sample_size, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609 if sample_size == 1024 else 0.1159,
+                         scaling_factor=1.5305 if sample_size == 1024 else 0.3611)
+
+
+def build_sd3():
+    """An SD3-medium-shaped pipeline (its published configs: a 2B MM-DiT of 24 joint blocks, 1536 wide, CLIP
+    ViT-L and OpenCLIP bigG-sized encoders). Without T5: T5-XXL (4.7B parameters, 19 GB in fp32) does not fit
+    beside it here, and SD3 runs without it (`text_encoder_3=None`: the pipeline's zeros take T5's 256
+    tokens), which is also what a user short of memory does."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from concept_erase.io.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                                        attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                        caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                                        pos_embed_max_size=192)
+    tok = load_clip_tokenizer()
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_flow_vae(1024),
+        text_encoder=_clip(768, 12, 12, "quick_gelu", True), tokenizer=tok,
+        text_encoder_2=_clip(1280, 32, 20, "gelu", True), tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer)
+
+
+def build_flux(joint: int, single: int):
+    """FLUX.1-dev's configuration at full width (3072, 24 heads of 128, guidance input, 64 packed channels)
+    with `joint` joint and `single` single blocks; CLIP ViT-L for the pooled embedding; a T5 at XXL's width
+    (4096) with 2 of its 24 layers (the prompts' embeddings are made once, before training: T5's size only
+    moves the loaded model's baseline, not the training peak measured above it)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from concept_erase.io.tokenizer import load_clip_tokenizer
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=joint, num_single_layers=single,
+                                         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                         pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    t5 = T5EncoderModel(T5Config(vocab_size=49408, d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
+                                 feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=49407,
+                                 eos_token_id=49407, decoder_start_token_id=0))
+    tok = load_clip_tokenizer()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=_flow_vae(1024), text_encoder=_clip(768, 12, 12, "quick_gelu", False),
+                        tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok, transformer=transformer)
 
 
 def build_sdxl():
@@ -101,6 +178,14 @@ def build(kind: str):
         return build_tiny_sdxl_pipeline()
     if kind == "sdxl":
         return build_sdxl()
+    if kind == "sd3":
+        return build_sd3()
+    if kind in FLUX_BLOCKS:
+        return build_flux(*FLUX_BLOCKS[kind])
+    if kind in FLOW_TINY:
+        import concept_erase.io.tiny as tiny
+
+        return getattr(tiny, f"build_{kind.replace('-', '_')}_pipeline")()
     if kind == "sd15":
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
         text = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -180,6 +265,11 @@ def child(spec: str) -> int:
     return 0
 
 
+def _first_call(line: str) -> bool:
+    """The trainer's line timing the first denoiser call ("first UNet2DConditionModel call (...)")."""
+    return line.startswith("first ") and " call (" in line
+
+
 def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str, steps: int = 2) -> dict:
     from concept_erase.config import build_config
     from concept_erase.training.trainer import Trainer
@@ -204,7 +294,7 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str,
     total = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     loaded = next((t for t, m in timeline.lines if m.startswith("device:")), None)
-    first_call = next((t for t, m in timeline.lines if m.startswith("first UNet call")), None)
+    first_call = next((t for t, m in timeline.lines if _first_call(m)), None)
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
     result = {"label": label, "method": cfg.method, "train": cfg.train, "total_s": round(total, 1),
               "load_s": round(loaded, 1) if loaded is not None else None,
@@ -215,7 +305,7 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str,
               "peak_mb": round(rss_kb("VmHWM") / 1024), "loaded_mb": round(timeline.rss_loaded / 1024),
               "checkpoint_mb": round(folder_bytes(ckpt) / 2**20),
               "delta_mb": round((out / "erased.safetensors").stat().st_size / 2**20, 1),
-              "estimate": next((m for _, m in timeline.lines if m.startswith("first UNet call")), ""),
+              "estimate": next((m for _, m in timeline.lines if _first_call(m)), ""),
               "first_call_at_s": round(first_call, 1) if first_call is not None else None,
               "trained_mb": round(sum(p.numel() for p in trainer.trained.values()) * 4 / 2**20)}
     del trainer
@@ -236,31 +326,31 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
 
     pipe = load_pipeline(str(model_dir))
     family = family_of(pipe)
-    tensor_digest(pipe.unet.state_dict())  # as the trainer does before its "device:" line: the weights are read in
+    unet = family.denoiser(pipe)
+    tensor_digest(unet.state_dict())  # as the trainer does before its "device:" line: the weights are read in
     base = reset_peak()  # measured from the loaded model, as the runs are
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="bf16")
-    unet = pipe.unet
     trained = select_trainable(unet, subset, family, lora_rank=8, lora_alpha=8)
     ids = {id(p) for p in trained.values()}
     for p in unet.parameters():
         if id(p) not in ids:
             p.data = p.data.to(torch.bfloat16)
     opt = torch.optim.AdamW(list(trained.values()), lr=1e-5)
-    n, side = 3, RESOLUTION // pipe.vae_scale_factor  # forget batch 1 + retain batch 2, as the recipes
+    n = 3  # forget batch 1 + retain batch 2, as the recipes
     with torch.no_grad():
         cond = family.encode(pipe, ["a painting"], "cpu", RESOLUTION).repeat(n)
-    acp = pipe.scheduler.alphas_cumprod
+    schedule = family.schedule(pipe)
+    shape = (n, *family.latent_shape(pipe, RESOLUTION))
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for _ in range(2):
-        x0 = torch.randn((n, 4, side, side), generator=g)
+        x0 = torch.randn(shape, generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, len(acp), (n,), generator=g)
-        a = acp[t].view(-1, 1, 1, 1)
+        t = schedule.sample_timesteps(n, g)
         with acc.autocast():
-            pred = family.predict(unet, a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond)
-        torch.nn.functional.mse_loss(pred.float(), noise).backward()
+            pred = family.predict(unet, schedule.noised(x0, noise, t), t, cond)
+        torch.nn.functional.mse_loss(pred.float(), schedule.target(x0, noise, t).float()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     out = {"label": label, "method": "plain", "train": subset, "total_s": round(time.perf_counter() - t0, 1),
@@ -278,14 +368,17 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
     from concept_erase.errors import UserError
     from concept_erase.io.export import export_diffusers, export_lora, export_single_file, read_delta
 
+    from concept_erase.families.base import family_for_class
+
     name = json.loads((model_dir / "model_index.json").read_text())["_class_name"]
-    pipeline_class = getattr(diffusers, name)  # StableDiffusionPipeline or StableDiffusionXLPipeline
+    pipeline_class = getattr(diffusers, name)  # StableDiffusionPipeline, StableDiffusionXLPipeline, ...
+    part = family_for_class(name).denoiser_name  # unet or transformer
 
     from safetensors import safe_open
 
-    # the base UNet's tensors read one at a time: SDXL's whole fp32 UNet (10 GB) beside a loaded pipeline
+    # the base denoiser's tensors read one at a time: SDXL's whole fp32 UNet (10 GB) beside a loaded pipeline
     # (14 GB) would not fit this machine
-    files = [safe_open(str(f), "pt") for f in sorted((model_dir / "unet").glob("*.safetensors"))]
+    files = [safe_open(str(f), "pt") for f in sorted((model_dir / part).glob("*.safetensors"))]
     where = {k: f for f in files for k in f.keys()}
     tensors, _ = read_delta(run)
     out = []
@@ -295,7 +388,7 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
 
     t0 = time.perf_counter()
     folder = export_diffusers(run, work / "diffusers", overwrite=True)
-    back = pipeline_class.from_pretrained(str(folder)).unet.state_dict()
+    back = getattr(pipeline_class.from_pretrained(str(folder)), part).state_dict()
     diff = differing(back)
     out.append({"format": "diffusers", "seconds": round(time.perf_counter() - t0, 1), "mb": round(folder_bytes(folder) / 2**20),
                 "reader": f"{name}.from_pretrained", "only_trained_differ": diff == set(tensors),
@@ -304,7 +397,7 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
     t0 = time.perf_counter()
     try:
         path = export_single_file(run, work / "single.safetensors", overwrite=True)
-        back = pipeline_class.from_single_file(str(path), config=str(model_dir)).unet.state_dict()
+        back = getattr(pipeline_class.from_single_file(str(path), config=str(model_dir)), part).state_dict()
         diff = differing(back)
         out.append({"format": "single-file", "seconds": round(time.perf_counter() - t0, 1),
                     "mb": round(path.stat().st_size / 2**20), "reader": f"{name}.from_single_file",
@@ -349,9 +442,15 @@ def check_model(kind: str, root: Path) -> dict:
     if done:
         print(f"== {kind}: continuing; {len(done)} measurement(s) already in {partial}", flush=True)
     results: list = []
-    xl = kind in XL_KINDS
+    from concept_erase.families.base import family_for_class
+
+    family = family_for_class(json.loads((model_dir / "model_index.json").read_text())["_class_name"]).name
+    xl = family != "sd"  # the larger families: the attention subsets and LoRA only
+    prefix = {"sd": "sd15"}.get(family, family)  # the recipes' file names: pipelines/{prefix}-*.yaml
     # the exports read these two runs: an xattn run and a LoRA run
-    xattn_run, lora_run = ("sdxl-style-vangogh", "eupmu-lora") if xl else ("sd15-style-vangogh", "sd15-object-church")
+    xattn_run, lora_run = {"sd": ("sd15-style-vangogh", "sd15-object-church"),
+                           "flux": ("eupmu-xattn", "flux-style-vangogh")}.get(family, (f"{prefix}-style-vangogh",
+                                                                                    "eupmu-lora"))
     keep = {xattn_run, lora_run}
 
     def measure(label: str, settings: dict, folder: str, steps: int = 2, **extra) -> None:
@@ -365,17 +464,21 @@ def check_model(kind: str, root: Path) -> dict:
             shutil.rmtree(out, ignore_errors=True)
         _progress(root, kind, results)
 
-    recipes = sorted((ROOT / "pipelines").glob("sdxl-*.yaml" if xl else "sd15-*.yaml"))
+    recipes = sorted((ROOT / "pipelines").glob(f"{prefix}-*.yaml"))
     for recipe in recipes:
         settings = load_yaml(recipe)
         settings.pop("model", None)
         measure(recipe.stem, settings, recipe.stem, recipe=recipe.name)
-    xattn = load_yaml(ROOT / "pipelines" / f"{xattn_run}.yaml")
+    xattn = {**load_yaml(ROOT / "pipelines" / f"{prefix}-style-vangogh.yaml"), "train": "xattn"}
     xattn.pop("model", None)
+    if family == "flux":  # its recipe trains LoRA: the xattn run the exports read is measured here
+        measure(xattn_run, xattn, xattn_run, steps=2)
     for method in METHODS[1:]:
         measure(method, {**xattn, "method": method}, f"m-{method}", steps=1)
-    if xl:  # SDXL: the attention subsets and LoRA (the issue's scope); the full UNet is 10 GB of fp32 here
-        measure(lora_run, {**xattn, "train": "lora", "lr": 1e-4, "lora_rank": 8, "lora_alpha": 8}, lora_run, steps=2)
+    if xl:  # SDXL, SD3, FLUX: the attention subsets and LoRA (the full denoiser is 10 GB of fp32 and more here)
+        if family != "flux":  # FLUX's LoRA run is its recipe's
+            measure(lora_run, {**xattn, "train": "lora", "lr": 1e-4, "lora_rank": 8, "lora_alpha": 8}, lora_run,
+                    steps=2)
     else:
         for subset in ("xattn-kv", "selfattn", "full"):
             # full: two steps, for the optimizer's states exist from the second step on (AdamW makes them
@@ -405,7 +508,7 @@ def check_model(kind: str, root: Path) -> dict:
 def report(results: list[dict], command: str) -> str:
     runs = "; ".join(f"{r['model']}: `{r.get('command', command)}`, "
                      f"{(r.get('check_s', 0) + r.get('carried_s', 0)) / 60:.1f} min" for r in results)
-    lines = ["# Scale check (random weights, SD-1.5, SD-2.1 and SDXL shapes)", "",
+    lines = ["# Scale check (random weights, SD-1.5, SD-2.1, SDXL, SD3 and FLUX.1 shapes)", "",
              f"Commands: {runs}; on {os.cpu_count()} CPU cores, torch {torch.__version__}, bf16 autocast, --resolution {RESOLUTION}, 2 steps per recipe, 1 per other method or subset; "
              "sampling cut to trajectory 4 / anchors 2 steps, 2 anchor images per prompt. Each run and each plain "
              "step in a process of its own; peak = the process's peak resident size (VmHWM) above its size once "
@@ -453,7 +556,33 @@ def report(results: list[dict], command: str) -> str:
                         if "output_change_kept" in e else "the LoRA run's adapter as trained")
             lines.append(f"| {e['format']} | {e['reader']} | {e['seconds']} | {e['mb']} | {what} |")
         lines.append("")
+    lines += flux_extrapolation(results)
     return "\n".join(lines)
+
+
+def flux_extrapolation(results: list[dict]) -> list[str]:
+    """The whole FLUX.1 (19 joint + 38 single blocks) from flux-1 (1 + 2) and flux-2 (2 + 4): memory grows by
+    the same amount with each further joint block and its two single blocks, so the whole model's figure is
+    flux-1's plus 18 times the difference. An extrapolation, stated as one."""
+    by = {r["model"]: r for r in results}
+    if not {"flux-1", "flux-2"} <= set(by):
+        return []
+    one = {r["label"]: r for r in by["flux-1"]["runs"] + by["flux-1"]["plain"]}
+    two = {r["label"]: r for r in by["flux-2"]["runs"] + by["flux-2"]["plain"]}
+    lines = ["## FLUX.1 whole model, extrapolated (not measured)", "",
+             "From `flux-1` (1 joint + 2 single blocks) and `flux-2` (2 + 4) at FLUX.1-dev's width: whole = flux-1 + "
+             "18 x (flux-2 - flux-1). The loaded size includes the 2-layer T5 stand-in (T5-XXL adds about 9.5 GB in "
+             "bf16 on top, before training, unless its embeddings are precomputed).", "",
+             "| run | train | loaded model MB (whole) | peak above loaded MB (whole) | per 1 joint + 2 single blocks MB |",
+             "|---|---|---|---|---|"]
+    for label, a in one.items():
+        b = two.get(label)
+        if not b or "loaded_mb" not in a or "loaded_mb" not in b:
+            continue
+        unit = b["peak_extra_mb"] - a["peak_extra_mb"]
+        loaded = a["loaded_mb"] + 18 * (b["loaded_mb"] - a["loaded_mb"])
+        lines.append(f"| {label} | {a['train']} | {loaded} | {a['peak_extra_mb'] + 18 * unit} | {unit} |")
+    return lines + [""]
 
 
 def main() -> int:
@@ -461,7 +590,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="runs/scale")
     parser.add_argument("--models", default="sd15,sd21",
-                        help="sd15, sd21, sdxl, or tiny / tiny-xl (dry runs of the script)")
+                        help="sd15, sd21, sdxl, sd3, flux-1, flux-2 (FLUX.1-dev's width, 1+2 or 2+4 blocks), or "
+                             "tiny / tiny-xl / tiny-sd3 / tiny-flux (dry runs of the script)")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from OUTPUT/scale.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -323,3 +323,22 @@ def test_a_missing_embedded_model_names_the_script_that_builds_it(monkeypatch, t
     err = capsys.readouterr().err
     assert code == 2 and "python scripts/build_digits_flow_model.py" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("recipe,model", [("flux-style-vangogh.yaml", "builtin:tiny-flux"),
+                                          ("sd3-style-vangogh.yaml", "builtin:tiny-sd3")])
+def test_the_shipped_flux_and_sd3_recipes_run_on_tiny_models(recipe, model, tmp_path):
+    """The recipes as shipped (LoRA with gradient checkpointing for FLUX, xattn for SD3, bf16), only their
+    lengths cut and the model swapped for a tiny one of the same family."""
+    from pathlib import Path
+
+    from concept_erase.config import build_config, load_yaml
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / recipe
+    cuts = {"model": model, "resolution": 32, "steps": 1, "sampling_steps": 2, "anchor_inference_steps": 2,
+            "anchor_images_per_prompt": 1, "output": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
+            "progress": False, "checkpoint_every": 0}
+    cfg = build_config(load_yaml(path), cuts, source=str(path))
+    assert cfg.mixed_precision == "bf16" and cfg.train in ("lora", "xattn")
+    erase(cfg)
+    assert len(metrics(cfg.output)) == 1

@@ -107,6 +107,7 @@ class TransformerFamily(Family):
     }
     lora_targets = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
     lora_layers_argument = "transformer_lora_layers"
+    denoiser_name = "transformer"
 
     def denoiser(self, pipe):
         return pipe.transformer
