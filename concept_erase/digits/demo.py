@@ -113,6 +113,7 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
         "steps": config.steps, "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
         "erase_seconds": round(erase_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "evaluation": {"seeds": seeds, "sampling_steps": steps, "guidance": guidance,
+                       "sampler": type(base.scheduler).__name__.replace("Scheduler", ""),
                        "judge": "shipped digits judge (digits/model/judge)", "domain_fid": DOMAIN_FID_NOTE},
         "erased_weights": str(output / "run" / delta.name), "settings": config.to_dict(),
     }
@@ -141,7 +142,7 @@ Method `{r['method']}` on `{r['train']}`, {r['steps']} steps ({r['erase_seconds'
 Targets ({verdict}): forget accuracy at most 10%, retain accuracy at most 5 points below the base model.
 {checks}
 
-Per digit (judge accuracy on {r['evaluation']['seeds']} seeds, DDIM {r['evaluation']['sampling_steps']} steps,
+Per digit (judge accuracy on {r['evaluation']['seeds']} seeds, {r['evaluation'].get('sampler', 'DDIM')} {r['evaluation']['sampling_steps']} steps,
 guidance {r['evaluation']['guidance']}):
 
 | digit | before | after |
