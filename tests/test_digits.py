@@ -74,8 +74,9 @@ def test_domain_fid_separates_sets():
 def test_demo_end_to_end_on_the_shipped_model(tmp_path):
     from concept_erase.digits.demo import run_demo
 
-    report = run_demo(tmp_path / "demo", digit="three", seeds=2, progress=False,
-                      overrides={"steps": 4, "anchor_images_per_prompt": 2, "cache_dir": str(tmp_path / "cache")})
+    report = run_demo(tmp_path / "demo", digit="three", seeds=2, steps=5, progress=False,
+                      overrides={"steps": 4, "anchor_images_per_prompt": 2, "anchor_inference_steps": 4, "sampling_steps": 4,
+                                 "cache_dir": str(tmp_path / "cache")})
     for name in ("report.json", "report.md", "grid.png", "run/erased.safetensors", "run/metrics.jsonl"):
         assert (tmp_path / "demo" / name).is_file(), name
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
@@ -110,8 +111,9 @@ def test_demo_on_the_flow_model(tmp_path):
     target: BENCHMARKS.md)."""
     from concept_erase.digits.demo import run_demo
 
-    report = run_demo(tmp_path / "demo", digit="seven", seeds=2, progress=False,
+    report = run_demo(tmp_path / "demo", digit="seven", seeds=1, steps=5, progress=False,
                       overrides={"model": "builtin:digits-flow", "steps": 4, "anchor_images_per_prompt": 2,
+                                 "anchor_inference_steps": 4, "sampling_steps": 4,
                                  "cache_dir": str(tmp_path / "cache")})
     assert report["model"] == "builtin:digits-flow" and report["evaluation"]["sampler"] == "FlowMatchEulerDiscrete"
     for name in ("report.json", "report.md", "grid.png", "run/erased.safetensors"):

@@ -52,6 +52,10 @@ def _family(pipe):
     return family_of(pipe)
 
 
+def family_name(pipe) -> str:
+    return _family(pipe).name
+
+
 def _subset(pipe, subset):
     from concept_erase.training.subsets import select_trainable
 
@@ -196,14 +200,16 @@ def test_exports_read_back_with_diffusers_readers(flow_pipe, flow_config, tmp_pa
     base.load_lora_weights(str(tmp_path / "lora"))  # diffusers' own FLUX / SD3 LoRA reader
     assert any("lora" in n for n in base.transformer.state_dict())
     assert summary["output_change_kept"] > 0.9
-    # a LoRA run's adapter, written as it is
-    lora_run = erase(flow_config(method="eupmu", train="lora", steps=2, output=str(tmp_path / "lora-run")))
-    export_lora(lora_run, tmp_path / "lora2")
-    pipeline_class.from_pretrained(str(cfg.model)).load_lora_weights(str(tmp_path / "lora2"))
     # no single-file layout for these families: refused, nothing written
     with pytest.raises(UserError, match="no single-file layout"):
         export_single_file(delta, tmp_path / "one.safetensors")
     assert not (tmp_path / "one.safetensors").exists()
+    if family_name(flow_pipe) != "flux":  # the LoRA run's export: on FLUX, where LoRA is the recommended subset
+        return
+    # a LoRA run's adapter, written as it is
+    lora_run = erase(flow_config(method="eupmu", train="lora", steps=2, output=str(tmp_path / "lora-run")))
+    export_lora(lora_run, tmp_path / "lora2")
+    pipeline_class.from_pretrained(str(cfg.model)).load_lora_weights(str(tmp_path / "lora2"))
 
 
 def test_bf16_from_a_cold_cache(flow, flow_config, cache_dir):
