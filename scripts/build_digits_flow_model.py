@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from build_digits_model import SEED, batches, cosine_lr, log  # noqa: E402  (the SD build's helpers)
+from build_digits_model import SEED, batches, cosine_lr, load_ema, log, train_step  # noqa: E402  (the SD build's)
 from concept_erase.digits import world as digits  # noqa: E402
 
 TEXT_TOKENS = 16  # what each tokenizer reads: every caption of the digits world fits (at most 12 tokens)
@@ -113,21 +113,11 @@ def train_transformer(pipe, latents: torch.Tensor, caption_index: torch.Tensor, 
         noise = torch.randn(x0.shape, generator=gen)
         loss = F.mse_loss(family.predict(model, schedule.noised(x0, noise, t), t, cond[cap]),
                           schedule.target(x0, noise, t))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                ema[n].lerp_(p.detach(), 1 - decay)
+        train_step(model, loss, opt, sched, ema, step)
         if (step + 1) % 250 == 0:
             log(f"  transformer step {step + 1}/{steps} loss {loss.item():.4f} "
                 f"({(time.time() - t0) / (step + 1):.3f} s/step)")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(ema[n])
+    load_ema(model, ema)
     model.eval()
     return {"steps": steps, "batch": batch, "seconds": round(time.time() - t0),
             "parameters": sum(p.numel() for p in model.parameters())}

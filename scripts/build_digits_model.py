@@ -55,6 +55,26 @@ def batches(n: int, size: int, gen: torch.Generator):
             yield perm[i : i + size]
 
 
+def train_step(model, loss, opt, sched, ema: dict, step: int) -> None:
+    """One step of the model builds: backward, gradient norm clipped to 1, AdamW, the lr schedule, then the
+    EMA of the weights (decay warming up to 0.999)."""
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    decay = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            ema[n].lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def load_ema(model, ema: dict) -> None:
+    for n, p in model.named_parameters():
+        p.copy_(ema[n])
+
+
 def train_judge(train: digits.DigitsData, test: digits.DigitsData, epochs: int) -> tuple[DigitsJudge, dict]:
     torch.manual_seed(SEED)
     judge = DigitsJudge()
@@ -164,20 +184,10 @@ def train_unet(latents: torch.Tensor, caption_index: torch.Tensor, embeddings: t
         a = abar[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=embeddings[cap]).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for n, p in unet.named_parameters():
-                ema[n].lerp_(p.detach(), 1 - decay)
+        train_step(unet, loss, opt, sched, ema, step)
         if (step + 1) % 500 == 0:
             log(f"  unet step {step + 1}/{steps} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1):.3f} s/step)")
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            p.copy_(ema[n])
+    load_ema(unet, ema)
     return unet.eval()
 
 
