@@ -109,8 +109,19 @@ class TransformerFamily(Family):
     lora_layers_argument = "transformer_lora_layers"
     denoiser_name = "transformer"
 
+    t5_tokenizer, t5_default = "", 256  # the pipeline's T5 tokenizer and its max_sequence_length default
+
     def denoiser(self, pipe):
         return pipe.transformer
+
+    def t5_length(self, pipe) -> int:
+        """T5's token count: the pipeline's default, or fewer where the T5 tokenizer says so (a small model
+        trained on short captions); the same at training (`encode`) and at sampling (`generation_kwargs`)."""
+        tokenizer = getattr(pipe, self.t5_tokenizer, None)
+        return min(self.t5_default, int(getattr(tokenizer, "model_max_length", self.t5_default) or self.t5_default))
+
+    def generation_kwargs(self, pipe, resolution: int) -> dict:
+        return {**super().generation_kwargs(pipe, resolution), "max_sequence_length": self.t5_length(pipe)}
 
     def schedule(self, pipe) -> FlowMatchSchedule:
         return FlowMatchSchedule(pipe.scheduler.config)

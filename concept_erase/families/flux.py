@@ -34,6 +34,7 @@ class Flux(TransformerFamily):
     pipeline_classes = ("FluxPipeline",)
     required_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     part_names = {"text_encoder_2": "T5 text encoder (text_encoder_2)", "tokenizer_2": "T5 tokenizer (tokenizer_2)"}
+    t5_tokenizer, t5_default = "tokenizer_2", 512  # FluxPipeline's default and limit
     fp16_refusal = ("FLUX's activations overflow in fp16 (black images and NaN losses); use --mixed-precision "
                     "bf16 (or no)")
 
@@ -56,13 +57,6 @@ class Flux(TransformerFamily):
         if not pipe.transformer.config.guidance_embeds:
             return {}
         return {"guidance": torch.full((n,), float(value), device=device)}
-
-    def t5_length(self, pipe) -> int:
-        """T5's token count: the pipeline's default and limit 512, or fewer where the T5 tokenizer says so."""
-        return min(512, int(getattr(pipe.tokenizer_2, "model_max_length", 512) or 512))
-
-    def generation_kwargs(self, pipe, resolution: int) -> dict:
-        return {**super().generation_kwargs(pipe, resolution), "max_sequence_length": self.t5_length(pipe)}
 
     def encode(self, pipe, prompts: list[str], device, resolution: int) -> Cond:
         prompts = list(prompts)

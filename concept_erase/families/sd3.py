@@ -20,6 +20,7 @@ from concept_erase.families.flow import TransformerFamily
 class StableDiffusion3(TransformerFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
+    t5_tokenizer, t5_default = "tokenizer_3", 256  # StableDiffusion3Pipeline's default
     required_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
     def subset_names(self, model, subset: str) -> set[str]:
@@ -42,15 +43,6 @@ class StableDiffusion3(TransformerFamily):
     def latent_shape(self, pipe, resolution: int) -> tuple[int, ...]:
         side = resolution // pipe.vae_scale_factor
         return (pipe.transformer.config.in_channels, side, side)
-
-    def t5_length(self, pipe) -> int:
-        """T5's token count: the pipeline's default 256, or fewer where the T5 tokenizer says so (a small
-        model trained on short captions); the same at training and at sampling."""
-        tokenizer = getattr(pipe, "tokenizer_3", None)
-        return min(256, int(getattr(tokenizer, "model_max_length", 256) or 256))
-
-    def generation_kwargs(self, pipe, resolution: int) -> dict:
-        return {**super().generation_kwargs(pipe, resolution), "max_sequence_length": self.t5_length(pipe)}
 
     def encode(self, pipe, prompts: list[str], device, resolution: int) -> Cond:
         prompts = list(prompts)
