@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     from concept_erase.config import EraseConfig
     from concept_erase.options import add_flags
 
-    parser = _Parser(prog="concept-erase", description="Erase a concept from a Stable Diffusion model while keeping "
-                     "everything else it draws (implicit gradient surgery, arXiv 2510.22124).")
+    parser = _Parser(prog="concept-erase", description="Erase a concept from a text-to-image diffusion model (SD 1.x/2.x, "
+                     "SDXL, SD3, FLUX.1) while keeping everything else it draws (implicit gradient surgery, arXiv 2510.22124).")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     for name, (help_text, description) in COMMANDS.items():

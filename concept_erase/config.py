@@ -26,8 +26,9 @@ _f = setting
 @dataclass
 class EraseConfig:
     # what to erase, from what
-    model: str = _f("", "Stable Diffusion model: a diffusers folder, a hub id, a single-file .safetensors "
-                        "(or .ckpt with --allow-pickle), or builtin:tiny")
+    model: str = _f("", "the model (SD 1.x/2.x, SDXL, SD3, FLUX.1): a diffusers folder, a hub id, a single-file "
+                        ".safetensors (or .ckpt with --allow-pickle), or a built-in one (builtin:digits, "
+                        "builtin:digits-flow, builtin:tiny, ...)")
     concepts: list = _f([], "concept prompt(s) to erase, e.g. 'van gogh' (repeat --concept for several)",
                         flag="concept", nonempty=True, metavar="PROMPT")
     anchors: list = _f([], "anchor prompt(s) whose images must survive, e.g. 'a painting' (repeat --anchor)",
@@ -98,7 +99,7 @@ class EraseConfig:
     lora_rank: int = _f(4, "LoRA rank (--train lora)", ge=1, le=4096)
     lora_alpha: float = _f(4.0, "LoRA alpha (--train lora)", gt=0)
     # negative-guidance trajectories
-    sampling_steps: int = _f(50, "DDIM steps of the schedule the forget latents x_t are drawn on", ge=1, le=1000)
+    sampling_steps: int = _f(50, "sampler steps (DDIM; Euler on SD3 and FLUX) of the trajectories the forget latents x_t are drawn from", ge=1, le=1000)
     start_guidance: float = _f(3.0, "classifier-free guidance when sampling the forget trajectory", ge=0, le=100)
     trajectory_model: str = _f("current", "which model samples x_t: current (ESD) or original",
                                choices=("current", "original"))
@@ -113,7 +114,7 @@ class EraseConfig:
     anchor_images_per_prompt: int = _f(4, "images the original model generates per anchor prompt when no --retain-images",
                                        ge=1, le=100000)
     concept_images_per_prompt: int = _f(4, "images generated per concept prompt (remap loss)", ge=1, le=100000)
-    anchor_inference_steps: int = _f(30, "DDIM steps when generating anchor images", ge=1, le=1000)
+    anchor_inference_steps: int = _f(30, "sampler steps when generating anchor images", ge=1, le=1000)
     anchor_guidance: float = _f(7.5, "guidance scale when generating anchor images", ge=0, le=100)
     cache_dir: str = _f("", "cache of generated anchor and concept latents (default: $CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase)",
                         path=OUT_DIR)

@@ -101,7 +101,8 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, suppress_defaults: bool =
         says_default = kind in (bool, list) or meta.get("required") or "default" in help_text
         extra = "; ".join(x for x in ("" if says_default else f"default: {_default_text(f)}",
                                       _range_text(meta)) if x)
-        shown = argparse.SUPPRESS if meta.get("hidden") else (f"{help_text} ({extra})" if extra else help_text)
+        # argparse formats help with %: a literal one ("10%") must be doubled
+        shown = argparse.SUPPRESS if meta.get("hidden") else (f"{help_text} ({extra})" if extra else help_text).replace("%", "%%")
         default = argparse.SUPPRESS if suppress_defaults else (
             f.default if f.default is not dataclasses.MISSING else f.default_factory())
         if meta.get("positional"):
@@ -111,7 +112,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, suppress_defaults: bool =
         if kind is bool:
             if f.default:
                 parser.add_argument(f"--no-{name[2:]}", dest=f.name, action="store_false", default=default,
-                                    help=argparse.SUPPRESS if meta.get("hidden") else f"do not: {help_text}")
+                                    help=argparse.SUPPRESS if meta.get("hidden") else f"do not: {help_text}".replace("%", "%%"))
             else:
                 parser.add_argument(name, dest=f.name, action="store_true", default=default, help=shown)
         elif kind is list:

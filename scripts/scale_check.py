@@ -53,13 +53,15 @@ CUT = {"sampling_steps": 4, "anchor_inference_steps": 2, "anchor_images_per_prom
 METHODS = ["eupmu", "eupmu-fast", "ungrad", "fixed", "esd"]
 RESOLUTION = 128
 SUBSETS = ["xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora"]
+ONLY: set[str] = set()  # --only: the measurements to make (labels); empty: all
+EXPORTS = True  # --no-exports: skip them (the whole FLUX's exports would write 48 GB)
 
 
 XL_KINDS = ("sdxl", "tiny-xl")
 # FLUX.1-dev at full width with a few blocks (FLUX.1 has 19 joint and 38 single blocks: the whole 12B model
 # does not fit this machine): flux-1 has 1 joint + 2 single, flux-2 has 2 + 4. The difference is the cost of
 # one nineteenth of the model's blocks, from which the whole model is extrapolated.
-FLUX_BLOCKS = {"flux-1": (1, 2), "flux-2": (2, 4)}
+FLUX_BLOCKS = {"flux-1": (1, 2), "flux-2": (2, 4), "flux": (19, 38)}  # flux: the whole model (a GPU's)
 FLOW_TINY = ("tiny-flux", "tiny-sd3")
 
 
@@ -181,6 +183,13 @@ def build(kind: str):
     if kind == "sd3":
         return build_sd3()
     if kind in FLUX_BLOCKS:
+        if kind == "flux":  # the whole 12B model is built and saved in bf16 (24 GB, as FLUX.1-dev ships)
+            torch.set_default_dtype(torch.bfloat16)
+            try:  # initialised on the GPU where there is one: minutes faster than 12B random draws on a CPU
+                with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                    return build_flux(*FLUX_BLOCKS[kind]).to("cpu")
+            finally:
+                torch.set_default_dtype(torch.float32)
         return build_flux(*FLUX_BLOCKS[kind])
     if kind in FLOW_TINY:
         import concept_erase.io.tiny as tiny
@@ -235,6 +244,10 @@ class Timeline:
         self.lines.append((time.perf_counter() - self.t0, message))
         if message.startswith("device:"):  # the model is loaded: what the run adds is measured from here
             self.rss_loaded = reset_peak()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                self.cuda_loaded = torch.cuda.memory_allocated()
         print(f"    {message}", flush=True)
 
 
@@ -285,9 +298,13 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str,
     stamps: list[float] = []
     step_peaks: list[int] = []  # the peak through each step, before the run's final save
 
+    cuda_peaks: list[int] = []  # on a GPU: the allocator's peak since the model was loaded
+
     def on_step(done, tr):
         stamps.append(time.perf_counter())
         step_peaks.append(rss_kb("VmHWM"))
+        if torch.cuda.is_available():
+            cuda_peaks.append(torch.cuda.max_memory_allocated())
 
     trainer.on_step = on_step
     trainer.run()
@@ -308,6 +325,9 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str,
               "estimate": next((m for _, m in timeline.lines if _first_call(m)), ""),
               "first_call_at_s": round(first_call, 1) if first_call is not None else None,
               "trained_mb": round(sum(p.numel() for p in trainer.trained.values()) * 4 / 2**20)}
+    if cuda_peaks:
+        result.update(cuda_loaded_mb=round(timeline.cuda_loaded / 2**20), cuda_peak_mb=round(cuda_peaks[-1] / 2**20),
+                      gpu=torch.cuda.get_device_name())
     del trainer
     gc.collect()
     return result
@@ -328,7 +348,7 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
     family = family_of(pipe)
     unet = family.denoiser(pipe)
     tensor_digest(unet.state_dict())  # as the trainer does before its "device:" line: the weights are read in
-    base = reset_peak()  # measured from the loaded model, as the runs are
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision="bf16")
     trained = select_trainable(unet, subset, family, lora_rank=8, lora_alpha=8)
@@ -336,26 +356,43 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
     for p in unet.parameters():
         if id(p) not in ids:
             p.data = p.data.to(torch.bfloat16)
-    opt = torch.optim.AdamW(list(trained.values()), lr=1e-5)
+    for encoder in family.text_encoders(pipe):
+        encoder.to(torch.bfloat16)
+    pipe.to(device)
     n = 3  # forget batch 1 + retain batch 2, as the recipes
-    with torch.no_grad():
-        cond = family.encode(pipe, ["a painting"], "cpu", RESOLUTION).repeat(n)
+    with torch.no_grad(), acc.autocast():
+        cond = family.encode(pipe, ["a painting"], device, RESOLUTION).repeat(n)
+    if device == "cuda":  # as the trainer does once the prompts are encoded
+        for encoder in family.text_encoders(pipe):
+            encoder.to("cpu")
+        pipe.vae.to("cpu")
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
+    base = reset_peak()  # measured from the loaded model in its training precision, as the runs are
+    opt = torch.optim.AdamW(list(trained.values()), lr=1e-5)
     schedule = family.schedule(pipe)
     shape = (n, *family.latent_shape(pipe, RESOLUTION))
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    for _ in range(2):
-        x0 = torch.randn(shape, generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        t = schedule.sample_timesteps(n, g)
-        with acc.autocast():
-            pred = family.predict(unet, schedule.noised(x0, noise, t), t, cond)
-        torch.nn.functional.mse_loss(pred.float(), schedule.target(x0, noise, t).float()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    from concept_erase.training.trainer import no_cudnn_attention
+
+    with no_cudnn_attention():  # as the trainer trains (cuDNN's attention backward failed on an H200: README)
+        for _ in range(2):
+            x0 = torch.randn(shape, generator=g).to(device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            t = schedule.sample_timesteps(n, g).to(device)
+            with acc.autocast():
+                pred = family.predict(unet, schedule.noised(x0, noise, t), t, cond)
+            torch.nn.functional.mse_loss(pred.float(), schedule.target(x0, noise, t).float()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     out = {"label": label, "method": "plain", "train": subset, "total_s": round(time.perf_counter() - t0, 1),
            "peak_extra_mb": round((rss_kb("VmHWM") - base) / 1024), "peak_mb": round(rss_kb("VmHWM") / 1024),
            "loaded_mb": round(base / 1024), "trained_mb": round(sum(p.numel() for p in trained.values()) * 4 / 2**20)}
+    if device == "cuda":
+        out.update(cuda_loaded_mb=round(cuda_base / 2**20), cuda_peak_mb=round(torch.cuda.max_memory_allocated() / 2**20))
     del pipe, unet, opt, trained
     gc.collect()
     return out
@@ -454,6 +491,8 @@ def check_model(kind: str, root: Path) -> dict:
     keep = {xattn_run, lora_run}
 
     def measure(label: str, settings: dict, folder: str, steps: int = 2, **extra) -> None:
+        if ONLY and label not in ONLY:
+            return
         if label in done and (label not in keep or (root / f"{kind}-{folder}").is_dir()):  # the exports read keep's
             results.append(done[label])
             return
@@ -487,6 +526,8 @@ def check_model(kind: str, root: Path) -> dict:
         measure("ungrad full", {**xattn, "method": "ungrad", "train": "full"}, "ungrad-full", steps=2)
     for subset in (("xattn", "lora") if xl else SUBSETS):
         label = f"plain {subset}"
+        if ONLY and label not in ONLY:
+            continue
         if label in done:
             results.append(done[label])
             continue
@@ -495,9 +536,11 @@ def check_model(kind: str, root: Path) -> dict:
         _progress(root, kind, results)
     runs = [r for r in results if r["method"] != "plain"]
     plains = [r for r in results if r["method"] == "plain"]
-    print(f"== {kind}: exports", flush=True)
-    exports = check_exports(kind, model_dir, root / f"{kind}-{xattn_run}", root / f"{kind}-{lora_run}",
-                            root / f"{kind}-exports")
+    exports = []
+    if EXPORTS and all((root / f"{kind}-{label}").is_dir() for label in keep):
+        print(f"== {kind}: exports", flush=True)
+        exports = check_exports(kind, model_dir, root / f"{kind}-{xattn_run}", root / f"{kind}-{lora_run}",
+                                root / f"{kind}-exports")
     for label in keep:
         shutil.rmtree(root / f"{kind}-{label}", ignore_errors=True)
     carried = round(sum(r.get("total_s", 0) for label, r in done.items()), 1)
@@ -542,6 +585,17 @@ def report(results: list[dict], command: str) -> str:
                 full["eupmu"].get("step_peak_extra_mb", full["eupmu"]["peak_extra_mb"])
             lines += ["", f"--train full: ungrad peak - eupmu peak = {gap} MB; one fp32 gradient vector of the subset = "
                           f"{full['eupmu']['trained_mb']} MB: {'met' if gap >= full['eupmu']['trained_mb'] else 'MISSED'}"]
+        gpu = [r for r in res["runs"] + res["plain"] if "cuda_peak_mb" in r]
+        if gpu:
+            lines += ["", f"On the GPU ({gpu[0].get('gpu', 'CUDA')}): the allocator's figures (torch.cuda.memory_allocated "
+                          "once the model is on the device in its training precision, max_memory_allocated from then "
+                          "through set-up, anchors and the steps).", "",
+                      "| run | method | train | step 1 s | step 2 s | model on the GPU MB | GPU peak MB | peak above model MB |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in gpu:
+                lines.append(f"| {r['label']} | {r['method']} | {r['train']} | {r.get('first_step_s', r.get('total_s'))} | "
+                             f"{r.get('second_step_s') or '-'} | {r['cuda_loaded_mb']} | {r['cuda_peak_mb']} | "
+                             f"{r['cuda_peak_mb'] - r['cuda_loaded_mb']} |")
         lines += ["", "| export | read back by | seconds | MB | result |", "|---|---|---|---|---|"]
         for e in res["exports"]:
             if "refused" in e:
@@ -586,17 +640,23 @@ def flux_extrapolation(results: list[dict]) -> list[str]:
 
 
 def main() -> int:
-    global RESOLUTION
+    global RESOLUTION, EXPORTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="runs/scale")
     parser.add_argument("--models", default="sd15,sd21",
-                        help="sd15, sd21, sdxl, sd3, flux-1, flux-2 (FLUX.1-dev's width, 1+2 or 2+4 blocks), or "
+                        help="sd15, sd21, sdxl, sd3, flux-1, flux-2 (FLUX.1-dev's width, 1+2 or 2+4 blocks), flux "
+                             "(the whole 12B FLUX.1-dev shape: a GPU's; build and save take 24 GB), or "
                              "tiny / tiny-xl / tiny-sd3 / tiny-flux (dry runs of the script)")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from OUTPUT/scale.json")
+    parser.add_argument("--only", default="", help="comma-separated measurement labels (recipe names, method "
+                        "names, 'plain xattn', ...): make only these")
+    parser.add_argument("--no-exports", action="store_true", help="skip the exports (they write the whole model)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     RESOLUTION = args.resolution
+    ONLY.update(filter(None, args.only.split(",")))
+    EXPORTS = not args.no_exports
     sys.path.insert(0, str(ROOT))
     if args.child:
         return child(args.child)

@@ -304,3 +304,26 @@ def test_a_failed_bench_leaves_no_empty_folders_nor_its_scratch_run(tmp_path, mo
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 1
     assert sorted(p.name for p in out.iterdir()) == ["runs"], "the scratch run outlived the failure"
     assert [p.name for p in (out / "runs").iterdir()] == ["base__three.json"]  # kept: a rerun continues from it
+
+
+def test_the_package_ships_the_same_recipes_as_pipelines():
+    """concept_erase/recipes/ (installed with the package) holds copies of the digits recipes and benchmark files in
+    pipelines/ (the repository's): they must not drift apart."""
+    from concept_erase.config import RECIPES
+
+    shipped = sorted(p.name for p in RECIPES.glob("*.yaml"))
+    assert "bench-digits.yaml" in shipped and "bench-digits-flow.yaml" in shipped
+    for name in shipped:
+        assert (RECIPES / name).read_text() == (ROOT / "pipelines" / name).read_text(), name
+
+
+def test_bench_runs_on_the_recipes_digits_model_and_refuses_another(tmp_path):
+    from concept_erase.bench.runner import bench_model
+    from concept_erase.errors import UserError
+
+    assert bench_model(load_bench(ROOT / "pipelines" / "bench-digits-flow.yaml")) == "builtin:digits-flow"
+    assert bench_model(load_bench(ROOT / "pipelines" / "bench-digits.yaml")) == "builtin:digits"
+    (tmp_path / "r.yaml").write_text("model: builtin:tiny\nsteps: 2\n")
+    (tmp_path / "b.yaml").write_text("recipe: r.yaml\nconcepts: [three]\nmethods: [{method: eupmu}]\n")
+    with pytest.raises(UserError, match="embedded digits model"):
+        bench_model(load_bench(tmp_path / "b.yaml"))

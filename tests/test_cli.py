@@ -154,3 +154,15 @@ def test_hub_id_offline_says_how_to_proceed(capsys, tmp_path, cache_dir):
     code, err = run_cli(capsys, *base_args("someone/no-such-model", tmp_path / "run", cache_dir))
     assert code == 2 and "HF_HUB_OFFLINE=1" in err and "local diffusers folder" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", [None, "erase", "demo", "export", "sample", "eval", "bench", "compare"])
+def test_every_help_page_prints(capsys, command):
+    """`--help` of each command prints its flags (a literal % in a help text once broke argparse's formatting)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"] if command else ["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "usage: concept-erase" in out and "--debug" in out
+    if command == "erase":
+        assert "10% of the concept's images" in out  # shown as written

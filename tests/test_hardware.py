@@ -224,3 +224,21 @@ def test_a_finished_run_keeps_its_last_checkpoint_only(fresh_pipe, make_config):
     erase(cfg, pipe=fresh_pipe)
     kept = sorted(p.name for p in (Path(cfg.output) / "checkpoints").iterdir())
     assert kept == ["step-00000004"]
+
+
+def test_training_switches_cudnn_attention_off_and_back(monkeypatch):
+    """cuDNN's SDPA backward gave NaN gradients and an illegal memory access on an H200 (torch 2.11): training
+    runs without it and leaves the process's setting as it found it."""
+    import torch
+
+    from concept_erase.training.trainer import no_cudnn_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        with no_cudnn_attention():
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

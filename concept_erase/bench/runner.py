@@ -49,6 +49,18 @@ def _run_id(label: str, concept: str, seed: int) -> str:
     return safe
 
 
+def bench_model(spec: BenchSpec) -> str:
+    """The recipe's model: one of the embedded digits models (the judge knows their world alone)."""
+    from concept_erase.config import load_yaml
+    from concept_erase.io.loading import EMBEDDED
+
+    model = load_yaml(spec.recipe).get("model") or "builtin:digits"
+    if model not in {f"builtin:{name}" for name in EMBEDDED}:
+        raise UserError(f"{spec.recipe}: the benchmark runs on an embedded digits model "
+                        f"({', '.join(f'builtin:{n}' for n in EMBEDDED)}), not {model!r}: its judge knows that world alone")
+    return model
+
+
 def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,
             seed: int, workdir: Path, progress: bool) -> dict:
     from concept_erase.training.trainer import erase
@@ -166,7 +178,7 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
     made = [f for f in (output / "runs", output) if not f.exists()]
     (output / "runs").mkdir(parents=True, exist_ok=True)
     try:
-        base = load_pipeline("builtin:digits")
+        base = load_pipeline(bench_model(spec))
         base.set_progress_bar_config(disable=True)
         return _bench(spec, runs, output, base, progress, only, report_only, command, log)
     finally:  # the scratch run goes; folders this call made go too if nothing finished into them

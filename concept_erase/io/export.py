@@ -54,18 +54,24 @@ def base_fingerprint(unet, trained: dict, *, lora: bool, digest: str) -> dict:
     return {"digest": digest, "stats": stats, "dtype": dtype}
 
 
-def _lora_state(unet) -> dict[str, torch.Tensor]:
+def _lora_state(unet, state: dict | None = None) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    return {k: v.detach().float().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(unet, state_dict=state).items()}
 
 
 def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: dict, steps: int,
-               lambda_final: float, family) -> None:
+               lambda_final: float, family, whole: bool = False) -> None:
+    """`trained`: {name: parameter}; with `whole`, {name: the whole fp32 CPU tensor} gathered from a
+    sharded run (the module's own state is sharded then and is not read)."""
     from safetensors.torch import save_file
 
     lora = config.train == "lora"
-    tensors = _lora_state(unet) if lora else {n: p.detach().float().cpu().contiguous() for n, p in trained.items()}
+    if lora:
+        tensors = _lora_state(unet, trained if whole else None)
+    else:
+        tensors = {n: p.detach().float().cpu().contiguous() for n, p in trained.items()}
     settings = config.to_dict()
     meta = {
         "format": FORMAT,

@@ -108,11 +108,14 @@ class NegativeGuidance(Objective):
     def _denoise(self, x: torch.Tensor, cond: Cond, start: int, stop: int, keep: list | None = None):
         model = self._sampling_model()
         uncond = self.uncond.repeat(len(cond))
-        for i in range(start, stop):
+        for i in range(start, self.ctx.lockstep(stop)):
+            t = self.timesteps[i].repeat(x.shape[0]).to(x.device)
+            out = self.ctx.family.guided(model, x, t, cond, uncond, self.guidance)
+            if i >= stop:  # a call only to keep pace with the other processes (sharded runs)
+                continue
             if keep is not None:
                 keep.append(x)
-            t = self.timesteps[i].repeat(x.shape[0]).to(x.device)
-            x = self.sampler.step(self.ctx.family.guided(model, x, t, cond, uncond, self.guidance), i, x)
+            x = self.sampler.step(out, i, x)
         return x
 
     def _start_noise(self, n: int, gen: torch.Generator) -> torch.Tensor:

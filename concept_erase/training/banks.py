@@ -35,7 +35,8 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].detach().to("cpu", torch.float32).contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # hashed in place (a copy through bytes would double the time on a 12B model)
+            h.update(memoryview(t.view(torch.uint8).numpy()))
     return h.hexdigest()
 
 

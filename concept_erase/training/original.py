@@ -3,6 +3,12 @@
 Only the trained tensors differ from the original model, so a copy of just those is kept and the
 original prediction is the same denoiser evaluated with `torch.func.functional_call` on that copy.
 For LoRA, the original model is the denoiser with its adapter switched off.
+
+Under FSDP2 (`shard`) the trained tensors are DTensors whose slices FSDP gathers itself before each
+block runs, so `functional_call`'s swap of the module's attributes would be overridden by that gather
+and the "original" prediction would silently be the current one. There each process keeps the
+original values of its own slices and writes them into the slices for the call, then writes the
+current values back (both copies exact: the current values are saved in their own precision).
 """
 
 from __future__ import annotations
@@ -23,6 +29,23 @@ class OriginalModel:
         self.lora = lora
         self.original = {} if lora else {n: p.detach().to(dtype=dtype or p.dtype, copy=True)
                                          for n, p in trained.items()}
+        self.sharded: dict[str, torch.Tensor] = {}  # {name: sharded parameter} once `shard` was called
+
+    def shard(self, trained: dict[str, torch.Tensor]) -> None:
+        """The trained tensors are sharded now: keep the original values of this process's slices."""
+        from concept_erase.training.sharding import is_sharded
+
+        if self.lora or not any(is_sharded(p) for p in trained.values()):
+            return
+        for n, p in trained.items():
+            whole = self.original[n]
+            value = p.detach().to_local()
+            # This process's rows of the whole original (FSDP2 shards dim 0, padding the last slices).
+            from torch.distributed.tensor import distribute_tensor
+
+            mine = distribute_tensor(whole.to(value.device, torch.float32), p.device_mesh, p.placements).to_local()
+            self.original[n] = mine.to(whole.dtype)
+        self.sharded = dict(trained)
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
@@ -30,7 +53,32 @@ class OriginalModel:
             with self.adapter_off():
                 return self.family.predict(self.model, sample, timesteps, cond)
         args, kwargs = self.family.inputs(sample, timesteps, cond)
+        if self.sharded:
+            with self._original_slices():
+                return self.model(*args, **kwargs).sample
         return functional_call(self.model, self.original, args, kwargs, strict=False).sample
+
+    @contextlib.contextmanager
+    def _original_slices(self):
+        saved = {}
+        self._reshard()  # a unit left gathered (FSDP keeps the root's) would not see the swap
+        for n, p in self.sharded.items():
+            mine = p.detach().to_local()
+            saved[n] = mine.clone()
+            mine.copy_(self.original[n])
+        try:
+            yield
+        finally:
+            for n, p in self.sharded.items():
+                p.detach().to_local().copy_(saved[n])
+            self._reshard()  # ... nor, afterwards, the current values
+
+    def _reshard(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     @contextlib.contextmanager
     def adapter_off(self):

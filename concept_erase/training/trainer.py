@@ -27,6 +27,8 @@ from concept_erase.config import EraseConfig, config_json
 from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 from concept_erase.errors import TrainingDiverged, UserError
 from concept_erase.io.loading import check_schedule_steps, training_resolution, warn_long_prompts
+from concept_erase.training.sharding import (any_sharded, full, load_optimizer_state, load_whole, local,
+                                             optimizer_state, sum_over_processes, whole_state)
 from concept_erase.training.hardware import check_device, describe_device, duration, estimate_step_seconds, make_optimizer
 from concept_erase.methods.losses import per_sample_mse
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
@@ -70,9 +72,21 @@ class ErasureContext:
         self.latent_shape = family.latent_shape(pipe, resolution)
         self.template = torch.empty(0, device=self.device, dtype=torch.float32)
         self.base_digest = base_digest
+        self.sharded = False  # set by the trainer once the denoiser is prepared
         self._cond: dict[str, Cond] = {}
         self._anchor_bank: LatentBank | None = None
         self.cache_dir = env.cache_root(config.cache_dir)
+
+    def lockstep(self, calls: int) -> int:
+        """How many denoiser calls to make where this process needs `calls`: the same number on every process
+        when the denoiser is sharded (FSDP gathers each block's weights in a collective at every call, so a
+        process that stopped sooner would leave the others waiting, or pair their gathers wrongly). A
+        trajectory cut at a random step per process runs on to the longest, the extra outputs unused."""
+        if not self.sharded:
+            return calls
+        n = torch.tensor([calls], device=self.device)
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+        return int(n.item())
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> Cond:
@@ -270,13 +284,13 @@ class Trainer:
                             "checkpointing; run without the flag (or lower --resolution to save memory)")
         pipe.set_progress_bar_config(disable=True)
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-        pipe.to(acc.device)
+        # Everything is cast on the CPU first and moved to the device once in its final precision: a
+        # 12B FLUX transformer moved in fp32 would take 48 GB of the GPU before being halved.
         pipe.vae.to(dtype=weight_dtype)
         for encoder in family.text_encoders(pipe):
             encoder.to(dtype=weight_dtype)
         unet.to(torch.float32)
         self.base_digest = tensor_digest(unet.state_dict())
-        self.log(describe_device(acc.device, cfg.mixed_precision, unet, time.perf_counter() - t_load))
 
         # 2. Freeze all but the chosen subset; keep only its original values. Under mixed precision
         #    the frozen UNet weights are stored in half precision too (as diffusers' LoRA scripts do);
@@ -291,6 +305,8 @@ class Trainer:
             for p in unet.parameters():
                 if id(p) not in trained_ids:
                     p.data = p.data.to(weight_dtype)
+        pipe.to(acc.device)
+        self.log(describe_device(acc.device, cfg.mixed_precision, unet, time.perf_counter() - t_load))
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.ctx = ErasureContext(cfg, pipe, family, acc, self.trained, self.base_digest, self.resolution,
@@ -312,6 +328,19 @@ class Trainer:
         params = list(self.trained.values())
         self.optimizer = make_optimizer(cfg, params)
         self.model, self.optimizer = acc.prepare(unet, self.optimizer)
+        # Under FSDP2 the trained parameters are replaced by sharded ones (same names, same module).
+        self.sharded = any_sharded(unet.parameters())
+        if self.sharded:
+            named = dict(unet.named_parameters())
+            self.trained = {n: named[n] for n in self.trained}
+            params = list(self.trained.values())
+            self.ctx.original_model.shard(self.trained)
+            self.ctx.sharded = True
+            _init_fsdp_while_trainable(unet)
+            if cfg.stop_when_erased:
+                raise UserError("--stop-when-erased does not work with FSDP yet (its checks generate on the main "
+                                "process alone, and a sharded model needs every process for each call); run "
+                                "without it, or without FSDP")
         self.params = params
         # where the controller's lambda update reads the retain loss before and after each step
         self.probe = PROBES.get(self.controller.probe)(cfg, self.retain, lambda batch: self._forward(batch))
@@ -371,13 +400,17 @@ class Trainer:
         root = self.output / "checkpoints"
         path = root / f"step-{step:08d}"
         per_rank = gather_object([self._rank_state()]) if acc.num_processes > 1 else [self._rank_state()]
+        # sharded weights and optimizer states are gathered whole: every process takes part
+        whole = whole_state(self.trained) if self.sharded or acc.is_main_process else None
+        opt_state = optimizer_state(self.trained, self.optimizer.optimizer, self.sharded) \
+            if self.sharded or acc.is_main_process else None
         if acc.is_main_process:
             from safetensors.torch import save_file
 
             with atomic_dir(path, overwrite=True) as tmp:
-                save_file({n: p.detach().cpu().contiguous() for n, p in self.trained.items()},
+                save_file(whole if self.sharded else {n: p.detach().cpu().contiguous() for n, p in self.trained.items()},
                           str(tmp / "trained.safetensors"))
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(opt_state, tmp / "optimizer.pt")
                 for rank, extra in enumerate(per_rank):
                     save_file(extra, str(tmp / f"rank-{rank}.safetensors"))
                 write_json(tmp / "state.json", {"step": step, "stopped_at": self.stopped_at,
@@ -406,14 +439,14 @@ class Trainer:
         if set(weights) != set(self.trained):
             raise UserError(f"checkpoint {path} was made with another --train subset or model; "
                             "resume with the settings of that run")
-        with torch.no_grad():
-            for n, p in self.trained.items():
-                p.copy_(weights[n].to(p.device, p.dtype))
+        for n, p in self.trained.items():
+            load_whole(p, weights[n])
         saved_optimizer = state.get("config", {}).get("optimizer", "adamw")
         if saved_optimizer != self.config.optimizer:
             raise UserError(f"checkpoint {path} was made with --optimizer {saved_optimizer}; "
                             f"resume with the settings of that run (now --optimizer {self.config.optimizer})")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        load_optimizer_state(self.trained, self.optimizer.optimizer if self.sharded else self.optimizer,
+                             torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True), self.sharded)
         self.controller.load_state_dict(state["controller"])
         if state.get("num_processes", 1) != self.accelerator.num_processes:
             raise UserError(f"checkpoint {path} was written by {state.get('num_processes', 1)} process(es); "
@@ -494,7 +527,11 @@ class Trainer:
         g_r = [p.grad for p in self.params]
         # Under fp16 both gradients carry the gradient scaler's factor S: <g_r, g_u> and ||g_r||^2 are
         # S^2 too large, and eps would act as eps / S^2. The closed form takes them unscaled.
-        dot, norm_sq = surgery_products(g_u, g_r, grad_scale(acc))
+        dot, norm_sq = surgery_products([None if g is None else local(g) for g in g_u],
+                                        [None if g is None else local(g) for g in g_r], grad_scale(acc))
+        if self.sharded:  # each process summed over its slices
+            both = sum_over_processes(torch.tensor([dot, norm_sq], dtype=torch.float64, device=acc.device), True)
+            dot, norm_sq = float(both[0]), float(both[1])
         lam = ctl.from_gradients(dot, norm_sq)
         for i, p in enumerate(self.params):
             a, g_u[i] = g_u[i], None  # each g_u buffer is released as soon as it is added
@@ -524,6 +561,7 @@ class Trainer:
             grad_norm = acc.clip_grad_norm_(self.params, cfg.max_grad_norm)
         if cfg.max_grad_norm <= 0 or grad_norm is None:
             grad_norm = self._grad_norm()
+        grad_norm = full(grad_norm)  # FSDP2's clipping returns the norm as a replicated DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -557,7 +595,7 @@ class Trainer:
         from accelerate.utils import gather_object
 
         mine = {"rank": self.accelerator.process_index, "lambda_history": self.lambda_history,
-                "weights_digest": tensor_digest(self.trained)}
+                "weights_digest": tensor_digest(whole_state(self.trained) if self.sharded else self.trained)}
         ranks = gather_object([mine])
         if self.accelerator.is_main_process:
             run = json.loads((self.output / "run.json").read_text())
@@ -576,10 +614,11 @@ class Trainer:
         return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
     def _grad_norm(self) -> torch.Tensor:
-        grads = [p.grad.detach().float() for p in self.params if p.grad is not None]
+        grads = [local(p.grad.detach()).float() for p in self.params if p.grad is not None]
         if not grads:
             return torch.zeros((), device=self.accelerator.device)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        squares = torch.stack([g.square().sum() for g in grads]).sum().reshape(1)
+        return sum_over_processes(squares, self.sharded).sqrt().reshape(())
 
     def _last_good(self) -> str:
         """What survives a failure now, and what to do: for messages."""
@@ -608,7 +647,8 @@ class Trainer:
         from concept_erase.errors import Interrupted
 
         try:
-            return self._run()
+            with no_cudnn_attention():
+                return self._run()
         except KeyboardInterrupt:
             self._discard_replacement()
             raise Interrupted(self._last_good()) from None
@@ -624,7 +664,7 @@ class Trainer:
         metrics_path = self.output / "metrics.jsonl"
         if acc.is_main_process:
             write_json(self.output / "run.json", {"config": json.loads(config_json(cfg)),
-                                                  "num_processes": acc.num_processes,
+                                                  "num_processes": acc.num_processes, "sharded": self.sharded,
                                                   "base_model_digest": self.base_digest})
         bar = tqdm(total=cfg.steps, initial=self.start_step, desc="erasing", disable=not (cfg.progress and acc.is_main_process),
                    dynamic_ncols=True)
@@ -672,11 +712,13 @@ class Trainer:
                     shutil.rmtree(old, ignore_errors=True)
         self._record_ranks()
         path = self.output / "erased.safetensors"
+        whole = whole_state(self.trained) if self.sharded else None  # gathered by every process
         if acc.is_main_process:
             from concept_erase.io.export import save_delta
 
-            save_delta(path, self.ctx.denoiser, self.trained, config=cfg, fingerprint=self.fingerprint,
-                       steps=last, lambda_final=self.controller.current(), family=self.family)
+            save_delta(path, self.ctx.denoiser, whole or self.trained, config=cfg, fingerprint=self.fingerprint,
+                       steps=last, lambda_final=self.controller.current(), family=self.family,
+                       whole=whole is not None)
         acc.wait_for_everyone()
         if self.replacing:
             if acc.is_main_process:
@@ -685,6 +727,37 @@ class Trainer:
             self.output = self.final_output
             acc.wait_for_everyone()
         return self.output / "erased.safetensors"
+
+
+def _init_fsdp_while_trainable(model) -> None:
+    """FSDP2 fixes each shard group's gradient precision at its first forward, from the parameters that
+    require gradients then. The first forward of a LoRA run is the original model's, with the adapter
+    off, and PEFT switches the adapter off by clearing its requires_grad: the groups then fixed no
+    gradient precision, and the first backward failed ("attempting to assign a gradient with dtype
+    BFloat16 to a tensor with grad_dtype Float", pytorch/pytorch#186998; seen on an H200, torch 2.11).
+    Initialising FSDP's state now, while the trained parameters require gradients, fixes it."""
+    state = getattr(model, "_get_fsdp_state", None)
+    if state is not None:
+        state()._lazy_init()
+
+
+@contextlib.contextmanager
+def no_cudnn_attention():
+    """Training runs with cuDNN's attention kernel switched off (flash and memory-efficient attention remain).
+    Its backward returns NaN gradients on H100/H200 for some inputs (pytorch/pytorch#196678, a regression
+    of torch 2.11): on an H200 with torch 2.11 the tiny FLUX model's first step had a NaN gradient, and the
+    12B FLUX LoRA recipe's backward stopped with an illegal memory access; both ran with it off. The
+    setting is the process's, so it is put back afterwards."""
+    cuda = getattr(torch.backends, "cuda", None)
+    if cuda is None or not hasattr(cuda, "enable_cudnn_sdp") or not torch.cuda.is_available():
+        yield
+        return
+    before = cuda.cudnn_sdp_enabled()
+    cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        cuda.enable_cudnn_sdp(before)
 
 
 def grad_scale(accelerator) -> float:
