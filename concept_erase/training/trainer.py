@@ -401,7 +401,7 @@ class Trainer:
         path = root / f"step-{step:08d}"
         per_rank = gather_object([self._rank_state()]) if acc.num_processes > 1 else [self._rank_state()]
         # sharded weights and optimizer states are gathered whole: every process takes part
-        whole = whole_state(self.trained) if self.sharded or acc.is_main_process else None
+        whole = whole_state(self.trained) if self.sharded else None
         opt_state = optimizer_state(self.trained, self.optimizer.optimizer, self.sharded) \
             if self.sharded or acc.is_main_process else None
         if acc.is_main_process:
