@@ -4,6 +4,7 @@ pipelines' own, every method, the subsets, the original model's predictions, the
 diffusers' FLUX and SD3 readers, bf16, sample and eval, and the bad inputs of these families."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -331,3 +332,19 @@ def test_the_shipped_flux_and_sd3_recipes_run_on_tiny_models(recipe, model, tmp_
     assert cfg.mixed_precision == "bf16" and cfg.train in ("lora", "xattn")
     erase(cfg)
     assert len(metrics(cfg.output)) == 1
+
+
+def test_an_sd3_folder_saved_without_t5_loads_and_encodes(tmp_path):
+    """SD3 runs without T5 (the pipeline's zeros take T5's tokens), and a folder saved so has `[null, null]` for
+    text_encoder_3 and tokenizer_3: diffusers' from_pretrained refuses it unless they are passed as None."""
+    from concept_erase.io.loading import load_pipeline
+
+    pipe = _build("sd3")
+    pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(str(tmp_path / "no-t5"))
+    index = json.loads((tmp_path / "no-t5" / "model_index.json").read_text())
+    assert index["text_encoder_3"] == [None, None]
+    back = load_pipeline(str(tmp_path / "no-t5"))
+    assert back.text_encoder_3 is None and back.tokenizer_3 is None
+    cond = _family(back).encode(back, ["a cat"], "cpu", 32)
+    assert all(torch.isfinite(t).all() for t in cond.tensors.values())

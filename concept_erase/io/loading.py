@@ -118,6 +118,10 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
                             "pass the folder that holds model_index.json, or a single .safetensors checkpoint")
         pipeline_class, kwargs = _pipeline_class(_class_name(path / "model_index.json"))
         _check_parts(path / "model_index.json", source)
+        # Parts the folder leaves out on purpose (SD3 without T5: `[null, null]` in its index) are passed as
+        # None: diffusers' from_pretrained otherwise refuses the folder it saved itself.
+        index = json.loads((path / "model_index.json").read_text())
+        kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None})
         try:
             pipe = pipeline_class.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
