@@ -20,12 +20,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(args):
+def launch_cmd(args, target=("-m", "concept_erase"), **env_extra):
+    """Two processes over gloo running `target` (a module or a script) with `args`."""
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env_extra)
     # `--cpu --num_processes 2` silently runs ONE process; --multi_gpu with ACCELERATE_USE_CPU runs two over gloo.
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "concept_erase", *args]
+           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *target, *args]
     return cmd, env
 
 

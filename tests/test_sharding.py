@@ -5,10 +5,8 @@ FSDP2 preparation (the path `pipelines/accelerate-fsdp-*.yaml` takes on GPUs); t
 """
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _launch(args, tmp_path, sharded: bool):
-    from test_distributed import free_port
+    from test_distributed import launch_cmd
 
-    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               CE_FSDP_WRAP="FluxTransformerBlock,FluxSingleTransformerBlock")
     target = [str(ROOT / "tests" / "fsdp_cpu_launch.py")] if sharded else ["-m", "concept_erase"]
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), *target, *args]
+    cmd, env = launch_cmd(args, target, CE_FSDP_WRAP="FluxTransformerBlock,FluxSingleTransformerBlock")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -33,18 +33,13 @@ class OriginalModel:
 
     def shard(self, trained: dict[str, torch.Tensor]) -> None:
         """The trained tensors are sharded now: keep the original values of this process's slices."""
-        from concept_erase.training.sharding import is_sharded
+        from concept_erase.training.sharding import distribute_like, is_sharded
 
         if self.lora or not any(is_sharded(p) for p in trained.values()):
             return
-        for n, p in trained.items():
+        for n, p in trained.items():  # this process's rows of each whole original (FSDP2 shards dim 0)
             whole = self.original[n]
-            value = p.detach().to_local()
-            # This process's rows of the whole original (FSDP2 shards dim 0, padding the last slices).
-            from torch.distributed.tensor import distribute_tensor
-
-            mine = distribute_tensor(whole.to(value.device, torch.float32), p.device_mesh, p.placements).to_local()
-            self.original[n] = mine.to(whole.dtype)
+            self.original[n] = distribute_like(whole.float(), p).to_local().to(whole.dtype)
         self.sharded = dict(trained)
 
     @torch.no_grad()

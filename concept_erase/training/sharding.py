@@ -13,7 +13,8 @@ on plain tensors they do nothing, so a run without FSDP takes exactly the path i
 
 Why by hand: Accelerate clips sharded gradients (`clip_grad_norm_`), but the toolkit's own reads of
 gradients and weights are its own; torch's DTensor gives the pieces (`to_local`, `full_tensor`,
-`distribute_tensor`), and torch.distributed.checkpoint the optimizer's whole state.
+`distribute_tensor`). The optimizer's state is gathered by name here (torch.distributed.checkpoint's
+helper failed on it: `optimizer_state`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def sum_over_processes(values: torch.Tensor, sharded: bool) -> torch.Tensor:
     return values
 
 
+def distribute_like(whole: torch.Tensor, like: torch.Tensor):
+    """A whole tensor sharded as the sharded `like` is (a collective); `.to_local()` is this process's slice."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements)
+
+
 def whole_state(trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{name: whole fp32 CPU copy} of the trained weights (gathered where sharded; every process calls)."""
     return {n: full(p.detach()).float().cpu().contiguous() for n, p in trained.items()}
@@ -59,10 +67,7 @@ def load_whole(p: torch.Tensor, value: torch.Tensor) -> None:
     """Write a whole tensor into a parameter, each process taking its own slice where it is sharded."""
     with torch.no_grad():
         if is_sharded(p):
-            from torch.distributed.tensor import distribute_tensor
-
-            value = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements)
-            p.to_local().copy_(value.to_local())
+            p.to_local().copy_(distribute_like(value.to(p.dtype), p).to_local())
         else:
             p.copy_(value.to(p.device, p.dtype))
 
@@ -91,13 +96,11 @@ def load_optimizer_state(trained: dict[str, torch.Tensor], optimizer, state: dic
         return
     if not sharded:
         raise ValueError("an optimizer state saved by a sharded run needs a sharded run to resume")
-    from torch.distributed.tensor import distribute_tensor
-
     for n, p in trained.items():
         held = {}
         for k, v in state["state"].get(n, {}).items():
             if torch.is_tensor(v) and is_sharded(p) and v.shape == p.shape:
-                v = distribute_tensor(v.to(p.device, v.dtype), p.device_mesh, p.placements)
+                v = distribute_like(v, p)
             elif torch.is_tensor(v) and v.dim() > 0:
                 v = v.to(p.device)
             held[k] = v
