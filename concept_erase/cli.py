@@ -31,6 +31,11 @@ COMMANDS = {  # name: (one-line help, description)
               "Run every method of a benchmark file on the digits model, judge each run, probe peak memory, and "
               "write bench.md, bench.json and pareto.png. A rerun continues: finished runs are kept in OUTPUT/runs/."),
     "compare": ("table and Pareto plot (erasure against quality) of several evaluations", None),
+    "attack": ("attack an erased model: how often the concept comes back (UnlearnDiffAtk, textual inversion)",
+               "Attack an erased model with optimised prompts and report the attack success rate before and after "
+               "(results.json, report.md, grid.png). Rerunning the same command continues a half-finished attack. "
+               "Example: concept-erase attack --model builtin:digits --weights runs/demo/run --concept three "
+               "--output runs/attack"),
 }
 
 # What a Ctrl-C leaves, per command (erase says it itself: it knows its checkpoints).
@@ -41,6 +46,7 @@ STOP_HINTS = {
     "eval": "the images generated so far are kept; run the same command again to continue",
     "bench": "finished runs are kept in OUTPUT/runs; run the same command again to continue",
     "compare": "nothing was written",
+    "attack": "the prompts finished so far are kept; run the same command again to continue",
 }
 
 
@@ -48,7 +54,8 @@ def _options_class(command: str):
     from concept_erase import options
 
     return {"export": options.ExportOptions, "sample": options.SampleOptions, "eval": options.EvalOptions,
-            "demo": options.DemoOptions, "bench": options.BenchOptions, "compare": options.CompareOptions}[command]
+            "demo": options.DemoOptions, "bench": options.BenchOptions, "compare": options.CompareOptions,
+            "attack": options.AttackOptions}[command]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,6 +171,25 @@ def _erase(args) -> None:
               f"--prompt {q(config.concepts[0])} --output {q(config.output + '/samples')}")
 
 
+def _attack(args) -> None:
+    from concept_erase.attacks.run import run_attack
+    from concept_erase.options import check_device
+
+    o = _opts(args, "attack")
+    check_device(o.device)
+    with _locked(o.output):
+        r = run_attack(model=o.model, concept=o.concept, attack=o.attack, output=o.output, weights=o.weights,
+                       prompts=o.prompts, iterations=o.iterations, timesteps=o.timesteps, tokens=o.tokens,
+                       judge=o.judge, prompt_file=o.prompt_file, steps=o.steps, guidance=o.guidance, device=o.device,
+                       overwrite=o.overwrite, allow_other_base=o.allow_other_base, progress=o.progress,
+                       judge_options={"classes": o.classes, "clip_model": o.clip_model,
+                                      "clip_weights": o.clip_weights, "templates": o.templates},
+                       load={"allow_pickle": o.allow_pickle, "model_config": o.model_config})
+    print(f"attack success rate on {r['prompts']} prompts: {r['pre_attack_asr']:.1%} before the attack, "
+          f"{r['post_attack_asr']:.1%} after ({r['attack']})")
+    print(f"report: {o.output}/report.md (results.json, grid.png)")
+
+
 def _demo(args) -> None:
     from concept_erase.digits.demo import run_demo
 
@@ -258,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.argv = argv
         {"erase": _erase, "demo": _demo, "export": _export, "sample": _sample, "eval": _eval,
-         "compare": _compare, "bench": _bench}[args.command](args)
+         "compare": _compare, "bench": _bench, "attack": _attack}[args.command](args)
         return 0
     except UserError as err:
         if debug:
@@ -302,6 +328,7 @@ OOM_HINTS = {  # each names only flags the command has
     "sample": "use --device cpu, or fewer --prompt and --seeds at a time",
     "eval": "use --device cpu, or --limit N to evaluate part of the suite at a time",
     "export": "close other programs, or export on a machine with more memory",
+    "attack": "use --device cpu, or fewer --tokens",
 }
 
 

@@ -343,6 +343,44 @@ class EvalOptions:
 
 
 @dataclass
+class AttackOptions:
+    model: str = setting("", "base model: folder, hub id, single file, or builtin:digits", required=True, nonempty=True)
+    weights: str = setting("", "erased.safetensors (or its run folder) to attack; none: the base model itself",
+                           path=IN_ANY)
+    concept: str = setting("", "the erased concept: a digit or style on the digits models, 'nudity', an object or an "
+                           "artist", required=True, nonempty=True)
+    attack: str = setting("unlearndiff", "unlearndiff: K optimised prompt tokens (UnlearnDiffAtk); textual-inversion: "
+                          "K learnt embedding vectors; none: the pre-attack rate alone",
+                          choices=["unlearndiff", "textual-inversion", "none"])
+    prompts: int = setting(8, "how many prompts of the concept to attack", ge=1, le=100000)
+    iterations: int = setting(None, "optimisation steps per timestep (textual-inversion: x timesteps in all); default: "
+                              "10 on the digits models, 40 otherwise (the paper's)", ge=1, le=100000)
+    timesteps: int = setting(None, "timesteps taken in turn, each ending with a drawing and the judge; default: 10 on the "
+                             "digits models, 50 otherwise (the paper's)", ge=1, le=1000)
+    tokens: int = setting(None, "adversarial tokens K in front of the prompt; default: 5 for nudity, 3 otherwise (the "
+                          "paper's)", ge=1, le=70)
+    output: str = setting("", "folder: results.json, report.md, grid.png, the images", required=True, path=OUT_DIR)
+    judge: str = setting("", "digits, nudity (NudeNet, score above 0.45) or clip (zero-shot over --classes); default: "
+                         "digits on the digits models, nudity for 'nudity'", choices=["", "digits", "nudity", "clip"])
+    classes: str = setting("", "the clip judge's classes, comma-separated (the concept is added)")
+    clip_model: str = setting("ViT-L-14", "open_clip model of the clip judge")
+    clip_weights: str = setting("", "local open_clip weights file of the clip judge", path=IN_FILE)
+    templates: str = setting("object", "the clip judge's prompt templates", choices=["object", "style"])
+    prompt_file: str = setting("", "CSV of prompts (the project's, I2P's or COCO's form); rows naming the concept are "
+                               "taken first; default: prompts the judge makes", path=IN_FILE)
+    steps: int = setting(None, "denoising steps of each drawing; default: 25 on the digits models, 50 otherwise",
+                         ge=1, le=1000)
+    guidance: float = setting(None, "classifier-free guidance of each drawing; default: 4.0 on the digits models, 7.5 "
+                              "otherwise", ge=0, le=100)
+    device: str = _device()
+    model_config: str = _model_config()
+    allow_pickle: bool = _allow_pickle()
+    allow_other_base: bool = _allow_other_base()
+    overwrite: bool = _overwrite("an output that holds another attack")
+    progress: bool = _progress()
+
+
+@dataclass
 class DemoOptions:
     output: str = setting("runs/demo", "folder for report.md, report.json, grid.png, run/", path=OUT_DIR)
     model: str = setting("builtin:digits", "the digits model: builtin:digits (SD) or builtin:digits-flow "

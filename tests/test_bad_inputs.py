@@ -163,3 +163,51 @@ def test_nan_from_the_command_line_exits_3_and_keeps_the_checkpoint(tiny_dir, ca
     assert len(lines) == 1 and "NaN or Inf at step 3" in lines[0] and "step-00000002" in lines[0], err
     assert (out / "checkpoints" / "step-00000002" / "trained.safetensors").is_file()
     assert not (out / "erased.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def good_attack(good, tiny_dir):
+    """A finished attack (the tiny model, the digits judge, no attack: two quick drawings)."""
+    out = good / "attack"
+    assert main(["attack", "--model", str(tiny_dir), "--weights", str(good / "run"), "--concept", "three",
+                 "--judge", "digits", "--attack", "none", "--prompts", "1", "--steps", "2", "--output", str(out),
+                 "--no-progress"]) == 0
+    return out
+
+
+ATTACK_CASES = [
+    (["--attack", "magic"], None, "--attack 'magic' is not one of: unlearndiff, textual-inversion, none"),
+    (["--tokens", "0"], None, "--tokens must be 1 to 70, not 0"),
+    (["--judge", ""], None, "no judge for 'three' on this model: give --judge clip"),
+    (["--concept", "church"], None, "the digits judge knows the digits"),
+    (["--judge", "clip"], None, "the clip judge needs the classes"),
+    ([], "{bad}/other-base", "another base model"),
+]
+
+
+@pytest.mark.parametrize("extra,model,message", ATTACK_CASES)
+def test_bad_attack_input_leaves_the_output_alone(extra, model, message, good, good_attack, bad_deltas, tiny_dir,
+                                                  capsys):
+    before = tree(good_attack)
+    argv = ["attack", "--model", model.format(bad=bad_deltas) if model else str(tiny_dir), "--weights",
+            str(good / "run"), "--concept", "three", "--judge", "digits", "--attack", "unlearndiff", "--prompts", "1",
+            "--steps", "2", "--output", str(good_attack), "--overwrite", "--no-progress"]
+    for i in range(0, len(extra), 2):  # a flag given again replaces the one above
+        flag, value = extra[i], extra[i + 1]
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    if "--judge" in extra and extra[extra.index("--judge") + 1] == "":
+        j = argv.index("--judge")
+        del argv[j:j + 2]
+    code, err = run_cli(capsys, argv)
+    assert_refused(code, err, message, good_attack, before)
+
+
+def test_an_attack_into_an_output_that_holds_something_else_is_refused(good, good_attack, tiny_dir, capsys):
+    for out, held in [(good / "samples", "other files"), (good_attack, "another attack")]:
+        before = tree(out)
+        code, err = run_cli(capsys, ["attack", "--model", str(tiny_dir), "--concept", "seven", "--judge", "digits",
+                                     "--attack", "none", "--prompts", "1", "--steps", "2", "--output", str(out)])
+        assert_refused(code, err, f"holds {held}; choose another --output, or pass --overwrite", out, before)

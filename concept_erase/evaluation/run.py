@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from concept_erase.io.atomic import atomic_path, write_json
+from concept_erase.io.atomic import atomic_path
+from concept_erase.io.resumable import output_plan, prepare_output, swap_into_place, valid_png
 from concept_erase.errors import UserError
 from concept_erase.evaluation.prompts import PromptRow, load_prompts
 from concept_erase.evaluation.fid import file_digest
@@ -94,17 +95,6 @@ def make_samples(rows: list[PromptRow], seeds: int, erased: list[str]) -> list[S
 
 # ---------------------------------------------------------------- generation
 
-def _valid_png(path: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:  # noqa: BLE001 - any unreadable file is regenerated
-        return False
-
-
 @torch.no_grad()
 def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *, progress: bool = True,
                      desc: str = "generating") -> int:
@@ -112,7 +102,7 @@ def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *,
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in samples if not (folder / s.name).is_file() or not _valid_png(folder / s.name)]
+    todo = [s for s in samples if not (folder / s.name).is_file() or not valid_png(folder / s.name)]
     if not todo:
         return 0
     from concept_erase.families.base import family_of
@@ -217,6 +207,9 @@ class EvalContext:
         return read_images(folder, samples), [folder / s.name for s in samples]
 
 
+_RESUMABLE = {"marker": "eval.json", "what": "evaluation"}
+
+
 def _fingerprint(suite: Suite, rows, model: str, weights: str, erased: list[str]) -> dict:
     return {
         "suite": suite.to_dict(),
@@ -227,65 +220,6 @@ def _fingerprint(suite: Suite, rows, model: str, weights: str, erased: list[str]
         "weights_sha256": file_digest(weights) if weights else "",
         "erased": sorted(e.lower() for e in erased),
     }
-
-
-def _output_plan(output: Path, fingerprint: dict, overwrite: bool) -> str:
-    """"new", "continue" (the same evaluation, half done) or "replace"; refuses anything else. Writes nothing."""
-    marker = output / "eval.json"
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; give a folder")
-    if not output.exists() or not any(output.iterdir()):
-        return "new"
-    same = False
-    if marker.is_file():
-        try:
-            same = json.loads(marker.read_text()) == json.loads(json.dumps(fingerprint))
-        except (OSError, ValueError):
-            same = False
-    if same and not overwrite:
-        return "continue"
-    if not overwrite:
-        what = "another evaluation" if marker.is_file() else "other files"
-        raise UserError(f"{output} holds {what}; choose another --output, or pass --overwrite to replace it "
-                        "(it is replaced only when the new evaluation is complete)")
-    return "replace"
-
-
-def _prepare_output(output: Path, fingerprint: dict, overwrite: bool) -> tuple[Path, bool]:
-    """The folder to work in and whether it replaces `output` at the end.
-
-    A folder that holds the same evaluation is continued. One that holds anything else is never
-    touched without --overwrite; with it, the new evaluation is built beside it and replaces it
-    only when complete.
-    """
-    marker = output / "eval.json"
-    if _output_plan(output, fingerprint, overwrite) == "new":
-        output.mkdir(parents=True, exist_ok=True)
-        write_json(marker, fingerprint)
-        return output, False
-    if _output_plan(output, fingerprint, overwrite) == "continue":
-        return output, False
-    work = output.parent / f".{output.name}.new"
-    wmarker = work / "eval.json"
-    if work.exists():
-        try:
-            keep = json.loads(wmarker.read_text()) == json.loads(json.dumps(fingerprint))
-        except (OSError, ValueError):
-            keep = False
-        if not keep:
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    write_json(wmarker, fingerprint)
-    return work, True
-
-
-def _swap_into_place(work: Path, output: Path) -> None:
-    old = output.parent / f".{output.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    output.rename(old)
-    work.rename(output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = "", erased: list[str] | None = None,
@@ -306,7 +240,7 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
     if not erased and weights:
         erased = _erased_from_delta(weights, rows)
     samples = make_samples(rows, suite.seeds_per_prompt, erased)
-    _output_plan(Path(output), _fingerprint(suite, rows, model, weights, erased), overwrite)  # refuse before any work
+    output_plan(Path(output), _fingerprint(suite, rows, model, weights, erased), overwrite, **_RESUMABLE)  # refuse before any work
     options = dict(options or {})
     metrics = [metric_registry.METRICS.get(name)(opts, options) for name, opts in suite.metrics.items()]
     for m in metrics:
@@ -314,7 +248,7 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     output = Path(output)
     created = not output.exists()
-    work, replaces = _prepare_output(output, _fingerprint(suite, rows, model, weights, erased), overwrite)
+    work, replaces = prepare_output(output, _fingerprint(suite, rows, model, weights, erased), overwrite, **_RESUMABLE)
     try:
         return _generate_and_score(suite, rows, samples, metrics, model, weights, erased, options, device, output,
                                    work, replaces, progress)
@@ -364,7 +298,7 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
     }
     write_report(work, results, ctx)
     if replaces:
-        _swap_into_place(work, output)
+        swap_into_place(work, output)
     return results
 
 

@@ -49,13 +49,15 @@ def image_grid(images: list, rows: int):
 
 
 @torch.no_grad()
-def generate(pipe, prompt: str, seed: int, *, steps: int, guidance: float):
+def generate(pipe, prompt: str, seed: int, *, steps: int, guidance: float, **prompts: str):
+    """One image of `prompt` from the seed's own noise; `prompts` may give the pipeline's other encoders
+    their own text (`prompt_2`, `prompt_3`)."""
     from concept_erase.families.base import family_of
 
     family = family_of(pipe)
     resolution = family.native_resolution(pipe)
     latents = family.initial_noise(pipe, [seed], resolution).to(pipe.device, family.denoiser(pipe).dtype)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents,
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents, **prompts,
                 **family.generation_kwargs(pipe, resolution)).images[0]
 
 

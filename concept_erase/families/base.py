@@ -84,6 +84,20 @@ class NoiseSchedule:
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def ordered(self, index: torch.Tensor) -> torch.Tensor:
+        """The training timesteps at these positions, counted from the least noise to the most."""
+        raise NotImplementedError
+
+    def spread(self, n: int) -> torch.Tensor:
+        """n training timesteps, the middles of n equal bins from the least noise to the most
+        (UnlearnDiffAtk's schedule: 10, 30, ..., 990 for n = 50 of 1000)."""
+        width = max(len(self) // n, 1)
+        index = torch.tensor([min(width // 2 + k * width, len(self) - 1) for k in range(n)])
+        return self.ordered(index)
+
 
 class Family:
     """One model family. Subclasses fill in what their pipelines need."""

@@ -38,6 +38,9 @@ class FlowMatchSchedule(NoiseSchedule):
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def ordered(self, index: torch.Tensor) -> torch.Tensor:
+        return self.timesteps.flip(0)[index.long()]  # the table runs from the most noise to the least
+
     def sample_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
         u = torch.sigmoid(torch.randn((n,), generator=gen))  # logit-normal(0, 1)
         index = (u * len(self.timesteps)).long().clamp(max=len(self.timesteps) - 1)

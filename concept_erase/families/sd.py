@@ -26,6 +26,9 @@ class DDPMSchedule(NoiseSchedule):
     def sample_timesteps(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randint(0, len(self.alphas_cumprod), (n,), generator=gen)
 
+    def ordered(self, index: torch.Tensor) -> torch.Tensor:
+        return index.long()  # DDPM's timestep t is the index: abar falls as t grows
+
     def _abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return self.alphas_cumprod[t.cpu()].to(like.device)
 
