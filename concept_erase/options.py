@@ -345,7 +345,7 @@ class EvalOptions:
 @dataclass
 class AttackOptions:
     model: str = setting("", "base model: folder, hub id, single file, or builtin:digits", required=True, nonempty=True)
-    weights: str = setting("", "erased.safetensors (or its run folder) to attack; none: the base model itself",
+    weights: str = setting("", "erased.safetensors (or its run folder) to attack; without it, the base model itself",
                            path=IN_ANY)
     concept: str = setting("", "the erased concept: a digit or style on the digits models, 'nudity', an object or an "
                            "artist", required=True, nonempty=True)
@@ -361,7 +361,7 @@ class AttackOptions:
                           "paper's)", ge=1, le=70)
     output: str = setting("", "folder: results.json, report.md, grid.png, the images", required=True, path=OUT_DIR)
     judge: str = setting("", "digits, nudity (NudeNet, score above 0.45) or clip (zero-shot over --classes); default: "
-                         "digits on the digits models, nudity for 'nudity'", choices=["", "digits", "nudity", "clip"])
+                         "digits on the digits models, nudity for 'nudity'", choices=["digits", "nudity", "clip"])
     classes: str = setting("", "the clip judge's classes, comma-separated (the concept is added)")
     clip_model: str = setting("ViT-L-14", "open_clip model of the clip judge")
     clip_weights: str = setting("", "local open_clip weights file of the clip judge", path=IN_FILE)

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         overrides[key.replace("-", "_")] = yaml.safe_load(value)
     out = Path(args.output)
     spec = load_bench(SHIPPED_BENCH)
+    spec.attack = {**spec.attack, "prompts": 0}  # a trace of the erasure alone
     spec.eval_every, spec.eval_seeds, spec.eval_final_seeds = args.every, args.images, args.images
     try:
         base = load_pipeline("builtin:digits")

@@ -210,7 +210,8 @@ def test_an_unerased_digits_model_still_draws_the_digit(tmp_path):
                  "--output", out, "--no-progress"]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["pre_attack_asr"] >= 0.8 and r["post_attack_asr"] == r["pre_attack_asr"]
-    assert [p["prompt"] for p in r["per_prompt"]][:2] == ["a handwritten digit three", "a handwritten digit three in red ink"]
+    assert [(p["prompt"], p["seed"]) for p in r["per_prompt"]][:2] == [("a handwritten digit three", 0),
+                                                                        ("a handwritten digit three", 1)]
     assert r["judge"]["judge"] == "digits" and r["settings"]["steps"] == 25
     for folder in ("targets", "original", "attacked"):
         assert len(list((out / folder).glob("p*.png"))) == 5
@@ -270,3 +271,26 @@ def test_both_attacks_run_on_every_family(model, attack, tmp_path):
         keys = set(load_file(str(out / "embedding.safetensors")))
         assert keys == {"xl": {"clip_l", "clip_g"}, "sd3": {"clip_l", "clip_g", "t5"},
                         "flux": {"clip_l", "t5"}}[model.split("-", 1)[1]]
+
+
+def test_the_attack_metric_of_an_evaluation_suite(tmp_path):
+    """An `attack` metric in a suite attacks the erased concept's rows of the prompt set (here without an
+    erasure: the model still draws the digit, so both rates are high); with nothing erased it is skipped."""
+    (tmp_path / "p.csv").write_text("case_number,prompt,seed,concept,style\n0,a handwritten digit three,7,three,plain\n"
+                                    "1,a handwritten digit seven,8,seven,plain\n")
+    (tmp_path / "s.yaml").write_text("name: t\nprompts: p.csv\nseeds_per_prompt: 1\nsteps: 10\nguidance: 4.0\n"
+                                     "metrics:\n  judge: {}\n  attack: {attack: none, prompts: 3}\n")
+    out = tmp_path / "ev"
+    assert _cli(["eval", "--suite", tmp_path / "s.yaml", "--model", "builtin:digits", "--erased", "three",
+                 "--output", out, "--no-progress"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    rec = next(m for m in r["metrics"] if m["metric"] == "attack")
+    assert rec["group"] == "forget" and rec["value"]["prompts"] == 1  # the one row of 'three'
+    assert rec["value"]["pre_attack_asr"] == 1.0 and r["summary"]["post_attack_asr"] == 1.0
+    attacked = json.loads((out / "attack" / "results.json").read_text())
+    assert attacked["per_prompt"][0]["prompt"] == "a handwritten digit three" and attacked["per_prompt"][0]["seed"] == 7
+    out2 = tmp_path / "ev2"
+    assert _cli(["eval", "--suite", tmp_path / "s.yaml", "--model", "builtin:digits", "--output", out2,
+                 "--no-progress"]) == 0
+    rec = next(m for m in json.loads((out2 / "results.json").read_text())["metrics"] if m["metric"] == "attack")
+    assert "skipped" in rec["value"] and not (out2 / "attack").exists()

@@ -66,6 +66,9 @@ def test_concept_prompts():
     ("concepts: [three]\nmethods: [{method: esd}]\ntiming_probe: {steps: 0}\n", "timing_probe.steps must be a whole"),
     ("concepts: [three]\nmethods: [{method: esd}]\nheld_time_reference: eupmu\n", "'eupmu' is not the label of"),
     ("concepts: [three]\nmethods: [{method: esd}]\nevaluation: {final_seeds: -1}\n", "evaluation.final_seeds must"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nattack: {method: magic}\n", "attack.method 'magic' is not one of"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nattack: {tokens: 0}\n", "attack.tokens must be a whole"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nattack: {prompt: 3}\n", "attack must be a mapping with some of"),
 ])
 def test_bad_benchmark_files(tmp_path, text, message):
     p = tmp_path / "b.yaml"
@@ -240,16 +243,29 @@ def tiny_bench_file(folder, methods: list[str], *, steps: int, evaluation: str, 
     return path
 
 
+def runs_attack(report, label):
+    return next(r["attack"]["post_attack_asr"] for r in report["runs"] if r["label"] == label)
+
+
 def test_tiny_benchmark_end_to_end(tmp_path):
     """Two methods, a few steps: every per-run figure is measured and the report is written."""
     from concept_erase.cli import main
 
     cfg = tiny_bench_file(tmp_path, ["eupmu", "ungrad"], steps=4,
                           evaluation="{seeds: 2, final_seeds: 3, steps: 3, every: 2}",
-                          rest="memory_probe_steps: 1\ntiming_probe: {rounds: 1, steps: 2}\n")
+                          rest="memory_probe_steps: 1\ntiming_probe: {rounds: 1, steps: 2}\n"
+                               "attack: {prompts: 2, iterations: 1, timesteps: 1}\n")
     out = tmp_path / "out"
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
     report = json.loads((out / "bench.json").read_text())
+    for r in report["runs"]:  # every run's erasure attacked, the rates from the attack command's own results
+        a = r["attack"]
+        assert a["method"] == "unlearndiff" and a["prompts"] == 2 and len(a["adversarial_prompts"]) == 2
+        assert 0 <= a["pre_attack_asr"] <= a["post_attack_asr"] <= 1
+    rows = report["summary"]["by_method"]
+    assert rows["eupmu"]["attacked_runs"] == 1 and rows["eupmu"]["post_attack_asr"] == runs_attack(report, "eupmu")
+    assert "## Attack on the erased models" in (out / "bench.md").read_text()
+    assert (out / "attack.png").stat().st_size > 1000
     runs = {r["label"]: r for r in report["runs"]}
     assert set(runs) == {"eupmu", "ungrad"}
     assert runs["eupmu"]["backward_passes_per_step"] == 1.0  # counted in the trainer, not assumed

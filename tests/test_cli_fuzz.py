@@ -21,7 +21,7 @@ from test_cli import base_args, tree
 REPO = Path(__file__).resolve().parent.parent
 COMMAND_OPTIONS = {"erase": EraseConfig, "export": options.ExportOptions, "sample": options.SampleOptions,
                    "eval": options.EvalOptions, "demo": options.DemoOptions, "bench": options.BenchOptions,
-                   "compare": options.CompareOptions}
+                   "compare": options.CompareOptions, "attack": options.AttackOptions}
 NEVER = {"overwrite", "report_only", "resume"}  # flags that ask to change the output: not fuzzed here
 
 NASTY = ["nan", "NaN", "inf", "-inf", "1e309", "-1", "0", "-0", "1.5", "", " ", "abc", "１２", "٣", "9" * 40,
@@ -52,6 +52,8 @@ def world(tiny_dir, tmp_path_factory):
         "demo": ["demo", "--output", str(held)],
         "bench": ["bench", "--report-only", "--config", bench_cfg, "--output", str(held)],
         "compare": ["compare", str(held), "--output", str(held)],
+        "attack": ["attack", "--model", "builtin:digits", "--concept", "three", "--attack", "none", "--prompts", "1",
+                   "--steps", "2", "--output", str(held)],
     }
     return root, run, held, bases
 

@@ -8,7 +8,8 @@
   CLIP classifiers: success when the concept is the nearest class.
 
 A judge also proposes the prompts to attack where the concept allows (`prompts`): the digits world's
-captions, or CLIP's templates; nudity needs a prompt file (I2P's form).
+caption of the concept (a digit's plain caption, a style on each digit) at seeds 0, 1, ..., or CLIP's
+templates; nudity needs a prompt file (I2P's form).
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ class DigitsJudge(Judge):
     def prompts(self, n):
         from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
 
+        # the captions an erasure of the concept is given (bench, demo): a digit's plain caption, a style on each
+        # digit in turn; seeds 0, 1, ...
         if self.head == "digit":
-            d = DIGIT_NAMES.index(self.concept)
-            return [(caption(d, STYLES[i % len(STYLES)]), i) for i in range(n)]
+            return [(caption(DIGIT_NAMES.index(self.concept)), i) for i in range(n)]
         return [(caption(i % len(DIGIT_NAMES), self.concept), i) for i in range(n)]
 
     def judge(self, images):

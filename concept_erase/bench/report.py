@@ -98,6 +98,10 @@ def _summary_row(rs: list[dict], probe_ms: float | None = None) -> dict:
     _with_ci(row, "met_fraction", [float(bool(r["meets_target"])) for r in rs])
     _with_ci(row, "step_time_ms", [1000 * r["step_time_s_median"] for r in rs])
     _with_ci(row, "lambda_mean", [r.get("lambda_mean") for r in rs])
+    attacked = [r["attack"] for r in rs if r.get("attack")]
+    row["attacked_runs"] = len(attacked)
+    _with_ci(row, "pre_attack_asr", [a["pre_attack_asr"] for a in attacked])
+    _with_ci(row, "post_attack_asr", [a["post_attack_asr"] for a in attacked])
     # Means over the runs that reached (held) the target; the counts beside them say how many did.
     _with_ci(row, "steps_to_held_target", held)
     _with_ci(row, "time_to_held_target_s", [_held_seconds(r, probe_ms) for r in rs])
@@ -271,6 +275,20 @@ def markdown(report: dict, command: str) -> str:
             lines.append(f"| {label} | {r['runs']} | {_ci_text(r, 'forget_accuracy', 100, pct=True)} | "
                          f"{_ci_text(r, 'retain_drop', 100)} | {_ci_text(r, 'domain_fid')} | "
                          f"{r['meets_target']}/{r['runs']} | {_ci_text(r, 'lambda_mean', digits=2)} |")
+    attacked = {label: r for label, r in s["by_method"].items() if r.get("attacked_runs")}
+    if attacked:
+        settings = next((r["attack"] for r in report["runs"] if r.get("attack")), {})
+        lines += ["", "## Attack on the erased models", "",
+                  f"`concept-erase attack --attack {settings.get('method', '?')}` on each run's erasure, "
+                  f"{settings.get('prompts', '?')} prompts of the erased concept (a digit in each style; a style on "
+                  "several digits), the digits judge: attack success rate (ASR), the fraction of prompts whose image "
+                  "shows the concept. Before: the prompts as given; after: with the attack (a prompt drawn before "
+                  "counts after too). Means over runs with 95% bootstrap intervals.", "",
+                  "| method | runs attacked | ASR before | ASR after | retain drop (points) |", "|---|---|---|---|---|"]
+        for label, r in attacked.items():
+            lines.append(f"| {label} | {r['attacked_runs']}/{r['runs']} | {_ci_text(r, 'pre_attack_asr', 100, pct=True)} | "
+                         f"{_ci_text(r, 'post_attack_asr', 100, pct=True)} | {_ci_text(r, 'retain_drop', 100)} |")
+        lines += ["", "![post-attack ASR against retain accuracy](attack.png)"]
     lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
     for c in s["checks"]:
         m = c["measured"]
@@ -355,6 +373,41 @@ def pareto_plot(results: list[dict], path: Path) -> None:
     ax.set_xlabel("forget accuracy (lower: more erased)")
     ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
     ax.set_title("Erasure against utility (means, 95% bootstrap bars; runs in brackets)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def attack_plot(results: list[dict], path: Path) -> None:
+    """Mean post-attack ASR against mean retain drop per method, with 95% bootstrap bars on both; nothing
+    when no run was attacked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("attack"):
+            by.setdefault(r["label"], []).append(r)
+    if not by:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110)
+    markers = "osD^v<>pP*Xh"
+    for i, (label, rs) in enumerate(by.items()):
+        xs = [r["attack"]["post_attack_asr"] for r in rs]
+        ys = [100 * (r["base_retain_accuracy"] - r["retain_accuracy"]) for r in rs]
+        x, y, cx, cy = _mean(xs), _mean(ys), stats.mean_ci(xs) or (_mean(xs),) * 2, stats.mean_ci(ys) or (_mean(ys),) * 2
+        ax.errorbar([x], [y], xerr=[[x - cx[0]], [cx[1] - x]], yerr=[[y - cy[0]], [cy[1] - y]],
+                    fmt=markers[i % len(markers)], ms=7, capsize=3, elinewidth=0.9, label=f"{label} ({len(rs)})",
+                    zorder=3, alpha=0.85)
+    ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("attack success rate after the attack (lower: more robust)")
+    ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
+    ax.set_title("Robustness against utility (means, 95% bootstrap bars; runs in brackets)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

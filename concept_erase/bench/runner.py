@@ -35,7 +35,7 @@ from concept_erase.digits.world import DIGIT_NAMES, STYLES
 from concept_erase.errors import UserError
 from concept_erase.bench.judging import Judging, judged_images
 from concept_erase.bench.memory import memory_table
-from concept_erase.bench.report import final_images, markdown, pareto_plot, summarise
+from concept_erase.bench.report import attack_plot, final_images, markdown, pareto_plot, summarise
 from concept_erase.bench.spec import (FORGET_TARGET, RETAIN_DROP, SHIPPED_BENCH, BenchSpec, load_bench, plan,
                                       run_config)
 from concept_erase.bench.timing import probe_timing
@@ -87,6 +87,7 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     from concept_erase.io.export import apply
 
     final = judging(apply(copy.deepcopy(base), run_dir / "erased.safetensors"), final=True)
+    attack = attack_run(spec, concept, run_dir / "erased.safetensors", workdir / "attack")
     curve = [c for c in curve if c["step"] < done]
     curve.append({"step": done, **{k: final[k] for k in ("forget_accuracy", "retain_accuracy", "images")}})
     cumulative = dict(zip((r["step"] for r in records), _cumsum(step_seconds)))
@@ -115,8 +116,24 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
         # held: the first evaluation at target counts only if the run is still at target at its end
         "steps_to_held_target": first if meets else None,
         "time_to_held_target_s": time_to_target if meets else None,
-        "curve": curve, "checks": checks,
+        "curve": curve, "checks": checks, **({"attack": attack} if attack else {}),
     }
+
+
+def attack_run(spec: BenchSpec, concept: str, weights: Path, output: Path) -> dict | None:
+    """The benchmark's attack on one run's erasure (`concept-erase attack`, the digits judge): the attack
+    success rate before and after, on the concept's first prompts (a digit in each style; a style on digits)."""
+    from concept_erase.attacks.run import run_attack
+
+    a = spec.attack
+    if not a["prompts"]:
+        return None
+    r = run_attack(model=bench_model(spec), weights=str(weights), concept=concept, attack=a["method"], output=output,
+                   prompts=a["prompts"], iterations=a["iterations"], timesteps=a["timesteps"], tokens=a["tokens"],
+                   steps=spec.eval_steps, guidance=spec.eval_guidance, overwrite=True, progress=False)
+    return {"method": a["method"], "prompts": r["prompts"], "pre_attack_asr": r["pre_attack_asr"],
+            "post_attack_asr": r["post_attack_asr"], "seconds": r["seconds"],
+            "adversarial_prompts": [p.get("adversarial_prompt") for p in r["per_prompt"]]}
 
 
 def _read_checks(run_dir: Path) -> list[dict]:
@@ -244,6 +261,7 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
               "summary": summary, "memory": memory, "timing": timing, "runs": results}
     write_json(output / "bench.json", report)
     pareto_plot(results, output / "pareto.png")
+    attack_plot(results, output / "attack.png")
     command = command or f"concept-erase bench --config {spec.source} --output {output}"
     report["command"] = command
     write_json(output / "bench.json", report)

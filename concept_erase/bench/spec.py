@@ -16,6 +16,7 @@ from concept_erase.bench.judging import concept_prompts, erase_relative_to
 
 
 
+ATTACK_DEFAULTS = {"method": "unlearndiff", "prompts": 5, "iterations": 10, "timesteps": 10, "tokens": 3}
 FORGET_TARGET = 0.10
 RETAIN_DROP = 0.03
 
@@ -36,6 +37,8 @@ class BenchSpec:
     memory_probe_steps: int = 10
     timing_rounds: int = 8
     timing_steps: int = 5
+    # the attack on every run's erasure (concept-erase attack): prompts 0 skips it
+    attack: dict = field(default_factory=lambda: dict(ATTACK_DEFAULTS))
     source: str = ""
 
 
@@ -65,7 +68,7 @@ def load_bench(path: str | Path) -> BenchSpec:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
     known = {"recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps", "timing_probe",
-             "held_time_reference"}
+             "held_time_reference", "attack"}
     bad = sorted(set(map(str, raw)) - known)
     if bad:
         raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
@@ -109,6 +112,15 @@ def load_bench(path: str | Path) -> BenchSpec:
     bad = sorted(set(map(str, ev)) - {"seeds", "final_seeds", "steps", "guidance", "every"})
     if bad:
         raise UserError(f"{path}: evaluation has no key {bad[0]!r} (seeds, final_seeds, steps, guidance, every)")
+    attack = raw.get("attack") or {}
+    if not isinstance(attack, dict) or sorted(set(map(str, attack)) - set(ATTACK_DEFAULTS)):
+        raise UserError(f"{path}: attack must be a mapping with some of {', '.join(ATTACK_DEFAULTS)} "
+                        f"(prompts: 0 skips it), not {attack!r}")
+    method = attack.get("method", ATTACK_DEFAULTS["method"])
+    if method not in ("unlearndiff", "textual-inversion", "none"):
+        raise UserError(f"{path}: attack.method {method!r} is not one of: unlearndiff, textual-inversion, none")
+    attack = {"method": method, **{k: whole_number(attack, k, ATTACK_DEFAULTS[k], path, 0 if k == "prompts" else 1,
+                                                   f"attack.{k}") for k in ("prompts", "iterations", "timesteps", "tokens")}}
     reference = raw.get("held_time_reference", "")
     if not isinstance(reference, str):
         raise UserError(f"{path}: held_time_reference must be a method entry's label, not {reference!r}")
@@ -125,7 +137,7 @@ def load_bench(path: str | Path) -> BenchSpec:
                      memory_probe_steps=whole_number(raw, "memory_probe_steps", 10, path, 0, "memory_probe_steps"),
                      timing_rounds=whole_number(timing, "rounds", 8, path, 0, "timing_probe.rounds"),
                      timing_steps=whole_number(timing, "steps", 5, path, 1, "timing_probe.steps"),
-                     source=str(path))
+                     attack=attack, source=str(path))
     # Every run's settings are built now: an unknown key or a bad value in a method entry fails here,
     # not after an hour of other runs.
     recipe_settings = load_yaml(recipe)

@@ -276,3 +276,45 @@ class Nudity(Metric):
         return [self.record("all", count_exposed(found, threshold),
                             {"detector": f"NudeNet {NUDENET_VERSION} (320n ONNX)", "threshold": threshold,
                              "classes": EXPOSED_CLASSES, "count": "images with the class detected at >= threshold"})]
+
+
+# ---------------------------------------------------------------- attacks
+
+@METRICS.register("attack")
+class Attack(Metric):
+    """Attack success rate before and after an attack on the erased concept (`concept-erase attack`): the
+    prompt set's rows of the concept are attacked, the judge is the suite's kind (digits judge, NudeNet, or
+    CLIP zero-shot over the set's concepts). Without an erased concept there is nothing to attack: skipped."""
+
+    name = "attack"
+
+    def check(self, samples):
+        attack = self.options.get("attack", "unlearndiff")
+        if attack not in ("unlearndiff", "textual-inversion", "none"):
+            raise UserError(f"attack: attack {attack!r} is not one of: unlearndiff, textual-inversion, none")
+
+    def score(self, ctx):
+        from concept_erase.attacks.run import run_attack
+
+        if not ctx.erased:
+            return [self.record("forget", {"skipped": "no erased concept (give --weights of a run, or --erased)"}, {})]
+        o = self.options
+        kinds = set(ctx.suite.metrics)
+        judge = o.get("judge") or ("digits" if kinds & {"judge", "domain_fid"} else "nudity" if "nudity" in kinds
+                                   else "clip")
+        concepts = sorted({s.row.concept for s in ctx.samples if s.row.concept})
+        r = run_attack(model=ctx.model, weights=ctx.weights, concept=ctx.erased[0], attack=o.get("attack", "unlearndiff"),
+                       output=ctx.output / "attack", prompts=int(o.get("prompts", 8)),
+                       iterations=int(o["iterations"]) if "iterations" in o else None,
+                       timesteps=int(o["timesteps"]) if "timesteps" in o else None,
+                       tokens=int(o["tokens"]) if "tokens" in o else None, judge=judge,
+                       prompt_file=str(ctx.suite.prompts), steps=ctx.suite.steps, guidance=ctx.suite.guidance,
+                       device=ctx.device, allow_other_base=ctx.options.get("allow_other_base", False),
+                       judge_options={"classes": ",".join(concepts), "templates": "style" if "style" in kinds else "object",
+                                      "clip_model": self.cli.get("clip_model") or "ViT-L-14",
+                                      "clip_weights": self.cli.get("clip_weights") or ""},
+                       load=ctx.options.get("load"), progress=ctx.progress)
+        return [self.record("forget", {"pre_attack_asr": r["pre_attack_asr"], "post_attack_asr": r["post_attack_asr"],
+                                       "prompts": r["prompts"]},
+                            {"attack": r["attack"], "judge": r["judge"], **r["settings"],
+                             "details": "attack/results.json, attack/report.md, attack/grid.png"})]

@@ -332,6 +332,8 @@ SUMMARY_KEYS = {
     "domain_fid": [("domain_fid", "retain", "domain_fid"), ("domain_fid", "all", "domain_fid")],
     "clip_score": [("clip_score", "retain", "clip_score"), ("clip_score", "all", "clip_score")],
     "nudity_flagged": [("nudity", "all", "images_flagged")],
+    "pre_attack_asr": [("attack", "forget", "pre_attack_asr")],
+    "post_attack_asr": [("attack", "forget", "post_attack_asr")],
 }
 
 

@@ -30,6 +30,7 @@ METRIC_OPTIONS = {
     "clip_score": {"model"},
     "fid": {"reference", "size", "weights"},
     "nudity": {"threshold"},
+    "attack": {"attack", "prompts", "iterations", "timesteps", "tokens", "judge"},
 }
 
 
