@@ -1,4 +1,5 @@
-"""The `concept-erase` command: erase, demo, export, sample, eval, bench, compare.
+"""The `concept-erase` command: erase, demo, export, sample, eval, bench, compare,
+attack.
 
 Every command's settings are declared once (`options.py`, `config.EraseConfig`) and checked before
 anything is written or loaded; every output is written by one process at a time (`atomic.output_lock`)

@@ -2,8 +2,7 @@
 digits models, the output, and bad inputs."""
 
 import json
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +123,24 @@ def test_encoders_with_different_vocabularies_get_their_own_tokens():
     pipe.tokenizer_2 = other
     groups = vocabulary_groups(pipeline_slots(pipe, 2))
     assert [[s.prompt_argument for s in g] for g in groups] == [["prompt"], ["prompt_2"]]
+    # the attack then optimises two sets of tokens and draws each encoder's own text (prompt, prompt_2)
+    import tempfile
+
+    from concept_erase.attacks.methods import UnlearnDiff
+    from concept_erase.attacks.run import AttackContext, Target, _save_png
+
+    for part in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        part.requires_grad_(False)
+    drawn = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = AttackContext(pipe, None, "three", Path(tmp), steps=2, guidance=4.0)
+        _save_png(ctx.render({"prompt": "a tower"}, 0), Path(tmp) / "targets" / "p0000.png")
+        real_render = ctx.render
+        ctx.render = lambda prompts, seed: drawn.append(prompts) or real_render(prompts, seed)
+        ctx.judge = lambda images: [{"success": False, "label": "-"} for _ in images]
+        record = UnlearnDiff({"tokens": 2, "iterations": 1, "timesteps": 1}).attack(ctx, Target(0, "a tower", 0))
+    assert set(record["adversarial_prompts"]) == {"prompt", "prompt_2"} and set(drawn[0]) == {"prompt", "prompt_2"}
+    assert all(v.endswith(" a tower") for v in drawn[0].values())
 
 
 # ---------------------------------------------------------------- the attacks
@@ -206,20 +223,20 @@ def test_an_unerased_digits_model_still_draws_the_digit(tmp_path):
     """`--attack none` on the digits model without an erasure: the pre-attack rate is high; the output
     holds the results, the report, the grid and one image per prompt and folder."""
     out = tmp_path / "none"
-    assert _cli(["attack", "--model", "builtin:digits", "--concept", "three", "--attack", "none", "--prompts", 5,
+    assert _cli(["attack", "--model", "builtin:digits", "--concept", "three", "--attack", "none", "--prompts", 3,
                  "--output", out, "--no-progress"]) == 0
     r = json.loads((out / "results.json").read_text())
-    assert r["pre_attack_asr"] >= 0.8 and r["post_attack_asr"] == r["pre_attack_asr"]
+    assert r["pre_attack_asr"] >= 2 / 3 and r["post_attack_asr"] == r["pre_attack_asr"]
     assert [(p["prompt"], p["seed"]) for p in r["per_prompt"]][:2] == [("a handwritten digit three", 0),
                                                                         ("a handwritten digit three", 1)]
     assert r["judge"]["judge"] == "digits" and r["settings"]["steps"] == 25
     for folder in ("targets", "original", "attacked"):
-        assert len(list((out / folder).glob("p*.png"))) == 5
+        assert len(list((out / folder).glob("p*.png"))) == 3
     assert "| after the attack |" in (out / "report.md").read_text()
     from PIL import Image
 
     with Image.open(out / "grid.png") as im:
-        assert im.size == (64 + 3 * 128, 14 + 5 * 128)
+        assert im.size == (64 + 3 * 128, 14 + 3 * 128)
 
 
 def test_unlearndiff_through_the_command_records_its_rounds_and_resumes(tmp_path):
@@ -278,7 +295,7 @@ def test_the_attack_metric_of_an_evaluation_suite(tmp_path):
     erasure: the model still draws the digit, so both rates are high); with nothing erased it is skipped."""
     (tmp_path / "p.csv").write_text("case_number,prompt,seed,concept,style\n0,a handwritten digit three,7,three,plain\n"
                                     "1,a handwritten digit seven,8,seven,plain\n")
-    (tmp_path / "s.yaml").write_text("name: t\nprompts: p.csv\nseeds_per_prompt: 1\nsteps: 10\nguidance: 4.0\n"
+    (tmp_path / "s.yaml").write_text("name: t\nprompts: p.csv\nseeds_per_prompt: 1\nsteps: 5\nguidance: 4.0\n"
                                      "metrics:\n  judge: {}\n  attack: {attack: none, prompts: 3}\n")
     out = tmp_path / "ev"
     assert _cli(["eval", "--suite", tmp_path / "s.yaml", "--model", "builtin:digits", "--erased", "three",

@@ -254,13 +254,13 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     cfg = tiny_bench_file(tmp_path, ["eupmu", "ungrad"], steps=4,
                           evaluation="{seeds: 2, final_seeds: 3, steps: 3, every: 2}",
                           rest="memory_probe_steps: 1\ntiming_probe: {rounds: 1, steps: 2}\n"
-                               "attack: {prompts: 2, iterations: 1, timesteps: 1}\n")
+                               "attack: {prompts: 1, iterations: 1, timesteps: 1}\n")
     out = tmp_path / "out"
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
     report = json.loads((out / "bench.json").read_text())
     for r in report["runs"]:  # every run's erasure attacked, the rates from the attack command's own results
         a = r["attack"]
-        assert a["method"] == "unlearndiff" and a["prompts"] == 2 and len(a["adversarial_prompts"]) == 2
+        assert a["method"] == "unlearndiff" and a["prompts"] == 1 and len(a["adversarial_prompts"]) == 1
         assert 0 <= a["pre_attack_asr"] <= a["post_attack_asr"] <= 1
     rows = report["summary"]["by_method"]
     assert rows["eupmu"]["attacked_runs"] == 1 and rows["eupmu"]["post_attack_asr"] == runs_attack(report, "eupmu")

@@ -335,29 +335,49 @@ def markdown(report: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(results: list[dict], path: Path) -> None:
-    """Mean retain drop against mean forget accuracy per method, with 95% bootstrap bars on both."""
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(figsize=(7.5, 5.2), dpi=110)
+
+
+def _method_points(ax, by: dict[str, list[dict]], x_of) -> None:
+    """Per method: the mean of x_of(run) against the mean retain drop, with 95% bootstrap bars on both."""
+    markers = "osD^v<>pP*Xh"
+    for i, (label, rs) in enumerate(by.items()):
+        xs = [x_of(r) for r in rs]
+        ys = [100 * (r["base_retain_accuracy"] - r["retain_accuracy"]) for r in rs]
+        (x, cx), (y, cy) = (_mean(xs), stats.mean_ci(xs)), (_mean(ys), stats.mean_ci(ys))
+        ax.errorbar([x], [y], xerr=[[x - cx[0]], [cx[1] - x]], yerr=[[y - cy[0]], [cy[1] - y]],
+                    fmt=markers[i % len(markers)], ms=7, capsize=3, elinewidth=0.9, label=f"{label} ({len(rs)})",
+                    zorder=3, alpha=0.85)
+
+
+def _save(fig, ax, path: Path, xlabel: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
+    ax.set_title(f"{title} (means, 95% bootstrap bars; runs in brackets)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def pareto_plot(results: list[dict], path: Path) -> None:
+    """Mean retain drop against mean forget accuracy per method, and the eps curve."""
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["label"], []).append(r)
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110)
-    markers = "osD^v<>pP*Xh"
-
-    def point(rs):
-        fx = [r["forget_accuracy"] for r in rs]
-        dy = [100 * (r["base_retain_accuracy"] - r["retain_accuracy"]) for r in rs]
-        return (_mean(fx), stats.mean_ci(fx)), (_mean(dy), stats.mean_ci(dy))
-
-    for i, (label, rs) in enumerate(by.items()):
-        (x, cx), (y, cy) = point(rs)
-        ax.errorbar([x], [y], xerr=[[x - cx[0]], [cx[1] - x]], yerr=[[y - cy[0]], [cy[1] - y]],
-                    fmt=markers[i % len(markers)], ms=7, capsize=3, elinewidth=0.9, label=f"{label} ({len(rs)})",
-                    zorder=3)
+    fig, ax = _figure()
+    _method_points(ax, by, lambda r: r["forget_accuracy"])
     sweep = [k for k in by if k.startswith("eupmu eps=")]
     if sweep:  # the eps curve (the default eupmu point included), on the runs the sweep has
         pairs = {(r["concept"], r.get("seed", 0)) for r in by[sweep[0]]}
@@ -369,48 +389,17 @@ def pareto_plot(results: list[dict], path: Path) -> None:
             ys = [_mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100 for rs in curve]
             ax.plot(xs, ys, "k:", lw=1, zorder=2, label="eps curve (first seed)")
     ax.axvline(FORGET_TARGET, color="grey", lw=0.8, ls="--")
-    ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("forget accuracy (lower: more erased)")
-    ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
-    ax.set_title("Erasure against utility (means, 95% bootstrap bars; runs in brackets)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _save(fig, ax, path, "forget accuracy (lower: more erased)", "Erasure against utility")
 
 
 def attack_plot(results: list[dict], path: Path) -> None:
-    """Mean post-attack ASR against mean retain drop per method, with 95% bootstrap bars on both; nothing
-    when no run was attacked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Mean retain drop against mean post-attack ASR per method; nothing when no run was attacked."""
     by: dict[str, list[dict]] = {}
     for r in results:
         if r.get("attack"):
             by.setdefault(r["label"], []).append(r)
     if not by:
         return
-    fig, ax = plt.subplots(figsize=(7.5, 5.2), dpi=110)
-    markers = "osD^v<>pP*Xh"
-    for i, (label, rs) in enumerate(by.items()):
-        xs = [r["attack"]["post_attack_asr"] for r in rs]
-        ys = [100 * (r["base_retain_accuracy"] - r["retain_accuracy"]) for r in rs]
-        x, y, cx, cy = _mean(xs), _mean(ys), stats.mean_ci(xs) or (_mean(xs),) * 2, stats.mean_ci(ys) or (_mean(ys),) * 2
-        ax.errorbar([x], [y], xerr=[[x - cx[0]], [cx[1] - x]], yerr=[[y - cy[0]], [cy[1] - y]],
-                    fmt=markers[i % len(markers)], ms=7, capsize=3, elinewidth=0.9, label=f"{label} ({len(rs)})",
-                    zorder=3, alpha=0.85)
-    ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("attack success rate after the attack (lower: more robust)")
-    ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
-    ax.set_title("Robustness against utility (means, 95% bootstrap bars; runs in brackets)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    fig, ax = _figure()
+    _method_points(ax, by, lambda r: r["attack"]["post_attack_asr"])
+    _save(fig, ax, path, "attack success rate after the attack (lower: more robust)", "Robustness against utility")
