@@ -86,3 +86,10 @@ def test_sharding_helpers_leave_plain_tensors_alone():
     fresh = torch.optim.AdamW([p], lr=0.1)
     load_optimizer_state({"w": p}, fresh, state, sharded=False)
     assert torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+    # a checkpoint of the other kind (sharded by name / torch's own form) is refused in one line, either way
+    from concept_erase.errors import UserError
+
+    with pytest.raises(UserError, match="sharded \\(FSDP\\) run; resume it under the same accelerate config"):
+        load_optimizer_state({"w": p}, fresh, {"by_name": True, "state": {}, "param_groups": []}, sharded=False)
+    with pytest.raises(UserError, match="run without FSDP; resume it without"):
+        load_optimizer_state({"w": p}, fresh, state, sharded=True)

@@ -102,7 +102,12 @@ def load_targets(concept: str, judge, n: int, prompt_file: str) -> list[Target]:
 
         rows = load_prompts(Path(prompt_file), "auto")
         wanted = [r for r in rows if concept.lower() in {r.concept.lower(), *(str(v).lower() for v in r.extra.values())}]
-        rows = wanted or rows  # a file of the concept's prompts alone (I2P's) need not name it
+        if not wanted:  # a file of the concept's prompts alone (I2P's: its concept column holds categories)
+            import sys
+
+            print(f"concept-erase: note: no row of {prompt_file} names {concept!r}; attacking its first "
+                  f"{min(n, len(rows))} prompts", file=sys.stderr)
+        rows = wanted or rows
         return [Target(i, r.prompt, r.seed) for i, r in enumerate(rows[:n])]
     return [Target(i, p, s) for i, (p, s) in enumerate(judge.prompts(n))]
 

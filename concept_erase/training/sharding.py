@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from concept_erase.errors import UserError
+
 
 def is_sharded(t) -> bool:
     try:
@@ -91,11 +93,13 @@ def optimizer_state(trained: dict[str, torch.Tensor], optimizer, sharded: bool) 
 
 
 def load_optimizer_state(trained: dict[str, torch.Tensor], optimizer, state: dict, sharded: bool) -> None:
-    if not state.get("by_name"):
+    if bool(state.get("by_name")) != sharded:  # the two forms: by parameter name (sharded), torch's own (not)
+        raise UserError("this checkpoint was written by a " + ("sharded (FSDP) run; resume it under the same "
+                        "accelerate config (accelerate launch --config_file pipelines/accelerate-fsdp-*.yaml ...)"
+                        if state.get("by_name") else "run without FSDP; resume it without the FSDP accelerate config"))
+    if not sharded:
         optimizer.load_state_dict(state)
         return
-    if not sharded:
-        raise ValueError("an optimizer state saved by a sharded run needs a sharded run to resume")
     for n, p in trained.items():
         held = {}
         for k, v in state["state"].get(n, {}).items():
