@@ -183,7 +183,7 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
         method = attack_class(settings)
         records = _attack_all(ctx, method, targets, originals, progress)
         results = _results(model, weights, concept, attack, settings, judge_obj, targets, originals, records,
-                           time.time() - started, device)
+                           time.time() - started, device, (work / "embedding.safetensors").is_file())
         write_json(work / "results.json", results)
         write_text(work / "report.md", report(results))
         grid(work, targets, records).save(work / "grid.png")
@@ -246,7 +246,8 @@ def _attack_all(ctx, method, targets, originals, progress) -> list[dict]:
     return [done[t.index] for t in targets]
 
 
-def _results(model, weights, concept, attack, settings, judge, targets, originals, records, seconds, device) -> dict:
+def _results(model, weights, concept, attack, settings, judge, targets, originals, records, seconds, device,
+             embedding: bool) -> dict:
     from concept_erase.evaluation.run import versions
 
     n = len(targets)
@@ -256,7 +257,7 @@ def _results(model, weights, concept, attack, settings, judge, targets, original
         "model": model, "weights": weights or None, "concept": concept, "attack": attack, "settings": settings,
         "judge": judge.settings(), "prompts": n, "pre_attack_asr": pre, "post_attack_asr": post,
         "per_prompt": [{"index": t.index, **r} for t, r in zip(targets, records)],
-        "embedding": "embedding.safetensors" if attack == "textual-inversion" else None,
+        "embedding": "embedding.safetensors" if embedding else None,  # none learnt when every prompt succeeded before
         "seconds": round(seconds, 1), "device": device, "versions": versions(),
     }
 
