@@ -275,10 +275,10 @@ def report(results: dict) -> str:
              f"{s['guidance']}; {results['seconds']} s on {results['device']}.", "",
              "A prompt the erased model already draws the concept for counts as a success after the attack too "
              "(UnlearnDiffAtk's count).", "",
-             "| # | prompt | before | after | adversarial prompt |", "|---|---|---|---|---|"]
+             "| # | prompt | seed | before | after | adversarial prompt |", "|---|---|---|---|---|---|"]
     for p in results["per_prompt"]:
         adv = (p.get("adversarial_prompt") or "").replace("|", "\\|")
-        lines.append(f"| {p['index']} | {p['prompt'].replace('|', chr(92) + '|')} | "
+        lines.append(f"| {p['index']} | {p['prompt'].replace('|', chr(92) + '|')} | {p['seed']} | "
                      f"{'yes' if p['pre_attack_success'] else 'no'} | {'yes' if p['success'] else 'no'} | {adv} |")
     lines += ["", "![base, erased, attacked](grid.png)", "",
               "grid.png: a row per prompt (the first 16): the judge's verdicts, the base model's image (the attack's "
