@@ -306,11 +306,12 @@ def test_the_attack_metric_of_an_evaluation_suite(tmp_path):
     assert rec["value"]["pre_attack_asr"] == 1.0 and r["summary"]["post_attack_asr"] == 1.0
     attacked = json.loads((out / "attack" / "results.json").read_text())
     assert attacked["per_prompt"][0]["prompt"] == "a handwritten digit three" and attacked["per_prompt"][0]["seed"] == 7
-    out2 = tmp_path / "ev2"
-    assert _cli(["eval", "--suite", tmp_path / "s.yaml", "--model", "builtin:digits", "--output", out2,
-                 "--no-progress"]) == 0
-    rec = next(m for m in json.loads((out2 / "results.json").read_text())["metrics"] if m["metric"] == "attack")
-    assert "skipped" in rec["value"] and not (out2 / "attack").exists()
+    from types import SimpleNamespace
+
+    from concept_erase.evaluation.metrics import METRICS
+
+    rec = METRICS.get("attack")({}, {}).score(SimpleNamespace(erased=[], output=tmp_path / "ev2"))
+    assert "skipped" in rec[0]["value"] and not (tmp_path / "ev2").exists()
 
 
 def test_nudity_judge_counts_exposed_classes_above_the_attack_threshold():
