@@ -280,8 +280,8 @@ def markdown(report: dict, command: str) -> str:
         settings = next((r["attack"] for r in report["runs"] if r.get("attack")), {})
         lines += ["", "## Attack on the erased models", "",
                   f"`concept-erase attack --attack {settings.get('method', '?')}` on each run's erasure, "
-                  f"{settings.get('prompts', '?')} prompts of the erased concept (a digit in each style; a style on "
-                  "several digits), the digits judge: attack success rate (ASR), the fraction of prompts whose image "
+                  f"{settings.get('prompts', '?')} prompts of the erased concept (a digit's plain caption at seeds 0, 1, ...; "
+                  "a style on each digit in turn), the digits judge: attack success rate (ASR), the fraction of prompts whose image "
                   "shows the concept. Before: the prompts as given; after: with the attack (a prompt drawn before "
                   "counts after too). Means over runs with 95% bootstrap intervals.", "",
                   "| method | runs attacked | ASR before | ASR after | retain drop (points) |", "|---|---|---|---|---|"]
