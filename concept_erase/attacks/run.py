@@ -30,7 +30,7 @@ import torch
 
 from concept_erase.errors import UserError
 from concept_erase.io.atomic import atomic_path, write_json, write_text
-from concept_erase.io.resumable import prepare_output, swap_into_place, valid_png
+from concept_erase.io.resumable import output_plan, prepare_output, swap_into_place, valid_png
 
 RESUMABLE = {"marker": "attack.json", "what": "attack"}
 DIGITS_DEFAULTS = {"steps": 25, "guidance": 4.0}  # the digits suite's (eval/digits.yaml)
@@ -145,8 +145,6 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
                    "concept": concept, "attack": attack, "judge": judge_obj.settings(), **settings,
                    "prompts": [[t.prompt, t.seed] for t in targets]}
     output = Path(output)
-    from concept_erase.io.resumable import output_plan
-
     output_plan(output, fingerprint, overwrite, **RESUMABLE)  # refuse before a model is loaded
 
     from concept_erase.io.export import apply, check_base, read_delta
