@@ -169,7 +169,7 @@ def _erase(args) -> None:
         q = shlex.quote
         print(f"erased weights: {path}")
         print(f"next: concept-erase sample --model {q(config.model)} --weights {q(str(path))} "
-              f"--prompt {q(config.concepts[0])} --output {q(config.output + '/samples')}")
+              f"--prompt {q(config.concepts[0])} --output {q(config.output.rstrip('/') + '-samples')}")
 
 
 def _attack(args) -> None:

@@ -126,6 +126,13 @@ class EraseConfig:
     check_every: int = _f(25, "with --stop-when-erased: steps between erasure checks", ge=1, le=10**8)
     check_images: int = _f(32, "with --stop-when-erased: concept images per check (the anchors get twice as "
                                 "many, spread over their prompts)", ge=2, le=100000)
+    report_to: str = _f("none", "follow the run in a tracker, through Accelerate: tensorboard (OUTPUT/logs), wandb, all "
+                                "or none; per step the losses, lambda, the slack, the gradient norm and the step time",
+                        choices=("none", "tensorboard", "wandb", "all"))
+    sample_every: int = _f(0, "draw each --sample-prompt before training and every N steps into OUTPUT/samples/ "
+                              "and the trackers (0: never)", ge=0, le=10**8)
+    sample_prompts: list = _f([], "a prompt to draw every --sample-every steps (repeat), e.g. the concept and an "
+                                  "anchor", flag="sample-prompt", nonempty=True, metavar="PROMPT")
     checkpoint_every: int = _f(100, "save a checkpoint every N steps (0: only at the end)", ge=0)
     checkpoints_total_limit: int = _f(2, "keep at most this many checkpoints while training, and only the last once "
                                             "the run has finished (0: keep all). At SD 1.5 scale one checkpoint of "
@@ -148,10 +155,20 @@ class EraseConfig:
             self.remap_to = [self.remap_to]
         if isinstance(self.relative_to, str):
             self.relative_to = [self.relative_to]
+        if isinstance(self.sample_prompts, str):
+            self.sample_prompts = [self.sample_prompts]
         LAMBDA_CONTROLLERS.get(self.method)
         FORGET_OBJECTIVES.get(self.forget_loss)
         RETAIN_OBJECTIVES.get(self.retain_loss)
         check_fields(self)
+        from concept_erase.training.tracking import check_trackers
+
+        check_trackers(self.report_to)
+        if self.sample_every and not self.sample_prompts:
+            raise UserError(f"--sample-every {self.sample_every} needs something to draw: add --sample-prompt "
+                            "'the concept' (repeat it, e.g. for an anchor too)")
+        if self.sample_prompts and not self.sample_every:
+            raise UserError("--sample-prompt is drawn every --sample-every N steps; add --sample-every N")
         if self.original_copy == "bf16" and self.mixed_precision != "bf16":
             raise UserError("--original-copy bf16 needs --mixed-precision bf16 (its autocast casts the copy; "
                             "in fp32 the copy would round the original model's weights)")
@@ -218,7 +235,7 @@ def _controller(name: str):
 
 
 # YAML keys may use dashes or underscores; these read better in a file.
-ALIASES = {"concept": "concepts", "anchor": "anchors", "lambda": "lambda_init"}
+ALIASES = {"concept": "concepts", "anchor": "anchors", "lambda": "lambda_init", "sample_prompt": "sample_prompts"}
 
 
 def normalise_keys(raw: dict, source: str) -> dict:

@@ -35,6 +35,7 @@ from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVE
 from concept_erase.training.original import OriginalModel
 from concept_erase.training.probes import PROBES
 from concept_erase.training.subsets import select_trainable
+from concept_erase.training import tracking
 from concept_erase.families.base import Cond, family_of
 
 RUN_MARKERS = ("metrics.jsonl", "erased.safetensors", "checkpoints", "run.json")
@@ -254,7 +255,8 @@ class Trainer:
         # Several runs in one process (a benchmark, a notebook) may differ in precision; the process
         # group (PartialState) is kept.
         AcceleratorState._reset_state()
-        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision)
+        self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision,
+                                             **tracking.accelerator_kwargs(cfg, Path(cfg.output)))
         from concept_erase.io.loading import peek_family
 
         check_precision(cfg, family_of(self.pipe) if self.pipe is not None else peek_family(cfg.model, cfg.model_config))
@@ -669,6 +671,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.start_step, desc="erasing", disable=not (cfg.progress and acc.is_main_process),
                    dynamic_ncols=True)
         metrics = open(metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
+        tracking.start(acc, cfg, self.output, self.start_step)
         hook = self.on_step
         if hook is not None and hasattr(hook, "start"):
             hook.start(self)
@@ -690,6 +693,7 @@ class Trainer:
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                tracking.log_step(acc, cfg, record)
                 bar.update(1)
                 bar.set_postfix(forget=f"{record['loss_forget']:.4f}",
                                 retain="-" if record["loss_retain"] is None else f"{record['loss_retain']:.4f}",
@@ -705,6 +709,7 @@ class Trainer:
             bar.close()
             if metrics is not None:
                 metrics.close()
+            tracking.finish(acc, cfg)  # before an --overwrite swap moves the folder the trackers write in
         final = self._save_checkpoint(last)
         if acc.is_main_process and cfg.checkpoints_total_limit:  # a finished run keeps its last one only
             for old in (self.output / "checkpoints").glob("step-*"):
@@ -812,10 +817,12 @@ def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
     a second process erasing into the same folder is refused (`atomic.writer_lock`)."""
     from concept_erase.io.atomic import writer_lock
 
+    from concept_erase.methods.stopping import ErasureCheck, Hooks
+
     hook = on_step
     if config.stop_when_erased:  # the judge is found (or refused) before the lock and the model
-        from concept_erase.methods.stopping import ErasureCheck, Hooks
-
-        hook = Hooks(on_step, ErasureCheck(config))
+        hook = Hooks(hook, ErasureCheck(config))
+    if config.sample_every:
+        hook = Hooks(hook, tracking.SampleImages(config))
     with writer_lock(config.output, log=lambda m: print(m, file=sys.stderr)):
         return Trainer(config, pipe, on_step=hook).run()
