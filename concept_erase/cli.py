@@ -219,6 +219,8 @@ def _export(args) -> None:
     from concept_erase.options import OUT_DIR, OUT_FILE, check_path
 
     o = _opts(args, "export")
+    if o.lora_format and o.format != "lora":
+        raise UserError(f"--lora-format {o.lora_format} is the key form of a LoRA; add --format lora (not {o.format})")
     check_path(o.output, OUT_FILE if o.format == "single-file" else OUT_DIR, "--output")
     common = {"model": o.model or None, "overwrite": o.overwrite, "allow_other_base": o.allow_other_base,
               "allow_pickle": o.allow_pickle, "model_config": o.model_config}
@@ -231,8 +233,15 @@ def _export(args) -> None:
             out = export_diffusers(o.run, o.output, **common)
             print(f"pipeline written to {out} ({_pipeline_name(o.run)}.from_pretrained loads it)")
             return
-        summary = export_lora(o.run, o.output, rank=o.rank, exact_svd=o.exact_svd, lora_bias=o.lora_bias, **common)
-    print(f"LoRA weights written to {o.output} (pipe.load_lora_weights loads them)")
+        summary = export_lora(o.run, o.output, rank=o.rank, exact_svd=o.exact_svd, lora_bias=o.lora_bias,
+                              lora_format=o.lora_format or "diffusers", **common)
+    if o.lora_format == "kohya":
+        from concept_erase.io.export import KOHYA_FILE
+
+        print(f"kohya LoRA written to {o.output}/{KOHYA_FILE}: copy it into A1111's models/Lora or ComfyUI's "
+              "models/loras (pipe.load_lora_weights loads it too)")
+    else:
+        print(f"LoRA weights written to {o.output} (pipe.load_lora_weights loads them)")
     if "max_relative_error" in summary:
         print(f"rank-{summary['rank']} factorisation: largest relative error on a weight "
               f"{summary['max_relative_error']:.3g}; {summary['biases_carried']} changed bias(es) carried as lora_B.bias")
@@ -241,7 +250,7 @@ def _export(args) -> None:
         print(f"read back with load_lora_weights: it carries {kept:.1%} of the erasure's change in the denoiser's "
               "output (concept prompts, four timesteps)")
         if summary.get("dropped") or kept < 0.95:
-            what = (f"{len(summary['dropped'])} changed tensor(s) no LoRA can hold (e.g. {summary['dropped'][0]}) "
+            what = (f"{len(summary['dropped'])} changed tensor(s) this LoRA cannot hold (e.g. {summary['dropped'][0]}) "
                     "are left out" if summary.get("dropped") else "the factorisation loses part of it")
             print(f"note: {what}. For the whole erasure export --format diffusers (or single-file for SD and SDXL), or use "
                   "erased.safetensors with concept_erase.apply(); or raise --rank.")

@@ -294,6 +294,9 @@ class ExportOptions:
     rank: int = setting(16, "LoRA rank when factoring a non-LoRA run (--format lora)", ge=1, le=4096)
     exact_svd: bool = setting(False, "factor with the exact SVD (default: randomized SVD for matrices of 256 or "
                                      "more rows and columns)")
+    lora_format: str = setting("", "--format lora: diffusers (pipe.load_lora_weights; default) or kohya (one file of "
+                                   "lora_unet_* keys with alpha, for A1111's and ComfyUI's LoRA folders; SD 1.x/2.x and "
+                                   "SDXL; no biases)", choices=("diffusers", "kohya"))
     lora_bias: bool = setting(True, "carry changed biases in the LoRA as lora_B.bias (load_lora_weights reads "
                                     "them; fuse_lora and A1111 cannot use them)")
     overwrite: bool = _overwrite()

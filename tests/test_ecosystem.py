@@ -70,3 +70,12 @@ def test_a_missing_tracker_package_is_one_line(monkeypatch, tmp_path, capsys):
                      "--output", str(tmp_path / "run"), "--report-to", tracker])
         err = capsys.readouterr().err
         assert code == 2 and "not installed" in err and package in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_lora_format_needs_a_lora_export(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    code = main(["export", str(tmp_path / "run"), "--format", "single-file", "--lora-format", "kohya",
+                 "--output", str(tmp_path / "out.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--format lora" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out.safetensors").exists()

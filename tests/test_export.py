@@ -114,6 +114,35 @@ def test_lora_at_low_rank_or_without_biases_reports_the_output_change_it_loses(x
     assert no_bias["output_change_kept"] < 0.999 and no_bias["biases_carried"] == 0
 
 
+def test_kohya_lora_reads_back_through_diffusers_as_the_diffusers_form(xattn_run, lora_run, tiny_pipe, tmp_path,
+                                                                       tiny_dir):
+    """kohya's lora_unet_* form (A1111, ComfyUI), read by diffusers' own kohya converter, is the same LoRA as the
+    diffusers form: the same UNet weights once fused, for a factored subset run and for a LoRA run."""
+    from safetensors.torch import load_file
+
+    from concept_erase.io.export import KOHYA_FILE
+
+    for (out, _), name in ((xattn_run, "x"), (lora_run, "l")):
+        summary = export_lora(out, tmp_path / f"{name}-kohya", model=str(tiny_dir), rank=64, lora_format="kohya")
+        export_lora(out, tmp_path / f"{name}-diffusers", model=str(tiny_dir), rank=64, lora_bias=False)
+        kohya = load_file(str(tmp_path / f"{name}-kohya" / KOHYA_FILE))
+        assert kohya and all(k.startswith("lora_unet_") for k in kohya)
+        assert {k.split(".", 1)[1] for k in kohya} == {"lora_down.weight", "lora_up.weight", "alpha"}
+        fused = []
+        for form in ("kohya", "diffusers"):
+            pipe = copy.deepcopy(tiny_pipe)
+            pipe.load_lora_weights(str(tmp_path / f"{name}-{form}"))
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+            fused.append(pipe.unet.state_dict())
+        changed = [k for k in fused[0] if not torch.equal(fused[1][k], tiny_pipe.unet.state_dict()[k])]
+        assert changed, "the diffusers form changed nothing"
+        for k in fused[0]:
+            torch.testing.assert_close(fused[0][k], fused[1][k], rtol=1e-5, atol=1e-6, msg=k)
+        if name == "x":  # the subset run's changed biases cannot ride in kohya's form: said, not hidden
+            assert summary["dropped"] and all(d.endswith(".bias") for d in summary["dropped"])
+
+
 def test_lora_of_convolutions_and_what_no_lora_can_hold(tiny_pipe, tmp_path, tiny_dir):
     """--train noxattn changes convolutions (factored as conv LoRA) and normalisation weights (listed)."""
     from concept_erase.io.export import lora_from_delta

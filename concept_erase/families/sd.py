@@ -59,6 +59,8 @@ def _xattn(name: str) -> bool:
 
 
 class UNetFamily(Family):
+    # kohya's lora_unet_<module path> keys over diffusers' UNet names: A1111, ComfyUI and diffusers read them
+    kohya_lora = True
     """What SD and SDXL share: the UNet's attention subsets, DDPM noising and DDIM trajectories."""
 
     subsets = {

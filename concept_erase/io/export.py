@@ -341,15 +341,47 @@ def output_change_kept(pipe, tensors: dict, lora_dir: Path, concepts: list[str])
     return 1.0 - float((lora_out - delta_out).norm()) / change if change > 0 else 1.0
 
 
+KOHYA_FILE = "erased_lora_kohya.safetensors"  # one file, as A1111's models/Lora folder takes them
+
+
+def kohya_from_peft(state: dict) -> tuple[dict, list]:
+    """PEFT-form LoRA tensors (`<module>.lora_A.weight`, `.lora_B.weight`) in kohya's form, the one A1111,
+    ComfyUI and kohya's sd-scripts read: `lora_unet_<module path, dots as underscores>.lora_down.weight`,
+    `.lora_up.weight` and `.alpha`. The scale is already in lora_up, so alpha is the rank (alpha / rank = 1).
+    kohya's form has no bias: the changed biases are returned as left out.
+
+    Every module gets the same rank (a factor of lower rank is padded with zeros), as kohya's own files have:
+    diffusers' kohya reader drops per-module alphas of the mid block when they differ (found by the test)."""
+    out, dropped = {}, []
+    rank = max((v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")), default=0)
+    for key, value in state.items():
+        module, _, leaf = key.partition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        if leaf == "A.weight":
+            pad = value.new_zeros((rank - value.shape[0], *value.shape[1:]))
+            out[f"{name}.lora_down.weight"] = torch.cat([value, pad]).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(rank))
+        elif leaf == "B.weight":
+            pad = value.new_zeros((value.shape[0], rank - value.shape[1], *value.shape[2:]))
+            out[f"{name}.lora_up.weight"] = torch.cat([value, pad], dim=1).contiguous()
+        elif leaf == "B.bias":
+            if bool(value.abs().max() > 0):
+                dropped.append(f"{module}.bias")
+        else:
+            raise ValueError(f"not a PEFT LoRA tensor: {key}")
+    return out, dropped
+
+
 def export_lora(delta: str | Path, output: str | Path, *, model: str | None = None, rank: int = 16,
                 overwrite: bool = False, allow_pickle: bool = False, model_config: str = "",
-                exact_svd: bool = False, lora_bias: bool = True, allow_other_base: bool = False) -> dict:
-    """LoRA weights that diffusers' `load_lora_weights` loads.
+                exact_svd: bool = False, lora_bias: bool = True, allow_other_base: bool = False,
+                lora_format: str = "diffusers") -> dict:
+    """LoRA weights that diffusers' `load_lora_weights` loads: diffusers' key form, or kohya's (A1111, ComfyUI).
 
     A LoRA run's adapter is written as it is. From a subset run, each changed Linear or convolution
-    weight's difference is factored at `rank`, and changed biases ride along as `lora_B.bias`.
-    Normalisation weights and embeddings cannot be LoRA: they are listed. The file is read back with
-    `load_lora_weights`, and the share of the erasure's effect on the UNet's output it keeps is measured.
+    weight's difference is factored at `rank`, and changed biases ride along as `lora_B.bias` (not in kohya's
+    form, which has none). Normalisation weights and embeddings cannot be LoRA: they are listed. The file is read
+    back with `load_lora_weights`, and the share of the erasure's effect on the UNet's output it keeps is measured.
     """
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -357,6 +389,12 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
     output = Path(output)
     refuse_existing(output, overwrite)
     tensors, meta = read_delta(delta)
+    family = delta_family(meta)
+    if lora_format == "kohya":
+        if not family.kohya_lora:
+            raise UserError(f"--lora-format kohya is written for SD 1.x/2.x and SDXL, not {family.name}; export the "
+                            "diffusers form (ComfyUI and diffusers read it) or --format single-file")
+        lora_bias = False
     summary: dict = {"kind": meta["kind"]}
     if meta["kind"] == "lora":
         lora = json.loads(meta["lora"])
@@ -377,14 +415,25 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
                         "biases_carried": sum(k.endswith("lora_B.bias") and bool(v.abs().max() > 0)
                                               for k, v in peft_state.items())})
         r = rank
-    layers = convert_state_dict_to_diffusers(peft_state)
-    family = delta_family(meta)
     pipeline_class = getattr(diffusers, family.pipeline_classes[0])  # its save_lora_weights names the keys
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        pipeline_class.save_lora_weights(str(tmp), **{family.lora_layers_argument: layers}, safe_serialization=True)
+        if lora_format == "kohya":
+            from safetensors.torch import save_file
+
+            kohya, biases = kohya_from_peft(peft_state)
+            summary["dropped"] = sorted(set(summary.get("dropped", [])) | set(biases))
+            dim = str(int(next(v for k, v in kohya.items() if k.endswith(".alpha"))))
+            save_file(kohya, str(tmp / KOHYA_FILE), metadata={
+                "ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim,
+                "ss_base_model_version": {"sdxl": "sdxl_base_v1-0"}.get(family.name, "sd_v1"),
+                "concept_erase_concepts": meta.get("concepts", ""), "concept_erase_method": meta.get("method", "")})
+        else:
+            pipeline_class.save_lora_weights(str(tmp), **{family.lora_layers_argument:
+                                                          convert_state_dict_to_diffusers(peft_state)},
+                                             safe_serialization=True)
         if pipe is not None:  # read back by diffusers' own loader, and measured where it matters: the output
             summary["output_change_kept"] = output_change_kept(pipe, tensors, tmp, json.loads(meta["concepts"]))
-        (tmp / "concept_erase.json").write_text(json.dumps({"rank": r, **summary,
+        (tmp / "concept_erase.json").write_text(json.dumps({"rank": r, "lora_format": lora_format, **summary,
                                                             "base_model": meta["base_model"]}, indent=2),
                                                 encoding="utf-8")
     return summary
