@@ -215,29 +215,49 @@ def _pipeline_name(run) -> str:
 
 
 def _export(args) -> None:
-    from concept_erase.io.export import export_diffusers, export_lora, export_single_file
+    from pathlib import Path
+
+    from concept_erase.io import model_card
+    from concept_erase.io.export import read_delta
     from concept_erase.options import OUT_DIR, OUT_FILE, check_path
 
     o = _opts(args, "export")
     if o.lora_format and o.format != "lora":
         raise UserError(f"--lora-format {o.lora_format} is the key form of a LoRA; add --format lora (not {o.format})")
+    if o.private and not o.push_to_hub:
+        raise UserError("--private applies to --push-to-hub REPO_ID; add it or drop --private")
     check_path(o.output, OUT_FILE if o.format == "single-file" else OUT_DIR, "--output")
+    if o.push_to_hub:  # before any work: a push that cannot happen is said now
+        model_card.check_push(o.push_to_hub)
+    results = model_card.read_eval(o.eval) if o.eval else None
+    if results:
+        model_card.warn_other_weights(results, o.run)
+    meta = read_delta(o.run, tensors=False)[1]
+    with _locked(o.output):
+        weight_name = _export_files(o)
+        card = model_card.write_card(Path(o.output), meta, fmt=o.format, eval_dir=o.eval, weight_name=weight_name)
+    print(f"model card: {card}")
+    if o.push_to_hub:
+        print(f"pushed to {model_card.push(Path(o.output), o.push_to_hub, private=o.private)}")
+
+
+def _export_files(o) -> str:
+    """Write the export itself; the name of the weights file a loader is pointed at ('' for a pipeline)."""
+    from concept_erase.io.export import KOHYA_FILE, export_diffusers, export_lora, export_single_file
+
     common = {"model": o.model or None, "overwrite": o.overwrite, "allow_other_base": o.allow_other_base,
               "allow_pickle": o.allow_pickle, "model_config": o.model_config}
-    with _locked(o.output):
-        if o.format == "single-file":
-            out = export_single_file(o.run, o.output, **common)
-            print(f"single-file checkpoint written to {out} ({_pipeline_name(o.run)}.from_single_file loads it)")
-            return
-        if o.format == "diffusers":
-            out = export_diffusers(o.run, o.output, **common)
-            print(f"pipeline written to {out} ({_pipeline_name(o.run)}.from_pretrained loads it)")
-            return
-        summary = export_lora(o.run, o.output, rank=o.rank, exact_svd=o.exact_svd, lora_bias=o.lora_bias,
-                              lora_format=o.lora_format or "diffusers", **common)
+    if o.format == "single-file":
+        out = export_single_file(o.run, o.output, **common)
+        print(f"single-file checkpoint written to {out} ({_pipeline_name(o.run)}.from_single_file loads it)")
+        return out.name
+    if o.format == "diffusers":
+        out = export_diffusers(o.run, o.output, **common)
+        print(f"pipeline written to {out} ({_pipeline_name(o.run)}.from_pretrained loads it)")
+        return ""
+    summary = export_lora(o.run, o.output, rank=o.rank, exact_svd=o.exact_svd, lora_bias=o.lora_bias,
+                          lora_format=o.lora_format or "diffusers", **common)
     if o.lora_format == "kohya":
-        from concept_erase.io.export import KOHYA_FILE
-
         print(f"kohya LoRA written to {o.output}/{KOHYA_FILE}: copy it into A1111's models/Lora or ComfyUI's "
               "models/loras (pipe.load_lora_weights loads it too)")
     else:
@@ -254,6 +274,7 @@ def _export(args) -> None:
                     "are left out" if summary.get("dropped") else "the factorisation loses part of it")
             print(f"note: {what}. For the whole erasure export --format diffusers (or single-file for SD and SDXL), or use "
                   "erased.safetensors with concept_erase.apply(); or raise --rank.")
+    return KOHYA_FILE if o.lora_format == "kohya" else ""
 
 
 def _sample(args) -> None:

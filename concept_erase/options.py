@@ -297,6 +297,11 @@ class ExportOptions:
     lora_format: str = setting("", "--format lora: diffusers (pipe.load_lora_weights; default) or kohya (one file of "
                                    "lora_unet_* keys with alpha, for A1111's and ComfyUI's LoRA folders; SD 1.x/2.x and "
                                    "SDXL; no biases)", choices=("diffusers", "kohya"))
+    eval: str = setting("", "an evaluation of this run (the --output of `concept-erase eval`): its tables and grids go "
+                            "into the model card", path=IN_ANY)
+    push_to_hub: str = setting("", "upload the export and its card to this Hub repository (OWNER/NAME; needs a network "
+                                   "and `hf auth login`)", metavar="REPO_ID")
+    private: bool = setting(False, "--push-to-hub: create the repository private")
     lora_bias: bool = setting(True, "carry changed biases in the LoRA as lora_B.bias (load_lora_weights reads "
                                     "them; fuse_lora and A1111 cannot use them)")
     overwrite: bool = _overwrite()

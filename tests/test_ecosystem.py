@@ -79,3 +79,88 @@ def test_lora_format_needs_a_lora_export(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--format lora" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_dir, tmp_path_factory):
+    from concept_erase.config import EraseConfig
+    from concept_erase.training.trainer import erase
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    erase(EraseConfig(model=str(tiny_dir), concepts=["van gogh"], anchors=["a photo"], output=str(out), steps=2,
+                      sampling_steps=4, anchor_inference_steps=2, anchor_images_per_prompt=1, progress=False,
+                      cache_dir=str(tmp_path_factory.mktemp("cache")), checkpoint_every=0, lr=1e-2))
+    return out
+
+
+def _fake_eval(folder, weights):
+    """What `concept-erase eval` leaves: results.json and grids/ (the card reads nothing else)."""
+    from PIL import Image
+
+    (folder / "grids").mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(folder / "grids" / "forget.png")
+    (folder / "results.json").write_text(json.dumps({
+        "suite": "digits", "model": "m", "weights": str(weights),
+        "summary": {"forget_accuracy": 0.125, "retain_accuracy": 0.97},
+        "metrics": [{"metric": "judge", "group": "forget", "value": {"accuracy": 0.125, "images": 16},
+                     "settings": {}}]}))
+    return folder
+
+
+def test_every_export_writes_a_hub_model_card(tiny_run, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    evaluation = _fake_eval(tmp_path / "eval", tiny_run / "erased.safetensors")
+    assert main(["export", str(tiny_run), "--format", "diffusers", "--output", str(tmp_path / "pipe"),
+                 "--eval", str(evaluation)]) == 0
+    card = ModelCard.load(tmp_path / "pipe" / "README.md")
+    assert card.data.library_name == "diffusers" and "concept-erasure" in card.data.tags
+    assert card.data.base_model is None  # a local base is no Hub id: named in the text instead
+    assert "van gogh" in card.text and "eupmu" in card.text and "xattn" in card.text
+    assert "| forget_accuracy | 0.125 |" in card.text and "(eval/forget.png)" in card.text
+    assert (tmp_path / "pipe" / "eval" / "forget.png").is_file()
+    assert "warning" not in capsys.readouterr().err  # the evaluation is of these weights
+    # a single file gets its card beside it; an evaluation of other weights is said
+    other = _fake_eval(tmp_path / "eval2", tmp_path / "other.safetensors")
+    assert main(["export", str(tiny_run), "--format", "single-file", "--output", str(tmp_path / "erased.safetensors"),
+                 "--eval", str(other)]) == 0
+    assert "warning" in capsys.readouterr().err
+    text = (tmp_path / "erased.md").read_text()
+    assert text.startswith("---\n") and "from_single_file(\"erased.safetensors\")" in text
+
+
+def test_card_front_matter_names_a_hub_base_and_its_licence():
+    from concept_erase.io.model_card import base_license, card_text
+
+    meta = {"base_model": "stabilityai/stable-diffusion-xl-base-1.0", "family": "sdxl", "concepts": '["a cat"]',
+            "anchors": '["a dog"]', "method": "eupmu", "train": "xattn", "steps": "400", "lambda_final": "0.5",
+            "base_model_digest": "ab" * 32, "settings": "{}"}
+    text = card_text(meta, fmt="lora", weight_name="x.safetensors")
+    assert "base_model: stabilityai/stable-diffusion-xl-base-1.0" in text and "license: openrail++" in text
+    assert base_license("someone/unknown-model") is None and base_license("builtin:digits") == "apache-2.0"
+
+
+def test_push_to_hub_without_network_or_token_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    args = ["export", str(tiny_run), "--format", "lora", "--output", str(tmp_path / "lora"), "--push-to-hub", "me/x"]
+    assert main(args) == 2  # the tests run offline (HF_HUB_OFFLINE=1)
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "lora").exists()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no Hub token" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "lora").exists()
+    # with a token but no network: the export is kept and the message says how to upload it later
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_fake")
+
+    def unreachable(*a, **k):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "upload failed" in err and "hf upload me/x" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "lora" / "README.md").is_file()
