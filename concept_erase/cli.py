@@ -112,6 +112,8 @@ def _eval(args) -> None:
         results = run_eval(o.suite, model=o.model, output=o.output, weights=weights, erased=o.erased,
                            overwrite=o.overwrite, device=o.device, seeds=o.seeds, limit=o.limit,
                            progress=o.progress, options=options)
+    if results is None:  # another process of an `accelerate launch`: the main one reports
+        return
     s = results["summary"]
     print(f"{results['images']} images ({results['generated_now']} generated now); "
           + ", ".join(f"{k} {v:.4g}" for k, v in s.items() if isinstance(v, (int, float))))

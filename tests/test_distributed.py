@@ -171,3 +171,38 @@ def test_a_stop_asked_on_the_main_process_stops_every_rank_at_the_same_step(tiny
     r0, r1 = sorted(run["ranks"], key=lambda r: r["rank"])
     assert len(r0["lambda_history"]) == len(r1["lambda_history"]) == 3  # rank 1 stopped too, at step 3
     assert r0["weights_digest"] == r1["weights_digest"]
+
+
+def test_two_process_eval_equals_one_process_eval(tiny_dir, tmp_path):
+    """`accelerate launch` splits the generation (the evaluated images and the base model's reference images) over
+    the processes in whole batches; the main process alone scores: the same images and numbers as one process."""
+    import hashlib
+
+    import torch
+
+    from concept_erase.cli import main
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: split\nprompts: {ROOT / 'prompts' / 'digits.csv'}\nseeds_per_prompt: 1\nsteps: 3\n"
+                     "guidance: 4.0\nbatch_size: 2\nmetrics:\n  fid: {reference: base}\n")
+    args = ["eval", "--suite", str(suite), "--model", str(tiny_dir), "--limit", "7", "--no-progress",
+            "--cache-dir", str(tmp_path / "cache")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process (OMP_NUM_THREADS=1): the same summation order
+    try:
+        assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    proc = launch([*args, "--output", str(tmp_path / "two")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report:") == 1  # one report, by the main process
+
+    def digests(folder):
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for sub in ("images", "reference") for p in (folder / sub).glob("*.png")}
+
+    one, two = digests(tmp_path / "one"), digests(tmp_path / "two")
+    assert len(one) == 14 and one == two
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert r1["metrics"][0]["value"] == r2["metrics"][0]["value"] and r2["generated_now"] == 7
+    assert not list((tmp_path / "two").rglob("*.tmp*"))  # nothing half-written left behind

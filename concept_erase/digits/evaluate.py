@@ -67,7 +67,8 @@ class JudgeFeatures(nn.Module):
 def domain_fid(judge, generated: torch.Tensor, real: torch.Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=True, input_img_size=(3, 32, 32))
+    fid = FrechetInceptionDistance(feature=JudgeFeatures(judge), normalize=True, input_img_size=(3, 32, 32),
+                                   sync_on_compute=False)
     with torch.no_grad():
         fid.update(real, real=True)
         fid.update(generated, real=False)

@@ -130,7 +130,7 @@ def clip_score_metric(source: str = "openai/clip-vit-large-patch14", device: str
                             "--clip-score-model DIR, or fill the hub cache where a network exists") from None
         return _TensorFeatures(model), processor
 
-    return CLIPScore(model_name_or_path=load).to(device)
+    return CLIPScore(model_name_or_path=load, sync_on_compute=False).to(device)
 
 
 def mean_clip_score(metric, images, prompts: list[str], batch_size: int = 16) -> float:

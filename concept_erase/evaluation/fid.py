@@ -154,7 +154,9 @@ class InceptionFID:
         self.batch_size = batch_size
         self.device = device
         self.metric = FrechetInceptionDistance(feature=2048, reset_real_features=True,
-                                               feature_extractor_weights_path=str(self.weights_path)).to(device)
+                                               feature_extractor_weights_path=str(self.weights_path),
+                                               # scored by one process: never wait for the others
+                                               sync_on_compute=False).to(device)
         self.settings = {"features": 2048, "network": "TF-FID Inception v3 (2015-12-05), torch-fidelity port",
                          "weights": self.source, "input": "uint8 RGB, resized to 299 by torchmetrics "
                          f"(antialias={self.metric.inception.use_antialias})", "library": "torchmetrics"}

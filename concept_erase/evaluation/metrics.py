@@ -24,6 +24,11 @@ class Metric:
     def __init__(self, options: dict, cli: dict):
         self.options, self.cli = options, cli
 
+    def uses_base_images(self) -> bool:
+        """Whether scoring reads the base model's images of the same prompts and seeds (generated beforehand,
+        split over the processes like the evaluated ones)."""
+        return False
+
     def check(self, samples: list[Sample]) -> None:
         pass
 
@@ -212,6 +217,9 @@ class ClipScore(Metric):
 @METRICS.register("fid")
 class FID(Metric):
     name = "fid"
+
+    def uses_base_images(self) -> bool:
+        return (self.cli.get("fid_reference") or self.options.get("reference", "base")) == "base"
 
     def check(self, samples):
         from pathlib import Path

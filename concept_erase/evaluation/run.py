@@ -37,6 +37,7 @@ from concept_erase.errors import UserError
 from concept_erase.evaluation.prompts import PromptRow, load_prompts
 from concept_erase.evaluation.fid import file_digest
 from concept_erase.evaluation.suite import Suite, load_suite
+from concept_erase.processes import processes
 
 PACKAGES = ["concept-erase", "torch", "diffusers", "transformers", "torchmetrics", "open-clip-torch", "torch-fidelity",
             "nudenet", "accelerate", "safetensors"]
@@ -98,9 +99,13 @@ def make_samples(rows: list[PromptRow], seeds: int, erased: list[str]) -> list[S
 @torch.no_grad()
 def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *, progress: bool = True,
                      desc: str = "generating") -> int:
-    """Generate the samples whose PNG is not in `folder`; returns how many were made."""
+    """Generate the samples whose PNG is not in `folder`; returns how many were missing. Launched on several
+    processes, each draws whole batches of them in turn (the same batches as one process would)."""
     from tqdm.auto import tqdm
 
+    from concept_erase.processes import processes
+
+    procs = processes()
     folder.mkdir(parents=True, exist_ok=True)
     todo = [s for s in samples if not (folder / s.name).is_file() or not valid_png(folder / s.name)]
     if not todo:
@@ -113,19 +118,24 @@ def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *,
     by_guidance: dict[float, list[Sample]] = {}
     for s in todo:
         by_guidance.setdefault(s.row.guidance if s.row.guidance is not None else suite.guidance, []).append(s)
-    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress)
-    for guidance, items in by_guidance.items():
-        for i in range(0, len(items), suite.batch_size):
-            batch = items[i:i + suite.batch_size]
-            noise = family.initial_noise(pipe, [s.seed for s in batch], resolution)
-            images = pipe([s.row.prompt for s in batch], latents=noise.to(pipe.device, dtype),
-                          num_inference_steps=suite.steps, guidance_scale=guidance, output_type="pil",
-                          **family.generation_kwargs(pipe, resolution)).images
-            for s, im in zip(batch, images):
-                with atomic_path(folder / s.name, suffix=".png") as tmp:
-                    im.save(tmp, format="PNG")
-            bar.update(len(batch))
+    batches = [(guidance, items[i:i + suite.batch_size]) for guidance, items in by_guidance.items()
+               for i in range(0, len(items), suite.batch_size)]
+    procs.wait()  # every process has listed what is missing before any of them writes
+    mine = procs.share(batches)
+    bar = tqdm(total=sum(len(b) for _, b in mine), desc=desc + (f" (process 0 of {procs.world})" if procs.several
+                                                                else ""), unit="img",
+               disable=not (progress and procs.main))
+    for guidance, batch in mine:
+        noise = family.initial_noise(pipe, [s.seed for s in batch], resolution)
+        images = pipe([s.row.prompt for s in batch], latents=noise.to(pipe.device, dtype),
+                      num_inference_steps=suite.steps, guidance_scale=guidance, output_type="pil",
+                      **family.generation_kwargs(pipe, resolution)).images
+        for s, im in zip(batch, images):
+            with atomic_path(folder / s.name, suffix=".png") as tmp:
+                im.save(tmp, format="PNG")
+        bar.update(len(batch))
     bar.close()
+    procs.wait()
     return len(todo)
 
 
@@ -240,27 +250,36 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
     if not erased and weights:
         erased = _erased_from_delta(weights, rows)
     samples = make_samples(rows, suite.seeds_per_prompt, erased)
-    output_plan(Path(output), _fingerprint(suite, rows, model, weights, erased), overwrite, **_RESUMABLE)  # refuse before any work
-    options = dict(options or {})
-    metrics = [metric_registry.METRICS.get(name)(opts, options) for name, opts in suite.metrics.items()]
-    for m in metrics:
-        m.check(samples)  # cheap checks before hours of generation: weights present, labels usable
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    procs = processes()
+    fingerprint = _fingerprint(suite, rows, model, weights, erased)
     output = Path(output)
     created = not output.exists()
-    work, replaces = prepare_output(output, _fingerprint(suite, rows, model, weights, erased), overwrite, **_RESUMABLE)
+
+    def plan():
+        output_plan(output, fingerprint, overwrite, **_RESUMABLE)  # refuse before any work
+        options_ = dict(options or {})
+        for name, opts in suite.metrics.items():  # cheap checks before hours of generation
+            metric_registry.METRICS.get(name)(opts, options_).check(samples)
+        work_, replaces_ = prepare_output(output, fingerprint, overwrite, **_RESUMABLE)
+        return str(work_), replaces_
+
+    work, replaces = procs.decide(plan)  # the main process decides about the folder; the others follow
+    work = Path(work)
+    options = dict(options or {})
+    metrics = [metric_registry.METRICS.get(name)(opts, options) for name, opts in suite.metrics.items()]
+    device = procs.device(device)
     try:
         return _generate_and_score(suite, rows, samples, metrics, model, weights, erased, options, device, output,
-                                   work, replaces, progress)
+                                   work, replaces, progress, procs)
     except BaseException:
         # A failure before any image was made leaves no folder behind (only the marker was written).
-        if (created or replaces) and not any((work / "images").glob("*")):
+        if procs.main and (created or replaces) and not any((work / "images").glob("*")):
             shutil.rmtree(work, ignore_errors=True)
         raise
 
 
 def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, options, device, output, work,
-                        replaces, progress) -> dict:
+                        replaces, progress, procs) -> dict | None:
     from concept_erase.evaluation.report import write_report
 
     started = time.time()
@@ -279,6 +298,10 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
 
     ctx = EvalContext(suite=suite, samples=samples, output=work, model=model, weights=weights, erased=erased,
                       options=options, device=device, progress=progress)
+    if procs.several and any(m.uses_base_images() for m in metrics):  # the base model's images: split as well
+        ctx.reference_images(samples)
+    if not procs.main:  # the main process alone scores and reports
+        return None
     records = []
     for m in metrics:
         t0 = time.time()

@@ -1,0 +1,94 @@
+"""Several processes for the work that is only generation: `accelerate launch ... concept-erase eval|sample|attack`.
+
+Launched with `accelerate launch --num_processes N`, every process loads the model once and draws its share
+of the images (whole batches, dealt round-robin, so each image comes out of the same batch as in one process:
+the same pixels, the same numbers); the main process alone decides about the output folder, scores, and
+writes reports. Not launched, this is one process and every call here is a no-op.
+
+Accelerate's `PartialState` sets up the process group (NCCL on GPUs, gloo on CPUs) and says which GPU is
+this process's.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+class Processes:
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.state = None
+        self.rank = 0
+        if self.world > 1:
+            import torch
+            from accelerate import PartialState
+            from accelerate.utils import parse_flag_from_env
+
+            # as Accelerator does: without a GPU (or with ACCELERATE_USE_CPU=1) the processes meet over gloo;
+            # a bare PartialState() there quietly makes each process a world of its own
+            cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+            self.state = PartialState(cpu=cpu)
+            self.rank = self.state.process_index
+            self.world = self.state.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world > 1
+
+    def device(self, asked: str = "") -> str:
+        """This process's device: the one asked (cuda means this process's GPU when launched), else the GPU
+        Accelerate gives it, else cuda or cpu."""
+        import torch
+
+        if self.state is not None and (not asked or asked == "cuda"):
+            return str(self.state.device)
+        return asked or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def decide(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the main process, its result (or its UserError) on every process."""
+        from concept_erase.errors import UserError
+
+        if self.state is None:
+            return fn()
+        from accelerate.utils import broadcast_object_list
+
+        box: list = [None]
+        if self.main:
+            try:
+                box[0] = ("ok", fn())
+            except UserError as err:
+                box[0] = ("error", str(err))
+            except BaseException as err:  # the others must not wait forever for an answer
+                box[0] = ("error", f"the main process failed: {type(err).__name__}: {err}")
+                broadcast_object_list(box, from_process=0)
+                raise
+        broadcast_object_list(box, from_process=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise UserError(value)
+        return value
+
+    def share(self, items: Sequence[T]) -> list[T]:
+        """This process's items: every `world`-th one, from its rank."""
+        return list(items[self.rank::self.world])
+
+
+_processes: Processes | None = None
+
+
+def processes() -> Processes:
+    global _processes
+    if _processes is None:
+        _processes = Processes()
+    return _processes
