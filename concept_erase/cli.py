@@ -183,7 +183,8 @@ def _attack(args) -> None:
     with _locked(o.output):
         r = run_attack(model=o.model, concept=o.concept, attack=o.attack, output=o.output, weights=o.weights,
                        prompts=o.prompts, iterations=o.iterations, timesteps=o.timesteps, tokens=o.tokens,
-                       judge=o.judge, prompt_file=o.prompt_file, steps=o.steps, guidance=o.guidance, device=o.device,
+                       judge=o.judge, prompt_file=o.prompt_file, steps=o.inference_steps, guidance=o.guidance,
+                       device=o.device,
                        overwrite=o.overwrite, allow_other_base=o.allow_other_base, progress=o.progress,
                        judge_options={"classes": o.classes, "clip_model": o.clip_model,
                                       "clip_weights": o.clip_weights, "templates": o.templates},
@@ -289,10 +290,12 @@ def _sample(args) -> None:
     seeds = parse_seeds(o.seeds)
     check_device(o.device)
     with _locked(o.output):
-        out = sample(o.model, o.prompt, seeds, o.output, weights=o.weights, steps=o.steps, guidance=o.guidance,
-                     overwrite=o.overwrite, allow_other_base=o.allow_other_base, allow_pickle=o.allow_pickle,
-                     model_config=o.model_config, device=o.device)
-    print(f"images written to {out} (grid: {out}/grid.png)")
+        out = sample(o.model, o.prompt, seeds, o.output, weights=o.weights, steps=o.inference_steps,
+                     guidance=o.guidance, overwrite=o.overwrite, allow_other_base=o.allow_other_base,
+                     allow_pickle=o.allow_pickle, model_config=o.model_config, device=o.device,
+                     negative_prompt=o.negative_prompt, batch_size=o.batch_size, dtype=o.dtype, progress=o.progress)
+    if out is not None:  # None: another process of an `accelerate launch`
+        print(f"images written to {out} (grid: {out}/grid.png)")
 
 
 def _locked(output: str):

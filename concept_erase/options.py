@@ -277,6 +277,15 @@ def _overwrite(what: str = "an existing output"):
     return setting(False, f"replace {what}, once the new one is complete")
 
 
+def _negative_prompt():
+    return setting("", "negative prompt of every image (classifier-free guidance steers away from it)")
+
+
+def _dtype():
+    return setting("fp32", "the pipeline's precision: fp32, fp16 or bf16 (half precision: a GPU)",
+                   choices=("fp32", "fp16", "bf16"))
+
+
 def _progress():
     return setting(True, "show a progress bar")
 
@@ -316,14 +325,18 @@ class SampleOptions:
     prompt: list = setting([], "prompt (repeat for several)", repeat=True, nonempty=True, metavar="PROMPT")
     output: str = setting("", "folder for the images, grid.png and images.json", required=True, path=OUT_DIR)
     weights: str = setting("", "erased.safetensors (or its run folder) to apply", path=IN_ANY)
-    seeds: str = setting("0-3", "seeds: a range like 0-7, a list like 1,4,9, or one number")
-    steps: int = setting(30, "denoising steps", ge=1, le=1000)
+    seeds: str = setting("0-3", "which seeds: a range like 0-7, a list like 1,4,9, or one number")
+    inference_steps: int = setting(30, "the sampler's denoising steps", ge=1, le=1000)
     guidance: float = setting(7.5, "classifier-free guidance scale", ge=0, le=100)
+    negative_prompt: str = _negative_prompt()
+    batch_size: int = setting(4, "images per pipeline call", ge=1, le=4096)
+    dtype: str = _dtype()
     device: str = _device()
     model_config: str = _model_config()
     overwrite: bool = _overwrite()
     allow_other_base: bool = _allow_other_base()
     allow_pickle: bool = _allow_pickle()
+    progress: bool = _progress()
 
 
 @dataclass
@@ -376,8 +389,8 @@ class AttackOptions:
     templates: str = setting("object", "the clip judge's prompt templates", choices=["object", "style"])
     prompt_file: str = setting("", "CSV of prompts (the project's, I2P's or COCO's form); rows naming the concept are "
                                "taken first; default: prompts the judge makes", path=IN_FILE)
-    steps: int = setting(None, "denoising steps of each drawing; default: 25 on the digits models, 50 otherwise",
-                         ge=1, le=1000)
+    inference_steps: int = setting(None, "the sampler's denoising steps of each drawing; default: 25 on the digits "
+                                   "models, 50 otherwise", ge=1, le=1000)
     guidance: float = setting(None, "classifier-free guidance of each drawing; default: 4.0 on the digits models, 7.5 "
                               "otherwise", ge=0, le=100)
     device: str = _device()

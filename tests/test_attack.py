@@ -248,7 +248,7 @@ def test_unlearndiff_through_the_command_records_its_rounds_and_resumes(tmp_path
                    "1,a handwritten digit seven in blue ink,4,seven\n")
     out = tmp_path / "attack"
     argv = ["attack", "--model", "builtin:digits", "--concept", "three", "--prompt-file", csv, "--prompts", 2,
-            "--iterations", 3, "--timesteps", 2, "--steps", 10, "--output", out, "--no-progress"]
+            "--iterations", 3, "--timesteps", 2, "--inference-steps", 10, "--output", out, "--no-progress"]
     assert _cli(argv) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["pre_attack_asr"] == 0.0
@@ -274,7 +274,7 @@ def test_both_attacks_run_on_every_family(model, attack, tmp_path):
     the attack runs its rounds and writes its results."""
     out = tmp_path / "out"
     assert _cli(["attack", "--model", model, "--concept", "three", "--judge", "digits", "--attack", attack,
-                 "--prompts", 1, "--iterations", 2, "--timesteps", 1, "--steps", 2, "--output", out,
+                 "--prompts", 1, "--iterations", 2, "--timesteps", 1, "--inference-steps", 2, "--output", out,
                  "--no-progress"]) == 0
     r = json.loads((out / "results.json").read_text())
     p = r["per_prompt"][0]

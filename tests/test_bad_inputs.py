@@ -33,7 +33,7 @@ def good(tiny_dir, tmp_path_factory):
     assert main(base_args(tiny_dir, run, root / "image-cache")) == 0
     assert main(["export", str(run), "--format", "diffusers", "--output", str(root / "pipe")]) == 0
     assert main(["sample", "--model", str(tiny_dir), "--weights", str(run / "erased.safetensors"), "--prompt", "x",
-                 "--seeds", "0", "--steps", "2", "--output", str(root / "samples")]) == 0
+                 "--seeds", "0", "--inference-steps", "2", "--output", str(root / "samples")]) == 0
     return root
 
 
@@ -108,7 +108,7 @@ def test_bad_delta_for_sample_leaves_the_output_alone(weights, model, extra, mes
     before = tree(out)
     model = model.format(bad=bad_deltas) if model else str(tiny_dir)
     code, err = run_cli(capsys, ["sample", "--model", model, "--weights", weights.format(bad=bad_deltas, good=good),
-                                 "--prompt", "x", "--seeds", "0", "--steps", "2", "--output", str(out),
+                                 "--prompt", "x", "--seeds", "0", "--inference-steps", "2", "--output", str(out),
                                  "--overwrite", *extra])
     assert_refused(code, err, message, out, before)
 
@@ -127,7 +127,7 @@ def test_existing_outputs_need_overwrite(good, tiny_dir, capsys):
     for out, argv in [
         (good / "pipe", ["export", str(good / "run"), "--format", "diffusers", "--output", str(good / "pipe")]),
         (good / "samples", ["sample", "--model", str(tiny_dir), "--weights", str(good / "run"), "--prompt", "x",
-                            "--seeds", "0", "--steps", "2", "--output", str(good / "samples")]),
+                            "--seeds", "0", "--inference-steps", "2", "--output", str(good / "samples")]),
     ]:
         before = tree(out)
         code, err = run_cli(capsys, argv)
@@ -136,7 +136,7 @@ def test_existing_outputs_need_overwrite(good, tiny_dir, capsys):
 
 def test_a_delta_from_another_base_is_applied_when_forced(good, bad_deltas, capsys, tmp_path):
     code, err = run_cli(capsys, ["sample", "--model", str(bad_deltas / "other-base"), "--weights", str(good / "run"),
-                                 "--prompt", "x", "--seeds", "0", "--steps", "2", "--output", str(tmp_path / "s"),
+                                 "--prompt", "x", "--seeds", "0", "--inference-steps", "2", "--output", str(tmp_path / "s"),
                                  "--allow-other-base"])
     assert code == 0, err
     assert (tmp_path / "s" / "grid.png").is_file()
@@ -170,7 +170,7 @@ def good_attack(good, tiny_dir):
     """A finished attack (the tiny model, the digits judge, no attack: two quick drawings)."""
     out = good / "attack"
     assert main(["attack", "--model", str(tiny_dir), "--weights", str(good / "run"), "--concept", "three",
-                 "--judge", "digits", "--attack", "none", "--prompts", "1", "--steps", "2", "--output", str(out),
+                 "--judge", "digits", "--attack", "none", "--prompts", "1", "--inference-steps", "2", "--output", str(out),
                  "--no-progress"]) == 0
     return out
 
@@ -191,7 +191,7 @@ def test_bad_attack_input_leaves_the_output_alone(extra, model, message, good, g
     before = tree(good_attack)
     argv = ["attack", "--model", model.format(bad=bad_deltas) if model else str(tiny_dir), "--weights",
             str(good / "run"), "--concept", "three", "--judge", "digits", "--attack", "unlearndiff", "--prompts", "1",
-            "--steps", "2", "--output", str(good_attack), "--overwrite", "--no-progress"]
+            "--inference-steps", "2", "--output", str(good_attack), "--overwrite", "--no-progress"]
     for i in range(0, len(extra), 2):  # a flag given again replaces the one above
         flag, value = extra[i], extra[i + 1]
         if flag in argv:
@@ -209,5 +209,5 @@ def test_an_attack_into_an_output_that_holds_something_else_is_refused(good, goo
     for out, held in [(good / "samples", "other files"), (good_attack, "another attack")]:
         before = tree(out)
         code, err = run_cli(capsys, ["attack", "--model", str(tiny_dir), "--concept", "seven", "--judge", "digits",
-                                     "--attack", "none", "--prompts", "1", "--steps", "2", "--output", str(out)])
+                                     "--attack", "none", "--prompts", "1", "--inference-steps", "2", "--output", str(out)])
         assert_refused(code, err, f"holds {held}; choose another --output, or pass --overwrite", out, before)

@@ -212,9 +212,9 @@ def test_a_step_count_beyond_the_scheduler_is_refused_after_load(tiny_dir, tmp_p
     assert "--sampling-steps 200 is more than this model's scheduler has timesteps (100)" in one_line(
         capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
-    assert main(["sample", "--model", str(model), "--prompt", "x", "--steps", "150", "--output",
+    assert main(["sample", "--model", str(model), "--prompt", "x", "--inference-steps", "150", "--output",
                  str(tmp_path / "s")]) == 2
-    assert "--steps 150 is more than" in one_line(capsys.readouterr().err)
+    assert "--inference-steps 150 is more than" in one_line(capsys.readouterr().err)
 
 
 def test_a_long_prompt_is_said_to_be_cut(tiny_dir, tmp_path, cache_dir, capsys):
@@ -243,7 +243,7 @@ def test_the_next_command_is_shell_quoted(tiny_dir, tmp_path, cache_dir, capsys)
     words = shlex.split(line[len("next: "):])
     assert words[words.index("--weights") + 1] == str(out / "erased.safetensors")
     assert words[words.index("--prompt") + 1] == "van gogh"
-    assert words[words.index("--output") + 1] == str(out) + "/samples"
+    assert words[words.index("--output") + 1] == str(out) + "-samples"
 
 
 @pytest.mark.parametrize("command,hint", [("eval", "run the same command again to continue"),

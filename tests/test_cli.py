@@ -98,7 +98,7 @@ def test_export_and_sample_from_the_command_line(capsys, tiny_dir, tmp_path, cac
     assert main(["export", str(out), "--format", "diffusers", "--output", str(tmp_path / "pipe")]) == 0
     assert (tmp_path / "pipe" / "model_index.json").is_file()
     code = main(["sample", "--model", str(tiny_dir), "--weights", str(out / "erased.safetensors"), "--prompt",
-                 "van gogh", "--seeds", "0-1", "--steps", "2", "--output", str(tmp_path / "grid")])
+                 "van gogh", "--seeds", "0-1", "--inference-steps", "2", "--output", str(tmp_path / "grid")])
     assert code == 0
     index = json.loads((tmp_path / "grid" / "images.json").read_text())
     assert [i["seed"] for i in index["images"]] == [0, 1]

@@ -46,14 +46,14 @@ def world(tiny_dir, tmp_path_factory):
     bases = {
         "erase": base_args(tiny_dir, run, root / "cache"),
         "export": ["export", str(run), "--format", "diffusers", "--output", str(held)],
-        "sample": ["sample", "--model", str(tiny_dir), "--prompt", "x", "--steps", "2", "--output", str(held)],
+        "sample": ["sample", "--model", str(tiny_dir), "--prompt", "x", "--inference-steps", "2", "--output", str(held)],
         "eval": ["eval", "--suite", str(REPO / "eval" / "digits.yaml"), "--model", "builtin:digits", "--limit", "1",
                  "--output", str(held)],
         "demo": ["demo", "--output", str(held)],
         "bench": ["bench", "--report-only", "--config", bench_cfg, "--output", str(held)],
         "compare": ["compare", str(held), "--output", str(held)],
         "attack": ["attack", "--model", "builtin:digits", "--concept", "three", "--attack", "none", "--prompts", "1",
-                   "--steps", "2", "--output", str(held)],
+                   "--inference-steps", "2", "--output", str(held)],
     }
     return root, run, held, bases
 

@@ -164,3 +164,23 @@ def test_push_to_hub_without_network_or_token_is_one_line(tiny_run, tmp_path, mo
     err = capsys.readouterr().err
     assert "upload failed" in err and "hf upload me/x" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "lora" / "README.md").is_file()
+
+
+def test_grids_carry_their_labels():
+    """A labelled grid has its text where the labels go (dark pixels in the head and label bands) and the images
+    scaled up to be seen; without labels those bands do not exist."""
+    import numpy as np
+    from PIL import Image
+
+    from concept_erase.evaluation.grids import labelled_grid
+
+    cell = [[Image.new("RGB", (32, 32), (200, 200, 255))] * 2] * 2
+    bare = labelled_grid(cell)
+    grid = labelled_grid(cell, column_heads=["before", "after"], row_labels=["a cat", "a dog"], title="erased: cat")
+    assert bare.size[0] >= 2 * 128 and grid.size[0] > bare.size[0] and grid.size[1] > bare.size[1]
+    pixels = np.asarray(grid.convert("L"))
+    label_w = grid.size[0] - bare.size[0]
+    head_h = grid.size[1] - bare.size[1]
+    assert (pixels[:head_h] < 100).any(), "no text above the images"
+    assert (pixels[head_h:, :label_w] < 100).any(), "no text left of the images"
+    assert not (np.asarray(bare.convert("L")) < 100).any()

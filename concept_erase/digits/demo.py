@@ -47,16 +47,21 @@ def evaluate(pipe, judge, erased: int, seeds, *, steps: int, guidance: float, re
     return result, torch.stack(images)
 
 
-def _grid(before: torch.Tensor, after: torch.Tensor, path: Path, columns: int = 8) -> None:
-    """Rows: the ten digits; left block before, right block after, a white gap between."""
-    from torchvision.utils import make_grid, save_image
+def _grid(before: torch.Tensor, after: torch.Tensor, path: Path, title: str, columns: int = 4) -> None:
+    """Rows: the ten digits; the first `columns` seeds before the erasure, then the same seeds after."""
+    from torchvision.transforms.functional import to_pil_image
 
-    b, a = before[:, :columns], after[:, :columns]
-    gap = torch.ones(10, 1, *b.shape[2:])
-    rows = torch.cat([b, gap, a], dim=1)  # [10, 2*columns+1, 3, H, W]
-    grid = make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=1, pad_value=1.0)
+    from concept_erase.digits.world import DIGIT_NAMES
+    from concept_erase.evaluation.grids import labelled_grid
+
+    n = min(columns, before.shape[1])
+    rows = [[to_pil_image(before[d, k]) for k in range(n)] + [to_pil_image(after[d, k]) for k in range(n)]
+            for d in range(before.shape[0])]
+    heads = [f"before, seed {k}" for k in range(n)] + [f"after, seed {k}" for k in range(n)]
+    grid = labelled_grid(rows, column_heads=heads, row_labels=[f"digit {name}" for name in DIGIT_NAMES], title=title,
+                         cell=64, head_lines=2)
     with atomic_path(path, suffix=".png") as tmp:
-        save_image(grid, str(tmp), format="png")
+        grid.save(tmp, format="PNG")
 
 
 def run_demo(output: str | Path, *, digit: str = "three", config_file: str | None = None, seeds: int = 16,
@@ -120,7 +125,8 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     report["settings"]["output"] = str(output / "run")
     write_json(work / "report.json", report)
     write_text(work / "report.md", _markdown(report))
-    _grid(before_images, after_images, work / "grid.png")
+    _grid(before_images, after_images, work / "grid.png",
+          title=f"'{digit}' erased with {config.method}: prompt 'a handwritten digit N', same seeds before and after")
     return report
 
 
@@ -151,5 +157,5 @@ guidance {r['evaluation']['guidance']}):
 
 Note: {r['evaluation']['domain_fid']}.
 
-`grid.png`: one row per digit, before (left) and after (right), the same seeds.
+`grid.png`: one row per digit, labelled: its first four seeds before the erasure, then the same seeds after.
 """

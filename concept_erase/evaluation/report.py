@@ -15,7 +15,6 @@ from pathlib import Path
 from concept_erase.io.atomic import atomic_path, write_json, write_text
 from concept_erase.errors import UserError
 
-GRID_COLUMNS = 8
 
 
 def _fmt(v) -> str:
@@ -62,27 +61,53 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_grid(images, path: Path, columns: int = GRID_COLUMNS) -> None:
+GRID_ROWS = 8
+
+
+def group_grid(ctx, group: str, title: str):
+    """A labelled grid of a group: a row per prompt (the first GRID_ROWS), its seeds across; beside each image the
+    base model's image of the same prompt and seed where the evaluation made them (FID against the base)."""
     from PIL import Image
 
-    if not images:
-        return
-    images = images[: columns * 8]
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * (w + 2), rows * (h + 2)), "white")
-    for i, im in enumerate(images):
-        grid.paste(im.resize((w, h)), ((i % columns) * (w + 2) + 1, (i // columns) * (h + 2) + 1))
-    with atomic_path(path, suffix=".png") as tmp:
-        grid.save(tmp, format="PNG")
+    from concept_erase.evaluation.grids import labelled_grid
+
+    _, samples, _ = ctx.select(group)
+    by_row: dict = {}
+    for s in samples:
+        by_row.setdefault(s.row.case_number, []).append(s)
+    rows = list(by_row.values())[:GRID_ROWS]
+    if not rows:
+        return None
+    reference = ctx.output / "reference"
+    paired = all((reference / s.name).is_file() for row in rows for s in row)
+    per_row = max(1, min(len(r) for r in rows))
+    shown = min(per_row, 2 if paired else 4)
+
+    def image(folder, s):
+        with Image.open(folder / s.name) as im:
+            return im.convert("RGB")
+
+    cells, heads = [], []
+    for k in range(shown):
+        heads += ([f"base, seed +{k}", f"evaluated, seed +{k}"] if paired else [f"seed +{k}"])
+    for row in rows:
+        line = []
+        for s in row[:shown]:
+            line += ([image(reference, s), image(ctx.output / "images", s)] if paired else [image(ctx.output / "images", s)])
+        cells.append(line)
+    labels = [f"#{r[0].row.case_number}: {r[0].row.prompt}" for r in rows]
+    return labelled_grid(cells, column_heads=heads, row_labels=labels, title=title, label_width=220)
 
 
 def write_report(folder: Path, results: dict, ctx) -> None:
     for group in ctx.groups:
-        _, samples, images = ctx.select(group)
-        # one image per prompt first, so the grid shows many prompts rather than many seeds of one
-        order = sorted(range(len(samples)), key=lambda i: (samples[i].seed - samples[i].row.seed, i))
-        write_grid([images[i] for i in order[:GRID_COLUMNS * 8]], folder / "grids" / f"{group}.png")
+        grid = group_grid(ctx, group, f"{group}: {results['model']}" + (f" + {results['weights']}" if results.get(
+            "weights") else "") + f" | {results['generation']['steps']} steps")
+        if grid is not None:
+            path = folder / "grids" / f"{group}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path, suffix=".png") as tmp:
+                grid.save(tmp, format="PNG")
     write_json(folder / "results.json", results)
     write_text(folder / "results.md", markdown(results))
 

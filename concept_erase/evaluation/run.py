@@ -255,18 +255,18 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
     output = Path(output)
     created = not output.exists()
 
+    options = dict(options or {})
+    metrics = [metric_registry.METRICS.get(name)(opts, options) for name, opts in suite.metrics.items()]
+
     def plan():
         output_plan(output, fingerprint, overwrite, **_RESUMABLE)  # refuse before any work
-        options_ = dict(options or {})
-        for name, opts in suite.metrics.items():  # cheap checks before hours of generation
-            metric_registry.METRICS.get(name)(opts, options_).check(samples)
+        for m in metrics:
+            m.check(samples)  # cheap checks before hours of generation: weights present, labels usable
         work_, replaces_ = prepare_output(output, fingerprint, overwrite, **_RESUMABLE)
         return str(work_), replaces_
 
     work, replaces = procs.decide(plan)  # the main process decides about the folder; the others follow
     work = Path(work)
-    options = dict(options or {})
-    metrics = [metric_registry.METRICS.get(name)(opts, options) for name, opts in suite.metrics.items()]
     device = procs.device(device)
     try:
         return _generate_and_score(suite, rows, samples, metrics, model, weights, erased, options, device, output,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from concept_erase.io.atomic import atomic_dir, refuse_existing
+from concept_erase.io.atomic import atomic_dir, atomic_path, refuse_existing
 from concept_erase.errors import UserError
 from concept_erase.options import MAX_SEED
 
@@ -37,59 +37,96 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def image_grid(images: list, rows: int):
-    from PIL import Image
-
-    cols = (len(images) + rows - 1) // rows
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 @torch.no_grad()
 def generate(pipe, prompt: str, seed: int, *, steps: int, guidance: float, **prompts: str):
     """One image of `prompt` from the seed's own noise; `prompts` may give the pipeline's other encoders
-    their own text (`prompt_2`, `prompt_3`)."""
+    their own text (`prompt_2`, `prompt_3`) or a `negative_prompt`."""
+    return generate_batch(pipe, [prompt], [seed], steps=steps, guidance=guidance, **prompts)[0]
+
+
+@torch.no_grad()
+def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
+                   negative_prompt: str = "", **others: str) -> list:
+    """One image per (prompt, seed), in one pipeline call, each from its seed's own noise (the same image as
+    alone, up to the summation order of a batch)."""
     from concept_erase.families.base import family_of
 
     family = family_of(pipe)
     resolution = family.native_resolution(pipe)
-    latents = family.initial_noise(pipe, [seed], resolution).to(pipe.device, family.denoiser(pipe).dtype)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, latents=latents, **prompts,
-                **family.generation_kwargs(pipe, resolution)).images[0]
+    latents = family.initial_noise(pipe, list(seeds), resolution).to(pipe.device, family.denoiser(pipe).dtype)
+    extra = dict(others)
+    if negative_prompt:
+        extra["negative_prompt"] = [negative_prompt] * len(prompts)
+    return pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, latents=latents, **extra,
+                **family.generation_kwargs(pipe, resolution)).images
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path, *, weights: str = "",
            steps: int = 30, guidance: float = 7.5, overwrite: bool = False, allow_other_base: bool = False,
-           allow_pickle: bool = False, model_config: str = "", device: str = "") -> Path:
+           allow_pickle: bool = False, model_config: str = "", device: str = "", negative_prompt: str = "",
+           batch_size: int = 4, dtype: str = "fp32", progress: bool = True) -> Path | None:
+    """Draw every (prompt, seed) into `output`: PNGs, images.json and a labelled grid.png. Launched on several
+    processes (`accelerate launch`), each draws whole batches in turn; the main process writes the index and the
+    grid. Returns the folder (None on the other processes)."""
+    from tqdm.auto import tqdm
+
+    from concept_erase.evaluation.grids import labelled_grid
     from concept_erase.io.export import apply
     from concept_erase.io.loading import check_schedule_steps, load_pipeline, warn_long_prompts
+    from concept_erase.processes import processes
 
     if not prompts:
         raise UserError("no prompt given; pass --prompt 'a painting by van gogh' (repeat it for several)")
+    procs = processes()
     output = Path(output)
-    refuse_existing(output, overwrite)
+    procs.decide(lambda: refuse_existing(output, overwrite))
     pipe = load_pipeline(model, allow_pickle=allow_pickle, model_config=model_config)
-    check_schedule_steps(pipe.scheduler, steps=steps)
-    warn_long_prompts(pipe.tokenizer, prompts, lambda m: print(m, file=sys.stderr))
+    check_schedule_steps(pipe.scheduler, inference_steps=steps)
+    if procs.main:
+        warn_long_prompts(pipe.tokenizer, prompts, lambda m: print(m, file=sys.stderr))
     if weights:
         apply(pipe, weights, allow_other_base=allow_other_base)
-    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.to(procs.device(device), DTYPES[dtype])
+    pipe.set_progress_bar_config(disable=True)
+    wanted = [(p, prompt, seed) for p, prompt in enumerate(prompts) for seed in seeds]
+    batches = [wanted[i:i + batch_size] for i in range(0, len(wanted), batch_size)]
+    name = "p{:02d}-s{:04d}.png".format
+
+    def draw(folder: Path) -> None:
+        mine = procs.share(batches)
+        bar = tqdm(total=sum(map(len, mine)), desc="sampling", unit="img", disable=not (progress and procs.main))
+        for batch in mine:
+            images = generate_batch(pipe, [t[1] for t in batch], [t[2] for t in batch], steps=steps,
+                                    guidance=guidance, negative_prompt=negative_prompt)
+            for (p, _, seed), image in zip(batch, images):
+                with atomic_path(folder / name(p, seed), suffix=".png") as tmp:
+                    image.save(tmp, format="PNG")
+            bar.update(len(batch))
+        bar.close()
+        procs.wait()
+
+    if not procs.main:
+        folder = Path(procs.decide(lambda: None) or "")
+        draw(folder)
+        procs.wait()
+        return None
+    from PIL import Image
+
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        rows, index = [], []
-        for p, prompt in enumerate(prompts):
-            row = []
-            for seed in seeds:
-                image = generate(pipe, prompt, seed, steps=steps, guidance=guidance)
-                name = f"p{p:02d}-s{seed:04d}.png"
-                image.save(tmp / name)
-                row.append(image)
-                index.append({"file": name, "prompt": prompt, "seed": seed})
-            rows.extend(row)
-        image_grid(rows, len(prompts)).save(tmp / "grid.png")
-        (tmp / "images.json").write_text(json.dumps({"model": model, "weights": weights, "steps": steps,
-                                                     "guidance": guidance, "images": index}, indent=2),
-                                         encoding="utf-8")
+        procs.decide(lambda: str(tmp))  # the other processes draw into the same staging folder
+        draw(tmp)
+        index = [{"file": name(p, seed), "prompt": prompt, "seed": seed} for p, prompt, seed in wanted]
+        rows = [[Image.open(tmp / name(p, seed)).convert("RGB") for seed in seeds] for p in range(len(prompts))]
+        labelled_grid(rows, row_labels=prompts, column_heads=[f"seed {s}" for s in seeds],
+                      title=f"{model}" + (f" + {Path(weights).name}" if weights else "") +
+                      f" | {steps} steps, guidance {guidance}" + (f", negative: {negative_prompt}" if negative_prompt
+                                                                 else "")).save(tmp / "grid.png")
+        (tmp / "images.json").write_text(json.dumps({
+            "model": model, "weights": weights, "steps": steps, "guidance": guidance,
+            "negative_prompt": negative_prompt, "dtype": dtype, "processes": procs.world, "images": index},
+            indent=2), encoding="utf-8")
+        procs.wait()
     return output
