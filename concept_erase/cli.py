@@ -71,9 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="concept-erase", description="Erase a concept from a text-to-image diffusion model (SD 1.x/2.x, "
                      "SDXL, SD3, FLUX.1) while keeping everything else it draws (implicit gradient surgery, arXiv 2510.22124).")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"concept-erase {_version()}")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     for name, (help_text, description) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=description or help_text[:1].upper() + help_text[1:])
+        p = sub.add_parser(name, help=help_text, description=description or help_text[:1].upper() + help_text[1:],
+                           epilog=_epilog(name), formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == "erase":
             p.add_argument("--config", help="YAML file of settings (keys as the flags below, dashes or underscores)")
             add_flags(p, EraseConfig, suppress_defaults=True)
@@ -82,6 +84,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the full traceback on errors")
     return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("concept-erase")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+def _epilog(command: str) -> str | None:
+    """What `--help` shows after the flags: the metrics a suite may name (eval), and an example that runs as written
+    once the demo has run (`bash scripts/demo.sh`)."""
+    import textwrap
+
+    if command != "eval":
+        return None
+    from concept_erase.evaluation.metrics import METRIC_HELP
+
+    lines = ["metrics (a suite's `metrics:` keys; eval/*.yaml are examples):"]
+    for name, text in METRIC_HELP.items():
+        lines += textwrap.wrap(text, width=100, initial_indent=f"  {name:<16}", subsequent_indent=" " * 18,
+                               break_on_hyphens=False)
+    lines += ["", "example (after `bash scripts/demo.sh`):",
+              "  concept-erase eval --suite eval/digits.yaml --model builtin:digits --weights runs/demo/run "
+              "--output runs/eval-digits",
+              "several GPUs: accelerate launch --num_processes 8 -m concept_erase eval ... (the images split, one report)"]
+    return "\n".join(lines)
 
 
 def _opts(args, command: str):
@@ -110,8 +141,9 @@ def _eval(args) -> None:
                "load": {"allow_pickle": o.allow_pickle, "model_config": o.model_config}}
     with _locked(o.output):
         results = run_eval(o.suite, model=o.model, output=o.output, weights=weights, erased=o.erased,
-                           overwrite=o.overwrite, device=o.device, seeds=o.seeds, limit=o.limit,
-                           progress=o.progress, options=options)
+                           overwrite=o.overwrite, device=o.device, seeds=o.seeds_per_prompt, limit=o.limit,
+                           progress=o.progress, options=options, negative_prompt=o.negative_prompt,
+                           batch_size=o.batch_size, dtype=o.dtype)
     if results is None:  # another process of an `accelerate launch`: the main one reports
         return
     s = results["summary"]
@@ -122,17 +154,12 @@ def _eval(args) -> None:
 
 def _bench(args) -> None:
     from concept_erase.bench.runner import run_bench
-    from concept_erase.options import MAX_SEED
+    from concept_erase.evaluation.sample import parse_seeds
 
     o = _opts(args, "bench")
     overrides = {}
-    if o.seeds:
-        try:
-            overrides["seeds"] = [int(x) for x in o.seeds.split(",")]
-        except ValueError:
-            raise UserError(f"--seeds {o.seeds!r}: give whole numbers separated by commas, e.g. 0,1") from None
-        if any(not 0 <= x <= MAX_SEED for x in overrides["seeds"]):
-            raise UserError(f"--seeds {o.seeds!r}: each seed must be from 0 to 2^63 - 1")
+    if o.seeds:  # which seeds, written as everywhere: 0,1 or 0-2 or 3
+        overrides["seeds"] = parse_seeds(o.seeds)
     if o.concepts:
         overrides["concepts"] = [c.strip() for c in o.concepts.split(",") if c.strip()]
         if not overrides["concepts"]:
@@ -200,7 +227,7 @@ def _demo(args) -> None:
     o = _opts(args, "demo")
     overrides = {k: v for k, v in (("model", o.model), ("method", o.method), ("steps", o.steps)) if v}
     with _locked(o.output):
-        report = run_demo(o.output, digit=o.digit, config_file=o.config or None, seeds=o.seeds,
+        report = run_demo(o.output, digit=o.digit, config_file=o.config or None, seeds=o.seeds_per_digit,
                           overwrite=o.overwrite, progress=o.progress, overrides=overrides)
     b, a = report["before"], report["after"]
     print(f"erased '{o.digit}' with {report['method']} in {report['erase_seconds']} s")

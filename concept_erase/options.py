@@ -347,8 +347,11 @@ class EvalOptions:
     weights: str = setting("", "erased.safetensors (or the run folder) to apply", path=IN_ANY)
     erased: list = setting([], "concept value that was erased (repeat); default: the run's concepts found in "
                                "the prompt set", repeat=True, nonempty=True, metavar="VALUE")
-    seeds: int = setting(0, "seeds per prompt (0: the suite's)", ge=0, le=100000)
+    seeds_per_prompt: int = setting(0, "seeds per prompt, from each row's seed up (0: the suite's)", ge=0, le=100000)
     limit: int = setting(0, "evaluate only the first N prompts, a quick look (0: all)", ge=0)
+    negative_prompt: str = _negative_prompt()
+    batch_size: int = setting(0, "images per pipeline call (0: the suite's)", ge=0, le=4096)
+    dtype: str = _dtype()
     device: str = _device()
     clip_model: str = setting("", "open_clip model name for the CLIP classifiers (default: the suite's)")
     clip_weights: str = setting("", "local open_clip weights file for that model", path=IN_FILE)
@@ -412,7 +415,7 @@ class DemoOptions:
     config: str = setting("", "erasure recipe (default: the shipped digits-erase.yaml)", path=IN_FILE)
     method: str = setting("", "override the recipe's method: eupmu, eupmu-fast, ungrad, fixed, esd")
     steps: int = setting(0, "override the recipe's steps (0: the recipe's)", ge=0, le=1000000)
-    seeds: int = setting(16, "seeds per digit in the evaluation", ge=1, le=10000)
+    seeds_per_digit: int = setting(16, "seeds per digit in the evaluation", ge=1, le=10000)
     overwrite: bool = _overwrite()
     progress: bool = _progress()
 
@@ -423,7 +426,7 @@ class BenchOptions:
                           path=IN_FILE)
     output: str = setting("runs/bench", "folder: bench.md, bench.json, pareto.png, runs/ (a rerun continues)",
                           path=OUT_DIR)
-    seeds: str = setting("", "override the seeds, e.g. 0 or 0,1")
+    seeds: str = setting("", "which seeds (override the benchmark file's): a list like 0,1, a range like 0-2, or one")
     concepts: str = setting("", "override the concepts, e.g. 'three,red ink'")
     only: list = setting([], "run only this method label (repeat)", repeat=True, nonempty=True, metavar="LABEL")
     report_only: bool = setting(False, "write the report from the finished runs; run nothing")

@@ -320,7 +320,7 @@ def test_a_failed_eval_leaves_no_empty_folder(tmp_path, capsys):
     suite = REPO / "eval" / "digits.yaml"
     out = tmp_path / "ev"
     assert main(["eval", "--suite", str(suite), "--model", str(tmp_path / "no-model"), "--output", str(out),
-                 "--limit", "1", "--seeds", "1"]) == 2
+                 "--limit", "1", "--seeds-per-prompt", "1"]) == 2
     one_line(capsys.readouterr().err)
     assert not out.exists()
 

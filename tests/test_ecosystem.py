@@ -184,3 +184,37 @@ def test_grids_carry_their_labels():
     assert (pixels[:head_h] < 100).any(), "no text above the images"
     assert (pixels[head_h:, :label_w] < 100).any(), "no text left of the images"
     assert not (np.asarray(bare.convert("L")) < 100).any()
+
+
+def test_help_names_every_metric_and_shows_no_internal_object(capsys):
+    import re
+
+    from concept_erase.cli import COMMANDS
+    from concept_erase.evaluation.suite import METRIC_OPTIONS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--help"])
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        assert not re.search(r"object at 0x|<[\w.]+ object|_MISSING", text), (command, text)
+        if command == "eval":
+            metrics = text[text.index("metrics ("):]
+            assert all(re.search(rf"^  {name}\s", metrics, flags=re.M) for name in METRIC_OPTIONS), metrics
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and re.match(r"concept-erase \S+", capsys.readouterr().out)
+
+
+def test_run_json_records_the_command_versions_times_and_machine(tiny_dir, tmp_path, cache_dir, monkeypatch):
+    import sys
+
+    argv = ["erase", "--model", str(tiny_dir), "--concept", "van gogh", "--anchor", "a photo", "--output",
+            str(tmp_path / "run"), "--steps", "1", "--sampling-steps", "3", "--anchor-inference-steps", "2",
+            "--anchor-images-per-prompt", "1", "--cache-dir", str(cache_dir), "--no-progress", "--checkpoint-every", "0"]
+    monkeypatch.setattr(sys, "argv", ["concept-erase", *argv])
+    assert main(argv) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["command"].startswith("concept-erase erase --model") and "'van gogh'" in run["command"]
+    assert run["versions"]["torch"] and run["versions"]["diffusers"] and run["versions"]["python"]
+    assert run["started"] <= run["finished"] and "logical CPUs" in run["machine"]

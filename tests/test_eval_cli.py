@@ -87,7 +87,7 @@ def test_eval_report_and_resume(suite, tmp_path, fid_cache):
 
     # compare two evaluations: table and Pareto plot
     out2 = tmp_path / "ev2"
-    assert run(suite, out2, fid_cache, "--erased", "three", "--seeds", "2") == 0
+    assert run(suite, out2, fid_cache, "--erased", "three", "--seeds-per-prompt", "2") == 0
     cmp = tmp_path / "cmp"
     assert main(["compare", str(out), str(out2), "--output", str(cmp), "--label", "one seed",
                  "--label", "two seeds"]) == 0

@@ -221,7 +221,7 @@ def test_sample_and_eval_run_with_the_same_flags(flow_dir, flow_config, tmp_path
 
     weights = str(erase(flow_config(method="eupmu", steps=1)))
     assert main(["sample", "--model", str(flow_dir), "--weights", weights, "--prompt", "van gogh", "--prompt", "a photo",
-                 "--seeds", "0-1", "--steps", "2", "--output", str(tmp_path / "samples")]) == 0
+                 "--seeds", "0-1", "--inference-steps", "2", "--output", str(tmp_path / "samples")]) == 0
     assert Image.open(tmp_path / "samples" / "p00-s0000.png").size == (32, 32)  # the tiny models' native side
     (tmp_path / "prompts.csv").write_text("case_number,prompt,seed,concept\n0,van gogh,0,van gogh\n1,a photo,1,\n")
     (tmp_path / "suite.yaml").write_text(f"name: flow\nprompts: {tmp_path / 'prompts.csv'}\nseeds_per_prompt: 2\n"

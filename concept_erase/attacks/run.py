@@ -246,7 +246,7 @@ def _attack_all(ctx, method, targets, originals, progress) -> list[dict]:
 
 def _results(model, weights, concept, attack, settings, judge, targets, originals, records, seconds, device,
              embedding: bool) -> dict:
-    from concept_erase.evaluation.run import versions
+    from concept_erase import provenance
 
     n = len(targets)
     pre = sum(o["success"] for o in originals) / n
@@ -256,7 +256,7 @@ def _results(model, weights, concept, attack, settings, judge, targets, original
         "judge": judge.settings(), "prompts": n, "pre_attack_asr": pre, "post_attack_asr": post,
         "per_prompt": [{"index": t.index, **r} for t, r in zip(targets, records)],
         "embedding": "embedding.safetensors" if embedding else None,  # none learnt when every prompt succeeded before
-        "seconds": round(seconds, 1), "device": device, "versions": versions(),
+        "seconds": round(seconds, 1), "device": device, **provenance.record(),
     }
 
 

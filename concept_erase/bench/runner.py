@@ -21,15 +21,12 @@ from concept_erase import env  # noqa: F401
 import contextlib
 import copy
 import json
-import os
-import platform
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-import torch
-
+from concept_erase import provenance
 from concept_erase.io.atomic import write_json, write_text
 from concept_erase.digits.world import DIGIT_NAMES, STYLES
 from concept_erase.errors import UserError
@@ -153,20 +150,6 @@ def _cumsum(xs):
 
 # ---------------------------------------------------------------- the whole benchmark
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}, {gpu}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}")
-
-
 def run_bench(config_path: str, output: str | Path, *, progress: bool = True, only: list[str] | None = None,
               overrides: dict | None = None, report_only: bool = False, command: str = "", log=None) -> dict:
     from concept_erase.io.loading import load_pipeline
@@ -255,7 +238,7 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
     summary = summarise(results, memory, timing, spec.held_time_reference)
     if not results:
         raise UserError(f"no finished run in {output / 'runs'} to report")
-    report = {"config": spec.source, "machine": machine(), "seconds": round(time.time() - started, 1),
+    report = {"config": spec.source, "machine": provenance.machine(), "versions": provenance.versions(), "seconds": round(time.time() - started, 1),
               "runs_planned": len(runs), "runs_finished": len(results),
               "targets": {"forget_at_most": FORGET_TARGET, "retain_drop_at_most": RETAIN_DROP},
               "summary": summary, "memory": memory, "timing": timing, "runs": results}

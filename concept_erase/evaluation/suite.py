@@ -7,6 +7,7 @@
     steps: 50
     guidance: 7.5                        # a row's own guidance wins
     batch_size: 8
+    negative_prompt: ""                  # optional: of every image
     metrics:
       clip_classifier: {model: ViT-L-14, pretrained: openai, templates: object}
       clip_score: {model: openai/clip-vit-large-patch14}
@@ -45,18 +46,23 @@ class Suite:
     batch_size: int = 4
     metrics: dict = field(default_factory=dict)
     source: str = ""
+    negative_prompt: str = ""  # of every image (the evaluated and the reference ones)
+    dtype: str = "fp32"  # the pipeline's precision (`eval --dtype`)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "prompts": str(self.prompts), "prompts_form": self.prompts_form,
                 "seeds_per_prompt": self.seeds_per_prompt, "steps": self.steps, "guidance": self.guidance,
-                "batch_size": self.batch_size, "metrics": self.metrics}
+                "batch_size": self.batch_size, "metrics": self.metrics,
+                **({"negative_prompt": self.negative_prompt} if self.negative_prompt else {}),
+                **({"dtype": self.dtype} if self.dtype != "fp32" else {})}
 
 
 def parse_suite(raw, source: str, base_dir: Path) -> Suite:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: an evaluation suite is a mapping (name:, prompts:, metrics:), "
                         f"not a {type(raw).__name__}")
-    known = {"name", "prompts", "prompts_form", "seeds_per_prompt", "steps", "guidance", "batch_size", "metrics"}
+    known = {"name", "prompts", "prompts_form", "seeds_per_prompt", "steps", "guidance", "batch_size", "metrics",
+             "negative_prompt"}
     unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
         raise UserError(f"{source}: unknown key {unknown[0]!r}; a suite has {', '.join(sorted(known))}")
@@ -89,13 +95,17 @@ def parse_suite(raw, source: str, base_dir: Path) -> Suite:
             if not isinstance(v, (str, int, float)) or isinstance(v, bool):
                 raise UserError(f"{source}: {name}.{k} must be a string or a number, not {v!r}")
         clean[name] = dict(options)
+    negative = raw.get("negative_prompt", "")
+    if not isinstance(negative, str):
+        raise UserError(f"{source}: negative_prompt must be a string, not {negative!r}")
     name = raw.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:
         raise UserError(f"{source}: name must be a string")
     return Suite(name=name, prompts=(base_dir / prompts).resolve() if not Path(prompts).is_absolute() else Path(prompts),
                  prompts_form=form, seeds_per_prompt=whole_number(raw, "seeds_per_prompt", 1, source, 1),
                  steps=whole_number(raw, "steps", 50, source, 1), guidance=float(guidance),
-                 batch_size=whole_number(raw, "batch_size", 4, source, 1), metrics=clean, source=source)
+                 batch_size=whole_number(raw, "batch_size", 4, source, 1), metrics=clean, source=source,
+                 negative_prompt=negative)
 
 
 def load_suite(path: str | Path) -> Suite:

@@ -198,8 +198,8 @@ def check_push(repo_id: str) -> None:
     if not HUB_ID.match(repo_id):
         raise UserError(f"--push-to-hub {repo_id!r}: give a repository as OWNER/NAME")
     if constants.HF_HUB_OFFLINE:
-        raise UserError("--push-to-hub: the Hub is switched off here (HF_HUB_OFFLINE=1); export without it and "
-                        "upload the folder later with `hf upload REPO_ID FOLDER`")
+        raise UserError("--push-to-hub: the Hub is off (HF_HUB_OFFLINE=1, concept-erase's default); run the export "
+                        "with HF_HUB_OFFLINE=0 to push, or upload the folder later with `hf upload REPO_ID FOLDER`")
     if not get_token():
         raise UserError("--push-to-hub: no Hub token; run `hf auth login` (or set HF_TOKEN) and export again")
 

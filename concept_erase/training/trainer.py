@@ -35,6 +35,7 @@ from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVE
 from concept_erase.training.original import OriginalModel
 from concept_erase.training.probes import PROBES
 from concept_erase.training.subsets import select_trainable
+from concept_erase import provenance
 from concept_erase.training import tracking
 from concept_erase.families.base import Cond, family_of
 
@@ -602,6 +603,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             run = json.loads((self.output / "run.json").read_text())
             run["ranks"] = ranks
+            run["finished"] = provenance.now()
             if self.stopped_at:
                 run["stopped_at"] = self.stopped_at
             write_json(self.output / "run.json", run)
@@ -667,7 +669,8 @@ class Trainer:
         if acc.is_main_process:
             write_json(self.output / "run.json", {"config": json.loads(config_json(cfg)),
                                                   "num_processes": acc.num_processes, "sharded": self.sharded,
-                                                  "base_model_digest": self.base_digest})
+                                                  "base_model_digest": self.base_digest,
+                                                  "resumed_from_step": self.start_step, **provenance.record()})
         bar = tqdm(total=cfg.steps, initial=self.start_step, desc="erasing", disable=not (cfg.progress and acc.is_main_process),
                    dynamic_ncols=True)
         metrics = open(metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
