@@ -218,3 +218,23 @@ def test_run_json_records_the_command_versions_times_and_machine(tiny_dir, tmp_p
     assert run["command"].startswith("concept-erase erase --model") and "'van gogh'" in run["command"]
     assert run["versions"]["torch"] and run["versions"]["diffusers"] and run["versions"]["python"]
     assert run["started"] <= run["finished"] and "logical CPUs" in run["machine"]
+
+
+def test_compare_names_what_differs_between_evaluations():
+    from concept_erase.evaluation.report import differences
+
+    def made(**changes):
+        g = {"prompts_file": "/x/digits.csv", "prompts": 50, "seeds_per_prompt": 8, "steps": 25, "guidance": 4.0}
+        return {"suite": changes.pop("suite", "digits"), "generation": {**g, **changes}}
+
+    assert differences([made(), made()]) == []
+    said = differences([made(), made(steps=50, negative_prompt="blurry"), made(suite="coco")])
+    assert said == ["suite: 'digits' / 'coco'", "sampler steps: 25 / 50", "negative prompt: '' / 'blurry'"]
+
+
+def test_too_few_images_are_flagged():
+    from concept_erase.evaluation.metrics import too_few
+
+    assert "too few for an FID" in too_few("fid", 10) and too_few("fid", 10000) == ""
+    assert "too few for a rate" in too_few("judge", 8) and too_few("judge", 400) == ""
+    assert too_few("fid", None) == ""

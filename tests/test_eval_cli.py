@@ -93,6 +93,7 @@ def test_eval_report_and_resume(suite, tmp_path, fid_cache):
                  "--label", "two seeds"]) == 0
     text = (cmp / "comparison.md").read_text()
     assert "| one seed |" in text and "| two seeds |" in text and "pareto.png" in text
+    assert "not made alike" in text and "seeds per prompt: 1 / 2" in text  # said, not hidden
     with Image.open(cmp / "pareto.png") as im:
         assert im.size[0] > 300
     assert main(["compare", str(out), "--output", str(cmp)]) == 2  # never overwritten without --overwrite

@@ -346,14 +346,20 @@ def _figure():
 
 def _method_points(ax, by: dict[str, list[dict]], x_of) -> None:
     """Per method: the mean of x_of(run) against the mean retain drop, with 95% bootstrap bars on both."""
+    from concept_erase.evaluation.grids import marker_scales
+
     markers = "osD^v<>pP*Xh"
-    for i, (label, rs) in enumerate(by.items()):
+    points = []
+    for label, rs in by.items():
         xs = [x_of(r) for r in rs]
         ys = [100 * (r["base_retain_accuracy"] - r["retain_accuracy"]) for r in rs]
-        (x, cx), (y, cy) = (_mean(xs), stats.mean_ci(xs)), (_mean(ys), stats.mean_ci(ys))
+        points.append(((_mean(xs), stats.mean_ci(xs)), (_mean(ys), stats.mean_ci(ys)), len(rs)))
+    scales = marker_scales([(x, y) for (x, _), (y, _), _ in points])
+    for i, ((label, _), ((x, cx), (y, cy), n), (scale, hollow)) in enumerate(zip(by.items(), points, scales)):
         ax.errorbar([x], [y], xerr=[[x - cx[0]], [cx[1] - x]], yerr=[[y - cy[0]], [cy[1] - y]],
-                    fmt=markers[i % len(markers)], ms=7, capsize=3, elinewidth=0.9, label=f"{label} ({len(rs)})",
-                    zorder=3, alpha=0.85)
+                    fmt=markers[i % len(markers)], ms=7 * scale, capsize=3, elinewidth=0.9, label=f"{label} ({n})",
+                    zorder=3 + 1 / scale, alpha=0.85, color=f"C{i % 10}",
+                    markerfacecolor="none" if hollow else f"C{i % 10}")
 
 
 def _save(fig, ax, path: Path, xlabel: str, title: str) -> None:

@@ -145,7 +145,7 @@ class InceptionFID:
     """FID against a reference set; the reference's feature sums are cached on disk."""
 
     def __init__(self, *, weights: str = "", cache_dir: str | None = None, device: str = "cpu",
-                 batch_size: int = 32):
+                 batch_size: int = 32, progress: bool = False):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         self.weights_path, self.source = inception_weights(weights, cache_dir)
@@ -153,6 +153,8 @@ class InceptionFID:
         self.cache = _cache_root(cache_dir) / "fid-stats"
         self.batch_size = batch_size
         self.device = device
+        self.progress = progress
+        self.label = ""  # what the progress bar names (a group)
         self.metric = FrechetInceptionDistance(feature=2048, reset_real_features=True,
                                                feature_extractor_weights_path=str(self.weights_path),
                                                # scored by one process: never wait for the others
@@ -163,12 +165,19 @@ class InceptionFID:
 
     def _feed(self, images, real: bool) -> None:
         """`images`: a uint8 tensor [N, 3, H, W], or an iterable of such batches (streamed)."""
+        from tqdm.auto import tqdm
+
         batches = [images] if isinstance(images, torch.Tensor) else images
+        what = "reference" if real else "evaluated"
+        bar = tqdm(desc=f"FID: Inception features of the {what} images" + (f" ({self.label})" if self.label else ""),
+                   unit="img", disable=not self.progress, leave=False)
         for batch in batches:
             if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
                 raise ValueError("FID takes uint8 images [N, 3, H, W]")
             for i in range(0, len(batch), self.batch_size):
                 self.metric.update(batch[i:i + self.batch_size].to(self.device), real=real)
+                bar.update(len(batch[i:i + self.batch_size]))
+        bar.close()
 
     def set_reference(self, images, key: str = "") -> None:
         """Feed the reference set; with `key` (a digest of the set), reuse or store its statistics."""

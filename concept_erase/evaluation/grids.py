@@ -91,3 +91,18 @@ def labelled_grid(rows: Sequence[Sequence], *, column_heads: Sequence[str] | Non
                 im = im.resize((cw, ch), Image.NEAREST if scale > 1 else Image.BICUBIC)
             grid.paste(im, (label_w + pad + c * (cw + pad), y))
     return grid
+
+
+def marker_scales(points: Sequence[tuple[float, float]], near: float = 0.025) -> list[tuple[float, bool]]:
+    """For a scatter plot: (size factor, hollow) per point so that no marker hides another. Points closer than
+    `near` of the axes' spans to an earlier one are drawn hollow and larger, one ring outside the other."""
+    import math
+
+    xs = [p[0] for p in points if math.isfinite(p[0])] or [0.0]
+    ys = [p[1] for p in points if math.isfinite(p[1])] or [0.0]
+    sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    out: list[tuple[float, bool]] = []
+    for i, (x, y) in enumerate(points):
+        under = sum(1 for (x2, y2) in points[:i] if abs(x - x2) / sx < near and abs(y - y2) / sy < near)
+        out.append((1.0 + 0.7 * under, under > 0))
+    return out

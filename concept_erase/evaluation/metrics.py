@@ -34,6 +34,24 @@ METRIC_HELP = {
 }
 
 
+# Below these counts a figure is flagged in the report: an FID over a few hundred images is biased upwards by
+# far more than the differences it is used to show (papers use 10k-30k), and a rate over a few dozen images moves
+# by more than ten points from one seed to the next.
+MIN_IMAGES = {"fid": 1000, "domain_fid": 500}
+MIN_IMAGES_RATE = 50
+
+
+def too_few(metric: str, images) -> str:
+    """A one-line caution when `images` is too few for the metric to mean much, else ''."""
+    if not isinstance(images, int) or isinstance(images, bool):
+        return ""
+    least = MIN_IMAGES.get(metric, MIN_IMAGES_RATE)
+    if images >= least:
+        return ""
+    kind = "an FID" if metric in MIN_IMAGES else "a rate"
+    return f"{images} images: too few for {kind} to mean much (at least {least}); not a headline number"
+
+
 class Metric:
     name = ""
 
@@ -52,7 +70,11 @@ class Metric:
         raise NotImplementedError
 
     def record(self, group: str, value: dict, settings: dict) -> dict:
-        return {"metric": self.name, "group": group, "value": value, "settings": settings}
+        out = {"metric": self.name, "group": group, "value": value, "settings": settings}
+        caution = too_few(self.name, value.get("images"))
+        if caution:
+            out["caution"] = caution
+        return out
 
 
 def _accuracy_value(pred: list[str], truth: list[str]) -> dict:
@@ -260,7 +282,7 @@ class FID(Metric):
 
         ref = self.cli.get("fid_reference") or self.options.get("reference", "base")
         fid = InceptionFID(weights=self.cli.get("inception_weights") or self.options.get("weights", ""),
-                           cache_dir=self.cli.get("cache_dir"), device=ctx.device)
+                           cache_dir=self.cli.get("cache_dir"), device=ctx.device, progress=ctx.progress)
         folder_paths = folder_key = None
         size = int(self.options["size"]) if self.options.get("size") else None
         if ref != "base":
@@ -269,6 +291,7 @@ class FID(Metric):
         out = []
         for group in ctx.groups:
             _, samples, images = ctx.select(group)
+            fid.label = group
             if ref == "base":
                 ref_images, paths = ctx.reference_images(samples)
                 fid.set_reference(uint8_batches(ref_images), key=images_digest(paths))

@@ -34,15 +34,18 @@ def markdown(results: dict) -> str:
              f"{results['generation']['seeds_per_prompt']} seeds, {results['generation']['steps']} steps, "
              f"guidance {results['generation']['guidance']}); generation {results['generation_seconds']} s, "
              f"total {results['total_seconds']} s on {results['device']}", ""]
+    cautions = results.get("cautions", {})
     if results.get("summary"):
-        lines += ["## Summary", "", "| measure | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in results["summary"].items()]
+        lines += ["## Summary", "", "| measure | value | note |", "|---|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} | {'**caution**: ' + cautions[k] if k in cautions else ''} |"
+                  for k, v in results["summary"].items()]
         lines.append("")
-    lines += ["## Metrics", "", "| metric | group | value | images |", "|---|---|---|---|"]
+    lines += ["## Metrics", "", "| metric | group | value | images | note |", "|---|---|---|---|---|"]
     for r in results["metrics"]:
         main = {k: v for k, v in r["value"].items() if isinstance(v, (int, float)) and k not in ("images",)}
         text = ", ".join(f"{k} {_fmt(v)}" for k, v in main.items())
-        lines.append(f"| {r['metric']} | {r['group']} | {text} | {r['value'].get('images', '')} |")
+        note = f"**caution**: {r['caution']}" if r.get("caution") else ""
+        lines.append(f"| {r['metric']} | {r['group']} | {text} | {r['value'].get('images', '')} | {note} |")
     nud = [r for r in results["metrics"] if r["metric"] == "nudity"]
     for r in nud:
         lines += ["", f"## Nudity (NudeNet, threshold {r['settings']['threshold']})", "",
@@ -171,8 +174,17 @@ def compare(paths: list[str], output: str | Path, *, labels: list[str] | None = 
                         + ", ".join(sorted({k for r in runs for k in r['summary']})))
     keys = [k for k in ("forget_accuracy", "retain_accuracy", "fid", "domain_fid", "clip_score", "nudity_flagged")
             if any(k in row for row in rows)]
-    lines = [f"# Comparison ({len(rows)} evaluations)", "", "| run | " + " | ".join(keys) + " |",
-             "|---|" + "---|" * len(keys)]
+    differ = differences(runs)
+    lines = [f"# Comparison ({len(rows)} evaluations)", ""]
+    if differ:
+        import sys
+
+        said = "; ".join(differ)
+        print(f"warning: these evaluations were not made alike ({said}): their numbers are not comparable side "
+              "by side", file=sys.stderr)
+        lines += [f"**Warning: these evaluations were not made alike** ({said}): their numbers are not comparable "
+                  "side by side.", ""]
+    lines += ["| run | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for row in rows:
         lines.append(f"| {row['label']} | " + " | ".join(_fmt(row.get(k, float('nan'))) for k in keys) + " |")
     output.mkdir(parents=True, exist_ok=True)
@@ -183,9 +195,33 @@ def compare(paths: list[str], output: str | Path, *, labels: list[str] | None = 
         lines += ["", "![erasure against quality](pareto.png)", ""]
     else:
         lines += ["", "No plot: every evaluation needs forget_accuracy (run with --erased) and " + quality, ""]
-    write_json(output / "comparison.json", {"quality": quality, "runs": rows})
+    write_json(output / "comparison.json", {"quality": quality, "runs": rows, "not_alike": differ})
     write_text(output / "comparison.md", "\n".join(lines) + "\n")
     return {"runs": rows, "plot": str(output / "pareto.png") if plotted else None}
+
+
+def differences(runs: list[dict]) -> list[str]:
+    """What differs between evaluations set side by side: suite, prompts, seeds, sampler steps, guidance, negative
+    prompt, precision. Each as 'what: a / b'."""
+    def made(r: dict) -> dict:
+        g = r.get("generation", {})
+        return {"suite": r.get("suite"), "prompts": (Path(str(g.get("prompts_file", ""))).name, g.get("prompts")),
+                "seeds per prompt": g.get("seeds_per_prompt"), "sampler steps": g.get("steps"),
+                "guidance": g.get("guidance"), "negative prompt": g.get("negative_prompt", ""),
+                "precision": g.get("dtype", "fp32")}
+
+    described = [made(r) for r in runs]
+    out = []
+    for key in described[0]:
+        values = []
+        for d in described:
+            if d[key] not in values:
+                values.append(d[key])
+        if len(values) > 1:
+            shown = [f"{v[0]} ({v[1]} prompts)" if key == "prompts" else repr(v) if isinstance(v, str) else str(v)
+                     for v in values]
+            out.append(f"{key}: {' / '.join(shown)}")
+    return out
 
 
 def _pareto_plot(rows: list[dict], quality: str, path: Path) -> None:
@@ -199,8 +235,14 @@ def _pareto_plot(rows: list[dict], quality: str, path: Path) -> None:
     front = pareto_front(pts, lower_better)
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
     markers = "osD^v<>pP*X"
-    for i, (r, (x, y)) in enumerate(zip(rows, pts)):
-        ax.scatter([x], [y], marker=markers[i % len(markers)], s=60, label=r["label"], zorder=3)
+    from concept_erase.evaluation.grids import marker_scales
+
+    for i, (r, (x, y), (scale, hollow)) in enumerate(zip(rows, pts, marker_scales(pts))):
+        mark = ax.scatter([x], [y], marker=markers[i % len(markers)], s=60 * scale ** 2, label=r["label"],
+                          zorder=3 + 1 / scale)  # a larger ring goes behind the smaller marker it circles
+        if hollow:
+            mark.set_facecolor("none")
+            mark.set_edgecolor(mark.get_edgecolor() if len(mark.get_edgecolor()) else f"C{i % 10}")
     if len(front) > 1:
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=1, zorder=2,
                 label="non-dominated")

@@ -313,7 +313,7 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
                        "processes": procs.world,
                        "prompts": len(rows), "prompts_file": str(suite.prompts),
                        "seeds": "row seed + k, k < seeds_per_prompt; CPU torch.Generator noise"},
-        "metrics": records, "summary": summarise(records), **provenance.record(), "started": started_at,
+        "metrics": records, "summary": summarise(records), "cautions": summary_cautions(records), **provenance.record(), "started": started_at,
         "device": device, "generation_seconds": round(generation_s, 1),
         "total_seconds": round(time.time() - started, 1),
     }
@@ -359,12 +359,23 @@ SUMMARY_KEYS = {
 
 
 def summarise(records: list[dict]) -> dict:
-    out = {}
+    return _summary(records)[0]
+
+
+def summary_cautions(records: list[dict]) -> dict:
+    """summary key -> the caution of the record it comes from (too few images), where there is one."""
+    return _summary(records)[1]
+
+
+def _summary(records: list[dict]) -> tuple[dict, dict]:
+    out, cautions = {}, {}
     for key, options in SUMMARY_KEYS.items():
         for metric, group, field in options:
             hit = next((r for r in records if r["metric"] == metric and r["group"] == group and field in r["value"]),
                        None)
             if hit is not None:
                 out[key] = hit["value"][field]
+                if hit.get("caution"):
+                    cautions[key] = hit["caution"]
                 break
-    return out
+    return out, cautions
