@@ -79,6 +79,18 @@ class Processes:
             raise UserError(value)
         return value
 
+    def gather_rows(self, mine: list[int], rows, per_item: int, items: int):
+        """Every process's share of a tensor, `per_item` rows per item, put back in item order on every process."""
+        import torch
+        from accelerate.utils import gather_object
+
+        pieces = gather_object([(mine, rows)])
+        out = [None] * items
+        for indices, tensor in pieces:
+            for k, i in enumerate(indices):
+                out[i] = tensor[k * per_item:(k + 1) * per_item]
+        return torch.cat(out)
+
     def share(self, items: Sequence[T]) -> list[T]:
         """This process's items: every `world`-th one, from its rank."""
         return list(items[self.rank::self.world])

@@ -38,8 +38,8 @@ def launch(args, tmp_path):
 @pytest.mark.parametrize("method", ["eupmu", "ungrad"])
 def test_two_ranks_keep_identical_lambda_and_weights(method, tiny_dir, cache_dir, tmp_path):
     out = tmp_path / "run"
-    proc = launch(["erase", "--model", str(tiny_dir), "--concept", "van gogh", "--anchor", "a photo", "--output",
-                   str(out), "--steps", "4", "--sampling-steps", "3", "--anchor-inference-steps", "2",
+    proc = launch(["erase", "--model", str(tiny_dir), "--concept", "van gogh", "--anchor", "a photo", "--anchor",
+                   "a painting", "--output", str(out), "--steps", "4", "--sampling-steps", "3", "--anchor-inference-steps", "2",
                    "--anchor-images-per-prompt", "2", "--cache-dir", str(cache_dir), "--no-progress",
                    "--checkpoint-every", "0", "--lambda", "1.0", "--beta", "0.01", "--lr", "1e-2",
                    "--method", method], tmp_path)
@@ -51,6 +51,25 @@ def test_two_ranks_keep_identical_lambda_and_weights(method, tiny_dir, cache_dir
     assert r0["lambda_history"] == r1["lambda_history"]
     assert len(set(r0["lambda_history"])) > 1  # lambda did move: the equality is not trivial
     assert r0["weights_digest"] == r1["weights_digest"]
+    if method == "eupmu":  # the anchor images were made half by each process: the same latents as one process makes
+        import torch
+        from safetensors.torch import load_file
+
+        from concept_erase.training.trainer import erase
+        from concept_erase.config import EraseConfig
+
+        (two,) = cache_dir.glob("anchor-*.safetensors")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            erase(EraseConfig(model=str(tiny_dir), concepts=["van gogh"], anchors=["a photo", "a painting"],
+                              output=str(tmp_path / "one"), steps=1, sampling_steps=3, anchor_inference_steps=2,
+                              anchor_images_per_prompt=2, cache_dir=str(tmp_path / "one-cache"), progress=False,
+                              checkpoint_every=0))
+        finally:
+            torch.set_num_threads(threads)
+        (one,) = (tmp_path / "one-cache").glob("anchor-*.safetensors")
+        assert one.name == two.name and torch.equal(load_file(one)["latents"], load_file(two)["latents"])
 
 
 def test_two_rank_resume_matches_an_uninterrupted_run(tiny_dir, cache_dir, tmp_path):

@@ -16,6 +16,7 @@ import torch
 
 from concept_erase.errors import UserError
 from concept_erase.families.base import Cond
+from concept_erase.processes import processes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -94,12 +95,13 @@ def encode_images(pipe, paths: list[Path], resolution: int, device) -> torch.Ten
 @torch.no_grad()
 def generate_latents(pipe, prompts: list[str], per_prompt: int, *, steps: int, guidance: float, seed: int,
                      device, progress: bool, resolution: int, autocast=None, role: str = "anchor",
-                     on_prompt=None) -> torch.Tensor:
+                     on_prompt=None, indices: list[int] | None = None) -> torch.Tensor:
     """The original model's images for each prompt, as latents (never decoded: the VAE is not needed).
 
     `autocast` (a context-manager factory, e.g. `accelerator.autocast`) runs the pipeline in the
     run's precision: under bf16/fp16 the frozen weights are stored in half precision, and a call
     outside autocast would meet fp32 latents with them. `on_prompt(i, seconds)` hears of each prompt.
+    `indices`: the prompts' places in the whole list (their seeds), when this is a share of it.
     """
     import contextlib
     import time
@@ -112,7 +114,8 @@ def generate_latents(pipe, prompts: list[str], per_prompt: int, *, steps: int, g
 
     family = family_of(pipe)
     out = []
-    for i, prompt in enumerate(tqdm(prompts, desc=f"generating {role} images", disable=not progress, leave=False)):
+    places = list(range(len(prompts))) if indices is None else list(indices)
+    for i, prompt in zip(places, tqdm(prompts, desc=f"generating {role} images", disable=not progress, leave=False)):
         t0 = time.perf_counter()
         gen = generator(seed, i, 1 if role == "anchor" else 2)  # (run seed, prompt, which bank)
         shape = (per_prompt, *family.latent_shape(pipe, resolution))
@@ -149,24 +152,41 @@ def build_bank(pipe, prompts: list[str], per_prompt: int, *, embed, config, base
     key = bank_key(base_digest=base_digest, prompts=prompts, per_prompt=per_prompt, config=config, role=role,
                    scheduler_config=pipe.scheduler.config, resolution=resolution)
     path = cache_dir / f"{role}-{key}.safetensors"
+    procs = processes()
     latents = None
-    if path.is_file():
-        try:
-            latents = load_file(str(path))["latents"]
-        except Exception:  # noqa: BLE001 - a damaged cache entry is regenerated
-            latents = None
+    # The main process says whether the cache holds the bank, so that every process takes the same path.
+    if procs.decide(lambda: _readable(path)):
+        latents = load_file(str(path))["latents"]
     if latents is None:
-        latents = generate_latents(pipe, prompts, per_prompt, steps=config.anchor_inference_steps,
-                                   guidance=config.anchor_guidance, seed=config.seed, device=device,
-                                   progress=config.progress, resolution=resolution, autocast=autocast, role=role,
-                                   on_prompt=on_prompt)
-        try:
-            with atomic_path(path) as tmp:
-                save_file({"latents": latents.cpu().contiguous()}, str(tmp))
-        except UserError:
-            pass  # a cache that cannot be written only costs time
+        # Launched on several processes, each makes every world-th prompt's images (each prompt has its own seed:
+        # the same latents as one process makes), and all gather them.
+        mine = procs.share(list(range(len(prompts))))
+        made = generate_latents(pipe, [prompts[i] for i in mine], per_prompt, steps=config.anchor_inference_steps,
+                                guidance=config.anchor_guidance, seed=config.seed, device=device,
+                                progress=config.progress and procs.main, resolution=resolution, autocast=autocast,
+                                role=role, on_prompt=on_prompt, indices=mine)
+        latents = procs.gather_rows(mine, made.cpu(), per_prompt, len(prompts)) if procs.several else made
+        if procs.main:
+            try:
+                with atomic_path(path) as tmp:
+                    save_file({"latents": latents.cpu().contiguous()}, str(tmp))
+            except UserError:
+                pass  # a cache that cannot be written only costs time
+        procs.wait()
     index = torch.arange(len(prompts)).repeat_interleave(per_prompt)
     return LatentBank(latents.to(device), index.to(device), embed(prompts)[index], list(prompts))
+
+
+def _readable(path: Path) -> bool:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return False
+    try:
+        load_file(str(path))["latents"]
+        return True
+    except Exception:  # noqa: BLE001 - a damaged cache entry is regenerated
+        return False
 
 
 def build_caption_bank(pipe, folder: str, *, embed, device, resolution: int) -> LatentBank:
