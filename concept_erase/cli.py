@@ -216,6 +216,8 @@ def _attack(args) -> None:
                        judge_options={"classes": o.classes, "clip_model": o.clip_model,
                                       "clip_weights": o.clip_weights, "templates": o.templates},
                        load={"allow_pickle": o.allow_pickle, "model_config": o.model_config})
+    if r is None:  # another process of an `accelerate launch`: the main one reports
+        return
     print(f"attack success rate on {r['prompts']} prompts: {r['pre_attack_asr']:.1%} before the attack, "
           f"{r['post_attack_asr']:.1%} after ({r['attack']})")
     print(f"report: {o.output}/report.md (results.json, grid.png)")

@@ -30,6 +30,7 @@ import torch
 
 from concept_erase.errors import UserError
 from concept_erase.io.atomic import atomic_path, write_json, write_text
+from concept_erase.processes import processes
 from concept_erase.io.resumable import output_plan, prepare_output, swap_into_place, valid_png
 
 RESUMABLE = {"marker": "attack.json", "what": "attack"}
@@ -145,7 +146,8 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
                    "concept": concept, "attack": attack, "judge": judge_obj.settings(), **settings,
                    "prompts": [[t.prompt, t.seed] for t in targets]}
     output = Path(output)
-    output_plan(output, fingerprint, overwrite, **RESUMABLE)  # refuse before a model is loaded
+    procs = processes()
+    procs.decide(lambda: output_plan(output, fingerprint, overwrite, **RESUMABLE))  # refuse before a model is loaded
 
     from concept_erase.io.export import apply, check_base, read_delta
     from concept_erase.io.loading import load_pipeline
@@ -161,7 +163,7 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
                             f"{family_of(pipe).name} model; attack the model they were made from")
         check_base(family_of(pipe).denoiser(pipe), tensors, meta, allow_other_base=allow_other_base)
         del tensors
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = procs.device(device)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for part in pipe.components.values():
@@ -169,7 +171,10 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
             part.requires_grad_(False)
 
     created = not output.exists()
-    work, replaces = prepare_output(output, fingerprint, overwrite, **RESUMABLE)
+    work, replaces = procs.decide(lambda: (lambda w, r: (str(w), r))(*prepare_output(output, fingerprint, overwrite,
+                                                                                      **RESUMABLE)))
+    work = Path(work)
+    progress = progress and procs.main
     started = time.time()
     try:
         ctx = AttackContext(pipe, judge_obj, concept, work, settings["steps"], settings["guidance"])
@@ -180,13 +185,15 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
         originals = ctx.judge([_read(work / "original" / f"{t.name}.png") for t in targets])
         method = attack_class(settings)
         records = _attack_all(ctx, method, targets, originals, progress)
+        if not procs.main:  # the main process alone reports
+            return None
         results = _results(model, weights, concept, attack, settings, judge_obj, targets, originals, records,
                            time.time() - started, device, (work / "embedding.safetensors").is_file())
         write_json(work / "results.json", results)
         write_text(work / "report.md", report(results))
         grid(work, targets, records).save(work / "grid.png")
     except BaseException:
-        if (created or replaces) and not any((work / "targets").glob("*.png")):
+        if procs.main and (created or replaces) and not any((work / "targets").glob("*.png")):
             shutil.rmtree(work, ignore_errors=True)
         raise
     if replaces:
@@ -205,27 +212,41 @@ def _read(path: Path):
 def _images(ctx: AttackContext, targets: list[Target], folder: str, prompts, progress: bool, desc: str) -> None:
     from tqdm.auto import tqdm
 
+    procs = processes()
     todo = [t for t in targets if not valid_png(ctx.work / folder / f"{t.name}.png")]
-    for t in tqdm(todo, desc=desc, unit="img", disable=not progress or not todo):
+    procs.wait()  # every process has listed what is missing before any writes
+    mine = procs.share(todo)  # launched on several processes, each draws every world-th image
+    for t in tqdm(mine, desc=desc, unit="img", disable=not progress or not mine):
         _save_png(ctx.render(prompts(t), t.seed), ctx.work / folder / f"{t.name}.png")
+    procs.wait()
 
 
 def _attack_all(ctx, method, targets, originals, progress) -> list[dict]:
     from tqdm.auto import tqdm
 
+    procs = processes()
     folder = ctx.work / "prompts"
     folder.mkdir(exist_ok=True)
-    done = {}
-    for t in targets:
-        f = folder / f"{t.name}.json"
-        if f.is_file() and valid_png(ctx.work / "attacked" / f"{t.name}.png"):
-            try:
-                done[t.index] = json.loads(f.read_text())
-            except ValueError:
-                pass
+
+    def finished() -> dict:
+        done = {}
+        for t in targets:
+            f = folder / f"{t.name}.json"
+            if f.is_file() and valid_png(ctx.work / "attacked" / f"{t.name}.png"):
+                try:
+                    done[t.index] = json.loads(f.read_text())
+                except ValueError:
+                    pass
+        return done
+
+    done = finished()
+    procs.wait()
     todo = [t for t, o in zip(targets, originals) if t.index not in done]
     needs_attack = [t for t, o in zip(targets, originals) if t.index not in done and not o["success"]]
+    # A learnt attack (textual inversion) learns on every process from the same seed, the same vectors; then each
+    # process attacks every world-th prompt.
     shared = method.prepare(ctx, targets) if needs_attack and method.learns else {}
+    todo = procs.share(todo)
     bar = tqdm(todo, desc=f"attack ({method.name})", unit="prompt", disable=not progress or not todo)
     for t in bar:
         o = originals[t.index]
@@ -241,7 +262,10 @@ def _attack_all(ctx, method, targets, originals, progress) -> list[dict]:
                        "seconds": round(time.time() - t0, 1), **({"shared": shared} if shared else {})})
         write_json(folder / f"{t.name}.json", record)
         done[t.index] = record
-    return [done[t.index] for t in targets]
+    if procs.several:
+        procs.wait()
+        done = finished()  # the other processes' prompts too
+    return [done.get(t.index) for t in targets]
 
 
 def _results(model, weights, concept, attack, settings, judge, targets, originals, records, seconds, device,
