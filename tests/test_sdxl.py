@@ -232,7 +232,8 @@ def test_sample_and_eval_run_on_sdxl_with_the_same_flags(good_xl_run, xl_dir, tm
     assert main(["sample", "--model", str(xl_dir), "--weights", weights, "--prompt", "van gogh", "--prompt", "a photo",
                  "--seeds", "0-1", "--inference-steps", "2", "--output", str(tmp_path / "samples")]) == 0
     assert Image.open(tmp_path / "samples" / "p00-s0000.png").size == (32, 32)  # the tiny SDXL's native side
-    assert Image.open(tmp_path / "samples" / "grid.png").size == (64, 64)  # 2 prompts x 2 seeds
+    w, h = Image.open(tmp_path / "samples" / "grid.png").size  # 2 prompts x 2 seeds, labelled, cells of 128 px
+    assert w > 2 * 128 and h > 2 * 128
     (tmp_path / "prompts.csv").write_text("case_number,prompt,seed,concept\n0,van gogh,0,van gogh\n1,a photo,1,\n")
     (tmp_path / "suite.yaml").write_text(f"name: xl\nprompts: {tmp_path / 'prompts.csv'}\nseeds_per_prompt: 2\n"
                                          "steps: 2\nguidance: 4.0\nbatch_size: 4\nmetrics:\n  nudity: {}\n")

@@ -127,6 +127,8 @@ def generate_latents(pipe, prompts: list[str], per_prompt: int, *, steps: int, g
         out.append(images.float())
         if on_prompt is not None:
             on_prompt(i, time.perf_counter() - t0)
+    if not out:  # a process of a launch with no prompt of its own (fewer prompts than processes)
+        return torch.empty((0, *family.latent_shape(pipe, resolution)))
     return torch.cat(out)
 
 
