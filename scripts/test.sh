@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up the environment and run the whole test suite (offline; about 14 minutes on 2 CPU cores, the limit is
+# Set up the environment and run the whole test suite (offline; 11 minutes on 2 CPU cores in the last run, the limit is
 # 15: the slowest tests are listed at the end, to keep it so).
 set -euo pipefail
 cd "$(dirname "$0")/.."
