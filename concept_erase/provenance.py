@@ -60,6 +60,6 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def record() -> dict:
-    """The fields every output carries."""
-    return {"command": command_line(), "started": now(), "machine": machine(), "versions": versions()}
+def record(started: str = "") -> dict:
+    """The fields every output carries; `started`: when the work began (default: now)."""
+    return {"command": command_line(), "started": started or now(), "machine": machine(), "versions": versions()}

@@ -171,9 +171,7 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
             part.requires_grad_(False)
 
     created = not output.exists()
-    work, replaces = procs.decide(lambda: (lambda w, r: (str(w), r))(*prepare_output(output, fingerprint, overwrite,
-                                                                                      **RESUMABLE)))
-    work = Path(work)
+    work, replaces = procs.decide(lambda: prepare_output(output, fingerprint, overwrite, **RESUMABLE))
     progress = progress and procs.main
     started = time.time()
     try:

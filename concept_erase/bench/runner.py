@@ -238,7 +238,8 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
     summary = summarise(results, memory, timing, spec.held_time_reference)
     if not results:
         raise UserError(f"no finished run in {output / 'runs'} to report")
-    report = {"config": spec.source, "machine": provenance.machine(), "versions": provenance.versions(), "seconds": round(time.time() - started, 1),
+    report = {"config": spec.source, "machine": provenance.machine(), "versions": provenance.versions(),
+              "seconds": round(time.time() - started, 1),
               "runs_planned": len(runs), "runs_finished": len(results),
               "targets": {"forget_at_most": FORGET_TARGET, "retain_drop_at_most": RETAIN_DROP},
               "summary": summary, "memory": memory, "timing": timing, "runs": results}

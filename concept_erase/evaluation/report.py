@@ -16,7 +16,6 @@ from concept_erase.io.atomic import atomic_path, write_json, write_text
 from concept_erase.errors import UserError
 
 
-
 def _fmt(v) -> str:
     if isinstance(v, float):
         if math.isnan(v):

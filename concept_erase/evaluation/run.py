@@ -36,7 +36,7 @@ from concept_erase.evaluation.prompts import PromptRow, load_prompts
 from concept_erase.evaluation.fid import file_digest
 from concept_erase.evaluation.suite import Suite, load_suite
 from concept_erase import provenance
-from concept_erase.evaluation.sample import DTYPES
+from concept_erase.evaluation.sample import DTYPES, generate_batch
 from concept_erase.processes import processes
 
 
@@ -90,18 +90,11 @@ def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *,
     processes, each draws whole batches of them in turn (the same batches as one process would)."""
     from tqdm.auto import tqdm
 
-    from concept_erase.processes import processes
-
     procs = processes()
     folder.mkdir(parents=True, exist_ok=True)
     todo = [s for s in samples if not (folder / s.name).is_file() or not valid_png(folder / s.name)]
     if not todo:
         return 0
-    from concept_erase.families.base import family_of
-
-    family = family_of(pipe)
-    resolution = family.native_resolution(pipe)
-    dtype = family.denoiser(pipe).dtype
     by_guidance: dict[float, list[Sample]] = {}
     for s in todo:
         by_guidance.setdefault(s.row.guidance if s.row.guidance is not None else suite.guidance, []).append(s)
@@ -113,11 +106,8 @@ def generate_missing(pipe, samples: list[Sample], folder: Path, suite: Suite, *,
                                                                 else ""), unit="img",
                disable=not (progress and procs.main))
     for guidance, batch in mine:
-        noise = family.initial_noise(pipe, [s.seed for s in batch], resolution)
-        negative = {"negative_prompt": [suite.negative_prompt] * len(batch)} if suite.negative_prompt else {}
-        images = pipe([s.row.prompt for s in batch], latents=noise.to(pipe.device, dtype),
-                      num_inference_steps=suite.steps, guidance_scale=guidance, output_type="pil", **negative,
-                      **family.generation_kwargs(pipe, resolution)).images
+        images = generate_batch(pipe, [s.row.prompt for s in batch], [s.seed for s in batch], steps=suite.steps,
+                                guidance=guidance, negative_prompt=suite.negative_prompt)
         for s, im in zip(batch, images):
             with atomic_path(folder / s.name, suffix=".png") as tmp:
                 im.save(tmp, format="PNG")
@@ -257,11 +247,9 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
         output_plan(output, fingerprint, overwrite, **_RESUMABLE)  # refuse before any work
         for m in metrics:
             m.check(samples)  # cheap checks before hours of generation: weights present, labels usable
-        work_, replaces_ = prepare_output(output, fingerprint, overwrite, **_RESUMABLE)
-        return str(work_), replaces_
+        return prepare_output(output, fingerprint, overwrite, **_RESUMABLE)
 
     work, replaces = procs.decide(plan)  # the main process decides about the folder; the others follow
-    work = Path(work)
     device = procs.device(device)
     try:
         return _generate_and_score(suite, rows, samples, metrics, model, weights, erased, options, device, output,
@@ -305,6 +293,7 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
         for r in got:
             r["seconds"] = round(time.time() - t0, 1)
         records.extend(got)
+    summary, cautions = _summary(records)
     results = {
         "suite": suite.name, "suite_file": suite.source, "model": model, "weights": weights or None,
         "erased": erased, "attribute": ctx.attribute, "images": len(samples), "generated_now": made,
@@ -313,7 +302,7 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
                        "processes": procs.world,
                        "prompts": len(rows), "prompts_file": str(suite.prompts),
                        "seeds": "row seed + k, k < seeds_per_prompt; CPU torch.Generator noise"},
-        "metrics": records, "summary": summarise(records), "cautions": summary_cautions(records), **provenance.record(), "started": started_at,
+        "metrics": records, "summary": summary, "cautions": cautions, **provenance.record(started=started_at),
         "device": device, "generation_seconds": round(generation_s, 1),
         "total_seconds": round(time.time() - started, 1),
     }
@@ -362,12 +351,8 @@ def summarise(records: list[dict]) -> dict:
     return _summary(records)[0]
 
 
-def summary_cautions(records: list[dict]) -> dict:
-    """summary key -> the caution of the record it comes from (too few images), where there is one."""
-    return _summary(records)[1]
-
-
 def _summary(records: list[dict]) -> tuple[dict, dict]:
+    """The summary values, and for each the caution (too few images) of the record it comes from."""
     out, cautions = {}, {}
     for key, options in SUMMARY_KEYS.items():
         for metric, group, field in options:

@@ -109,14 +109,13 @@ def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path,
         procs.wait()
 
     if not procs.main:
-        folder = Path(procs.decide(lambda: None) or "")
-        draw(folder)
+        draw(procs.decide(lambda: None))  # the main process's staging folder
         procs.wait()
         return None
     from PIL import Image
 
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        procs.decide(lambda: str(tmp))  # the other processes draw into the same staging folder
+        procs.decide(lambda: tmp)  # the other processes draw into the same staging folder
         draw(tmp)
         index = [{"file": name(p, seed), "prompt": prompt, "seed": seed} for p, prompt, seed in wanted]
         rows = [[Image.open(tmp / name(p, seed)).convert("RGB") for seed in seeds] for p in range(len(prompts))]

@@ -155,10 +155,18 @@ def build_bank(pipe, prompts: list[str], per_prompt: int, *, embed, config, base
                    scheduler_config=pipe.scheduler.config, resolution=resolution)
     path = cache_dir / f"{role}-{key}.safetensors"
     procs = processes()
-    latents = None
+    read: dict = {}
+
+    def cached() -> bool:
+        read["latents"] = _cached_latents(path)
+        return read["latents"] is not None
+
     # The main process says whether the cache holds the bank, so that every process takes the same path.
-    if procs.decide(lambda: _readable(path)):
-        latents = load_file(str(path))["latents"]
+    latents = None
+    if procs.decide(cached):
+        latents = read.get("latents")
+        if latents is None:  # another process of a launch: it reads what the main one found
+            latents = load_file(str(path))["latents"]
     if latents is None:
         # Launched on several processes, each makes every world-th prompt's images (each prompt has its own seed:
         # the same latents as one process makes), and all gather them.
@@ -179,16 +187,16 @@ def build_bank(pipe, prompts: list[str], per_prompt: int, *, embed, config, base
     return LatentBank(latents.to(device), index.to(device), embed(prompts)[index], list(prompts))
 
 
-def _readable(path: Path) -> bool:
+def _cached_latents(path: Path):
+    """The cached latents at `path`, or None (absent or damaged: regenerated)."""
     from safetensors.torch import load_file
 
     if not path.is_file():
-        return False
+        return None
     try:
-        load_file(str(path))["latents"]
-        return True
+        return load_file(str(path))["latents"]
     except Exception:  # noqa: BLE001 - a damaged cache entry is regenerated
-        return False
+        return None
 
 
 def build_caption_bank(pipe, folder: str, *, embed, device, resolution: int) -> LatentBank:

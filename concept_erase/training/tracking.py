@@ -86,8 +86,8 @@ def log_images(accelerator, step: int, images: dict) -> None:
 
     if not accelerator.is_main_process:
         return
+    arrays = {tag: np.asarray(im.convert("RGB"))[None] for tag, im in images.items()}
     for tracker in getattr(accelerator, "trackers", []):
-        arrays = {tag: np.asarray(im.convert("RGB"))[None] for tag, im in images.items()}
         if tracker.name == "tensorboard":
             tracker.log_images(arrays, step, dataformats="NHWC")
         elif tracker.name == "wandb":
