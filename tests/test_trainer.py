@@ -345,3 +345,18 @@ def test_gradient_accumulation_joint_path(fresh_pipe, make_config):
     erase(cfg, pipe=fresh_pipe)
     assert changed(before, fresh_pipe.unet)
     assert len(metrics(cfg.output)) == 2
+
+
+def test_a_cached_bank_is_read_and_a_damaged_one_is_regenerated(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from concept_erase.training.banks import _cached_latents
+
+    path = tmp_path / "anchor-x.safetensors"
+    assert _cached_latents(path) is None  # absent
+    latents = torch.arange(6.0).reshape(2, 3)
+    save_file({"latents": latents}, str(path))
+    assert torch.equal(_cached_latents(path), latents)
+    path.write_bytes(path.read_bytes()[:20])  # torn by a crash
+    assert _cached_latents(path) is None
