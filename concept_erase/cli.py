@@ -166,7 +166,7 @@ def _bench(args) -> None:
             raise UserError("--concepts is empty; give concepts separated by commas, e.g. 'three,red ink'")
     with _locked(o.output):
         report = run_bench(o.config, o.output, progress=o.progress, only=o.only or None, overrides=overrides,
-                           report_only=o.report_only, command="concept-erase " + " ".join(
+                           report_only=o.report_only, runs_from=o.runs_from, command="concept-erase " + " ".join(
                                shlex.quote(a) for a in args.argv if a != "--report-only"))
     for c in report["summary"]["checks"]:
         m = c["measured"]

@@ -430,6 +430,9 @@ class BenchOptions:
     concepts: str = setting("", "override the concepts, e.g. 'three,red ink'")
     only: list = setting([], "run only this method label (repeat)", repeat=True, nonempty=True, metavar="LABEL")
     report_only: bool = setting(False, "write the report from the finished runs; run nothing")
+    runs_from: list = setting([], "a bench.json from another machine or output (repeat): its finished runs join "
+                              "OUTPUT/runs (a run already there is kept), so a benchmark can be split across "
+                              "machines and reported whole", repeat=True, path=IN_FILE, metavar="BENCH_JSON")
     progress: bool = _progress()
 
 

@@ -356,3 +356,35 @@ def test_bench_runs_on_the_recipes_digits_model_and_refuses_another(tmp_path):
     (tmp_path / "b.yaml").write_text("recipe: r.yaml\nconcepts: [three]\nmethods: [{method: eupmu}]\n")
     with pytest.raises(UserError, match="embedded digits model"):
         bench_model(load_bench(tmp_path / "b.yaml"))
+
+
+def test_runs_from_another_bench_json_join_the_report(tmp_path, capsys):
+    """--runs-from: a benchmark split across machines is reported whole; a run already in OUTPUT/runs is kept, a
+    stored run whose settings differ from this file's entry of its label is left out, and so is an unplanned one."""
+    from concept_erase.cli import main
+
+    source = json.loads((ROOT / "benchmarks" / "defaults-bench.json").read_text())
+    records = [r for r in source["runs"] if r["label"] in ("eupmu", "previous default")][:4]
+    assert len(records) == 4
+    records[1] = {**records[1], "beta": records[1]["beta"] + 2.0}  # not what the file plans under that label
+    records.append({**records[0], "label": "an entry this file lacks"})
+    (tmp_path / "other.json").write_text(json.dumps({"runs": records, "memory": [], "timing": []}))
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    from concept_erase.bench.runner import _run_id
+
+    here = {**records[2], "forget_accuracy": 0.5}  # finished here: kept, not replaced
+    (out / "runs" / f"{_run_id(here['label'], here['concept'], here['seed'])}.json").write_text(json.dumps(here))
+    assert main(["bench", "--config", str(ROOT / "pipelines" / "bench-digits.yaml"), "--output", str(out),
+                 "--runs-from", str(tmp_path / "other.json"), "--report-only", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "2 run(s) added" in said and "1 already there kept" in said and "1 not planned" in said
+    assert f"{records[1]['label']} on {records[1]['concept']!r} seed {records[1]['seed']}" in said
+    report = json.loads((out / "bench.json").read_text())
+    got = {(r["label"], r["concept"], r["seed"]): r for r in report["runs"]}
+    assert len(got) == 3 and (records[1]["label"], records[1]["concept"], records[1]["seed"]) not in got
+    assert got[(here["label"], here["concept"], here["seed"])]["forget_accuracy"] == 0.5
+
+    (tmp_path / "bad.json").write_text('{"runs": 3}')
+    assert main(["bench", "--output", str(out), "--runs-from", str(tmp_path / "bad.json"), "--report-only"]) == 2
+    assert "holds no list of runs" in capsys.readouterr().err

@@ -150,8 +150,59 @@ def _cumsum(xs):
 
 # ---------------------------------------------------------------- the whole benchmark
 
+# The settings a stored run must share with the run this benchmark file plans under its name.
+_SAME_SETTINGS = ("method", "eps", "lambda_init", "beta", "lambda_update")
+
+
+def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -> None:
+    """--runs-from: the finished runs of other bench.json files join OUTPUT/runs, so a benchmark split across
+    machines (or sessions on machines that keep nothing) is reported whole. A run already in OUTPUT/runs is
+    kept; a stored run whose settings differ from what this file plans under its label is left out, said."""
+    planned = {_run_id(label, concept, seed): (overrides, concept, seed) for label, overrides, concept, seed in runs}
+    settings: dict = {}
+    (output / "runs").mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        try:
+            report = json.loads(Path(source).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"--runs-from {source}: not a readable bench.json ({err})") from None
+        records = report.get("runs") if isinstance(report, dict) else None
+        if not isinstance(records, list) or not all(
+                isinstance(r, dict) and {"label", "concept", "seed"} <= r.keys() for r in records):
+            raise UserError(f"--runs-from {source}: holds no list of runs; give a bench.json that "
+                            "`concept-erase bench` wrote")
+        added = kept = 0
+        differ, unplanned = [], 0
+        for record in records:
+            run_id = _run_id(record["label"], record["concept"], record["seed"])
+            if run_id not in planned:
+                unplanned += 1
+                continue
+            if run_id not in settings:
+                config = run_config(spec, *planned[run_id], Path("unused"), False)
+                settings[run_id] = {k: getattr(config, k) for k in _SAME_SETTINGS}
+            stored = {k: record.get(k) for k in _SAME_SETTINGS if k in record}
+            if any(stored[k] != settings[run_id][k] for k in stored):
+                differ.append(f"{record['label']} on {record['concept']!r} seed {record['seed']}")
+                continue
+            path = output / "runs" / f"{run_id}.json"
+            if path.is_file():
+                kept += 1
+            else:
+                write_json(path, record)
+                added += 1
+        for part in ("memory", "timing"):  # the probes, when this output has none of its own
+            if report.get(part) and not (output / f"{part}.json").is_file():
+                write_json(output / f"{part}.json", report[part])
+        log(f"--runs-from {source}: {added} run(s) added to {output / 'runs'}, {kept} already there kept"
+            + (f", {unplanned} not planned by this benchmark file left out" if unplanned else ""))
+        if differ:
+            log(f"    left out, their settings differ from this file's entry of the same label: {'; '.join(differ)}")
+
+
 def run_bench(config_path: str, output: str | Path, *, progress: bool = True, only: list[str] | None = None,
-              overrides: dict | None = None, report_only: bool = False, command: str = "", log=None) -> dict:
+              overrides: dict | None = None, report_only: bool = False, runs_from: list | None = None,
+              command: str = "", log=None) -> dict:
     from concept_erase.io.loading import load_pipeline
 
     if log is None:
@@ -171,6 +222,8 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
         runs = [r for r in runs if r[0] in only]
         if not runs:
             raise UserError(f"--only {', '.join(only)} names no run of {config_path}")
+    if runs_from:
+        import_runs(runs_from, spec, plan(spec), output, log)  # every planned run, --only or not
     if report_only:
         if not (output / "runs").is_dir():
             raise UserError(f"no finished run in {output / 'runs'} to report")
