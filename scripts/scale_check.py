@@ -376,7 +376,7 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
     shape = (n, *family.latent_shape(pipe, RESOLUTION))
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    from concept_erase.training.trainer import no_cudnn_attention
+    from concept_erase.training.hardware import no_cudnn_attention
 
     with no_cudnn_attention():  # as the trainer trains (cuDNN's attention backward failed on an H200: README)
         for _ in range(2):

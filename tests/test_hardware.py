@@ -231,7 +231,7 @@ def test_training_switches_cudnn_attention_off_and_back(monkeypatch):
     runs without it and leaves the process's setting as it found it."""
     import torch
 
-    from concept_erase.training.trainer import no_cudnn_attention
+    from concept_erase.training.hardware import no_cudnn_attention
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     before = torch.backends.cuda.cudnn_sdp_enabled()

@@ -7,6 +7,8 @@ where that is possible; and hears a rough cost from the first UNet call, not aft
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from concept_erase.errors import UserError
@@ -90,3 +92,22 @@ def estimate_step_seconds(per_sample: float, config) -> float:
     if config.method == "ungrad":
         units += 3 * r
     return per_sample * units * k
+
+
+@contextlib.contextmanager
+def no_cudnn_attention():
+    """Training runs with cuDNN's attention kernel switched off (flash and memory-efficient attention remain).
+    Its backward returns NaN gradients on H100/H200 for some inputs (pytorch/pytorch#196678, a regression
+    of torch 2.11): on an H200 with torch 2.11 the tiny FLUX model's first step had a NaN gradient, and the
+    12B FLUX LoRA recipe's backward stopped with an illegal memory access; both ran with it off. The
+    setting is the process's, so it is put back afterwards."""
+    cuda = getattr(torch.backends, "cuda", None)
+    if cuda is None or not hasattr(cuda, "enable_cudnn_sdp") or not torch.cuda.is_available():
+        yield
+        return
+    before = cuda.cudnn_sdp_enabled()
+    cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        cuda.enable_cudnn_sdp(before)

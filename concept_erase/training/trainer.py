@@ -29,7 +29,8 @@ from concept_erase.errors import TrainingDiverged, UserError
 from concept_erase.io.loading import check_schedule_steps, training_resolution, warn_long_prompts
 from concept_erase.training.sharding import (any_sharded, full, load_optimizer_state, load_whole, local,
                                              optimizer_state, sum_over_processes, whole_state)
-from concept_erase.training.hardware import check_device, describe_device, duration, estimate_step_seconds, make_optimizer
+from concept_erase.training.hardware import (check_device, describe_device, duration, estimate_step_seconds,
+                                             make_optimizer, no_cudnn_attention)
 from concept_erase.methods.losses import per_sample_mse
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
 from concept_erase.training.original import OriginalModel
@@ -747,25 +748,6 @@ def _init_fsdp_while_trainable(model) -> None:
     state = getattr(model, "_get_fsdp_state", None)
     if state is not None:
         state()._lazy_init()
-
-
-@contextlib.contextmanager
-def no_cudnn_attention():
-    """Training runs with cuDNN's attention kernel switched off (flash and memory-efficient attention remain).
-    Its backward returns NaN gradients on H100/H200 for some inputs (pytorch/pytorch#196678, a regression
-    of torch 2.11): on an H200 with torch 2.11 the tiny FLUX model's first step had a NaN gradient, and the
-    12B FLUX LoRA recipe's backward stopped with an illegal memory access; both ran with it off. The
-    setting is the process's, so it is put back afterwards."""
-    cuda = getattr(torch.backends, "cuda", None)
-    if cuda is None or not hasattr(cuda, "enable_cudnn_sdp") or not torch.cuda.is_available():
-        yield
-        return
-    before = cuda.cudnn_sdp_enabled()
-    cuda.enable_cudnn_sdp(False)
-    try:
-        yield
-    finally:
-        cuda.enable_cudnn_sdp(before)
 
 
 def grad_scale(accelerator) -> float:
