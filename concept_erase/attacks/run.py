@@ -306,26 +306,15 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def grid(work: Path, targets: list[Target], records: list[dict], cell: int = 128):
-    """A row per prompt (at most 16): its number and verdicts, then the base model's image, the erased model's
-    and the attacked one, each `cell` pixels wide."""
-    from PIL import Image, ImageDraw
+def grid(work: Path, targets: list[Target], records: list[dict]):
+    """A row per prompt (at most 16), labelled with its number, seed and verdicts before and after the attack;
+    columns: the base model's image, the erased model's, the attacked one."""
+    from concept_erase.evaluation.grids import labelled_grid
 
     shown = list(zip(targets, records))[:16]
-    cols = ["targets", "original", "attacked"]
-    heads = ["base model", "erased", "attacked"]
-    label_w, label_h = 64, 14
-    img = Image.new("RGB", (label_w + cell * 3, label_h + cell * len(shown)), "white")
-    draw = ImageDraw.Draw(img)
-    for c, h in enumerate(heads):
-        draw.text((label_w + c * cell + 4, 1), h, fill="black")
-    for r, (t, rec) in enumerate(shown):
-        y = label_h + r * cell
-        draw.text((4, y + 4), f"#{t.index} seed {t.seed}", fill="black")
-        draw.text((4, y + 20), f"before: {'yes' if rec['pre_attack_success'] else 'no'}", fill="black")
-        draw.text((4, y + 36), f"after: {'yes' if rec['success'] else 'no'}",
-                  fill=(180, 0, 0) if rec["success"] else (0, 120, 0))
-        for c, folder in enumerate(cols):
-            im = _read(work / folder / f"{t.name}.png").resize((cell, cell), Image.NEAREST)
-            img.paste(im, (label_w + c * cell, y))
-    return img
+    rows = [[_read(work / folder / f"{t.name}.png") for folder in ("targets", "original", "attacked")]
+            for t, _ in shown]
+    labels = [f"#{t.index} seed {t.seed} before: {'yes' if r['pre_attack_success'] else 'no'} "
+              f"after: {'YES' if r['success'] else 'no'}" for t, r in shown]
+    return labelled_grid(rows, column_heads=["base model", "erased", "attacked"], row_labels=labels,
+                         title="attack: was the concept drawn (the judge's verdict)?")
