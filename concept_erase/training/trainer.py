@@ -397,7 +397,8 @@ class Trainer:
         extra.update(self.probe.state()[0])
         return {k: v.detach().cpu().contiguous() for k, v in extra.items()}
 
-    def _save_checkpoint(self, step: int) -> Path:
+    def _save_checkpoint(self, step: int, whole: dict | None = None) -> Path:
+        """`whole`: the sharded trained weights already gathered (the run's end gathers them once for all)."""
         from accelerate.utils import gather_object
 
         acc = self.accelerator
@@ -405,7 +406,8 @@ class Trainer:
         path = root / f"step-{step:08d}"
         per_rank = gather_object([self._rank_state()]) if acc.num_processes > 1 else [self._rank_state()]
         # sharded weights and optimizer states are gathered whole: every process takes part
-        whole = whole_state(self.trained) if self.sharded else None
+        if self.sharded and whole is None:
+            whole = whole_state(self.trained)
         opt_state = optimizer_state(self.trained, self.optimizer.optimizer, self.sharded) \
             if self.sharded or acc.is_main_process else None
         if acc.is_main_process:
@@ -594,12 +596,13 @@ class Trainer:
                                    "Lower --lr, or try --mixed-precision no.")
         return record
 
-    def _record_ranks(self) -> None:
-        """Write what each process ended with into run.json: every rank must hold the same lambda and weights."""
+    def _record_ranks(self, whole: dict | None) -> None:
+        """Write what each process ended with into run.json: every rank must hold the same lambda and weights
+        (`whole`: the sharded weights gathered whole; None when not sharded)."""
         from accelerate.utils import gather_object
 
         mine = {"rank": self.accelerator.process_index, "lambda_history": self.lambda_history,
-                "weights_digest": tensor_digest(whole_state(self.trained) if self.sharded else self.trained)}
+                "weights_digest": tensor_digest(whole if whole is not None else self.trained)}
         ranks = gather_object([mine])
         if self.accelerator.is_main_process:
             run = json.loads((self.output / "run.json").read_text())
@@ -714,14 +717,14 @@ class Trainer:
             if metrics is not None:
                 metrics.close()
             tracking.finish(acc, cfg)  # before an --overwrite swap moves the folder the trackers write in
-        final = self._save_checkpoint(last)
+        whole = whole_state(self.trained) if self.sharded else None  # gathered once, by every process
+        final = self._save_checkpoint(last, whole)
         if acc.is_main_process and cfg.checkpoints_total_limit:  # a finished run keeps its last one only
             for old in (self.output / "checkpoints").glob("step-*"):
                 if old != final and old.is_dir():
                     shutil.rmtree(old, ignore_errors=True)
-        self._record_ranks()
+        self._record_ranks(whole)
         path = self.output / "erased.safetensors"
-        whole = whole_state(self.trained) if self.sharded else None  # gathered by every process
         if acc.is_main_process:
             from concept_erase.io.export import save_delta
 
