@@ -404,6 +404,7 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
 
     from concept_erase.errors import UserError
     from concept_erase.io.export import export_diffusers, export_lora, export_single_file, read_delta
+    from concept_erase.io.loading import left_out_parts
 
     from concept_erase.families.base import family_for_class
 
@@ -425,7 +426,9 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
 
     t0 = time.perf_counter()
     folder = export_diffusers(run, work / "diffusers", overwrite=True)
-    back = getattr(pipeline_class.from_pretrained(str(folder)), part).state_dict()
+    # read as a user would, passing the parts the folder leaves out (SD3 without T5) as None
+    back = getattr(pipeline_class.from_pretrained(str(folder), **{k: None for k in left_out_parts(folder)}),
+                   part).state_dict()
     diff = differing(back)
     out.append({"format": "diffusers", "seconds": round(time.perf_counter() - t0, 1), "mb": round(folder_bytes(folder) / 2**20),
                 "reader": f"{name}.from_pretrained", "only_trained_differ": diff == set(tensors),
@@ -445,7 +448,7 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
     for name, source in (("lora (factored xattn run)", run), ("lora (LoRA run)", lora_run)):
         t0 = time.perf_counter()
         summary = export_lora(source, work / "lora", overwrite=True)
-        pipe = pipeline_class.from_pretrained(str(model_dir))
+        pipe = pipeline_class.from_pretrained(str(model_dir), **{k: None for k in left_out_parts(model_dir)})
         pipe.load_lora_weights(str(work / "lora"))
         out.append({"format": name, "seconds": round(time.perf_counter() - t0, 1),
                     "mb": round(folder_bytes(work / "lora") / 2**20, 1), "reader": "load_lora_weights",

@@ -334,9 +334,13 @@ def test_the_shipped_flux_and_sd3_recipes_run_on_tiny_models(recipe, model, tmp_
     assert len(metrics(cfg.output)) == 1
 
 
-def test_an_sd3_folder_saved_without_t5_loads_and_encodes(tmp_path):
+def test_an_sd3_folder_saved_without_t5_loads_encodes_and_exports_a_card_whose_code_loads_it(tmp_path, make_config):
     """SD3 runs without T5 (the pipeline's zeros take T5's tokens), and a folder saved so has `[null, null]` for
-    text_encoder_3 and tokenizer_3: diffusers' from_pretrained refuses it unless they are passed as None."""
+    text_encoder_3 and tokenizer_3: diffusers' from_pretrained refuses it unless they are passed as None. The
+    export's model card says so in its loading code, which runs as written."""
+    import re
+
+    from concept_erase.cli import main
     from concept_erase.io.loading import load_pipeline
 
     pipe = _build("sd3")
@@ -348,3 +352,11 @@ def test_an_sd3_folder_saved_without_t5_loads_and_encodes(tmp_path):
     assert back.text_encoder_3 is None and back.tokenizer_3 is None
     cond = _family(back).encode(back, ["a cat"], "cpu", 32)
     assert all(torch.isfinite(t).all() for t in cond.tensors.values())
+    delta = erase(make_config(model=str(tmp_path / "no-t5"), steps=1))
+    assert main(["export", str(delta.parent), "--format", "diffusers", "--output", str(tmp_path / "pipe")]) == 0
+    folder = tmp_path / "pipe"
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    assert "text_encoder_3=None, tokenizer_3=None" in code and "feature_extractor" not in code
+    scope: dict = {}
+    exec(code.replace("<this repository>", str(folder)), scope)  # the card's code, as a reader runs it
+    assert scope["pipe"].text_encoder_3 is None and scope["pipe"].transformer is not None

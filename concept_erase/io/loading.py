@@ -118,10 +118,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
                             "pass the folder that holds model_index.json, or a single .safetensors checkpoint")
         pipeline_class, kwargs = _pipeline_class(_class_name(path / "model_index.json"))
         _check_parts(path / "model_index.json", source)
-        # Parts the folder leaves out on purpose (SD3 without T5: `[null, null]` in its index) are passed as
-        # None: diffusers' from_pretrained otherwise refuses the folder it saved itself.
-        index = json.loads((path / "model_index.json").read_text())
-        kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None})
+        kwargs.update({k: None for k in left_out_parts(path)})
         try:
             pipe = pipeline_class.from_pretrained(str(path), **kwargs)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
@@ -162,6 +159,17 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
         raise UserError(f"could not load model {source!r}: it is not a local path and loading it from the hub "
                         f"failed ({_first_line(err)}).{hint}") from None
     return _checked(pipe, source, torch_dtype)
+
+
+def left_out_parts(folder: Path) -> list[str]:
+    """The parts a diffusers folder leaves out on purpose (`[null, null]` in its model_index.json: SD3 saved
+    without T5, SD without its safety checker). diffusers' from_pretrained refuses such a folder, one it saved
+    itself, unless they are passed as None (the parts a pipeline lists as optional excepted)."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [k for k, v in index.items() if isinstance(v, list) and v and v[0] is None] if isinstance(index, dict) else []
 
 
 def _class_name(model_index: Path) -> str:

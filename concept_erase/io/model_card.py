@@ -92,14 +92,27 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _loading(fmt: str, pipeline_class: str, repo: str, weight_name: str, base: str) -> str:
+def _none_arguments(folder, pipeline_class: str) -> str:
+    """`, text_encoder_3=None, tokenizer_3=None` for a folder that leaves out parts its pipeline requires
+    (SD3 saved without T5): diffusers' from_pretrained refuses it otherwise."""
+    import diffusers
+
+    from concept_erase.io.loading import left_out_parts
+
+    optional = set(getattr(getattr(diffusers, pipeline_class, None), "_optional_components", []))
+    return "".join(f", {k}=None" for k in left_out_parts(folder) if k not in optional) if folder else ""
+
+
+def _loading(fmt: str, pipeline_class: str, repo: str, weight_name: str, base: str, folder=None) -> str:
     if fmt == "diffusers":
         return (f"```python\nfrom diffusers import {pipeline_class}\n\n"
-                f"pipe = {pipeline_class}.from_pretrained(\"{repo}\")\n```")
+                f"pipe = {pipeline_class}.from_pretrained(\"{repo}\"{_none_arguments(folder, pipeline_class)})\n```")
     if fmt == "lora":
+        local_base = base if not base.startswith("builtin:") and Path(base).is_dir() else None
         load_base = (f"from concept_erase import load_pipeline\n\npipe = load_pipeline(\"{base}\")\n"
                      if base.startswith("builtin:") else
-                     f"from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained(\"{base}\")\n")
+                     f"from diffusers import {pipeline_class}\n\npipe = {pipeline_class}.from_pretrained(\"{base}\""
+                     f"{_none_arguments(local_base, pipeline_class)})\n")
         return (f"```python\n{load_base}"
                 f"pipe.load_lora_weights(\"{repo}\"" + (f", weight_name=\"{weight_name}\"" if weight_name else "")
                 + ")\n```\n\n" + ("A1111 and ComfyUI: copy the .safetensors file into their LoRA folder."
@@ -110,8 +123,9 @@ def _loading(fmt: str, pipeline_class: str, repo: str, weight_name: str, base: s
 
 
 def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_name: str = "",
-              results: dict | None = None, grids: list[str] = ()) -> str:
-    """The whole card: front matter and text. `meta` is the erasure's metadata (`read_delta`)."""
+              results: dict | None = None, grids: list[str] = (), folder=None) -> str:
+    """The whole card: front matter and text. `meta` is the erasure's metadata (`read_delta`); `folder` the
+    exported diffusers folder (its index says which parts it leaves out)."""
     from huggingface_hub import ModelCardData
 
     from concept_erase.io.export import delta_family
@@ -149,7 +163,7 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
         f"| base digest (SHA-256 of the denoiser's weights) | `{meta['base_model_digest']}` |",
         f"| licence | {license_ or 'not known: the base model licence applies; set `license` above before publishing'} |",
         "", "Settings:", "", "| setting | value |", "|---|---|", rows, "",
-        "## How to load it", "", _loading(fmt, family.pipeline_classes[0], repo, weight_name, base), "",
+        "## How to load it", "", _loading(fmt, family.pipeline_classes[0], repo, weight_name, base, folder), "",
     ]
     if results:
         lines += [f"## Evaluation (`concept-erase eval`, suite {results.get('suite', '?')})", "",
@@ -186,7 +200,7 @@ def write_card(target: Path, meta: dict, *, fmt: str, eval_dir: str = "", weight
             shutil.copyfile(png, folder / "eval" / png.name)
             grids.append(f"eval/{png.name}")
     path = folder / "README.md" if folder is not None else target.with_suffix(".md")
-    write_text(path, card_text(meta, fmt=fmt, results=results, grids=grids,
+    write_text(path, card_text(meta, fmt=fmt, results=results, grids=grids, folder=folder,
                                weight_name=weight_name or ("" if folder is not None else target.name)))
     return path
 
