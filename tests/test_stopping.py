@@ -24,7 +24,7 @@ class ScriptedJudge:
 def _settings(**kw):
     from types import SimpleNamespace
 
-    return SimpleNamespace(check_every=2, **kw)
+    return SimpleNamespace(**{"check_every": 2, "check_forget_at_most": 0.05, **kw})
 
 
 def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_config, tmp_path):
@@ -48,6 +48,23 @@ def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_
     again = ScriptedJudge([])
     erase(make_config(steps=10, checkpoint_every=4, resume="latest"), on_step=ErasureCheck(_settings(), judge=again))
     assert again.calls == 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+@pytest.mark.parametrize("at_most, stops_at", [(0.05, 6), (0.10, 4), (0.0, None)])
+def test_the_check_stops_only_under_its_forget_bar(at_most, stops_at):
+    """--check-forget-at-most: checks of 12%, 8%, 4% (after the model's own 100%): the default 5% stops at the
+    third, 10% at the second, 0% never."""
+    from types import SimpleNamespace
+
+    check = ErasureCheck(_settings(check_forget_at_most=at_most), judge=ScriptedJudge([1.0, 0.12, 0.08, 0.04]))
+    check.baseline = {"retain_accuracy": 1.0}
+    check._write = lambda trainer, record: None
+    unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), ctx=SimpleNamespace(denoiser=unet),
+                              pipe=None, log=lambda message: None)
+    check.judge.calls = 1  # the model before training was judged at the start
+    stopped = next((step for step in (2, 4, 6) if check(step, trainer)), None)
+    assert stopped == stops_at
 
 
 def test_a_resumed_run_keeps_its_measurement_before_training(make_config, tmp_path):

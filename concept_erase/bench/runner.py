@@ -98,7 +98,8 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     return {
         "label": label, "method": config.method, "concept": concept, "seed": seed,
         "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
-        "lambda_update": config.lambda_update,
+        "lambda_update": config.lambda_update, "stop_when_erased": config.stop_when_erased,
+        "check_forget_at_most": config.check_forget_at_most if config.stop_when_erased else None,
         "forget_accuracy": final["forget_accuracy"], "retain_accuracy": final["retain_accuracy"],
         "domain_fid": final["domain_fid"], "eval_images": final["images"], "forget_images": final["forget_images"],
         "base_forget_accuracy": base_eval["forget_accuracy"], "base_retain_accuracy": base_eval["retain_accuracy"],
@@ -151,7 +152,7 @@ def _cumsum(xs):
 # ---------------------------------------------------------------- the whole benchmark
 
 # The settings a stored run must share with the run this benchmark file plans under its name.
-_SAME_SETTINGS = ("method", "eps", "lambda_init", "beta", "lambda_update")
+_SAME_SETTINGS = ("method", "eps", "lambda_init", "beta", "lambda_update", "stop_when_erased", "check_forget_at_most")
 
 
 def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -> None:
@@ -181,6 +182,8 @@ def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -
             if run_id not in settings:
                 config = run_config(spec, *planned[run_id], Path("unused"), False)
                 settings[run_id] = {k: getattr(config, k) for k in _SAME_SETTINGS}
+                if not config.stop_when_erased:
+                    settings[run_id]["check_forget_at_most"] = None  # as run_one records it
             stored = {k: record.get(k) for k in _SAME_SETTINGS if k in record}
             if any(stored[k] != settings[run_id][k] for k in stored):
                 differ.append(f"{record['label']} on {record['concept']!r} seed {record['seed']}")

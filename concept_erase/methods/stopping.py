@@ -1,9 +1,14 @@
 """`--stop-when-erased`: judge the model during training and stop at the first check at target.
 
 A check generates images of the concepts and of the anchors with the model as it is, and asks a judge
-what they show. The run stops at the first check where at most 10% of the concept images still show
-the concept and the anchors' accuracy is at most 3 points below the model's own before training
-(measured once, at the start, with the same images). Checks run on the main process; the trainer
+what they show. The run stops at the first check where at most `--check-forget-at-most` (5%) of the
+concept images still show the concept and the anchors' accuracy is at most 3 points below the model's
+own before training (measured once, at the start, with the same images).
+
+Why 5% when the benchmark's target is 10%: a check judges few images (32 of the concept: one image is 3
+points) and the run stops at the first check that falls under the bar, so the rate at the stop is the
+lucky low of a noisy series. Measured on the digits benchmark with the bar at 10% (`BENCHMARKS.md`, issue
+16): 3 of 16 runs stopped on checks of 6% and 9% and were judged at 10.9% to 14.1% on 64 images each. Checks run on the main process; the trainer
 agrees the decision across processes. Every check is a line of OUTPUT/checks.jsonl (step 0: the model
 before training), with its own time: an erasure that stops early is charged for its checks.
 
@@ -22,7 +27,6 @@ from pathlib import Path
 from concept_erase.errors import UserError
 from concept_erase.registry import Registry
 
-FORGET_AT_MOST = 0.10
 RETAIN_DROP_AT_MOST = 0.03
 
 JUDGES: Registry = Registry("judge", "--stop-when-erased")
@@ -106,6 +110,7 @@ class ErasureCheck:
 
     def __init__(self, config, judge=None):
         self.every = int(config.check_every)
+        self.forget_at_most = float(config.check_forget_at_most)
         self.judge = judge if judge is not None else find_judge(config)
         self.baseline: dict | None = None
 
@@ -160,7 +165,7 @@ class ErasureCheck:
             return False
         r = {"step": done, **self._judge(trainer)}
         floor = self.baseline["retain_accuracy"] - RETAIN_DROP_AT_MOST
-        r["at_target"] = r["forget_accuracy"] <= FORGET_AT_MOST and r["retain_accuracy"] >= floor
+        r["at_target"] = r["forget_accuracy"] <= self.forget_at_most and r["retain_accuracy"] >= floor
         self._write(trainer, r)
         trainer.log(f"erasure check at step {done}: concept {r['forget_accuracy']:.0%}, anchors "
                     f"{r['retain_accuracy']:.0%} (before training {self.baseline['retain_accuracy']:.0%})"
