@@ -211,6 +211,15 @@ def test_held_target_counts_only_runs_still_at_target_at_their_end():
     assert check["measured"].startswith("0.30 (7.5 s vs 25.0 s on the 2 runs both held") and not check["met"]
     s = summarise(runs[:2] + runs[3:], [], timing, reference="paper")
     assert {c["target"]: c for c in s["checks"]}["eupmu time to held target <= 0.5 x paper"]["met"]
+    # an EUPMU variant (--stop-when-erased) gets the same two checks, its erasure checks' time included
+    stop = [{**run("stop", seed, [(50, 0.0)], 0.0), "method": "eupmu",
+             "checks": [{"step": 0, "seconds": 1.0}, {"step": 50, "seconds": 1.0}]} for seed in (0, 1)]
+    timing.append({"label": "stop", "mean_ms": 100.0})
+    checks = {c["target"]: c for c in summarise(runs + stop, [], timing, reference="paper")["checks"]}
+    assert checks["stop: forget <= 10% and retain <= 3 points below base, every run"]["met"]
+    held = checks["stop time to held target <= 0.5 x paper"]
+    assert held["measured"].startswith("0.28 (7.0 s vs 25.0 s on the 2 runs") and held["met"]  # (50 x 0.1 + 2) s
+    assert not any(t.startswith("paper:") for t in checks)  # the reference is not its own variant
 
 
 def test_means_are_also_split_by_kind_of_concept():
