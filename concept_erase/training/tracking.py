@@ -95,8 +95,11 @@ def log_images(accelerator, step: int, images: dict) -> None:
 
 
 def finish(accelerator, config) -> None:
+    """The trackers end (files closed, runs finished). Not `Accelerator.end_training`: it also destroys the
+    process group, which the run's final checkpoint still gathers over on several processes."""
     if tracker_names(config.report_to):
-        accelerator.end_training()
+        for tracker in getattr(accelerator, "trackers", []):
+            tracker.finish()
 
 
 class SampleImages:

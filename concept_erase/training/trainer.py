@@ -36,7 +36,7 @@ from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVE
 from concept_erase.training.original import OriginalModel
 from concept_erase.training.probes import PROBES
 from concept_erase.training.subsets import select_trainable
-from concept_erase import provenance
+from concept_erase import processes, provenance
 from concept_erase.training import tracking
 from concept_erase.families.base import Cond, family_of
 
@@ -259,6 +259,8 @@ class Trainer:
         AcceleratorState._reset_state()
         self.accelerator = acc = Accelerator(mixed_precision=cfg.mixed_precision,
                                              **tracking.accelerator_kwargs(cfg, Path(cfg.output)))
+        if acc.num_processes > 1:
+            processes.close_at_exit()
         from concept_erase.io.loading import peek_family
 
         check_precision(cfg, family_of(self.pipe) if self.pipe is not None else peek_family(cfg.model, cfg.model_config))
