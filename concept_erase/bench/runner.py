@@ -58,6 +58,14 @@ def bench_model(spec: BenchSpec) -> str:
     return model
 
 
+def run_settings(config) -> dict:
+    """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
+    file plans under its label (--runs-from). The check's bar only where the run checks."""
+    return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
+            "lambda_update": config.lambda_update, "stop_when_erased": config.stop_when_erased,
+            "check_forget_at_most": config.check_forget_at_most if config.stop_when_erased else None}
+
+
 def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,
             seed: int, workdir: Path, progress: bool) -> dict:
     from concept_erase.training.trainer import erase
@@ -96,10 +104,7 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     time_to_target = None if first is None else cumulative[first] + check_seconds(first)
     k = config.gradient_accumulation_steps
     return {
-        "label": label, "method": config.method, "concept": concept, "seed": seed,
-        "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
-        "lambda_update": config.lambda_update, "stop_when_erased": config.stop_when_erased,
-        "check_forget_at_most": config.check_forget_at_most if config.stop_when_erased else None,
+        "label": label, "concept": concept, "seed": seed, **run_settings(config),
         "forget_accuracy": final["forget_accuracy"], "retain_accuracy": final["retain_accuracy"],
         "domain_fid": final["domain_fid"], "eval_images": final["images"], "forget_images": final["forget_images"],
         "base_forget_accuracy": base_eval["forget_accuracy"], "base_retain_accuracy": base_eval["retain_accuracy"],
@@ -151,10 +156,6 @@ def _cumsum(xs):
 
 # ---------------------------------------------------------------- the whole benchmark
 
-# The settings a stored run must share with the run this benchmark file plans under its name.
-_SAME_SETTINGS = ("method", "eps", "lambda_init", "beta", "lambda_update", "stop_when_erased", "check_forget_at_most")
-
-
 def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -> None:
     """--runs-from: the finished runs of other bench.json files join OUTPUT/runs, so a benchmark split across
     machines (or sessions on machines that keep nothing) is reported whole. A run already in OUTPUT/runs is
@@ -180,11 +181,8 @@ def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -
                 unplanned += 1
                 continue
             if run_id not in settings:
-                config = run_config(spec, *planned[run_id], Path("unused"), False)
-                settings[run_id] = {k: getattr(config, k) for k in _SAME_SETTINGS}
-                if not config.stop_when_erased:
-                    settings[run_id]["check_forget_at_most"] = None  # as run_one records it
-            stored = {k: record.get(k) for k in _SAME_SETTINGS if k in record}
+                settings[run_id] = run_settings(run_config(spec, *planned[run_id], Path("unused"), False))
+            stored = {k: record[k] for k in settings[run_id] if k in record}
             if any(stored[k] != settings[run_id][k] for k in stored):
                 differ.append(f"{record['label']} on {record['concept']!r} seed {record['seed']}")
                 continue

@@ -164,7 +164,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
 def left_out_parts(folder: Path) -> list[str]:
     """The parts a diffusers folder leaves out on purpose (`[null, null]` in its model_index.json: SD3 saved
     without T5, SD without its safety checker). diffusers' from_pretrained refuses such a folder, one it saved
-    itself, unless they are passed as None (the parts a pipeline lists as optional excepted)."""
+    itself, unless the parts its pipeline requires (SD3's T5) are passed as None; passing all of them is safe."""
     try:
         index = json.loads((Path(folder) / "model_index.json").read_text())
     except (OSError, ValueError):

@@ -11,8 +11,9 @@ lucky low of a noisy series. Measured on the digits benchmark with the bar at 10
 16): 3 of 18 runs stopped on checks of 6% and 9% and were judged at 10.9% to 14.1% on 64 images each. At
 5% the forget side missed once in 18 runs; the longer erasure cost the retain side two more misses.
 
-Checks run on the main process; the trainer agrees the decision across processes. Every check is a line of OUTPUT/checks.jsonl (step 0: the model
-before training), with its own time: an erasure that stops early is charged for its checks.
+Checks run on the main process; the trainer agrees the decision across processes. Every check is a line
+of OUTPUT/checks.jsonl (step 0: the model before training), with its own time: an erasure that stops early
+is charged for its checks.
 
 Judges are registered by name with the models they know. The embedded digits model has one (the
 shipped digit and style classifier); other models have none yet, and the flag is refused for them
