@@ -212,3 +212,21 @@ def test_two_process_eval_equals_one_process_eval(tiny_dir, tmp_path):
     r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert r1["metrics"][0]["value"] == r2["metrics"][0]["value"] and r2["generated_now"] == 5
     assert not list((tmp_path / "two").rglob("*.tmp*"))  # nothing half-written left behind
+
+
+def test_a_launched_process_shuts_its_process_group_down_at_exit(tmp_path):
+    """processes.close_at_exit registers the shutdown once; at exit it destroys the group (here a one-process gloo
+    group in a child process, which says at exit whether the group was still up)."""
+    script = tmp_path / "group.py"
+    script.write_text(
+        "import atexit, sys\n"
+        "import torch.distributed as dist\n"
+        "from concept_erase import processes\n"
+        "dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('up at exit:', dist.is_initialized()))  # runs after the shutdown (LIFO)\n"
+        "processes.close_at_exit(); processes.close_at_exit()\n"
+        "print('registered once:', processes._close_registered)\n")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "store")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "registered once: True" in proc.stdout and "up at exit: False" in proc.stdout, proc.stdout
