@@ -71,34 +71,64 @@ def test_a_finished_overwrite_replaces_the_run_and_keeps_the_users_files(good_ru
                                                            "run.json", "samples"]
 
 
-def test_a_swap_cut_short_is_completed_at_the_next_start(tmp_path):
-    """A crash between the renames of a swap: the new run (complete when the swap began) is carried forward."""
-    from concept_erase.training.trainer import RUN_MARKERS, finish_swap, swap_in
+def _old_and_new_runs(out):
+    """A run in `out` (with a check log, tracker logs, a sample grid and a user's file in samples/) and a
+    finished replacement run in out/.incoming without a check log."""
+    for folder, text in ((out, "old"), (out / ".incoming", "new")):
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "logs").mkdir()
+        (folder / "samples").mkdir()
+        for name in ("erased.safetensors", "run.json", "metrics.jsonl", "logs/events", f"samples/step-0000{text}.png"):
+            (folder / name).write_text(text)
+    (out / "checks.jsonl").write_text("old")
+    (out / "samples" / "mine.txt").write_text("the user's")
+
+
+def _files(out):
+    return {p.relative_to(out).as_posix(): p.read_text() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+NEW_RUN = {"erased.safetensors": "new", "run.json": "new", "metrics.jsonl": "new", "logs/events": "new",
+           "samples/step-0000new.png": "new", "samples/mine.txt": "the user's"}
+
+
+def test_a_replacement_replaces_everything_the_old_run_wrote(tmp_path):
+    """No check log, tracker log or sample grid of the old run is left to pass for the new run's (found when
+    the benchmark read one run's check log for every later run of the same output)."""
+    from concept_erase.training.trainer import swap_in
 
     out = tmp_path / "run"
-    for m in RUN_MARKERS:
-        (out / ".incoming" / m).mkdir(parents=True) if m == "checkpoints" else None
-    (out / ".incoming" / "erased.safetensors").write_text("new")
-    (out / ".incoming" / "run.json").write_text("new")
-    (out / ".incoming" / "metrics.jsonl").write_text("new")
-    (out / "erased.safetensors").write_text("old")
-    (out / "run.json").write_text("old")
-    # the swap had moved one old file aside and put one new file in place when it stopped
+    _old_and_new_runs(out)
+    swap_in(out)
+    assert _files(out) == NEW_RUN
+
+
+@pytest.mark.parametrize("moved_in", [0, 1], ids=["cut-while-moving-the-old-run-aside", "cut-while-moving-in"])
+def test_a_swap_cut_short_is_completed_at_the_next_start(tmp_path, moved_in):
+    """A crash between the renames of a swap: the new run (complete when the swap began) is carried forward."""
+    from concept_erase.training.trainer import ASIDE, finish_swap, run_entries, swap_in
+
+    out = tmp_path / "run"
+    _old_and_new_runs(out)
     (out / ".replaced").mkdir()
-    os.replace(out / "erased.safetensors", out / ".replaced" / "erased.safetensors")
-    os.replace(out / ".incoming" / "erased.safetensors", out / "erased.safetensors")
+    if moved_in:  # the old run all aside, then one new file put in place
+        for name in run_entries(out):
+            os.renames(out / name, out / ".replaced" / name)
+        (out / ".replaced" / ASIDE).touch()
+        os.replace(out / ".incoming" / "erased.safetensors", out / "erased.safetensors")
+    else:  # one old file moved aside
+        os.replace(out / "erased.safetensors", out / ".replaced" / "erased.safetensors")
     finish_swap(out)
-    assert {p.name: p.read_text() for p in out.iterdir() if p.is_file()} == {
-        "erased.safetensors": "new", "run.json": "new", "metrics.jsonl": "new"}
+    assert _files(out) == NEW_RUN
     assert not (out / ".incoming").exists() and not (out / ".replaced").exists()
     # and an unfinished replacement (training stopped, no swap begun) is removed, the run left alone
     (out / ".incoming").mkdir()
     (out / ".incoming" / "metrics.jsonl").write_text("partial")
     finish_swap(out)
-    assert not (out / ".incoming").exists() and (out / "run.json").read_text() == "new"
+    assert _files(out) == NEW_RUN
     with pytest.raises(RuntimeError, match="no finished replacement"):
         swap_in(out)  # nothing finished incoming: the run is never moved aside
-    assert (out / "run.json").read_text() == "new"
+    assert _files(out) == NEW_RUN
 
 
 def test_a_second_writer_is_refused_with_the_holders_pid(tiny_dir, tmp_path, cache_dir, capsys):

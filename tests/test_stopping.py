@@ -82,6 +82,19 @@ def test_a_resumed_run_keeps_its_measurement_before_training(make_config, tmp_pa
     assert checks[0]["forget_accuracy"] == 0.9 and checks[-1]["at_target"]
 
 
+def test_an_overwritten_run_has_its_own_checks(make_config, tmp_path):
+    """--overwrite: the check log is the new run's (the old run's was left in place, and the benchmark read
+    its first run's checks for every later run of the same output)."""
+    from concept_erase.training.trainer import erase
+
+    erase(make_config(steps=4), on_step=ErasureCheck(_settings(), judge=ScriptedJudge([1.0, 0.9, 0.8])))
+    erase(make_config(steps=4, overwrite=True), on_step=ErasureCheck(_settings(), judge=ScriptedJudge([0.7, 0.0])))
+    run = tmp_path / "run"
+    checks = [json.loads(line) for line in (run / "checks.jsonl").read_text().splitlines()]
+    assert [(c["step"], c["forget_accuracy"]) for c in checks] == [(0, 0.7), (2, 0.0)]
+    assert json.loads((run / "run.json").read_text())["stopped_at"] == 2
+
+
 def test_hooks_all_run_and_any_stops():
     seen = []
     both = Hooks(lambda d, t: seen.append(("a", d)), None, lambda d, t: seen.append(("b", d)) or d == 3)

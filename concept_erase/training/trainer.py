@@ -41,6 +41,10 @@ from concept_erase.training import tracking
 from concept_erase.families.base import Cond, family_of
 
 RUN_MARKERS = ("metrics.jsonl", "erased.safetensors", "checkpoints", "run.json")
+# What else a run may write in its folder: --stop-when-erased's checks, the trackers' logs, --sample-every's
+# grids. `--overwrite` replaces all of it with the run; a user's own files beside the run stay.
+RUN_PRODUCTS = ("checks.jsonl", "logs")
+SAMPLE_GRIDS = "samples/step-*.png"
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int, stream: int = 0) -> torch.Generator:
@@ -154,16 +158,30 @@ def check_output(output: Path, *, overwrite: bool, resume: str) -> bool:
     return holds_run and not resume
 
 
+def run_entries(folder: Path) -> list[str]:
+    """What a run wrote in `folder` (paths relative to it): what a replacement run replaces."""
+    names = [m for m in RUN_MARKERS + RUN_PRODUCTS if (folder / m).exists()]
+    return names + sorted(p.relative_to(folder).as_posix() for p in folder.glob(SAMPLE_GRIDS))
+
+
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+ASIDE = "moved-aside"  # in OUTPUT/.replaced once the old run is wholly there: the swap's second half may begin
+
+
 def finish_swap(output: Path, log=None) -> None:
     """Complete a replacement that was stopped half-way through `swap_in` (the new run was whole
     when the swap began, so it is carried forward), and remove a replacement that never finished."""
     incoming, replaced = output / STAGING, output / REPLACED
     if replaced.is_dir():
-        for m in RUN_MARKERS:
-            if (incoming / m).exists():
-                if (output / m).exists():
-                    os.replace(output / m, replaced / m)
-                os.replace(incoming / m, output / m)
+        if not (replaced / ASIDE).exists():  # stopped while moving the old run aside: nothing new is in place
+            for name in run_entries(output):
+                _move(output / name, replaced / name)
+        for name in run_entries(incoming):
+            _move(incoming / name, output / name)
         shutil.rmtree(replaced, ignore_errors=True)
         shutil.rmtree(incoming, ignore_errors=True)
         if log:
@@ -175,19 +193,19 @@ def finish_swap(output: Path, log=None) -> None:
 
 
 def swap_in(output: Path) -> None:
-    """Put the finished replacement run (OUTPUT/.incoming) in place of the run in OUTPUT. Files of the
-    user's beside the run (samples/, notes) stay. Each move is a rename; `finish_swap` completes a
-    swap that a crash interrupted."""
+    """Put the finished replacement run (OUTPUT/.incoming) in place of the run in OUTPUT: everything the
+    old run wrote (`run_entries`) goes, so no check, log or sample grid of it is left to pass for the new
+    run's. Files of the user's beside the run (their own files in samples/, notes) stay. Each move is a
+    rename; `finish_swap` completes a swap that a crash interrupted."""
     incoming, replaced = output / STAGING, output / REPLACED
     if not (incoming / "erased.safetensors").is_file():
         raise RuntimeError(f"no finished replacement run in {incoming}; the run in {output} was left as it is")
     replaced.mkdir(exist_ok=True)
-    for m in RUN_MARKERS:
-        if (output / m).exists():
-            os.replace(output / m, replaced / m)
-    for m in RUN_MARKERS:
-        if (incoming / m).exists():
-            os.replace(incoming / m, output / m)
+    for name in run_entries(output):
+        _move(output / name, replaced / name)
+    (replaced / ASIDE).touch()
+    for name in run_entries(incoming):
+        _move(incoming / name, output / name)
     shutil.rmtree(replaced, ignore_errors=True)
     shutil.rmtree(incoming, ignore_errors=True)
 
