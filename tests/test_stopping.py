@@ -24,7 +24,7 @@ class ScriptedJudge:
 def _settings(**kw):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**{"check_every": 2, "check_forget_at_most": 0.05, **kw})
+    return SimpleNamespace(**{"check_every": 2, "check_forget_at_most": 0.05, "check_retain_drop_at_most": 0.03, **kw})
 
 
 def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_config, tmp_path):
@@ -50,13 +50,16 @@ def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_
     assert again.calls == 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 6
 
 
-@pytest.mark.parametrize("at_most, stops_at", [(0.05, 6), (0.10, 4), (0.0, None)])
-def test_the_check_stops_only_under_its_forget_bar(at_most, stops_at):
+@pytest.mark.parametrize("at_most, retain_drop, stops_at",
+                         [(0.05, 0.03, 6), (0.10, 0.03, 4), (0.0, 0.03, None), (0.10, 0.01, 6), (0.10, 0.0, None)])
+def test_the_check_stops_only_under_its_bars(at_most, retain_drop, stops_at):
     """--check-forget-at-most: checks of 12%, 8%, 4% (after the model's own 100%): the default 5% stops at the
-    third, 10% at the second, 0% never."""
+    third, 10% at the second, 0% never. --check-retain-drop-at-most: the anchors at 97.5%, 99%, 99% of the
+    model's own 100%: a 1-point bar passes the second check by, a 0-point bar every check."""
     from types import SimpleNamespace
 
-    check = ErasureCheck(_settings(check_forget_at_most=at_most), judge=ScriptedJudge([1.0, 0.12, 0.08, 0.04]))
+    check = ErasureCheck(_settings(check_forget_at_most=at_most, check_retain_drop_at_most=retain_drop),
+                         judge=ScriptedJudge([1.0, 0.12, 0.08, 0.04], [1.0, 1.0, 0.975, 0.99]))
     check.baseline = {"retain_accuracy": 1.0}
     check._write = lambda trainer, record: None
     unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)

@@ -61,9 +61,13 @@ def bench_model(spec: BenchSpec) -> str:
 def run_settings(config) -> dict:
     """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
     file plans under its label (--runs-from). The check's bar only where the run checks."""
+    checks = config.stop_when_erased
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
-            "lambda_update": config.lambda_update, "stop_when_erased": config.stop_when_erased,
-            "check_forget_at_most": config.check_forget_at_most if config.stop_when_erased else None}
+            "lambda_update": config.lambda_update, "sampling_steps": config.sampling_steps,
+            "trajectory_refresh": config.trajectory_refresh, "stop_when_erased": checks,
+            "check_forget_at_most": config.check_forget_at_most if checks else None,
+            "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
+            "check_every": config.check_every if checks else None}
 
 
 def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,

@@ -2,8 +2,8 @@
 
 A check generates images of the concepts and of the anchors with the model as it is, and asks a judge
 what they show. The run stops at the first check where at most `--check-forget-at-most` (5%) of the
-concept images still show the concept and the anchors' accuracy is at most 3 points below the model's
-own before training (measured once, at the start, with the same images).
+concept images still show the concept and the anchors' accuracy is at most `--check-retain-drop-at-most`
+(3 points) below the model's own before training (measured once, at the start, with the same images).
 
 Why 5% when the benchmark's target is 10%: a check judges few images (32 of the concept: one image is 3
 points) and the run stops at the first check that falls under the bar, so the rate at the stop is the
@@ -29,8 +29,6 @@ from pathlib import Path
 
 from concept_erase.errors import UserError
 from concept_erase.registry import Registry
-
-RETAIN_DROP_AT_MOST = 0.03
 
 JUDGES: Registry = Registry("judge", "--stop-when-erased")
 
@@ -114,6 +112,7 @@ class ErasureCheck:
     def __init__(self, config, judge=None):
         self.every = int(config.check_every)
         self.forget_at_most = float(config.check_forget_at_most)
+        self.retain_drop_at_most = float(config.check_retain_drop_at_most)
         self.judge = judge if judge is not None else find_judge(config)
         self.baseline: dict | None = None
 
@@ -167,7 +166,7 @@ class ErasureCheck:
         if done % self.every or not trainer.accelerator.is_main_process:
             return False
         r = {"step": done, **self._judge(trainer)}
-        floor = self.baseline["retain_accuracy"] - RETAIN_DROP_AT_MOST
+        floor = self.baseline["retain_accuracy"] - self.retain_drop_at_most
         r["at_target"] = r["forget_accuracy"] <= self.forget_at_most and r["retain_accuracy"] >= floor
         self._write(trainer, r)
         trainer.log(f"erasure check at step {done}: concept {r['forget_accuracy']:.0%}, anchors "
