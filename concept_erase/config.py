@@ -38,7 +38,8 @@ class EraseConfig:
     method: str = _f("eupmu", "lambda controller: eupmu, eupmu-fast, ungrad, fixed, esd")
     train: str = _f("xattn", "what is trained: " + ", ".join(TRAINABLE_SUBSETS), choices=TRAINABLE_SUBSETS)
     forget_loss: str = _f("negative-guidance", "forget loss: negative-guidance or remap")
-    retain_loss: str = _f("denoising", "retain loss on anchor latents")
+    retain_loss: str = _f("denoising", "retain loss on anchor latents: denoising (the noise) or preservation "
+                                       "(the original model's prediction)")
     remap_to: list = _f([], "for --forget-loss remap: the prompt(s) each concept is remapped to",
                         flag="remap-to", nonempty=True, metavar="PROMPT")
     relative_to: list = _f([], "for --forget-loss negative-guidance: erase each concept relative to this prompt "

@@ -40,6 +40,23 @@ def test_several_timesteps_from_one_trajectory(fresh_pipe, make_config):
     torch.testing.assert_close(x, batch.latents[late:late + 1], rtol=1e-4, atol=1e-5)
 
 
+def test_the_preservation_loss_targets_the_original_models_prediction(fresh_pipe, make_config):
+    """--retain-loss preservation: the target is the original model's prediction on the same noised anchor, so
+    the loss is 0 before training and grows once the trained weights move."""
+    from concept_erase.methods.losses import per_sample_mse
+
+    trainer = _forget(fresh_pipe, make_config, retain_loss="preservation")
+    batch = trainer.retain.batch(step_generator(0, 0, 0, 1), 4, 0)
+    predict = lambda: trainer.ctx.current(batch.latents, batch.timesteps, batch.cond).float()  # noqa: E731
+    with torch.no_grad():
+        assert float(per_sample_mse(predict(), batch.target).mean()) < 1e-10
+        for p in trainer.trained.values():
+            p.add_(0.05 * torch.randn_like(p))
+        assert float(per_sample_mse(predict(), batch.target).mean()) > 1e-6
+    denoising = _forget(fresh_pipe, make_config).retain.batch(step_generator(0, 0, 0, 1), 4, 0)
+    assert not torch.allclose(denoising.target, batch.target)  # the noise, not the prediction
+
+
 @pytest.mark.parametrize("settings,message", [
     (dict(trajectory_timesteps=2, batch_size=3), "must divide --batch-size"),
     (dict(trajectory_timesteps=2, batch_size=2, trajectory_refresh=5), "applies to fresh trajectories"),
