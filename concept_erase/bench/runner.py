@@ -63,7 +63,8 @@ def run_settings(config) -> dict:
     file plans under its label (--runs-from). The check's bar only where the run checks."""
     checks = config.stop_when_erased
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
-            "lambda_update": config.lambda_update, "sampling_steps": config.sampling_steps,
+            "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
+            "sampling_steps": config.sampling_steps,
             "trajectory_refresh": config.trajectory_refresh, "stop_when_erased": checks,
             "check_forget_at_most": config.check_forget_at_most if checks else None,
             "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
@@ -113,7 +114,7 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
         "domain_fid": final["domain_fid"], "eval_images": final["images"], "forget_images": final["forget_images"],
         "base_forget_accuracy": base_eval["forget_accuracy"], "base_retain_accuracy": base_eval["retain_accuracy"],
         "base_domain_fid": base_eval["domain_fid"],
-        "meets_target": meets, "steps": done, "steps_planned": config.steps,
+        "meets_target": meets, "steps": done,
         "step_time_s_median": statistics.median(step_seconds),
         "step_time_s_mean": statistics.fmean(step_seconds),
         "backward_passes_per_step": statistics.fmean(r.get("backward_passes", float("nan")) for r in records) / k,
