@@ -102,6 +102,12 @@ def test_summary_checks_measure_and_report_misses():
     assert not checks["ungrad peak memory <= 1.2 x plain fine-tuning (process peak)"]["met"]
     default = checks["eupmu default: forget <= 10% and retain <= 3 points below base, every run"]
     assert default["measured"] == "1 of 2 runs" and not default["met"]
+    # an entry whose every finished run met the target, with runs still to come, has not met "every run"
+    partial = [_run("eupmu", "three", 0.05, 0.99, 300)]
+    for planned, met in (({"eupmu": 1}, True), ({"eupmu": 3}, False)):
+        every = {c["target"]: c for c in summarise(partial, [], planned=planned)["checks"]}[
+            "eupmu default: forget <= 10% and retain <= 3 points below base, every run"]
+        assert every["met"] is met and every["measured"] == "1 of 1 runs" + ("" if met else " (3 planned)")
     dom = checks["eupmu eps curve not dominated by the fixed weights beyond the 95% intervals"]
     assert not dom["met"] and "eupmu eps=0.1 by fixed 1" in dom["measured"]
     e = s["by_method"]["eupmu"]

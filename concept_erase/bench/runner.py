@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from concept_erase import env  # noqa: F401
 
+import collections
 import contextlib
 import copy
 import json
@@ -294,7 +295,8 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
             f"{spec.timing_steps} steps each, on {spec.concepts[0]!r}")
         write_json(timing_file, probe_timing(spec, base, spec.concepts[0], log=log))
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else []
-    summary = summarise(results, memory, timing, spec.held_time_reference)
+    planned = collections.Counter(label for label, *_ in runs)
+    summary = summarise(results, memory, timing, spec.held_time_reference, planned)
     if not results:
         raise UserError(f"no finished run in {output / 'runs'} to report")
     report = {"config": spec.source, "machine": provenance.machine(), "versions": provenance.versions(),
