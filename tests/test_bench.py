@@ -18,7 +18,7 @@ def test_shipped_benchmark_file_plans_every_method_concept_and_eps():
     runs = plan(spec)
     labels = {r[0] for r in runs}
     assert {"eupmu", "eupmu-fast", "ungrad", "fixed 0.3", "fixed 1", "fixed 3", "esd"} <= labels
-    assert {"eupmu eps=0.01", "eupmu eps=0.05", "previous default", "eupmu, stop when erased"} <= labels
+    assert {"eupmu eps=0.0003", "eupmu eps=0.001", "previous default", "eupmu, stop when erased"} <= labels
     # the statistical power issue 16 asks for: 4 digits, 2 styles, 3 seeds, 64 images per prompt at the end
     styles = [c for c in spec.concepts if c in ("red ink", "blue ink", "inverted", "bold")]
     assert len(spec.concepts) - len(styles) >= 4 and len(styles) >= 2 and len(spec.seeds) >= 3
@@ -26,8 +26,8 @@ def test_shipped_benchmark_file_plans_every_method_concept_and_eps():
     n = len(spec.methods) * len(spec.concepts) * len(spec.seeds) + len(spec.eps_sweep) * len(spec.concepts)
     assert len(runs) == n == len({(r[0], r[2], r[3]) for r in runs})
     assert runs[0][2] == runs[len(spec.methods)][2]  # concept by concept: a cut-short run compares all methods
-    sweep = next(r for r in runs if r[0] == "eupmu eps=0.05")
-    assert sweep[1]["method"] == "eupmu" and sweep[1]["eps"] == 0.05
+    sweep = next(r for r in runs if r[0] == "eupmu eps=0.001")
+    assert sweep[1]["method"] == "eupmu" and sweep[1]["eps"] == 0.001
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "pipelines").glob("bench-*.yaml")))
