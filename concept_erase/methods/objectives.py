@@ -215,16 +215,21 @@ class Denoising(_NoisedBank):
         super().__init__(ctx)
         self.bank = ctx.anchor_bank()
 
-    @torch.no_grad()
-    def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
+    def _anchors(self, gen: torch.Generator, n: int):
+        """n anchor latents, noised: (clean, noised, timesteps, noise, conditioning)."""
         idx = _randint(len(self.bank.latents), n, gen)
         x0 = self.bank.latents[idx]
         x_t, t, noise = self._noised(x0, gen)
-        return RegressionBatch(x_t, t, self.bank.cond[idx], self.schedule.target(x0, noise, t))
+        return x0, x_t, t, noise, self.bank.cond[idx]
+
+    @torch.no_grad()
+    def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
+        x0, x_t, t, noise, cond = self._anchors(gen, n)
+        return RegressionBatch(x_t, t, cond, self.schedule.target(x0, noise, t))
 
 
 @RETAIN_OBJECTIVES.register("preservation")
-class Preservation(_NoisedBank):
+class Preservation(Denoising):
     """The anchors drawn as the original model drew them: on a noised anchor latent, the ORIGINAL model's
     prediction for the anchor's prompt is the target (a distillation loss, as in the preservation terms of
     MACE and EraseAnything). It is 0 before training and grows with any change to what the model predicts
@@ -232,14 +237,7 @@ class Preservation(_NoisedBank):
     noise's variance, which no model removes); so the retain constraint of EUPMU sees the drift that
     makes the other digits come out wrong (`BENCHMARKS.md`, issue 16)."""
 
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.bank = ctx.anchor_bank()
-
     @torch.no_grad()
     def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
-        idx = _randint(len(self.bank.latents), n, gen)
-        x_t, t, _ = self._noised(self.bank.latents[idx], gen)
-        cond = self.bank.cond[idx]
+        _, x_t, t, _, cond = self._anchors(gen, n)
         return RegressionBatch(x_t, t, cond, self.ctx.original(x_t, t, cond).float())
-
