@@ -49,7 +49,7 @@ def summarise(results: list[dict], memory: list[dict], timing: list[dict] | None
             part = [r for r in rs if concept_kind(r["concept"]) == kind]
             if part:
                 by_kind.setdefault(kind, {})[label] = _summary_row(part, probe_ms.get(label))
-    checks = _checks(rows, memory, results, timing or [], reference, planned or {})
+    checks = _checks(rows, memory, results, timing or [], reference, planned)
     return {"by_method": rows, "by_kind": by_kind, "checks": checks}
 
 
@@ -156,6 +156,8 @@ def _speed_ratios(ms: dict[str, float]) -> dict[tuple[str, str], float]:
 def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
             timing: list[dict] | None = None, reference: str = "", planned: dict | None = None) -> list[dict]:
     checks = []
+    planned = planned or {}
+    due = lambda label: max(rows[label]["runs"], planned.get(label, 0))  # noqa: E731  (unfinished runs have not met it)
     # Step times from the interleaved probe where it ran (methods timed in turns, one process); else
     # the medians of the runs, each taken at its own time on the machine.
     if timing:
@@ -188,11 +190,10 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
     for label in eupmus:
         e = rows[label]
         name = "eupmu default" if label == "eupmu" else label
-        due = max(e["runs"], (planned or {}).get(label, 0))  # a run not finished yet has not met it
         checks.append({"target": f"{name}: forget <= 10% and retain <= 3 points below base, every run",
                        "measured": f"{e['meets_target']} of {e['runs']} runs"
-                                   + (f" ({due} planned)" if due > e["runs"] else ""),
-                       "met": e["meets_target"] == due})
+                                   + (f" ({due(label)} planned)" if due(label) > e["runs"] else ""),
+                       "met": e["meets_target"] == due(label)})
     sweep = [k for k in rows if k.startswith("eupmu eps=")]
     if sweep and fixed_labels:
         # The curve is the sweep and the default eupmu point (the recipe's eps). Every point is compared
@@ -226,8 +227,7 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
                            "measured": f"{ratio:.2f} ({te:.1f} s vs {tr:.1f} s on the {len(both)} runs both held; "
                                        f"{label} held {rows[label]['held_target']} of {rows[label]['runs']}, "
                                        f"{reference} {rows[reference]['held_target']} of {rows[reference]['runs']})",
-                           "met": ratio <= 0.5 and rows[label]["held_target"] == max(
-                               rows[label]["runs"], (planned or {}).get(label, 0))})
+                           "met": ratio <= 0.5 and rows[label]["held_target"] == due(label)})
         else:
             checks.append({"target": target, "measured": "no run where both held the target", "met": False})
     return checks

@@ -172,18 +172,27 @@ def _move(src: Path, dst: Path) -> None:
 ASIDE = "moved-aside"  # in OUTPUT/.replaced once the old run is wholly there: the swap's second half may begin
 
 
+def _complete_swap(output: Path) -> None:
+    """The two halves of a swap, each resumable: the old run's entries into OUTPUT/.replaced (then the
+    marker), the new run's from OUTPUT/.incoming into OUTPUT; then both folders go."""
+    incoming, replaced = output / STAGING, output / REPLACED
+    replaced.mkdir(exist_ok=True)
+    if not (replaced / ASIDE).exists():  # the old run is not wholly aside yet: nothing new is in place
+        for name in run_entries(output):
+            _move(output / name, replaced / name)
+        (replaced / ASIDE).touch()
+    for name in run_entries(incoming):
+        _move(incoming / name, output / name)
+    shutil.rmtree(replaced, ignore_errors=True)
+    shutil.rmtree(incoming, ignore_errors=True)
+
+
 def finish_swap(output: Path, log=None) -> None:
     """Complete a replacement that was stopped half-way through `swap_in` (the new run was whole
     when the swap began, so it is carried forward), and remove a replacement that never finished."""
     incoming, replaced = output / STAGING, output / REPLACED
     if replaced.is_dir():
-        if not (replaced / ASIDE).exists():  # stopped while moving the old run aside: nothing new is in place
-            for name in run_entries(output):
-                _move(output / name, replaced / name)
-        for name in run_entries(incoming):
-            _move(incoming / name, output / name)
-        shutil.rmtree(replaced, ignore_errors=True)
-        shutil.rmtree(incoming, ignore_errors=True)
+        _complete_swap(output)
         if log:
             log(f"completed the replacement of the run in {output} that an earlier --overwrite had begun")
     elif incoming.is_dir():
@@ -197,17 +206,9 @@ def swap_in(output: Path) -> None:
     old run wrote (`run_entries`) goes, so no check, log or sample grid of it is left to pass for the new
     run's. Files of the user's beside the run (their own files in samples/, notes) stay. Each move is a
     rename; `finish_swap` completes a swap that a crash interrupted."""
-    incoming, replaced = output / STAGING, output / REPLACED
-    if not (incoming / "erased.safetensors").is_file():
-        raise RuntimeError(f"no finished replacement run in {incoming}; the run in {output} was left as it is")
-    replaced.mkdir(exist_ok=True)
-    for name in run_entries(output):
-        _move(output / name, replaced / name)
-    (replaced / ASIDE).touch()
-    for name in run_entries(incoming):
-        _move(incoming / name, output / name)
-    shutil.rmtree(replaced, ignore_errors=True)
-    shutil.rmtree(incoming, ignore_errors=True)
+    if not (output / STAGING / "erased.safetensors").is_file():
+        raise RuntimeError(f"no finished replacement run in {output / STAGING}; the run in {output} was left as it is")
+    _complete_swap(output)
 
 
 def prepare_output(output: Path, *, replace: bool) -> None:
