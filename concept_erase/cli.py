@@ -232,7 +232,9 @@ def _demo(args) -> None:
         report = run_demo(o.output, digit=o.digit, config_file=o.config or None, seeds=o.seeds_per_digit,
                           overwrite=o.overwrite, progress=o.progress, overrides=overrides)
     b, a = report["before"], report["after"]
-    print(f"erased '{o.digit}' with {report['method']} in {report['erase_seconds']} s")
+    stopped = f", stopped when erased at step {report['steps']} of {report['steps_planned']}" \
+        if report.get("stopped_when_erased") else ""
+    print(f"erased '{o.digit}' with {report['method']} in {report['erase_seconds']} s{stopped}")
     print(f"forget accuracy {b['forget_accuracy']:.1%} -> {a['forget_accuracy']:.1%}   "
           f"retain accuracy {b['retain_accuracy']:.1%} -> {a['retain_accuracy']:.1%}   "
           f"domain FID {b['domain_fid']:.2f} -> {a['domain_fid']:.2f}")

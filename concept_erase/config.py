@@ -38,8 +38,9 @@ class EraseConfig:
     method: str = _f("eupmu", "lambda controller: eupmu, eupmu-fast, ungrad, fixed, esd")
     train: str = _f("xattn", "what is trained: " + ", ".join(TRAINABLE_SUBSETS), choices=TRAINABLE_SUBSETS)
     forget_loss: str = _f("negative-guidance", "forget loss: negative-guidance or remap")
-    retain_loss: str = _f("denoising", "retain loss on anchor latents: denoising (the noise) or preservation "
-                                       "(the original model's prediction)")
+    retain_loss: str = _f("preservation", "retain loss on anchor latents: preservation (the target is the original "
+                                          "model's prediction: 0 before training, it sees any drift) or denoising "
+                                          "(the noise, as the anchors were trained on)")
     remap_to: list = _f([], "for --forget-loss remap: the prompt(s) each concept is remapped to",
                         flag="remap-to", nonempty=True, metavar="PROMPT")
     relative_to: list = _f([], "for --forget-loss negative-guidance: erase each concept relative to this prompt "
@@ -107,7 +108,8 @@ class EraseConfig:
     trajectory_timesteps: int = _f(1, "forget samples taken from each fresh trajectory, at distinct timesteps: "
                                       "1 (ESD) samples --batch-size trajectories per step, r samples batch-size / r",
                                    ge=1, le=1000)
-    trajectory_refresh: int = _f(1, "1: a fresh partial trajectory every step (ESD); N: one full trajectory reused for N steps",
+    trajectory_refresh: int = _f(10, "N: one full trajectory serves the next N steps (its latents at random timesteps); "
+                                     "1: a fresh partial trajectory every step (ESD)",
                                  ge=1, le=10**8)
     # anchors
     retain_images: str = _f("", "folder of real anchor images with captions (metadata.jsonl or NAME.txt beside each image)",

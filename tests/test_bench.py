@@ -37,6 +37,27 @@ def test_every_shipped_benchmark_file_loads(name):
     assert plan(spec)
 
 
+def test_settings_apply_to_every_entry_and_an_entry_overrides_them(tmp_path):
+    """`settings:` pins what a whole file was measured with (e.g. an earlier default); an entry's own value wins,
+    and the eps sweep inherits them with the eupmu entry's other settings."""
+    from concept_erase.bench.runner import run_settings
+    from concept_erase.bench.spec import run_config
+
+    p = tmp_path / "b.yaml"
+    p.write_text("concepts: [three]\nsettings: {retain-loss: denoising, steps: 30}\neps_sweep: [0.01]\n"
+                 "methods: [{method: eupmu}, {method: fixed, steps: 20}]\n")
+    spec = load_bench(p)
+    got = {label: run_settings(run_config(spec, overrides, concept, seed, tmp_path / "x", False))
+           for label, overrides, concept, seed in plan(spec)}
+    assert {label: (s["retain_loss"], s["steps_planned"]) for label, s in got.items()} == {
+        "eupmu": ("denoising", 30), "fixed": ("denoising", 20), "eupmu eps=0.01": ("denoising", 30)}
+    # a stored run must also say its lr and trajectory model to pass for a planned one (--runs-from)
+    assert got["eupmu"]["lr"] == 3e-4 and got["eupmu"]["trajectory_model"] == "current"
+    p.write_text("concepts: [three]\nmethods: [{method: eupmu}]\n")
+    assert run_settings(run_config(load_bench(p), {"method": "eupmu"}, "three", 0, tmp_path / "x", False))[
+        "retain_loss"] == "preservation"  # the default
+
+
 def test_concept_prompts():
     c, a = concept_prompts("seven")
     assert c == ["a handwritten digit seven"] and len(a) == 9 and c[0] not in a
@@ -69,6 +90,9 @@ def test_concept_prompts():
     ("concepts: [three]\nmethods: [{method: esd}]\nattack: {method: magic}\n", "attack.method 'magic' is not one of"),
     ("concepts: [three]\nmethods: [{method: esd}]\nattack: {tokens: 0}\n", "attack.tokens must be a whole"),
     ("concepts: [three]\nmethods: [{method: esd}]\nattack: {prompt: 3}\n", "attack must be a mapping with some of"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nsettings: [1]\n", "settings must be a mapping"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nsettings: {label: x}\n", "settings must be a mapping"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nsettings: {lamda: 1}\n", "settings: unknown setting 'lamda'"),
 ])
 def test_bad_benchmark_files(tmp_path, text, message):
     p = tmp_path / "b.yaml"

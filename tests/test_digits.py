@@ -74,16 +74,19 @@ def test_domain_fid_separates_sets():
 def test_demo_end_to_end_on_the_shipped_model(tmp_path):
     from concept_erase.digits.demo import run_demo
 
+    # a recipe that stops at the first erasure check at target: a bar every model passes, checked every 2 steps
     report = run_demo(tmp_path / "demo", digit="three", seeds=2, steps=5, progress=False,
                       overrides={"steps": 4, "anchor_images_per_prompt": 2, "anchor_inference_steps": 4, "sampling_steps": 4,
-                                 "cache_dir": str(tmp_path / "cache")})
+                                 "cache_dir": str(tmp_path / "cache"), "stop_when_erased": True, "check_every": 2,
+                                 "check_images": 2, "check_forget_at_most": 1.0, "check_retain_drop_at_most": 1.0})
     for name in ("report.json", "report.md", "grid.png", "run/erased.safetensors", "run/metrics.jsonl"):
         assert (tmp_path / "demo" / name).is_file(), name
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["before"]["per_digit"].keys() == saved["after"]["per_digit"].keys()
     assert set(saved["checks"]) == {"forget_accuracy_at_most_10pct", "retain_within_5_points_of_base"}
     assert "not the standard Inception FID" in (tmp_path / "demo" / "report.md").read_text()
-    assert report["steps"] == 4
+    assert (report["steps"], report["steps_planned"], report["stopped_when_erased"]) == (2, 4, True)
+    assert "2 of at most 4 steps, stopped at the first erasure check at target (" in (tmp_path / "demo" / "report.md").read_text()
 
 
 def test_shipped_flow_model_is_an_sd3_pipeline_of_at_most_20_mb_that_draws_the_prompted_digit():

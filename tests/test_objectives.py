@@ -29,7 +29,8 @@ def test_relative_to_replaces_the_empty_prompt_in_the_target(fresh_pipe, make_co
 def test_several_timesteps_from_one_trajectory(fresh_pipe, make_config):
     """trajectory_timesteps r: batch_size / r trajectories, each read at r distinct timesteps; the rows
     of one trajectory are linked by sampling (denoising the earlier row reaches the later one)."""
-    trainer = _forget(fresh_pipe, make_config, batch_size=2, trajectory_timesteps=2, sampling_steps=6)
+    trainer = _forget(fresh_pipe, make_config, batch_size=2, trajectory_timesteps=2, trajectory_refresh=1,
+                      sampling_steps=6)
     forget = trainer.forget
     batch = forget.batch(step_generator(0, 3, 0, 0), 2, 3)
     assert len(batch) == 2 and batch.timesteps[0] != batch.timesteps[1]
@@ -53,12 +54,13 @@ def test_the_preservation_loss_targets_the_original_models_prediction(fresh_pipe
         for p in trainer.trained.values():
             p.add_(0.05 * torch.randn_like(p))
         assert float(per_sample_mse(predict(), batch.target).mean()) > 1e-6
-    denoising = _forget(fresh_pipe, make_config).retain.batch(step_generator(0, 0, 0, 1), 4, 0)
+    denoising = _forget(fresh_pipe, make_config, retain_loss="denoising").retain.batch(step_generator(0, 0, 0, 1), 4, 0)
     assert not torch.allclose(denoising.target, batch.target)  # the noise, not the prediction
 
 
 @pytest.mark.parametrize("settings,message", [
-    (dict(trajectory_timesteps=2, batch_size=3), "must divide --batch-size"),
+    (dict(trajectory_timesteps=2, trajectory_refresh=1, batch_size=3), "must divide --batch-size"),
+    (dict(trajectory_timesteps=2, batch_size=2), "applies to fresh trajectories"),  # the default pool
     (dict(trajectory_timesteps=2, batch_size=2, trajectory_refresh=5), "applies to fresh trajectories"),
     (dict(relative_to=["a", "b", "c"], concepts=["x", "y"]), "one --relative-to for all concepts"),
     (dict(relative_to=["a"], forget_loss="remap", remap_to=["b"]), "negative-guidance only"),

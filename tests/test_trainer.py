@@ -207,7 +207,7 @@ def test_retain_target_uses_the_models_prediction_type(model, make_config):
     from concept_erase.training.trainer import step_generator
 
     pipe = build_tiny_pipeline(prediction_type=model)
-    trainer = Trainer(make_config(method="fixed"), pipe=pipe)
+    trainer = Trainer(make_config(method="fixed", retain_loss="denoising"), pipe=pipe)
     trainer._setup()
     batch = trainer.retain.batch(step_generator(0, 0, 0, 0), 4, 0)
     a = trainer.ctx.schedule.alphas_cumprod[batch.timesteps].reshape(-1, 1, 1, 1)

@@ -65,8 +65,10 @@ def run_settings(config) -> dict:
     checks = config.stop_when_erased
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
             "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
+            "lr": config.lr,
             "sampling_steps": config.sampling_steps,
-            "trajectory_refresh": config.trajectory_refresh, "stop_when_erased": checks,
+            "trajectory_model": config.trajectory_model, "trajectory_refresh": config.trajectory_refresh,
+            "stop_when_erased": checks,
             "check_forget_at_most": config.check_forget_at_most if checks else None,
             "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
             "check_every": config.check_every if checks else None}

@@ -67,8 +67,8 @@ def load_bench(path: str | Path) -> BenchSpec:
     raw = read_yaml(path, "benchmark file", "start from pipelines/bench-digits.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
-    known = {"recipe", "concepts", "seeds", "methods", "eps_sweep", "evaluation", "memory_probe_steps", "timing_probe",
-             "held_time_reference", "attack"}
+    known = {"recipe", "concepts", "seeds", "methods", "settings", "eps_sweep", "evaluation", "memory_probe_steps",
+             "timing_probe", "held_time_reference", "attack"}
     bad = sorted(set(map(str, raw)) - known)
     if bad:
         raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
@@ -96,7 +96,14 @@ def load_bench(path: str | Path) -> BenchSpec:
                                                               for m in methods):
         raise UserError(f"{path}: methods must be a list of {{method: NAME, ...settings}}")
     # Settings as the erase command names them (dashes or underscores, --lambda); the label is the bench's own.
-    methods = [{**normalise_keys({k: v for k, v in m.items() if k != "label"}, f"{path}, method {m['method']!r}"),
+    # `settings:` applies to every entry (an entry's own value wins): e.g. a file measured under an earlier
+    # default keeps saying which.
+    common = raw.get("settings") or {}
+    if not isinstance(common, dict) or "label" in common or "method" in common:
+        raise UserError(f"{path}: settings must be a mapping of erase settings for every entry (no label or "
+                        f"method), not {common!r}")
+    common = normalise_keys(common, f"{path}, settings")
+    methods = [{**common, **normalise_keys({k: v for k, v in m.items() if k != "label"}, f"{path}, method {m['method']!r}"),
                 **({"label": m["label"]} if "label" in m else {})} for m in methods]
     seeds = _number_list(raw, "seeds", [0], int, path, low=0)
     if not seeds:

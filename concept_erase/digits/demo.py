@@ -104,6 +104,9 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     t0 = time.time()
     delta = erase(config, pipe=copy.deepcopy(base))
     erase_seconds = time.time() - t0
+    # fewer than config.steps where --stop-when-erased (the recipe's) stopped at a check at target
+    done = sum(1 for _ in (work / "run" / "metrics.jsonl").open()) if (work / "run" / "metrics.jsonl").is_file() \
+        else config.steps
     after_pipe = apply(copy.deepcopy(base), delta)
     after, after_images = evaluate(after_pipe, judge, erased, seed_list, steps=steps, guidance=guidance,
                                    real_by_digit=real_by_digit, progress=progress)
@@ -115,7 +118,7 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     report = {
         "model": config.model, "erased_digit": digit, "concept": config.concepts[0], "method": config.method,
         "train": config.train,
-        "steps": config.steps, "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
+        "steps": done, "steps_planned": config.steps, "stopped_when_erased": done < config.steps, "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
         "erase_seconds": round(erase_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "evaluation": {"seeds": seeds, "sampling_steps": steps, "guidance": guidance,
                        "sampler": type(base.scheduler).__name__.replace("Scheduler", ""),
@@ -130,6 +133,13 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     return report
 
 
+def _steps(r: dict) -> str:
+    planned = r.get("steps_planned", r["steps"])
+    if r["steps"] < planned:
+        return f"{r['steps']} of at most {planned} steps, stopped at the first erasure check at target"
+    return f"{r['steps']} steps"
+
+
 def _markdown(r: dict) -> str:
     b, a = r["before"], r["after"]
     rows = "\n".join(f"| {d} | {b['per_digit'][d]:.0%} | {a['per_digit'][d]:.0%} |" for d in DIGIT_NAMES)
@@ -137,7 +147,7 @@ def _markdown(r: dict) -> str:
     checks = "\n".join(f"- {k}: {'yes' if v else 'NO'}" for k, v in r["checks"].items())
     return f"""# Erasing the digit {r['erased_digit']} from the embedded model ({r.get('model', 'builtin:digits')})
 
-Method `{r['method']}` on `{r['train']}`, {r['steps']} steps ({r['erase_seconds']} s); whole demo {r['total_seconds']} s.
+Method `{r['method']}` on `{r['train']}`, {_steps(r)} ({r['erase_seconds']} s); whole demo {r['total_seconds']} s.
 
 | metric | before | after |
 |---|---|---|
