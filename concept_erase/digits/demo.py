@@ -105,8 +105,7 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     delta = erase(config, pipe=copy.deepcopy(base))
     erase_seconds = time.time() - t0
     # fewer than config.steps where --stop-when-erased (the recipe's) stopped at a check at target
-    done = sum(1 for _ in (work / "run" / "metrics.jsonl").open()) if (work / "run" / "metrics.jsonl").is_file() \
-        else config.steps
+    done = len((work / "run" / "metrics.jsonl").read_text().splitlines())
     after_pipe = apply(copy.deepcopy(base), delta)
     after, after_images = evaluate(after_pipe, judge, erased, seed_list, steps=steps, guidance=guidance,
                                    real_by_digit=real_by_digit, progress=progress)
@@ -118,7 +117,8 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     report = {
         "model": config.model, "erased_digit": digit, "concept": config.concepts[0], "method": config.method,
         "train": config.train,
-        "steps": done, "steps_planned": config.steps, "stopped_when_erased": done < config.steps, "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
+        "steps": done, "steps_planned": config.steps, "stopped_when_erased": done < config.steps,
+        "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
         "erase_seconds": round(erase_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "evaluation": {"seeds": seeds, "sampling_steps": steps, "guidance": guidance,
                        "sampler": type(base.scheduler).__name__.replace("Scheduler", ""),
