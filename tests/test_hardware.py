@@ -41,7 +41,9 @@ def test_bf16_erase_from_an_empty_cache(model, tiny_dir, tmp_path, capsys):
     source = tiny_dir if model == "tiny" else "builtin:digits"
     cache = tmp_path / "empty-cache"
     assert not cache.exists()
-    code = main(erase_args(source, tmp_path / "run", cache, "--mixed-precision", "bf16", "--train", "full"))
+    # the denoising retain loss: nonzero from the first step (the preservation loss starts at 0)
+    code = main(erase_args(source, tmp_path / "run", cache, "--mixed-precision", "bf16", "--train", "full",
+                           "--retain-loss", "denoising"))
     assert code == 0, capsys.readouterr().err
     assert list(cache.glob("anchor-*.safetensors"))  # generated now, not found in a cache
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -100,7 +102,7 @@ def test_ungrad_closed_form_takes_unscaled_gradients(tiny_pipe, make_config, mon
 
     seen = {}
     for s in (1.0, 1024.0):
-        trainer = Trainer(make_config(method="ungrad", eps=0.05, max_grad_norm=0, steps=1,
+        trainer = Trainer(make_config(method="ungrad", eps=0.05, max_grad_norm=0, steps=1, retain_loss="denoising",
                                       output=str(make_config().output) + f"-{int(s)}"), pipe=copy.deepcopy(tiny_pipe))
         trainer._setup()
         if s != 1.0:
