@@ -134,9 +134,8 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
 
 
 def _steps(r: dict) -> str:
-    planned = r.get("steps_planned", r["steps"])
-    if r["steps"] < planned:
-        return f"{r['steps']} of at most {planned} steps, stopped at the first erasure check at target"
+    if r.get("stopped_when_erased"):
+        return f"{r['steps']} of at most {r['steps_planned']} steps, stopped at the first erasure check at target"
     return f"{r['steps']} steps"
 
 
