@@ -62,6 +62,7 @@ ERASE_CASES = [
     ("--slack-momentum", "1.5", "--slack-momentum must be at least 0, below 1, not 1.5"),
     ("--stop-when-erased", None, "--stop-when-erased needs a judge for the model"),
     ("--check-every", "0", "--check-every must be 1 to"),
+    ("--check-inference-steps", "0", "--check-inference-steps must be 1 to"),
 ]
 
 

@@ -250,6 +250,21 @@ def test_held_target_counts_only_runs_still_at_target_at_their_end():
     held = checks["stop time to held target <= 0.5 x paper"]
     assert held["measured"].startswith("0.28 (7.0 s vs 25.0 s on the 2 runs") and held["met"]  # (50 x 0.1 + 2) s
     assert not any(t.startswith("paper:") for t in checks)  # the reference is not its own variant
+    # a probe that timed the entry's check parts charges each check what it drew, at the probe's times, not the
+    # run's clock: before training a chunk and the anchors, a failed check one chunk, the stopping check all four
+    # chunks and the anchors; a check of session 17 (no forget_images) the whole concept side and the anchors
+    drew = [{"step": 0, "seconds": 9.0, "forget_images": 8, "retain_images": 72},
+            {"step": 25, "seconds": 9.0, "forget_images": 8, "retain_images": 0},
+            {"step": 50, "seconds": 9.0, "forget_images": 32, "retain_images": 72}]
+    probed = [{**run("probed", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": drew} for seed in (0, 1)]
+    old = [{**run("old", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": [{"step": 50, "seconds": 9.0}]}
+           for seed in (0, 1)]
+    parts = {"check_chunk_ms": 100.0, "check_concept_ms": 300.0, "check_anchors_ms": 1000.0}
+    timing += [{"label": "probed", "mean_ms": 100.0, **parts}, {"label": "old", "mean_ms": 100.0, **parts}]
+    rows = summarise(runs + probed + old, [], timing, reference="paper")["by_method"]
+    # 50 steps x 0.1 s + (0.1 + 1) + 0.1 + (4 x 0.1 + 1) s
+    assert rows["probed"]["time_to_held_target_s"] == pytest.approx(5 + 1.1 + 0.1 + 1.4)
+    assert rows["old"]["time_to_held_target_s"] == pytest.approx(5 + 0.3 + 1.0)
 
 
 def test_means_are_also_split_by_kind_of_concept():
@@ -318,6 +333,9 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert set(timing) == {"eupmu", "ungrad"} and all(t["steps_timed"] == 2 for t in timing.values())
     assert timing["ungrad"]["backward_per_step"] == 2.0 and timing["eupmu"]["backward_per_step"] == 1.0
     assert all(0 < t["forget_batch_ms"] < t["mean_ms"] for t in timing.values())
+    # the recipe stops when erased: the probe timed each entry's check parts, at the check's sampler steps
+    assert all(t["check_inference_steps"] == 10 and 0 < t["check_chunk_ms"] < t["check_concept_ms"]
+               and t["check_anchors_ms"] > 0 for t in timing.values())
     speed = {c["target"]: c for c in report["summary"]["checks"]}["eupmu step <= 0.6 x ungrad step"]
     assert speed["measured"] == pytest.approx(timing["eupmu"]["mean_ms"] / timing["ungrad"]["mean_ms"])
     md = (out / "bench.md").read_text()

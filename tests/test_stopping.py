@@ -10,21 +10,35 @@ from concept_erase.methods.stopping import ErasureCheck, Hooks, find_judge
 
 
 class ScriptedJudge:
-    """Reports the forget accuracy scripted for each call (the first is the model before training)."""
+    """Reports, for each check in turn (the first is the model before training), the forget and retain
+    accuracy scripted for it: of its 25 concept images the first 25 x forget show the concept, of its 200
+    anchor images the first 200 x retain are kept. It counts the checks and the images it was asked to draw."""
 
     def __init__(self, forget, retain=None):
-        self.forget, self.retain, self.calls = list(forget), list(retain or [1.0] * len(forget)), 0
+        self.forget, self.retain = list(forget), list(retain or [1.0] * len(forget))
+        self.concept_items = [("concept", s) for s in range(25)]
+        self.anchor_items = [("anchor", s) for s in range(200)]
+        self.calls, self.drawn, self.steps = 0, [], set()
 
-    def __call__(self, pipe):
-        i = self.calls
-        self.calls += 1
-        return {"forget_accuracy": self.forget[i], "retain_accuracy": self.retain[i], "images": 8}
+    def still_shown(self, pipe, items, steps):
+        if items[0] == self.concept_items[0]:  # a check begins
+            self.calls += 1
+        self.drawn.append(("concept", len(items)))
+        self.steps.add(steps)
+        shown = round(25 * self.forget[self.calls - 1])
+        return [self.concept_items.index(item) < shown for item in items]
+
+    def kept(self, pipe, items, steps):
+        self.drawn.append(("anchors", len(items)))
+        kept = round(200 * self.retain[self.calls - 1])
+        return [self.anchor_items.index(item) < kept for item in items]
 
 
 def _settings(**kw):
     from types import SimpleNamespace
 
-    return SimpleNamespace(**{"check_every": 2, "check_forget_at_most": 0.05, "check_retain_drop_at_most": 0.03, **kw})
+    return SimpleNamespace(**{"check_every": 2, "check_forget_at_most": 0.05, "check_retain_drop_at_most": 0.03,
+                              "check_inference_steps": 10, **kw})
 
 
 def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_config, tmp_path):
@@ -73,7 +87,7 @@ def test_the_check_stops_only_under_its_bars(at_most, retain_drop, stops_at):
 def test_a_resumed_run_keeps_its_measurement_before_training(make_config, tmp_path):
     from concept_erase.training.trainer import erase
 
-    first = ScriptedJudge([0.9, 0.8])  # before training and step 2: not at target
+    first = ScriptedJudge([0.2, 0.8])  # before training (5 of the first 8 images) and step 2: not at target
     erase(make_config(steps=2), on_step=ErasureCheck(_settings(), judge=first))
     run = tmp_path / "run"
     with open(run / "checks.jsonl", "a") as f:  # a check past the checkpoint, as a crash would leave it
@@ -82,7 +96,7 @@ def test_a_resumed_run_keeps_its_measurement_before_training(make_config, tmp_pa
     erase(make_config(steps=8, resume="latest"), on_step=ErasureCheck(_settings(), judge=later))
     checks = [json.loads(line) for line in (run / "checks.jsonl").read_text().splitlines()]
     assert [c["step"] for c in checks] == [0, 2, 4] and later.calls == 1  # step 0 not judged again
-    assert checks[0]["forget_accuracy"] == 0.9 and checks[-1]["at_target"]
+    assert checks[0]["forget_accuracy"] == 5 / 8 and checks[-1]["at_target"]
 
 
 def test_an_overwritten_run_has_its_own_checks(make_config, tmp_path):
@@ -91,10 +105,10 @@ def test_an_overwritten_run_has_its_own_checks(make_config, tmp_path):
     from concept_erase.training.trainer import erase
 
     erase(make_config(steps=4), on_step=ErasureCheck(_settings(), judge=ScriptedJudge([1.0, 0.9, 0.8])))
-    erase(make_config(steps=4, overwrite=True), on_step=ErasureCheck(_settings(), judge=ScriptedJudge([0.7, 0.0])))
+    erase(make_config(steps=4, overwrite=True), on_step=ErasureCheck(_settings(), judge=ScriptedJudge([0.12, 0.0])))
     run = tmp_path / "run"
     checks = [json.loads(line) for line in (run / "checks.jsonl").read_text().splitlines()]
-    assert [(c["step"], c["forget_accuracy"]) for c in checks] == [(0, 0.7), (2, 0.0)]
+    assert [(c["step"], c["forget_accuracy"]) for c in checks] == [(0, 3 / 8), (2, 0.0)]
     assert json.loads((run / "run.json").read_text())["stopped_at"] == 2
 
 
@@ -124,6 +138,75 @@ def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
     pipe.set_progress_bar_config(disable=True)
     judge = find_judge(SimpleNamespace(model="builtin:digits", concepts=[caption(3), caption(5, "red ink")],
                                        anchors=[caption(1), caption(7, "bold")], check_images=4))
-    r = judge(pipe)
+    # two images per concept, seed by seed across the concepts; the anchors get twice the concepts' share
+    assert judge.concept_items == [(caption(3), 0), (caption(5, "red ink"), 0), (caption(3), 1), (caption(5, "red ink"), 1)]
+    assert judge.anchor_items == [(p, s) for p in (caption(1), caption(7, "bold")) for s in range(4)]
+    shown = judge.still_shown(pipe, judge.concept_items, 10)
+    kept = judge.kept(pipe, judge.anchor_items, 10)
     # the model draws what it is asked: the concepts are there (not erased), the anchors are right
-    assert r["forget_accuracy"] >= 0.75 and r["retain_accuracy"] >= 0.75 and r["images"] == 2 * 2 + 2 * 4
+    assert sum(shown) >= 3 and sum(kept) >= 6 and len(shown) == 4 and len(kept) == 8
+    # a caption's truth is its own: the styled concept is judged on its style, so asking the plain three's
+    # images as if they were red ink says they are not
+    assert sum(judge.still_shown(pipe, [(caption(3), 0)], 10)) == 1
+
+
+def test_a_count_stopped_early_gives_the_whole_counts_verdict():
+    """count_until stops drawing once the bar is exceeded; on every sequence of verdicts, chunk size and bar, the
+    verdict (count <= most) is the one of counting everything, and it never judges more than it must."""
+    import itertools
+
+    from concept_erase.methods.stopping import chunked, count_until
+
+    for n in range(0, 9):
+        for verdicts in itertools.product([False, True], repeat=n):
+            for size in (1, 3, 8):
+                for most in range(n + 1):
+                    asked = []
+
+                    def judge(part):
+                        asked.append(len(part))
+                        return [verdicts[i] for i in part]
+
+                    count, judged = count_until(chunked(list(range(n)), size), judge, most)
+                    assert (count <= most) == (sum(verdicts) <= most)
+                    assert judged == sum(asked) and count == sum(verdicts[:judged])
+                    # it stopped at the first chunk that took the count over the bar, or drew everything
+                    over = next((i for i in range(n) if sum(verdicts[:i + 1]) > most), None)
+                    assert judged == (n if over is None else min(n, (over // size + 1) * size))
+    assert count_until(chunked(list(range(5)), 2), lambda part: [True] * len(part), None) == (5, 5)
+
+
+@pytest.mark.parametrize("total, at_most", [(32, 0.05), (25, 0.04), (20, 0.05), (3, 0.5), (7, 0.0), (10, 1.0)])
+def test_the_bar_as_a_count_is_the_share_compared_as_before(total, at_most):
+    from concept_erase.methods.stopping import most_allowed
+
+    most = most_allowed(total, lambda c: c / total <= at_most)
+    assert all((c <= most) == (c / total <= at_most) for c in range(total + 1))
+
+
+def test_a_check_draws_only_what_its_verdict_needs(tmp_path):
+    """Before training: the concept side until it is over the bar (here its first chunk), the anchors whole. A
+    check while the concept is still drawn: the concept's first chunk only, no anchor. A check where the concept
+    is gone: every concept image and then the anchors. Every image at --check-inference-steps."""
+    from types import SimpleNamespace
+
+    from concept_erase.methods.stopping import CONCEPT_CHUNK
+
+    judge = ScriptedJudge([1.0, 0.6, 0.04], [1.0, 1.0, 1.0])
+    check = ErasureCheck(_settings(check_inference_steps=7), judge=judge)
+    unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), ctx=SimpleNamespace(denoiser=unet),
+                              pipe=None, log=lambda message: None, output=tmp_path, start_step=0)
+    check.start(trainer)
+    assert judge.drawn == [("concept", CONCEPT_CHUNK), ("anchors", 200)]
+    judge.drawn.clear()
+    assert not check(2, trainer) and judge.drawn == [("concept", CONCEPT_CHUNK)]
+    judge.drawn.clear()
+    assert check(4, trainer)
+    assert judge.drawn == [("concept", 8), ("concept", 8), ("concept", 8), ("concept", 1), ("anchors", 200)]
+    assert judge.steps == {7}
+    records = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
+    assert [(r["forget_images"], r["retain_images"], r["images"]) for r in records] == [
+        (CONCEPT_CHUNK, 200, CONCEPT_CHUNK + 200), (CONCEPT_CHUNK, 0, CONCEPT_CHUNK), (25, 200, 225)]
+    assert records[1]["retain_accuracy"] is None and records[1]["forget_accuracy"] == 1.0
+    assert records[2]["forget_accuracy"] == 0.04 and records[2]["at_target"]

@@ -38,17 +38,14 @@ def summarise(results: list[dict], memory: list[dict], timing: list[dict] | None
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["label"], []).append(r)
-    probe_ms = {t["label"]: t["mean_ms"] for t in timing or []}
-    for label in by:  # the eps sweep is the eupmu entry with eps changed: the same work per step
-        if label.startswith("eupmu eps=") and label not in probe_ms and "eupmu" in probe_ms:
-            probe_ms[label] = probe_ms["eupmu"]
-    rows = {label: _summary_row(rs, probe_ms.get(label)) for label, rs in by.items()}
+    probes = _probes(timing, by)
+    rows = {label: _summary_row(rs, probes.get(label)) for label, rs in by.items()}
     by_kind: dict[str, dict[str, dict]] = {}
     for label, rs in by.items():
         for kind in ("digit", "style"):
             part = [r for r in rs if concept_kind(r["concept"]) == kind]
             if part:
-                by_kind.setdefault(kind, {})[label] = _summary_row(part, probe_ms.get(label))
+                by_kind.setdefault(kind, {})[label] = _summary_row(part, probes.get(label))
     checks = _checks(rows, memory, results, timing or [], reference, planned)
     return {"by_method": rows, "by_kind": by_kind, "checks": checks}
 
@@ -65,15 +62,40 @@ def steps_to_held_target(run: dict) -> int | None:
     return steps_to_target(run) if run.get("meets_target") else None
 
 
-def _held_seconds(run: dict, probe_ms: float | None) -> float | None:
+def _probes(timing: list[dict] | None, labels) -> dict[str, dict]:
+    """The step-time probe's entry of each label; the eps sweep is the eupmu entry with eps changed (the same
+    work per step and per check)."""
+    probes = {t["label"]: t for t in timing or []}
+    for label in labels:
+        if label.startswith("eupmu eps=") and label not in probes and "eupmu" in probes:
+            probes[label] = probes["eupmu"]
+    return probes
+
+
+def check_seconds(check: dict, probe: dict | None) -> float:
+    """An erasure check's time (--stop-when-erased). With a probe that timed the entry's check parts (`timing.py`):
+    the concept chunks it drew and the anchors, if it drew them, at the probe's times, so that a check is charged
+    on the same machine and clock as the steps; a check of session 17 and before drew everything in one go
+    (no `forget_images` in its record): the whole concept side and the anchors. Else the run's own clock."""
+    from concept_erase.methods.stopping import CONCEPT_CHUNK
+
+    if not probe or probe.get("check_chunk_ms") is None:
+        return float(check["seconds"])
+    if "forget_images" not in check:
+        return (probe["check_concept_ms"] + probe["check_anchors_ms"]) / 1000
+    chunks = math.ceil(check["forget_images"] / CONCEPT_CHUNK)
+    return (chunks * probe["check_chunk_ms"] + (probe["check_anchors_ms"] if check.get("retain_images") else 0)) / 1000
+
+
+def _held_seconds(run: dict, probe: dict | None) -> float | None:
     """Training seconds to the held target: the probe's step time where it ran (the runs' own clocks drift
-    with the machine), else the run's clock; an erasure check's own time (--stop-when-erased) added."""
+    with the machine), else the run's clock; the erasure checks' own time (--stop-when-erased) added."""
     steps = steps_to_held_target(run)
     if steps is None:
         return None
-    checks = sum(c["seconds"] for c in run.get("checks", []) if c["step"] <= steps)
-    if probe_ms is not None:
-        return steps * probe_ms / 1000 + checks
+    if probe is not None:
+        checks = sum(check_seconds(c, probe) for c in run.get("checks", []) if c["step"] <= steps)
+        return steps * probe["mean_ms"] / 1000 + checks
     own = run.get("time_to_held_target_s", run.get("time_to_target_s"))
     return None if own is None else float(own)
 
@@ -86,7 +108,8 @@ def _with_ci(row: dict, key: str, values) -> None:
     row.setdefault("ci", {})[key] = list(ci) if ci is not None else None
 
 
-def _summary_row(rs: list[dict], probe_ms: float | None = None) -> dict:
+def _summary_row(rs: list[dict], probe: dict | None = None) -> dict:
+    probe_ms = probe["mean_ms"] if probe else None
     ttt = [r.get("time_to_target_s") for r in rs]
     stt = [steps_to_target(r) for r in rs]
     held = [steps_to_held_target(r) for r in rs]
@@ -106,7 +129,7 @@ def _summary_row(rs: list[dict], probe_ms: float | None = None) -> dict:
     _with_ci(row, "post_attack_asr", [a["post_attack_asr"] for a in attacked])
     # Means over the runs that reached (held) the target; the counts beside them say how many did.
     _with_ci(row, "steps_to_held_target", held)
-    _with_ci(row, "time_to_held_target_s", [_held_seconds(r, probe_ms) for r in rs])
+    _with_ci(row, "time_to_held_target_s", [_held_seconds(r, probe) for r in rs])
     row["time_to_held_target_source"] = "probe" if probe_ms is not None else "run clocks"
     # Kept from earlier reports: the first evaluation at target whether or not it held, over every run.
     row["time_to_target_s"] = _mean(ttt) if all(t is not None for t in ttt) else None
@@ -217,11 +240,11 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
         # Time to held target against the reference, on the runs where both held the target.
         both = [(x, y) for x, y in _pairs(results or [], label, reference)
                 if steps_to_held_target(x) is not None and steps_to_held_target(y) is not None]
-        ms = {t["label"]: t["mean_ms"] for t in timing or []}
+        probes = _probes(timing, rows)
         target = f"{label} time to held target <= 0.5 x {reference}"
         if both:
-            te = _mean(_held_seconds(x, ms.get(label)) for x, _ in both)
-            tr = _mean(_held_seconds(y, ms.get(reference)) for _, y in both)
+            te = _mean(_held_seconds(x, probes.get(label)) for x, _ in both)
+            tr = _mean(_held_seconds(y, probes.get(reference)) for _, y in both)
             ratio = te / tr if tr else float("nan")
             checks.append({"target": target,
                            "measured": f"{ratio:.2f} ({te:.1f} s vs {tr:.1f} s on the {len(both)} runs both held; "
@@ -276,7 +299,9 @@ def markdown(report: dict, command: str) -> str:
               + ("ms/step: the interleaved step-time probe's mean (below); train s to held target: steps x the "
                  "probe's ms/step." if probed else
                  "ms/step: mean of the runs' median step times; train s to held target: the runs' own clocks.")
-              + " An erasure check's own time (--stop-when-erased) is included."]
+              + " The erasure checks' own time (--stop-when-erased) is included: where the probe timed the "
+              "entry's check parts, each check is charged the concept chunks and anchors it drew at the probe's "
+              "times, else the run's own clock."]
     for kind, title in (("digit", "Digits only"), ("style", "Styles only")):
         part = s.get("by_kind", {}).get(kind)
         if not part:

@@ -71,7 +71,8 @@ def run_settings(config) -> dict:
             "stop_when_erased": checks,
             "check_forget_at_most": config.check_forget_at_most if checks else None,
             "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
-            "check_every": config.check_every if checks else None}
+            "check_every": config.check_every if checks else None,
+            "check_inference_steps": config.check_inference_steps if checks else None}
 
 
 def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,

@@ -45,13 +45,13 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
             trainer._setup()
             clock = _Stopwatch(trainer.forget.batch)
             trainer.forget.batch = clock
-            trainers.append((label, trainer, clock))
+            trainers.append((label, trainer, clock, _CheckClock(config) if config.stop_when_erased else None))
         times: dict[str, list[float]] = {label: [] for label, _ in entries}
         target_times: dict[str, list[float]] = {label: [] for label, _ in entries}
         backward: dict[str, list[int]] = {label: [] for label, _ in entries}
         for r in range(rounds + 1):
             shift = r % len(trainers)
-            for label, trainer, clock in trainers[shift:] + trainers[:shift]:
+            for label, trainer, clock, check in trainers[shift:] + trainers[:shift]:
                 for s in range(steps):
                     clock.seconds = 0.0
                     t0 = time.perf_counter()
@@ -63,9 +63,12 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
                         times[label].append(dt)
                         target_times[label].append(clock.seconds)
                         backward[label].append(record["backward_passes"])
+                if check is not None:
+                    check.time(trainer, counted=r > 0)
             if r:
                 log(f"    timing round {r}/{rounds}: " + ", ".join(
-                    f"{label} {1000 * statistics.median(times[label][-steps:]):.0f} ms" for label, _, _ in trainers))
+                    f"{label} {1000 * statistics.median(times[label][-steps:]):.0f} ms" for label, *_ in trainers))
+        checks = {label: check.summary() for label, _, _, check in trainers if check is not None}
         del trainers
     out = []
     for label, overrides in entries:
@@ -78,8 +81,45 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
                     "mean_ms_ci": [1000 * v for v in stats.mean_ci(ts)],
                     "q1_ms": 1000 * q[0], "q3_ms": 1000 * q[2],
                     "forget_batch_ms": 1000 * statistics.fmean(target_times[label]),
-                    "backward_per_step": statistics.fmean(backward[label])})
+                    "backward_per_step": statistics.fmean(backward[label]), **checks.get(label, {})})
     return out
+
+
+class _CheckClock:
+    """Times the parts of an entry's erasure check (--stop-when-erased) in the probe's rounds, on the model as the
+    entry's steps leave it: a chunk of concept images (what a check that fails on the concept side draws per
+    chunk), the whole concept side in one call (a check of session 17 and before) and the anchors. The report
+    charges each run's checks with these, on the same machine and clock as its steps (`report.check_seconds`)."""
+
+    def __init__(self, config):
+        from concept_erase.methods.stopping import find_judge
+
+        self.judge, self.steps = find_judge(config), int(config.check_inference_steps)
+        self.seconds: dict[str, list[float]] = {"chunk": [], "concept": [], "anchors": []}
+
+    def time(self, trainer, counted: bool) -> None:
+        from concept_erase.methods.stopping import CONCEPT_CHUNK
+
+        judge, pipe = self.judge, trainer.pipe
+        parts = {"chunk": lambda: judge.still_shown(pipe, judge.concept_items[:CONCEPT_CHUNK], self.steps),
+                 "concept": lambda: judge.still_shown(pipe, judge.concept_items, self.steps),
+                 "anchors": lambda: judge.kept(pipe, judge.anchor_items, self.steps)}
+        unet = trainer.ctx.denoiser
+        unet.eval()
+        try:
+            for name, draw in parts.items():
+                t0 = time.perf_counter()
+                draw()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if counted:
+                    self.seconds[name].append(time.perf_counter() - t0)
+        finally:
+            unet.train()
+
+    def summary(self) -> dict:
+        return {"check_inference_steps": self.steps,
+                **{f"check_{name}_ms": 1000 * statistics.fmean(v) if v else None for name, v in self.seconds.items()}}
 
 
 class _Stopwatch:

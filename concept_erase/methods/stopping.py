@@ -1,9 +1,17 @@
 """`--stop-when-erased`: judge the model during training and stop at the first check at target.
 
-A check generates images of the concepts and of the anchors with the model as it is, and asks a judge
-what they show. The run stops at the first check where at most `--check-forget-at-most` (5%) of the
-concept images still show the concept and the anchors' accuracy is at most `--check-retain-drop-at-most`
-(3 points) below the model's own before training (measured once, at the start, with the same images).
+A check draws images of the concepts and of the anchors with the model as it is, and asks a judge what
+they show. The run stops at the first check where at most `--check-forget-at-most` (5%) of the concept
+images still show the concept and the anchors' accuracy is at most `--check-retain-drop-at-most` (3 points)
+below the model's own before training (measured once, at the start, with the same images).
+
+A check stops drawing as soon as its verdict is known, and the verdict is the one the whole check would give
+(`count_until`): the concept's images come in chunks of `CONCEPT_CHUNK`, and once more of them show the concept
+than the bar allows the check has failed, the rest are not drawn; the anchors are drawn only when the concept
+side has passed (and before training, for the model's own accuracy). Most checks fail on the concept side
+while the concept is still there, so a check before the erasure costs a chunk of images, not the whole set.
+The images are drawn with `--check-inference-steps` sampler steps (10): on the digits model the judge's
+verdicts at 10 steps match those at 25 (`BENCHMARKS.md`, issue 16) at 40% of the cost.
 
 Why 5% when the benchmark's target is 10%: a check judges few images (32 of the concept: one image is 3
 points) and the run stops at the first check that falls under the bar, so the rate at the stop is the
@@ -12,12 +20,14 @@ lucky low of a noisy series. Measured on the digits benchmark with the bar at 10
 5% the forget side missed once in 18 runs; the longer erasure cost the retain side two more misses.
 
 Checks run on the main process; the trainer agrees the decision across processes. Every check is a line
-of OUTPUT/checks.jsonl (step 0: the model before training), with its own time: an erasure that stops early
-is charged for its checks.
+of OUTPUT/checks.jsonl (step 0: the model before training) with the images it drew and its own time: an
+erasure that stops early is charged for its checks.
 
-Judges are registered by name with the models they know. The embedded digits model has one (the
-shipped digit and style classifier); other models have none yet, and the flag is refused for them
-before anything runs.
+Judges are registered by name with the models they know. A judge lists the check's images as (prompt,
+seed) pairs (`concept_items`, `anchor_items`) and says of drawn ones whether the concept is still shown
+(`still_shown`) and whether an anchor is kept (`kept`). The embedded digits model has one (the shipped
+digit and style classifier); other models have none yet, and the flag is refused for them before
+anything runs.
 """
 
 from __future__ import annotations
@@ -32,11 +42,38 @@ from concept_erase.registry import Registry
 
 JUDGES: Registry = Registry("judge", "--stop-when-erased")
 
+CONCEPT_CHUNK = 8  # concept images drawn at a time: a failed check stops after the first chunk or two
+
+
+def most_allowed(total: int, within) -> int:
+    """The largest count c in 0..total for which `within(c)` holds (`within` true at 0 and false from some
+    count on): the bar as a count of images, decided by the same comparison as the share it stands for."""
+    return max((c for c in range(total + 1) if within(c)), default=-1)
+
+
+def count_until(chunks, verdicts, most: int | None) -> tuple[int, int]:
+    """Count true verdicts chunk by chunk, and stop once the count exceeds `most` (None: count every chunk).
+    Returns (count, items judged). Whether count <= most is the same as if every chunk had been judged."""
+    count = judged = 0
+    for part in chunks:
+        if most is not None and count > most:
+            break
+        found = list(verdicts(part))
+        count += sum(bool(v) for v in found)
+        judged += len(found)
+    return count, judged
+
+
+def chunked(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
 
 class DigitsJudge:
     """The embedded digits model's judge: a concept caption is erased when its digit (for a plain
     caption) or its style (for a styled one) is no longer what the classifier sees; an anchor is kept
     when both its digit and its style are."""
+
+    guidance = 4.0  # the benchmark's and the demo's evaluation guidance
 
     def __init__(self, config):
         from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
@@ -47,32 +84,44 @@ class DigitsJudge:
             raise UserError(f"--stop-when-erased: the digits judge knows the digits' captions "
                             f"('{caption(7)}', '{caption(7, 'red ink')}'), not {unknown[0]!r}")
         self.styles = STYLES
-        self.concepts = [known[p] + (p,) for p in config.concepts]
-        self.anchors = [known[p] + (p,) for p in config.anchors]
+        self.truth = {p: known[p] for p in list(config.concepts) + list(config.anchors)}
         n = int(config.check_images)
-        self.per_concept = max(2, math.ceil(n / len(self.concepts)))
-        self.per_anchor = max(1, math.ceil(2 * n / max(1, len(self.anchors))))
+        concepts, anchors = list(config.concepts), list(config.anchors)
+        per_concept = max(2, math.ceil(n / len(concepts)))
+        per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
+        # seed by seed across the concepts, so that every chunk sees each of them
+        self.concept_items = [(p, s) for s in range(per_concept) for p in concepts]
+        self.anchor_items = [(p, s) for p in anchors for s in range(per_anchor)]
         from concept_erase.io.loading import load_judge
 
         self.judge = load_judge()
 
-    def __call__(self, pipe) -> dict:
+    def _predict(self, pipe, items, steps: int):
+        import torch
+
         from concept_erase.digits.evaluate import generate_many
 
-        wanted = ([(p, range(self.per_concept)) for *_, p in self.concepts]
-                  + [(p, range(self.per_anchor)) for *_, p in self.anchors])
-        made = generate_many(pipe, wanted, steps=25, guidance=4.0)
-        hits_f = total_f = hits_r = total_r = 0
-        for (d, s, _), images in zip(self.concepts, made):
-            pd, ps = self.judge.predict(images)
-            hits_f += int((pd == d).sum()) if s == "plain" else int((ps == self.styles.index(s)).sum())
-            total_f += len(images)
-        for (d, s, _), images in zip(self.anchors, made[len(self.concepts):]):
-            pd, ps = self.judge.predict(images)
-            hits_r += int(((pd == d) & (ps == self.styles.index(s))).sum())
-            total_r += len(images)
-        return {"forget_accuracy": hits_f / total_f, "retain_accuracy": hits_r / total_r if total_r else 1.0,
-                "images": total_f + total_r}
+        images = generate_many(pipe, [(p, [s]) for p, s in items], steps=steps, guidance=self.guidance)
+        return self.judge.predict(torch.cat(images))
+
+    def still_shown(self, pipe, items, steps: int) -> list[bool]:
+        """Per concept image: the concept is still there (its digit, or its style for a styled caption)."""
+        if not items:
+            return []
+        pd, ps = self._predict(pipe, items, steps)
+        out = []
+        for (p, _), d_seen, s_seen in zip(items, pd.tolist(), ps.tolist()):
+            d, s = self.truth[p]
+            out.append(d_seen == d if s == "plain" else s_seen == self.styles.index(s))
+        return out
+
+    def kept(self, pipe, items, steps: int) -> list[bool]:
+        """Per anchor image: both its digit and its style are what the caption asks for."""
+        if not items:
+            return []
+        pd, ps = self._predict(pipe, items, steps)
+        return [d_seen == self.truth[p][0] and s_seen == self.styles.index(self.truth[p][1])
+                for (p, _), d_seen, s_seen in zip(items, pd.tolist(), ps.tolist())]
 
 
 def _digits_model(config) -> bool:
@@ -111,6 +160,7 @@ class ErasureCheck:
 
     def __init__(self, config, judge=None):
         self.every = int(config.check_every)
+        self.steps = int(config.check_inference_steps)
         self.forget_at_most = float(config.check_forget_at_most)
         self.retain_drop_at_most = float(config.check_retain_drop_at_most)
         self.judge = judge if judge is not None else find_judge(config)
@@ -120,16 +170,31 @@ class ErasureCheck:
         return Path(trainer.output) / "checks.jsonl"
 
     def _judge(self, trainer) -> dict:
+        """One check, drawing no more images than its verdict needs. Before training (no baseline yet) the
+        anchors are judged whole: their accuracy is the bar's reference."""
+        judge, pipe, steps = self.judge, trainer.pipe, self.steps
         unet = trainer.ctx.denoiser
         was_training = unet.training
         unet.eval()
         t0 = time.perf_counter()
         try:
-            result = self.judge(trainer.pipe)
+            concept, anchors = list(judge.concept_items), list(judge.anchor_items)
+            n = len(concept)
+            most = most_allowed(n, lambda c: c / n <= self.forget_at_most)
+            shown, judged = count_until(chunked(concept, CONCEPT_CHUNK),
+                                        lambda part: judge.still_shown(pipe, part, steps), most)
+            r = {"forget_accuracy": shown / judged, "forget_images": judged, "forget_within": shown <= most,
+                 "retain_accuracy": None, "retain_images": 0}
+            if anchors and (self.baseline is None or shown <= most):
+                kept = sum(judge.kept(pipe, anchors, steps))
+                r.update(retain_accuracy=kept / len(anchors), retain_images=len(anchors))
+            elif not anchors:
+                r["retain_accuracy"] = 1.0
         finally:
             unet.train(was_training)
-        result["seconds"] = time.perf_counter() - t0
-        return result
+        r["images"] = r["forget_images"] + r["retain_images"]
+        r["seconds"] = time.perf_counter() - t0
+        return r
 
     def _write(self, trainer, record: dict) -> None:
         with open(self._log_path(trainer), "a", encoding="utf-8") as f:
@@ -156,10 +221,16 @@ class ErasureCheck:
                             "again with --overwrite")
         path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         if base is None:
+            self.baseline = None
             base = {"step": 0, **self._judge(trainer)}
             self._write(trainer, base)
-            trainer.log(f"erasure check before training: concept {base['forget_accuracy']:.0%}, "
-                        f"anchors {base['retain_accuracy']:.0%} ({base['images']} images, {base['seconds']:.1f} s)")
+            trainer.log(f"erasure check before training: concept {_concept(base)}, anchors "
+                        f"{base['retain_accuracy']:.0%} ({base['images']} images, {base['seconds']:.1f} s)")
+            if base.get("forget_within"):
+                trainer.log(f"note: before any training the model shows the concept in only "
+                            f"{base['forget_accuracy']:.0%} of the check's images, under the "
+                            f"{self.forget_at_most:.0%} bar: the first check will stop the run. Is the concept's "
+                            "prompt the one the model draws it for?")
         self.baseline = base
 
     def __call__(self, done: int, trainer) -> bool:
@@ -167,12 +238,20 @@ class ErasureCheck:
             return False
         r = {"step": done, **self._judge(trainer)}
         floor = self.baseline["retain_accuracy"] - self.retain_drop_at_most
-        r["at_target"] = r["forget_accuracy"] <= self.forget_at_most and r["retain_accuracy"] >= floor
+        r["at_target"] = bool(r["forget_within"] and r["retain_accuracy"] is not None
+                              and r["retain_accuracy"] >= floor)
         self._write(trainer, r)
-        trainer.log(f"erasure check at step {done}: concept {r['forget_accuracy']:.0%}, anchors "
-                    f"{r['retain_accuracy']:.0%} (before training {self.baseline['retain_accuracy']:.0%})"
+        anchors = ("" if r["retain_accuracy"] is None else
+                   f", anchors {r['retain_accuracy']:.0%} (before training {self.baseline['retain_accuracy']:.0%})")
+        trainer.log(f"erasure check at step {done}: concept {_concept(r)}{anchors}"
                     + ("; erased: stopping" if r["at_target"] else ""))
         return r["at_target"]
+
+
+def _concept(r: dict) -> str:
+    """The concept side of a check for the log: its share, and how far it was drawn when it stopped early."""
+    return f"{r['forget_accuracy']:.0%}" + ("" if r["forget_within"] else
+                                            f" of the first {r['forget_images']} images, over the bar")
 
 
 class Hooks:

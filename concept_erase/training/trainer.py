@@ -302,7 +302,8 @@ class Trainer:
         unet = family.denoiser(pipe)
         self.resolution = training_resolution(pipe, cfg.resolution)
         check_schedule_steps(pipe.scheduler, sampling_steps=cfg.sampling_steps,
-                             anchor_inference_steps=cfg.anchor_inference_steps)
+                             anchor_inference_steps=cfg.anchor_inference_steps,
+                             **({"check_inference_steps": cfg.check_inference_steps} if cfg.stop_when_erased else {}))
         warn_long_prompts(pipe.tokenizer, [*cfg.concepts, *cfg.anchors, *cfg.remap_to, *cfg.relative_to], self.log)
         if cfg.gradient_checkpointing and not getattr(unet, "_supports_gradient_checkpointing", False):
             raise UserError(f"--gradient-checkpointing: this model's {type(unet).__name__} has no gradient "
