@@ -32,14 +32,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="folder for the runs and agreement.json")
     args = parser.parse_args(argv)
 
-    from concept_erase.bench.spec import SHIPPED_BENCH, load_bench, run_config
+    from concept_erase.bench.spec import load_bench, run_config
     from concept_erase.io.loading import load_pipeline
     from concept_erase.methods.stopping import DigitsJudge
     from concept_erase.training.trainer import erase
 
     counts = [int(s) for s in args.sampler_steps.split(",")]
     reference = counts[-1]
-    spec = load_bench(str(Path(SHIPPED_BENCH).parent / "bench-defaults.yaml"))
+    spec = load_bench(str(Path(__file__).resolve().parents[1] / "pipelines" / "bench-defaults.yaml"))
     base = load_pipeline("builtin:digits")
     base.set_progress_bar_config(disable=True)
     out = Path(args.output)
