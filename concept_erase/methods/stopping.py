@@ -11,7 +11,8 @@ than the bar allows the check has failed, the rest are not drawn; the anchors ar
 side has passed (and before training, for the model's own accuracy). Most checks fail on the concept side
 while the concept is still there, so a check before the erasure costs a chunk of images, not the whole set.
 The images are drawn with `--check-inference-steps` sampler steps (10): on the digits model the judge's
-verdicts at 10 steps match those at 25 (`BENCHMARKS.md`, issue 16) at 40% of the cost.
+verdicts at 10 steps match those at 25 on 99% of the images, and every measured run's first check at target
+was the same (`scripts/check_steps_agreement.py`, `BENCHMARKS.md`, issue 16), at 44% of the cost.
 
 Why 5% when the benchmark's target is 10%: a check judges few images (32 of the concept: one image is 3
 points) and the run stops at the first check that falls under the bar, so the rate at the stop is the
