@@ -42,6 +42,7 @@ def test_settings_apply_to_every_entry_and_an_entry_overrides_them(tmp_path):
     and the eps sweep inherits them with the eupmu entry's other settings."""
     from concept_erase.bench.runner import run_settings
     from concept_erase.bench.spec import run_config
+    from concept_erase.config import load_yaml
 
     p = tmp_path / "b.yaml"
     p.write_text("concepts: [three]\nsettings: {retain-loss: denoising, steps: 30}\neps_sweep: [0.01]\n"
@@ -52,7 +53,12 @@ def test_settings_apply_to_every_entry_and_an_entry_overrides_them(tmp_path):
     assert {label: (s["retain_loss"], s["steps_planned"]) for label, s in got.items()} == {
         "eupmu": ("denoising", 30), "fixed": ("denoising", 20), "eupmu eps=0.01": ("denoising", 30)}
     # a stored run must also say its lr and trajectory model to pass for a planned one (--runs-from)
-    assert got["eupmu"]["lr"] == 3e-4 and got["eupmu"]["trajectory_model"] == "current"
+    recipe_lr = float(load_yaml(ROOT / "pipelines" / "digits-erase.yaml")["lr"])
+    assert got["eupmu"]["lr"] == recipe_lr and got["eupmu"]["trajectory_model"] == "current"
+    p.write_text("concepts: [three]\nsettings: {lr: 1.0e-4}\nmethods: [{method: eupmu}]\n")
+    (label, overrides, concept, seed), = plan(load_bench(p))
+    assert run_settings(run_config(load_bench(p), overrides, concept, seed, tmp_path / "x", False))[
+        "lr"] == 1e-4  # settings: pins an lr the recipe no longer has
     p.write_text("concepts: [three]\nmethods: [{method: eupmu}]\n")
     assert run_settings(run_config(load_bench(p), {"method": "eupmu"}, "three", 0, tmp_path / "x", False))[
         "retain_loss"] == "preservation"  # the default
@@ -252,19 +258,27 @@ def test_held_target_counts_only_runs_still_at_target_at_their_end():
     assert not any(t.startswith("paper:") for t in checks)  # the reference is not its own variant
     # a probe that timed the entry's check parts charges each check what it drew, at the probe's times, not the
     # run's clock: before training a chunk and the anchors, a failed check one chunk, the stopping check all four
-    # chunks and the anchors; a check of session 17 (no forget_images) the whole concept side and the anchors
+    # chunks and the anchors; a check of session 17 (no forget_images) the whole concept side and the anchors;
+    # since session 19 (retain_within) the anchors by the chunks drawn, a last short chunk as a whole one
     drew = [{"step": 0, "seconds": 9.0, "forget_images": 8, "retain_images": 72},
             {"step": 25, "seconds": 9.0, "forget_images": 8, "retain_images": 0},
             {"step": 50, "seconds": 9.0, "forget_images": 32, "retain_images": 72}]
+    chunked = [{"step": 0, "seconds": 9.0, "forget_images": 8, "retain_images": 72, "retain_within": True},
+               {"step": 25, "seconds": 9.0, "forget_images": 32, "retain_images": 24, "retain_within": False},
+               {"step": 50, "seconds": 9.0, "forget_images": 32, "retain_images": 50, "retain_within": True}]
     probed = [{**run("probed", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": drew} for seed in (0, 1)]
+    by_chunk = [{**run("by chunk", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": chunked} for seed in (0, 1)]
     old = [{**run("old", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": [{"step": 50, "seconds": 9.0}]}
            for seed in (0, 1)]
-    parts = {"check_chunk_ms": 100.0, "check_concept_ms": 300.0, "check_anchors_ms": 1000.0}
-    timing += [{"label": "probed", "mean_ms": 100.0, **parts}, {"label": "old", "mean_ms": 100.0, **parts}]
-    rows = summarise(runs + probed + old, [], timing, reference="paper")["by_method"]
+    parts = {"check_chunk_ms": 100.0, "check_concept_ms": 300.0, "check_anchors_ms": 1000.0,
+             "check_anchor_chunk_ms": 200.0}
+    timing += [{"label": label, "mean_ms": 100.0, **parts} for label in ("probed", "old", "by chunk")]
+    rows = summarise(runs + probed + old + by_chunk, [], timing, reference="paper")["by_method"]
     # 50 steps x 0.1 s + (0.1 + 1) + 0.1 + (4 x 0.1 + 1) s
     assert rows["probed"]["time_to_held_target_s"] == pytest.approx(5 + 1.1 + 0.1 + 1.4)
     assert rows["old"]["time_to_held_target_s"] == pytest.approx(5 + 0.3 + 1.0)
+    # 50 x 0.1 s + (0.1 + 3 x 0.2) + (4 x 0.1 + 0.2) + (4 x 0.1 + 3 x 0.2) s
+    assert rows["by chunk"]["time_to_held_target_s"] == pytest.approx(5 + 0.7 + 0.6 + 1.0)
 
 
 def test_means_are_also_split_by_kind_of_concept():
@@ -335,7 +349,7 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert all(0 < t["forget_batch_ms"] < t["mean_ms"] for t in timing.values())
     # the recipe stops when erased: the probe timed each entry's check parts, at the check's sampler steps
     assert all(t["check_inference_steps"] == 10 and 0 < t["check_chunk_ms"] < t["check_concept_ms"]
-               and t["check_anchors_ms"] > 0 for t in timing.values())
+               and 0 < t["check_anchor_chunk_ms"] < t["check_anchors_ms"] for t in timing.values())
     speed = {c["target"]: c for c in report["summary"]["checks"]}["eupmu step <= 0.6 x ungrad step"]
     assert speed["measured"] == pytest.approx(timing["eupmu"]["mean_ms"] / timing["ungrad"]["mean_ms"])
     md = (out / "bench.md").read_text()

@@ -12,25 +12,38 @@ from concept_erase.methods.stopping import ErasureCheck, Hooks, find_judge
 class ScriptedJudge:
     """Reports, for each check in turn (the first is the model before training), the forget and retain
     accuracy scripted for it: of its 25 concept images the first 25 x forget show the concept, of its 200
-    anchor images the first 200 x retain are kept. It counts the checks and the images it was asked to draw."""
+    anchor images the first 200 x retain are kept (with `lost_first`, the last). It counts the checks and the
+    images it was asked to draw."""
 
-    def __init__(self, forget, retain=None):
+    def __init__(self, forget, retain=None, lost_first=False):
         self.forget, self.retain = list(forget), list(retain or [1.0] * len(forget))
+        self.lost_first = lost_first
         self.concept_items = [("concept", s) for s in range(25)]
         self.anchor_items = [("anchor", s) for s in range(200)]
         self.calls, self.drawn, self.steps = 0, [], set()
+        self.sides: set = set()  # the sides the current check has begun drawing
+
+    def _begin(self, side, items):
+        """A check begins where a side's first item is drawn again (a check draws each side at most once, in
+        either order)."""
+        if items[0] == (self.concept_items if side == "concept" else self.anchor_items)[0]:
+            if side in self.sides or not self.sides:
+                self.calls, self.sides = self.calls + 1, set()
+            self.sides.add(side)
 
     def still_shown(self, pipe, items, steps):
-        if items[0] == self.concept_items[0]:  # a check begins
-            self.calls += 1
+        self._begin("concept", items)
         self.drawn.append(("concept", len(items)))
         self.steps.add(steps)
         shown = round(25 * self.forget[self.calls - 1])
         return [self.concept_items.index(item) < shown for item in items]
 
     def kept(self, pipe, items, steps):
+        self._begin("anchors", items)
         self.drawn.append(("anchors", len(items)))
         kept = round(200 * self.retain[self.calls - 1])
+        if self.lost_first:
+            return [self.anchor_items.index(item) >= 200 - kept for item in items]
         return [self.anchor_items.index(item) < kept for item in items]
 
 
@@ -186,26 +199,72 @@ def test_the_bar_as_a_count_is_the_share_compared_as_before(total, at_most):
 def test_a_check_draws_only_what_its_verdict_needs(tmp_path):
     """Before training: the concept side until it is over the bar (here its first chunk), the anchors whole. A
     check while the concept is still drawn: the concept's first chunk only, no anchor. A check where the concept
-    is gone: every concept image and then the anchors. Every image at --check-inference-steps."""
+    is gone but the anchors are not kept (their losses come first): every concept image, then the anchors until
+    more are lost than the bar allows (6 of 200 at 97%: the first chunk). A check at target: every image (the
+    anchors first, as they failed the check before). Every image at --check-inference-steps."""
     from types import SimpleNamespace
 
-    from concept_erase.methods.stopping import CONCEPT_CHUNK
+    from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK
 
-    judge = ScriptedJudge([1.0, 0.6, 0.04], [1.0, 1.0, 1.0])
+    judge = ScriptedJudge([1.0, 0.6, 0.04, 0.04], [1.0, 1.0, 0.9, 0.975], lost_first=True)
     check = ErasureCheck(_settings(check_inference_steps=7), judge=judge)
     unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
     trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), ctx=SimpleNamespace(denoiser=unet),
                               pipe=None, log=lambda message: None, output=tmp_path, start_step=0)
+    concept_whole = [("concept", 8), ("concept", 8), ("concept", 8), ("concept", 1)]
+    anchors_whole = [("anchors", ANCHOR_CHUNK)] * 8 + [("anchors", 8)]
     check.start(trainer)
-    assert judge.drawn == [("concept", CONCEPT_CHUNK), ("anchors", 200)]
+    assert judge.drawn == [("concept", CONCEPT_CHUNK)] + anchors_whole
     judge.drawn.clear()
     assert not check(2, trainer) and judge.drawn == [("concept", CONCEPT_CHUNK)]
     judge.drawn.clear()
-    assert check(4, trainer)
-    assert judge.drawn == [("concept", 8), ("concept", 8), ("concept", 8), ("concept", 1), ("anchors", 200)]
+    assert not check(4, trainer) and judge.drawn == concept_whole + [("anchors", ANCHOR_CHUNK)]
+    judge.drawn.clear()
+    assert check(6, trainer) and judge.drawn == anchors_whole + concept_whole  # the side that failed goes first
     assert judge.steps == {7}
     records = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
     assert [(r["forget_images"], r["retain_images"], r["images"]) for r in records] == [
-        (CONCEPT_CHUNK, 200, CONCEPT_CHUNK + 200), (CONCEPT_CHUNK, 0, CONCEPT_CHUNK), (25, 200, 225)]
+        (CONCEPT_CHUNK, 200, CONCEPT_CHUNK + 200), (CONCEPT_CHUNK, 0, CONCEPT_CHUNK),
+        (25, ANCHOR_CHUNK, 25 + ANCHOR_CHUNK), (25, 200, 225)]
     assert records[1]["retain_accuracy"] is None and records[1]["forget_accuracy"] == 1.0
-    assert records[2]["forget_accuracy"] == 0.04 and records[2]["at_target"]
+    assert records[2]["retain_accuracy"] == 4 / ANCHOR_CHUNK and not records[2]["retain_within"] and not records[2]["at_target"]
+    assert records[3]["forget_accuracy"] == 0.04 and records[3]["retain_accuracy"] == 0.975 and records[3]["at_target"]
+
+
+
+def test_the_side_that_failed_last_is_drawn_first(tmp_path):
+    """After a check that failed on the anchors the next draws the anchors first, and stops there if they fail
+    again (no concept image); once they pass, the concept side follows, and a failure there puts it first again.
+    Every verdict is the one of drawing both sides; a resumed run takes the order up from its checks.jsonl."""
+    from types import SimpleNamespace
+
+    from concept_erase.methods.stopping import ANCHOR_CHUNK
+
+    # before training; the concept gone but the anchors at 90% (their losses first); the same; the anchors
+    # back, the concept at 60%; the same; both within
+    judge = ScriptedJudge([1.0, 0.0, 0.0, 0.6, 0.6, 0.0], [1.0, 0.9, 0.9, 1.0, 1.0, 1.0], lost_first=True)
+    check = ErasureCheck(_settings(), judge=judge)
+    unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), ctx=SimpleNamespace(denoiser=unet),
+                              pipe=None, log=lambda message: None, output=tmp_path, start_step=0)
+    seen = []
+    for step in (0, 2, 4, 6, 8, 10):
+        judge.drawn.clear()
+        stopped = check.start(trainer) if step == 0 else check(step, trainer)
+        sides = [side for side, _ in judge.drawn]
+        seen.append((sides[0], sides.count("concept"), sides.count("anchors")))
+        if step == 4:  # a run resumed here goes on with the anchors first, as it would have
+            again = ErasureCheck(_settings(), judge=judge)
+            again.start(SimpleNamespace(**{**vars(trainer), "start_step": 4}))
+            assert again.failed_last == check.failed_last == "anchors"
+    assert stopped
+    assert seen == [("concept", 1, 9),   # before training: the concept's first chunk fails; every anchor
+                    ("concept", 4, 1),   # the concept gone (all four chunks); the anchors fail in their first
+                    ("anchors", 0, 1),   # the anchors first: they fail again, no concept image drawn
+                    ("anchors", 1, 9),   # the anchors pass (every chunk), then the concept fails in its first
+                    ("concept", 1, 0),   # the concept first again
+                    ("concept", 4, 9)]   # both within: the run stops
+    records = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
+    assert [r["at_target"] for r in records[1:]] == [False, False, False, False, True]
+    assert records[2]["forget_accuracy"] is None and records[2]["forget_images"] == 0
+    assert records[2]["retain_images"] == ANCHOR_CHUNK and not records[2]["retain_within"]

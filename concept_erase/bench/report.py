@@ -74,17 +74,25 @@ def _probes(timing: list[dict] | None, labels) -> dict[str, dict]:
 
 def check_seconds(check: dict, probe: dict | None) -> float:
     """An erasure check's time (--stop-when-erased). With a probe that timed the entry's check parts (`timing.py`):
-    the concept chunks it drew and the anchors, if it drew them, at the probe's times, so that a check is charged
-    on the same machine and clock as the steps; a check of session 17 and before drew everything in one go
-    (no `forget_images` in its record): the whole concept side and the anchors. Else the run's own clock."""
-    from concept_erase.methods.stopping import CONCEPT_CHUNK
+    the concept chunks and anchor chunks it drew, at the probe's times, so that a check is charged on the same
+    machine and clock as the steps (a last chunk smaller than the others is charged as a whole one); a check of
+    session 17 and before drew everything in one go (no `forget_images` in its record): the whole concept side
+    and the anchors; one of session 18 (no `retain_within`) drew the anchors in one call, if at all. Else the
+    run's own clock."""
+    from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK
 
     if not probe or probe.get("check_chunk_ms") is None:
         return float(check["seconds"])
     if "forget_images" not in check:
         return (probe["check_concept_ms"] + probe["check_anchors_ms"]) / 1000
-    chunks = math.ceil(check["forget_images"] / CONCEPT_CHUNK)
-    return (chunks * probe["check_chunk_ms"] + (probe["check_anchors_ms"] if check.get("retain_images") else 0)) / 1000
+    concept = math.ceil(check["forget_images"] / CONCEPT_CHUNK) * probe["check_chunk_ms"]
+    if not check.get("retain_images"):
+        anchors = 0.0
+    elif "retain_within" not in check or probe.get("check_anchor_chunk_ms") is None:
+        anchors = probe["check_anchors_ms"]
+    else:
+        anchors = math.ceil(check["retain_images"] / ANCHOR_CHUNK) * probe["check_anchor_chunk_ms"]
+    return (concept + anchors) / 1000
 
 
 def _held_seconds(run: dict, probe: dict | None) -> float | None:

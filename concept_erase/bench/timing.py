@@ -88,22 +88,24 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
 class _CheckClock:
     """Times the parts of an entry's erasure check (--stop-when-erased) in the probe's rounds, on the model as the
     entry's steps leave it: a chunk of concept images (what a check that fails on the concept side draws per
-    chunk), the whole concept side in one call (a check of session 17 and before) and the anchors. The report
+    chunk), the whole concept side in one call (a check of session 17 and before), the anchors in one call (a
+    check of session 18) and a chunk of anchors (what a check draws of them per chunk since session 19). The report
     charges each run's checks with these, on the same machine and clock as its steps (`report.check_seconds`)."""
 
     def __init__(self, config):
         from concept_erase.methods.stopping import find_judge
 
         self.judge, self.steps = find_judge(config), int(config.check_inference_steps)
-        self.seconds: dict[str, list[float]] = {"chunk": [], "concept": [], "anchors": []}
+        self.seconds: dict[str, list[float]] = {"chunk": [], "concept": [], "anchors": [], "anchor_chunk": []}
 
     def time(self, trainer, counted: bool) -> None:
-        from concept_erase.methods.stopping import CONCEPT_CHUNK
+        from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK
 
         judge, pipe = self.judge, trainer.pipe
         parts = {"chunk": lambda: judge.still_shown(pipe, judge.concept_items[:CONCEPT_CHUNK], self.steps),
                  "concept": lambda: judge.still_shown(pipe, judge.concept_items, self.steps),
-                 "anchors": lambda: judge.kept(pipe, judge.anchor_items, self.steps)}
+                 "anchors": lambda: judge.kept(pipe, judge.anchor_items, self.steps),
+                 "anchor_chunk": lambda: judge.kept(pipe, judge.anchor_items[:ANCHOR_CHUNK], self.steps)}
         unet = trainer.ctx.denoiser
         unet.eval()
         try:

@@ -2,13 +2,17 @@
 
 A check draws images of the concepts and of the anchors with the model as it is, and asks a judge what
 they show. The run stops at the first check where at most `--check-forget-at-most` (5%) of the concept
-images still show the concept and the anchors' accuracy is at most `--check-retain-drop-at-most` (3 points)
+images still show the concept and the anchors' accuracy is at most `--check-retain-drop-at-most` (1.5 points)
 below the model's own before training (measured once, at the start, with the same images).
 
 A check stops drawing as soon as its verdict is known, and the verdict is the one the whole check would give
 (`count_until`): the concept's images come in chunks of `CONCEPT_CHUNK`, and once more of them show the concept
-than the bar allows the check has failed, the rest are not drawn; the anchors are drawn only when the concept
-side has passed (and before training, for the model's own accuracy). Most checks fail on the concept side
+than the bar allows the check has failed, the rest are not drawn; the anchors come in chunks of
+`ANCHOR_CHUNK`, and once more of them are lost than the retain bar allows the check has failed. The side that
+failed the last check is drawn first (the concept's at the start) and the other only if it passed: after the
+concept is gone the anchors often stay under their bar for a few checks, and each of those then costs a chunk
+of anchors instead of every concept image and a chunk of anchors. Before training both sides are drawn, the
+anchors whole: their accuracy is the bar's reference. Most checks fail on the concept side
 while the concept is still there, so a check before the erasure costs a chunk of images, not the whole set.
 The images are drawn with `--check-inference-steps` sampler steps (10): on the digits model the judge's
 verdicts at 10 steps match those at 25 on 99% of the images, and every measured run's first check at target
@@ -18,7 +22,9 @@ Why 5% when the benchmark's target is 10%: a check judges few images (32 of the 
 points) and the run stops at the first check that falls under the bar, so the rate at the stop is the
 lucky low of a noisy series. Measured on the digits benchmark with the bar at 10% (`BENCHMARKS.md`, issue
 16): 3 of 18 runs stopped on checks of 6% and 9% and were judged at 10.9% to 14.1% on 64 images each. At
-5% the forget side missed once in 18 runs; the longer erasure cost the retain side two more misses.
+5% the forget side missed once in 18 runs; the longer erasure cost the retain side two more misses. The
+anchors' bar is half the target's 3 points for the same reason: checked every 10 steps with a 3-point bar,
+a run whose anchors hovered near it stopped on a check of 97.5% and was judged at 96.6% on 960 images.
 
 Checks run on the main process; the trainer agrees the decision across processes. Every check is a line
 of OUTPUT/checks.jsonl (step 0: the model before training) with the images it drew and its own time: an
@@ -44,6 +50,9 @@ from concept_erase.registry import Registry
 JUDGES: Registry = Registry("judge", "--stop-when-erased")
 
 CONCEPT_CHUNK = 8  # concept images drawn at a time: a failed check stops after the first chunk or two
+# anchor images drawn at a time: once more are lost than the bar allows the rest are not drawn (on the digits
+# model a call of 24 anchors costs a third of one of 72: the calls are large enough to cost by the image)
+ANCHOR_CHUNK = 24
 
 
 def most_allowed(total: int, within) -> int:
@@ -166,31 +175,55 @@ class ErasureCheck:
         self.retain_drop_at_most = float(config.check_retain_drop_at_most)
         self.judge = judge if judge is not None else find_judge(config)
         self.baseline: dict | None = None
+        self.failed_last = "concept"  # the side that failed the last check: the next check draws it first
 
     def _log_path(self, trainer) -> Path:
         return Path(trainer.output) / "checks.jsonl"
 
+    def _concept_side(self, pipe) -> dict:
+        """The concept's images, 8 at a time, until more show the concept than the bar allows."""
+        concept = list(self.judge.concept_items)
+        n = len(concept)
+        most = most_allowed(n, lambda c: c / n <= self.forget_at_most)
+        shown, judged = count_until(chunked(concept, CONCEPT_CHUNK),
+                                    lambda part: self.judge.still_shown(pipe, part, self.steps), most)
+        return {"forget_accuracy": shown / judged, "forget_images": judged, "forget_within": shown <= most}
+
+    def _anchor_side(self, pipe) -> dict:
+        """The anchors, 24 at a time, until more are lost than the bar allows; before training (no baseline
+        yet) every one: their accuracy is the bar's reference."""
+        anchors = list(self.judge.anchor_items)
+        if not anchors:
+            return {"retain_accuracy": 1.0, "retain_images": 0, "retain_within": True}
+        m = len(anchors)
+        if self.baseline is None:
+            most_lost = None
+        else:
+            floor = self.baseline["retain_accuracy"] - self.retain_drop_at_most
+            most_lost = most_allowed(m, lambda c: (m - c) / m >= floor)
+        lost, drawn = count_until(chunked(anchors, ANCHOR_CHUNK),
+                                  lambda part: [not k for k in self.judge.kept(pipe, part, self.steps)], most_lost)
+        return {"retain_accuracy": (drawn - lost) / drawn, "retain_images": drawn,
+                "retain_within": most_lost is None or lost <= most_lost}
+
     def _judge(self, trainer) -> dict:
-        """One check, drawing no more images than its verdict needs. Before training (no baseline yet) the
-        anchors are judged whole: their accuracy is the bar's reference."""
-        judge, pipe, steps = self.judge, trainer.pipe, self.steps
+        """One check, drawing no more images than its verdict needs: the side that failed the last check goes
+        first (the concept's at the start), and the other is drawn only if it passed (both before training)."""
         unet = trainer.ctx.denoiser
         was_training = unet.training
         unet.eval()
         t0 = time.perf_counter()
+        r = {"forget_accuracy": None, "forget_images": 0, "forget_within": False,
+             "retain_accuracy": None, "retain_images": 0, "retain_within": False}
+        sides = {"concept": (self._concept_side, "forget_within"), "anchors": (self._anchor_side, "retain_within")}
+        order = ["anchors", "concept"] if self.baseline is not None and self.failed_last == "anchors" else [
+            "concept", "anchors"]
         try:
-            concept, anchors = list(judge.concept_items), list(judge.anchor_items)
-            n = len(concept)
-            most = most_allowed(n, lambda c: c / n <= self.forget_at_most)
-            shown, judged = count_until(chunked(concept, CONCEPT_CHUNK),
-                                        lambda part: judge.still_shown(pipe, part, steps), most)
-            r = {"forget_accuracy": shown / judged, "forget_images": judged, "forget_within": shown <= most,
-                 "retain_accuracy": None, "retain_images": 0}
-            if anchors and (self.baseline is None or shown <= most):
-                kept = sum(judge.kept(pipe, anchors, steps))
-                r.update(retain_accuracy=kept / len(anchors), retain_images=len(anchors))
-            elif not anchors:
-                r["retain_accuracy"] = 1.0
+            for side in order:
+                draw, within = sides[side]
+                r.update(draw(trainer.pipe))
+                if not r[within] and self.baseline is not None:
+                    break
         finally:
             unet.train(was_training)
         r["images"] = r["forget_images"] + r["retain_images"]
@@ -221,6 +254,7 @@ class ErasureCheck:
                             "measurement of the model before training); resume without the flag, or start "
                             "again with --overwrite")
         path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self.failed_last = _failed_side(kept[-1]) if kept else "concept"  # a resumed run goes on as it would have
         if base is None:
             self.baseline = None
             base = {"step": 0, **self._judge(trainer)}
@@ -238,19 +272,28 @@ class ErasureCheck:
         if done % self.every or not trainer.accelerator.is_main_process:
             return False
         r = {"step": done, **self._judge(trainer)}
-        floor = self.baseline["retain_accuracy"] - self.retain_drop_at_most
-        r["at_target"] = bool(r["forget_within"] and r["retain_accuracy"] is not None
-                              and r["retain_accuracy"] >= floor)
+        r["at_target"] = bool(r["forget_within"] and r["retain_within"])
         self._write(trainer, r)
-        anchors = ("" if r["retain_accuracy"] is None else
-                   f", anchors {r['retain_accuracy']:.0%} (before training {self.baseline['retain_accuracy']:.0%})")
+        self.failed_last = _failed_side(r)
+        anchors = (", anchors not drawn" if r["retain_accuracy"] is None else
+                   f", anchors {r['retain_accuracy']:.0%}"
+                   + ("" if r["retain_within"] else f" of the first {r['retain_images']} images, under the bar")
+                   + f" (before training {self.baseline['retain_accuracy']:.0%})")
         trainer.log(f"erasure check at step {done}: concept {_concept(r)}{anchors}"
                     + ("; erased: stopping" if r["at_target"] else ""))
         return r["at_target"]
 
 
+def _failed_side(r: dict) -> str:
+    """Which side a check failed on (the anchors when they were drawn and under their bar); the next check
+    draws that side first. A check at target: the concept's."""
+    return "anchors" if r.get("retain_accuracy") is not None and not r.get("retain_within", True) else "concept"
+
+
 def _concept(r: dict) -> str:
     """The concept side of a check for the log: its share, and how far it was drawn when it stopped early."""
+    if r["forget_accuracy"] is None:
+        return "not drawn"
     return f"{r['forget_accuracy']:.0%}" + ("" if r["forget_within"] else
                                             f" of the first {r['forget_images']} images, over the bar")
 
