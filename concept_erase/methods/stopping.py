@@ -215,12 +215,11 @@ class ErasureCheck:
         t0 = time.perf_counter()
         r = {"forget_accuracy": None, "forget_images": 0, "forget_within": False,
              "retain_accuracy": None, "retain_images": 0, "retain_within": False}
-        sides = {"concept": (self._concept_side, "forget_within"), "anchors": (self._anchor_side, "retain_within")}
-        order = ["anchors", "concept"] if self.baseline is not None and self.failed_last == "anchors" else [
-            "concept", "anchors"]
+        sides = [(self._concept_side, "forget_within"), (self._anchor_side, "retain_within")]
+        if self.baseline is not None and self.failed_last == "anchors":
+            sides.reverse()
         try:
-            for side in order:
-                draw, within = sides[side]
+            for draw, within in sides:
                 r.update(draw(trainer.pipe))
                 if not r[within] and self.baseline is not None:
                     break
