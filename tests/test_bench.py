@@ -266,19 +266,32 @@ def test_held_target_counts_only_runs_still_at_target_at_their_end():
     chunked = [{"step": 0, "seconds": 9.0, "forget_images": 8, "retain_images": 72, "retain_within": True},
                {"step": 25, "seconds": 9.0, "forget_images": 32, "retain_images": 24, "retain_within": False},
                {"step": 50, "seconds": 9.0, "forget_images": 32, "retain_images": 50, "retain_within": True}]
+    # since session 20 a record lists its calls, each charged at the probe's time for its side and size; a size
+    # the probe did not time leaves the check at its own clock
+    called = [{"step": 0, "seconds": 9.0, "forget_calls": [8], "retain_calls": [72]},
+              {"step": 25, "seconds": 9.0, "forget_calls": [8, 24], "retain_calls": [24]},
+              {"step": 50, "seconds": 9.0, "forget_calls": [8, 24], "retain_calls": [24, 48]}]
+    unprobed = [{**c, "forget_calls": [8, 5]} if c["step"] == 25 else c for c in called]
     probed = [{**run("probed", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": drew} for seed in (0, 1)]
+    by_call = [{**run("by call", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": called} for seed in (0, 1)]
+    odd_call = [{**run("odd call", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": unprobed} for seed in (0, 1)]
     by_chunk = [{**run("by chunk", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": chunked} for seed in (0, 1)]
     old = [{**run("old", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": [{"step": 50, "seconds": 9.0}]}
            for seed in (0, 1)]
     parts = {"check_chunk_ms": 100.0, "check_concept_ms": 300.0, "check_anchors_ms": 1000.0,
              "check_anchor_chunk_ms": 200.0}
-    timing += [{"label": label, "mean_ms": 100.0, **parts} for label in ("probed", "old", "by chunk")]
-    rows = summarise(runs + probed + old + by_chunk, [], timing, reference="paper")["by_method"]
+    parts.update(check_concept_call_ms={"8": 100.0, "24": 250.0, "32": 300.0},
+                 check_anchor_call_ms={"24": 200.0, "48": 500.0, "72": 1000.0})
+    timing += [{"label": label, "mean_ms": 100.0, **parts} for label in ("probed", "old", "by chunk", "by call", "odd call")]
+    rows = summarise(runs + probed + old + by_chunk + by_call + odd_call, [], timing, reference="paper")["by_method"]
     # 50 steps x 0.1 s + (0.1 + 1) + 0.1 + (4 x 0.1 + 1) s
     assert rows["probed"]["time_to_held_target_s"] == pytest.approx(5 + 1.1 + 0.1 + 1.4)
     assert rows["old"]["time_to_held_target_s"] == pytest.approx(5 + 0.3 + 1.0)
     # 50 x 0.1 s + (0.1 + 3 x 0.2) + (4 x 0.1 + 0.2) + (4 x 0.1 + 3 x 0.2) s
     assert rows["by chunk"]["time_to_held_target_s"] == pytest.approx(5 + 0.7 + 0.6 + 1.0)
+    # 50 x 0.1 s + (0.1 + 1) + (0.1 + 0.25 + 0.2) + (0.1 + 0.25 + 0.2 + 0.5) s
+    assert rows["by call"]["time_to_held_target_s"] == pytest.approx(5 + 1.1 + 0.55 + 1.05)
+    assert rows["odd call"]["time_to_held_target_s"] == pytest.approx(5 + 1.1 + 9.0 + 1.05)
 
 
 def test_means_are_also_split_by_kind_of_concept():
@@ -350,6 +363,15 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     # the recipe stops when erased: the probe timed each entry's check parts, at the check's sampler steps
     assert all(t["check_inference_steps"] == 10 and 0 < t["check_chunk_ms"] < t["check_concept_ms"]
                and 0 < t["check_anchor_chunk_ms"] < t["check_anchors_ms"] for t in timing.values())
+    # ... by side and images per call: every call the check makes (a first chunk, the rest, the anchors whole)
+    from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK
+
+    for t in timing.values():
+        n, m = (max(int(k) for k in t[key]) for key in ("check_concept_call_ms", "check_anchor_call_ms"))
+        assert {str(CONCEPT_CHUNK), str(n - CONCEPT_CHUNK), str(n)} <= set(t["check_concept_call_ms"])
+        assert {str(ANCHOR_CHUNK), str(m - ANCHOR_CHUNK), str(m)} <= set(t["check_anchor_call_ms"])
+        assert t["check_concept_call_ms"][str(n)] == t["check_concept_ms"] and all(
+            v > 0 for key in ("check_concept_call_ms", "check_anchor_call_ms") for v in t[key].values())
     speed = {c["target"]: c for c in report["summary"]["checks"]}["eupmu step <= 0.6 x ungrad step"]
     assert speed["measured"] == pytest.approx(timing["eupmu"]["mean_ms"] / timing["ungrad"]["mean_ms"])
     md = (out / "bench.md").read_text()

@@ -151,9 +151,10 @@ def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
     pipe.set_progress_bar_config(disable=True)
     judge = find_judge(SimpleNamespace(model="builtin:digits", concepts=[caption(3), caption(5, "red ink")],
                                        anchors=[caption(1), caption(7, "bold")], check_images=4))
-    # two images per concept, seed by seed across the concepts; the anchors get twice the concepts' share
+    # two images per concept, seed by seed across the concepts; the anchors get twice the concepts' share, seed by
+    # seed too (a first chunk sees every anchor)
     assert judge.concept_items == [(caption(3), 0), (caption(5, "red ink"), 0), (caption(3), 1), (caption(5, "red ink"), 1)]
-    assert judge.anchor_items == [(p, s) for p in (caption(1), caption(7, "bold")) for s in range(4)]
+    assert judge.anchor_items == [(p, s) for s in range(4) for p in (caption(1), caption(7, "bold"))]
     shown = judge.still_shown(pipe, judge.concept_items, 10)
     kept = judge.kept(pipe, judge.anchor_items, 10)
     # the model draws what it is asked: the concepts are there (not erased), the anchors are right
@@ -167,7 +168,10 @@ def test_a_count_stopped_early_gives_the_whole_counts_verdict():
     verdict (count <= most) is the one of counting everything, and it never judges more than it must."""
     import itertools
 
-    from concept_erase.methods.stopping import chunked, count_until
+    from concept_erase.methods.stopping import count_until
+
+    def chunked(items, size):
+        return [items[i:i + size] for i in range(0, len(items), size)]
 
     for n in range(0, 9):
         for verdicts in itertools.product([False, True], repeat=n):
@@ -179,13 +183,23 @@ def test_a_count_stopped_early_gives_the_whole_counts_verdict():
                         asked.append(len(part))
                         return [verdicts[i] for i in part]
 
-                    count, judged = count_until(chunked(list(range(n)), size), judge, most)
+                    count, calls = count_until(chunked(list(range(n)), size), judge, most)
+                    judged = sum(calls)
                     assert (count <= most) == (sum(verdicts) <= most)
-                    assert judged == sum(asked) and count == sum(verdicts[:judged])
+                    assert calls == asked and count == sum(verdicts[:judged])
                     # it stopped at the first chunk that took the count over the bar, or drew everything
                     over = next((i for i in range(n) if sum(verdicts[:i + 1]) > most), None)
                     assert judged == (n if over is None else min(n, (over // size + 1) * size))
-    assert count_until(chunked(list(range(5)), 2), lambda part: [True] * len(part), None) == (5, 5)
+    assert count_until(chunked(list(range(5)), 2), lambda part: [True] * len(part), None) == (5, [2, 2, 1])
+
+
+def test_a_side_is_a_first_chunk_then_the_rest():
+    from concept_erase.methods.stopping import first_then_rest
+
+    items = list(range(10))
+    assert first_then_rest(items, 3) == [[0, 1, 2], list(range(3, 10))]
+    assert first_then_rest(items, 10) == [items] and first_then_rest(items, 12) == [items]
+    assert first_then_rest([], 3) == []
 
 
 @pytest.mark.parametrize("total, at_most", [(32, 0.05), (25, 0.04), (20, 0.05), (3, 0.5), (7, 0.0), (10, 1.0)])
@@ -197,11 +211,12 @@ def test_the_bar_as_a_count_is_the_share_compared_as_before(total, at_most):
 
 
 def test_a_check_draws_only_what_its_verdict_needs(tmp_path):
-    """Before training: the concept side until it is over the bar (here its first chunk), the anchors whole. A
-    check while the concept is still drawn: the concept's first chunk only, no anchor. A check where the concept
-    is gone but the anchors are not kept (their losses come first): every concept image, then the anchors until
-    more are lost than the bar allows (6 of 200 at 97%: the first chunk). A check at target: every image (the
-    anchors first, as they failed the check before). Every image at --check-inference-steps."""
+    """Before training: the concept's first chunk (enough to tell whether the model draws it), the anchors whole in
+    one call. A check while the concept is still drawn: the concept's first chunk only, no anchor. A check where
+    the concept is gone but the anchors are not kept (their losses come first): the concept's first chunk and
+    then its rest, then the anchors until more are lost than the bar allows (6 of 200 at 97%: the first chunk). A
+    check at target: every image, each side as a first chunk and the rest (the anchors first, as they failed the
+    check before). Every image at --check-inference-steps; every record lists its calls."""
     from types import SimpleNamespace
 
     from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK
@@ -211,10 +226,10 @@ def test_a_check_draws_only_what_its_verdict_needs(tmp_path):
     unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
     trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), ctx=SimpleNamespace(denoiser=unet),
                               pipe=None, log=lambda message: None, output=tmp_path, start_step=0)
-    concept_whole = [("concept", 8), ("concept", 8), ("concept", 8), ("concept", 1)]
-    anchors_whole = [("anchors", ANCHOR_CHUNK)] * 8 + [("anchors", 8)]
+    concept_whole = [("concept", CONCEPT_CHUNK), ("concept", 25 - CONCEPT_CHUNK)]
+    anchors_whole = [("anchors", ANCHOR_CHUNK), ("anchors", 200 - ANCHOR_CHUNK)]
     check.start(trainer)
-    assert judge.drawn == [("concept", CONCEPT_CHUNK)] + anchors_whole
+    assert judge.drawn == [("concept", CONCEPT_CHUNK), ("anchors", 200)]
     judge.drawn.clear()
     assert not check(2, trainer) and judge.drawn == [("concept", CONCEPT_CHUNK)]
     judge.drawn.clear()
@@ -226,10 +241,12 @@ def test_a_check_draws_only_what_its_verdict_needs(tmp_path):
     assert [(r["forget_images"], r["retain_images"], r["images"]) for r in records] == [
         (CONCEPT_CHUNK, 200, CONCEPT_CHUNK + 200), (CONCEPT_CHUNK, 0, CONCEPT_CHUNK),
         (25, ANCHOR_CHUNK, 25 + ANCHOR_CHUNK), (25, 200, 225)]
+    assert [(r["forget_calls"], r["retain_calls"]) for r in records] == [
+        ([CONCEPT_CHUNK], [200]), ([CONCEPT_CHUNK], []), ([CONCEPT_CHUNK, 25 - CONCEPT_CHUNK], [ANCHOR_CHUNK]),
+        ([CONCEPT_CHUNK, 25 - CONCEPT_CHUNK], [ANCHOR_CHUNK, 200 - ANCHOR_CHUNK])]
     assert records[1]["retain_accuracy"] is None and records[1]["forget_accuracy"] == 1.0
     assert records[2]["retain_accuracy"] == 4 / ANCHOR_CHUNK and not records[2]["retain_within"] and not records[2]["at_target"]
     assert records[3]["forget_accuracy"] == 0.04 and records[3]["retain_accuracy"] == 0.975 and records[3]["at_target"]
-
 
 
 def test_the_side_that_failed_last_is_drawn_first(tmp_path):
@@ -258,12 +275,12 @@ def test_the_side_that_failed_last_is_drawn_first(tmp_path):
             again.start(SimpleNamespace(**{**vars(trainer), "start_step": 4}))
             assert again.failed_last == check.failed_last == "anchors"
     assert stopped
-    assert seen == [("concept", 1, 9),   # before training: the concept's first chunk fails; every anchor
-                    ("concept", 4, 1),   # the concept gone (all four chunks); the anchors fail in their first
+    assert seen == [("concept", 1, 1),   # before training: the concept's first chunk; the anchors in one call
+                    ("concept", 2, 1),   # the concept gone (first chunk and rest); the anchors fail in their first
                     ("anchors", 0, 1),   # the anchors first: they fail again, no concept image drawn
-                    ("anchors", 1, 9),   # the anchors pass (every chunk), then the concept fails in its first
+                    ("anchors", 1, 2),   # the anchors pass (first chunk and rest), then the concept fails in its first
                     ("concept", 1, 0),   # the concept first again
-                    ("concept", 4, 9)]   # both within: the run stops
+                    ("concept", 2, 2)]   # both within: the run stops
     records = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
     assert [r["at_target"] for r in records[1:]] == [False, False, False, False, True]
     assert records[2]["forget_accuracy"] is None and records[2]["forget_images"] == 0

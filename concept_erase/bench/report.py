@@ -72,26 +72,36 @@ def _probes(timing: list[dict] | None, labels) -> dict[str, dict]:
     return probes
 
 
-def check_seconds(check: dict, probe: dict | None) -> float:
-    """An erasure check's time (--stop-when-erased). With a probe that timed the entry's check parts (`timing.py`):
-    the concept chunks and anchor chunks it drew, at the probe's times, so that a check is charged on the same
-    machine and clock as the steps (a last chunk smaller than the others is charged as a whole one); a check of
-    session 17 and before drew everything in one go (no `forget_images` in its record): the whole concept side
-    and the anchors; one of session 18 (no `retain_within`) drew the anchors in one call, if at all. Else the
-    run's own clock."""
-    from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK
+SESSION_19_CHUNKS = (8, 24)  # the concept's and the anchors' chunk of the session-19 check (every chunk that size)
 
+
+def check_seconds(check: dict, probe: dict | None) -> float:
+    """An erasure check's time (--stop-when-erased). With a probe that timed the entry's check calls (`timing.py`):
+    each call the check made (`forget_calls`, `retain_calls`: images per call, since session 20) at the probe's
+    time for a call of that side and size, so that a check is charged on the same machine and clock as the steps.
+    Earlier records name no calls: a check of session 19 (`retain_within`, no calls) drew chunks of 8 concept
+    images and of 24 anchors (a last chunk smaller than the others is charged as a whole one); one of session 18
+    (`forget_images`, no `retain_within`) chunks of the concept and the anchors in one call, if at all; one of
+    session 17 and before everything in one go. Else, or where the probe lacks a call's size, the run's own
+    clock."""
     if not probe or probe.get("check_chunk_ms") is None:
         return float(check["seconds"])
+    if "forget_calls" in check:
+        times = {"concept": probe.get("check_concept_call_ms") or {}, "anchors": probe.get("check_anchor_call_ms") or {}}
+        calls = [("concept", k) for k in check["forget_calls"]] + [("anchors", k) for k in check["retain_calls"]]
+        if any(times[side].get(str(k)) is None for side, k in calls):
+            return float(check["seconds"])
+        return sum(times[side][str(k)] for side, k in calls) / 1000
     if "forget_images" not in check:
         return (probe["check_concept_ms"] + probe["check_anchors_ms"]) / 1000
-    concept = math.ceil(check["forget_images"] / CONCEPT_CHUNK) * probe["check_chunk_ms"]
+    chunk, anchor_chunk = SESSION_19_CHUNKS
+    concept = math.ceil(check["forget_images"] / chunk) * probe["check_chunk_ms"]
     if not check.get("retain_images"):
         anchors = 0.0
     elif "retain_within" not in check or probe.get("check_anchor_chunk_ms") is None:
         anchors = probe["check_anchors_ms"]
     else:
-        anchors = math.ceil(check["retain_images"] / ANCHOR_CHUNK) * probe["check_anchor_chunk_ms"]
+        anchors = math.ceil(check["retain_images"] / anchor_chunk) * probe["check_anchor_chunk_ms"]
     return (concept + anchors) / 1000
 
 

@@ -86,42 +86,59 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
 
 
 class _CheckClock:
-    """Times the parts of an entry's erasure check (--stop-when-erased) in the probe's rounds, on the model as the
-    entry's steps leave it: a chunk of concept images (what a check that fails on the concept side draws per
-    chunk), the whole concept side in one call (a check of session 17 and before), the anchors in one call (a
-    check of session 18) and a chunk of anchors (what a check draws of them per chunk since session 19). The report
+    """Times the calls an entry's erasure check (--stop-when-erased) makes, in the probe's rounds, on the model as
+    the entry's steps leave it: every call the current check makes (a side's first chunk, the rest of it, the
+    anchors whole before training), and the calls of the earlier versions whose runs are still reported (a
+    session-19 check drew chunks of 8 concept images and of 24 anchors, a session-18 check the anchors in one
+    call, a session-17 check the concept side in one call too). Timed by images per call and side; the report
     charges each run's checks with these, on the same machine and clock as its steps (`report.check_seconds`)."""
 
     def __init__(self, config):
-        from concept_erase.methods.stopping import find_judge
+        from concept_erase.bench.report import SESSION_19_CHUNKS
+        from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK, find_judge
 
         self.judge, self.steps = find_judge(config), int(config.check_inference_steps)
-        self.seconds: dict[str, list[float]] = {"chunk": [], "concept": [], "anchors": [], "anchor_chunk": []}
+        n, m = len(self.judge.concept_items), len(self.judge.anchor_items)
+        chunk, anchor_chunk = SESSION_19_CHUNKS
+        # (side, images per call): the first `k` items of the side, or its last `k` (the rest after a first chunk)
+        calls = {("concept", CONCEPT_CHUNK): "head", ("concept", n - CONCEPT_CHUNK): "tail", ("concept", n): "head",
+                 ("anchors", ANCHOR_CHUNK): "head", ("anchors", m - ANCHOR_CHUNK): "tail", ("anchors", m): "head",
+                 ("concept", chunk): "head", ("anchors", anchor_chunk): "head"}
+        self.calls = {call: where for call, where in calls.items() if 0 < call[1] <= (n if call[0] == "concept" else m)}
+        self.seconds: dict[tuple[str, int], list[float]] = {call: [] for call in self.calls}
 
     def time(self, trainer, counted: bool) -> None:
-        from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK
-
         judge, pipe = self.judge, trainer.pipe
-        parts = {"chunk": lambda: judge.still_shown(pipe, judge.concept_items[:CONCEPT_CHUNK], self.steps),
-                 "concept": lambda: judge.still_shown(pipe, judge.concept_items, self.steps),
-                 "anchors": lambda: judge.kept(pipe, judge.anchor_items, self.steps),
-                 "anchor_chunk": lambda: judge.kept(pipe, judge.anchor_items[:ANCHOR_CHUNK], self.steps)}
         unet = trainer.ctx.denoiser
         unet.eval()
         try:
-            for name, draw in parts.items():
+            for (side, k), where in self.calls.items():
+                items = judge.concept_items if side == "concept" else judge.anchor_items
+                part = items[:k] if where == "head" else items[len(items) - k:]
+                draw = judge.still_shown if side == "concept" else judge.kept
                 t0 = time.perf_counter()
-                draw()
+                draw(pipe, part, self.steps)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 if counted:
-                    self.seconds[name].append(time.perf_counter() - t0)
+                    self.seconds[(side, k)].append(time.perf_counter() - t0)
         finally:
             unet.train()
 
     def summary(self) -> dict:
+        """{check_concept_call_ms: {images: ms}, check_anchor_call_ms: {...}} and, for the records of sessions 17
+        to 19, the times under the names they are charged by (a chunk, the concept whole, the anchors whole, an
+        anchor chunk)."""
+        from concept_erase.bench.report import SESSION_19_CHUNKS
+
+        ms = {call: 1000 * statistics.fmean(v) if v else None for call, v in self.seconds.items()}
+        n, m = len(self.judge.concept_items), len(self.judge.anchor_items)
+        chunk, anchor_chunk = SESSION_19_CHUNKS
         return {"check_inference_steps": self.steps,
-                **{f"check_{name}_ms": 1000 * statistics.fmean(v) if v else None for name, v in self.seconds.items()}}
+                "check_concept_call_ms": {str(k): v for (side, k), v in sorted(ms.items()) if side == "concept"},
+                "check_anchor_call_ms": {str(k): v for (side, k), v in sorted(ms.items()) if side == "anchors"},
+                "check_chunk_ms": ms.get(("concept", chunk)), "check_concept_ms": ms.get(("concept", n)),
+                "check_anchors_ms": ms.get(("anchors", m)), "check_anchor_chunk_ms": ms.get(("anchors", anchor_chunk))}
 
 
 class _Stopwatch:

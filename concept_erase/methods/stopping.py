@@ -6,14 +6,19 @@ images still show the concept and the anchors' accuracy is at most `--check-reta
 below the model's own before training (measured once, at the start, with the same images).
 
 A check stops drawing as soon as its verdict is known, and the verdict is the one the whole check would give
-(`count_until`): the concept's images come in chunks of `CONCEPT_CHUNK`, and once more of them show the concept
-than the bar allows the check has failed, the rest are not drawn; the anchors come in chunks of
-`ANCHOR_CHUNK`, and once more of them are lost than the retain bar allows the check has failed. The side that
-failed the last check is drawn first (the concept's at the start) and the other only if it passed: after the
-concept is gone the anchors often stay under their bar for a few checks, and each of those then costs a chunk
-of anchors instead of every concept image and a chunk of anchors. Before training both sides are drawn, the
-anchors whole: their accuracy is the bar's reference. Most checks fail on the concept side
-while the concept is still there, so a check before the erasure costs a chunk of images, not the whole set.
+(`count_until`): the concept's images come as a first chunk of `CONCEPT_CHUNK` and then the rest in one call,
+and once more of them show the concept than the bar allows the check has failed, the rest are not drawn; the
+anchors likewise, a first chunk of `ANCHOR_CHUNK` and then the rest, and once more of them are lost than the
+retain bar allows the check has failed. (A model's call costs a fixed part plus a part per image, and the fixed
+part is large on a small model: the first chunk is where most failing checks end, one call for the rest is what
+a passing side costs least in.) The side that failed the last check is drawn first (the concept's at the start)
+and the other only if it passed: after the concept is gone the anchors often stay under their bar for a few
+checks, and each of those then costs a chunk of anchors instead of every concept image and a chunk of anchors.
+Before training the anchors are drawn whole in one call (their accuracy is the bar's reference) and the concept
+only in its first chunk, enough to warn when the model does not draw the concept at all. Most checks fail on
+the concept side while the concept is still there, so a check before the erasure costs a chunk of images, not
+the whole set. Each record lists the calls it made (`forget_calls`, `retain_calls`: images per call), which is
+what the benchmark charges it for.
 The images are drawn with `--check-inference-steps` sampler steps (10): on the digits model the judge's
 verdicts at 10 steps match those at 25 on 99% of the images, and every measured run's first check at target
 was the same (`scripts/check_steps_agreement.py`, `BENCHMARKS.md`, issue 16), at 44% of the cost.
@@ -49,10 +54,11 @@ from concept_erase.registry import Registry
 
 JUDGES: Registry = Registry("judge", "--stop-when-erased")
 
-CONCEPT_CHUNK = 8  # concept images drawn at a time: a failed check stops after the first chunk or two
-# anchor images drawn at a time: once more are lost than the bar allows the rest are not drawn (on the digits
-# model a call of 24 anchors costs about 0.4 of one of 72, so a whole draw in three calls costs ~17% more)
-ANCHOR_CHUNK = 24
+# The first chunk of each side; the rest of the side comes in one call. On the digits model's CPU probe (session
+# 19) a call cost about 170 ms plus 16 ms an image: 8 concept images 293 ms, 32 in one call 666 ms against 1.17 s
+# in four chunks of 8; 24 anchors 544 ms, 72 in one call 1.40 s against 1.63 s in three chunks.
+CONCEPT_CHUNK = 8  # a check that fails on the concept side mostly stops after it
+ANCHOR_CHUNK = 24  # a check that fails on the anchors mostly stops after it
 
 
 def most_allowed(total: int, within) -> int:
@@ -61,21 +67,23 @@ def most_allowed(total: int, within) -> int:
     return max((c for c in range(total + 1) if within(c)), default=-1)
 
 
-def count_until(chunks, verdicts, most: int | None) -> tuple[int, int]:
+def count_until(chunks, verdicts, most: int | None) -> tuple[int, list[int]]:
     """Count true verdicts chunk by chunk, and stop once the count exceeds `most` (None: count every chunk).
-    Returns (count, items judged). Whether count <= most is the same as if every chunk had been judged."""
-    count = judged = 0
+    Returns (count, the sizes of the chunks judged). Whether count <= most is the same as if every chunk had
+    been judged."""
+    count, calls = 0, []
     for part in chunks:
         if most is not None and count > most:
             break
         found = list(verdicts(part))
         count += sum(bool(v) for v in found)
-        judged += len(found)
-    return count, judged
+        calls.append(len(found))
+    return count, calls
 
 
-def chunked(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def first_then_rest(items: list, first: int) -> list[list]:
+    """A first chunk of `first` items, then the rest as one (no empty chunk)."""
+    return [part for part in (items[:first], items[first:]) if part]
 
 
 class DigitsJudge:
@@ -99,9 +107,11 @@ class DigitsJudge:
         concepts, anchors = list(config.concepts), list(config.anchors)
         per_concept = max(2, math.ceil(n / len(concepts)))
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
-        # seed by seed across the concepts, so that every chunk sees each of them
+        # seed by seed across the concepts, so that every chunk sees each of them ...
         self.concept_items = [(p, s) for s in range(per_concept) for p in concepts]
-        self.anchor_items = [(p, s) for p in anchors for s in range(per_anchor)]
+        # ... and the anchors too: a first chunk then covers every anchor, and where the erasure harms some of
+        # them more than others it sees them (in 24 images prompt by prompt it saw 3 of the 9 digits)
+        self.anchor_items = [(p, s) for s in range(per_anchor) for p in anchors]
         from concept_erase.io.loading import load_judge
 
         self.judge = load_judge()
@@ -181,30 +191,38 @@ class ErasureCheck:
         return Path(trainer.output) / "checks.jsonl"
 
     def _concept_side(self, pipe) -> dict:
-        """The concept's images, 8 at a time, until more show the concept than the bar allows."""
+        """The concept's first chunk, then the rest, until more show the concept than the bar allows. Before
+        training the first chunk only: it tells whether the model draws the concept at all (the bar is then
+        applied to that chunk, for the note)."""
         concept = list(self.judge.concept_items)
+        if self.baseline is None:
+            concept = concept[:CONCEPT_CHUNK]
         n = len(concept)
         most = most_allowed(n, lambda c: c / n <= self.forget_at_most)
-        shown, judged = count_until(chunked(concept, CONCEPT_CHUNK),
-                                    lambda part: self.judge.still_shown(pipe, part, self.steps), most)
-        return {"forget_accuracy": shown / judged, "forget_images": judged, "forget_within": shown <= most}
+        shown, calls = count_until(first_then_rest(concept, CONCEPT_CHUNK),
+                                   lambda part: self.judge.still_shown(pipe, part, self.steps), most)
+        judged = sum(calls)
+        return {"forget_accuracy": shown / judged, "forget_images": judged, "forget_within": shown <= most,
+                "forget_calls": calls}
 
     def _anchor_side(self, pipe) -> dict:
-        """The anchors, 24 at a time, until more are lost than the bar allows; before training (no baseline
-        yet) every one: their accuracy is the bar's reference."""
+        """The anchors' first chunk, then the rest, until more are lost than the bar allows; before training
+        (no baseline yet) every one in one call: their accuracy is the bar's reference."""
         anchors = list(self.judge.anchor_items)
         if not anchors:
-            return {"retain_accuracy": 1.0, "retain_images": 0, "retain_within": True}
+            return {"retain_accuracy": 1.0, "retain_images": 0, "retain_within": True, "retain_calls": []}
         m = len(anchors)
         if self.baseline is None:
-            most_lost = None
+            most_lost, chunks = None, [anchors]
         else:
             floor = self.baseline["retain_accuracy"] - self.retain_drop_at_most
             most_lost = most_allowed(m, lambda c: (m - c) / m >= floor)
-        lost, drawn = count_until(chunked(anchors, ANCHOR_CHUNK),
-                                  lambda part: [not k for k in self.judge.kept(pipe, part, self.steps)], most_lost)
+            chunks = first_then_rest(anchors, ANCHOR_CHUNK)
+        lost, calls = count_until(chunks, lambda part: [not k for k in self.judge.kept(pipe, part, self.steps)],
+                                  most_lost)
+        drawn = sum(calls)
         return {"retain_accuracy": (drawn - lost) / drawn, "retain_images": drawn,
-                "retain_within": most_lost is None or lost <= most_lost}
+                "retain_within": most_lost is None or lost <= most_lost, "retain_calls": calls}
 
     def _judge(self, trainer) -> dict:
         """One check, drawing no more images than its verdict needs: the side that failed the last check goes
@@ -213,8 +231,8 @@ class ErasureCheck:
         was_training = unet.training
         unet.eval()
         t0 = time.perf_counter()
-        r = {"forget_accuracy": None, "forget_images": 0, "forget_within": False,
-             "retain_accuracy": None, "retain_images": 0, "retain_within": False}
+        r = {"forget_accuracy": None, "forget_images": 0, "forget_within": False, "forget_calls": [],
+             "retain_accuracy": None, "retain_images": 0, "retain_within": False, "retain_calls": []}
         sides = [(self._concept_side, "forget_within"), (self._anchor_side, "retain_within")]
         if self.baseline is not None and self.failed_last == "anchors":
             sides.reverse()
@@ -258,11 +276,11 @@ class ErasureCheck:
             self.baseline = None
             base = {"step": 0, **self._judge(trainer)}
             self._write(trainer, base)
-            trainer.log(f"erasure check before training: concept {_concept(base)}, anchors "
+            trainer.log(f"erasure check before training: concept {_concept(base, len(self.judge.concept_items))}, anchors "
                         f"{base['retain_accuracy']:.0%} ({base['images']} images, {base['seconds']:.1f} s)")
             if base.get("forget_within"):
                 trainer.log(f"note: before any training the model shows the concept in only "
-                            f"{base['forget_accuracy']:.0%} of the check's images, under the "
+                            f"{base['forget_accuracy']:.0%} of the check's first {base['forget_images']} images, under the "
                             f"{self.forget_at_most:.0%} bar: the first check will stop the run. Is the concept's "
                             "prompt the one the model draws it for?")
         self.baseline = base
@@ -276,9 +294,9 @@ class ErasureCheck:
         self.failed_last = _failed_side(r)
         anchors = (", anchors not drawn" if r["retain_accuracy"] is None else
                    f", anchors {r['retain_accuracy']:.0%}"
-                   + ("" if r["retain_within"] else f" of the first {r['retain_images']} images, under the bar")
+                   + ("" if r["retain_within"] else f"{_of(r['retain_images'], len(self.judge.anchor_items))}, under the bar")
                    + f" (before training {self.baseline['retain_accuracy']:.0%})")
-        trainer.log(f"erasure check at step {done}: concept {_concept(r)}{anchors}"
+        trainer.log(f"erasure check at step {done}: concept {_concept(r, len(self.judge.concept_items))}{anchors}"
                     + ("; erased: stopping" if r["at_target"] else ""))
         return r["at_target"]
 
@@ -289,12 +307,17 @@ def _failed_side(r: dict) -> str:
     return "anchors" if r.get("retain_accuracy") is not None and not r.get("retain_within", True) else "concept"
 
 
-def _concept(r: dict) -> str:
+def _of(drawn: int, total: int) -> str:
+    """How far a side was drawn, for the log: nothing when it was drawn whole."""
+    return f" of the first {drawn} images" if drawn < total else ""
+
+
+def _concept(r: dict, total: int) -> str:
     """The concept side of a check for the log: its share, and how far it was drawn when it stopped early."""
     if r["forget_accuracy"] is None:
         return "not drawn"
     return f"{r['forget_accuracy']:.0%}" + ("" if r["forget_within"] else
-                                            f" of the first {r['forget_images']} images, over the bar")
+                                            f"{_of(r['forget_images'], total)}, over the bar")
 
 
 class Hooks:
