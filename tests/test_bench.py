@@ -271,7 +271,7 @@ def test_held_target_counts_only_runs_still_at_target_at_their_end():
     called = [{"step": 0, "seconds": 9.0, "forget_calls": [8], "retain_calls": [72]},
               {"step": 25, "seconds": 9.0, "forget_calls": [8, 24], "retain_calls": [24]},
               {"step": 50, "seconds": 9.0, "forget_calls": [8, 24], "retain_calls": [24, 48]}]
-    unprobed = [{**c, "forget_calls": [8, 5]} if c["step"] == 25 else c for c in called]
+    unprobed = [{**c, "forget_calls": [8, 5]} if c["step"] == 25 else c for c in called]  # 5: on the line
     probed = [{**run("probed", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": drew} for seed in (0, 1)]
     by_call = [{**run("by call", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": called} for seed in (0, 1)]
     odd_call = [{**run("odd call", seed, [(50, 0.0)], 0.0), "method": "eupmu", "checks": unprobed} for seed in (0, 1)]
@@ -291,7 +291,18 @@ def test_held_target_counts_only_runs_still_at_target_at_their_end():
     assert rows["by chunk"]["time_to_held_target_s"] == pytest.approx(5 + 0.7 + 0.6 + 1.0)
     # 50 x 0.1 s + (0.1 + 1) + (0.1 + 0.25 + 0.2) + (0.1 + 0.25 + 0.2 + 0.5) s
     assert rows["by call"]["time_to_held_target_s"] == pytest.approx(5 + 1.1 + 0.55 + 1.05)
-    assert rows["odd call"]["time_to_held_target_s"] == pytest.approx(5 + 1.1 + 9.0 + 1.05)
+    # a size the probe did not time (another concept's count) is charged on the line through the timed sizes:
+    # concept calls 100, 250, 300 ms at 8, 24, 32 images: 5 images on their least-squares line
+    from concept_erase.bench.report import call_cost
+
+    line = call_cost({"8": 100.0, "24": 250.0, "32": 300.0})
+    assert line(24) == 250.0 and line(8) == 100.0 and line(5) == pytest.approx(78.125)
+    assert call_cost({"8": 100.0}) is None and call_cost(None) is None
+    assert rows["odd call"]["time_to_held_target_s"] == pytest.approx(5 + 1.1 + (0.1 + line(5) / 1000 + 0.2) + 1.05)
+    # a probe without the calls' times (session 19's) leaves such a record at its own clock
+    no_calls = [{**t, "check_concept_call_ms": None} for t in timing if t["label"] == "by call"]
+    rows = summarise(by_call, [], no_calls, reference="")["by_method"]
+    assert rows["by call"]["time_to_held_target_s"] == pytest.approx(5 + 9.0 * 3)
 
 
 def test_means_are_also_split_by_kind_of_concept():

@@ -75,10 +75,25 @@ def _probes(timing: list[dict] | None, labels) -> dict[str, dict]:
 SESSION_19_CHUNKS = (8, 24)  # the concept's and the anchors' chunk of the session-19 check (every chunk that size)
 
 
+def call_cost(timed: dict | None):
+    """ms of a call of k images, from the probe's timed calls of one side ({images: ms}): the timed value where
+    that size was timed; else the least-squares line through them (a call costs a fixed part and a part per
+    image), as the probe draws the check of its one concept and other concepts have other counts (a style's
+    prompts give 40 concept images, not 32). None without two timed sizes."""
+    exact = {int(k): float(v) for k, v in (timed or {}).items() if v is not None}
+    if len(exact) < 2:
+        return None
+    points, n = list(exact.items()), len(exact)
+    mk, mv = sum(k for k, _ in points) / n, sum(v for _, v in points) / n
+    slope = sum((k - mk) * (v - mv) for k, v in points) / sum((k - mk) ** 2 for k, _ in points)
+    return lambda k: exact.get(k, mv + slope * (k - mk))
+
+
 def check_seconds(check: dict, probe: dict | None) -> float:
     """An erasure check's time (--stop-when-erased). With a probe that timed the entry's check calls (`timing.py`):
     each call the check made (`forget_calls`, `retain_calls`: images per call, since session 20) at the probe's
-    time for a call of that side and size, so that a check is charged on the same machine and clock as the steps.
+    time for a call of that side and size (`call_cost`), so that a check is charged on the same machine and clock
+    as the steps.
     Earlier records name no calls: a check of session 19 (`retain_within`, no calls) drew chunks of 8 concept
     images and of 24 anchors (a last chunk smaller than the others is charged as a whole one); one of session 18
     (`forget_images`, no `retain_within`) chunks of the concept and the anchors in one call, if at all; one of
@@ -87,11 +102,12 @@ def check_seconds(check: dict, probe: dict | None) -> float:
     if not probe or probe.get("check_chunk_ms") is None:
         return float(check["seconds"])
     if "forget_calls" in check:
-        times = {"concept": probe.get("check_concept_call_ms") or {}, "anchors": probe.get("check_anchor_call_ms") or {}}
+        cost = {"concept": call_cost(probe.get("check_concept_call_ms")),
+                "anchors": call_cost(probe.get("check_anchor_call_ms"))}
         calls = [("concept", k) for k in check["forget_calls"]] + [("anchors", k) for k in check["retain_calls"]]
-        if any(times[side].get(str(k)) is None for side, k in calls):
+        if any(cost[side] is None for side, _ in calls):
             return float(check["seconds"])
-        return sum(times[side][str(k)] for side, k in calls) / 1000
+        return sum(cost[side](k) for side, k in calls) / 1000
     if "forget_images" not in check:
         return (probe["check_concept_ms"] + probe["check_anchors_ms"]) / 1000
     chunk, anchor_chunk = SESSION_19_CHUNKS

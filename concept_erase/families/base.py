@@ -155,8 +155,8 @@ class Family:
         raise NotImplementedError
 
     def inputs(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> tuple[tuple, dict]:
-        """(args, kwargs) of the denoiser call: the same for the model being trained and for the original
-        weights swapped in (`training/original.py`)."""
+        """(args, kwargs) of the denoiser call: the same for the model being trained and for
+        `functional_call` on the original weights."""
         raise NotImplementedError
 
     def predict(self, model, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
