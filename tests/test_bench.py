@@ -372,8 +372,9 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     assert timing["ungrad"]["backward_per_step"] == 2.0 and timing["eupmu"]["backward_per_step"] == 1.0
     assert all(0 < t["forget_batch_ms"] < t["mean_ms"] for t in timing.values())
     # the recipe stops when erased: the probe timed each entry's check parts, at the check's sampler steps
-    assert all(t["check_inference_steps"] == 10 and 0 < t["check_chunk_ms"] < t["check_concept_ms"]
-               and 0 < t["check_anchor_chunk_ms"] < t["check_anchors_ms"] for t in timing.values())
+    # (their order, a chunk under the whole side, is not asserted: one round on a loaded machine can invert it)
+    assert all(t["check_inference_steps"] == 10 and all(t[k] > 0 for k in (
+        "check_chunk_ms", "check_concept_ms", "check_anchor_chunk_ms", "check_anchors_ms")) for t in timing.values())
     # ... by side and images per call: every call the check makes (a first chunk, the rest, the anchors whole)
     from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK
 
