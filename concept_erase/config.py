@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from concept_erase.errors import UserError
+from concept_erase.image_seeds import CHECK_SEED_START
 from concept_erase.options import IN_DIR, MAX_SEED, OUT_DIR, check_fields, setting
 
 TRAINABLE_SUBSETS = ("xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora")
@@ -142,6 +143,10 @@ class EraseConfig:
                                         "model the judge's verdicts at 10 steps match those at 25)", ge=1, le=1000)
     check_images: int = _f(32, "with --stop-when-erased: concept images per check (the anchors get twice as "
                                 "many, spread over their prompts)", ge=2, le=100000)
+    check_seed_start: int = _f(CHECK_SEED_START, "with --stop-when-erased: the first image seed a check draws (a "
+                                                 "check draws fewer than 2 x --check-images seeds from here on); "
+                                                 "evaluations judge seeds 0 and up, so a run is never graded on "
+                                                 "the images that stopped it", ge=0, le=MAX_SEED - 200000)
     report_to: str = _f("none", "follow the run in a tracker, through Accelerate: tensorboard (OUTPUT/logs), wandb, all "
                                 "or none; per step the losses, lambda, the slack, the gradient norm and the step time",
                         choices=("none", "tensorboard", "wandb", "all"))

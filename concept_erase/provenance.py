@@ -56,6 +56,23 @@ def command_line() -> str:
     return " ".join([name, *map(shlex.quote, sys.argv[1:])])
 
 
+def commit() -> str | None:
+    """The git commit of the code that runs ("+changes" when the checkout has uncommitted changes to tracked files),
+    or None outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 

@@ -493,3 +493,87 @@ def test_runs_from_another_bench_json_join_the_report(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"runs": 3}')
     assert main(["bench", "--output", str(out), "--runs-from", str(tmp_path / "bad.json"), "--report-only"]) == 2
     assert "holds no list of runs" in capsys.readouterr().err
+
+
+SPLITS = ("splits:\n  tuning: {concepts: [three, red ink], seeds: [0, 1], evaluation_seed_start: 0}\n"
+          "  held_out: {concepts: [five, bold], seeds: [10], evaluation_seed_start: 1000}\n")
+
+
+def test_a_file_with_splits_plans_each_split_on_its_own_seeds(tmp_path):
+    from concept_erase.bench.spec import evaluation_seeds, split_of
+
+    p = tmp_path / "b.yaml"
+    p.write_text(SPLITS + "methods: [{method: eupmu}]\nevaluation: {seeds: 4, final_seeds: 8}\n")
+    spec = load_bench(p)
+    runs = {(concept, seed) for _, _, concept, seed in plan(spec)}
+    assert runs == {("three", 0), ("three", 1), ("red ink", 0), ("red ink", 1), ("five", 10), ("bold", 10)}
+    assert split_of(spec, "five").name == "held_out" and split_of(spec, "three").name == "tuning"
+    assert evaluation_seeds(spec, split_of(spec, "bold")) == range(1000, 1008)
+
+
+@pytest.mark.parametrize("text,message", [
+    (SPLITS.replace("[five, bold]", "[five, three]"), "share the concept 'three'"),
+    (SPLITS.replace("seeds: [10]", "seeds: [1]"), "share the run seed 1"),
+    (SPLITS.replace("evaluation_seed_start: 1000", "evaluation_seed_start: 10"), "evaluate on the same image seeds"),
+    (SPLITS.replace("held_out: {concepts: [five, bold], seeds: [10], evaluation_seed_start: 1000}", "held_out: {}"),
+     "splits.held_out is empty"),
+    (SPLITS.replace("held_out: {concepts: [five, bold], seeds: [10], evaluation_seed_start: 1000}", "held_out:"),
+     "splits.held_out is empty"),
+    (SPLITS.replace("  held_out: {concepts: [five, bold], seeds: [10], evaluation_seed_start: 1000}\n", ""),
+     "exactly tuning: and held_out:"),
+    (SPLITS.replace("seeds: [10]", "seeds: []"), "held_out.seeds must list at least one"),
+    (SPLITS + "concepts: [three]\n", "inside splits"),
+    (SPLITS.replace("evaluation_seed_start: 1000", "evaluation_seed_start: 999990"), "erasure checks draw"),
+])
+def test_bad_splits_are_refused_before_any_run(tmp_path, text, message):
+    """Overlapping tuning and held-out splits, an empty held-out split, and evaluation seeds that a check draws."""
+    p = tmp_path / "b.yaml"
+    p.write_text(text + "methods: [{method: eupmu}, {method: fixed}]\nevaluation: {seeds: 4, final_seeds: 16}\n")
+    with pytest.raises(UserError, match=message):
+        load_bench(p)
+
+
+def test_an_entry_whose_checks_draw_evaluation_seeds_is_refused(tmp_path):
+    p = tmp_path / "b.yaml"
+    p.write_text("concepts: [three]\nmethods: [{method: eupmu, check_seed_start: 30}]\n"
+                 "evaluation: {seeds: 4, final_seeds: 64}\n")
+    with pytest.raises(UserError, match="method 'eupmu': its erasure checks draw seeds 30-93, which the evaluation"):
+        load_bench(p)
+    p.write_text("concepts: [three]\nmethods: [{method: eupmu, check_seed_start: 30, stop_when_erased: false}]\n"
+                 "evaluation: {seeds: 4, final_seeds: 16}\n")
+    assert plan(load_bench(p))  # no check, nothing to keep apart
+
+
+def test_no_check_draws_an_image_that_an_evaluation_judges():
+    """The (caption, seed) pairs an erasure check draws and those the benchmark's and the demo's evaluations judge
+    never meet, for every concept of the digits world under the shipped recipe."""
+    from concept_erase.bench.judging import concept_prompts, judged_items
+    from concept_erase.config import build_config, load_yaml
+    from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
+    from concept_erase.image_seeds import seed_range
+
+    recipe = load_yaml(ROOT / "pipelines" / "digits-erase.yaml")
+    spec = load_bench(ROOT / "pipelines" / "bench-heldout.yaml")
+    for concept in DIGIT_NAMES + STYLES[1:]:
+        concepts, anchors = concept_prompts(concept)
+        config = build_config({**recipe, "concepts": concepts, "anchors": anchors, "output": "unused"})
+        checked = _check_items(config)
+        for split in spec.splits:
+            n = max(spec.eval_seeds, spec.eval_final_seeds)
+            forget, retain = judged_items(concept, n)
+            evaluated = {(caption(d, s), x) for d, s, k in forget + retain
+                         for x in seed_range(split.evaluation_seed_start, k)}
+            assert evaluated and checked and not evaluated & checked
+        demo = {(caption(d), x) for d in range(10) for x in range(16)}  # the demo's evaluation: seeds 0-15
+        assert not demo & checked
+
+
+def _check_items(config) -> set:
+    """Every (caption, seed) a check of this run lists, without loading the judge network."""
+    import unittest.mock
+
+    from concept_erase.methods.stopping import DigitsJudge
+
+    with unittest.mock.patch("concept_erase.io.loading.load_judge", lambda: None):
+        judge = DigitsJudge(config)
+    return set(judge.concept_items) | set(judge.anchor_items)

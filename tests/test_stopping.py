@@ -149,18 +149,20 @@ def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
 
     pipe = load_pipeline("builtin:digits")
     pipe.set_progress_bar_config(disable=True)
+    start = 5000
     judge = find_judge(SimpleNamespace(model="builtin:digits", concepts=[caption(3), caption(5, "red ink")],
-                                       anchors=[caption(1), caption(7, "bold")], check_images=4))
-    # two images per concept, seed by seed across the concepts; the anchors get twice the concepts' share, seed by
-    # seed too (a first chunk sees every anchor)
-    assert judge.concept_items == [(caption(3), 0), (caption(5, "red ink"), 0), (caption(3), 1), (caption(5, "red ink"), 1)]
-    assert judge.anchor_items == [(p, s) for s in range(4) for p in (caption(1), caption(7, "bold"))]
+                                       anchors=[caption(1), caption(7, "bold")], check_images=4, check_seed_start=start))
+    # two images per concept, seed by seed across the concepts, from the check's first seed on; the anchors get twice
+    # the concepts' share, seed by seed too (a first chunk sees every anchor)
+    assert judge.concept_items == [(caption(3), start), (caption(5, "red ink"), start), (caption(3), start + 1),
+                                   (caption(5, "red ink"), start + 1)]
+    assert judge.anchor_items == [(p, s) for s in range(start, start + 4) for p in (caption(1), caption(7, "bold"))]
     shown = judge.still_shown(pipe, judge.concept_items, 10)
     kept = judge.kept(pipe, judge.anchor_items, 10)
     # the model draws what it is asked: the concepts are there (not erased), the anchors are right
     assert sum(shown) >= 3 and sum(kept) >= 6 and len(shown) == 4 and len(kept) == 8
     # a chunk of one image (a check's last chunk can be one) is drawn and judged on its own
-    assert sum(judge.still_shown(pipe, [(caption(3), 0)], 10)) == 1
+    assert sum(judge.still_shown(pipe, [(caption(3), start)], 10)) == 1
 
 
 def test_a_count_stopped_early_gives_the_whole_counts_verdict():

@@ -9,6 +9,7 @@ from concept_erase import env  # noqa: F401
 import torch
 
 from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
+from concept_erase.image_seeds import seed_range
 
 
 
@@ -51,12 +52,15 @@ class Judging:
     base model's and each run's final evaluation, the figures the report's means are taken over.
     """
 
-    def __init__(self, concept: str, seeds: int, steps: int, guidance: float, final_seeds: int | None = None):
+    def __init__(self, concept: str, seeds: int, steps: int, guidance: float, final_seeds: int | None = None,
+                 seed_start: int = 0, nearest: list[str] | None = None):
         from concept_erase.digits.world import build
         from concept_erase.io.loading import load_judge
 
         self.concept, self.steps, self.guidance = concept, steps, guidance
         self.seeds, self.final_seeds = seeds, final_seeds or seeds
+        self.seed_start = int(seed_start)  # the evaluation's image seeds: seed_start, seed_start + 1, ...
+        self.nearest = list(nearest or [])  # the concepts whose retain accuracy is reported on its own
         self.judge = load_judge()
         test = build("test")
         wanted = {(d, STYLES.index(s)) for d, s, _ in self.items(1)[1]}
@@ -70,28 +74,71 @@ class Judging:
         """How many images one evaluation generates."""
         return judged_images(self.concept, self.final_seeds if final else self.seeds)
 
+    def seeds_used(self, final: bool = True) -> range:
+        """The image seeds an evaluation draws (every prompt the same ones)."""
+        return seed_range(self.seed_start, self.final_seeds if final else self.seeds)
+
+    def _draw(self, pipe, items) -> list:
+        from concept_erase.digits.evaluate import generate_many
+
+        seeds = lambda n: seed_range(self.seed_start, n)  # noqa: E731
+        return generate_many(pipe, [(caption(d, s), seeds(n)) for d, s, n in items], steps=self.steps,
+                             guidance=self.guidance)
+
+    @torch.no_grad()
+    def nearest_concepts(self, pipe, count: int = 2) -> list[str]:
+        """The `count` concepts the judge finds most alike the erased one in the model's own images of it: for a
+        digit, the digits with the highest mean probability on its images after itself; for a style, the styles
+        likewise. Measured on the base model once per concept (the images of the final evaluation's forget
+        side), so that "near" is a property of the model and the judge, not of a run."""
+        forget_items, _ = self.items(self.final_seeds)
+        images = torch.cat(self._draw(pipe, forget_items))
+        logits_d, logits_s = self.judge(images.to(self.judge.device, self.judge.dtype))
+        if self.concept in DIGIT_NAMES:
+            p = torch.softmax(logits_d.float(), 1).mean(0)
+            p[DIGIT_NAMES.index(self.concept)] = -1
+            return [DIGIT_NAMES[i] for i in p.argsort(descending=True)[:count].tolist()]
+        p = torch.softmax(logits_s.float(), 1).mean(0)
+        p[STYLES.index(self.concept)] = -1
+        return [STYLES[i] for i in p.argsort(descending=True)[:count].tolist()]
+
+    def _is_near(self, digit: int, style: str) -> bool:
+        """A retain prompt of one of the nearest concepts (a digit's plain caption; any digit in a near style)."""
+        return (DIGIT_NAMES[digit] if self.concept in DIGIT_NAMES else style) in self.nearest
+
     @torch.no_grad()
     def __call__(self, pipe, *, fid: bool = True, final: bool = False) -> dict:
-        from concept_erase.digits.evaluate import domain_fid, generate_many
+        from concept_erase.digits.evaluate import domain_fid
 
         forget_items, retain_items = self.items(self.final_seeds if final else self.seeds)
         every = forget_items + retain_items
-        made = generate_many(pipe, [(caption(d, s), range(n)) for d, s, n in every], steps=self.steps, guidance=self.guidance)
-        judged = []
-        for (d, s, _), images in zip(every, made):
+        made = self._draw(pipe, every)
+        hits = []  # per prompt: (digit, style, images, hits)
+        for i, ((d, s, _), images) in enumerate(zip(every, made)):
             pd, ps = self.judge.predict(images)
-            judged.append((d, STYLES.index(s), images, pd, ps))
-        forget, retain = judged[:len(forget_items)], judged[len(forget_items):]
-        if self.concept in DIGIT_NAMES:
-            f_hits = sum(int((pd == d).sum()) for d, _, _, pd, _ in forget)
-            r_hits = sum(int((pd == d).sum()) for d, _, _, pd, _ in retain)
-        else:
-            f_hits = sum(int((ps == s).sum()) for _, s, _, _, ps in forget)
-            r_hits = sum(int(((pd == d) & (ps == s)).sum()) for d, s, _, pd, ps in retain)
+            if self.concept in DIGIT_NAMES:
+                hit = int((pd == d).sum())
+            elif i < len(forget_items):
+                hit = int((ps == STYLES.index(s)).sum())
+            else:
+                hit = int(((pd == d) & (ps == STYLES.index(s))).sum())
+            hits.append((d, s, images, hit))
+        forget, retain = hits[:len(forget_items)], hits[len(forget_items):]
         n_f = sum(len(x[2]) for x in forget)
         n_r = sum(len(x[2]) for x in retain)
-        result = {"forget_accuracy": f_hits / n_f, "retain_accuracy": r_hits / n_r, "images": n_f + n_r,
-                  "forget_images": n_f}
+        result = {"forget_accuracy": sum(h for *_, h in forget) / n_f, "retain_accuracy": sum(h for *_, h in retain) / n_r,
+                  "images": n_f + n_r, "forget_images": n_f, "forget_hits": sum(h for *_, h in forget),
+                  "retain_images": n_r, "retain_hits": sum(h for *_, h in retain),
+                  "seed_start": self.seed_start}
+        if self.nearest:
+            near = [x for x in retain if self._is_near(x[0], x[1])]
+            far = [x for x in retain if not self._is_near(x[0], x[1])]
+            for name, part in (("near", near), ("far", far)):
+                n = sum(len(x[2]) for x in part)
+                result[f"{name}_retain_hits"] = sum(h for *_, h in part)
+                result[f"{name}_retain_images"] = n
+                result[f"{name}_retain_accuracy"] = result[f"{name}_retain_hits"] / n if n else None
+            result["nearest"] = list(self.nearest)
         if fid:
             result["domain_fid"] = domain_fid(self.judge, torch.cat([x[2] for x in retain]), self.real)
         return result

@@ -34,8 +34,9 @@ from concept_erase.errors import UserError
 from concept_erase.bench.judging import Judging, judged_images
 from concept_erase.bench.memory import memory_table
 from concept_erase.bench.report import attack_plot, final_images, markdown, pareto_plot, summarise
+from concept_erase.bench.records import RECORD_SCHEMA, upgrade
 from concept_erase.bench.spec import (FORGET_TARGET, RETAIN_DROP, SHIPPED_BENCH, BenchSpec, load_bench, plan,
-                                      run_config)
+                                      run_config, split_of)
 from concept_erase.bench.timing import probe_timing
 
 
@@ -72,7 +73,8 @@ def run_settings(config) -> dict:
             "check_forget_at_most": config.check_forget_at_most if checks else None,
             "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
             "check_every": config.check_every if checks else None,
-            "check_inference_steps": config.check_inference_steps if checks else None}
+            "check_inference_steps": config.check_inference_steps if checks else None,
+            "check_seed_start": config.check_seed_start if checks else None}
 
 
 def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,
@@ -112,9 +114,16 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     check_seconds = lambda step: sum(c["seconds"] for c in checks if c["step"] <= step)  # noqa: E731
     time_to_target = None if first is None else cumulative[first] + check_seconds(first)
     k = config.gradient_accumulation_steps
+    near = {f"{side}_{key}": final.get(f"{side}_{key}") for side in ("near", "far")
+            for key in ("retain_accuracy", "retain_hits", "retain_images")}
+    base_near = {f"base_{side}_retain_accuracy": base_eval.get(f"{side}_retain_accuracy") for side in ("near", "far")}
     return {
+        "schema": RECORD_SCHEMA, "commit": provenance.commit(), "split": split_of(spec, concept).name,
         "label": label, "concept": concept, "seed": seed, **run_settings(config),
+        "evaluation_seed_start": judging.seed_start,
         "forget_accuracy": final["forget_accuracy"], "retain_accuracy": final["retain_accuracy"],
+        "forget_hits": final["forget_hits"], "retain_hits": final["retain_hits"], "retain_images": final["retain_images"],
+        "nearest": final.get("nearest", []), **near, **base_near,
         "domain_fid": final["domain_fid"], "eval_images": final["images"], "forget_images": final["forget_images"],
         "base_forget_accuracy": base_eval["forget_accuracy"], "base_retain_accuracy": base_eval["retain_accuracy"],
         "base_domain_fid": base_eval["domain_fid"],
@@ -178,10 +187,10 @@ def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise UserError(f"--runs-from {source}: not a readable bench.json ({err})") from None
         records = report.get("runs") if isinstance(report, dict) else None
-        if not isinstance(records, list) or not all(
-                isinstance(r, dict) and {"label", "concept", "seed"} <= r.keys() for r in records):
+        if not isinstance(records, list):
             raise UserError(f"--runs-from {source}: holds no list of runs; give a bench.json that "
                             "`concept-erase bench` wrote")
+        records = [upgrade(r, f"--runs-from {source}, run {i + 1}") for i, r in enumerate(records)]
         added = kept = 0
         differ, unplanned = [], 0
         for record in records:
@@ -210,6 +219,44 @@ def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -
             log(f"    left out, their settings differ from this file's entry of the same label: {'; '.join(differ)}")
 
 
+def read_record(path: Path) -> dict:
+    """A stored run, checked and in the current shape (`records.upgrade`), or a one-line error naming the file."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not a readable run record ({err}); delete it and the benchmark runs it again") from None
+    return upgrade(raw, str(path))
+
+
+def _narrow(spec: BenchSpec, overrides: dict) -> None:
+    """--concepts and --seeds: in a file without splits they replace its concepts and seeds; in a file with splits
+    they pick some of each split's (a concept or seed the file does not name is refused), so that the split each
+    run belongs to, and its evaluation seeds, stay the file's."""
+    for c in overrides.get("concepts", []):
+        if c not in DIGIT_NAMES and c not in STYLES[1:]:
+            raise UserError(f"--concepts: {c!r} is neither a digit nor a style ({', '.join(STYLES[1:])})")
+    if spec.splits and spec.splits[0].name != "all":
+        for key in ("concepts", "seeds"):
+            if key not in overrides:
+                continue
+            known = {x for sp in spec.splits for x in getattr(sp, key)}
+            unknown = [x for x in overrides[key] if x not in known]
+            if unknown:
+                raise UserError(f"--{key}: {unknown[0]!r} is in no split of {spec.source}; pick from "
+                                f"{', '.join(map(str, sorted(known, key=str)))}")
+            for sp in spec.splits:
+                setattr(sp, key, [x for x in getattr(sp, key) if x in overrides[key]])
+        spec.splits = [sp for sp in spec.splits if sp.concepts and sp.seeds]
+        if not spec.splits:
+            raise UserError(f"--concepts and --seeds leave no run of {spec.source}: no split has both")
+        spec.concepts = [c for sp in spec.splits for c in sp.concepts]
+        spec.seeds = sorted({x for sp in spec.splits for x in sp.seeds})
+        return
+    for key, value in overrides.items():
+        setattr(spec, key, value)
+    spec.splits[0].concepts, spec.splits[0].seeds = spec.concepts, spec.seeds
+
+
 def run_bench(config_path: str, output: str | Path, *, progress: bool = True, only: list[str] | None = None,
               overrides: dict | None = None, report_only: bool = False, runs_from: list | None = None,
               command: str = "", log=None) -> dict:
@@ -220,12 +267,7 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
             print(message, flush=True)
     config_path = config_path or SHIPPED_BENCH  # found wherever the command runs, not only in a clone
     spec = load_bench(config_path)
-    for key, value in (overrides or {}).items():
-        if key == "concepts":
-            for c in value:
-                if c not in DIGIT_NAMES and c not in STYLES[1:]:
-                    raise UserError(f"--concepts: {c!r} is neither a digit nor a style ({', '.join(STYLES[1:])})")
-        setattr(spec, key, value)
+    _narrow(spec, overrides or {})
     output = Path(output)
     runs = plan(spec)
     if only:
@@ -260,7 +302,7 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
         path = output / "runs" / f"{_run_id(label, concept, seed)}.json"
         wanted = judged_images(concept, final_seeds)
         if path.is_file():
-            record = json.loads(path.read_text())
+            record = read_record(path)
             if report_only or final_images(record) == wanted:
                 results.append(record)
                 continue
@@ -269,14 +311,19 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
         if report_only:
             continue
         if concept not in judgings:
-            judgings[concept] = Judging(concept, spec.eval_seeds, spec.eval_steps, spec.eval_guidance, final_seeds)
+            start = split_of(spec, concept).evaluation_seed_start
+            judging = Judging(concept, spec.eval_seeds, spec.eval_steps, spec.eval_guidance, final_seeds,
+                              seed_start=start)
             base_file = output / "runs" / f"base__{concept.replace(' ', '_')}.json"
             stored = json.loads(base_file.read_text()) if base_file.is_file() else {}
-            if stored.get("images") == wanted:
+            if stored.get("images") == wanted and stored.get("seed_start", 0) == start and stored.get("nearest"):
+                judging.nearest = stored["nearest"]
                 base_evals[concept] = stored
             else:
-                base_evals[concept] = judgings[concept](base, final=True)
+                judging.nearest = judging.nearest_concepts(base)
+                base_evals[concept] = judging(base, final=True)
                 write_json(base_file, base_evals[concept])
+            judgings[concept] = judging
         log(f"[{i + 1}/{len(runs)}] {label} erasing {concept!r} (seed {seed})")
         work = output / "work"
         record = run_one(spec, base, judgings[concept], base_evals[concept], label=label, overrides=overrides,

@@ -13,6 +13,7 @@ from concept_erase.digits.world import DIGIT_NAMES, STYLES
 from concept_erase.errors import UserError
 from concept_erase.config import RECIPES
 from concept_erase.bench.judging import concept_prompts, erase_relative_to
+from concept_erase.image_seeds import CHECK_SEED_START, describe, overlap, seed_range
 
 
 
@@ -21,12 +22,27 @@ FORGET_TARGET = 0.10
 RETAIN_DROP = 0.03
 
 
+SPLITS = ("tuning", "held_out")  # a benchmark file's splits: settings are chosen on the first, reported on the second
+
+
+@dataclass
+class Split:
+    """Concepts, run seeds and the evaluation's image seeds of one part of a benchmark. The tuning split is where
+    settings are chosen; the held-out split is what the headline reports, on concepts, run seeds and image seeds
+    that no choice saw."""
+    name: str
+    concepts: list[str]
+    seeds: list[int]
+    evaluation_seed_start: int = 0
+
+
 @dataclass
 class BenchSpec:
     recipe: Path
     concepts: list[str]
     seeds: list[int]
     methods: list[dict]
+    splits: list[Split] = field(default_factory=list)  # none declared: one split "all" of concepts and seeds
     eps_sweep: list[float] = field(default_factory=list)
     eval_seeds: int = 16
     eval_steps: int = 25
@@ -67,8 +83,8 @@ def load_bench(path: str | Path) -> BenchSpec:
     raw = read_yaml(path, "benchmark file", "start from pipelines/bench-digits.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
-    known = {"recipe", "concepts", "seeds", "methods", "settings", "eps_sweep", "evaluation", "memory_probe_steps",
-             "timing_probe", "held_time_reference", "attack"}
+    known = {"recipe", "concepts", "seeds", "splits", "methods", "settings", "eps_sweep", "evaluation",
+             "memory_probe_steps", "timing_probe", "held_time_reference", "attack"}
     bad = sorted(set(map(str, raw)) - known)
     if bad:
         raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
@@ -81,16 +97,18 @@ def load_bench(path: str | Path) -> BenchSpec:
         recipe = local if local.is_file() else RECIPES / recipe.name
     if not recipe.is_file():
         raise UserError(f"{path}: recipe {recipe_name!r} not found (relative to the benchmark file, or a shipped recipe name)")
-    concepts = raw.get("concepts")
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    if not isinstance(concepts, list) or not concepts or not all(isinstance(c, str) for c in concepts):
-        raise UserError(f"{path}: concepts must list digits ({', '.join(DIGIT_NAMES)}) or styles "
-                        f"({', '.join(STYLES[1:])})")
-    for c in concepts:
-        if c not in DIGIT_NAMES and c not in STYLES[1:]:
-            raise UserError(f"{path}: concept {c!r} is neither a digit ({', '.join(DIGIT_NAMES)}) nor a style "
-                            f"({', '.join(STYLES[1:])})")
+    if "splits" in raw:
+        if "concepts" in raw or "seeds" in raw:
+            raise UserError(f"{path}: give concepts and seeds inside splits (tuning:, held_out:), not beside them")
+        splits = _splits(raw["splits"], path)
+        concepts = [c for sp in splits for c in sp.concepts]
+        seeds = sorted({x for sp in splits for x in sp.seeds})
+    else:
+        concepts = _concepts(raw.get("concepts"), path, "concepts")
+        seeds = _number_list(raw, "seeds", [0], int, path, low=0)
+        if not seeds:
+            raise UserError(f"{path}: seeds must list at least one seed")
+        splits = [Split("all", concepts, seeds, 0)]
     methods = raw.get("methods")
     if not isinstance(methods, list) or not methods or not all(isinstance(m, dict) and isinstance(m.get("method"), str)
                                                               for m in methods):
@@ -105,9 +123,6 @@ def load_bench(path: str | Path) -> BenchSpec:
     common = normalise_keys(common, f"{path}, settings")
     methods = [{**common, **normalise_keys({k: v for k, v in m.items() if k != "label"}, f"{path}, method {m['method']!r}"),
                 **({"label": m["label"]} if "label" in m else {})} for m in methods]
-    seeds = _number_list(raw, "seeds", [0], int, path, low=0)
-    if not seeds:
-        raise UserError(f"{path}: seeds must list at least one seed")
     eps = _number_list(raw, "eps_sweep", [], float, path, low=0)
     ev = raw.get("evaluation") or {}
     if not isinstance(ev, dict):
@@ -135,7 +150,7 @@ def load_bench(path: str | Path) -> BenchSpec:
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
             or guidance < 0:
         raise UserError(f"{path}: evaluation.guidance must be a finite number, 0 or more, not {guidance!r}")
-    spec = BenchSpec(recipe=recipe, concepts=concepts, seeds=seeds, methods=methods, eps_sweep=eps,
+    spec = BenchSpec(recipe=recipe, concepts=concepts, seeds=seeds, methods=methods, splits=splits, eps_sweep=eps,
                      eval_seeds=whole_number(ev, "seeds", 16, path, 1, "evaluation.seeds"),
                      eval_steps=whole_number(ev, "steps", 25, path, 1, "evaluation.steps"),
                      eval_guidance=float(guidance), eval_every=whole_number(ev, "every", 50, path, 0, "evaluation.every"),
@@ -149,8 +164,9 @@ def load_bench(path: str | Path) -> BenchSpec:
     # not after an hour of other runs.
     recipe_settings = load_yaml(recipe)
     labels = set()
+    first = (splits[0].concepts[0], splits[0].seeds[0])
     for label, overrides, concept, seed in plan(spec):
-        if concept != concepts[0] or seed != seeds[0]:
+        if (concept, seed) != first:
             continue
         if label in labels:
             raise UserError(f"{path}: two method entries are both labelled {label!r}; give each a distinct label")
@@ -159,10 +175,11 @@ def load_bench(path: str | Path) -> BenchSpec:
         if fixed_here:
             raise UserError(f"{path}, method {label!r}: {fixed_here[0]} is set by the benchmark itself; remove it")
         try:
-            build_config({**recipe_settings, **{k: v for k, v in overrides.items() if k != "label"}},
-                         source=f"{path} (method {label!r})")
+            config = build_config({**recipe_settings, **{k: v for k, v in overrides.items() if k != "label"}},
+                                  source=f"{path} (method {label!r})")
         except UserError as err:
             raise UserError(f"{path}, method {label!r}: {err}") from None
+        _check_seeds_apart(spec, config, label, path)
     if reference and reference not in labels:
         raise UserError(f"{path}: held_time_reference {reference!r} is not the label of a method entry "
                         f"({', '.join(sorted(labels))})")
@@ -170,19 +187,95 @@ def load_bench(path: str | Path) -> BenchSpec:
 
 
 
+def _concepts(value, path: Path, key: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+        raise UserError(f"{path}: {key} must list digits ({', '.join(DIGIT_NAMES)}) or styles "
+                        f"({', '.join(STYLES[1:])})")
+    for c in value:
+        if c not in DIGIT_NAMES and c not in STYLES[1:]:
+            raise UserError(f"{path}: {key}: concept {c!r} is neither a digit ({', '.join(DIGIT_NAMES)}) nor a "
+                            f"style ({', '.join(STYLES[1:])})")
+    if len(set(value)) < len(value):
+        raise UserError(f"{path}: {key} names a concept twice")
+    return value
+
+
+def _splits(raw, path: Path) -> list[Split]:
+    """`splits: {tuning: {concepts, seeds, evaluation_seed_start}, held_out: {...}}`: both declared, neither empty,
+    sharing no concept, no run seed and no evaluation image seed."""
+    from concept_erase.config import whole_number
+
+    if not isinstance(raw, dict) or set(map(str, raw)) != set(SPLITS):
+        raise UserError(f"{path}: splits must declare exactly tuning: and held_out:, each with concepts:, seeds: "
+                        f"and evaluation_seed_start:, not {raw!r}")
+    out = []
+    for name in SPLITS:
+        part = raw[name]
+        if not part:
+            raise UserError(f"{path}: splits.{name} is empty; give it concepts: and seeds:")
+        if not isinstance(part, dict) or sorted(set(map(str, part)) - {"concepts", "seeds", "evaluation_seed_start"}):
+            raise UserError(f"{path}: splits.{name} is a mapping with concepts:, seeds: and evaluation_seed_start:, "
+                            f"not {part!r}")
+        concepts = _concepts(part.get("concepts"), path, f"splits.{name}.concepts")
+        seeds = _number_list(part, "seeds", [], int, path, low=0)
+        if not seeds:
+            raise UserError(f"{path}: splits.{name}.seeds must list at least one run seed")
+        start = whole_number(part, "evaluation_seed_start", 0, path, 0, f"splits.{name}.evaluation_seed_start")
+        out.append(Split(name, concepts, seeds, start))
+    tuning, held = out
+    for what, a, b in (("concept", tuning.concepts, held.concepts), ("run seed", tuning.seeds, held.seeds)):
+        shared = sorted(set(a) & set(b), key=str)
+        if shared:
+            raise UserError(f"{path}: the tuning and held-out splits share the {what} {shared[0]!r}; a held-out "
+                            f"split has {what}s of its own")
+    return out
+
+
+def evaluation_seeds(spec: BenchSpec, split: Split) -> range:
+    """Every image seed an evaluation of this split draws (the curve's and the final evaluation's)."""
+    return seed_range(split.evaluation_seed_start, max(spec.eval_seeds, spec.eval_final_seeds or spec.eval_seeds))
+
+
+def _check_seeds_apart(spec: BenchSpec, config, label: str, path: Path) -> None:
+    """The splits' evaluations draw disjoint image seeds, and none that an entry's erasure check draws."""
+    from concept_erase.methods.stopping import check_seeds
+
+    ranges = [(f"splits.{sp.name}" if sp.name != "all" else "the evaluation", evaluation_seeds(spec, sp))
+              for sp in spec.splits]
+    for i, (name_a, a) in enumerate(ranges):
+        for name_b, b in ranges[i + 1:]:
+            if len(overlap(a, b)):
+                raise UserError(f"{path}: {name_a} and {name_b} evaluate on the same image seeds "
+                                f"({describe(overlap(a, b))}); give each an evaluation_seed_start of its own")
+        if config.stop_when_erased and len(overlap(a, check_seeds(config))):
+            raise UserError(f"{path}, method {label!r}: its erasure checks draw {describe(check_seeds(config))}, "
+                            f"which {name_a} evaluates on ({describe(overlap(a, check_seeds(config)))}); a check "
+                            f"and the evaluation must not share images: leave check_seed_start at "
+                            f"{CHECK_SEED_START} or move the evaluation's seeds")
+
+
+def split_of(spec: BenchSpec, concept: str) -> Split:
+    """The split a concept belongs to (the splits share no concept)."""
+    return next(sp for sp in spec.splits if concept in sp.concepts)
+
+
 def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
-    """(label, overrides, concept, seed) of every run. Concept by concept, every method and the eps
-    sweep, so that a benchmark cut short still compares all methods on the concepts it finished."""
+    """(label, overrides, concept, seed) of every run: split by split (the tuning split first), seed by seed, concept
+    by concept, every method and the eps sweep, so that a benchmark cut short still compares all methods on the
+    concepts it finished."""
     eupmu = next((m for m in spec.methods if m["method"] == "eupmu"), {"method": "eupmu"})
     runs = []
-    for seed in spec.seeds:
-        for concept in spec.concepts:
-            for m in spec.methods:
-                runs.append((str(m.get("label", m["method"])), dict(m), concept, seed))
-            if seed == spec.seeds[0]:
-                for eps in spec.eps_sweep:  # the eupmu entry's settings (same step budget), eps changed
-                    label = f"eupmu eps={eps:g}"
-                    runs.append((label, {**eupmu, "eps": eps, "label": label}, concept, seed))
+    for split in spec.splits:
+        for seed in split.seeds:
+            for concept in split.concepts:
+                for m in spec.methods:
+                    runs.append((str(m.get("label", m["method"])), dict(m), concept, seed))
+                if seed == split.seeds[0]:
+                    for eps in spec.eps_sweep:  # the eupmu entry's settings (same step budget), eps changed
+                        label = f"eupmu eps={eps:g}"
+                        runs.append((label, {**eupmu, "eps": eps, "label": label}, concept, seed))
     return runs
 
 

@@ -37,7 +37,9 @@ erasure that stops early is charged for its checks.
 
 Judges are registered by name with the models they know. A judge lists the check's images as (prompt,
 seed) pairs (`concept_items`, `anchor_items`) and says of drawn ones whether the concept is still shown
-(`still_shown`) and whether an anchor is kept (`kept`). The embedded digits model has one (the shipped
+(`still_shown`) and whether an anchor is kept (`kept`). The seeds come from `--check-seed-start` (1,000,000) on,
+a range that no evaluation draws from (`image_seeds`): a run that stopped on its check's images is graded on
+others. The embedded digits model has one (the shipped
 digit and style classifier); other models have none yet, and the flag is refused for them before
 anything runs.
 """
@@ -50,6 +52,7 @@ import time
 from pathlib import Path
 
 from concept_erase.errors import UserError
+from concept_erase.image_seeds import seed_range
 from concept_erase.registry import Registry
 
 JUDGES: Registry = Registry("judge", "--stop-when-erased")
@@ -108,10 +111,10 @@ class DigitsJudge:
         per_concept = max(2, math.ceil(n / len(concepts)))
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
         # seed by seed across the concepts, so that every chunk sees each of them ...
-        self.concept_items = [(p, s) for s in range(per_concept) for p in concepts]
+        self.concept_items = [(p, s) for s in seed_range(config.check_seed_start, per_concept) for p in concepts]
         # ... and the anchors too: a first chunk then covers every anchor, and where the erasure harms some of
         # them more than others it sees them (in 24 images prompt by prompt it saw 3 of the 9 digits)
-        self.anchor_items = [(p, s) for s in range(per_anchor) for p in anchors]
+        self.anchor_items = [(p, s) for s in seed_range(config.check_seed_start, per_anchor) for p in anchors]
         from concept_erase.io.loading import load_judge
 
         self.judge = load_judge()
@@ -142,6 +145,12 @@ class DigitsJudge:
         pd, ps = self._predict(pipe, items, steps)
         return [d_seen == self.truth[p][0] and s_seen == self.styles.index(self.truth[p][1])
                 for (p, _), d_seen, s_seen in zip(items, pd.tolist(), ps.tolist())]
+
+
+def check_seeds(config) -> range:
+    """The image seeds a check of this run may draw (at most: a judge draws fewer than 2 x check_images from
+    --check-seed-start on): what an evaluation of the run must not judge (`image_seeds`)."""
+    return seed_range(config.check_seed_start, 2 * int(config.check_images))
 
 
 def _digits_model(config) -> bool:

@@ -1,0 +1,64 @@
+"""A benchmark run's record: its schema number, the upgrade of older shapes, and the check on read.
+
+Every record the benchmark writes carries `schema` (`RECORD_SCHEMA`) and the code's `commit`. A record is read
+through `upgrade`, once, wherever it comes from (OUTPUT/runs, `--runs-from`): older shapes are brought to the
+current one there, so the report has one code path, and a record that lacks what the report needs is refused
+with the file's name.
+
+Schemas:
+- 1 (no `schema` field): no split, no near-concept figures, no commit.
+- 2: `split` (tuning, held_out, or all in a file without splits), `commit`, `evaluation_seed_start`, the image
+  counts behind each rate (`forget_hits`, `retain_hits`, `retain_images`), and the retain accuracy of the erased
+  concept's nearest concepts apart from the rest (`nearest`, `near_retain_*`, `far_retain_*`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from concept_erase.errors import UserError
+
+RECORD_SCHEMA = 2
+
+# What the report reads of every record, with the kind of value it must be.
+REQUIRED = {"label": str, "concept": str, "seed": int, "forget_accuracy": float, "retain_accuracy": float,
+            "base_retain_accuracy": float, "meets_target": bool}
+
+
+def upgrade(record, where: str) -> dict:
+    """The record in the current shape; a UserError naming `where` when it is not a benchmark run's record."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: a run's record is a JSON object, not {type(record).__name__}")
+    schema = record.get("schema", 1)
+    if not isinstance(schema, int) or isinstance(schema, bool) or not 1 <= schema <= RECORD_SCHEMA:
+        raise UserError(f"{where}: record schema {schema!r} is not one this version reads (1 to {RECORD_SCHEMA}); "
+                        "a newer concept-erase wrote it")
+    for key, kind in REQUIRED.items():
+        value = record.get(key)
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if kind is float else isinstance(value, kind) and not isinstance(value, bool))
+        if not ok:
+            raise UserError(f"{where}: the run's {key!r} is {value!r}, not a {kind.__name__}; the record is damaged "
+                            "or was not written by `concept-erase bench`")
+    out = dict(record)
+    if schema < 2:
+        out.setdefault("split", "all")
+        out.setdefault("commit", None)
+        out.setdefault("evaluation_seed_start", 0)
+        out.setdefault("nearest", [])
+        n_f = out.get("forget_images")
+        if n_f and "forget_hits" not in out:
+            out["forget_hits"] = round(out["forget_accuracy"] * n_f)
+        n = out.get("eval_images")
+        if n and n_f and "retain_images" not in out:
+            out["retain_images"] = n - n_f
+            out["retain_hits"] = round(out["retain_accuracy"] * (n - n_f))
+    for side in ("near", "far"):
+        for key in ("retain_accuracy", "retain_hits", "retain_images"):
+            out.setdefault(f"{side}_{key}", None)
+        out.setdefault(f"base_{side}_retain_accuracy", None)
+    if not isinstance(out.get("memory", []), list):
+        raise UserError(f"{where}: the run's 'memory' is not a table")
+    out["schema"] = RECORD_SCHEMA
+    return out
