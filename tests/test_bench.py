@@ -131,13 +131,14 @@ def test_summary_checks_measure_and_report_misses():
     assert checks["eupmu peak memory <= 1.2 x plain fine-tuning (process peak)"]["extra_ratio"] == 2.0
     assert not checks["ungrad peak memory <= 1.2 x plain fine-tuning (process peak)"]["met"]
     default = checks["eupmu default: forget <= 10% and retain <= 3 points below base, every run"]
-    assert default["measured"] == "1 of 2 runs" and not default["met"]
+    assert default["measured"].startswith("1 of 2 runs; exact 95% interval of the rate [0.01, 0.99]")
+    assert not default["met"]
     # an entry whose every finished run met the target, with runs still to come, has not met "every run"
     partial = [_run("eupmu", "three", 0.05, 0.99, 300)]
     for planned, met in (({"eupmu": 1}, True), ({"eupmu": 3}, False)):
         every = {c["target"]: c for c in summarise(partial, [], planned=planned)["checks"]}[
             "eupmu default: forget <= 10% and retain <= 3 points below base, every run"]
-        assert every["met"] is met and every["measured"] == "1 of 1 runs" + ("" if met else " (3 planned)")
+        assert every["met"] is met and every["measured"].startswith("1 of 1 runs" + ("" if met else " (3 planned)"))
     dom = checks["eupmu eps curve not dominated by the fixed weights beyond the 95% intervals"]
     assert not dom["met"] and "eupmu eps=0.1 by fixed 1" in dom["measured"]
     e = s["by_method"]["eupmu"]
@@ -226,25 +227,60 @@ def test_bootstrap_intervals_are_deterministic_and_cover_the_mean():
         stats.paired_difference_ci([1.0], [1.0, 2.0])
 
 
-def test_held_target_counts_only_runs_still_at_target_at_their_end():
+def test_rates_get_exact_intervals():
+    """Clopper-Pearson: 18 of 18 is [0.815, 1], not [1, 1]; 0 of n starts at 0; the published values."""
+    from concept_erase.bench import stats
+
+    lo, hi = stats.clopper_pearson(18, 18)
+    assert lo == pytest.approx(0.8147, abs=1e-4) and hi == 1.0
+    assert stats.clopper_pearson(0, 10) == (0.0, pytest.approx(0.3085, abs=1e-4))
+    lo, hi = stats.clopper_pearson(5, 10)  # the textbook case: [0.187, 0.813]
+    assert (lo, hi) == (pytest.approx(0.1871, abs=1e-4), pytest.approx(0.8129, abs=1e-4))
+    assert stats.clopper_pearson(0, 0) is None
+    with pytest.raises(ValueError):
+        stats.clopper_pearson(3, 2)
+
+
+def test_the_bootstrap_resamples_concepts_not_runs():
+    """Three runs of each of four concepts: runs of one concept agree, concepts differ. Resampling runs would treat
+    the 12 as independent and give too narrow an interval; resampling concepts gives the interval of 4."""
+    from concept_erase.bench import stats
+
+    values = [v for v in (0.0, 0.1, 0.2, 0.9) for _ in range(3)]
+    concepts = [c for c in "abcd" for _ in range(3)]
+    by_run, by_concept = stats.mean_ci(values), stats.cluster_mean_ci(values, concepts)
+    assert by_concept[1] - by_concept[0] > 1.4 * (by_run[1] - by_run[0])
+    four = stats.mean_ci([0.0, 0.1, 0.2, 0.9])  # the same as four independent units
+    assert by_concept == pytest.approx(four, abs=0.02)
+    assert stats.cluster_mean_ci([0.5, 0.7], ["a", "a"]) == stats.mean_ci([0.5, 0.7])  # one concept: its runs
+    # paired differences and ratios resample the pairs by concept too
+    a, b = [1.0, 1.2, 2.0, 2.2], [2.0, 2.4, 4.0, 4.4]
+    assert stats.paired_difference_ci(a, b, ["x", "x", "y", "y"])[1] < 0
+    lo, hi = stats.cluster_ratio_ci(a, b, ["x", "x", "y", "y"])
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)  # every pair at one half
+
+
+def test_held_target_counts_only_runs_at_target_from_then_to_their_end():
     def run(label, seed, curve, final_forget):
         r = _seeded(_run(label, "three", final_forget, 1.0, 100), seed)
         r["curve"] = [{"step": s, "forget_accuracy": f, "retain_accuracy": 1.0} for s, f in curve]
         return r
 
     runs = [run("eupmu", 0, [(50, 0.5), (100, 0.0), (150, 0.0)], 0.0),   # held from step 100
-            run("eupmu", 1, [(50, 0.0), (100, 0.3), (150, 0.0)], 0.0),   # first at target at 50, held at the end
+            run("eupmu", 1, [(50, 0.0), (100, 0.3), (150, 0.0)], 0.0),   # at target at 50, off at 100: held from 150
             run("eupmu", 2, [(50, 0.0), (100, 0.0), (150, 0.4)], 0.4),   # reached, then lost: not held
             run("paper", 0, [(50, 0.5), (100, 0.5), (150, 0.0)], 0.0),
             run("paper", 1, [(50, 0.5), (100, 0.0), (150, 0.0)], 0.0)]
     timing = [{"label": "eupmu", "mean_ms": 100.0}, {"label": "paper", "mean_ms": 200.0}]
     s = summarise(runs, [], timing, reference="paper")
     e = s["by_method"]["eupmu"]
-    assert e["held_target"] == 2 and e["reached_target"] == 3 and e["steps_to_held_target"] == 75
-    assert e["time_to_held_target_s"] == pytest.approx(7.5) and e["ci"]["steps_to_held_target"] == [50, 100]
+    assert e["held_target"] == 2 and e["reached_target"] == 3 and e["steps_to_held_target"] == 125
+    assert e["time_to_held_target_s"] == pytest.approx(12.5) and e["ci"]["steps_to_held_target"] == [100, 150]
     check = {c["target"]: c for c in s["checks"]}["eupmu time to held target <= 0.5 x paper"]
-    # on the two runs both held: eupmu (10 + 5) / 2 s, paper (30 + 20) / 2 s -> 0.3; but eupmu lost one run
-    assert check["measured"].startswith("0.30 (7.5 s vs 25.0 s on the 2 runs both held") and not check["met"]
+    # on the two runs both held: eupmu (10 + 15) / 2 s, paper (30 + 20) / 2 s -> 0.5, with the interval of the
+    # ratio over the pairs (one concept: the runs resampled); but eupmu lost one run
+    assert check["measured"].startswith("0.50 [0.33, 0.75] (12.5 s vs 25.0 s on the 2 runs both held")
+    assert not check["met"] and check["ratio_ci"] == pytest.approx([1 / 3, 0.75])
     s = summarise(runs[:2] + runs[3:], [], timing, reference="paper")
     assert {c["target"]: c for c in s["checks"]}["eupmu time to held target <= 0.5 x paper"]["met"]
     # an EUPMU variant (--stop-when-erased) gets the same two checks, its erasure checks' time included
@@ -254,7 +290,7 @@ def test_held_target_counts_only_runs_still_at_target_at_their_end():
     checks = {c["target"]: c for c in summarise(runs + stop, [], timing, reference="paper")["checks"]}
     assert checks["stop: forget <= 10% and retain <= 3 points below base, every run"]["met"]
     held = checks["stop time to held target <= 0.5 x paper"]
-    assert held["measured"].startswith("0.28 (7.0 s vs 25.0 s on the 2 runs") and held["met"]  # (50 x 0.1 + 2) s
+    assert held["measured"].startswith("0.28 [0.23, 0.35] (7.0 s vs 25.0 s on the 2 runs") and held["met"]  # (50 x 0.1 + 2) s
     assert not any(t.startswith("paper:") for t in checks)  # the reference is not its own variant
     # a probe that timed the entry's check parts charges each check what it drew, at the probe's times, not the
     # run's clock: before training a chunk and the anchors, a failed check one chunk, the stopping check all four
@@ -577,3 +613,38 @@ def _check_items(config) -> set:
     with unittest.mock.patch("concept_erase.io.loading.load_judge", lambda: None):
         judge = DigitsJudge(config)
     return set(judge.concept_items) | set(judge.anchor_items)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "benchmarks").glob("*-bench.json")))
+def test_a_committed_report_is_what_the_report_code_makes_of_its_json(name):
+    """benchmarks/NAME.md is render(benchmarks/NAME.json): a table cannot drift from its data or from the report
+    code (`python scripts/bench_report.py benchmarks/*-bench.json` rewrites them)."""
+    from concept_erase.bench.report import render
+
+    report = json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())
+    assert (ROOT / "benchmarks" / f"{name}.md").read_text() == render(report)
+
+
+def test_the_generated_blocks_of_benchmarks_md_are_current():
+    from concept_erase.bench.report import BLOCK_START, refresh_blocks
+
+    page = (ROOT / "BENCHMARKS.md").read_text()
+    assert BLOCK_START in page  # it leads with a generated table
+    assert refresh_blocks(page, ROOT) == page
+
+
+def test_old_run_records_are_upgraded_once_and_damaged_ones_refused(tmp_path):
+    from concept_erase.bench.records import RECORD_SCHEMA, upgrade
+
+    old = {"label": "eupmu", "concept": "three", "seed": 0, "forget_accuracy": 0.0625, "retain_accuracy": 0.99,
+           "base_retain_accuracy": 1.0, "meets_target": True, "forget_images": 64, "eval_images": 640}
+    new = upgrade(old, "x.json")
+    assert new["schema"] == RECORD_SCHEMA and new["split"] == "all" and new["commit"] is None
+    assert (new["forget_hits"], new["retain_images"], new["retain_hits"]) == (4, 576, 570)
+    assert new["near_retain_accuracy"] is None and upgrade(new, "x.json") == new  # once: an upgraded record stays
+    for bad, message in (({**old, "forget_accuracy": "high"}, "'forget_accuracy' is 'high'"),
+                         ({k: v for k, v in old.items() if k != "meets_target"}, "'meets_target' is None"),
+                         ({**old, "schema": 99}, "schema 99 is not one this version reads"),
+                         ([1, 2], "is a JSON object")):
+        with pytest.raises(UserError, match=message):
+            upgrade(bad, "runs/x.json")

@@ -3,6 +3,7 @@
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,19 @@ def test_bf16_erase_from_an_empty_cache(model, tiny_dir, tmp_path, capsys):
 
 
 def test_bf16_remap_generates_concept_images_from_a_cold_cache(fresh_pipe, make_config):
-    erase(make_config(mixed_precision="bf16", forget_loss="remap", remap_to=["a photo"], steps=1), pipe=fresh_pipe)
+    """The remap loss needs images of the concept, which a cold cache does not have: under bf16 they are generated,
+    cached, and the run trains on them (finite losses, a finite delta that changes the trained weights)."""
+    from concept_erase.io.export import read_delta
+
+    cfg = make_config(mixed_precision="bf16", forget_loss="remap", remap_to=["a photo"], steps=2)
+    assert not Path(cfg.cache_dir).exists()  # cold
+    delta = erase(cfg, pipe=fresh_pipe)
+    assert any(Path(cfg.cache_dir).rglob("*")), "no image latents were cached"
+    rows = [json.loads(line) for line in (Path(cfg.output) / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss_forget"]) and r["loss_forget"] > 0 for r in rows)
+    tensors, _ = read_delta(delta)
+    assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+    assert any(t.abs().max() > 0 for t in tensors.values())
 
 
 def test_image_cache_key_holds_precision_and_resolution(tiny_pipe):

@@ -1,6 +1,7 @@
 """The trainer on the tiny model: what changes, what must not, pairing, precision, resume."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -85,13 +86,14 @@ def test_original_predictions_are_bit_identical_after_training(train, tiny_pipe,
 @pytest.mark.parametrize("probe", ["held-out", "batch"])
 def test_eupmu_probe_is_paired(probe, fresh_pipe, make_config, monkeypatch):
     """With the step made a no-op, l_r before and after come from the same tuple: the slack is eps (the
-    paper's rule, whose slack is in loss per unit learning rate).
+    paper's rule, whose slack is in loss per unit learning rate). The denoising retain loss: the preservation
+    loss of an unchanged model is 0 on every tuple, so a no-op step could not tell a paired tuple from another.
 
     (Up to float rounding: the held-out tuple's loss before the step is read in the previous step's
     no-grad call, beside other rows; an unpaired tuple would be off by ~(loss spread) / lr, i.e. ~100.)
     """
     trainer = Trainer(make_config(method="eupmu", eps=0.25, lambda_init=1.0, steps=3, slack_probe=probe,
-                                  lambda_update="paper"),
+                                  lambda_update="paper", retain_loss="denoising"),
                       pipe=fresh_pipe)
     trainer._setup()
     monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: None)
@@ -109,8 +111,10 @@ def test_eupmu_probe_is_paired(probe, fresh_pipe, make_config, monkeypatch):
 
 @pytest.mark.parametrize("probe", ["held-out", "batch"])
 def test_eupmu_fast_pairs_the_carried_tuple(probe, fresh_pipe, make_config, monkeypatch):
+    """The carried tuple's loss at theta_{t+1} pairs with its loss at theta_t: with a no-op step the slack is eps
+    (the denoising retain loss, nonzero on an unchanged model; see test_eupmu_probe_is_paired)."""
     trainer = Trainer(make_config(method="eupmu-fast", eps=0.5, retain_batch_size=4, steps=3, slack_probe=probe,
-                                  lambda_update="paper"),
+                                  lambda_update="paper", retain_loss="denoising"),
                       pipe=fresh_pipe)
     trainer._setup()
     monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: None)
@@ -220,16 +224,25 @@ def test_retain_target_uses_the_models_prediction_type(model, make_config):
 
 
 def test_bf16_runs_and_keeps_fp32_bookkeeping(fresh_pipe, make_config):
-    cfg = make_config(method="eupmu", mixed_precision="bf16", steps=2, lambda_init=0.3)
+    """Under bf16 the losses and lambda are kept in fp32: a value reduced in bf16 would be one of bf16's numbers
+    (3 significant digits), and every logged loss would be. The denoising retain loss: nonzero from the first step."""
+    cfg = make_config(method="eupmu", mixed_precision="bf16", steps=3, lambda_init=0.3, retain_loss="denoising")
     trainer = Trainer(cfg, pipe=fresh_pipe)
     trainer.run()
     assert all(p.dtype == torch.float32 for p in trainer.trained.values())
     trained_ids = {id(p) for p in trainer.trained.values()}
     frozen = [p for p in fresh_pipe.unet.parameters() if id(p) not in trained_ids]
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)  # frozen weights stored in bf16
-    assert isinstance(trainer.controller.current(), float)
     rows = metrics(cfg.output)
-    assert all(isinstance(r["loss_retain"], float) for r in rows)
+
+    def in_bf16(v: float) -> bool:
+        return float(torch.tensor(v, dtype=torch.float32).bfloat16().float()) == v
+
+    losses = [r[k] for r in rows for k in ("loss_retain", "loss_forget")]
+    assert all(v > 0 and math.isfinite(v) for v in losses)
+    assert not all(in_bf16(v) for v in losses)  # the reductions ran in fp32
+    slack = [r["slack"] for r in rows if r.get("slack") is not None]
+    assert slack and not all(in_bf16(v) for v in slack)  # lambda's update is computed in fp32
 
 
 @pytest.mark.parametrize("method,extra", [("eupmu-fast", {}), ("eupmu", {"trajectory_refresh": 3}),

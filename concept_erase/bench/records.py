@@ -10,6 +10,9 @@ Schemas:
 - 2: `split` (tuning, held_out, or all in a file without splits), `commit`, `evaluation_seed_start`, the image
   counts behind each rate (`forget_hits`, `retain_hits`, `retain_images`), and the retain accuracy of the erased
   concept's nearest concepts apart from the rest (`nearest`, `near_retain_*`, `far_retain_*`).
+
+A record may say `checks_lost` (why): its erasure checks were not kept, so its time to the held target is not
+reported (its stop step and its evaluation stand).
 """
 
 from __future__ import annotations

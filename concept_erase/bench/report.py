@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import json
 from pathlib import Path
 
 
@@ -58,8 +59,17 @@ def steps_to_target(run: dict) -> int | None:
 
 
 def steps_to_held_target(run: dict) -> int | None:
-    """The first evaluated step at target, if the run is still at target at its end; else None."""
-    return steps_to_target(run) if run.get("meets_target") else None
+    """The first evaluated step from which the run is at target at every evaluation to its end (the final one
+    included); None when its last evaluation misses the target. A run at target at step 50, off it at step 150 and
+    back at its end holds from its end, not from step 50."""
+    if not run.get("meets_target"):
+        return None
+    floor = run["base_retain_accuracy"] - RETAIN_DROP
+    held = None
+    for c in run.get("curve", []):
+        at = c["forget_accuracy"] <= FORGET_TARGET and c["retain_accuracy"] >= floor
+        held = (c["step"] if held is None else held) if at else None
+    return held if held is not None else run.get("steps")
 
 
 def _probes(timing: list[dict] | None, labels) -> dict[str, dict]:
@@ -125,8 +135,8 @@ def _held_seconds(run: dict, probe: dict | None) -> float | None:
     """Training seconds to the held target: the probe's step time where it ran (the runs' own clocks drift
     with the machine), else the run's clock; the erasure checks' own time (--stop-when-erased) added."""
     steps = steps_to_held_target(run)
-    if steps is None:
-        return None
+    if steps is None or run.get("checks_lost"):
+        return None  # a run whose checks' time is unknown has no time to report
     if probe is not None:
         checks = sum(check_seconds(c, probe) for c in run.get("checks", []) if c["step"] <= steps)
         return steps * probe["mean_ms"] / 1000 + checks
@@ -134,12 +144,34 @@ def _held_seconds(run: dict, probe: dict | None) -> float | None:
     return None if own is None else float(own)
 
 
-def _with_ci(row: dict, key: str, values) -> None:
-    """row[key] = the mean, row["ci"][key] = its 95% bootstrap interval (see stats.py)."""
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    row[key] = _mean(values) if values else None
-    ci = stats.mean_ci(values)
+def _with_ci(row: dict, key: str, values, concepts) -> None:
+    """row[key] = the mean, row["ci"][key] = its 95% interval, resampling concepts (see stats.py)."""
+    kept = [(v, c) for v, c in zip(values, concepts) if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    row[key] = _mean([v for v, _ in kept]) if kept else None
+    ci = stats.cluster_mean_ci([v for v, _ in kept], [c for _, c in kept])
     row.setdefault("ci", {})[key] = list(ci) if ci is not None else None
+
+
+def _rate(row: dict, key: str, k: int, n: int) -> None:
+    """row[key] = k / n, row["ci"][key] = its exact (Clopper-Pearson) 95% interval."""
+    row[key] = k / n if n else None
+    ci = stats.clopper_pearson(k, n)
+    row.setdefault("ci", {})[key] = list(ci) if ci is not None else None
+
+
+def near_drop(run: dict) -> float | None:
+    """How far the nearest concepts' retain accuracy fell from the base model's (None where not measured)."""
+    a, b = run.get("near_retain_accuracy"), run.get("base_near_retain_accuracy")
+    return None if a is None or b is None else b - a
+
+
+NEAR_DROP = 0.05  # the nearest concepts' retain accuracy at most 5 points below the base model's
+
+
+def meets_near(run: dict) -> bool:
+    """The whole target: forget and retain (meets_target) and the nearest concepts within NEAR_DROP."""
+    d = near_drop(run)
+    return bool(run["meets_target"]) and d is not None and d <= NEAR_DROP + 1e-12
 
 
 def _summary_row(rs: list[dict], probe: dict | None = None) -> dict:
@@ -147,23 +179,32 @@ def _summary_row(rs: list[dict], probe: dict | None = None) -> dict:
     ttt = [r.get("time_to_target_s") for r in rs]
     stt = [steps_to_target(r) for r in rs]
     held = [steps_to_held_target(r) for r in rs]
-    row = {"runs": len(rs), "meets_target": sum(bool(r["meets_target"]) for r in rs),
+    cs = [r["concept"] for r in rs]
+    row = {"runs": len(rs), "concepts": len(set(cs)), "meets_target": sum(bool(r["meets_target"]) for r in rs),
+           "meets_with_near": (sum(meets_near(r) for r in rs)
+                               if any(r.get("near_retain_accuracy") is not None for r in rs) else None),
            "backward_per_step": _mean(r["backward_passes_per_step"] for r in rs), "probe_step_ms": probe_ms,
            "reached_target": sum(a is not None or b is not None for a, b in zip(stt, ttt)), "held_target": sum(t is not None for t in held),
            "images_per_run": _mean(final_images(r) for r in rs)}
-    _with_ci(row, "forget_accuracy", [r["forget_accuracy"] for r in rs])
-    _with_ci(row, "retain_drop", [r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs])
-    _with_ci(row, "domain_fid", [r["domain_fid"] for r in rs])
-    _with_ci(row, "met_fraction", [float(bool(r["meets_target"])) for r in rs])
-    _with_ci(row, "step_time_ms", [1000 * r["step_time_s_median"] for r in rs])
-    _with_ci(row, "lambda_mean", [r.get("lambda_mean") for r in rs])
-    attacked = [r["attack"] for r in rs if r.get("attack")]
+    _with_ci(row, "forget_accuracy", [r["forget_accuracy"] for r in rs], cs)
+    _with_ci(row, "retain_drop", [r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs], cs)
+    _with_ci(row, "domain_fid", [r["domain_fid"] for r in rs], cs)
+    _rate(row, "met_fraction", row["meets_target"], len(rs))
+    _rate(row, "met_with_near_fraction", row["meets_with_near"] or 0, len(rs) if row["meets_with_near"] is not None else 0)
+    _with_ci(row, "near_retain_drop", [near_drop(r) for r in rs], cs)
+    _with_ci(row, "far_retain_drop", [None if r.get("far_retain_accuracy") is None else
+                                      r["base_far_retain_accuracy"] - r["far_retain_accuracy"] for r in rs], cs)
+    counted = [r for r in rs if r.get("forget_images") and r.get("forget_hits") is not None]
+    _rate(row, "forget_pooled", sum(r["forget_hits"] for r in counted), sum(r["forget_images"] for r in counted))
+    _with_ci(row, "step_time_ms", [1000 * r["step_time_s_median"] for r in rs], cs)
+    _with_ci(row, "lambda_mean", [r.get("lambda_mean") for r in rs], cs)
+    attacked = [(r["attack"], r["concept"]) for r in rs if r.get("attack")]
     row["attacked_runs"] = len(attacked)
-    _with_ci(row, "pre_attack_asr", [a["pre_attack_asr"] for a in attacked])
-    _with_ci(row, "post_attack_asr", [a["post_attack_asr"] for a in attacked])
+    _with_ci(row, "pre_attack_asr", [a["pre_attack_asr"] for a, _ in attacked], [c for _, c in attacked])
+    _with_ci(row, "post_attack_asr", [a["post_attack_asr"] for a, _ in attacked], [c for _, c in attacked])
     # Means over the runs that reached (held) the target; the counts beside them say how many did.
-    _with_ci(row, "steps_to_held_target", held)
-    _with_ci(row, "time_to_held_target_s", [_held_seconds(r, probe) for r in rs])
+    _with_ci(row, "steps_to_held_target", held, cs)
+    _with_ci(row, "time_to_held_target_s", [_held_seconds(r, probe) for r in rs], cs)
     row["time_to_held_target_source"] = "probe" if probe_ms is not None else "run clocks"
     # Kept from earlier reports: the first evaluation at target whether or not it held, over every run.
     row["time_to_target_s"] = _mean(ttt) if all(t is not None for t in ttt) else None
@@ -181,6 +222,15 @@ def _pairs(results: list[dict], a: str, b: str) -> list[tuple[dict, dict]]:
     return [(ra[k], rb[k]) for k in sorted(set(ra) & set(rb))]
 
 
+def _dominance_text(label: str, d: dict) -> str:
+    n = d["pairs"]
+    return (f"{label} by {d['by']} ({n} common run{'s' if n > 1 else ''}: forget {d['forget'][0]:.1%} vs "
+            f"{d['forget'][1]:.1%}, retain drop {100 * d['retain_drop'][0]:.2f} vs "
+            f"{100 * d['retain_drop'][1]:.2f} points; 95% intervals of the differences "
+            f"[{100 * d['forget_diff_ci'][0]:.1f}, {100 * d['forget_diff_ci'][1]:.1f}] and "
+            f"[{100 * d['retain_drop_diff_ci'][0]:.2f}, {100 * d['retain_drop_diff_ci'][1]:.2f}] points)")
+
+
 def dominance(results: list[dict], a: str, b: str) -> dict | None:
     """Is label a dominated by label b beyond the noise? On the pairs both ran, the paired bootstrap
     intervals of a - b in forget accuracy and in retain drop: dominated when neither interval reaches
@@ -192,9 +242,10 @@ def dominance(results: list[dict], a: str, b: str) -> dict | None:
     drop = lambda r: r["base_retain_accuracy"] - r["retain_accuracy"]  # noqa: E731
     fa, fb = [x["forget_accuracy"] for x, _ in pairs], [y["forget_accuracy"] for _, y in pairs]
     da, db = [drop(x) for x, _ in pairs], [drop(y) for _, y in pairs]
-    ci_f, ci_d = stats.paired_difference_ci(fa, fb), stats.paired_difference_ci(da, db)
+    concepts = [x["concept"] for x, _ in pairs]
+    ci_f, ci_d = stats.paired_difference_ci(fa, fb, concepts), stats.paired_difference_ci(da, db, concepts)
     dominated = ci_f[0] >= 0 and ci_d[0] >= 0 and (ci_f[0] > 0 or ci_d[0] > 0)
-    return {"pairs": len(pairs), "dominated": dominated,
+    return {"by": b, "pairs": len(pairs), "dominated": dominated,
             "forget": (_mean(fa), _mean(fb)), "retain_drop": (_mean(da), _mean(db)),
             "forget_diff_ci": ci_f, "retain_drop_diff_ci": ci_d}
 
@@ -247,10 +298,33 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
     for label in eupmus:
         e = rows[label]
         name = "eupmu default" if label == "eupmu" else label
+        planned_note = f" ({due(label)} planned)" if due(label) > e["runs"] else ""
+        ci = e["ci"]["met_fraction"]
         checks.append({"target": f"{name}: forget <= 10% and retain <= 3 points below base, every run",
-                       "measured": f"{e['meets_target']} of {e['runs']} runs"
-                                   + (f" ({due(label)} planned)" if due(label) > e["runs"] else ""),
+                       "measured": f"{e['meets_target']} of {e['runs']} runs{planned_note}; exact 95% interval of "
+                                   f"the rate [{ci[0]:.2f}, {ci[1]:.2f}]",
                        "met": e["meets_target"] == due(label)})
+        if e["meets_with_near"] is not None:
+            ci = e["ci"]["met_with_near_fraction"]
+            checks.append({"target": f"{name}: that, and the two nearest concepts' retain <= "
+                                     f"{NEAR_DROP * 100:.0f} points below base, every run",
+                           "measured": f"{e['meets_with_near']} of {e['runs']} runs{planned_note}; exact 95% "
+                                       f"interval of the rate [{ci[0]:.2f}, {ci[1]:.2f}]; nearest concepts' drop "
+                                       f"{_ci_text(e, 'near_retain_drop', 100)} points",
+                           "met": e["meets_with_near"] == due(label)})
+    for label in [k for k in rows if k.split(", ")[0] == "eupmu" and k not in (reference,)]:
+        # EUPMU against the matched rivals: the fixed weights and ESD with the same stop rule and budget (the same
+        # label after the method's name), pair by pair.
+        suffix = label[len("eupmu"):]
+        rivals = [k for k in rows if k != label and k.endswith(suffix) and suffix == k[len(k.split(", ")[0]):]
+                  and (k.startswith("fixed") or k.split(", ")[0] == "esd")]
+        if not rivals:
+            continue
+        found = [d for f in rivals if (d := dominance(results or [], label, f)) and d["dominated"]]
+        checks.append({"target": f"{label} not dominated by {', '.join(rivals)} beyond the paired 95% intervals",
+                       "measured": "; ".join(_dominance_text(label, d) for d in found) or
+                                   f"not dominated ({len(rivals)} rivals)",
+                       "met": not found})
     sweep = [k for k in rows if k.startswith("eupmu eps=")]
     if sweep and fixed_labels:
         # The curve is the sweep and the default eupmu point (the recipe's eps). Every point is compared
@@ -261,13 +335,7 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
             for f in fixed_labels:
                 d = dominance(results or [], s, f)
                 if d and d["dominated"]:
-                    n = d["pairs"]
-                    dominated.append(
-                        f"{s} by {f} ({n} common run{'s' if n > 1 else ''}: forget {d['forget'][0]:.1%} vs "
-                        f"{d['forget'][1]:.1%}, retain drop {100 * d['retain_drop'][0]:.2f} vs "
-                        f"{100 * d['retain_drop'][1]:.2f} points; 95% intervals of the differences "
-                        f"[{100 * d['forget_diff_ci'][0]:.1f}, {100 * d['forget_diff_ci'][1]:.1f}] and "
-                        f"[{100 * d['retain_drop_diff_ci'][0]:.2f}, {100 * d['retain_drop_diff_ci'][1]:.2f}] points)")
+                    dominated.append(_dominance_text(s, d))
         checks.append({"target": "eupmu eps curve not dominated by the fixed weights beyond the 95% intervals",
                        "measured": "; ".join(dominated) or "no point dominated", "met": not dominated})
     for label in eupmus if reference in rows else []:
@@ -277,13 +345,17 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
         probes = _probes(timing, rows)
         target = f"{label} time to held target <= 0.5 x {reference}"
         if both:
-            te = _mean(_held_seconds(x, probes.get(label)) for x, _ in both)
-            tr = _mean(_held_seconds(y, probes.get(reference)) for _, y in both)
+            a = [_held_seconds(x, probes.get(label)) for x, _ in both]
+            b = [_held_seconds(y, probes.get(reference)) for _, y in both]
+            te, tr = _mean(a), _mean(b)
             ratio = te / tr if tr else float("nan")
+            ci = stats.cluster_ratio_ci(a, b, [x["concept"] for x, _ in both])
+            ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
             checks.append({"target": target,
-                           "measured": f"{ratio:.2f} ({te:.1f} s vs {tr:.1f} s on the {len(both)} runs both held; "
-                                       f"{label} held {rows[label]['held_target']} of {rows[label]['runs']}, "
+                           "measured": f"{ratio:.2f}{ci_text} ({te:.1f} s vs {tr:.1f} s on the {len(both)} runs both "
+                                       f"held; {label} held {rows[label]['held_target']} of {rows[label]['runs']}, "
                                        f"{reference} {rows[reference]['held_target']} of {rows[reference]['runs']})",
+                           "ratio": ratio, "ratio_ci": list(ci) if ci else None,
                            "met": ratio <= 0.5 and rows[label]["held_target"] == due(label)})
         else:
             checks.append({"target": target, "measured": "no run where both held the target", "met": False})
@@ -309,43 +381,163 @@ def _ci_text(row: dict, key: str, scale: float = 1.0, digits: int = 1, pct: bool
     return text
 
 
-def markdown(report: dict, command: str) -> str:
-    s = report["summary"]
-    lines = ["# Benchmark", "", f"Command: `{command}`", "", f"Machine: {report['machine']}", "",
-             f"Targets: forget accuracy <= {FORGET_TARGET:.0%}, retain accuracy at most {RETAIN_DROP * 100:.0f} "
-             "points below the base model's. Means over runs (concepts x seeds), each with its 95% bootstrap "
-             "interval in brackets (runs resampled; `stats.py`).", "",
-             "| method | runs | images/run | forget acc | retain drop (points) | domain FID | met target | ms/step | "
-             "backward/step | held target | steps to held target | train s to held target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+SPLIT_ORDER = ("held_out", "tuning", "all")
+SPLIT_TITLES = {
+    "held_out": ("Held-out split: the headline",
+                 "Concepts, run seeds and evaluation image seeds that no setting was chosen on."),
+    "tuning": ("Tuning split: where the settings were chosen",
+               "The defaults were chosen on these concepts and run seeds: these figures show the fit, not a result."),
+    "all": ("All runs", "This benchmark file declares no tuning and held-out split: nothing here is held out."),
+}
+
+
+def summarise_report(report: dict) -> dict:
+    """The summary of a stored report from its runs and probes alone, split by split (held-out first): the
+    headline split's tables also at the top (`by_method`, `by_kind`, `checks`)."""
+    runs = report.get("runs") or []
+    planned = report.get("planned") or {}
+    splits = {}
+    for name in SPLIT_ORDER:
+        part = [r for r in runs if r.get("split", "all") == name]
+        if part:
+            first = not splits  # the probes' targets (memory, step time) are said once, with the headline
+            splits[name] = summarise(part, report.get("memory") or [] if first else [],
+                                     report.get("timing") or [] if first else [],
+                                     report.get("held_time_reference", ""), planned.get(name))
+    headline = next(iter(splits), None)
+    return {**(splits[headline] if headline else {"by_method": {}, "by_kind": {}, "checks": []}),
+            "headline": headline, "splits": splits}
+
+
+def render(report: dict) -> str:
+    """bench.md of a stored bench.json: what the report code makes of its runs now (a test holds the committed
+    reports to it)."""
+    from concept_erase.bench.records import upgrade
+
+    runs = [upgrade(r, f"{report.get('config', 'bench.json')}, run {i + 1}") for i, r in enumerate(report.get("runs", []))]
+    report = {**report, "runs": runs}
+    return markdown({**report, "summary": summarise_report(report)}, command=report.get("command", ""))
+
+
+BLOCK_START = "<!-- generated from "
+BLOCK_END = "<!-- end generated -->"
+
+
+def headline(report: dict) -> str:
+    """The headline split's tables of a stored report, with what made them: the block BENCHMARKS.md leads with."""
+    from concept_erase.bench.records import upgrade
+
+    runs = [upgrade(r, f"{report.get('config', 'bench.json')}, run {i + 1}") for i, r in enumerate(report.get("runs", []))]
+    report = {**report, "runs": runs}
+    summary = summarise_report(report)
+    lines = _made_by(report, report.get("command", ""))
+    if summary["headline"]:
+        _split_tables(lines, report, summary["headline"], summary["splits"][summary["headline"]], level="###")
+    return "\n".join(lines)
+
+
+def refresh_blocks(page: str, root: Path) -> str:
+    """`page` with each generated block remade from the report it names (`<!-- generated from PATH: headline -->`)."""
+    out, rest = [], page
+    while BLOCK_START in rest:
+        before, _, after = rest.partition(BLOCK_START)
+        head, _, body = after.partition("-->")
+        source = head.strip().rsplit(":", 1)[0].strip()
+        if BLOCK_END not in body:
+            raise ValueError(f"a generated block from {source} has no end marker")
+        _, _, rest = body.partition(BLOCK_END)
+        report = json.loads((root / source).read_text(encoding="utf-8"))
+        out += [before, f"{BLOCK_START}{source}: headline -->\n", headline(report), "\n", BLOCK_END]
+    return "".join(out) + rest
+
+
+def _made_by(report: dict, command: str) -> list[str]:
+    commits = sorted({str(r.get("commit")) for r in report.get("runs", []) if r.get("commit")})
+    older = sum(1 for r in report.get("runs", []) if not r.get("commit"))
+    made = ([f"{len(report.get('runs', [])) - older} at commit{'s' if len(commits) > 1 else ''} "
+             + ", ".join(f"`{c[:12]}`" for c in commits)] if commits else []) + \
+        ([f"{older} before run records carried their commit"] if older else [])
+    runs_line = "Its runs: " + " and ".join(made) + "."
+    if older:
+        runs_line += (" Those runs were made by earlier code: their erasure checks drew the evaluation's own image "
+                      "seeds, no split was held out, and the defaults were those of their time. They show how the "
+                      "settings were chosen, not what the current code does.")
+    return [f"Made by `{command}` at commit `{report.get('commit') or 'unknown'}` on {report.get('date') or 'an unrecorded date'}.",
+            "", f"Machine: {report.get('machine', 'unrecorded')}.", "", runs_line]
+
+
+def _split_tables(lines: list, report: dict, name: str, s: dict, level: str = "##") -> None:
+    title, note = SPLIT_TITLES[name]
+    lines += ["", f"{level} {title}", "", note + " Means over runs with 95% intervals in brackets, resampling concepts "
+              "(the cluster bootstrap, `bench/stats.py`); met target: runs at target and the exact "
+              "(Clopper-Pearson) 95% interval of that rate; pooled forget: every run's forget images together, "
+              "with its exact interval.", "",
+              "| method | runs (concepts) | images/run | forget acc | pooled forget | retain drop (points) | "
+              "nearest concepts' drop (points) | domain FID | met target | met, nearest too | ms/step | "
+              "backward/step | held target | steps to held target | train s to held target |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     probed = bool(report.get("timing"))
     for label, r in s["by_method"].items():
         ms = _f(r["probe_step_ms"], digits=0) if probed and r.get("probe_step_ms") is not None else \
             _ci_text(r, "step_time_ms", digits=0)
-        lines.append(f"| {label} | {r['runs']} | {_f(r.get('images_per_run'), digits=0)} | "
-                     f"{_ci_text(r, 'forget_accuracy', 100, pct=True)} | {_ci_text(r, 'retain_drop', 100)} | "
-                     f"{_ci_text(r, 'domain_fid')} | {r['meets_target']}/{r['runs']} | {ms} | "
+        lines.append(f"| {label} | {r['runs']} ({r.get('concepts', '?')}) | {_f(r.get('images_per_run'), digits=0)} | "
+                     f"{_ci_text(r, 'forget_accuracy', 100, pct=True)} | {_ci_text(r, 'forget_pooled', 100, pct=True)} | "
+                     f"{_ci_text(r, 'retain_drop', 100)} | {_ci_text(r, 'near_retain_drop', 100)} | "
+                     f"{_ci_text(r, 'domain_fid')} | {_count_ci(r, 'meets_target', 'met_fraction')} | "
+                     f"{_count_ci(r, 'meets_with_near', 'met_with_near_fraction')} | {ms} | "
                      f"{_f(r['backward_per_step'], digits=2)} | {r.get('held_target', 'n/a')}/{r['runs']} | "
                      f"{_ci_text(r, 'steps_to_held_target', digits=0)} | {_ci_text(r, 'time_to_held_target_s')} |")
-    lines += ["", "images/run: images judged at each run's final evaluation (forget and retain prompts). Held target: "
-              "the run met the target at an evaluation during training and still meets it at its end; steps and "
-              "seconds to it are means over the runs that held it, at the first evaluation at target. "
+    lines += ["", "images/run: images judged at each run's final evaluation (forget and retain prompts). Nearest "
+              "concepts: the two the judge finds most alike the erased one in the base model's images of it (their "
+              "retain prompts; the rest is in the retain drop too). Held target: the run is at target at every "
+              "evaluation from the first one at target to its end; steps and seconds to it are means over the runs "
+              "that held it. "
               + ("ms/step: the interleaved step-time probe's mean (below); train s to held target: steps x the "
                  "probe's ms/step." if probed else
                  "ms/step: mean of the runs' median step times; train s to held target: the runs' own clocks.")
               + " The erasure checks' own time (--stop-when-erased) is included: where the probe timed the "
-              "entry's check parts, each check is charged the concept chunks and anchors it drew at the probe's "
-              "times, else the run's own clock."]
-    for kind, title in (("digit", "Digits only"), ("style", "Styles only")):
+              "entry's check calls, each check is charged the calls it made at the probe's times, else the run's "
+              "own clock."]
+    for kind, title_k in (("digit", "digits only"), ("style", "styles only")):
         part = s.get("by_kind", {}).get(kind)
         if not part:
             continue
-        lines += ["", f"### {title}", "", "| method | runs | forget acc | retain drop (points) | domain FID | "
-                  "met target | mean lambda |", "|---|---|---|---|---|---|---|"]
+        lines += ["", f"{level}# {title_k.capitalize()}", "", "| method | runs | forget acc | retain drop (points) | "
+                  "nearest concepts' drop (points) | domain FID | met target | mean lambda |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, r in part.items():
             lines.append(f"| {label} | {r['runs']} | {_ci_text(r, 'forget_accuracy', 100, pct=True)} | "
-                         f"{_ci_text(r, 'retain_drop', 100)} | {_ci_text(r, 'domain_fid')} | "
-                         f"{r['meets_target']}/{r['runs']} | {_ci_text(r, 'lambda_mean', digits=2)} |")
+                         f"{_ci_text(r, 'retain_drop', 100)} | {_ci_text(r, 'near_retain_drop', 100)} | "
+                         f"{_ci_text(r, 'domain_fid')} | {_count_ci(r, 'meets_target', 'met_fraction')} | "
+                         f"{_ci_text(r, 'lambda_mean', digits=2)} |")
+    lines += ["", f"{level}# Targets ({title.split(':')[0].lower()})", "", "| target | measured | met |", "|---|---|---|"]
+    for c in s["checks"]:
+        m = c["measured"]
+        m = f"{m:.3f}" if isinstance(m, float) else m
+        if "extra_ratio" in c:
+            m += f" (memory above the loaded model: {c['extra_ratio']:.2f}x)"
+        if "source" in c:
+            m += f" ({c['source']})"
+        lines.append(f"| {c['target']} | {m} | {'yes' if c['met'] else '**MISSED**'} |")
+
+
+def _count_ci(row: dict, count: str, rate: str) -> str:
+    """'17/18 [0.73, 1.00]': a count of runs and the exact interval of its rate ('n/a' where not measured)."""
+    if row.get(count) is None:
+        return "n/a"
+    ci = (row.get("ci") or {}).get(rate)
+    return f"{row[count]}/{row['runs']}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def markdown(report: dict, command: str) -> str:
+    s = report["summary"]
+    name = Path(str(report.get("config", "benchmark"))).name
+    lines = [f"# Benchmark: {name}", ""] + _made_by(report, command) + [
+             "", f"Targets: forget accuracy <= {FORGET_TARGET:.0%}, retain accuracy at most {RETAIN_DROP * 100:.0f} "
+             f"points below the base model's, and where measured the two nearest concepts' at most "
+             f"{NEAR_DROP * 100:.0f} points below."]
+    for split, part in (s.get("splits") or {"all": s}).items():
+        _split_tables(lines, report, split, part)
     attacked = {label: r for label, r in s["by_method"].items() if r.get("attacked_runs")}
     if attacked:
         settings = next((r["attack"] for r in report["runs"] if r.get("attack")), {})
@@ -360,15 +552,6 @@ def markdown(report: dict, command: str) -> str:
             lines.append(f"| {label} | {r['attacked_runs']}/{r['runs']} | {_ci_text(r, 'pre_attack_asr', 100, pct=True)} | "
                          f"{_ci_text(r, 'post_attack_asr', 100, pct=True)} | {_ci_text(r, 'retain_drop', 100)} |")
         lines += ["", "![post-attack ASR against retain accuracy](attack.png)"]
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for c in s["checks"]:
-        m = c["measured"]
-        m = f"{m:.3f}" if isinstance(m, float) else m
-        if "extra_ratio" in c:
-            m += f" (memory above the loaded model: {c['extra_ratio']:.2f}x)"
-        if "source" in c:
-            m += f" ({c['source']})"
-        lines.append(f"| {c['target']} | {m} | {'yes' if c['met'] else '**MISSED**'} |")
     if report.get("timing"):
         lines += ["", "## Step time (interleaved probe: one process, the methods in turn, order rotated each round)", "",
                   "| method | steps timed | mean ms/step [95% interval] | median (quartiles) | "
@@ -392,14 +575,19 @@ def markdown(report: dict, command: str) -> str:
             lines.append(f"| {m['mode']} | {m['baseline_rss_mb']:.0f} | {m['peak_rss_mb']:.0f} | "
                          f"{m['extra_rss_mb']:.0f} |")
     lines += ["", "## Runs", "", "ms/step: the run's own median (its clock, not the probe's).", "",
-              "| method | concept | seed | steps | forget | retain (base) | domain FID (base) | ms/step | "
-              "mean lambda | first at target | held |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| split | method | concept | seed | steps | forget [exact 95%] | retain (base) | nearest concepts (base) | "
+              "domain FID (base) | ms/step | mean lambda | first at target | held |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         stt = steps_to_target(r)
         held = "yes" if steps_to_held_target(r) is not None else "no"
-        lines.append(f"| {r['label']} | {r['concept']} | {r['seed']} | {r.get('steps', 'n/a')} | "
-                     f"{_f(r['forget_accuracy'], True)} | "
-                     f"{_f(r['retain_accuracy'], True)} ({_f(r['base_retain_accuracy'], True)}) | "
+        ci = stats.clopper_pearson(r["forget_hits"], r["forget_images"]) if r.get("forget_images") and \
+            r.get("forget_hits") is not None else None
+        near = (f"{', '.join(r['nearest'])}: {_f(r['near_retain_accuracy'], True)} "
+                f"({_f(r['base_near_retain_accuracy'], True)})" if r.get("near_retain_accuracy") is not None else "n/a")
+        lines.append(f"| {r.get('split', 'all')} | {r['label']} | {r['concept']} | {r['seed']} | {r.get('steps', 'n/a')} | "
+                     f"{_f(r['forget_accuracy'], True)}{f' [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]' if ci else ''} | "
+                     f"{_f(r['retain_accuracy'], True)} ({_f(r['base_retain_accuracy'], True)}) | {near} | "
                      f"{_f(r['domain_fid'])} ({_f(r['base_domain_fid'])}) | {_f(1000 * r['step_time_s_median'], digits=0)} | "
                      f"{_f(r.get('lambda_mean'), digits=3)} | {stt if stt is not None else 'not reached'} | {held} |")
     lines += ["", "![retain against forget](pareto.png)", ""]
@@ -452,13 +640,26 @@ def _save(fig, ax, path: Path, xlabel: str, title: str) -> None:
     plt.close(fig)
 
 
-def pareto_plot(results: list[dict], path: Path) -> None:
-    """Mean retain drop against mean forget accuracy per method, and the eps curve."""
+def pareto_plot(results: list[dict], path: Path, split: str | None = None) -> None:
+    """Mean retain drop against mean forget accuracy per method (the runs of one split, where given), the fixed
+    weights of each stop rule joined in order of lambda, and the eps curve."""
     by: dict[str, list[dict]] = {}
     for r in results:
-        by.setdefault(r["label"], []).append(r)
+        if split is None or r.get("split", "all") == split:
+            by.setdefault(r["label"], []).append(r)
     fig, ax = _figure()
     _method_points(ax, by, lambda r: r["forget_accuracy"])
+    fixed: dict[str, list] = {}  # stop rule (the label after the method) -> [(lambda, runs)]
+    for label, rs in by.items():
+        if rs[0].get("method") == "fixed":
+            fixed.setdefault(label.partition(", ")[2], []).append((rs[0].get("lambda_init", 0.0), rs))
+    for rule, points in fixed.items():
+        if len(points) > 1:
+            points.sort(key=lambda p: p[0])
+            xs = [_mean(r["forget_accuracy"] for r in rs) for _, rs in points]
+            ys = [_mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100 for _, rs in points]
+            ax.plot(xs, ys, "--", color="grey", lw=1, zorder=2,
+                    label=f"fixed lambda curve{f' ({rule})' if rule else ''}")
     sweep = [k for k in by if k.startswith("eupmu eps=")]
     if sweep:  # the eps curve (the default eupmu point included), on the runs the sweep has
         pairs = {(r["concept"], r.get("seed", 0)) for r in by[sweep[0]]}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from concept_erase import env  # noqa: F401
 
-import collections
 import contextlib
 import copy
 import json
@@ -33,7 +32,7 @@ from concept_erase.digits.world import DIGIT_NAMES, STYLES
 from concept_erase.errors import UserError
 from concept_erase.bench.judging import Judging, judged_images
 from concept_erase.bench.memory import memory_table
-from concept_erase.bench.report import attack_plot, final_images, markdown, pareto_plot, summarise
+from concept_erase.bench.report import attack_plot, final_images, pareto_plot, render, summarise_report
 from concept_erase.bench.records import RECORD_SCHEMA, upgrade
 from concept_erase.bench.spec import (FORGET_TARGET, RETAIN_DROP, SHIPPED_BENCH, BenchSpec, load_bench, plan,
                                       run_config, split_of)
@@ -345,20 +344,23 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
             f"{spec.timing_steps} steps each, on {spec.concepts[0]!r}")
         write_json(timing_file, probe_timing(spec, base, spec.concepts[0], log=log))
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else []
-    planned = collections.Counter(label for label, *_ in runs)
-    summary = summarise(results, memory, timing, spec.held_time_reference, planned)
     if not results:
         raise UserError(f"no finished run in {output / 'runs'} to report")
-    report = {"config": spec.source, "machine": provenance.machine(), "versions": provenance.versions(),
-              "seconds": round(time.time() - started, 1),
-              "runs_planned": len(runs), "runs_finished": len(results),
-              "targets": {"forget_at_most": FORGET_TARGET, "retain_drop_at_most": RETAIN_DROP},
-              "summary": summary, "memory": memory, "timing": timing, "runs": results}
-    write_json(output / "bench.json", report)
-    pareto_plot(results, output / "pareto.png")
-    attack_plot(results, output / "attack.png")
+    planned: dict = {}
+    for label, _, concept, _ in runs:
+        by_label = planned.setdefault(split_of(spec, concept).name, {})
+        by_label[label] = by_label.get(label, 0) + 1
     command = command or f"concept-erase bench --config {spec.source} --output {output}"
-    report["command"] = command
+    report = {"config": spec.source, "command": command, "commit": provenance.commit(), "date": provenance.now(),
+              "machine": provenance.machine(), "versions": provenance.versions(),
+              "seconds": round(time.time() - started, 1),
+              "runs_planned": len(runs), "runs_finished": len(results), "planned": planned,
+              "held_time_reference": spec.held_time_reference,
+              "targets": {"forget_at_most": FORGET_TARGET, "retain_drop_at_most": RETAIN_DROP},
+              "memory": memory, "timing": timing, "runs": results}
+    report["summary"] = summarise_report(report)
     write_json(output / "bench.json", report)
-    write_text(output / "bench.md", markdown(report, command=command))
+    pareto_plot(results, output / "pareto.png", report["summary"]["headline"])
+    attack_plot(results, output / "attack.png")
+    write_text(output / "bench.md", render(report))
     return report

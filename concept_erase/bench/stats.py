@@ -1,13 +1,19 @@
-"""Bootstrap confidence intervals for the benchmark's means and paired differences.
+"""Confidence intervals for the benchmark's means, rates, paired differences and ratios.
 
-Percentile bootstrap (Efron): resample the units with replacement, take the mean of each resample, and
-read the interval off the resampled means' quantiles. The unit is a run (a concept and a seed): a run's
-own figure already carries its images' sampling noise, so resampling runs covers both the seed-to-seed
-and the image-to-image variation. Differences between two methods are resampled in pairs (the same
-concept and seed), which removes the concepts' own spread from the comparison.
+Means, differences and ratios: percentile bootstrap (Efron). Resample the units with replacement, take the
+statistic of each resample, and read the interval off the resampled statistics' quantiles. Runs of one concept
+are not independent (their seeds share the concept's difficulty), so where the runs' concepts are given the unit
+is the concept: a resample draws concepts with replacement and takes every run of each (the cluster bootstrap);
+with a single concept it falls back to resampling runs, and the interval then speaks of that concept alone. A
+run's own figure already carries its images' sampling noise. Differences and ratios between two methods are
+resampled in pairs (the same concept and seed), which removes the concepts' own spread from the comparison.
 
-Written here rather than taken from scipy (`scipy.stats.bootstrap`): scipy is not otherwise needed,
-and these few lines are deterministic for a given seed, which the report's reruns rely on.
+Rates (k successes in n trials: runs that met a target, images that still show the concept): the exact
+Clopper-Pearson interval, from scipy (`binomtest(...).proportion_ci(method="exact")`), which holds its level
+for any n, 0 and n included: 18 of 18 is [0.81, 1], not [1, 1].
+
+The bootstraps are written here rather than taken from `scipy.stats.bootstrap`, which has no cluster
+resampling; these few lines are deterministic for a given seed, which the report's reruns rely on.
 """
 
 from __future__ import annotations
@@ -18,6 +24,71 @@ import numpy as np
 
 RESAMPLES = 4000
 LEVEL = 0.95
+
+
+def clopper_pearson(k: int, n: int, level: float = LEVEL) -> tuple[float, float] | None:
+    """The exact interval of a rate of k in n (None for n = 0)."""
+    from scipy.stats import binomtest
+
+    if n <= 0:
+        return None
+    if not 0 <= k <= n:
+        raise ValueError(f"a rate of {k} in {n} is not one")
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def _cluster_draws(clusters, resamples: int, seed: int) -> list[np.ndarray] | None:
+    """Per resample, the indices of the units it takes: every unit of each drawn cluster (None: fewer than two
+    clusters, resample the units themselves)."""
+    names = sorted(set(clusters), key=str)
+    if len(names) < 2:
+        return None
+    members = [np.flatnonzero(np.asarray([c == name for c in clusters])) for name in names]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(names), size=(resamples, len(names)))
+    return [np.concatenate([members[j] for j in row]) for row in picks]
+
+
+def _keep(values, clusters):
+    """Values that are numbers, with their clusters."""
+    kept = [(float(v), c) for v, c in zip(values, clusters)
+            if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return np.asarray([v for v, _ in kept], dtype=np.float64), [c for _, c in kept]
+
+
+def cluster_mean_ci(values, clusters, *, resamples: int = RESAMPLES, level: float = LEVEL,
+                    seed: int = 0) -> tuple[float, float] | None:
+    """The interval of the mean of `values`, resampling their clusters (concepts) whole; None for no value."""
+    xs, cs = _keep(values, clusters)
+    if xs.size == 0:
+        return None
+    draws = _cluster_draws(cs, resamples, seed)
+    if draws is None:
+        return mean_ci(xs, resamples=resamples, level=level, seed=seed)
+    means = np.asarray([xs[d].mean() for d in draws])
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def cluster_ratio_ci(a, b, clusters, *, resamples: int = RESAMPLES, level: float = LEVEL,
+                     seed: int = 0) -> tuple[float, float] | None:
+    """The interval of mean(a) / mean(b) over pairs (a[i], b[i]) resampled together, by cluster."""
+    if not len(a) == len(b) == len(clusters):
+        raise ValueError("paired values must come in equal numbers")
+    if not a:
+        return None
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    draws = _cluster_draws(list(clusters), resamples, seed)
+    if draws is None:
+        rng = np.random.default_rng(seed)
+        draws = list(rng.integers(0, len(xa), size=(resamples, len(xa))))
+    ratios = np.asarray([xa[d].mean() / xb[d].mean() if xb[d].mean() else np.nan for d in draws])
+    ratios = ratios[~np.isnan(ratios)]
+    if ratios.size == 0:
+        return None
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def _clean(values) -> np.ndarray:
@@ -42,8 +113,11 @@ def mean_ci(values, *, resamples: int = RESAMPLES, level: float = LEVEL, seed: i
     return float(lo), float(hi)
 
 
-def paired_difference_ci(a, b, **kwargs) -> tuple[float, float] | None:
-    """The interval of mean(a - b) over pairs (a[i], b[i]) resampled together."""
+def paired_difference_ci(a, b, clusters=None, **kwargs) -> tuple[float, float] | None:
+    """The interval of mean(a - b) over pairs (a[i], b[i]) resampled together (by cluster where given)."""
     if len(a) != len(b):
         raise ValueError("paired values must come in equal numbers")
-    return mean_ci([x - y for x, y in zip(a, b)], **kwargs)
+    diffs = [x - y for x, y in zip(a, b)]
+    if clusters is not None:
+        return cluster_mean_ci(diffs, clusters, **kwargs)
+    return mean_ci(diffs, **kwargs)

@@ -19,6 +19,8 @@ from concept_erase.io.atomic import atomic_dir, atomic_path, write_json, write_t
 from concept_erase.digits.world import DIGIT_NAMES, caption
 from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid, generate
 from concept_erase.errors import UserError
+from concept_erase.image_seeds import describe, seed_range
+from concept_erase.methods.stopping import check_seeds
 from concept_erase.config import RECIPES
 
 FORGET_TARGET = 0.10  # forget accuracy at most 10%
@@ -120,7 +122,9 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
         "steps": done, "steps_planned": config.steps, "stopped_when_erased": done < config.steps,
         "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
         "erase_seconds": round(erase_seconds, 1), "total_seconds": round(time.time() - started, 1),
-        "evaluation": {"seeds": seeds, "sampling_steps": steps, "guidance": guidance,
+        "evaluation": {"seeds": seeds, "image_seeds": describe(seed_range(0, seeds)),
+                       "check_image_seeds": describe(check_seeds(config)) if config.stop_when_erased else None,
+                       "sampling_steps": steps, "guidance": guidance,
                        "sampler": type(base.scheduler).__name__.replace("Scheduler", ""),
                        "judge": "shipped digits judge (digits/model/judge)", "domain_fid": DOMAIN_FID_NOTE},
         "erased_weights": str(output / "run" / delta.name), "settings": config.to_dict(),
@@ -137,6 +141,15 @@ def _steps(r: dict) -> str:
     if r.get("stopped_when_erased"):
         return f"{r['steps']} of at most {r['steps_planned']} steps, stopped at the first erasure check at target"
     return f"{r['steps']} steps"
+
+
+def _seeds_note(r: dict) -> str:
+    """Which image seeds the figures come from, and that no check of the run drew them."""
+    ev = r["evaluation"]
+    if not ev.get("check_image_seeds"):
+        return f" image {ev.get('image_seeds', 'seeds')}."
+    return (f" image {ev['image_seeds']}; the run's erasure checks drew image {ev['check_image_seeds']}, so the run "
+            "is judged on images that did not stop it.")
 
 
 def _markdown(r: dict) -> str:
@@ -158,7 +171,7 @@ Targets ({verdict}): forget accuracy at most 10%, retain accuracy at most 5 poin
 {checks}
 
 Per digit (judge accuracy on {r['evaluation']['seeds']} seeds, {r['evaluation'].get('sampler', 'DDIM')} {r['evaluation']['sampling_steps']} steps,
-guidance {r['evaluation']['guidance']}):
+guidance {r['evaluation']['guidance']}):{_seeds_note(r)}
 
 | digit | before | after |
 |---|---|---|
