@@ -422,7 +422,7 @@ class DemoOptions:
 
 @dataclass
 class BenchOptions:
-    config: str = setting("", "benchmark file (default: the shipped bench-digits.yaml, also in pipelines/)",
+    config: str = setting("", "benchmark file (default: the shipped bench-heldout.yaml, also in pipelines/)",
                           path=IN_FILE)
     output: str = setting("runs/bench", "folder: bench.md, bench.json, pareto.png, runs/ (a rerun continues)",
                           path=OUT_DIR)

@@ -648,3 +648,35 @@ def test_old_run_records_are_upgraded_once_and_damaged_ones_refused(tmp_path):
                          ([1, 2], "is a JSON object")):
         with pytest.raises(UserError, match=message):
             upgrade(bad, "runs/x.json")
+
+
+def test_bad_protocols_end_in_one_line_and_exit_2_with_nothing_written(tmp_path, capsys):
+    """Overlapping splits, an empty held-out split and checks that draw evaluation seeds: refused at the door."""
+    from concept_erase.cli import main
+
+    cases = [SPLITS.replace("[five, bold]", "[five, three]"),
+             SPLITS.replace("held_out: {concepts: [five, bold], seeds: [10], evaluation_seed_start: 1000}", "held_out: {}"),
+             "concepts: [three]\n" + "settings: {check_seed_start: 0}\n"]
+    for i, text in enumerate(cases):
+        p = tmp_path / f"b{i}.yaml"
+        p.write_text(text + "methods: [{method: eupmu}]\n")
+        out = tmp_path / f"out{i}"
+        assert main(["bench", "--config", str(p), "--output", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert not out.exists()
+
+
+def test_runs_from_refuses_a_damaged_record_and_names_the_file(tmp_path, capsys):
+    from concept_erase.cli import main
+
+    source = json.loads((ROOT / "benchmarks" / "defaults-bench.json").read_text())
+    record = next(r for r in source["runs"] if r["label"] == "eupmu")
+    damaged = {k: v for k, v in record.items() if k != "forget_accuracy"}
+    (tmp_path / "other.json").write_text(json.dumps({"runs": [record, damaged]}))
+    out = tmp_path / "out"
+    assert main(["bench", "--config", str(ROOT / "pipelines" / "bench-defaults.yaml"), "--output", str(out),
+                 "--runs-from", str(tmp_path / "other.json"), "--report-only", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "other.json, run 2: the run's 'forget_accuracy' is None" in err
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())  # nothing half-imported

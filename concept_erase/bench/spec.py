@@ -72,7 +72,7 @@ def _number_list(raw: dict, key: str, default: list, kind, path: Path, low=None)
     return [kind(v) for v in value]
 
 
-SHIPPED_BENCH = RECIPES / "bench-digits.yaml"
+SHIPPED_BENCH = RECIPES / "bench-heldout.yaml"  # the protocol: tuning and held-out splits, matched methods
 
 
 def load_bench(path: str | Path) -> BenchSpec:
@@ -80,7 +80,7 @@ def load_bench(path: str | Path) -> BenchSpec:
     from concept_erase.config import build_config, load_yaml, normalise_keys, read_yaml, whole_number
 
     path = Path(path)
-    raw = read_yaml(path, "benchmark file", "start from pipelines/bench-digits.yaml")
+    raw = read_yaml(path, "benchmark file", "start from pipelines/bench-heldout.yaml")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
     known = {"recipe", "concepts", "seeds", "splits", "methods", "settings", "eps_sweep", "evaluation",
