@@ -612,7 +612,8 @@ def _method_points(ax, by: dict[str, list[dict]], x_of) -> None:
     for label, rs in by.items():
         xs = [x_of(r) for r in rs]
         ys = [100 * (r["base_retain_accuracy"] - r["retain_accuracy"]) for r in rs]
-        points.append(((_mean(xs), stats.mean_ci(xs)), (_mean(ys), stats.mean_ci(ys)), len(rs)))
+        cs = [r["concept"] for r in rs]
+        points.append(((_mean(xs), stats.cluster_mean_ci(xs, cs)), (_mean(ys), stats.cluster_mean_ci(ys, cs)), len(rs)))
     scales = marker_scales([(x, y) for (x, _), (y, _), _ in points])
     import matplotlib.pyplot as plt
 
@@ -631,7 +632,7 @@ def _save(fig, ax, path: Path, xlabel: str, title: str) -> None:
     ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
-    ax.set_title(f"{title} (means, 95% bootstrap bars; runs in brackets)", fontsize=10)
+    ax.set_title(f"{title} (means, 95% bars by a bootstrap over concepts; runs in brackets)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -671,7 +672,8 @@ def pareto_plot(results: list[dict], path: Path, split: str | None = None) -> No
             ys = [_mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100 for rs in curve]
             ax.plot(xs, ys, "k:", lw=1, zorder=2, label="eps curve (first seed)")
     ax.axvline(FORGET_TARGET, color="grey", lw=0.8, ls="--")
-    _save(fig, ax, path, "forget accuracy (lower: more erased)", "Erasure against utility")
+    where = {"held_out": ", held-out split", "tuning": ", tuning split"}.get(split or "", "")
+    _save(fig, ax, path, "forget accuracy (lower: more erased)", f"Erasure against utility{where}")
 
 
 def attack_plot(results: list[dict], path: Path) -> None:
