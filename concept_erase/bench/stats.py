@@ -38,16 +38,26 @@ def clopper_pearson(k: int, n: int, level: float = LEVEL) -> tuple[float, float]
     return float(ci.low), float(ci.high)
 
 
-def _cluster_draws(clusters, resamples: int, seed: int) -> list[np.ndarray] | None:
-    """Per resample, the indices of the units it takes: every unit of each drawn cluster (None: fewer than two
-    clusters, resample the units themselves)."""
+def _cluster_sums(values: np.ndarray, clusters) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per cluster: the sum of its values and its count (None: fewer than two clusters)."""
     names = sorted(set(clusters), key=str)
     if len(names) < 2:
         return None
-    members = [np.flatnonzero(np.asarray([c == name for c in clusters])) for name in names]
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(names), size=(resamples, len(names)))
-    return [np.concatenate([members[j] for j in row]) for row in picks]
+    index = np.asarray([names.index(c) for c in clusters])
+    return np.bincount(index, weights=values, minlength=len(names)), np.bincount(index, minlength=len(names))
+
+
+def _picks(k: int, resamples: int, seed: int) -> np.ndarray:
+    """Which of k clusters (or units) each resample draws, with replacement: [resamples, k]."""
+    return np.random.default_rng(seed).integers(0, k, size=(resamples, k))
+
+
+def _interval(stats_: np.ndarray, level: float) -> tuple[float, float] | None:
+    stats_ = stats_[~np.isnan(stats_)]
+    if stats_.size == 0:
+        return None
+    lo, hi = np.quantile(stats_, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def _keep(values, clusters):
@@ -59,36 +69,34 @@ def _keep(values, clusters):
 
 def cluster_mean_ci(values, clusters, *, resamples: int = RESAMPLES, level: float = LEVEL,
                     seed: int = 0) -> tuple[float, float] | None:
-    """The interval of the mean of `values`, resampling their clusters (concepts) whole; None for no value."""
+    """The interval of the mean of `values`, resampling their clusters (concepts) whole: a resample's mean is the
+    sum of its drawn clusters' values over their count. None for no value."""
     xs, cs = _keep(values, clusters)
     if xs.size == 0:
         return None
-    draws = _cluster_draws(cs, resamples, seed)
-    if draws is None:
+    sums = _cluster_sums(xs, cs)
+    if sums is None:
         return mean_ci(xs, resamples=resamples, level=level, seed=seed)
-    means = np.asarray([xs[d].mean() for d in draws])
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    total, count = sums
+    picks = _picks(len(total), resamples, seed)
+    return _interval(total[picks].sum(1) / count[picks].sum(1), level)
 
 
 def cluster_ratio_ci(a, b, clusters, *, resamples: int = RESAMPLES, level: float = LEVEL,
                      seed: int = 0) -> tuple[float, float] | None:
-    """The interval of mean(a) / mean(b) over pairs (a[i], b[i]) resampled together, by cluster."""
+    """The interval of mean(a) / mean(b) over pairs (a[i], b[i]) resampled together, by cluster (by pair where
+    there is one cluster)."""
     if not len(a) == len(b) == len(clusters):
         raise ValueError("paired values must come in equal numbers")
     if not a:
         return None
     xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    draws = _cluster_draws(list(clusters), resamples, seed)
-    if draws is None:
-        rng = np.random.default_rng(seed)
-        draws = list(rng.integers(0, len(xa), size=(resamples, len(xa))))
-    ratios = np.asarray([xa[d].mean() / xb[d].mean() if xb[d].mean() else np.nan for d in draws])
-    ratios = ratios[~np.isnan(ratios)]
-    if ratios.size == 0:
-        return None
-    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    sa, sb = _cluster_sums(xa, list(clusters)), _cluster_sums(xb, list(clusters))
+    if sa is None:
+        sa, sb = (xa, np.ones_like(xa)), (xb, np.ones_like(xb))
+    picks = _picks(len(sa[0]), resamples, seed)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _interval(sa[0][picks].sum(1) / sb[0][picks].sum(1), level)
 
 
 def _clean(values) -> np.ndarray:
