@@ -302,11 +302,13 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
         wanted = judged_images(concept, final_seeds)
         if path.is_file():
             record = read_record(path)
-            if report_only or final_images(record) == wanted:
+            start = split_of(spec, concept).evaluation_seed_start
+            if report_only or (final_images(record) == wanted and record["evaluation_seed_start"] == start):
                 results.append(record)
                 continue
             log(f"[{i + 1}/{len(runs)}] {label} on {concept!r} (seed {seed}) was judged on {final_images(record)} "
-                f"images, this file asks for {wanted}: run again")
+                f"images from seed {record['evaluation_seed_start']}, this file asks for {wanted} from seed {start}: "
+                "run again")
         if report_only:
             continue
         if concept not in judgings:

@@ -14,6 +14,7 @@ from concept_erase.errors import UserError
 from concept_erase.config import RECIPES
 from concept_erase.bench.judging import concept_prompts, erase_relative_to
 from concept_erase.image_seeds import CHECK_SEED_START, describe, overlap, seed_range
+from concept_erase.methods.stopping import check_seeds
 
 
 
@@ -240,8 +241,6 @@ def evaluation_seeds(spec: BenchSpec, split: Split) -> range:
 
 def _check_seeds_apart(spec: BenchSpec, config, label: str, path: Path) -> None:
     """The splits' evaluations draw disjoint image seeds, and none that an entry's erasure check draws."""
-    from concept_erase.methods.stopping import check_seeds
-
     ranges = [(f"splits.{sp.name}" if sp.name != "all" else "the evaluation", evaluation_seeds(spec, sp))
               for sp in spec.splits]
     for i, (name_a, a) in enumerate(ranges):
