@@ -61,7 +61,5 @@ def upgrade(record, where: str) -> dict:
         for key in ("retain_accuracy", "retain_hits", "retain_images"):
             out.setdefault(f"{side}_{key}", None)
         out.setdefault(f"base_{side}_retain_accuracy", None)
-    if not isinstance(out.get("memory", []), list):
-        raise UserError(f"{where}: the run's 'memory' is not a table")
     out["schema"] = RECORD_SCHEMA
     return out

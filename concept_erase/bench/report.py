@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 
+import json
 import math
 import statistics
-import json
 from pathlib import Path
 
 

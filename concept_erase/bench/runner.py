@@ -190,6 +190,11 @@ def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -
             raise UserError(f"--runs-from {source}: holds no list of runs; give a bench.json that "
                             "`concept-erase bench` wrote")
         records = [upgrade(r, f"--runs-from {source}, run {i + 1}") for i, r in enumerate(records)]
+        for part in ("memory", "timing"):
+            rows = report.get(part) or []
+            if not isinstance(rows, list) or not all(isinstance(x, dict) for x in rows):
+                raise UserError(f"--runs-from {source}: its {part!r} is not a table (a list of rows); give a "
+                                "bench.json that `concept-erase bench` wrote")
         added = kept = 0
         differ, unplanned = [], 0
         for record in records:
