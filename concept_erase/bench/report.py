@@ -632,7 +632,7 @@ def _save(fig, ax, path: Path, xlabel: str, title: str) -> None:
     ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
-    ax.set_title(f"{title} (means, 95% bars by a bootstrap over concepts; runs in brackets)", fontsize=10)
+    ax.set_title(f"{title}\n(means, 95% bars by a bootstrap over concepts; runs in brackets)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
