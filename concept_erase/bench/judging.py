@@ -53,14 +53,14 @@ class Judging:
     """
 
     def __init__(self, concept: str, seeds: int, steps: int, guidance: float, final_seeds: int | None = None,
-                 seed_start: int = 0, nearest: list[str] | None = None):
+                 seed_start: int = 0):
         from concept_erase.digits.world import build
         from concept_erase.io.loading import load_judge
 
         self.concept, self.steps, self.guidance = concept, steps, guidance
         self.seeds, self.final_seeds = seeds, final_seeds or seeds
         self.seed_start = int(seed_start)  # the evaluation's image seeds: seed_start, seed_start + 1, ...
-        self.nearest = list(nearest or [])  # the concepts whose retain accuracy is reported on its own
+        self.nearest: list[str] = []  # the concepts whose retain accuracy is reported on its own
         self.judge = load_judge()
         test = build("test")
         wanted = {(d, STYLES.index(s)) for d, s, _ in self.items(1)[1]}
@@ -74,10 +74,6 @@ class Judging:
         """How many images one evaluation generates."""
         return judged_images(self.concept, self.final_seeds if final else self.seeds)
 
-    def seeds_used(self, final: bool = True) -> range:
-        """The image seeds an evaluation draws (every prompt the same ones)."""
-        return seed_range(self.seed_start, self.final_seeds if final else self.seeds)
-
     def _draw(self, pipe, items) -> list:
         from concept_erase.digits.evaluate import generate_many
 
@@ -86,13 +82,11 @@ class Judging:
                              guidance=self.guidance)
 
     @torch.no_grad()
-    def nearest_concepts(self, pipe, count: int = 2) -> list[str]:
+    def _nearest(self, images: torch.Tensor, count: int = 2) -> list[str]:
         """The `count` concepts the judge finds most alike the erased one in the model's own images of it: for a
         digit, the digits with the highest mean probability on its images after itself; for a style, the styles
-        likewise. Measured on the base model once per concept (the images of the final evaluation's forget
-        side), so that "near" is a property of the model and the judge, not of a run."""
-        forget_items, _ = self.items(self.final_seeds)
-        images = torch.cat(self._draw(pipe, forget_items))
+        likewise. Found on the base model once per concept (its final evaluation's forget images), so that
+        "near" is a property of the model and the judge, not of a run."""
         logits_d, logits_s = self.judge(images.to(self.judge.device, self.judge.dtype))
         if self.concept in DIGIT_NAMES:
             p = torch.softmax(logits_d.float(), 1).mean(0)
@@ -107,7 +101,9 @@ class Judging:
         return (DIGIT_NAMES[digit] if self.concept in DIGIT_NAMES else style) in self.nearest
 
     @torch.no_grad()
-    def __call__(self, pipe, *, fid: bool = True, final: bool = False) -> dict:
+    def __call__(self, pipe, *, fid: bool = True, final: bool = False, find_nearest: bool = False) -> dict:
+        """The evaluation; with find_nearest (the base model's) the nearest concepts are first found from its
+        forget images and kept for every later evaluation."""
         from concept_erase.digits.evaluate import domain_fid
 
         forget_items, retain_items = self.items(self.final_seeds if final else self.seeds)
@@ -124,11 +120,13 @@ class Judging:
                 hit = int(((pd == d) & (ps == STYLES.index(s))).sum())
             hits.append((d, s, images, hit))
         forget, retain = hits[:len(forget_items)], hits[len(forget_items):]
+        if find_nearest:
+            self.nearest = self._nearest(torch.cat([x[2] for x in forget]))
         n_f = sum(len(x[2]) for x in forget)
         n_r = sum(len(x[2]) for x in retain)
-        result = {"forget_accuracy": sum(h for *_, h in forget) / n_f, "retain_accuracy": sum(h for *_, h in retain) / n_r,
-                  "images": n_f + n_r, "forget_images": n_f, "forget_hits": sum(h for *_, h in forget),
-                  "retain_images": n_r, "retain_hits": sum(h for *_, h in retain),
+        f_hits, r_hits = sum(h for *_, h in forget), sum(h for *_, h in retain)
+        result = {"forget_accuracy": f_hits / n_f, "retain_accuracy": r_hits / n_r, "images": n_f + n_r,
+                  "forget_images": n_f, "forget_hits": f_hits, "retain_images": n_r, "retain_hits": r_hits,
                   "seed_start": self.seed_start}
         if self.nearest:
             near = [x for x in retain if self._is_near(x[0], x[1])]

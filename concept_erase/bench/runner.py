@@ -326,8 +326,7 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
                 judging.nearest = stored["nearest"]
                 base_evals[concept] = stored
             else:
-                judging.nearest = judging.nearest_concepts(base)
-                base_evals[concept] = judging(base, final=True)
+                base_evals[concept] = judging(base, final=True, find_nearest=True)
                 write_json(base_file, base_evals[concept])
             judgings[concept] = judging
         log(f"[{i + 1}/{len(runs)}] {label} erasing {concept!r} (seed {seed})")
