@@ -409,13 +409,18 @@ def summarise_report(report: dict) -> dict:
             "headline": headline, "splits": splits}
 
 
+def _upgraded(report: dict) -> dict:
+    """The stored report with its runs in the current record shape (`records.upgrade`)."""
+    from concept_erase.bench.records import upgrade
+
+    where = report.get("config", "bench.json")
+    return {**report, "runs": [upgrade(r, f"{where}, run {i + 1}") for i, r in enumerate(report.get("runs", []))]}
+
+
 def render(report: dict) -> str:
     """bench.md of a stored bench.json: what the report code makes of its runs now (a test holds the committed
     reports to it)."""
-    from concept_erase.bench.records import upgrade
-
-    runs = [upgrade(r, f"{report.get('config', 'bench.json')}, run {i + 1}") for i, r in enumerate(report.get("runs", []))]
-    report = {**report, "runs": runs}
+    report = _upgraded(report)
     return markdown({**report, "summary": summarise_report(report)}, command=report.get("command", ""))
 
 
@@ -425,10 +430,7 @@ BLOCK_END = "<!-- end generated -->"
 
 def headline(report: dict) -> str:
     """The headline split's tables of a stored report, with what made them: the block BENCHMARKS.md leads with."""
-    from concept_erase.bench.records import upgrade
-
-    runs = [upgrade(r, f"{report.get('config', 'bench.json')}, run {i + 1}") for i, r in enumerate(report.get("runs", []))]
-    report = {**report, "runs": runs}
+    report = _upgraded(report)
     summary = summarise_report(report)
     lines = _made_by(report, report.get("command", ""))
     if summary["headline"]:
