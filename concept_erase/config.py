@@ -15,13 +15,14 @@ from typing import Any, Optional
 
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import CHECK_SEED_START
-from concept_erase.options import IN_DIR, MAX_SEED, OUT_DIR, check_fields, setting
+from concept_erase.options import IN_DIR, IN_FILE, MAX_SEED, OUT_DIR, check_fields, setting
 
 TRAINABLE_SUBSETS = ("xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora")
 RECIPES = Path(__file__).resolve().parent / "recipes"  # the shipped recipes and benchmark files
 
 
 _f = setting
+SIGNAL_STOP = 0.15  # the erasure signal's stop level: calibrated on the digits models' tuning split (benchmarks/signal-study.md)
 
 
 @dataclass
@@ -123,11 +124,22 @@ class EraseConfig:
     cache_dir: str = _f("", "cache of generated anchor and concept latents (default: $CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase)",
                         path=OUT_DIR)
     # bookkeeping
-    stop_when_erased: bool = _f(False, "judge the model every --check-every steps and stop at the first check "
-                                       "where at most --check-forget-at-most of the concept's images show it and "
-                                       "the anchors' accuracy is at most --check-retain-drop-at-most below the "
-                                       "model's before training (needs a judge for the model: builtin:digits "
-                                       "has one)")
+    stop_when_erased: bool = _f(False, "stop at the first check (every --check-every steps) at which the concept is "
+                                       "erased, by --stop-judge: the model's own judge where it has one "
+                                       "(builtin:digits), else the erasure signal (any model)")
+    stop_judge: str = _f("auto", "with --stop-when-erased: what decides that the concept is erased. signal: the "
+                                 "erasure signal's moving average at most --stop-signal-at-most (no image drawn, any "
+                                 "model); digits: the digits models' judge; clip: CLIP zero-shot over the concepts "
+                                 "and anchors (--clip-model, --clip-weights); nudity: NudeNet (the anchors are not "
+                                 "judged); auto: digits on the digits models, else signal",
+                         choices=("auto", "signal", "digits", "clip", "nudity"))
+    stop_signal_at_most: float = _f(SIGNAL_STOP, "with --stop-judge signal: the erasure signal's moving average at "
+                                                 "which the concept counts as erased (1: the original model, -eta: "
+                                                 "the forget loss's target); calibrated on the digits models' tuning "
+                                                 "split (BENCHMARKS.md)", ge=-1000, lt=1)
+    clip_model: str = _f("ViT-L-14", "with --stop-judge clip: the open_clip model")
+    clip_weights: str = _f("", "with --stop-judge clip: a local open_clip weights file for --clip-model (default: "
+                               "the hub cache's openai weights)", path=IN_FILE)
     check_every: int = _f(10, "with --stop-when-erased: steps between erasure checks (a check that fails on the "
                               "concept side draws 8 images)", ge=1, le=10**8)
     check_forget_at_most: float = _f(0.05, "with --stop-when-erased: the share of a check's concept images that may "
@@ -147,6 +159,15 @@ class EraseConfig:
                                                  "check draws fewer than 2 x --check-images seeds from here on); "
                                                  "evaluations judge seeds 0 and up, so a run is never graded on "
                                                  "the images that stopped it", ge=0, le=MAX_SEED - 200000)
+    hold_erasure_at: float = _f(None, "hold the erasure at this erasure-signal level instead of pushing "
+                                                "it on to the forget loss's target: a forget sample whose prediction "
+                                                "guides toward the concept at most this much adds no loss (a run "
+                                                "that goes on past the erasure then keeps it and stops taking from "
+                                                "the anchors); none: always push", ge=-1000, lt=1)
+    signal_half_life: float = _f(10.0, "half-life in steps of the erasure signal's moving average (the signal: the "
+                                       "trained model's guidance toward the concept, 1 before training and -eta "
+                                       "at the forget loss's target; logged every step as erasure_signal)",
+                                 gt=0, le=10**6)
     report_to: str = _f("none", "follow the run in a tracker, through Accelerate: tensorboard (OUTPUT/logs), wandb, all "
                                 "or none; per step the losses, lambda, the slack, the gradient norm and the step time",
                         choices=("none", "tensorboard", "wandb", "all"))
@@ -225,6 +246,30 @@ class EraseConfig:
             raise UserError("--relative-to applies to --forget-loss negative-guidance only")
         if self.forget_loss == "remap" and self.remap_to and len(self.remap_to) not in (1, len(self.concepts)):
             raise UserError("give one --remap-to for all concepts, or one per --concept")
+        if self.stop_when_erased:
+            self._check_stop()
+        if self.hold_erasure_at is not None:
+            if self.forget_loss != "negative-guidance":
+                raise UserError("--hold-erasure-at holds the negative-guidance forget loss's erasure signal, which "
+                                f"--forget-loss {self.forget_loss} has not; drop it or use negative-guidance")
+            if not -self.eta < self.hold_erasure_at:
+                raise UserError(f"--hold-erasure-at {self.hold_erasure_at} is out of range: the forget loss's target "
+                                f"is the signal level -eta = {-self.eta:g}, so a level at or under it holds nothing")
+
+    def _check_stop(self) -> None:
+        if self.check_every > self.steps:
+            raise UserError(f"--stop-when-erased checks every {self.check_every} steps, more than the run's "
+                            f"--steps {self.steps}: no check would run. Lower --check-every or raise --steps")
+        if self.stop_judge == "signal" or self.stop_judge == "auto":
+            if self.forget_loss != "negative-guidance":
+                if self.stop_judge == "signal":
+                    raise UserError("--stop-judge signal reads the negative-guidance forget loss's concept "
+                                    f"direction, which --forget-loss {self.forget_loss} has not; name an image judge "
+                                    "(--stop-judge digits, clip or nudity)")
+            elif not -self.eta < self.stop_signal_at_most < 1:
+                raise UserError(f"--stop-signal-at-most {self.stop_signal_at_most} is out of range: the erasure "
+                                f"signal goes from 1 (the original model) to -eta = {-self.eta:g} (the forget "
+                                f"loss's target), so the stop must lie between them")
 
     def check_runnable(self) -> None:
         """Checks that need the whole picture (a config file may fill what flags leave out)."""

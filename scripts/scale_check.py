@@ -287,7 +287,9 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str,
     from concept_erase.config import build_config
     from concept_erase.training.trainer import Trainer
 
+    # a recipe's erasure-signal check every step (it draws no image): the stop's code runs on every model
     settings = {**settings, **CUT, "model": str(model_dir), "output": str(out), "steps": steps, "resolution": RESOLUTION,
+                "check_every": 1,
                 "mixed_precision": "bf16", "cache_dir": str(cache), "progress": False, "overwrite": True,
                 "checkpoint_every": 0}  # the final checkpoint only: the step peak is read before it
     cfg = build_config(settings, {}, source=label)

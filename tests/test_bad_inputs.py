@@ -147,13 +147,13 @@ def test_nan_from_the_command_line_exits_3_and_keeps_the_checkpoint(tiny_dir, ca
                                                                      monkeypatch):
     from concept_erase.training.trainer import Trainer
 
-    real_forward = Trainer._forward
+    real_losses = Trainer._losses
 
-    def poisoned(self, batch):  # from the third step on
-        out = real_forward(self, batch)
-        return out * float("nan") if len(self.lambda_history) >= 2 else out
+    def poisoned(self, batch, watched=0):  # from the third step on
+        out, along, norm_sq = real_losses(self, batch, watched)
+        return (out * float("nan") if len(self.lambda_history) >= 2 else out), along, norm_sq
 
-    monkeypatch.setattr(Trainer, "_forward", poisoned)
+    monkeypatch.setattr(Trainer, "_losses", poisoned)
     out = tmp_path / "run"
     argv = base_args(tiny_dir, out, cache_dir)
     argv[argv.index("--steps") + 1] = "4"

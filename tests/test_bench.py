@@ -364,7 +364,8 @@ def test_style_concepts_are_erased_relative_to_the_plain_caption():
 
 def tiny_bench_file(folder, methods: list[str], *, steps: int, evaluation: str, rest: str):
     """A benchmark file for one digit and one seed, each method a few steps."""
-    entries = "".join(f"  - {{method: {m}, steps: {steps}, anchor_images_per_prompt: 2}}\n" for m in methods)
+    entries = "".join(f"  - {{method: {m}, steps: {steps}, anchor_images_per_prompt: 2, check_every: {steps}}}\n"
+                      for m in methods)
     path = folder / "bench.yaml"
     path.write_text(f"recipe: {ROOT / 'pipelines' / 'digits-erase.yaml'}\nconcepts: [three]\nseeds: [0]\n"
                     f"methods:\n{entries}evaluation: {evaluation}\n{rest}")

@@ -327,9 +327,9 @@ def test_the_shipped_flux_and_sd3_recipes_run_on_tiny_models(recipe, model, tmp_
     path = Path(__file__).resolve().parents[1] / "pipelines" / recipe
     cuts = {"model": model, "resolution": 32, "steps": 1, "sampling_steps": 2, "anchor_inference_steps": 2,
             "anchor_images_per_prompt": 1, "output": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
-            "progress": False, "checkpoint_every": 0}
+            "progress": False, "checkpoint_every": 0, "check_every": 1}
     cfg = build_config(load_yaml(path), cuts, source=str(path))
-    assert cfg.mixed_precision == "bf16" and cfg.train in ("lora", "xattn")
+    assert cfg.mixed_precision == "bf16" and cfg.train in ("lora", "xattn") and cfg.stop_when_erased
     erase(cfg)
     assert len(metrics(cfg.output)) == 1
 

@@ -85,3 +85,61 @@ def test_negative_guidance_is_exact_in_velocity_space():
     s, eta = 0.7, 1.5
     x0 = lambda v: x_s - s * v  # noqa: E731
     torch.testing.assert_close(x0(negative_guidance_target(v0, vc, eta)), negative_guidance_target(x0(v0), x0(vc), eta))
+
+
+def test_the_guidance_projection_is_one_for_the_original_and_minus_eta_at_the_target():
+    from concept_erase.methods.losses import erasure_signal, guidance_projection, negative_guidance_target
+
+    g = torch.Generator().manual_seed(0)
+    e0, ec = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    direction = ec - e0
+    assert erasure_signal(*guidance_projection(ec, e0, direction)) == pytest.approx(1.0, abs=1e-6)
+    for eta in (0.5, 1.0, 3.0):
+        target = negative_guidance_target(e0, ec, eta)
+        assert erasure_signal(*guidance_projection(target, e0, direction)) == pytest.approx(-eta, abs=1e-5)
+    # the reference prediction itself: no guidance toward the concept
+    assert erasure_signal(*guidance_projection(e0, e0, direction)) == pytest.approx(0.0, abs=1e-6)
+    # anything orthogonal to the concept direction leaves it unchanged
+    other = torch.randn(3, 4, 8, 8, generator=g)
+    flat = direction.flatten(1)
+    orth = other - ((other.flatten(1) * flat).sum(1) / flat.pow(2).sum(1)).view(-1, 1, 1, 1) * direction
+    assert erasure_signal(*guidance_projection(ec + orth, e0, direction)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_the_signal_pools_samples_by_their_directions_strength_and_is_none_without_one():
+    from concept_erase.methods.losses import erasure_signal, guidance_projection
+
+    e0 = torch.zeros(2, 1, 2, 2)
+    direction = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 3.0)])
+    pred = torch.stack([direction[0] * 1.0, direction[1] * 0.0])  # the weak sample still guides, the strong not
+    along, norm_sq = guidance_projection(pred, e0, direction)
+    assert along.tolist() == [4.0, 0.0] and norm_sq.tolist() == [4.0, 36.0]
+    assert erasure_signal(along, norm_sq) == pytest.approx(4 / 40)
+    assert erasure_signal(*guidance_projection(pred, e0, torch.zeros_like(pred))) is None
+    with pytest.raises(ValueError, match="differ in shape"):
+        guidance_projection(pred, e0, direction[:1])
+
+
+def test_the_signal_meter_halves_the_gap_in_one_half_life_and_skips_steps_without_a_value():
+    from concept_erase.methods.signal import SignalMeter
+
+    meter = SignalMeter(half_life=4)
+    assert meter.update(None) is None and meter.seen == 0
+    assert meter.update(1.0) == 1.0
+    for _ in range(4):
+        meter.update(0.0)
+    assert meter.value == pytest.approx(0.5)
+    assert meter.update(None) == pytest.approx(0.5) and meter.update(float("nan")) == pytest.approx(0.5)
+    again = SignalMeter(half_life=4)
+    again.load_state_dict(meter.state_dict())
+    assert again.update(0.0) == meter.update(0.0) and again.seen == meter.seen == 6
+    with pytest.raises(ValueError):
+        SignalMeter(0)
+
+
+def test_a_held_erasure_counts_only_the_samples_still_guided_above_the_level():
+    from concept_erase.methods.losses import still_guided
+
+    along, norm_sq = torch.tensor([0.5, 0.1, -1.0, 0.0]), torch.tensor([1.0, 1.0, 2.0, 0.0])
+    assert still_guided(along, norm_sq, 0.2).tolist() == [True, False, False, False]
+    assert still_guided(along, norm_sq, -0.6).tolist() == [True, True, True, False]  # -0.5 is above -0.6

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from concept_erase.digits.world import caption
 from concept_erase.errors import UserError
-from concept_erase.methods.stopping import ErasureCheck, Hooks, find_judge
+from concept_erase.methods.stopping import JUDGES, ErasureCheck, Hooks, SignalStop, stop_rule
 
 
 class ScriptedJudge:
@@ -132,13 +133,21 @@ def test_hooks_all_run_and_any_stops():
     assert seen == [("a", 2), ("b", 2), ("a", 3), ("b", 3)] and not both.may_stop
 
 
-def test_only_the_digits_model_has_a_judge():
-    from types import SimpleNamespace
+def test_a_model_without_a_judge_stops_on_the_signal_and_a_named_judge_must_fit():
+    from concept_erase.config import EraseConfig
 
-    with pytest.raises(UserError, match="needs a judge for the model"):
-        find_judge(SimpleNamespace(model="builtin:tiny", concepts=["x"], anchors=[], check_images=8))
+    def config(**kw):
+        return EraseConfig(**{"model": "builtin:tiny", "concepts": ["x"], "stop_when_erased": True, **kw})
+
+    assert isinstance(stop_rule(config()), SignalStop)
+    assert isinstance(stop_rule(config(model="builtin:digits", stop_judge="signal")), SignalStop)
+    assert isinstance(stop_rule(config(model="builtin:digits", concepts=[caption(3)])), ErasureCheck)
+    with pytest.raises(UserError, match="has no judge of its own"):
+        stop_rule(config(forget_loss="remap", remap_to=["y"]))
     with pytest.raises(UserError, match="knows the digits' captions"):
-        find_judge(SimpleNamespace(model="builtin:digits", concepts=["a cat"], anchors=[], check_images=8))
+        stop_rule(config(model="builtin:digits", concepts=["a cat"]))
+    with pytest.raises(UserError, match="knows the digits' captions"):
+        stop_rule(config(stop_judge="digits", concepts=["a cat"]))
 
 
 def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
@@ -150,8 +159,9 @@ def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
     pipe = load_pipeline("builtin:digits")
     pipe.set_progress_bar_config(disable=True)
     start = 5000
-    judge = find_judge(SimpleNamespace(model="builtin:digits", concepts=[caption(3), caption(5, "red ink")],
-                                       anchors=[caption(1), caption(7, "bold")], check_images=4, check_seed_start=start))
+    judge = JUDGES.get("digits")(SimpleNamespace(model="builtin:digits", concepts=[caption(3), caption(5, "red ink")],
+                                                 anchors=[caption(1), caption(7, "bold")], check_images=4,
+                                                 check_seed_start=start))
     # two images per concept, seed by seed across the concepts, from the check's first seed on; the anchors get twice
     # the concepts' share, seed by seed too (a first chunk sees every anchor)
     assert judge.concept_items == [(caption(3), start), (caption(5, "red ink"), start), (caption(3), start + 1),
@@ -287,3 +297,92 @@ def test_the_side_that_failed_last_is_drawn_first(tmp_path):
     assert [r["at_target"] for r in records[1:]] == [False, False, False, False, True]
     assert records[2]["forget_accuracy"] is None and records[2]["forget_images"] == 0
     assert records[2]["retain_images"] == ANCHOR_CHUNK and not records[2]["retain_within"]
+
+
+def test_the_signal_starts_at_one_falls_as_the_concept_is_erased_and_is_logged_every_step(make_config, tmp_path):
+    from concept_erase.training.trainer import erase
+
+    erase(make_config(steps=30, lr=3e-3))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # the first step's prediction is the original model's own: its projection on its own direction is 1
+    assert rows[0]["erasure_signal"] == pytest.approx(1.0, abs=1e-4)
+    assert all(r["erasure_signal"] is not None and r["erasure_signal_avg"] is not None for r in rows)
+    assert rows[-1]["erasure_signal_avg"] < 0.9 * rows[0]["erasure_signal_avg"]
+
+
+def test_the_signal_stops_a_run_and_a_resumed_run_reads_the_same_signal_and_stops_at_the_same_step(
+        make_config, tmp_path):
+    from concept_erase.errors import Interrupted
+    from concept_erase.training.trainer import erase
+
+    run = tmp_path / "run"
+    settings = dict(steps=24, lr=3e-3, checkpoint_every=4, checkpoints_total_limit=0, signal_half_life=3)
+    erase(make_config(**settings))
+    whole = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    avg = {r["step"]: r["erasure_signal_avg"] for r in whole}
+    # a level the average crosses after the first checkpoint: the run must stop at the first check under it
+    level = max(avg[s] for s in range(9, 13))
+    stop = next(s for s in range(2, 25, 2) if avg[s] <= level)
+    assert 8 < stop < 24
+    run = tmp_path / "stopping"
+    stopping = dict(settings, stop_when_erased=True, stop_judge="signal", stop_signal_at_most=level, check_every=2,
+                    output=str(run))
+
+    class Crash:
+        def __call__(self, done, trainer):
+            if done == 7:
+                raise KeyboardInterrupt
+            return False
+
+    with pytest.raises(Interrupted):
+        erase(make_config(**stopping), on_step=Crash())
+    erase(make_config(**stopping, resume="latest"))
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["erasure_signal_avg"] for r in resumed] == pytest.approx([avg[s] for s in range(1, stop + 1)], abs=1e-6)
+    info = json.loads((run / "run.json").read_text())
+    assert info["stopped_at"] == stop and "erasure signal" in info["stop_reason"]
+    checks = [json.loads(line) for line in (run / "checks.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in checks] == list(range(2, stop + 1, 2)) and checks[-1]["at_target"]
+
+
+def test_a_held_erasure_stops_pushing_where_an_unheld_one_goes_on(make_config, tmp_path):
+    """With --hold-erasure-at, the forget samples already at or under the level add no loss: the signal stops
+    falling far short of where the same run without it goes (the optimizer's momentum carries it somewhat under
+    the level)."""
+    from concept_erase.training.trainer import erase
+
+    def run(name, **kw):
+        erase(make_config(steps=40, lr=3e-3, output=str(tmp_path / name), **kw))
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    pushed, held = run("pushed"), run("held", hold_erasure_at=0.6)
+    assert "held_share" not in pushed[-1] and max(r["held_share"] for r in held) > 0.5
+    assert held[-1]["erasure_signal_avg"] > pushed[-1]["erasure_signal_avg"] + 0.2
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--stop-judge", "digits"], "knows the digits' captions"),
+    (["--stop-judge", "clip", "--clip-model", "ViT-B-32", "--clip-weights", "{bogus}"], "could not be loaded"),
+    (["--stop-judge", "clip", "--clip-weights", "{missing}"], "does not exist"),
+    (["--stop-signal-at-most", "1.5"], "--stop-signal-at-most"),
+    (["--stop-signal-at-most", "-1"], "out of range"),
+    (["--check-every", "5"], "no check would run"),
+    (["--forget-loss", "remap", "--remap-to", "a photo"], "has no judge of its own"),
+])
+def test_a_stop_that_cannot_work_is_refused_in_one_line_and_the_output_is_untouched(
+        extra, message, tiny_dir, cache_dir, tmp_path, capsys):
+    from concept_erase.cli import main
+    from test_cli import base_args, tree
+
+    out = tmp_path / "run"
+    assert main(base_args(tiny_dir, out, cache_dir)) == 0
+    before = tree(out)
+    bogus = tmp_path / "bogus.bin"
+    bogus.write_bytes(b"not a checkpoint")
+    extra = [a.format(bogus=bogus, missing=tmp_path / "missing.bin") for a in extra]
+    capsys.readouterr()
+    code = main(base_args(tiny_dir, out, cache_dir) + ["--overwrite", "--stop-when-erased", "--check-every", "1",
+                                                       "--eta", "1", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert tree(out) == before

@@ -131,13 +131,13 @@ def test_held_out_probe_is_outside_the_gradient(method, fresh_pipe, make_config,
     trainer = Trainer(make_config(method=method, retain_batch_size=4, steps=3), pipe=fresh_pipe)
     trainer._setup()
     seen = []
-    real_forward = Trainer._forward
+    real_losses = Trainer._losses
 
-    def spy(self, batch):
+    def spy(self, batch, watched=0):
         seen.append((torch.is_grad_enabled(), batch.latents.detach().clone()))
-        return real_forward(self, batch)
+        return real_losses(self, batch, watched)
 
-    monkeypatch.setattr(Trainer, "_forward", spy)
+    monkeypatch.setattr(Trainer, "_losses", spy)
     trained_before: list[torch.Tensor] = []
     for step in range(3):
         seen.clear()
@@ -289,15 +289,15 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(fresh_pipe, make_config
 
     cfg = make_config(method="eupmu", steps=4, checkpoint_every=2)
     trainer = Trainer(cfg, pipe=fresh_pipe)
-    real_forward = Trainer._forward
+    real_losses = Trainer._losses
 
-    def poisoned(self, batch):
-        out = real_forward(self, batch)
+    def poisoned(self, batch, watched=0):
+        out, along, norm_sq = real_losses(self, batch, watched)
         if self.lambda_history and len(self.lambda_history) >= 2:  # from step 3 on
             out = out * float("nan")
-        return out
+        return out, along, norm_sq
 
-    monkeypatch.setattr(Trainer, "_forward", poisoned)
+    monkeypatch.setattr(Trainer, "_losses", poisoned)
     with pytest.raises(TrainingDiverged, match=r"at step 3.*step-00000002.*intact"):
         trainer.run()
     ckpt = trainer.output / "checkpoints" / "step-00000002"

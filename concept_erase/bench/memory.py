@@ -42,7 +42,8 @@ def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three") -> 
     concepts, anchors = concept_prompts(concept)
     out = tempfile.mkdtemp(prefix="ce-probe-")
     settings.update(concepts=concepts, anchors=anchors, output=out, overwrite=True, progress=False, steps=steps,
-                    checkpoint_every=0, method=mode if mode != "plain" else "fixed")
+                    checkpoint_every=0, method=mode if mode != "plain" else "fixed",
+                    stop_when_erased=False)  # the steps' memory; a check's images are not training
     config = build_config(settings, {}, source=recipe)
     pipe = load_pipeline(config.model)
     cuda = torch.cuda.is_available()

@@ -10,6 +10,8 @@ Schemas:
 - 2: `split` (tuning, held_out, or all in a file without splits), `commit`, `evaluation_seed_start`, the image
   counts behind each rate (`forget_hits`, `retain_hits`, `retain_images`), and the retain accuracy of the erased
   concept's nearest concepts apart from the rest (`nearest`, `near_retain_*`, `far_retain_*`).
+- 3: what stopped the run (`stop_judge`: digits or signal; `stop_signal_at_most`) and `hold_erasure_at`. Older
+  stopping runs were all stopped by the digits judge.
 
 A record may say `checks_lost` (why): its erasure checks were not kept, so its time to the held target is not
 reported (its stop step and its evaluation stand).
@@ -21,7 +23,7 @@ import math
 
 from concept_erase.errors import UserError
 
-RECORD_SCHEMA = 2
+RECORD_SCHEMA = 3
 
 # What the report reads of every record, with the kind of value it must be.
 REQUIRED = {"label": str, "concept": str, "seed": int, "forget_accuracy": float, "retain_accuracy": float,
@@ -57,6 +59,10 @@ def upgrade(record, where: str) -> dict:
         if n and n_f and "retain_images" not in out:
             out["retain_images"] = n - n_f
             out["retain_hits"] = round(out["retain_accuracy"] * (n - n_f))
+    if schema < 3:  # before the stop had a judge to name: every stopping run's checks were the digits judge's
+        out.setdefault("stop_judge", "digits" if out.get("stop_when_erased") else None)
+        out.setdefault("stop_signal_at_most", None)
+        out.setdefault("hold_erasure_at", None)
     for side in ("near", "far"):
         for key in ("retain_accuracy", "retain_hits", "retain_images"):
             out.setdefault(f"{side}_{key}", None)

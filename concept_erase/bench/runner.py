@@ -62,6 +62,8 @@ def bench_model(spec: BenchSpec) -> str:
 def run_settings(config) -> dict:
     """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
     file plans under its label (--runs-from). The check's bar only where the run checks."""
+    from concept_erase.methods.stopping import judge_name
+
     checks = config.stop_when_erased
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
             "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
@@ -69,6 +71,9 @@ def run_settings(config) -> dict:
             "sampling_steps": config.sampling_steps,
             "trajectory_model": config.trajectory_model, "trajectory_refresh": config.trajectory_refresh,
             "stop_when_erased": checks,
+            "stop_judge": judge_name(config) if checks else None,
+            "stop_signal_at_most": config.stop_signal_at_most if checks and judge_name(config) == "signal" else None,
+            "hold_erasure_at": config.hold_erasure_at,
             "check_forget_at_most": config.check_forget_at_most if checks else None,
             "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
             "check_every": config.check_every if checks else None,

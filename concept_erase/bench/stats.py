@@ -129,3 +129,32 @@ def paired_difference_ci(a, b, clusters=None, **kwargs) -> tuple[float, float] |
     if clusters is not None:
         return cluster_mean_ci(diffs, clusters, **kwargs)
     return mean_ci(diffs, **kwargs)
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rank correlation (ties get their mean rank); None when either side does not vary."""
+    from scipy.stats import spearmanr
+
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xs.size < 3 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        return None
+    return float(spearmanr(xs, ys).statistic)
+
+
+def cluster_spearman_ci(x, y, clusters, *, resamples: int = 2000, level: float = LEVEL,
+                        seed: int = 0) -> tuple[float, float] | None:
+    """The interval of Spearman's rank correlation of pairs (x[i], y[i]), resampling clusters whole (a run's points
+    along its training are not independent of each other, nor a concept's runs)."""
+    if not len(x) == len(y) == len(clusters):
+        raise ValueError("paired values must come in equal numbers")
+    names = sorted(set(clusters), key=str)
+    if len(names) < 2:
+        return None
+    members = {c: [i for i, k in enumerate(clusters) if k == c] for c in names}
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    out = []
+    for pick in _picks(len(names), resamples, seed):
+        idx = [i for p in pick for i in members[names[p]]]
+        r = spearman(xs[idx], ys[idx])
+        out.append(np.nan if r is None else r)
+    return _interval(np.asarray(out), level)

@@ -59,3 +59,29 @@ def flow_noised(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor)
 def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The velocity a flow-matching model should output for `(1 - s) x0 + s n`: `n - x0`, at every s."""
     return noise.float() - latents.float()
+
+
+def guidance_projection(prediction: torch.Tensor, origin: torch.Tensor,
+                        direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, `<p - e0, d>` and `||d||^2`, in fp32: how far the trained model's prediction `p` still
+    goes from the original's reference prediction `e0` along the original's concept direction
+    `d = ec - e0`. Their ratio is 1 for the original model (p = ec) and -eta at negative guidance's
+    target (p = e0 - eta d); `erasure_signal` pools them over a batch."""
+    if not prediction.shape == origin.shape == direction.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)}, origin {tuple(origin.shape)} and direction "
+                         f"{tuple(direction.shape)} differ in shape")
+    d = direction.float().flatten(1)
+    return ((prediction.float() - origin.float()).flatten(1) * d).sum(dim=1), d.pow(2).sum(dim=1)
+
+
+def erasure_signal(along: torch.Tensor, norm_sq: torch.Tensor) -> float | None:
+    """The batch's guidance projection, `sum <p - e0, d> / sum ||d||^2` (samples weighted by how strongly
+    the original model guides toward the concept there); None when the concept gives no direction."""
+    total = float(norm_sq.sum())
+    return float(along.sum()) / total if total > 0 else None
+
+
+def still_guided(along: torch.Tensor, norm_sq: torch.Tensor, level: float) -> torch.Tensor:
+    """Per sample, whether its guidance projection `along / norm_sq` is still above `level` (a sample with no
+    concept direction is not). The forget loss of a held erasure counts only these samples."""
+    return along > level * norm_sq

@@ -27,18 +27,30 @@ class RegressionBatch:
     timesteps: torch.Tensor
     cond: Cond  # the prompts' conditioning, in the model family's form
     target: torch.Tensor
+    # Where the target steers away from a concept: the original model's reference prediction e0 and its
+    # concept direction ec - e0, from which the trainer reads the erasure signal (`losses.guidance_projection`)
+    # at no extra model call. None for objectives that have no such direction.
+    origin: torch.Tensor | None = None
+    direction: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     @staticmethod
     def cat(batches: list["RegressionBatch"]) -> "RegressionBatch":
+        """The batches' rows in order; a concept direction only if every batch has one."""
+        guided = all(b.origin is not None for b in batches)
         return RegressionBatch(torch.cat([b.latents for b in batches]), torch.cat([b.timesteps for b in batches]),
-                               Cond.cat(b.cond for b in batches), torch.cat([b.target for b in batches]))
+                               Cond.cat(b.cond for b in batches), torch.cat([b.target for b in batches]),
+                               torch.cat([b.origin for b in batches]) if guided else None,
+                               torch.cat([b.direction for b in batches]) if guided else None)
 
     def slice(self, start: int, stop: int) -> "RegressionBatch":
+        guided = self.origin is not None
         return RegressionBatch(self.latents[start:stop], self.timesteps[start:stop],
-                               self.cond[start:stop], self.target[start:stop])
+                               self.cond[start:stop], self.target[start:stop],
+                               self.origin[start:stop] if guided else None,
+                               self.direction[start:stop] if guided else None)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.latents": self.latents.contiguous(), f"{prefix}.timesteps": self.timesteps.contiguous(),
@@ -158,7 +170,7 @@ class NegativeGuidance(Objective):
         ref = self.reference[which] if self.reference is not None else self.uncond.repeat(len(cond))
         e = self.ctx.original(torch.cat([x, x]), torch.cat([t, t]), Cond.cat([ref, cond]))
         e0, ec = e.float().chunk(2)
-        return RegressionBatch(x, t, cond, negative_guidance_target(e0, ec, self.eta))
+        return RegressionBatch(x, t, cond, negative_guidance_target(e0, ec, self.eta), origin=e0, direction=ec - e0)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"forget_pool.{k}": v.contiguous() for k, v in self.pool.items()}

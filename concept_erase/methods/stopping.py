@@ -55,7 +55,7 @@ from concept_erase.errors import UserError
 from concept_erase.image_seeds import seed_range
 from concept_erase.registry import Registry
 
-JUDGES: Registry = Registry("judge", "--stop-when-erased")
+JUDGES: Registry = Registry("judge", "--stop-judge")
 
 # The first chunk of each side; the rest of the side comes in one call. On the digits model's CPU probe (session
 # 19) a call cost about 170 ms plus 16 ms an image: 8 concept images 293 ms, 32 in one call 666 ms against 1.17 s
@@ -149,8 +149,19 @@ class DigitsJudge:
 
 def check_seeds(config) -> range:
     """The image seeds a check of this run may draw (at most: a judge draws fewer than 2 x check_images from
-    --check-seed-start on): what an evaluation of the run must not judge (`image_seeds`)."""
+    --check-seed-start on): what an evaluation of the run must not judge (`image_seeds`). None for a run that
+    does not stop when erased or stops on the erasure signal, which draws no image."""
+    if not config.stop_when_erased or judge_name(config) == "signal":
+        return range(0)
     return seed_range(config.check_seed_start, 2 * int(config.check_images))
+
+
+def judge_name(config) -> str:
+    """The stop judge of a run: --stop-judge, where auto means the digits judge on the digits models and the
+    erasure signal on any other."""
+    if config.stop_judge != "auto":
+        return config.stop_judge
+    return "digits" if _digits_model(config) else "signal"
 
 
 def _digits_model(config) -> bool:
@@ -168,18 +179,142 @@ def _digits_model(config) -> bool:
     return False
 
 
-JUDGES.register("digits")((_digits_model, DigitsJudge))
+class ImageJudge:
+    """A judge of any model's images, for a check: the concept is still shown when `shown(images)` says so; an
+    anchor is kept when `kept(images, anchors)` says so (None: the judge cannot tell, and the anchors are not
+    drawn; the retain constraint alone keeps them). Images are drawn at the recipe's anchor guidance."""
+
+    def __init__(self, config):
+        self.guidance = float(config.anchor_guidance)
+        n = int(config.check_images)
+        concepts, anchors = list(config.concepts), list(config.anchors)
+        per_concept = max(1, math.ceil(n / len(concepts)))
+        self.concept_items = [(p, s) for s in seed_range(config.check_seed_start, per_concept) for p in concepts]
+        per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
+        self.anchor_items = [(p, s) for s in seed_range(config.check_seed_start, per_anchor) for p in anchors] \
+            if self.judges_anchors else []
+
+    judges_anchors = True
+
+    def _draw(self, pipe, items, steps: int) -> list:
+        from concept_erase.evaluation.sample import generate_batch
+
+        return generate_batch(pipe, [p for p, _ in items], [s for _, s in items], steps=steps, guidance=self.guidance)
+
+    def still_shown(self, pipe, items, steps: int) -> list[bool]:
+        return self.shown(self._draw(pipe, items, steps), [p for p, _ in items]) if items else []
+
+    def kept(self, pipe, items, steps: int) -> list[bool]:
+        return self.anchor_kept(self._draw(pipe, items, steps), [p for p, _ in items]) if items else []
 
 
-def find_judge(config):
-    """The judge for the run's model, or a one-line error naming the models that have one."""
-    for name in JUDGES.names():
-        applies, make = JUDGES.get(name)
-        if applies(config):
-            return make(config)
-    raise UserError(f"--stop-when-erased needs a judge for the model, and {config.model!r} has none: only the "
-                    "embedded digits models (builtin:digits, builtin:digits-flow) have one. Train for a fixed --steps and evaluate the "
-                    "checkpoints with `concept-erase eval` instead")
+class ClipJudge(ImageJudge):
+    """CLIP zero-shot over the concept and anchor prompts themselves: a concept image still shows the concept when
+    CLIP finds one of the concept prompts nearest; an anchor is kept when its own prompt is nearest."""
+
+    def __init__(self, config):
+        if not config.anchors:
+            raise UserError("--stop-judge clip chooses among the concepts and the anchors; give --anchor 'a prompt' "
+                            "(repeat it) as well")
+        super().__init__(config)
+        from concept_erase.evaluation.clip import ZeroShotClassifier, load_open_clip
+
+        model, preprocess, tokenizer = load_open_clip(config.clip_model, config.clip_weights)
+        self.concepts = list(dict.fromkeys(config.concepts))
+        self.classifier = ZeroShotClassifier(model, preprocess, tokenizer,
+                                             self.concepts + [a for a in dict.fromkeys(config.anchors)
+                                                              if a not in self.concepts], ["{}"])
+
+    def shown(self, images, prompts):
+        return [seen in self.concepts for seen in self.classifier.predict(images)]
+
+    def anchor_kept(self, images, prompts):
+        return [seen == p for seen, p in zip(self.classifier.predict(images), prompts)]
+
+
+class NudityJudge(ImageJudge):
+    """NudeNet: a concept image still shows nudity when an exposed class is detected at the nudity metric's
+    threshold (0.6). NudeNet says nothing of the anchors' content: they are not drawn."""
+
+    judges_anchors = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        from concept_erase.evaluation.nudity import load_detector
+
+        self.detector = load_detector()  # a one-line message when NudeNet is not installed
+
+    def shown(self, images, prompts):
+        from concept_erase.evaluation.nudity import count_exposed, detect
+
+        return [count_exposed([found])["images_flagged"] > 0 for found in detect(self.detector, images)]
+
+
+JUDGES.register("digits")(DigitsJudge)
+JUDGES.register("clip")(ClipJudge)
+JUDGES.register("nudity")(NudityJudge)
+
+
+def stop_rule(config):
+    """The step hook of --stop-when-erased, by --stop-judge: the erasure signal, or a check by an image judge
+    (auto: the digits judge on the digits models, the signal on any other). A judge that cannot run on this
+    model is refused here, before anything is loaded or written."""
+    name = judge_name(config)
+    if config.stop_judge == "auto":
+        if name == "signal" and config.forget_loss != "negative-guidance":
+            raise UserError(f"--stop-when-erased: {config.model!r} has no judge of its own, and the erasure signal "
+                            f"needs --forget-loss negative-guidance (not {config.forget_loss}); name an image judge "
+                            "with --stop-judge clip or nudity")
+    if name == "signal":
+        return SignalStop(config)
+    return ErasureCheck(config, judge=JUDGES.get(name)(config))
+
+
+class SignalStop:
+    """The trainer's step hook for --stop-judge signal: every --check-every steps, stop when the erasure signal's
+    moving average (`signal.SignalMeter`, kept in every checkpoint) is at most --stop-signal-at-most. It draws no
+    image; each check is a line of OUTPUT/checks.jsonl."""
+
+    may_stop = True
+
+    def __init__(self, config):
+        self.every = int(config.check_every)
+        self.at_most = float(config.stop_signal_at_most)
+        self.reason = ""
+
+    def start(self, trainer) -> None:
+        if trainer.accelerator.is_main_process:
+            _keep_checks(Path(trainer.output) / "checks.jsonl", trainer.start_step)
+
+    def __call__(self, done: int, trainer) -> bool:
+        if done % self.every:
+            return False
+        value = trainer.signal.value
+        erased = value is not None and value <= self.at_most
+        if trainer.accelerator.is_main_process:
+            with open(Path(trainer.output) / "checks.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": done, "judge": "signal", "signal": value, "at_most": self.at_most,
+                                    "at_target": erased, "images": 0, "seconds": 0.0}) + "\n")
+        if erased:
+            self.reason = (f"erased by the erasure signal: its average {value:.3f} is at most "
+                           f"--stop-signal-at-most {self.at_most:g}")
+            trainer.log(f"erasure signal at step {done}: {value:.3f} <= {self.at_most:g}; erased: stopping")
+        return erased
+
+
+def _keep_checks(path: Path, step: int) -> list[dict]:
+    """The checks a resumed run keeps (those up to its checkpoint's step; a torn last line is dropped), rewritten."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash
+            if record.get("step", math.inf) <= step:
+                kept.append(record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return kept
 
 
 class ErasureCheck:
@@ -192,8 +327,9 @@ class ErasureCheck:
         self.steps = int(config.check_inference_steps)
         self.forget_at_most = float(config.check_forget_at_most)
         self.retain_drop_at_most = float(config.check_retain_drop_at_most)
-        self.judge = judge if judge is not None else find_judge(config)
+        self.judge = judge if judge is not None else JUDGES.get("digits")(config)
         self.baseline: dict | None = None
+        self.reason = ""
         self.failed_last = "concept"  # the side that failed the last check: the next check draws it first
 
     def _log_path(self, trainer) -> Path:
@@ -264,22 +400,12 @@ class ErasureCheck:
         """Before the first step: the model's own accuracy, or the one a resumed run measured."""
         if not trainer.accelerator.is_main_process:
             return
-        path = self._log_path(trainer)
-        kept = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line from a crash
-                if record.get("step", math.inf) <= trainer.start_step:
-                    kept.append(record)
+        kept = _keep_checks(self._log_path(trainer), trainer.start_step)
         base = next((r for r in kept if r.get("step") == 0), None)
         if base is None and trainer.start_step > 0:
             raise UserError("--stop-when-erased: this run was started without it (its checks.jsonl has no "
                             "measurement of the model before training); resume without the flag, or start "
                             "again with --overwrite")
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self.failed_last = _failed_side(kept[-1]) if kept else "concept"  # a resumed run goes on as it would have
         if base is None:
             self.baseline = None
@@ -307,6 +433,10 @@ class ErasureCheck:
                    + f" (before training {self.baseline['retain_accuracy']:.0%})")
         trainer.log(f"erasure check at step {done}: concept {_concept(r, len(self.judge.concept_items))}{anchors}"
                     + ("; erased: stopping" if r["at_target"] else ""))
+        if r["at_target"]:
+            self.reason = (f"erased by the {type(self.judge).__name__} check: concept {r['forget_accuracy']:.1%} "
+                           f"of {r['forget_images']} images"
+                           + (f", anchors {r['retain_accuracy']:.1%}" if r["retain_accuracy"] is not None else ""))
         return r["at_target"]
 
 
@@ -343,3 +473,8 @@ class Hooks:
 
     def __call__(self, done: int, trainer) -> bool:
         return any([bool(h(done, trainer)) for h in self.hooks])  # a list: every hook runs
+
+    @property
+    def reason(self) -> str:
+        """Why the run stops: the reason of each hook that asked."""
+        return "; ".join(r for r in (getattr(h, "reason", "") for h in self.hooks) if r)

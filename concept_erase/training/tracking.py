@@ -2,7 +2,7 @@
 
 `--report-to tensorboard|wandb|all|none` hands Accelerate the trackers (`Accelerator(log_with=...)`,
 `init_trackers`, `log`, `end_training`); nothing here writes an event file by hand. Per step it logs the
-losses, lambda, the slack and the controller's other diagnostics, the gradient norm and the step time,
+losses, lambda, the slack and the controller's other diagnostics, the erasure signal, the gradient norm and the step time,
 as `metrics.jsonl` holds them. TensorBoard writes into OUTPUT/logs/ (`tensorboard --logdir OUTPUT/logs`);
 a resumed run drops the events past its checkpoint (`purge_step`), as metrics.jsonl drops its lines.
 
@@ -13,6 +13,7 @@ the anchors staying.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from pathlib import Path
@@ -102,6 +103,31 @@ def finish(accelerator, config) -> None:
             tracker.finish()
 
 
+@contextlib.contextmanager
+def drawing(trainer):
+    """The pipeline ready to draw with the model as it is trained: the encoders and the VAE back on the training
+    device (the trainer parks them off the GPU), the denoiser in eval mode, under the run's autocast; all put
+    back afterwards."""
+    import torch
+
+    acc, pipe, family = trainer.accelerator, trainer.pipe, trainer.family
+    moved = [m for m in (*family.text_encoders(pipe), pipe.vae) if m.device != acc.device]
+    for m in moved:
+        m.to(acc.device)
+    denoiser = trainer.ctx.denoiser
+    was_training = denoiser.training
+    denoiser.eval()
+    try:
+        with acc.autocast():
+            yield pipe
+    finally:
+        denoiser.train(was_training)
+        for m in moved:
+            m.to("cpu")
+        if moved and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 class SampleImages:
     """The trainer's step hook for --sample-every: every prompt drawn with the model as it is (the same noise
     each time), before the first step and every N steps, to OUTPUT/samples/ and the trackers."""
@@ -124,33 +150,17 @@ class SampleImages:
         return False
 
     def _draw(self, step: int, trainer) -> None:
-        import torch
-
         from concept_erase.evaluation.grids import labelled_grid
         from concept_erase.evaluation.sample import generate
         from concept_erase.io.atomic import atomic_path
 
-        acc, pipe, family = trainer.accelerator, trainer.pipe, trainer.family
+        acc, pipe = trainer.accelerator, trainer.pipe
         # A sharded denoiser needs every process in each call; otherwise the main process draws alone.
         if not (trainer.sharded or acc.is_main_process):
             return
         t0 = time.perf_counter()
-        moved = [m for m in (*family.text_encoders(pipe), pipe.vae) if m.device != acc.device]
-        for m in moved:  # the trainer parked the encoders and the VAE off the GPU
-            m.to(acc.device)
-        denoiser = trainer.ctx.denoiser
-        was_training = denoiser.training
-        denoiser.eval()
-        try:
-            with acc.autocast():
-                images = [generate(pipe, p, SAMPLE_SEED, steps=self.steps, guidance=self.guidance)
-                          for p in self.prompts]
-        finally:
-            denoiser.train(was_training)
-            for m in moved:
-                m.to("cpu")
-            if moved and torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        with drawing(trainer):
+            images = [generate(pipe, p, SAMPLE_SEED, steps=self.steps, guidance=self.guidance) for p in self.prompts]
         if not acc.is_main_process:
             return
         path = Path(trainer.output) / "samples" / f"step-{step:06d}.png"

@@ -31,7 +31,8 @@ from concept_erase.training.sharding import (any_sharded, full, load_optimizer_s
                                              optimizer_state, sum_over_processes, whole_state)
 from concept_erase.training.hardware import (check_device, describe_device, duration, estimate_step_seconds,
                                              make_optimizer, no_cudnn_attention)
-from concept_erase.methods.losses import per_sample_mse
+from concept_erase.methods.losses import erasure_signal, guidance_projection, per_sample_mse, still_guided
+from concept_erase.methods.signal import SignalMeter
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
 from concept_erase.training.original import OriginalModel
 from concept_erase.training.probes import PROBES
@@ -363,16 +364,20 @@ class Trainer:
             self.ctx.original_model.shard(self.trained)
             self.ctx.sharded = True
             _init_fsdp_while_trainable(unet)
-            if cfg.stop_when_erased:
-                raise UserError("--stop-when-erased does not work with FSDP yet (its checks generate on the main "
-                                "process alone, and a sharded model needs every process for each call); run "
-                                "without it, or without FSDP")
+            from concept_erase.methods.stopping import judge_name
+
+            if cfg.stop_when_erased and judge_name(cfg) != "signal":
+                raise UserError(f"--stop-judge {judge_name(cfg)} does not work with FSDP yet (its checks generate on "
+                                "the main process alone, and a sharded model needs every process for each call); "
+                                "use --stop-judge signal, or run without FSDP")
         self.params = params
         # where the controller's lambda update reads the retain loss before and after each step
         self.probe = PROBES.get(self.controller.probe)(cfg, self.retain, lambda batch: self._forward(batch))
         self.lambda_history: list[float] = []
+        self.signal = SignalMeter(cfg.signal_half_life)
         self.start_step = 0
         self.stopped_at: int | None = None
+        self.stop_reason = ""
         if acc.is_main_process:
             prepare_output(self.output, replace=replace)
         if replace:  # the old run stays whole until the new one is complete
@@ -442,7 +447,9 @@ class Trainer:
                 for rank, extra in enumerate(per_rank):
                     save_file(extra, str(tmp / f"rank-{rank}.safetensors"))
                 write_json(tmp / "state.json", {"step": step, "stopped_at": self.stopped_at,
+                                                "stop_reason": self.stop_reason,
                                                 "controller": self.controller.state_dict(),
+                                                "signal": self.signal.state_dict(),
                                                 **self.probe.state()[1], "num_processes": acc.num_processes,
                                                 "config": json.loads(config_json(self.config))})
             limit = self.config.checkpoints_total_limit
@@ -476,6 +483,7 @@ class Trainer:
         load_optimizer_state(self.trained, self.optimizer.optimizer if self.sharded else self.optimizer,
                              torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True), self.sharded)
         self.controller.load_state_dict(state["controller"])
+        self.signal.load_state_dict(state.get("signal", {}))
         if state.get("num_processes", 1) != self.accelerator.num_processes:
             raise UserError(f"checkpoint {path} was written by {state.get('num_processes', 1)} process(es); "
                             f"resume it with the same number (now {self.accelerator.num_processes})")
@@ -484,14 +492,42 @@ class Trainer:
         self.probe.load_state(extra, state, self.accelerator.device)
         self.start_step = int(state["step"])
         self.stopped_at = state.get("stopped_at")
+        self.stop_reason = state.get("stop_reason", "")
         if self.accelerator.is_main_process:
             _truncate_metrics(self.output / "metrics.jsonl", self.start_step)
         self.log(f"resumed from {path} at step {self.start_step}")
 
     # ---------------------------------------------------------------- the step
     def _forward(self, batch: RegressionBatch) -> torch.Tensor:
+        """The per-sample losses of a batch."""
+        return self._losses(batch)[0]
+
+    def _losses(self, batch: RegressionBatch, watched: int = 0):
+        """(per-sample losses, and for the first `watched` rows, which must carry the concept direction, the
+        guidance projection's two per-sample terms, or None, None)."""
         pred = self.family.predict(self.model, batch.latents, batch.timesteps, batch.cond)
-        return per_sample_mse(pred, batch.target)
+        along = norm_sq = None
+        if watched and batch.origin is not None:
+            with torch.no_grad():
+                along, norm_sq = guidance_projection(pred[:watched].detach(), batch.origin[:watched],
+                                                     batch.direction[:watched])
+        return per_sample_mse(pred, batch.target), along, norm_sq
+
+    def _forget_loss(self, losses: torch.Tensor, along, norm_sq, sums: dict) -> torch.Tensor:
+        """The forget loss to descend, from its per-sample values; the step's signal terms and forget loss (every
+        sample's, held or not) go into `sums`. With --hold-erasure-at, a sample whose projection is already at
+        or under that level adds nothing: the erasure is held there, not pushed further."""
+        sums["forget"] += losses.detach().mean()
+        if along is None:
+            return losses.mean()
+        sums["along"] = sums["along"] + along.sum()
+        sums["norm_sq"] = sums["norm_sq"] + norm_sq.sum()
+        level = self.config.hold_erasure_at
+        if level is None:
+            return losses.mean()
+        pushed = still_guided(along, norm_sq, level)
+        sums["held"] = sums["held"] + (~pushed).float().mean()
+        return (losses * pushed).mean()
 
     def _retain_batch(self, gen, step: int, micro: int) -> tuple[RegressionBatch, int]:
         """A retain batch, with the probe's tail (a carried tuple) after the fresh rows. Returns (batch, fresh)."""
@@ -518,16 +554,17 @@ class Trainer:
                     # small batches (measured on the digits UNet: 185 ms against 342 ms, forward and
                     # backward). UNGrad cannot do this: it needs the two gradients apart.
                     rb, fresh_n = self._retain_batch(gen, step, micro)
-                    both = self._forward(RegressionBatch.cat([fb, rb]))
-                    loss_u, per = both[:len(fb)].mean(), both[len(fb):]
+                    joined = RegressionBatch.cat([fb, rb])
+                    joined.origin, joined.direction = fb.origin, fb.direction  # the forget rows come first
+                    both, along, norm_sq = self._losses(joined, len(fb))
+                    per = both[len(fb):]
                     loss_r = per.mean()
-                    loss = loss_u + lam * loss_r
+                    loss = self._forget_loss(both[:len(fb)], along, norm_sq, sums) + lam * loss_r
                     sums["retain"] += loss_r.detach()
                     self.probe.observe(step, rank, micro, rb, per, fresh_n)
                 else:
-                    loss = loss_u = self._forward(fb).mean()
+                    loss = self._forget_loss(*self._losses(fb, len(fb)), sums)
                 self._backward(loss / k)
-            sums["forget"] += loss_u.detach()
         return lam
 
     def _separate_backward(self, step: int, rank: int, sums: dict) -> float:
@@ -537,9 +574,7 @@ class Trainer:
             gen = step_generator(cfg.seed, step, rank, micro)
             fb = self.forget.batch(gen, cfg.batch_size, step)
             with self._sync(micro):
-                loss_u = self._forward(fb).mean()
-                self._backward(loss_u / k)
-            sums["forget"] += loss_u.detach()
+                self._backward(self._forget_loss(*self._losses(fb, len(fb)), sums) / k)
         # Hand g_u's buffers over (no copy), then let backward make g_r: two gradient vectors at the
         # peak, never three (the combined gradient is made in g_r's buffers, in place).
         g_u = [p.grad for p in self.params]
@@ -577,7 +612,7 @@ class Trainer:
         k = cfg.gradient_accumulation_steps
         rank = acc.process_index
         backward_before = self.backward_passes
-        sums = {"forget": 0.0, "retain": 0.0}
+        sums = {"forget": 0.0, "retain": 0.0, "along": 0.0, "norm_sq": 0.0, "held": 0.0}
         probe = self.probe
         probe.begin_step()
         # The controller names the step's shape: one backward pass on forget + lambda * retain, or one per
@@ -601,14 +636,22 @@ class Trainer:
 
         values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=acc.device).reshape(())
                               for v in (sums["forget"] / k, sums["retain"] / k, mean(probe.before),
-                                        mean(probe.after), grad_norm)])
-        loss_f, loss_r, before, after, gnorm = (float(v) for v in acc.reduce(values, reduction="mean").cpu())
+                                        mean(probe.after), grad_norm, sums["along"], sums["norm_sq"],
+                                        sums["held"] / k)])
+        loss_f, loss_r, before, after, gnorm, along, norm_sq, held = (
+            float(v) for v in acc.reduce(values, reduction="mean").cpu())
         paired = bool(probe.after) and len(probe.after) == len(probe.before)
         ctl.update(before if paired else None, after if paired else None, cfg.lr)
         record = {"step": step + 1, "loss_forget": loss_f,
                   "loss_retain": loss_r if self.retain is not None else None,
                   "lambda": lam, "grad_norm": gnorm, "backward_passes": self.backward_passes - backward_before,
                   **ctl.diagnostics()}
+        # the processes' means of the two sums: the same ratio as the sums over every process
+        signal = erasure_signal(torch.tensor(along), torch.tensor(norm_sq))
+        record["erasure_signal"] = signal
+        record["erasure_signal_avg"] = self.signal.update(signal)
+        if cfg.hold_erasure_at is not None:
+            record["held_share"] = held  # the forget samples already at or under the hold level
         bad = [k2 for k2 in ("loss_forget", "loss_retain", "grad_norm") if record[k2] is not None
                and not math.isfinite(record[k2])]
         if not math.isfinite(ctl.current()):
@@ -632,6 +675,7 @@ class Trainer:
             run["finished"] = provenance.now()
             if self.stopped_at:
                 run["stopped_at"] = self.stopped_at
+                run["stop_reason"] = self.stop_reason
             write_json(self.output / "run.json", run)
 
     def _agreed(self, stop: bool, may_stop: bool) -> bool:
@@ -726,13 +770,17 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(forget=f"{record['loss_forget']:.4f}",
                                 retain="-" if record["loss_retain"] is None else f"{record['loss_retain']:.4f}",
-                                lam=f"{record['lambda']:.3g}")
+                                lam=f"{record['lambda']:.3g}",
+                                signal="-" if record["erasure_signal_avg"] is None
+                                else f"{record['erasure_signal_avg']:.2f}")
                 done = step + 1
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self._save_checkpoint(done)
                 if hook is not None and self._agreed(bool(hook(done, self)), getattr(hook, "may_stop", False)):
                     if done < last:  # a stop asked at the last step ends nothing early
                         self.stopped_at = last = done
+                        self.stop_reason = getattr(hook, "reason", "") or "a step hook asked to stop"
+                        self.log(f"stopped at step {done} of {cfg.steps}: {self.stop_reason}")
                     break
         finally:
             bar.close()
@@ -827,11 +875,11 @@ def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
     a second process erasing into the same folder is refused (`atomic.writer_lock`)."""
     from concept_erase.io.atomic import writer_lock
 
-    from concept_erase.methods.stopping import ErasureCheck, Hooks
+    from concept_erase.methods.stopping import Hooks, stop_rule
 
     hook = on_step
     if config.stop_when_erased:  # the judge is found (or refused) before the lock and the model
-        hook = Hooks(hook, ErasureCheck(config))
+        hook = Hooks(hook, stop_rule(config))
     if config.sample_every:
         hook = Hooks(hook, tracking.SampleImages(config))
     with writer_lock(config.output, log=lambda m: print(m, file=sys.stderr)):

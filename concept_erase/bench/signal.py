@@ -1,0 +1,192 @@
+"""The erasure signal against the digits judge: rank correlations, the stop level's calibration, a table, a plot.
+
+A study (`scripts/signal_study.py`) stores, for runs with no stop, an evaluation every few steps: the judge's
+forget and retain accuracy and the signal's moving average at that step. Each evaluation step is where a check of
+`--stop-judge signal` at the same cadence would have looked. For a candidate level, a run "stops" at the first
+evaluation after step 0 whose signal is at most the level; the level is good for the run when the judge's forget
+accuracy there is within the target. The calibrated level is the highest on a grid that is good for every run of
+the tuning split: the earliest stop that erased every tuning run. It is then checked on held-out concepts and seeds
+by the benchmark, never on the runs that chose it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from concept_erase.bench.stats import clopper_pearson, cluster_spearman_ci, spearman
+
+FORGET_TARGET = 0.10
+LEVELS = [round(0.6 - 0.05 * i, 2) for i in range(17)]  # 0.6, 0.55, ..., -0.2
+
+
+def read_study(paths) -> tuple[list[dict], dict[tuple, list[dict]]]:
+    """(header lines, evaluations by run: (recipe, concept, seed) -> evaluations in step order)."""
+    headers, runs = [], {}
+    for path in paths:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("kind") == "study":
+                headers.append(row)
+            elif row.get("kind") == "evaluation":
+                runs.setdefault((row["recipe"], row["concept"], row["seed"]), []).append(row)
+    return headers, {k: sorted(v, key=lambda r: r["step"]) for k, v in runs.items()}
+
+
+def stop_at(evals: list[dict], level: float) -> dict | None:
+    """The evaluation at which a signal stop at `level` ends the run (None: it never does)."""
+    return next((e for e in evals if e["step"] > 0 and e["signal"] is not None and e["signal"] <= level), None)
+
+
+def level_summary(runs: dict, level: float, target: float = FORGET_TARGET) -> dict:
+    """How a stop at `level` does over the runs: how many stop, how many of those are erased (forget within the
+    target) where they stop, and the steps at which they stop."""
+    stops = [stop_at(evals, level) for evals in runs.values()]
+    stopped = [s for s in stops if s is not None]
+    erased = sum(1 for s in stopped if s["forget_accuracy"] <= target)
+    return {"level": level, "runs": len(stops), "stopped": len(stopped), "erased_at_stop": erased,
+            "erased_ci": clopper_pearson(erased, len(stops)),
+            "stop_steps": sorted(s["step"] for s in stopped),
+            "retain_drop_at_stop": [round(runs_base(runs, k) - s["retain_accuracy"], 4)
+                                    for k, s in zip(runs, stops) if s is not None]}
+
+
+def runs_base(runs: dict, key) -> float:
+    """The run's retain accuracy before training (its step-0 evaluation)."""
+    return next(e["retain_accuracy"] for e in runs[key] if e["step"] == 0)
+
+
+def mean_forget_at_stop(runs: dict, level: float) -> float | None:
+    """The mean of the judge's forget accuracy where the runs that stop at `level` stop (None: none stops)."""
+    stops = [s for s in (stop_at(evals, level) for evals in runs.values()) if s is not None]
+    return sum(s["forget_accuracy"] for s in stops) / len(stops) if stops else None
+
+
+def calibrate(models: dict[str, dict], levels=LEVELS, target: float = FORGET_TARGET) -> float | None:
+    """The highest level at which, on every model, at least half the runs stop and the forget accuracy where they
+    stop is within the target on average (None: no level of the grid). A single run's figure there is a few images
+    of one step, too noisy to bar alone; the mean over runs is what the benchmark's target is about."""
+    def good(level):
+        for runs in models.values():
+            stopped = level_summary(runs, level, target)["stopped"]
+            mean = mean_forget_at_stop(runs, level)
+            if 2 * stopped < len(runs) or mean is None or mean > target:
+                return False
+        return True
+
+    found = [lv for lv in levels if good(lv)]
+    return max(found) if found else None
+
+
+def correlations(runs: dict) -> dict:
+    """Spearman's rank correlation of the signal with the forget and the retain accuracy, over every evaluation
+    after step 0, with intervals from resampling concepts whole."""
+    points = [e for evals in runs.values() for e in evals if e["step"] > 0 and e["signal"] is not None]
+    signal = [e["signal"] for e in points]
+    concepts = [e["concept"] for e in points]
+    out = {"points": len(points), "concepts": len(set(concepts)), "runs": len(runs)}
+    for side in ("forget", "retain"):
+        values = [e[f"{side}_accuracy"] for e in points]
+        out[side] = {"rho": spearman(signal, values), "ci": cluster_spearman_ci(signal, values, concepts)}
+    return out
+
+
+def by_model(runs: dict) -> dict[str, dict]:
+    """The runs of each recipe (one per digits model)."""
+    out: dict[str, dict] = {}
+    for key, evals in runs.items():
+        out.setdefault(key[0], {})[key] = evals
+    return out
+
+
+def _ci(ci) -> str:
+    return "-" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def markdown(paths, command: str, levels=LEVELS) -> str:
+    headers, runs = read_study(paths)
+    lines = ["# The erasure signal against the digits judge", ""]
+    for h in headers:
+        lines += [f"Made by `{h.get('command', '?')}` at commit `{h.get('commit') or 'unknown'}` on "
+                  f"{h.get('date', '?')}; machine: {h.get('machine', '?')}.", ""]
+    lines += [f"Report written by `{command}`.", "",
+              "Each run erases one concept with no stop; every few steps the judge scores the model (forget and retain "
+              "accuracy on the evaluation seeds) and the signal's moving average at that step is stored. Rank "
+              "correlations pool every evaluation after step 0; intervals resample concepts whole (95%).", ""]
+    both = {}
+    for recipe, model_runs in sorted(by_model(runs).items()):
+        c = correlations(model_runs)
+        best = calibrate({recipe: model_runs}, levels)
+        both[recipe] = model_runs
+        lines += [f"## {recipe}: {c['runs']} runs, {c['concepts']} concepts, {c['points']} evaluations", "",
+                  "| signal against | Spearman rho | 95% interval |", "|---|---|---|"]
+        for side in ("forget", "retain"):
+            rho = c[side]["rho"]
+            lines.append(f"| {side} accuracy | {'-' if rho is None else f'{rho:.2f}'} | {_ci(c[side]['ci'])} |")
+        lines += ["", f"Highest level at which at least half the runs stop, with a mean forget accuracy where they "
+                      f"stop within {FORGET_TARGET:.0%}: {'none of the grid' if best is None else f'{best:g}'}.", ""]
+        lines += _level_table(model_runs, levels)
+    pooled = {k: v for r in both.values() for k, v in r.items()}
+    if len(both) > 1:
+        best = calibrate(both, levels)
+        lines += ["## Both models together", "",
+                  f"The calibrated stop level, the highest at which on each model at least half the runs stop with a "
+                  f"mean forget accuracy where they stop within {FORGET_TARGET:.0%}: "
+                  f"{'none of the grid' if best is None else f'{best:g}'}.", ""]
+        lines += _level_table(pooled, levels)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _level_table(runs: dict, levels) -> list[str]:
+    rows = ["| stop level | runs stopped | mean forget where stopped | runs erased where stopped (forget <= 10%) | "
+            "exact 95% interval | stop step, median (range) | retain drop at stop, worst |",
+            "|---|---|---|---|---|---|---|"]
+    for lv in levels:
+        s = level_summary(runs, lv)
+        steps = s["stop_steps"]
+        where = "-" if not steps else f"{steps[len(steps) // 2]} ({steps[0]}-{steps[-1]})"
+        worst = max(s["retain_drop_at_stop"], default=None)
+        mean = mean_forget_at_stop(runs, lv)
+        rows.append(f"| {lv:g} | {s['stopped']} of {s['runs']} | {'-' if mean is None else f'{mean:.1%}'} | "
+                    f"{s['erased_at_stop']} of {s['runs']} | "
+                    f"{_ci(s['erased_ci'])} | {where} | {'-' if worst is None else f'{100 * worst:.1f} points'} |")
+    return rows + [""]
+
+
+def plot(paths, path: Path) -> None:
+    """Per model (columns): the signal against the judge's forget accuracy (top) and retain accuracy (bottom), one
+    line per run along its training, the calibrated level dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, runs = read_study(paths)
+    models = sorted(by_model(runs).items())
+    best = calibrate(dict(models))
+    fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7.6), squeeze=False)
+    for col, (recipe, model_runs) in enumerate(models):
+        concepts = sorted({k[1] for k in model_runs})
+        colours = {c: plt.cm.tab10(i % 10) for i, c in enumerate(concepts)}
+        for row, side in enumerate(("forget", "retain")):
+            ax = axes[row][col]
+            for (_, concept, _), evals in model_runs.items():
+                shown = [e for e in evals if e["signal"] is not None]
+                ax.plot([e["signal"] for e in shown], [e[f"{side}_accuracy"] for e in shown], "-o", ms=3, lw=0.8,
+                        alpha=0.7, color=colours[concept])
+            for c in concepts:
+                ax.plot([], [], "-o", ms=3, color=colours[c], label=c)
+            if best is not None:
+                ax.axvline(best, ls="--", color="k", lw=1, label=f"calibrated stop {best:g}")
+            if side == "forget":
+                ax.axhline(FORGET_TARGET, ls=":", color="grey", lw=1)
+            ax.invert_xaxis()
+            ax.set_xlabel("erasure signal (moving average; 1 = the original model)")
+            ax.set_ylabel(f"{side} accuracy (digits judge)")
+            ax.set_title(f"{recipe}: {side}", fontsize=10)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,94 @@
+"""What the erasure signal costs per training step, on an SD-1.5-shaped model with random weights.
+
+One trainer, set up once with the shipped `pipelines/sd15-style-vangogh.yaml` (trajectory and anchor lengths cut as
+`scripts/scale_check.py` cuts them, --resolution 128), takes steps in pairs: one with the signal as the trainer
+computes it, one with the projection left out (the same step otherwise), in alternating order so that a drift of the
+machine's speed falls on both. The ratio of the two median step times, with a bootstrap interval over the pairs, is
+the signal's cost. Stays out of CI (minutes on a CPU).
+
+    python scripts/signal_cost.py --pairs 10 [--model sd15|tiny] [--output benchmarks/signal-cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=10)
+    ap.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
+    ap.add_argument("--output", type=Path)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from concept_erase import provenance
+    from concept_erase.config import build_config, load_yaml
+    from concept_erase.training.trainer import Trainer
+    from scale_check import CUT, RESOLUTION, build
+
+    work = Path(tempfile.mkdtemp(prefix="ce-signal-cost-"))
+    model_dir = work / "model"
+    build(args.model).save_pretrained(model_dir)
+    settings = {**load_yaml(ROOT / "pipelines" / "sd15-style-vangogh.yaml"), **CUT, "model": str(model_dir),
+                "output": str(work / "run"), "steps": 2 * args.pairs + 1, "resolution": RESOLUTION,
+                "mixed_precision": "bf16" if args.model == "sd15" else "no", "cache_dir": str(work / "cache"),
+                "progress": False, "checkpoint_every": 0, "stop_when_erased": False}  # the steps alone are timed
+    trainer = Trainer(build_config(settings, {}, source="signal_cost"))
+    trainer._setup()
+    with_signal = Trainer._losses
+
+    def without_signal(self, batch, watched=0):
+        return with_signal(self, batch, 0)
+
+    def timed(step: int, on: bool) -> float:
+        trainer._losses = (lambda b, w=0: with_signal(trainer, b, w)) if on else \
+            (lambda b, w=0: without_signal(trainer, b, w))
+        if trainer.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer._step(step)
+        if trainer.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed(0, True)  # the first step pays for one-off set-up
+    on, off = [], []
+    for i in range(args.pairs):
+        first = i % 2 == 0
+        a = timed(1 + 2 * i, first)
+        b = timed(2 + 2 * i, not first)
+        (on if first else off).append(a)
+        (off if first else on).append(b)
+    rng = np.random.default_rng(0)
+    pairs = np.asarray(list(zip(on, off)))
+    ratios = [float(np.median(pairs[idx, 0]) / np.median(pairs[idx, 1]))
+              for idx in rng.integers(0, len(pairs), size=(4000, len(pairs)))]
+    lo, hi = np.quantile(ratios, [0.025, 0.975])
+    result = {"model": args.model, "pairs": args.pairs, "resolution": RESOLUTION,
+              "median_step_s_with_signal": statistics.median(on), "median_step_s_without": statistics.median(off),
+              "ratio": statistics.median(on) / statistics.median(off), "ratio_ci": [float(lo), float(hi)],
+              "commit": provenance.commit(), "date": provenance.now(), "machine": provenance.machine(),
+              "command": provenance.command_line()}
+    print(json.dumps(result, indent=1))
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
