@@ -686,3 +686,41 @@ def test_runs_from_refuses_a_damaged_record_and_names_the_file(tmp_path, capsys)
                  "--runs-from", str(tmp_path / "other.json"), "--report-only", "--no-progress"]) == 2
     assert "its 'memory' is not a table" in capsys.readouterr().err
     assert not any((out / "runs").iterdir())
+
+
+def _study_rows(recipe, concept, seed, points):
+    return [{"kind": "evaluation", "recipe": recipe, "concept": concept, "seed": seed, "step": step, "signal": signal,
+             "forget_accuracy": forget, "retain_accuracy": retain}
+            for step, signal, forget, retain in points]
+
+
+def test_the_signal_calibration_picks_the_highest_level_that_erases_on_average_on_every_model(tmp_path):
+    from concept_erase.bench.signal import calibrate, correlations, markdown, read_study, stop_at
+
+    rows = (_study_rows("a.yaml", "three", 0, [(0, 1.0, 1.0, 1.0), (10, 0.5, 0.8, 1.0), (20, 0.2, 0.05, 0.99),
+                                               (30, 0.1, 0.0, 0.98)])
+            + _study_rows("a.yaml", "seven", 0, [(0, 1.0, 1.0, 1.0), (10, 0.4, 0.3, 1.0), (20, 0.25, 0.2, 1.0),
+                                                 (30, 0.1, 0.0, 0.97)])
+            + _study_rows("b.yaml", "three", 0, [(0, 1.0, 1.0, 1.0), (10, 0.3, 0.0, 1.0), (20, 0.1, 0.0, 1.0)]))
+    path = tmp_path / "study.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, runs = read_study([path])
+    a = {k: v for k, v in runs.items() if k[0] == "a.yaml"}
+    assert stop_at(a[("a.yaml", "seven", 0)], 0.3)["step"] == 20 and stop_at(a[("a.yaml", "seven", 0)], 0.05) is None
+    levels = [0.3, 0.25, 0.2, 0.15, 0.05]
+    # at 0.3 and 0.25 the mean forget where "a" stops is (0.05 + 0.2) / 2 > 10%; at 0.2 it is 2.5%
+    assert calibrate({"a": a}, levels) == 0.2
+    # a second model that erases early does not change it
+    assert calibrate({"a": a, "b": {k: v for k, v in runs.items() if k[0] == "b.yaml"}}, levels) == 0.2
+    c = correlations(a)
+    assert c["points"] == 6 and c["forget"]["rho"] > 0.8
+    assert "0.2" in markdown([path], "cmd", levels)
+
+
+def test_the_committed_signal_study_report_is_what_the_report_code_makes_of_its_data():
+    from concept_erase.bench.signal import markdown
+
+    study = ROOT / "benchmarks" / "signal-study.jsonl"
+    report = ROOT / "benchmarks" / "signal-study.md"
+    command = "python scripts/signal_report.py benchmarks/signal-study.jsonl --output benchmarks/signal-study.md"
+    assert report.read_text(encoding="utf-8") == markdown([study], command)
