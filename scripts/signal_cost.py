@@ -1,9 +1,9 @@
 """What the erasure signal costs per training step, on an SD-1.5-shaped model with random weights.
 
 One trainer, set up once with the shipped `pipelines/sd15-style-vangogh.yaml` (trajectory and anchor lengths cut as
-`scripts/scale_check.py` cuts them, --resolution 128), takes steps in pairs: one with the signal as the trainer
-computes it, one with the projection left out (the same step otherwise), in alternating order so that a drift of the
-machine's speed falls on both. The ratio of the two median step times, with a bootstrap interval over the pairs, is
+`scripts/scale_check.py` cuts them, --resolution 128), takes each step twice: once with the signal as the trainer
+computes it, once with the projection left out (the same batch otherwise), in alternating order so that a drift of
+the machine's speed falls on both. The ratio of the two median step times, with a bootstrap interval over the pairs, is
 the signal's cost. Stays out of CI (minutes on a CPU).
 
     python scripts/signal_cost.py --pairs 10 [--model sd15|tiny] [--output benchmarks/signal-cost.json]
@@ -30,6 +30,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=10)
     ap.add_argument("--model", default="sd15", choices=["sd15", "tiny"])
+    ap.add_argument("--mixed-precision", default="", help="default: the recipe's bf16 on a GPU, no (fp32) on a CPU, "
+                    "where bf16 is several times slower")
     ap.add_argument("--output", type=Path)
     args = ap.parse_args()
 
@@ -45,8 +47,9 @@ def main() -> int:
     model_dir = work / "model"
     build(args.model).save_pretrained(model_dir)
     settings = {**load_yaml(ROOT / "pipelines" / "sd15-style-vangogh.yaml"), **CUT, "model": str(model_dir),
-                "output": str(work / "run"), "steps": 2 * args.pairs + 1, "resolution": RESOLUTION,
-                "mixed_precision": "bf16" if args.model == "sd15" else "no", "cache_dir": str(work / "cache"),
+                "output": str(work / "run"), "steps": args.pairs + 1, "resolution": RESOLUTION,
+                "mixed_precision": args.mixed_precision or ("bf16" if torch.cuda.is_available() else "no"),
+                "cache_dir": str(work / "cache"),
                 "progress": False, "checkpoint_every": 0, "stop_when_erased": False}  # the steps alone are timed
     trainer = Trainer(build_config(settings, {}, source="signal_cost"))
     trainer._setup()
@@ -69,9 +72,11 @@ def main() -> int:
     timed(0, True)  # the first step pays for one-off set-up
     on, off = [], []
     for i in range(args.pairs):
+        # both steps of a pair draw the same batch (the step's generator is seeded by its index): a step's time
+        # depends on how deep its trajectory is sampled, which differs from step to step
         first = i % 2 == 0
-        a = timed(1 + 2 * i, first)
-        b = timed(2 + 2 * i, not first)
+        a = timed(1 + i, first)
+        b = timed(1 + i, not first)
         (on if first else off).append(a)
         (off if first else on).append(b)
     rng = np.random.default_rng(0)
@@ -80,6 +85,7 @@ def main() -> int:
               for idx in rng.integers(0, len(pairs), size=(4000, len(pairs)))]
     lo, hi = np.quantile(ratios, [0.025, 0.975])
     result = {"model": args.model, "pairs": args.pairs, "resolution": RESOLUTION,
+              "mixed_precision": trainer.config.mixed_precision,
               "median_step_s_with_signal": statistics.median(on), "median_step_s_without": statistics.median(off),
               "ratio": statistics.median(on) / statistics.median(off), "ratio_ci": [float(lo), float(hi)],
               "commit": provenance.commit(), "date": provenance.now(), "machine": provenance.machine(),

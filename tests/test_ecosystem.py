@@ -34,7 +34,8 @@ def test_tensorboard_follows_a_run_with_its_samples(make_config, tmp_path):
     run = tmp_path / "run"
     scalars, images = _events(run / "logs")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for key in ("loss_forget", "loss_retain", "lambda", "grad_norm", "step_time_s"):
+    for key in ("loss_forget", "loss_retain", "lambda", "grad_norm", "step_time_s", "erasure_signal",
+                "erasure_signal_avg"):
         logged = sorted(scalars[f"train/{key}"])
         assert [s for s, _ in logged] == [1, 2, 3], key
         assert [v for _, v in logged] == pytest.approx([m[key] for m in metrics], rel=1e-5), key

@@ -48,6 +48,18 @@ class ScriptedJudge:
         return [self.anchor_items.index(item) < kept for item in items]
 
 
+def _fake_trainer(**kw):
+    """What a check reads of a trainer, with no model: the pipeline is the scripted judge's business."""
+    import contextlib
+    from types import SimpleNamespace
+
+    unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
+    return SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True, device="cpu",
+                                                       autocast=contextlib.nullcontext),
+                           ctx=SimpleNamespace(denoiser=unet), family=SimpleNamespace(text_encoders=lambda pipe: []),
+                           pipe=SimpleNamespace(vae=SimpleNamespace(device="cpu")), log=lambda message: None, **kw)
+
+
 def _settings(**kw):
     from types import SimpleNamespace
 
@@ -90,9 +102,7 @@ def test_the_check_stops_only_under_its_bars(at_most, retain_drop, stops_at):
                          judge=ScriptedJudge([1.0, 0.12, 0.08, 0.04], [1.0, 1.0, 0.975, 0.99]))
     check.baseline = {"retain_accuracy": 1.0}
     check._write = lambda trainer, record: None
-    unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), ctx=SimpleNamespace(denoiser=unet),
-                              pipe=None, log=lambda message: None)
+    trainer = _fake_trainer()
     check.judge.calls = 1  # the model before training was judged at the start
     stopped = next((step for step in (2, 4, 6) if check(step, trainer)), None)
     assert stopped == stops_at
@@ -235,9 +245,7 @@ def test_a_check_draws_only_what_its_verdict_needs(tmp_path):
 
     judge = ScriptedJudge([1.0, 0.6, 0.04, 0.04], [1.0, 1.0, 0.9, 0.975], lost_first=True)
     check = ErasureCheck(_settings(check_inference_steps=7), judge=judge)
-    unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), ctx=SimpleNamespace(denoiser=unet),
-                              pipe=None, log=lambda message: None, output=tmp_path, start_step=0)
+    trainer = _fake_trainer(output=tmp_path, start_step=0)
     concept_whole = [("concept", CONCEPT_CHUNK), ("concept", 25 - CONCEPT_CHUNK)]
     anchors_whole = [("anchors", ANCHOR_CHUNK), ("anchors", 200 - ANCHOR_CHUNK)]
     check.start(trainer)
@@ -273,9 +281,7 @@ def test_the_side_that_failed_last_is_drawn_first(tmp_path):
     # back, the concept at 60%; the same; both within
     judge = ScriptedJudge([1.0, 0.0, 0.0, 0.6, 0.6, 0.0], [1.0, 0.9, 0.9, 1.0, 1.0, 1.0], lost_first=True)
     check = ErasureCheck(_settings(), judge=judge)
-    unet = SimpleNamespace(training=True, eval=lambda: None, train=lambda mode=True: None)
-    trainer = SimpleNamespace(accelerator=SimpleNamespace(is_main_process=True), ctx=SimpleNamespace(denoiser=unet),
-                              pipe=None, log=lambda message: None, output=tmp_path, start_step=0)
+    trainer = _fake_trainer(output=tmp_path, start_step=0)
     seen = []
     for step in (0, 2, 4, 6, 8, 10):
         judge.drawn.clear()
@@ -386,3 +392,27 @@ def test_a_stop_that_cannot_work_is_refused_in_one_line_and_the_output_is_untouc
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
     assert tree(out) == before
+
+
+def test_the_clip_judge_counts_a_concept_image_by_its_nearest_prompt_and_keeps_an_anchor_only_as_itself():
+    from types import SimpleNamespace
+
+    from concept_erase.methods.stopping import ClipJudge, ImageJudge, NudityJudge
+
+    judge = ClipJudge.__new__(ClipJudge)
+    judge.concepts = ["Van Gogh", "a painting in the style of Van Gogh"]
+    judge.classifier = SimpleNamespace(predict=lambda images: list(images))  # an "image" is what CLIP would see
+    assert judge.shown(["a painting in the style of Van Gogh", "a painting", "Van Gogh"], None) == [True, False, True]
+    assert judge.anchor_kept(["a painting", "Van Gogh", "a photo of a city street"],
+                             ["a painting", "a painting", "a painting"]) == [True, False, False]
+
+    config = SimpleNamespace(anchor_guidance=7.5, check_images=4, check_seed_start=10, concepts=["c1", "c2"],
+                             anchors=["a1", "a2", "a3", "a4"])
+
+    class Anchorless(ImageJudge):
+        judges_anchors = NudityJudge.judges_anchors
+
+    both, concept_only = ImageJudge(config), Anchorless(config)
+    assert both.concept_items == [("c1", 10), ("c2", 10), ("c1", 11), ("c2", 11)]
+    assert both.anchor_items == [(a, s) for s in (10, 11) for a in ("a1", "a2", "a3", "a4")]
+    assert concept_only.anchor_items == [] and concept_only.kept(None, [], 10) == []

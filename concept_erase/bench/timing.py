@@ -13,6 +13,7 @@ import torch
 
 from concept_erase.bench import stats
 from concept_erase.bench.spec import BenchSpec, run_config
+from concept_erase.methods.stopping import judge_name
 
 
 
@@ -45,7 +46,8 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
             trainer._setup()
             clock = _Stopwatch(trainer.forget.batch)
             trainer.forget.batch = clock
-            trainers.append((label, trainer, clock, _CheckClock(config) if config.stop_when_erased else None))
+            draws = config.stop_when_erased and judge_name(config) != "signal"  # a signal check draws nothing
+            trainers.append((label, trainer, clock, _CheckClock(config) if draws else None))
         times: dict[str, list[float]] = {label: [] for label, _ in entries}
         target_times: dict[str, list[float]] = {label: [] for label, _ in entries}
         backward: dict[str, list[int]] = {label: [] for label, _ in entries}

@@ -92,7 +92,11 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     settings = load_yaml(recipe)
     settings.update(concepts=[caption(erased)], anchors=[caption(d) for d in range(10) if d != erased],
                     output=str(work / "run"), overwrite=True, progress=progress)
-    config = build_config(settings, overrides or {}, source=str(recipe))
+    overrides = dict(overrides or {})
+    if "steps" in overrides and settings.get("stop_when_erased") and "check_every" not in overrides:
+        # --steps shorter than the recipe's checks: the demo still checks, at the last step at least
+        overrides["check_every"] = min(int(overrides["steps"]), int(settings.get("check_every", 10)))
+    config = build_config(settings, overrides, source=str(recipe))
 
     seed_list = list(range(seeds))
     base = load_pipeline(config.model)

@@ -149,8 +149,8 @@ class DigitsJudge:
 
 def check_seeds(config) -> range:
     """The image seeds a check of this run may draw (at most: a judge draws fewer than 2 x check_images from
-    --check-seed-start on): what an evaluation of the run must not judge (`image_seeds`). None for a run that
-    does not stop when erased or stops on the erasure signal, which draws no image."""
+    --check-seed-start on): what an evaluation of the run must not judge (`image_seeds`). No seed for a run
+    that does not stop when erased or stops on the erasure signal, which draws no image."""
     if not config.stop_when_erased or judge_name(config) == "signal":
         return range(0)
     return seed_range(config.check_seed_start, 2 * int(config.check_images))
@@ -180,9 +180,12 @@ def _digits_model(config) -> bool:
 
 
 class ImageJudge:
-    """A judge of any model's images, for a check: the concept is still shown when `shown(images)` says so; an
-    anchor is kept when `kept(images, anchors)` says so (None: the judge cannot tell, and the anchors are not
-    drawn; the retain constraint alone keeps them). Images are drawn at the recipe's anchor guidance."""
+    """A judge of any model's images, for a check: a concept image still shows the concept when `shown(images,
+    prompts)` says so, an anchor image is kept when `anchor_kept(images, prompts)` says so. A judge that cannot tell
+    the anchors (`judges_anchors` false) draws none: the retain constraint alone keeps them. Images are drawn at the
+    recipe's anchor guidance."""
+
+    judges_anchors = True
 
     def __init__(self, config):
         self.guidance = float(config.anchor_guidance)
@@ -193,8 +196,6 @@ class ImageJudge:
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
         self.anchor_items = [(p, s) for s in seed_range(config.check_seed_start, per_anchor) for p in anchors] \
             if self.judges_anchors else []
-
-    judges_anchors = True
 
     def _draw(self, pipe, items, steps: int) -> list:
         from concept_erase.evaluation.sample import generate_batch
@@ -372,22 +373,19 @@ class ErasureCheck:
     def _judge(self, trainer) -> dict:
         """One check, drawing no more images than its verdict needs: the side that failed the last check goes
         first (the concept's at the start), and the other is drawn only if it passed (both before training)."""
-        unet = trainer.ctx.denoiser
-        was_training = unet.training
-        unet.eval()
+        from concept_erase.training.tracking import drawing
+
         t0 = time.perf_counter()
         r = {"forget_accuracy": None, "forget_images": 0, "forget_within": False, "forget_calls": [],
              "retain_accuracy": None, "retain_images": 0, "retain_within": False, "retain_calls": []}
         sides = [(self._concept_side, "forget_within"), (self._anchor_side, "retain_within")]
         if self.baseline is not None and self.failed_last == "anchors":
             sides.reverse()
-        try:
+        with drawing(trainer) as pipe:
             for draw, within in sides:
-                r.update(draw(trainer.pipe))
+                r.update(draw(pipe))
                 if not r[within] and self.baseline is not None:
                     break
-        finally:
-            unet.train(was_training)
         r["images"] = r["forget_images"] + r["retain_images"]
         r["seconds"] = time.perf_counter() - t0
         return r
@@ -427,7 +425,8 @@ class ErasureCheck:
         r["at_target"] = bool(r["forget_within"] and r["retain_within"])
         self._write(trainer, r)
         self.failed_last = _failed_side(r)
-        anchors = (", anchors not drawn" if r["retain_accuracy"] is None else
+        anchors = (", anchors not judged (this judge cannot tell them)" if not self.judge.anchor_items else
+                   ", anchors not drawn" if r["retain_accuracy"] is None else
                    f", anchors {r['retain_accuracy']:.0%}"
                    + ("" if r["retain_within"] else f"{_of(r['retain_images'], len(self.judge.anchor_items))}, under the bar")
                    + f" (before training {self.baseline['retain_accuracy']:.0%})")
