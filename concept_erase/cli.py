@@ -41,6 +41,8 @@ COMMANDS = {  # name: (one-line help, description)
 
 # What a Ctrl-C leaves, per command (erase says it itself: it knows its checkpoints).
 STOP_HINTS = {
+    "erase": "the checkpoints written so far are kept; --resume latest continues from the last one (from step 0 "
+             "if there is none)",
     "demo": "the previous demo output, if any, is unchanged; run the command again",
     "export": "nothing was written; the previous output, if any, is unchanged",
     "sample": "nothing was written; the previous output, if any, is unchanged",

@@ -159,11 +159,10 @@ class EraseConfig:
                                                  "check draws fewer than 2 x --check-images seeds from here on); "
                                                  "evaluations judge seeds 0 and up, so a run is never graded on "
                                                  "the images that stopped it", ge=0, le=MAX_SEED - 200000)
-    hold_erasure_at: float = _f(None, "hold the erasure at this erasure-signal level instead of pushing "
-                                                "it on to the forget loss's target: a forget sample whose prediction "
-                                                "guides toward the concept at most this much adds no loss (a run "
-                                                "that goes on past the erasure then keeps it and stops taking from "
-                                                "the anchors); none: always push", ge=-1000, lt=1)
+    hold_erasure_at: float = _f(None, "stop pushing the erasure past this erasure-signal level: a forget "
+                                      "sample whose prediction guides toward the concept at most this much adds no "
+                                      "loss (at 0 on the digits model the anchors' constraint then pulled the "
+                                      "concept back, BENCHMARKS.md); default: always push", ge=-1000, lt=1)
     signal_half_life: float = _f(10.0, "half-life in steps of the erasure signal's moving average (the signal: the "
                                        "trained model's guidance toward the concept, 1 before training and -eta "
                                        "at the forget loss's target; logged every step as erasure_signal)",

@@ -60,7 +60,7 @@ ERASE_CASES = [
     ("--slack-decay", "1", "--slack-decay must be at least 0, below 1, not 1"),
     ("--slack-decay", "-0.5", "--slack-decay must be at least 0, below 1, not -0.5"),
     ("--slack-momentum", "1.5", "--slack-momentum must be at least 0, below 1, not 1.5"),
-    ("--stop-when-erased", None, "--stop-when-erased needs a judge for the model"),
+    ("--stop-when-erased", None, "no check would run"),
     ("--check-every", "0", "--check-every must be 1 to"),
     ("--check-inference-steps", "0", "--check-inference-steps must be 1 to"),
 ]
