@@ -55,12 +55,8 @@ def main() -> int:
     trainer._setup()
     with_signal = Trainer._losses
 
-    def without_signal(self, batch, watched=0):
-        return with_signal(self, batch, 0)
-
     def timed(step: int, on: bool) -> float:
-        trainer._losses = (lambda b, w=0: with_signal(trainer, b, w)) if on else \
-            (lambda b, w=0: without_signal(trainer, b, w))
+        trainer._losses = lambda b, f=None: with_signal(trainer, b, f if on else None)  # off: no projection
         if trainer.accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -149,8 +149,8 @@ def test_nan_from_the_command_line_exits_3_and_keeps_the_checkpoint(tiny_dir, ca
 
     real_losses = Trainer._losses
 
-    def poisoned(self, batch, watched=0):  # from the third step on
-        out, along, norm_sq = real_losses(self, batch, watched)
+    def poisoned(self, batch, forget=None):  # from the third step on
+        out, along, norm_sq = real_losses(self, batch, forget)
         return (out * float("nan") if len(self.lambda_history) >= 2 else out), along, norm_sq
 
     monkeypatch.setattr(Trainer, "_losses", poisoned)

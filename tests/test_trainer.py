@@ -133,9 +133,9 @@ def test_held_out_probe_is_outside_the_gradient(method, fresh_pipe, make_config,
     seen = []
     real_losses = Trainer._losses
 
-    def spy(self, batch, watched=0):
+    def spy(self, batch, forget=None):
         seen.append((torch.is_grad_enabled(), batch.latents.detach().clone()))
-        return real_losses(self, batch, watched)
+        return real_losses(self, batch, forget)
 
     monkeypatch.setattr(Trainer, "_losses", spy)
     trained_before: list[torch.Tensor] = []
@@ -291,8 +291,8 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(fresh_pipe, make_config
     trainer = Trainer(cfg, pipe=fresh_pipe)
     real_losses = Trainer._losses
 
-    def poisoned(self, batch, watched=0):
-        out, along, norm_sq = real_losses(self, batch, watched)
+    def poisoned(self, batch, forget=None):
+        out, along, norm_sq = real_losses(self, batch, forget)
         if self.lambda_history and len(self.lambda_history) >= 2:  # from step 3 on
             out = out * float("nan")
         return out, along, norm_sq
