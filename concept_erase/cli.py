@@ -279,7 +279,7 @@ def _export(args) -> None:
 
 def _export_files(o) -> str:
     """Write the export itself; the name of the weights file a loader is pointed at ('' for a pipeline)."""
-    from concept_erase.io.export import KOHYA_FILE, export_diffusers, export_lora, export_single_file
+    from concept_erase.io.export import export_diffusers, export_lora, export_single_file
 
     common = {"model": o.model or None, "overwrite": o.overwrite, "allow_other_base": o.allow_other_base,
               "allow_pickle": o.allow_pickle, "model_config": o.model_config}
@@ -292,25 +292,44 @@ def _export_files(o) -> str:
         print(f"pipeline written to {out} ({_pipeline_name(o.run)}.from_pretrained loads it)")
         return ""
     summary = export_lora(o.run, o.output, rank=o.rank, exact_svd=o.exact_svd, lora_bias=o.lora_bias,
-                          lora_format=o.lora_format or "diffusers", **common)
-    if o.lora_format == "kohya":
-        print(f"kohya LoRA written to {o.output}/{KOHYA_FILE}: copy it into A1111's models/Lora or ComfyUI's "
-              "models/loras (pipe.load_lora_weights loads it too)")
-    else:
-        print(f"LoRA weights written to {o.output} (pipe.load_lora_weights loads them)")
+                          lora_format=o.lora_format, **common)
+    _say_lora(o, summary)
+    return summary["file"] if summary["form"] == "kohya" else ""
+
+
+LORA_FOLDERS = {"ComfyUI": "models/loras", "A1111": "models/Lora", "diffusers": "pipe.load_lora_weights"}
+
+
+def _say_lora(o, summary: dict) -> None:
+    """Where the LoRA went, which program applies how much of it, and what keeps the whole erasure."""
+    from concept_erase.io.export import delta_family, read_delta
+
+    family = delta_family(read_delta(o.run, tensors=False)[1])
+    programs = summary["programs"]
+    places = ", ".join(f"{p} ({LORA_FOLDERS[p]})" for p in programs if p in LORA_FOLDERS)
+    print(f"LoRA in {summary['form']} form written to {o.output}/{summary['file']}: {places}")
     if "max_relative_error" in summary:
         print(f"rank-{summary['rank']} factorisation: largest relative error on a weight "
               f"{summary['max_relative_error']:.3g}; {summary['biases_carried']} changed bias(es) carried as lora_B.bias")
-    if "output_change_kept" in summary:
-        kept = summary["output_change_kept"]
-        print(f"read back with load_lora_weights: it carries {kept:.1%} of the erasure's change in the denoiser's "
-              "output (concept prompts, four timesteps)")
-        if summary.get("dropped") or kept < 0.95:
-            what = (f"{len(summary['dropped'])} changed tensor(s) this LoRA cannot hold (e.g. {summary['dropped'][0]}) "
-                    "are left out" if summary.get("dropped") else "the factorisation loses part of it")
-            print(f"note: {what}. For the whole erasure export --format diffusers (or single-file for SD and SDXL), or use "
-                  "erased.safetensors with concept_erase.apply(); or raise --rank.")
-    return KOHYA_FILE if o.lora_format == "kohya" else ""
+    print("share of the erasure's change in the denoiser's output each program applies (concept prompts, "
+          "four timesteps):")
+    for program, r in programs.items():
+        print(f"  {program}: {r['output_change_kept']:.1%} ({r['tensors']} of {r['of']} tensors read)")
+    short = [p for p, r in programs.items() if r["output_change_kept"] < 0.99]
+    if not short:
+        return
+    print(f"note: {', '.join(short)} apply less than 99% of the erasure:")
+    if summary.get("dropped"):
+        print(f"  - {len(summary['dropped'])} changed tensor(s) this LoRA cannot hold are left out "
+              f"(e.g. {summary['dropped'][0]})")
+    for p in short:
+        if programs[p]["tensors"] < programs[p]["of"]:
+            print(f"  - {p} reads {programs[p]['tensors']} of the file's {programs[p]['of']} tensors")
+    if summary.get("max_relative_error", 0) > 0.01:
+        print(f"  - the rank-{summary['rank']} factorisation loses part of it: raise --rank")
+    whole = (["--format single-file (a checkpoints folder)"] if family.single_file_layout else []) + \
+        ["--format diffusers", "or erase with --train lora (a LoRA with no biases and nothing to factor)"]
+    print(f"  the whole erasure: export {', '.join(whole)}")
 
 
 def _sample(args) -> None:

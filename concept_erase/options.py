@@ -303,16 +303,17 @@ class ExportOptions:
     rank: int = setting(16, "LoRA rank when factoring a non-LoRA run (--format lora)", ge=1, le=4096)
     exact_svd: bool = setting(False, "factor with the exact SVD (default: randomized SVD for matrices of 256 or "
                                      "more rows and columns)")
-    lora_format: str = setting("", "--format lora: diffusers (pipe.load_lora_weights; default) or kohya (one file of "
-                                   "lora_unet_* keys with alpha, for A1111's and ComfyUI's LoRA folders; SD 1.x/2.x and "
-                                   "SDXL; no biases)", choices=("diffusers", "kohya"))
+    lora_format: str = setting("", "--format lora: kohya (one file of lora_unet_* keys that ComfyUI, A1111, kohya's "
+                                   "scripts and diffusers read; no biases; the default for SD 1.x/2.x and SDXL) or "
+                                   "diffusers (PEFT keys for pipe.load_lora_weights, with biases; the form of SD3 and "
+                                   "FLUX)", choices=("kohya", "diffusers"))
     eval: str = setting("", "an evaluation of this run (the --output of `concept-erase eval`): its tables and grids go "
                             "into the model card", path=IN_ANY)
     push_to_hub: str = setting("", "upload the export and its card to this Hub repository (OWNER/NAME; needs a network "
                                    "and `hf auth login`)", metavar="REPO_ID")
     private: bool = setting(False, "--push-to-hub: create the repository private")
-    lora_bias: bool = setting(True, "carry changed biases in the LoRA as lora_B.bias (load_lora_weights reads "
-                                    "them; fuse_lora and A1111 cannot use them)")
+    lora_bias: bool = setting(True, "in the diffusers form, carry changed biases as lora_B.bias (load_lora_weights "
+                                    "reads them; fuse_lora and ComfyUI cannot use them)")
     overwrite: bool = _overwrite()
     allow_other_base: bool = _allow_other_base()
     allow_pickle: bool = _allow_pickle()

@@ -451,7 +451,7 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
         t0 = time.perf_counter()
         summary = export_lora(source, work / "lora", overwrite=True)
         pipe = pipeline_class.from_pretrained(str(model_dir), **{k: None for k in left_out_parts(model_dir)})
-        pipe.load_lora_weights(str(work / "lora"))
+        pipe.load_lora_weights(str(work / "lora"), weight_name=summary["file"])
         out.append({"format": name, "seconds": round(time.perf_counter() - t0, 1),
                     "mb": round(folder_bytes(work / "lora") / 2**20, 1), "reader": "load_lora_weights",
                     **{k: v for k, v in summary.items() if k != "dropped"}, "dropped": len(summary.get("dropped", []))})

@@ -1,6 +1,7 @@
-"""Issue 20: the tools people already use. Trackers, model cards, kohya LoRA, labelled pictures, run.json."""
+"""The tools people already use: trackers, model cards, LoRA forms, labelled pictures, run.json."""
 
 import json
+import re
 
 import pytest
 
@@ -132,6 +133,24 @@ def test_every_export_writes_a_hub_model_card(tiny_run, tmp_path, capsys):
     assert "warning" in capsys.readouterr().err
     text = (tmp_path / "erased.md").read_text()
     assert text.startswith("---\n") and "from_single_file(\"erased.safetensors\")" in text
+
+
+def test_a_lora_export_says_what_each_program_applies_and_how_to_keep_it_all(tiny_run, tmp_path, capsys):
+    """The default LoRA of an SD run: kohya's form, one line per program with the share of the erasure it
+    applies, the way to the whole erasure where a share is under 99%, and the same table in the model card."""
+    assert main(["export", str(tiny_run), "--format", "lora", "--rank", "1", "--output", str(tmp_path / "lora")]) == 0
+    out = capsys.readouterr().out
+    assert "kohya form written to" in out and "erased_lora_kohya.safetensors" in out and "models/loras" in out
+    for program in ("ComfyUI", "A1111", "kohya sd-scripts", "diffusers"):
+        assert re.search(rf"^  {program}: \d+\.\d% \(\d+ of \d+ tensors read\)$", out, re.M), (program, out)
+    assert "raise --rank" in out and "--format single-file" in out and "--train lora" in out  # rank 1 loses some
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert "## Where it loads" in card and "| ComfyUI | `models/loras` |" in card
+    # a rank no trained matrix has: one line, exit 2, nothing written
+    code = main(["export", str(tiny_run), "--format", "lora", "--rank", "4096", "--output", str(tmp_path / "big")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--rank 4096 is more than" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "big").exists()
 
 
 def test_card_front_matter_names_a_hub_base_and_its_licence():

@@ -83,19 +83,21 @@ def test_lora_run_applies_and_exports_for_load_lora_weights(lora_run, tiny_pipe,
     torch.testing.assert_close(unet_out(merged.unet, probe), expected, rtol=1e-4, atol=1e-5)
     assert not any("lora" in n for n in merged.unet.state_dict())  # merged: a plain UNet again
 
-    export_lora(out, tmp_path / "lora")
-    fresh = copy.deepcopy(tiny_pipe)
-    fresh.load_lora_weights(str(tmp_path / "lora"))
-    torch.testing.assert_close(unet_out(fresh.unet, probe), expected, rtol=1e-4, atol=1e-5)
+    for form in ("kohya", "diffusers"):
+        summary = export_lora(out, tmp_path / form, lora_format=form)
+        assert summary["output_change_kept"] > 0.999
+        fresh = copy.deepcopy(tiny_pipe)
+        fresh.load_lora_weights(str(tmp_path / form), weight_name=summary["file"])
+        torch.testing.assert_close(unet_out(fresh.unet, probe), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_lora_factorisation_of_a_subset_run(xattn_run, tiny_pipe, tmp_path, tiny_dir):
-    """At full rank the LoRA, changed biases included (lora_B.bias), is the trained model again,
+    """At full rank the diffusers form, changed biases included (lora_B.bias), is the trained model again,
     read back by diffusers' own load_lora_weights."""
     out, trained = xattn_run
     tensors, _ = read_delta(out)
     assert any(n.endswith(".bias") and not torch.equal(t, tiny_pipe.unet.state_dict()[n]) for n, t in tensors.items())
-    summary = export_lora(out, tmp_path / "lora", model=str(tiny_dir), rank=64)
+    summary = export_lora(out, tmp_path / "lora", model=str(tiny_dir), rank=64, lora_format="diffusers")
     assert summary["max_relative_error"] < 1e-4 and summary["dropped"] == [] and summary["biases_carried"] > 0
     assert summary["output_change_kept"] > 0.999
     fresh = copy.deepcopy(tiny_pipe)
@@ -106,10 +108,11 @@ def test_lora_factorisation_of_a_subset_run(xattn_run, tiny_pipe, tmp_path, tiny
 
 def test_lora_at_low_rank_or_without_biases_reports_the_output_change_it_loses(xattn_run, tmp_path, tiny_dir):
     out, _ = xattn_run
-    summary = export_lora(out, tmp_path / "lora", model=str(tiny_dir), rank=1)
+    summary = export_lora(out, tmp_path / "lora", model=str(tiny_dir), rank=1, lora_format="diffusers")
     assert summary["max_relative_error"] > 0.01
     assert 0 < summary["output_change_kept"] < 0.999
-    no_bias = export_lora(out, tmp_path / "lora-nb", model=str(tiny_dir), rank=64, lora_bias=False)
+    no_bias = export_lora(out, tmp_path / "lora-nb", model=str(tiny_dir), rank=64, lora_bias=False,
+                          lora_format="diffusers")
     assert no_bias["dropped"] and all(n.endswith(".bias") for n in no_bias["dropped"])
     assert no_bias["output_change_kept"] < 0.999 and no_bias["biases_carried"] == 0
 
@@ -120,11 +123,12 @@ def test_kohya_lora_reads_back_through_diffusers_as_the_diffusers_form(xattn_run
     diffusers form: the same UNet weights once fused, for a factored subset run and for a LoRA run."""
     from safetensors.torch import load_file
 
-    from concept_erase.io.export import KOHYA_FILE
+    from concept_erase.io.lora_forms import KOHYA_FILE
 
     for (out, _), name in ((xattn_run, "x"), (lora_run, "l")):
         summary = export_lora(out, tmp_path / f"{name}-kohya", model=str(tiny_dir), rank=64, lora_format="kohya")
-        export_lora(out, tmp_path / f"{name}-diffusers", model=str(tiny_dir), rank=64, lora_bias=False)
+        export_lora(out, tmp_path / f"{name}-diffusers", model=str(tiny_dir), rank=64, lora_bias=False,
+                    lora_format="diffusers")
         kohya = load_file(str(tmp_path / f"{name}-kohya" / KOHYA_FILE))
         assert kohya and all(k.startswith("lora_unet_") for k in kohya)
         assert {k.split(".", 1)[1] for k in kohya} == {"lora_down.weight", "lora_up.weight", "alpha"}

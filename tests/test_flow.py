@@ -183,7 +183,15 @@ def test_exports_read_back_with_diffusers_readers(flow_pipe, flow_config, tmp_pa
     base = pipeline_class.from_pretrained(str(cfg.model))
     base.load_lora_weights(str(tmp_path / "lora"))  # diffusers' own FLUX / SD3 LoRA reader
     assert any("lora" in n for n in base.transformer.state_dict())
-    assert summary["output_change_kept"] > 0.9
+    assert summary["output_change_kept"] > 0.9 and summary["form"] == "diffusers"
+    # ComfyUI applies the weights but not the biases (lora_B.bias): measured on what it reads, and lower
+    comfy = summary["programs"]["ComfyUI"]
+    assert comfy["tensors"] < comfy["of"] and comfy["output_change_kept"] < summary["output_change_kept"]
+    assert set(summary["programs"]) == {"ComfyUI", "diffusers"}  # A1111 and kohya's SD scripts run no SD3 / FLUX
+    # kohya's form is SD's and SDXL's: refused in one line, nothing written
+    with pytest.raises(UserError, match="lora-format kohya is written for SD"):
+        export_lora(delta, tmp_path / "kohya", rank=8, lora_format="kohya")
+    assert not (tmp_path / "kohya").exists()
     # no single-file layout for these families: refused, nothing written
     with pytest.raises(UserError, match="no single-file layout"):
         export_single_file(delta, tmp_path / "one.safetensors")

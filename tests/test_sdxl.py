@@ -108,8 +108,18 @@ def test_exports_read_back_with_diffusers_sdxl_readers(xl_pipe, xl_config, tmp_p
         assert torch.equal(tensor, loaded.unet.state_dict()[name]), name
     summary = export_lora(delta, tmp_path / "lora", rank=8)
     base = StableDiffusionXLPipeline.from_pretrained(str(cfg.model))
-    base.load_lora_weights(str(tmp_path / "lora"))  # diffusers' own SDXL reader
+    base.load_lora_weights(str(tmp_path / "lora"), weight_name=summary["file"])  # diffusers' own SDXL reader
     assert summary["output_change_kept"] > 0.5
+    # the default form is kohya's with SDXL's original-layout names, read whole where users load it
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "lora" / summary["file"]))
+    assert summary["form"] == "kohya" and all(k.startswith("lora_unet_input_blocks_") or
+                                              k.startswith(("lora_unet_middle_block_", "lora_unet_output_blocks_"))
+                                              for k in keys)
+    for program in ("ComfyUI", "A1111", "kohya sd-scripts", "diffusers"):
+        r = summary["programs"][program]
+        assert r["tensors"] == r["of"] and r["output_change_kept"] == summary["output_change_kept"], program
 
 
 def test_bf16_from_a_cold_cache(xl, xl_config, cache_dir):

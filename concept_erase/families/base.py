@@ -112,7 +112,8 @@ class Family:
     part_names: dict[str, str] = {}  # how an error names a missing part, where its attribute says little
     lora_layers_argument = "unet_lora_layers"  # the pipeline's save_lora_weights names the denoiser's layers so
     fp16_refusal = ""  # why the family cannot train under fp16 autocast ("" when it can)
-    kohya_lora = False  # whether `export --lora-format kohya` writes this family's LoRA (A1111's lora_unet_* keys)
+    kohya_lora = False  # whether its LoRA is written in kohya's form (lora_unet_* keys), the default where it is
+    single_file_layout = False  # whether `export --format single-file` writes it (`single_file` below)
 
     # ------------------------------------------------------------ the model
     def denoiser(self, pipe) -> torch.nn.Module:

@@ -59,9 +59,10 @@ def _xattn(name: str) -> bool:
 
 
 class UNetFamily(Family):
-    # kohya's lora_unet_<module path> keys over diffusers' UNet names: A1111, ComfyUI and diffusers read them
-    kohya_lora = True
     """What SD and SDXL share: the UNet's attention subsets, DDPM noising and DDIM trajectories."""
+
+    kohya_lora = True  # kohya's lora_unet_* keys: ComfyUI, A1111, kohya's scripts and diffusers read them
+    single_file_layout = True  # the LDM layout (SD 1.x/2.x), SGM's (SDXL)
 
     subsets = {
         "full": lambda n: True,

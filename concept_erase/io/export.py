@@ -10,6 +10,7 @@ from __future__ import annotations
 from concept_erase import env  # noqa: F401
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -303,15 +304,34 @@ def lora_from_delta(tensors: dict, base: dict, rank: int, *, exact: bool = False
     return state, dropped, errs
 
 
+@contextmanager
+def _delta_applied(unet, tensors: dict, meta: dict):
+    """The delta merged into the denoiser in place for the block, its weights put back after."""
+    params = dict(unet.named_parameters())
+    names = _lora_base_names(tensors) if meta["kind"] == "lora" else list(tensors)
+    saved = {n: params[n].detach().clone() for n in names}
+    try:
+        if meta["kind"] == "lora":
+            merge_lora(unet, tensors, json.loads(meta["lora"]))
+        else:
+            for n, v in tensors.items():
+                params[n].copy_(v.to(params[n].device, params[n].dtype))
+        yield
+    finally:
+        params = dict(unet.named_parameters())
+        for n, v in saved.items():
+            params[n].copy_(v)
+
+
 @torch.no_grad()
-def output_change_kept(pipe, tensors: dict, lora_dir: Path, concepts: list[str]) -> float:
-    """The share of the erasure's change in the UNet's output that the LoRA file carries, read back
-    by diffusers' own `load_lora_weights`: 1 - ||out_lora - out_delta|| / ||out_delta - out_base||,
-    on the concept prompts at four timesteps (fixed noise), at the native size up to 512 px. The
-    pipeline is left as it was."""
+def output_change_kept(pipe, tensors: dict, meta: dict, files: dict[str, Path]) -> dict[str, float]:
+    """For each LoRA file (name -> path), the share of the erasure's change in the denoiser's output that the file
+    carries when diffusers' own `load_lora_weights` reads it: 1 - ||out_lora - out_delta|| / ||out_delta - out_base||,
+    on the concept prompts at four timesteps (fixed noise), at the native size up to 512 px. The pipeline is left
+    as it was."""
     family = family_of(pipe)
     unet = family.denoiser(pipe)
-    prompts = (concepts or [""])[:4]
+    prompts = (json.loads(meta["concepts"]) or [""])[:4]
     # at most 512 px: the share of a weight change a LoRA carries shows at any size, and SDXL's native
     # 1024 px would make this check four times the cost (tens of minutes on a CPU) for nothing more
     resolution = min(family.native_resolution(pipe), 512)  # 512: a multiple of every family's step
@@ -325,89 +345,100 @@ def output_change_kept(pipe, tensors: dict, lora_dir: Path, concepts: list[str])
         return family.predict(unet, x, t, cond).float()
 
     base_out = out()
-    params = dict(unet.named_parameters())
-    saved = {n: params[n].detach().clone() for n in tensors}
-    for n, v in tensors.items():
-        params[n].copy_(v.to(params[n].device, params[n].dtype))
-    delta_out = out()
-    for n, v in saved.items():
-        params[n].copy_(v)
-    pipe.load_lora_weights(str(lora_dir), adapter_name="check")
-    try:
-        lora_out = out()
-    finally:
-        pipe.delete_adapters("check")
+    with _delta_applied(unet, tensors, meta):
+        delta_out = out()
     change = float((delta_out - base_out).norm())
-    return 1.0 - float((lora_out - delta_out).norm()) / change if change > 0 else 1.0
+    kept = {}
+    for name, path in files.items():
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="check")
+        try:
+            lora_out = out()
+        finally:
+            pipe.delete_adapters("check")
+        kept[name] = 1.0 - float((lora_out - delta_out).norm()) / change if change > 0 else 1.0
+    return kept
 
 
-KOHYA_FILE = "erased_lora_kohya.safetensors"  # one file, as A1111's models/Lora folder takes them
+def _largest_rank(tensors: dict, base: dict) -> int:
+    """The largest rank a LoRA of this delta's matrices can have: the most of min(rows, columns) over them."""
+    sides = [min(b.shape[0], b[0].numel()) for n in tensors if (b := base.get(n)) is not None
+             and n.endswith(".weight") and b.dim() in (2, 4)]
+    return max(sides, default=0)
 
 
-def kohya_from_peft(state: dict) -> tuple[dict, list]:
-    """PEFT-form LoRA tensors (`<module>.lora_A.weight`, `.lora_B.weight`) in kohya's form, the one A1111,
-    ComfyUI and kohya's sd-scripts read: `lora_unet_<module path, dots as underscores>.lora_down.weight`,
-    `.lora_up.weight` and `.alpha`. The scale is already in lora_up, so alpha is the rank (alpha / rank = 1).
-    kohya's form has no bias: the changed biases are returned as left out.
+def _programs(pipe, tensors: dict, meta: dict, path: Path, form: str, family) -> dict:
+    """What each program that runs this family applies of the written file, and the share of the erasure's
+    output change that is: measured through diffusers on the tensors that program reads."""
+    import tempfile
 
-    Every module gets the same rank (a factor of lower rank is padded with zeros), as kohya's own files have:
-    diffusers' kohya reader drops per-module alphas of the mid block when they differ (found by the test)."""
-    out, dropped = {}, []
-    rank = max((v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight")), default=0)
-    for key, value in state.items():
-        module, _, leaf = key.partition(".lora_")
-        name = "lora_unet_" + module.replace(".", "_")
-        if leaf == "A.weight":
-            pad = value.new_zeros((rank - value.shape[0], *value.shape[1:]))
-            out[f"{name}.lora_down.weight"] = torch.cat([value, pad]).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(rank))
-        elif leaf == "B.weight":
-            pad = value.new_zeros((value.shape[0], rank - value.shape[1], *value.shape[2:]))
-            out[f"{name}.lora_up.weight"] = torch.cat([value, pad], dim=1).contiguous()
-        elif leaf == "B.bias":
-            if bool(value.abs().max() > 0):
-                dropped.append(f"{module}.bias")
-        else:
-            raise ValueError(f"not a PEFT LoRA tensor: {key}")
-    return out, dropped
+    from safetensors.torch import load_file
+
+    from concept_erase.io.loaders import coverage, layout_of
+
+    written = load_file(str(path))
+    read = coverage(written, layout_of(family.name, family.denoiser(pipe)))
+    results = {p: {"tensors": len(r), "of": len(written)} for p, r in read.items()}
+    with tempfile.TemporaryDirectory(prefix="ce-lora-check-") as scratch:
+        files, same_as = {"whole file": path}, {}
+        for program, keys in read.items():
+            if keys == set(written):
+                same_as[program] = "whole file"
+            elif keys:
+                from safetensors.torch import save_file
+
+                part = Path(scratch) / program.replace(" ", "-") / path.name
+                part.parent.mkdir()
+                save_file({k: written[k] for k in sorted(keys)}, str(part))
+                files[program] = part
+                same_as[program] = program
+        kept = output_change_kept(pipe, tensors, meta, files)
+    for program in results:
+        results[program]["output_change_kept"] = kept[same_as[program]] if program in same_as else 0.0
+    return results
 
 
 def export_lora(delta: str | Path, output: str | Path, *, model: str | None = None, rank: int = 16,
                 overwrite: bool = False, allow_pickle: bool = False, model_config: str = "",
                 exact_svd: bool = False, lora_bias: bool = True, allow_other_base: bool = False,
-                lora_format: str = "diffusers") -> dict:
-    """LoRA weights that diffusers' `load_lora_weights` loads: diffusers' key form, or kohya's (A1111, ComfyUI).
+                lora_format: str = "") -> dict:
+    """LoRA weights in the form the programs users load them in read: kohya's (ComfyUI, A1111, kohya's scripts
+    and diffusers) by default for SD 1.x/2.x and SDXL, diffusers' for SD3 and FLUX (`concept_erase.io.lora_forms`).
 
     A LoRA run's adapter is written as it is. From a subset run, each changed Linear or convolution
-    weight's difference is factored at `rank`, and changed biases ride along as `lora_B.bias` (not in kohya's
-    form, which has none). Normalisation weights and embeddings cannot be LoRA: they are listed. The file is read
-    back with `load_lora_weights`, and the share of the erasure's effect on the UNet's output it keeps is measured.
+    weight's difference is factored at `rank`, and changed biases ride along as `lora_B.bias` in the diffusers
+    form (kohya's has none). Normalisation weights and embeddings cannot be LoRA: they are listed. For each
+    program that runs the family, the tensors it applies are found by its key rules (`concept_erase.io.loaders`),
+    and the share of the erasure's effect on the denoiser's output they keep is measured.
     """
-    import diffusers
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from concept_erase.io.lora_forms import FORMS, default_form, write_lora
 
     output = Path(output)
     refuse_existing(output, overwrite)
     tensors, meta = read_delta(delta)
     family = delta_family(meta)
-    if lora_format == "kohya":
-        if not family.kohya_lora:
-            raise UserError(f"--lora-format kohya is written for SD 1.x/2.x and SDXL, not {family.name}; export the "
-                            "diffusers form (ComfyUI and diffusers read it) or --format single-file")
-        lora_bias = False
-    summary: dict = {"kind": meta["kind"]}
+    form = lora_format or default_form(family)
+    if form not in FORMS:
+        raise UserError(f"--lora-format {form}: choose one of {', '.join(FORMS)}")
+    if form == "kohya" and not family.kohya_lora:
+        raise UserError(f"--lora-format kohya is written for SD 1.x/2.x and SDXL, not {family.name}; its LoRA is "
+                        "written in the diffusers form, which ComfyUI and diffusers read: drop --lora-format")
+    pipe = _base_pipeline(meta, model, allow_pickle, model_config)
+    unet = family_of(pipe).denoiser(pipe)
+    check_base(unet, tensors, meta, allow_other_base=allow_other_base)
+    summary: dict = {"kind": meta["kind"], "form": form}
     if meta["kind"] == "lora":
         lora = json.loads(meta["lora"])
-        scale = float(lora["alpha"]) / int(lora["r"])  # folded into B: diffusers then loads it at scale 1
+        scale = float(lora["alpha"]) / int(lora["r"])  # folded into B: a loader then applies it at scale 1
         peft_state = {k: v * scale if ".lora_B." in k else v for k, v in tensors.items()}
         r = int(lora["r"])
-        pipe = None
     else:
-        pipe = _base_pipeline(meta, model, allow_pickle, model_config)
-        unet = family_of(pipe).denoiser(pipe)
-        check_base(unet, tensors, meta, allow_other_base=allow_other_base)
-        peft_state, dropped, errs = lora_from_delta(tensors, unet.state_dict(), rank, exact=exact_svd,
-                                                      with_bias=lora_bias)
+        base = unet.state_dict()
+        largest = _largest_rank(tensors, base)
+        if largest and rank > largest:
+            raise UserError(f"--rank {rank} is more than this run's matrices allow: the largest changed one has rank "
+                            f"at most {largest}; choose --rank {largest} or less")
+        peft_state, dropped, errs = lora_from_delta(tensors, base, rank, exact=exact_svd,
+                                                    with_bias=lora_bias and form == "diffusers")
         if not any(k.endswith("lora_A.weight") for k in peft_state):
             raise UserError("no changed Linear or convolution weight in this delta can be written as LoRA; "
                             "export --format diffusers or single-file")
@@ -415,25 +446,13 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
                         "biases_carried": sum(k.endswith("lora_B.bias") and bool(v.abs().max() > 0)
                                               for k, v in peft_state.items())})
         r = rank
-    pipeline_class = getattr(diffusers, family.pipeline_classes[0])  # its save_lora_weights names the keys
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        if lora_format == "kohya":
-            from safetensors.torch import save_file
-
-            kohya, biases = kohya_from_peft(peft_state)
-            summary["dropped"] = sorted(set(summary.get("dropped", [])) | set(biases))
-            dim = str(int(next(v for k, v in kohya.items() if k.endswith(".alpha"))))
-            save_file(kohya, str(tmp / KOHYA_FILE), metadata={
-                "ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": dim,
-                "ss_base_model_version": {"sdxl": "sdxl_base_v1-0"}.get(family.name, "sd_v1"),
-                "concept_erase_concepts": meta.get("concepts", ""), "concept_erase_method": meta.get("method", "")})
-        else:
-            pipeline_class.save_lora_weights(str(tmp), **{family.lora_layers_argument:
-                                                          convert_state_dict_to_diffusers(peft_state)},
-                                             safe_serialization=True)
-        if pipe is not None:  # read back by diffusers' own loader, and measured where it matters: the output
-            summary["output_change_kept"] = output_change_kept(pipe, tensors, tmp, json.loads(meta["concepts"]))
-        (tmp / "concept_erase.json").write_text(json.dumps({"rank": r, "lora_format": lora_format, **summary,
+        path, biases = write_lora(tmp, peft_state, form=form, family=family, unet_config=unet.config, meta=meta)
+        summary["dropped"] = sorted(set(summary.get("dropped", [])) | set(biases))
+        summary["file"] = path.name
+        summary["programs"] = _programs(pipe, tensors, meta, path, form, family)
+        summary["output_change_kept"] = summary["programs"]["diffusers"]["output_change_kept"]
+        (tmp / "concept_erase.json").write_text(json.dumps({"rank": r, "lora_format": form, **summary,
                                                             "base_model": meta["base_model"]}, indent=2),
                                                 encoding="utf-8")
     return summary

@@ -122,6 +122,32 @@ def _loading(fmt: str, pipeline_class: str, repo: str, weight_name: str, base: s
             "A1111 and ComfyUI: copy the file into their checkpoints folder.")
 
 
+LORA_PLACES = {"ComfyUI": "`models/loras`", "A1111": "`models/Lora` (A1111, Forge)",
+               "kohya sd-scripts": "`--network_weights`, merge scripts", "diffusers": "`pipe.load_lora_weights`"}
+
+
+def _where_it_loads(folder) -> list[str]:
+    """For a LoRA export, the table the export measured: what each program reads of the file, and the share of
+    the erasure's change in the denoiser's output that is."""
+    record = Path(folder) / "concept_erase.json" if folder is not None else None
+    if record is None or not record.is_file():
+        return []
+    summary = json.loads(record.read_text(encoding="utf-8"))
+    if "programs" not in summary:
+        return []
+    lines = ["## Where it loads", "",
+             f"`{summary['file']}` ({summary['form']} form), as each program applies it, measured at export on the "
+             "concept prompts at four timesteps:", "",
+             "| program | where | tensors read | share of the erasure's output change |", "|---|---|---|---|"]
+    lines += [f"| {p} | {LORA_PLACES.get(p, '')} | {r['tensors']} of {r['of']} | {r['output_change_kept']:.1%} |"
+              for p, r in summary["programs"].items()]
+    if summary.get("dropped"):
+        lines += ["", f"Left out, as no LoRA of this form can hold them: {len(summary['dropped'])} changed tensor(s) "
+                      f"(e.g. `{summary['dropped'][0]}`). The full erasure is in the run's `erased.safetensors` "
+                      "(`concept-erase export --format diffusers` or `single-file`)."]
+    return lines + [""]
+
+
 def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_name: str = "",
               results: dict | None = None, grids: list[str] = (), folder=None) -> str:
     """The whole card: front matter and text. `meta` is the erasure's metadata (`read_delta`); `folder` the
@@ -164,6 +190,7 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
         f"| licence | {license_ or 'not known: the base model licence applies; set `license` above before publishing'} |",
         "", "Settings:", "", "| setting | value |", "|---|---|", rows, "",
         "## How to load it", "", _loading(fmt, family.pipeline_classes[0], repo, weight_name, base, folder), "",
+        *_where_it_loads(folder),
     ]
     if results:
         lines += [f"## Evaluation (`concept-erase eval`, suite {results.get('suite', '?')})", "",

@@ -36,42 +36,44 @@ _RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_la
 
 def _resnet(rest: str) -> str:
     for new, old in _RESNET:
-        if rest.startswith(new + "."):
+        if rest == new or rest.startswith(new + "."):
             return old + rest[len(new):]
     return rest
 
 
-def unet_to_ldm(state: dict, config) -> dict:
+def ldm_unet_name(key: str, config) -> str:
+    """The original (LDM / SGM) name of one diffusers UNet weight or module, from the UNet's config alone
+    (layers per block, and which up blocks have attention): the same for a whole state dict or one key."""
     per = config["layers_per_block"] + 1
-    up_has_attn = {int(m.group(1)) for k in state for m in [re.match(r"up_blocks\.(\d+)\.attentions\.", k)] if m}
-    out = {}
-    for key, value in state.items():
-        module, _, leaf = key.rpartition(".")
-        if module in _UNET_FIXED:
-            out[f"{_UNET_FIXED[module]}.{leaf}"] = value
-            continue
-        if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            n = 1 + i * per + j
-            new = f"input_blocks.{n}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{n}.1.{rest}"
-        elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
-            new = f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
-        elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-            new = f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
-        elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-            new = f"middle_block.1.{m[1]}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            n = i * per + j
-            new = f"output_blocks.{n}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{n}.1.{rest}"
-        elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
-            i = int(m[1])
-            new = f"output_blocks.{i * per + per - 1}.{2 if i in up_has_attn else 1}.conv.{m[2]}"
-        else:
-            raise UserError(f"UNet weight {key!r} has no place in the original checkpoint layout; "
-                            "export this model with --format diffusers")
-        out[new] = value
-    return out
+    module, _, leaf = key.rpartition(".")
+    if module in _UNET_FIXED:
+        return f"{_UNET_FIXED[module]}.{leaf}"
+    if key in _UNET_FIXED:  # a module name without its leaf
+        return _UNET_FIXED[key]
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        n = 1 + i * per + j
+        return f"input_blocks.{n}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{n}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv(\..+)?", key):
+        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op{m[2] or ''}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        n = i * per + j
+        return f"output_blocks.{n}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{n}.1.{rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv(\..+)?", key):
+        i = int(m[1])
+        with_attention = "CrossAttn" in config["up_block_types"][i]
+        return f"output_blocks.{i * per + per - 1}.{2 if with_attention else 1}.conv{m[2] or ''}"
+    raise UserError(f"UNet weight {key!r} has no place in the original checkpoint layout; "
+                    "export this model with --format diffusers")
+
+
+def unet_to_ldm(state: dict, config) -> dict:
+    return {ldm_unet_name(key, config): value for key, value in state.items()}
 
 
 _VAE_ATTN = [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]
