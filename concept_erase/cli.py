@@ -243,11 +243,11 @@ def _demo(args) -> None:
     print(f"targets {'met' if report['passed'] else 'MISSED'}; report: {o.output}/report.md, grid: {o.output}/grid.png")
 
 
-def _pipeline_name(run) -> str:
-    """The diffusers pipeline class that reads what was exported from this run's delta."""
+def _family(run):
+    """The family of the model a run's delta was made from."""
     from concept_erase.io.export import delta_family, read_delta
 
-    return delta_family(read_delta(run, tensors=False)[1]).pipeline_classes[0]
+    return delta_family(read_delta(run, tensors=False)[1])
 
 
 def _export(args) -> None:
@@ -285,11 +285,17 @@ def _export_files(o) -> str:
               "allow_pickle": o.allow_pickle, "model_config": o.model_config}
     if o.format == "single-file":
         out = export_single_file(o.run, o.output, **common)
-        print(f"single-file checkpoint written to {out} ({_pipeline_name(o.run)}.from_single_file loads it)")
+        family = _family(o.run)
+        if family.denoiser_name == "transformer":
+            print(f"the transformer written to {out} in its publisher's single-file layout: ComfyUI's models/unet "
+                  f"(with the base's text encoders and VAE); {family.denoiser_class}.from_single_file loads it")
+        else:
+            print(f"single-file checkpoint written to {out} ({family.pipeline_classes[0]}.from_single_file loads it; "
+                  "A1111's models/Stable-diffusion, ComfyUI's models/checkpoints)")
         return out.name
     if o.format == "diffusers":
         out = export_diffusers(o.run, o.output, **common)
-        print(f"pipeline written to {out} ({_pipeline_name(o.run)}.from_pretrained loads it)")
+        print(f"pipeline written to {out} ({_family(o.run).pipeline_classes[0]}.from_pretrained loads it)")
         return ""
     summary = export_lora(o.run, o.output, rank=o.rank, exact_svd=o.exact_svd, lora_bias=o.lora_bias,
                           lora_format=o.lora_format, **common)
@@ -302,9 +308,7 @@ LORA_FOLDERS = {"ComfyUI": "models/loras", "A1111": "models/Lora", "diffusers": 
 
 def _say_lora(o, summary: dict) -> None:
     """Where the LoRA went, which program applies how much of it, and what keeps the whole erasure."""
-    from concept_erase.io.export import delta_family, read_delta
-
-    family = delta_family(read_delta(o.run, tensors=False)[1])
+    family = _family(o.run)
     programs = summary["programs"]
     places = ", ".join(f"{p} ({LORA_FOLDERS[p]})" for p in programs if p in LORA_FOLDERS)
     print(f"LoRA in {summary['form']} form written to {o.output}/{summary['file']}: {places}")

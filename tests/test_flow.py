@@ -192,16 +192,72 @@ def test_exports_read_back_with_diffusers_readers(flow_pipe, flow_config, tmp_pa
     with pytest.raises(UserError, match="lora-format kohya is written for SD"):
         export_lora(delta, tmp_path / "kohya", rank=8, lora_format="kohya")
     assert not (tmp_path / "kohya").exists()
-    # no single-file layout for these families: refused, nothing written
-    with pytest.raises(UserError, match="no single-file layout"):
-        export_single_file(delta, tmp_path / "one.safetensors")
-    assert not (tmp_path / "one.safetensors").exists()
+    # the transformer alone in its publisher's layout: SD3's read back by diffusers' reader, equal; the tiny FLUX is
+    # not FLUX.1's width, which diffusers' reader of BFL files assumes: refused in one line, nothing written
+    if family_name(flow_pipe) == "sd3":
+        path = export_single_file(delta, tmp_path / "one.safetensors")
+        back = diffusers.SD3Transformer2DModel.from_single_file(str(path), config=str(cfg.model), subfolder="transformer")
+        for name, tensor in trained.transformer.state_dict().items():
+            assert torch.equal(tensor, back.state_dict()[name]), name
+    else:
+        with pytest.raises(UserError, match="FLUX.1's width"):
+            export_single_file(delta, tmp_path / "one.safetensors")
+        assert not (tmp_path / "one.safetensors").exists()
     if family_name(flow_pipe) != "flux":  # the LoRA run's export: on FLUX, where LoRA is the recommended subset
         return
     # a LoRA run's adapter, written as it is
     lora_run = erase(flow_config(method="eupmu", train="lora", steps=2, output=str(tmp_path / "lora-run")))
     export_lora(lora_run, tmp_path / "lora2")
     pipeline_class.from_pretrained(str(cfg.model)).load_lora_weights(str(tmp_path / "lora2"))
+
+
+def test_a_flux1_width_single_file_is_read_back_by_flux_pipeline_with_only_the_trained_tensors_changed(tmp_path):
+    """Black Forest Labs' layout at FLUX.1's width (one block of each kind, bf16, random weights): the export of an
+    erasure, read by `FluxPipeline.from_single_file` with the base's other parts, differs from the base exactly in
+    the trained tensors, and equals the erased transformer."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from concept_erase.config import EraseConfig
+    from concept_erase.families.base import family_of
+    from concept_erase.io.export import base_fingerprint, export_single_file, save_delta
+    from concept_erase.training.banks import tensor_digest
+
+    with torch.device("meta"):
+        wide = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    wide = wide.to_empty(device="cpu").to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in wide.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.bfloat16))
+    pipe = _build("flux")
+    pipe.register_modules(transformer=wide)
+    pipe.save_pretrained(str(tmp_path / "base"))
+    family = family_of(pipe)
+    names = family.subset_names(wide, "xattn")
+    digest = tensor_digest(wide.state_dict())
+    trained = {n: p for n, p in wide.named_parameters() if n in names}
+    fingerprint = base_fingerprint(wide, trained, lora=False, digest=digest)
+    with torch.no_grad():
+        for p in trained.values():
+            p.add_(0.5)
+    config = EraseConfig(model=str(tmp_path / "base"), concepts=["a cat"], anchors=["a dog"],
+                         output=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    save_delta(tmp_path / "run" / "erased.safetensors", wide, trained, config=config, fingerprint=fingerprint, steps=1,
+               lambda_final=1.0, family=family)
+    path = export_single_file(tmp_path / "run", tmp_path / "flux1-erased.safetensors")
+    assert "double_blocks.0.txt_attn.qkv.weight" in load_file(str(path))  # BFL's fused layout
+    base = FluxPipeline.from_pretrained(str(tmp_path / "base"), torch_dtype=torch.bfloat16)
+    parts = {k: v for k, v in base.components.items() if k != "transformer"}
+    read = FluxPipeline.from_single_file(str(path), config=str(tmp_path / "base"), torch_dtype=torch.bfloat16, **parts)
+    erased, original = read.transformer.state_dict(), base.transformer.state_dict()
+    assert {k for k in erased if not torch.equal(erased[k], original[k])} == names
+    assert all(torch.equal(erased[k], wide.state_dict()[k]) for k in erased)
+    # the transformer alone, as FluxTransformer2DModel reads it too
+    alone = FluxTransformer2DModel.from_single_file(str(path), config=str(tmp_path / "base"), subfolder="transformer",
+                                                    torch_dtype=torch.bfloat16)
+    assert all(torch.equal(alone.state_dict()[k], v) for k, v in erased.items())
 
 
 def test_bf16_from_a_cold_cache(flow, flow_config, cache_dir):
@@ -279,10 +335,10 @@ def test_bad_flux_inputs_leave_a_good_run_alone(flux_dirs, cache_dir, tmp_path, 
     refused(flux_dirs / "flux-no-t5", "has no T5 text encoder (text_encoder_2)")
     refused(flux_dirs / "flux", "FLUX's activations overflow in fp16", "--mixed-precision", "fp16")
     refused(flux_dirs / "flux", "--train selfattn: the flux family has no such subset", "--train", "selfattn")
-    # and the export a family has no layout for
+    # and a single file diffusers could not read back (BFL's layout at a width other than FLUX.1's)
     before = tree(tmp_path)
     code = main(["export", str(run), "--format", "single-file", "--output", str(tmp_path / "x.safetensors")])
-    assert_refused(code, capsys.readouterr().err, "the flux family has no single-file layout", tmp_path, before)
+    assert_refused(code, capsys.readouterr().err, "read by diffusers only at FLUX.1's width", tmp_path, before)
 
 
 def test_t5_reads_the_pipelines_default_length_unless_its_tokenizer_says_less(flow):

@@ -109,6 +109,7 @@ class Family:
     load_kwargs: dict = {}  # extra from_pretrained / from_single_file arguments
     required_parts: tuple[str, ...] = ()  # what a pipeline must hold to be erased from
     denoiser_name = "unet"  # the pipeline component (and folder) that holds the denoiser
+    denoiser_class = "UNet2DConditionModel"
     part_names: dict[str, str] = {}  # how an error names a missing part, where its attribute says little
     lora_layers_argument = "unet_lora_layers"  # the pipeline's save_lora_weights names the denoiser's layers so
     fp16_refusal = ""  # why the family cannot train under fp16 autocast ("" when it can)

@@ -114,8 +114,15 @@ class TransformerFamily(Family):
 
     t5_tokenizer, t5_default = "", 256  # the pipeline's T5 tokenizer and its max_sequence_length default
 
+    single_file_layout = True  # the transformer alone, in Stability AI's (SD3) or Black Forest Labs' (FLUX.1) layout
+
     def denoiser(self, pipe):
         return pipe.transformer
+
+    def single_file(self, pipe):
+        from concept_erase.io.single_file import transformer_single_file
+
+        return transformer_single_file(self.name, pipe.transformer)
 
     def t5_length(self, pipe) -> int:
         """T5's token count: the pipeline's default, or fewer where the T5 tokenizer says so (a small model

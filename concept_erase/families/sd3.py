@@ -20,6 +20,7 @@ from concept_erase.families.flow import TransformerFamily
 class StableDiffusion3(TransformerFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
+    denoiser_class = "SD3Transformer2DModel"
     t5_tokenizer, t5_default = "tokenizer_3", 256  # StableDiffusion3Pipeline's default
     required_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 

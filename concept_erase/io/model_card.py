@@ -103,7 +103,8 @@ def _none_arguments(folder, pipeline_class: str) -> str:
     return "".join(f", {k}=None" for k in left_out_parts(folder) if k not in optional) if folder else ""
 
 
-def _loading(fmt: str, pipeline_class: str, repo: str, weight_name: str, base: str, folder=None) -> str:
+def _loading(fmt: str, pipeline_class: str, repo: str, weight_name: str, base: str, folder=None,
+             denoiser_class: str = "UNet2DConditionModel") -> str:
     if fmt == "diffusers":
         return (f"```python\nfrom diffusers import {pipeline_class}\n\n"
                 f"pipe = {pipeline_class}.from_pretrained(\"{repo}\"{_none_arguments(folder, pipeline_class)})\n```")
@@ -117,6 +118,13 @@ def _loading(fmt: str, pipeline_class: str, repo: str, weight_name: str, base: s
                 f"pipe.load_lora_weights(\"{repo}\"" + (f", weight_name=\"{weight_name}\"" if weight_name else "")
                 + ")\n```\n\n" + ("A1111 and ComfyUI: copy the .safetensors file into their LoRA folder."
                                   if weight_name else ""))
+    if denoiser_class != "UNet2DConditionModel":  # SD3 and FLUX: the transformer alone, the rest from the base
+        return (f"```python\nfrom diffusers import {pipeline_class}, {denoiser_class}\n\n"
+                f"transformer = {denoiser_class}.from_single_file(\"{weight_name}\", config=\"{base}\", "
+                "subfolder=\"transformer\")\n"
+                f"pipe = {pipeline_class}.from_pretrained(\"{base}\", transformer=transformer)\n```\n\n"
+                "ComfyUI: copy the file into `models/unet` (`models/diffusion_models`) and load it with the base "
+                "model's text encoders and VAE.")
     return (f"```python\nfrom diffusers import {pipeline_class}\n\n"
             f"pipe = {pipeline_class}.from_single_file(\"{weight_name}\")\n```\n\n"
             "A1111 and ComfyUI: copy the file into their checkpoints folder.")
@@ -189,7 +197,8 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
         f"| base digest (SHA-256 of the denoiser's weights) | `{meta['base_model_digest']}` |",
         f"| licence | {license_ or 'not known: the base model licence applies; set `license` above before publishing'} |",
         "", "Settings:", "", "| setting | value |", "|---|---|", rows, "",
-        "## How to load it", "", _loading(fmt, family.pipeline_classes[0], repo, weight_name, base, folder), "",
+        "## How to load it", "", _loading(fmt, family.pipeline_classes[0], repo, weight_name, base, folder,
+                                           family.denoiser_class), "",
         *_where_it_loads(folder),
     ]
     if results:

@@ -1,5 +1,7 @@
 """Write a pipeline as one original-layout checkpoint, as A1111, ComfyUI and civitai use: the LDM
-layout of SD 1.x/2.x and the SGM layout of SDXL (`conditioner.embedders.N`).
+layout of SD 1.x/2.x and the SGM layout of SDXL (`conditioner.embedders.N`), the whole pipeline; for SD3
+and FLUX.1 the transformer alone, in the layout Stability AI and Black Forest Labs publish it (ComfyUI's
+models/unet; the text encoders and VAE are the base model's own).
 
 diffusers reads these files (`from_single_file`) but has no writer. The key mapping below is the
 inverse of diffusers' own converters, derived from the model's config so it holds for any depth;
@@ -12,6 +14,7 @@ from __future__ import annotations
 from concept_erase import env  # noqa: F401
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -215,3 +218,138 @@ def _verify(pipe, tensors: dict, *, sgm: bool = False) -> None:
         if missing or wrong:
             raise UserError(f"this {name} cannot be written in the original single-file layout "
                             f"({(missing + wrong)[0]!r} does not round-trip); export with --format diffusers")
+
+
+# ------------------------------------------------------- SD3 and FLUX.1: the publishers' transformer layouts
+FLUX_WIDTH = 3072  # diffusers' reader of BFL files assumes FLUX.1's width (and an MLP four times it)
+
+
+@dataclass(frozen=True)
+class TransformerLayout:
+    """How a publisher names a diffusers transformer's modules: renames outside the blocks, per kind of block its
+    original prefix, renames and fused projections (concatenated along the output, in order), and which original
+    modules store an AdaLayerNorm's (shift, scale) where diffusers has (scale, shift)."""
+
+    top: dict
+    blocks: dict  # diffusers block prefix -> (original block prefix, renames, fused)
+    swapped: tuple = ()  # original modules whose two halves are swapped
+    scale_norms: tuple = ()  # diffusers module endings whose weight the original calls `scale` (FLUX's RMSNorm)
+
+
+FLUX_LAYOUT = TransformerLayout(
+    top={"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+         "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+         "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+         "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+         "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+         "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+         "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
+         "norm_out.linear": "final_layer.adaLN_modulation.1"},
+    blocks={
+        "transformer_blocks": ("double_blocks", {
+            "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+            "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+            "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+            "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+            "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+            "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"},
+            {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+             "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}),
+        "single_transformer_blocks": ("single_blocks", {
+            "norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+            "proj_out": "linear2"},
+            {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}),
+    },
+    swapped=("final_layer.adaLN_modulation.1",),
+    scale_norms=("norm_q", "norm_k", "norm_added_q", "norm_added_k"),
+)
+
+SD3_LAYOUT = TransformerLayout(
+    top={"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+         "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+         "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+         "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "context_embedder": "context_embedder",
+         "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"},
+    blocks={"transformer_blocks": ("joint_blocks", {
+        "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+        "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+        "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+        "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+        "attn2.to_out.0": "x_block.attn2.proj",
+        "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
+        "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+        "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2"},
+        {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+         "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+         "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")})},
+    swapped=("final_layer.adaLN_modulation.1",),
+)
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous is (scale, shift), the originals' (shift, scale): one swap either way."""
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def transformer_to_original(state: dict, layout: TransformerLayout, what: str) -> dict:
+    """A diffusers transformer's weights in a publisher's layout: the inverse of diffusers' converter."""
+    out, fused_parts = {}, {}
+
+    def refuse(key):
+        raise UserError(f"{what} weight {key!r} has no place in the original single-file layout; "
+                        "export with --format diffusers")
+
+    for key, value in state.items():
+        if key == "pos_embed.pos_embed":  # SD3's fixed position table is a bare tensor there
+            out["pos_embed"] = value
+            continue
+        module, _, leaf = key.rpartition(".")
+        leaf = "scale" if module.endswith(layout.scale_norms) and layout.scale_norms else leaf
+        if module in layout.top:
+            out[f"{layout.top[module]}.{leaf}"] = value
+            continue
+        m = re.fullmatch(r"([a-z_]+)\.(\d+)\.(.+)", module)
+        if not m or m[1] not in layout.blocks:
+            refuse(key)
+        prefix, renames, fused = layout.blocks[m[1]]
+        if m[3] in renames:
+            out[f"{prefix}.{m[2]}.{renames[m[3]]}.{leaf}"] = value
+            continue
+        target = next((t for t, parts in fused.items() if m[3] in parts), None) or refuse(key)
+        fused_parts.setdefault((f"{prefix}.{m[2]}.{target}.{leaf}", fused[target]), {})[m[3]] = value
+    for (name, order), parts in fused_parts.items():
+        missing = [p for p in order if p not in parts]
+        if missing:
+            raise UserError(f"{name}: the {what} transformer lacks {missing[0]}, which the original layout stores "
+                            "fused with it; export with --format diffusers")
+        out[name] = torch.cat([parts[p] for p in order], dim=0)
+    return {k: _swap_halves(v) if k.rpartition(".")[0] in layout.swapped else v for k, v in out.items()}
+
+
+def transformer_single_file(family_name: str, transformer) -> dict[str, torch.Tensor]:
+    """The denoiser alone in its publisher's layout, Black Forest Labs' for FLUX.1 (flux1-dev.safetensors) and
+    Stability AI's MMDiT for SD3 (what ComfyUI's models/unet and diffusers' `from_single_file` read), checked by
+    diffusers' own reader before it is returned: every weight must come back under its name, equal."""
+    from diffusers.loaders.single_file_utils import (convert_flux_transformer_checkpoint_to_diffusers,
+                                                     convert_sd3_transformer_checkpoint_to_diffusers)
+
+    config, state = transformer.config, transformer.state_dict()
+    if family_name == "flux":
+        width = config["num_attention_heads"] * config["attention_head_dim"]
+        if width != FLUX_WIDTH:
+            raise UserError(f"this FLUX transformer is {width} wide; Black Forest Labs' single-file layout is read by "
+                            f"diffusers only at FLUX.1's width ({FLUX_WIDTH}): export with --format diffusers")
+        tensors = transformer_to_original(state, FLUX_LAYOUT, "FLUX")
+        back = convert_flux_transformer_checkpoint_to_diffusers(dict(tensors))
+    else:
+        tensors = transformer_to_original(state, SD3_LAYOUT, "SD3")
+        last = f"joint_blocks.{config['num_layers'] - 1}.context_block.adaLN_modulation.1"
+        tensors.update({k: _swap_halves(v) for k, v in tensors.items() if k.rpartition(".")[0] == last})
+        back = convert_sd3_transformer_checkpoint_to_diffusers(dict(tensors))
+    wrong = sorted(k for k in state if k not in back or not torch.equal(back[k], state[k]))
+    extra = sorted(set(back) - set(state))
+    if wrong or extra:
+        raise UserError(f"this transformer cannot be written in the original single-file layout "
+                        f"({(wrong + extra)[0]!r} does not round-trip); export with --format diffusers")
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
