@@ -162,6 +162,12 @@ def test_card_front_matter_names_a_hub_base_and_its_licence():
     text = card_text(meta, fmt="lora", weight_name="x.safetensors")
     assert "base_model: stabilityai/stable-diffusion-xl-base-1.0" in text and "license: openrail++" in text
     assert base_license("someone/unknown-model") is None and base_license("builtin:digits") == "apache-2.0"
+    # a FLUX single file is the transformer alone: the card loads it with the base's other parts, and says where
+    flux = card_text({**meta, "family": "flux", "base_model": "black-forest-labs/FLUX.1-dev"}, fmt="single-file",
+                     weight_name="flux1-erased.safetensors")
+    assert 'FluxTransformer2DModel.from_single_file("flux1-erased.safetensors"' in flux
+    assert "FluxPipeline.from_pretrained(\"black-forest-labs/FLUX.1-dev\", transformer=transformer)" in flux
+    assert "models/unet" in flux
 
 
 def test_push_to_hub_without_network_or_token_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
