@@ -1,16 +1,14 @@
-"""concept-erase: erase concepts from text-to-image diffusion models (SD 1.x/2.x, SDXL) with\nutility-preserving unlearning.
+"""concept-erase: erase concepts from text-to-image diffusion models (SD 1.x/2.x, SDXL, SD3, FLUX.1) with\nutility-preserving unlearning.
 
     from concept_erase import EraseConfig, erase, apply
     path = erase(EraseConfig(model="path/to/sd", concepts=["van gogh"], anchors=["a painting"], output="runs/vg"))
     pipe = apply(StableDiffusionPipeline.from_pretrained("path/to/sd"), path)
 """
 
-from concept_erase import env  # noqa: F401  (hub settings before any diffusers import)
-
 __version__ = "0.1.0"
 
-from concept_erase.config import EraseConfig, build_config, load_yaml  # noqa: E402
-from concept_erase.errors import UserError  # noqa: E402
+from concept_erase.config import EraseConfig, build_config, load_yaml
+from concept_erase.errors import UserError
 
 
 def erase(config, pipe=None):

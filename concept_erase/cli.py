@@ -313,8 +313,10 @@ def _say_lora(o, summary: dict) -> None:
     places = ", ".join(f"{p} ({LORA_FOLDERS[p]})" for p in programs if p in LORA_FOLDERS)
     print(f"LoRA in {summary['form']} form written to {o.output}/{summary['file']}: {places}")
     if "max_relative_error" in summary:
+        carried = (f"; {summary['biases_carried']} changed bias(es) carried as lora_B.bias"
+                   if summary["form"] == "diffusers" else "")
         print(f"rank-{summary['rank']} factorisation: largest relative error on a weight "
-              f"{summary['max_relative_error']:.3g}; {summary['biases_carried']} changed bias(es) carried as lora_B.bias")
+              f"{summary['max_relative_error']:.3g}{carried}")
     print("share of the erasure's change in the denoiser's output each program applies (concept prompts, "
           "four timesteps):")
     for program, r in programs.items():
@@ -365,6 +367,9 @@ def _on_sigterm(signum, frame):  # a launcher stopping this process (one rank of
 
 
 def main(argv: list[str] | None = None) -> int:
+    from concept_erase.env import apply_cli_defaults
+
+    apply_cli_defaults()  # before anything imports the Hub, diffusers or transformers
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if threading.current_thread() is threading.main_thread():

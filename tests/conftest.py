@@ -3,6 +3,9 @@ import os
 # Before diffusers / transformers / huggingface_hub are imported: any download must fail loudly.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# the command line's log levels (it sets them before diffusers is imported; tests call it in this process)
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Never the user's ~/.cache: a module-scoped fixture (made before any test's own folder exists) caches
 # here; every test overrides it with a folder of its own (own_default_cache below).

@@ -18,8 +18,6 @@ The output folder:
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import json
 import shutil
 import time

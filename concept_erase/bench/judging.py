@@ -3,8 +3,6 @@ and the domain FID, from the shipped judge."""
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 
 import torch
 

@@ -5,8 +5,6 @@ Run as `python -m concept_erase.bench.memory --probe MODE --recipe FILE --steps 
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import json
 import os
 import subprocess
@@ -130,4 +128,7 @@ def _probe_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from concept_erase.env import apply_cli_defaults
+
+    apply_cli_defaults()  # a command of its own: the command line's settings, before the Hub is imported
     sys.exit(_probe_main(sys.argv[1:]))

@@ -16,8 +16,6 @@ Results: OUTPUT/bench.json, OUTPUT/bench.md, OUTPUT/pareto.png.
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import contextlib
 import copy
 import json

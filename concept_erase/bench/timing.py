@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import copy
 import statistics
 import time

@@ -7,8 +7,6 @@ Domain FID: the other nine digits' generations against their real held-out rende
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import copy
 import time
 from pathlib import Path

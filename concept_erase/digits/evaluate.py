@@ -7,8 +7,6 @@ NOT the standard Inception FID and is not comparable with published FID figures.
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import torch
 from torch import nn
 

@@ -7,8 +7,6 @@ the standard Inception FID, and every report says so.
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin

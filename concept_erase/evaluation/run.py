@@ -17,8 +17,6 @@ split into two groups by `--erased`: `forget` (rows whose concept, or another la
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import hashlib
 import json
 import shutil

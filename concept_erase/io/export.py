@@ -7,8 +7,6 @@ every setting. `apply()` checks names, shapes and the base model before it touch
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import json
 from contextlib import contextmanager
 from pathlib import Path

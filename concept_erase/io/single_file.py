@@ -11,8 +11,6 @@ error cannot produce a silently wrong checkpoint.
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
-
 import re
 from dataclasses import dataclass
 

@@ -8,8 +8,6 @@ weights are random: what it draws is noise.
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401  (hub settings before diffusers import)
-
 import torch
 
 

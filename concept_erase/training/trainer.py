@@ -8,7 +8,7 @@ probe (`probes.py`) that reads the retain loss before and after the step.
 
 from __future__ import annotations
 
-from concept_erase import env  # noqa: F401
+from concept_erase import env
 
 import contextlib
 import json

@@ -1,0 +1,34 @@
+"""The library leaves the caller's environment alone; the command line applies its offline defaults first."""
+
+import os
+import subprocess
+import sys
+
+from concept_erase.env import CLI_DEFAULTS
+
+CLEAN = {k: v for k, v in os.environ.items() if k not in CLI_DEFAULTS}
+
+
+def _run(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], env=CLEAN, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_importing_the_library_changes_no_environment_variable():
+    out = _run("import os; before = dict(os.environ)\n"
+               "import concept_erase, concept_erase.io.export, concept_erase.training.trainer, concept_erase.cli\n"
+               "import huggingface_hub.constants as c\n"
+               "print(dict(os.environ) == before, c.HF_HUB_OFFLINE)")
+    assert out == "True False"
+
+
+def test_the_command_line_sets_its_defaults_before_the_hub_reads_them_and_a_set_value_wins():
+    code = ("import contextlib, io, os\nfrom concept_erase.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    main([])\n"
+            "import huggingface_hub.constants as c\n"
+            "print(os.environ.get('HF_HUB_OFFLINE'), c.HF_HUB_OFFLINE, os.environ.get('DIFFUSERS_VERBOSITY'))")
+    assert _run(code) == "1 True error"
+    done = subprocess.run([sys.executable, "-c", code], env={**CLEAN, "HF_HUB_OFFLINE": "0"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.stdout.strip() == "0 False error", done.stderr
