@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,20 +23,21 @@ RECIPES = Path(__file__).resolve().parent / "recipes"  # the shipped recipes and
 
 
 _f = setting
+_r = partial(setting, resumable=True)  # a setting a resume may change (see `options.setting`)
 SIGNAL_STOP = 0.15  # the erasure signal's stop level: calibrated on the digits models' tuning split (benchmarks/signal-study.md)
 
 
 @dataclass
 class EraseConfig:
     # what to erase, from what
-    model: str = _f("", "the model (SD 1.x/2.x, SDXL, SD3, FLUX.1): a diffusers folder, a hub id, a single-file "
+    model: str = _r("", "the model (SD 1.x/2.x, SDXL, SD3, FLUX.1): a diffusers folder, a hub id, a single-file "
                         ".safetensors (or .ckpt with --allow-pickle), or a built-in one (builtin:digits, "
                         "builtin:digits-flow, builtin:tiny, ...)")
     concepts: list = _f([], "concept prompt(s) to erase, e.g. 'van gogh' (repeat --concept for several)",
                         flag="concept", nonempty=True, metavar="PROMPT")
     anchors: list = _f([], "anchor prompt(s) whose images must survive, e.g. 'a painting' (repeat --anchor)",
                        flag="anchor", nonempty=True, metavar="PROMPT")
-    output: str = _f("", "run folder: checkpoints, metrics.jsonl, erased.safetensors", path=OUT_DIR)
+    output: str = _r("", "run folder: checkpoints, metrics.jsonl, erased.safetensors", path=OUT_DIR)
     # the method
     method: str = _f("eupmu", "lambda controller: eupmu, eupmu-fast, ungrad, fixed, esd")
     train: str = _f("xattn", "what is trained: " + ", ".join(TRAINABLE_SUBSETS), choices=TRAINABLE_SUBSETS)
@@ -75,7 +77,7 @@ class EraseConfig:
                                       "batch (the step's own retain tuple, biased toward a small lambda)",
                           choices=("held-out", "batch"))
     # optimisation
-    steps: int = _f(400, "optimizer steps", ge=1, le=10**8)
+    steps: int = _r(400, "optimizer steps", ge=1, le=10**8)
     lr: float = _f(1e-5, "learning rate (also the step size alpha_t in the EUPMU slack)", gt=0, le=1000)
     optimizer: str = _f("adamw", "adamw; adamw8bit (bitsandbytes' 8-bit AdamW states, CUDA only: a quarter of "
                                  "AdamW's optimizer memory); or sgd (plain gradient steps, no momentum: the step the "
@@ -93,9 +95,9 @@ class EraseConfig:
     resolution: int = _f(0, "training image side in pixels (0: the model's native size); anchor images, concept "
                             "images and trajectories all follow it, e.g. 512 on a 1024 model to save memory",
                          ge=0, le=16384)
-    gradient_checkpointing: bool = _f(False, "recompute the denoiser's activations in backward (the UNet's own "
+    gradient_checkpointing: bool = _r(False, "recompute the denoiser's activations in backward (the UNet's own "
                                              "gradient checkpointing): less memory, about a third more time per step")
-    original_copy: str = _f("fp32", "how the trained subset's original values are kept for the original model's "
+    original_copy: str = _r("fp32", "how the trained subset's original values are kept for the original model's "
                                     "predictions: fp32 (exact) or bf16 (half the memory; exact for the Linear and "
                                     "convolution weights under --mixed-precision bf16, which casts them anyway)",
                             choices=("fp32", "bf16"))
@@ -121,41 +123,41 @@ class EraseConfig:
     concept_images_per_prompt: int = _f(4, "images generated per concept prompt (remap loss)", ge=1, le=100000)
     anchor_inference_steps: int = _f(30, "sampler steps when generating anchor images", ge=1, le=1000)
     anchor_guidance: float = _f(7.5, "guidance scale when generating anchor images", ge=0, le=100)
-    cache_dir: str = _f("", "cache of generated anchor and concept latents (default: $CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase)",
+    cache_dir: str = _r("", "cache of generated anchor and concept latents (default: $CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase)",
                         path=OUT_DIR)
     # bookkeeping
-    stop_when_erased: bool = _f(False, "stop at the first check (every --check-every steps) at which the concept is "
+    stop_when_erased: bool = _r(False, "stop at the first check (every --check-every steps) at which the concept is "
                                        "erased, by --stop-judge: the model's own judge where it has one "
                                        "(builtin:digits), else the erasure signal (any model)")
-    stop_judge: str = _f("auto", "with --stop-when-erased: what decides that the concept is erased. signal: the "
+    stop_judge: str = _r("auto", "with --stop-when-erased: what decides that the concept is erased. signal: the "
                                  "erasure signal's moving average at most --stop-signal-at-most (no image drawn, any "
                                  "model); digits: the digits models' judge; clip: CLIP zero-shot over the concepts "
                                  "and anchors (--clip-model, --clip-weights); nudity: NudeNet (the anchors are not "
                                  "judged); auto: digits on the digits models, else signal",
                          choices=("auto", "signal", "digits", "clip", "nudity"))
-    stop_signal_at_most: float = _f(SIGNAL_STOP, "with --stop-judge signal: the erasure signal's moving average at "
+    stop_signal_at_most: float = _r(SIGNAL_STOP, "with --stop-judge signal: the erasure signal's moving average at "
                                                  "which the concept counts as erased (1: the original model, -eta: "
                                                  "the forget loss's target); calibrated on the digits models' tuning "
                                                  "split (BENCHMARKS.md)", ge=-1000, lt=1)
-    clip_model: str = _f("ViT-L-14", "with --stop-judge clip: the open_clip model")
-    clip_weights: str = _f("", "with --stop-judge clip: a local open_clip weights file for --clip-model (default: "
+    clip_model: str = _r("ViT-L-14", "with --stop-judge clip: the open_clip model")
+    clip_weights: str = _r("", "with --stop-judge clip: a local open_clip weights file for --clip-model (default: "
                                "the hub cache's openai weights)", path=IN_FILE)
-    check_every: int = _f(10, "with --stop-when-erased: steps between erasure checks (a check that fails on the "
+    check_every: int = _r(10, "with --stop-when-erased: steps between erasure checks (a check that fails on the "
                               "concept side draws 8 images)", ge=1, le=10**8)
-    check_forget_at_most: float = _f(0.05, "with --stop-when-erased: the share of a check's concept images that may "
+    check_forget_at_most: float = _r(0.05, "with --stop-when-erased: the share of a check's concept images that may "
                                            "still show the concept for the run to stop; half the benchmark's 10% "
                                            "target, a margin for a check's few images and for stopping at the "
                                            "first check that happens to fall under it", ge=0, le=1)
-    check_retain_drop_at_most: float = _f(0.015, "with --stop-when-erased: how far the anchors' accuracy at a check "
+    check_retain_drop_at_most: float = _r(0.015, "with --stop-when-erased: how far the anchors' accuracy at a check "
                                                  "may be below the model's own before training for the run to stop "
                                                  "(0.015: 1.5 points, half the benchmark's 3-point target: at 3 points "
                                                  "a run checked every 10 steps stopped on a lucky check, BENCHMARKS.md)",
                                            ge=0, le=1)
-    check_inference_steps: int = _f(10, "with --stop-when-erased: sampler steps of a check's images (on the digits "
+    check_inference_steps: int = _r(10, "with --stop-when-erased: sampler steps of a check's images (on the digits "
                                         "model the judge's verdicts at 10 steps match those at 25)", ge=1, le=1000)
-    check_images: int = _f(32, "with --stop-when-erased: concept images per check (the anchors get twice as "
+    check_images: int = _r(32, "with --stop-when-erased: concept images per check (the anchors get twice as "
                                 "many, spread over their prompts)", ge=2, le=100000)
-    check_seed_start: int = _f(CHECK_SEED_START, "with --stop-when-erased: the first image seed a check draws (a "
+    check_seed_start: int = _r(CHECK_SEED_START, "with --stop-when-erased: the first image seed a check draws (a "
                                                  "check draws fewer than 2 x --check-images seeds from here on); "
                                                  "evaluations judge seeds 0 and up, so a run is never graded on "
                                                  "the images that stopped it", ge=0, le=MAX_SEED - 200000)
@@ -167,22 +169,22 @@ class EraseConfig:
                                        "trained model's guidance toward the concept, 1 before training and -eta "
                                        "at the forget loss's target; logged every step as erasure_signal)",
                                  gt=0, le=10**6)
-    report_to: str = _f("none", "follow the run in a tracker, through Accelerate: tensorboard (OUTPUT/logs), wandb, all "
+    report_to: str = _r("none", "follow the run in a tracker, through Accelerate: tensorboard (OUTPUT/logs), wandb, all "
                                 "or none; per step the losses, lambda, the slack, the gradient norm and the step time",
                         choices=("none", "tensorboard", "wandb", "all"))
-    sample_every: int = _f(0, "draw each --sample-prompt before training and every N steps into OUTPUT/samples/ "
+    sample_every: int = _r(0, "draw each --sample-prompt before training and every N steps into OUTPUT/samples/ "
                               "and the trackers (0: never)", ge=0, le=10**8)
-    sample_prompts: list = _f([], "a prompt to draw every --sample-every steps (repeat), e.g. the concept and an "
+    sample_prompts: list = _r([], "a prompt to draw every --sample-every steps (repeat), e.g. the concept and an "
                                   "anchor", flag="sample-prompt", nonempty=True, metavar="PROMPT")
-    checkpoint_every: int = _f(100, "save a checkpoint every N steps (0: only at the end)", ge=0)
-    checkpoints_total_limit: int = _f(2, "keep at most this many checkpoints while training, and only the last once "
+    checkpoint_every: int = _r(100, "save a checkpoint every N steps (0: only at the end)", ge=0)
+    checkpoints_total_limit: int = _r(2, "keep at most this many checkpoints while training, and only the last once "
                                             "the run has finished (0: keep all). At SD 1.5 scale one checkpoint of "
                                             "--train full holds about 10 GB, xattn 0.5 GB", ge=0)
-    resume: str = _f("", "resume from 'latest' or a checkpoint folder")
-    overwrite: bool = _f(False, "replace an output folder that already holds a run")
-    allow_pickle: bool = _f(False, "allow loading a pickled .ckpt (it can run code)")
-    model_config: str = _f("", "for a single-file checkpoint: a diffusers folder (or hub id) with the model's configs")
-    progress: bool = _f(True, "show a progress bar")
+    resume: str = _r("", "resume from 'latest' or a checkpoint folder")
+    overwrite: bool = _r(False, "replace an output folder that already holds a run")
+    allow_pickle: bool = _r(False, "allow loading a pickled .ckpt (it can run code)")
+    model_config: str = _r("", "for a single-file checkpoint: a diffusers folder (or hub id) with the model's configs")
+    progress: bool = _r(True, "show a progress bar")
 
     def __post_init__(self):
         from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
@@ -271,7 +273,9 @@ class EraseConfig:
                                 f"loss's target), so the stop must lie between them")
 
     def check_runnable(self) -> None:
-        """Checks that need the whole picture (a config file may fill what flags leave out)."""
+        """Checks that need the whole picture (a config file may fill what flags leave out), and every field's
+        declaration again: a setting changed after construction (`cfg.steps = -3`) is caught before any work."""
+        check_fields(self)
         if not self.model:
             raise UserError("no model given; pass --model PATH_OR_HUB_ID (or builtin:tiny to try the toolkit)")
         if not self.concepts:
@@ -336,11 +340,33 @@ def read_yaml(path: Path, what: str, hint: str):
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist; {hint}")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_keys_loader())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         where = getattr(err, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
+        if str(getattr(err, "problem", "")).startswith("duplicate key"):
+            raise UserError(f"{what} {path} has the {err.problem[len('duplicate '):]} twice{line}; keep one") from None
         raise UserError(f"{what} {path} is not valid YAML{line}; {hint}") from None
+
+
+def _unique_keys_loader():
+    """yaml's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeys
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -402,3 +428,23 @@ def build_config(file_settings: Optional[dict] = None, overrides: Optional[dict]
 
 def config_json(config: EraseConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def resume_differences(saved: dict, config: EraseConfig) -> tuple[list, dict]:
+    """A checkpoint's settings (`saved`, as `config_json` wrote them) against a resume's: (refused, changed).
+    `refused` lists (flag, checkpoint's value, now) for the settings that change what a step trains; `changed` maps
+    each resumable setting (`options.setting`'s `resumable`) that differs to {"checkpoint": ..., "now": ...}.
+    A setting the checkpoint does not name (written by an older version) is not compared, nor those of the
+    invocation itself (--resume, --overwrite, --progress)."""
+    from concept_erase.options import flag_name
+
+    now = json.loads(config_json(config))
+    refused, changed = [], {}
+    for f in dataclasses.fields(EraseConfig):
+        if f.name in ("resume", "overwrite", "progress") or f.name not in saved or saved[f.name] == now.get(f.name):
+            continue
+        if f.metadata.get("resumable"):
+            changed[f.name] = {"checkpoint": saved[f.name], "now": now.get(f.name)}
+        else:
+            refused.append((flag_name(f), saved[f.name], now.get(f.name)))
+    return refused, changed

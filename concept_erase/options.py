@@ -33,16 +33,19 @@ OUT_DIR, OUT_FILE = "out-dir", "out-file"  # will be written: its kind if it exi
 
 def setting(default, help: str, *, ge=None, gt=None, le=None, lt=None, choices=None, path: str | None = None,
             flag: str | None = None, aliases: tuple = (), repeat: bool = False, positional: bool = False,
-            required: bool = False, metavar: str | None = None, nonempty: bool = False, hidden: bool = False):
+            required: bool = False, metavar: str | None = None, nonempty: bool = False, hidden: bool = False,
+            resumable: bool = False):
     """A dataclass field with its command-line and checking metadata.
 
     ge/gt/le/lt: numeric bounds (every float must also be finite); choices: allowed values; path: one of
     the path kinds above (empty means "not given"); repeat: a list filled by repeating the flag;
-    nonempty: strings (or each list item) must hold something other than spaces.
+    nonempty: strings (or each list item) must hold something other than spaces; resumable: a resumed run may
+    take another value than its checkpoint's (it changes how long the run goes, where it writes or what it shows,
+    not what a step trains).
     """
     meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "path": path, "flag": flag,
             "aliases": aliases, "repeat": repeat, "positional": positional, "required": required,
-            "metavar": metavar, "nonempty": nonempty, "hidden": hidden}
+            "metavar": metavar, "nonempty": nonempty, "hidden": hidden, "resumable": resumable}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -109,12 +112,19 @@ def add_flags(parser: argparse.ArgumentParser, cls, *, suppress_defaults: bool =
             parser.add_argument(f.name, help=shown, nargs="+" if kind is list else None)
             continue
         name = flag_name(f)
-        if kind is bool:
+        if kind is bool:  # both forms, so that a flag can undo what a recipe or --config file set
+            hidden = meta.get("hidden")
             if f.default:
                 parser.add_argument(f"--no-{name[2:]}", dest=f.name, action="store_false", default=default,
-                                    help=argparse.SUPPRESS if meta.get("hidden") else f"do not: {help_text}".replace("%", "%%"))
+                                    help=argparse.SUPPRESS if hidden else f"do not: {help_text}".replace("%", "%%"))
+                parser.add_argument(name, dest=f.name, action="store_true", default=default,
+                                    help=argparse.SUPPRESS if hidden else f"turn {name} back on (a recipe or --config "
+                                                                          "may have turned it off)")
             else:
                 parser.add_argument(name, dest=f.name, action="store_true", default=default, help=shown)
+                parser.add_argument(f"--no-{name[2:]}", dest=f.name, action="store_false", default=default,
+                                    help=argparse.SUPPRESS if hidden else f"turn {name} off (a recipe or --config may "
+                                                                          "have turned it on)")
         elif kind is list:
             parser.add_argument(name, *meta.get("aliases", ()), dest=f.name, action="append", help=shown,
                                 default=argparse.SUPPRESS if suppress_defaults else None,
@@ -159,6 +169,8 @@ def check_value(f: dataclasses.Field, value: Any, where: str = "") -> None:
     if kind in (int, float) and value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{name} must be a number, not {value!r}")
+        if kind is int and not isinstance(value, int):
+            raise UserError(f"{name} must be a whole number, not {value!r}")
         if not math.isfinite(value):
             raise UserError(f"{name} must be a finite number, not {value}")
         rng = _range_text(meta)

@@ -122,9 +122,8 @@ _close_registered = False
 def close_at_exit() -> None:
     """A launched process shuts its process group down when Python exits, before the interpreter's teardown.
     Left to the teardown, the group's threads can outlive it: ranks of two-process CPU runs that had finished
-    their work aborted at exit with "terminate called without an active exception" (twice in this session's
-    runs of the suite's two-rank tests, one launched through the command, one a script calling `erase`; their
-    reruns passed)."""
+    their work aborted at exit with "terminate called without an active exception" (seen in the suite's two-rank
+    tests, one launched through the command, one a script calling `erase`; their reruns passed)."""
     global _close_registered
     if not _close_registered:
         import atexit

@@ -19,7 +19,7 @@ def test_shipped_benchmark_file_plans_every_method_concept_and_eps():
     labels = {r[0] for r in runs}
     assert {"eupmu", "eupmu-fast", "ungrad", "fixed 0.3", "fixed 1", "fixed 3", "esd"} <= labels
     assert {"eupmu eps=0.0003", "eupmu eps=0.001", "previous default", "eupmu, stop when erased"} <= labels
-    # the statistical power issue 16 asks for: 4 digits, 2 styles, 3 seeds, 64 images per prompt at the end
+    # the statistical power the benchmark needs: 4 digits, 2 styles, 3 seeds, 64 images per prompt at the end
     styles = [c for c in spec.concepts if c in ("red ink", "blue ink", "inverted", "bold")]
     assert len(spec.concepts) - len(styles) >= 4 and len(styles) >= 2 and len(spec.seeds) >= 3
     assert spec.eval_final_seeds >= 64 and spec.held_time_reference == "previous default"
@@ -294,15 +294,15 @@ def test_held_target_counts_only_runs_at_target_from_then_to_their_end():
     assert not any(t.startswith("paper:") for t in checks)  # the reference is not its own variant
     # a probe that timed the entry's check parts charges each check what it drew, at the probe's times, not the
     # run's clock: before training a chunk and the anchors, a failed check one chunk, the stopping check all four
-    # chunks and the anchors; a check of session 17 (no forget_images) the whole concept side and the anchors;
-    # since session 19 (retain_within) the anchors by the chunks drawn, a last short chunk as a whole one
+    # chunks and the anchors; a record with no forget_images the whole concept side and the anchors; one with
+    # retain_within the anchors by the chunks drawn, a last short chunk as a whole one
     drew = [{"step": 0, "seconds": 9.0, "forget_images": 8, "retain_images": 72},
             {"step": 25, "seconds": 9.0, "forget_images": 8, "retain_images": 0},
             {"step": 50, "seconds": 9.0, "forget_images": 32, "retain_images": 72}]
     chunked = [{"step": 0, "seconds": 9.0, "forget_images": 8, "retain_images": 72, "retain_within": True},
                {"step": 25, "seconds": 9.0, "forget_images": 32, "retain_images": 24, "retain_within": False},
                {"step": 50, "seconds": 9.0, "forget_images": 32, "retain_images": 50, "retain_within": True}]
-    # since session 20 a record lists its calls, each charged at the probe's time for its side and size; a size
+    # a record that lists its calls has each charged at the probe's time for its side and size; a size
     # the probe did not time leaves the check at its own clock
     called = [{"step": 0, "seconds": 9.0, "forget_calls": [8], "retain_calls": [72]},
               {"step": 25, "seconds": 9.0, "forget_calls": [8, 24], "retain_calls": [24]},
@@ -335,7 +335,7 @@ def test_held_target_counts_only_runs_at_target_from_then_to_their_end():
     assert line(24) == 250.0 and line(8) == 100.0 and line(5) == pytest.approx(78.125)
     assert call_cost({"8": 100.0}) is None and call_cost(None) is None
     assert rows["odd call"]["time_to_held_target_s"] == pytest.approx(5 + 1.1 + (0.1 + line(5) / 1000 + 0.2) + 1.05)
-    # a probe without the calls' times (session 19's) leaves such a record at its own clock
+    # a probe without the calls' times leaves such a record at its own clock
     no_calls = [{**t, "check_concept_call_ms": None} for t in timing if t["label"] == "by call"]
     rows = summarise(by_call, [], no_calls, reference="")["by_method"]
     assert rows["by call"]["time_to_held_target_s"] == pytest.approx(5 + 9.0 * 3)

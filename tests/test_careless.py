@@ -1,4 +1,4 @@
-"""A careless user loses nothing and never sees a traceback (issue 15's worst findings, each tested):
+"""A careless user loses nothing and never sees a traceback (the worst findings of a careless-user pass, each tested):
 an interrupted or failing `erase --overwrite` keeps the old run, a second writer is refused, meaningless
 settings and ordinary mistakes get one line and exit 2, outputs get ordinary modes, and hints are true."""
 

@@ -82,7 +82,7 @@ def _probes(timing: list[dict] | None, labels) -> dict[str, dict]:
     return probes
 
 
-SESSION_19_CHUNKS = (8, 24)  # the concept's and the anchors' chunk of the session-19 check (every chunk that size)
+EQUAL_CHUNKS = (8, 24)  # a check that drew each side in equal chunks: the concept's and the anchors' chunk size
 
 
 def call_cost(timed: dict | None):
@@ -101,13 +101,13 @@ def call_cost(timed: dict | None):
 
 def check_seconds(check: dict, probe: dict | None) -> float:
     """An erasure check's time (--stop-when-erased). With a probe that timed the entry's check calls (`timing.py`):
-    each call the check made (`forget_calls`, `retain_calls`: images per call, since session 20) at the probe's
+    each call the check made (`forget_calls`, `retain_calls`: images per call) at the probe's
     time for a call of that side and size (`call_cost`), so that a check is charged on the same machine and clock
     as the steps.
-    Earlier records name no calls: a check of session 19 (`retain_within`, no calls) drew chunks of 8 concept
-    images and of 24 anchors (a last chunk smaller than the others is charged as a whole one); one of session 18
-    (`forget_images`, no `retain_within`) chunks of the concept and the anchors in one call, if at all; one of
-    session 17 and before everything in one go. Else, or where the probe lacks a call's size, the run's own
+    Stored records of checks that name no calls are charged by their shape: one with `retain_within` drew chunks
+    of 8 concept images and of 24 anchors (`EQUAL_CHUNKS`; a last chunk smaller than the others is charged as a
+    whole one); one with `forget_images` but no `retain_within` chunks of the concept and the anchors in one call,
+    if at all; one with neither everything in one go. Else, or where the probe lacks a call's size, the run's own
     clock."""
     if not probe or probe.get("check_chunk_ms") is None:
         return float(check["seconds"])
@@ -120,7 +120,7 @@ def check_seconds(check: dict, probe: dict | None) -> float:
         return sum(cost[side](k) for side, k in calls) / 1000
     if "forget_images" not in check:
         return (probe["check_concept_ms"] + probe["check_anchors_ms"]) / 1000
-    chunk, anchor_chunk = SESSION_19_CHUNKS
+    chunk, anchor_chunk = EQUAL_CHUNKS
     concept = math.ceil(check["forget_images"] / chunk) * probe["check_chunk_ms"]
     if not check.get("retain_images"):
         anchors = 0.0

@@ -178,7 +178,7 @@ def _cumsum(xs):
 
 def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -> None:
     """--runs-from: the finished runs of other bench.json files join OUTPUT/runs, so a benchmark split across
-    machines (or sessions on machines that keep nothing) is reported whole. A run already in OUTPUT/runs is
+    machines (or over runs on machines that keep nothing) is reported whole. A run already in OUTPUT/runs is
     kept; a stored run whose settings differ from what this file plans under its label is left out, said."""
     planned = {_run_id(label, concept, seed): (overrides, concept, seed) for label, overrides, concept, seed in runs}
     settings: dict = {}

@@ -88,18 +88,18 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
 class _CheckClock:
     """Times the calls an entry's erasure check (--stop-when-erased) makes, in the probe's rounds, on the model as
     the entry's steps leave it: every call the current check makes (a side's first chunk, the rest of it, the
-    anchors whole before training), and the calls of the earlier versions whose runs are still reported (a
-    session-19 check drew chunks of 8 concept images and of 24 anchors, a session-18 check the anchors in one
-    call, a session-17 check the concept side in one call too). Timed by images per call and side; the report
+    anchors whole before training), and the calls of the stored records that name no calls (a check that drew
+    chunks of 8 concept images and of 24 anchors, one that drew the anchors in one call, one that drew the
+    concept side in one call too). Timed by images per call and side; the report
     charges each run's checks with these, on the same machine and clock as its steps (`report.check_seconds`)."""
 
     def __init__(self, config):
-        from concept_erase.bench.report import SESSION_19_CHUNKS
+        from concept_erase.bench.report import EQUAL_CHUNKS
         from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK, JUDGES
 
         self.judge, self.steps = JUDGES.get("digits")(config), int(config.check_inference_steps)
         n, m = len(self.judge.concept_items), len(self.judge.anchor_items)
-        chunk, anchor_chunk = SESSION_19_CHUNKS
+        chunk, anchor_chunk = EQUAL_CHUNKS
         # (side, images per call): the first `k` items of the side, or its last `k` (the rest after a first chunk)
         calls = {("concept", CONCEPT_CHUNK): "head", ("concept", n - CONCEPT_CHUNK): "tail", ("concept", n): "head",
                  ("anchors", ANCHOR_CHUNK): "head", ("anchors", m - ANCHOR_CHUNK): "tail", ("anchors", m): "head",
@@ -126,14 +126,14 @@ class _CheckClock:
             unet.train()
 
     def summary(self) -> dict:
-        """{check_concept_call_ms: {images: ms}, check_anchor_call_ms: {...}} and, for the records of sessions 17
-        to 19, the times under the names they are charged by (a chunk, the concept whole, the anchors whole, an
+        """{check_concept_call_ms: {images: ms}, check_anchor_call_ms: {...}} and, for the stored records that
+        name no calls, the times under the names they are charged by (a chunk, the concept whole, the anchors whole, an
         anchor chunk)."""
-        from concept_erase.bench.report import SESSION_19_CHUNKS
+        from concept_erase.bench.report import EQUAL_CHUNKS
 
         ms = {call: 1000 * statistics.fmean(v) if v else None for call, v in self.seconds.items()}
         n, m = len(self.judge.concept_items), len(self.judge.anchor_items)
-        chunk, anchor_chunk = SESSION_19_CHUNKS
+        chunk, anchor_chunk = EQUAL_CHUNKS
         return {"check_inference_steps": self.steps,
                 "check_concept_call_ms": {str(k): v for (side, k), v in sorted(ms.items()) if side == "concept"},
                 "check_anchor_call_ms": {str(k): v for (side, k), v in sorted(ms.items()) if side == "anchors"},

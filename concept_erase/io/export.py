@@ -113,6 +113,14 @@ def read_delta(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, tor
         values = {k: fh.get_tensor(k) for k in fh.keys()} if tensors else {}
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is a safetensors file but not a concept-erase delta (no '{FORMAT}' metadata)")
+    version = meta.get("format_version", "")
+    if not version.isdigit() or int(version) > int(FORMAT_VERSION):
+        raise UserError(f"{path}: delta format version {version!r} is not one this version reads (1 to "
+                        f"{FORMAT_VERSION}); upgrade concept-erase, or erase again with this one")
+    bad = next((name for name, t in values.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise UserError(f"{path}: tensor {bad!r} holds NaN or infinite values; the file is damaged (or the run "
+                        "diverged): restore it, or erase again")
     return values, meta
 
 

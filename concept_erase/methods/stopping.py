@@ -21,7 +21,7 @@ the whole set. Each record lists the calls it made (`forget_calls`, `retain_call
 what the benchmark charges it for.
 The images are drawn with `--check-inference-steps` sampler steps (10): on the digits model the judge's
 verdicts at 10 steps match those at 25 on 99% of the images, and every measured run's first check at target
-was the same (`scripts/check_steps_agreement.py`, `BENCHMARKS.md`, issue 16), at 44% of the cost.
+was the same (`scripts/check_steps_agreement.py`, `BENCHMARKS.md`), at 44% of the cost.
 
 Why 5% when the benchmark's target is 10%: a check judges few images (32 of the concept: one image is 3
 points) and the run stops at the first check that falls under the bar, so the rate at the stop is the
@@ -57,8 +57,8 @@ from concept_erase.registry import Registry
 
 JUDGES: Registry = Registry("judge", "--stop-judge")
 
-# The first chunk of each side; the rest of the side comes in one call. On the digits model's CPU probe (session
-# 19) a call cost about 170 ms plus 16 ms an image: 8 concept images 293 ms, 32 in one call 666 ms against 1.17 s
+# The first chunk of each side; the rest of the side comes in one call. On the digits model's CPU probe a call
+# cost about 170 ms plus 16 ms an image: 8 concept images 293 ms, 32 in one call 666 ms against 1.17 s
 # in four chunks of 8; 24 anchors 544 ms, 72 in one call 1.40 s against 1.63 s in three chunks.
 CONCEPT_CHUNK = 8  # a check that fails on the concept side mostly stops after it
 ANCHOR_CHUNK = 24  # a check that fails on the anchors mostly stops after it

@@ -156,7 +156,15 @@ def check_output(output: Path, *, overwrite: bool, resume: str) -> bool:
     if holds_run and not resume and not overwrite:
         raise UserError(f"{output} already holds a run; pass --resume latest to continue it, --overwrite to "
                         "replace it, or choose another --output")
+    if resume == "latest" and (output / "erased.safetensors").is_file() and not any(
+            (p / "state.json").is_file() for p in (output / "checkpoints").glob("step-*")):
+        raise UserError(nothing_to_resume(output))
     return holds_run and not resume
+
+
+def nothing_to_resume(output: Path) -> str:
+    return (f"--resume latest: {output} holds a finished run and no checkpoint to continue it from; it is left as it "
+            "is. Pass --overwrite (without --resume) to replace it, or choose another --output")
 
 
 def run_entries(folder: Path) -> list[str]:
@@ -376,6 +384,7 @@ class Trainer:
         self.lambda_history: list[float] = []
         self.signal = SignalMeter(cfg.signal_half_life)
         self.start_step = 0
+        self.changed_on_resume: dict = {}  # resumable settings a resume changed: {name: {checkpoint, now}}
         self.stopped_at: int | None = None
         self.stop_reason = ""
         if acc.is_main_process:
@@ -451,6 +460,8 @@ class Trainer:
                                                 "controller": self.controller.state_dict(),
                                                 "signal": self.signal.state_dict(),
                                                 **self.probe.state()[1], "num_processes": acc.num_processes,
+                                                "base_model_digest": self.base_digest,
+                                                "changed_on_resume": self.changed_on_resume,
                                                 "config": json.loads(config_json(self.config))})
             limit = self.config.checkpoints_total_limit
             if limit:
@@ -465,21 +476,20 @@ class Trainer:
 
         path = find_checkpoint(self.output, self.config.resume, self.log)
         if path is None:
+            if (self.final_output / "erased.safetensors").is_file():  # its checkpoints were all damaged
+                raise UserError(nothing_to_resume(self.final_output))
             self.log(f"no usable checkpoint in {self.output / 'checkpoints'}; starting from step 0")
             if self.accelerator.is_main_process:
                 _truncate_metrics(self.output / "metrics.jsonl", 0)
             return
         state = json.loads((path / "state.json").read_text())
+        self._check_same_run(path, state)
         weights = load_file(str(path / "trained.safetensors"))
         if set(weights) != set(self.trained):
             raise UserError(f"checkpoint {path} was made with another --train subset or model; "
                             "resume with the settings of that run")
         for n, p in self.trained.items():
             load_whole(p, weights[n])
-        saved_optimizer = state.get("config", {}).get("optimizer", "adamw")
-        if saved_optimizer != self.config.optimizer:
-            raise UserError(f"checkpoint {path} was made with --optimizer {saved_optimizer}; "
-                            f"resume with the settings of that run (now --optimizer {self.config.optimizer})")
         load_optimizer_state(self.trained, self.optimizer.optimizer if self.sharded else self.optimizer,
                              torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True), self.sharded)
         self.controller.load_state_dict(state["controller"])
@@ -496,6 +506,29 @@ class Trainer:
         if self.accelerator.is_main_process:
             _truncate_metrics(self.output / "metrics.jsonl", self.start_step)
         self.log(f"resumed from {path} at step {self.start_step}")
+
+    def _check_same_run(self, path: Path, state: dict) -> None:
+        """A resume continues the checkpoint's erasure: a setting that changes what a step trains, or another base
+        model, is refused in one line; the resumable ones that changed are kept for the run's record."""
+        from concept_erase.config import resume_differences
+
+        digest = state.get("base_model_digest")
+        if digest is not None and digest != self.base_digest:
+            raise UserError(f"checkpoint {path} was made from another base model (digest {digest[:12]}, this one "
+                            f"{self.base_digest[:12]}); resume it with the model it was made from")
+        refused, changed = resume_differences(state.get("config", {}), self.config)
+        if refused:
+            flag, then, now = refused[0]
+            more = f" (and {len(refused) - 1} other setting(s))" if len(refused) > 1 else ""
+            raise UserError(f"checkpoint {path} was made with {flag} {json.dumps(then)}, this resume asks for "
+                            f"{json.dumps(now)}{more}; a resume continues the same erasure: resume with the checkpoint's "
+                            "settings, or start a new run with another --output")
+        self.changed_on_resume = {**state.get("changed_on_resume", {}), **{
+            k: {"checkpoint": state.get("changed_on_resume", {}).get(k, v)["checkpoint"], "now": v["now"]}
+            for k, v in changed.items()}}
+        if changed:
+            self.log("resumed with other " + ", ".join(f"{k} ({json.dumps(v['checkpoint'])} -> {json.dumps(v['now'])})"
+                                                       for k, v in changed.items()))
 
     # ---------------------------------------------------------------- the step
     def _forward(self, batch: RegressionBatch) -> torch.Tensor:
@@ -737,7 +770,8 @@ class Trainer:
             write_json(self.output / "run.json", {"config": json.loads(config_json(cfg)),
                                                   "num_processes": acc.num_processes, "sharded": self.sharded,
                                                   "base_model_digest": self.base_digest,
-                                                  "resumed_from_step": self.start_step, **provenance.record()})
+                                                  "resumed_from_step": self.start_step,
+                                                  "changed_on_resume": self.changed_on_resume, **provenance.record()})
         bar = tqdm(total=cfg.steps, initial=self.start_step, desc="erasing", disable=not (cfg.progress and acc.is_main_process),
                    dynamic_ncols=True)
         metrics = open(metrics_path, "a", encoding="utf-8") if acc.is_main_process else None

@@ -1,0 +1,82 @@
+"""What a command reads is checked on read: deltas (format version, finite values), YAML (a key given twice),
+settings (whole numbers; a change after construction is caught at erase())."""
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from concept_erase import apply
+from concept_erase.config import EraseConfig, load_yaml
+from concept_erase.errors import UserError
+from concept_erase.training.trainer import erase
+
+
+@pytest.fixture(scope="module")
+def delta(tiny_pipe, tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    erase(EraseConfig(model=str(tiny_dir), concepts=["van gogh"], anchors=["a photo"], output=str(out), steps=1,
+                      sampling_steps=4, anchor_inference_steps=2, anchor_images_per_prompt=1, progress=False,
+                      cache_dir=str(tmp_path_factory.mktemp("cache")), checkpoint_every=0),
+          pipe=copy.deepcopy(tiny_pipe))
+    return out / "erased.safetensors"
+
+
+def _rewrite(src, dst, *, meta_update=None, poison=False):
+    with safe_open(str(src), framework="pt") as fh:
+        meta, tensors = dict(fh.metadata()), {k: fh.get_tensor(k) for k in fh.keys()}
+    meta.update(meta_update or {})
+    if poison:
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_a_delta_holding_nan_is_refused_by_name(delta, tiny_pipe, tmp_path):
+    bad = _rewrite(delta, tmp_path / "nan.safetensors", poison=True)
+    with pytest.raises(UserError, match="holds NaN or infinite values"):
+        apply(copy.deepcopy(tiny_pipe), bad)
+    apply(copy.deepcopy(tiny_pipe), delta)  # the good one still applies
+
+
+def test_a_delta_of_a_newer_format_is_refused(delta, tiny_pipe, tmp_path):
+    newer = _rewrite(delta, tmp_path / "v99.safetensors", meta_update={"format_version": "99"})
+    with pytest.raises(UserError, match="format version '99' is not one this version reads"):
+        apply(copy.deepcopy(tiny_pipe), newer)
+
+
+def test_a_yaml_key_given_twice_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 40\nlr: 1.0e-4\nsteps: 4000\n")
+    with pytest.raises(UserError, match=r"has the key 'steps' twice \(line 3\)"):
+        load_yaml(path)
+
+
+def test_a_whole_number_setting_refuses_a_fraction_and_a_later_change_is_caught_at_erase(tiny_dir, tmp_path):
+    with pytest.raises(UserError, match="--steps must be a whole number, not 2.5"):
+        EraseConfig(model=str(tiny_dir), concepts=["x"], anchors=["y"], output=str(tmp_path / "r"), steps=2.5)
+    cfg = EraseConfig(model=str(tiny_dir), concepts=["x"], anchors=["y"], output=str(tmp_path / "r"), steps=2)
+    cfg.steps = -3
+    with pytest.raises(UserError, match="--steps must be"):
+        erase(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_recipes_boolean_can_be_turned_off_and_on_from_the_command_line(tmp_path, monkeypatch):
+    """Flags beat the config file both ways: --no-stop-when-erased undoes a recipe's `stop_when_erased: true`,
+    --progress undoes a file's `progress: false`; with neither flag the file's values hold."""
+    from concept_erase import cli
+
+    path = tmp_path / "run.yaml"
+    path.write_text("stop_when_erased: true\nprogress: false\n")
+    seen = []
+    monkeypatch.setattr("concept_erase.training.trainer.erase", lambda config: seen.append(config) or "x")
+    base = ["erase", "--config", str(path), "--model", "builtin:tiny", "--concept", "a", "--anchor", "b",
+            "--output", str(tmp_path / "r")]
+    assert cli.main(base) == 0 and seen[-1].stop_when_erased and not seen[-1].progress
+    assert cli.main(base + ["--no-stop-when-erased", "--progress"]) == 0
+    assert not seen[-1].stop_when_erased and seen[-1].progress
