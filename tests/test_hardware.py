@@ -163,7 +163,7 @@ def test_resolution_sets_every_latent_size(fresh_pipe, make_config):
 def test_resolution_the_model_cannot_take_is_one_line(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(erase_args(tiny_dir, out, tmp_path / "c", "--resolution", "30"))
-    one_line_error(capsys, code, 2, "needs a multiple of 4 pixels")
+    one_line_error(capsys, code, 2, "needs a multiple of 8 pixels")
     assert not out.exists()
 
 

@@ -80,3 +80,26 @@ def test_a_recipes_boolean_can_be_turned_off_and_on_from_the_command_line(tmp_pa
     assert cli.main(base) == 0 and seen[-1].stop_when_erased and not seen[-1].progress
     assert cli.main(base + ["--no-stop-when-erased", "--progress"]) == 0
     assert not seen[-1].stop_when_erased and seen[-1].progress
+
+
+@pytest.mark.parametrize("build", ["build_tiny_pipeline", "build_tiny_sdxl_pipeline", "build_tiny_sd3_pipeline"])
+def test_a_resolution_hint_names_sides_the_pipeline_then_draws(build):
+    """The sides a refused --resolution suggests pass the check and the family's own diffusers pipeline draws at
+    them (SD and SDXL pipelines want multiples of 8 whatever their VAE)."""
+    import re
+
+    from concept_erase.io import tiny
+    from concept_erase.io.loading import training_resolution
+
+    pipe = getattr(tiny, build)()
+    with pytest.raises(UserError) as refused:
+        training_resolution(pipe, 31)
+    sides = [int(x) for x in re.findall(r"\d+", str(refused.value).split("try ")[1].split(" (")[0])]
+    assert sides
+    for side in sides:
+        assert training_resolution(pipe, side) == side
+        pipe(prompt="a", height=side, width=side, num_inference_steps=1, output_type="latent")
+    largest = pipe.transformer.config.pos_embed_max_size * 2 if hasattr(pipe, "transformer") else None
+    if largest:  # SD3's position table: a side beyond it is refused before any work, with one that fits
+        with pytest.raises(UserError, match=f"holds at most {largest} pixels"):
+            training_resolution(pipe, largest + 2)

@@ -72,3 +72,27 @@ def test_a_finished_run_whose_checkpoints_are_all_damaged_is_not_restarted_in_pl
     assert main(argv + ["--resume", "latest"]) == 2
     assert "holds a finished run and no checkpoint" in capsys.readouterr().err
     assert (out / "metrics.jsonl").read_text() == metrics and (out / "erased.safetensors").is_file()
+
+
+def test_a_run_that_stopped_stays_stopped_and_says_so_unless_the_stop_is_turned_off(tiny_dir, tmp_path, cache_dir,
+                                                                                    capsys):
+    out = tmp_path / "run"
+    argv = base_args(tiny_dir, out, cache_dir) + ["--stop-when-erased", "--stop-judge", "signal",
+                                                 "--stop-signal-at-most", "0.999", "--check-every", "1",
+                                                 "--checkpoint-every", "1", "--lr", "0.05"]
+    argv[argv.index("--steps") + 1] = "3"
+    assert main(argv) == 0
+    stopped = json.loads((out / "run.json").read_text())["stopped_at"]
+    assert stopped is not None and stopped < 3
+    more = list(argv)
+    more[more.index("--steps") + 1] = "5"
+    capsys.readouterr()
+    assert main(more + ["--resume", "latest"]) == 0
+    assert "it stays stopped and trains no further (resume with --no-stop-when-erased" in capsys.readouterr().out
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == stopped
+    assert main(more + ["--resume", "latest", "--no-stop-when-erased"]) == 0
+    assert "with the stop off it trains on to step 5" in capsys.readouterr().out
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+    assert json.loads((out / "run.json").read_text())["changed_on_resume"]["stop_when_erased"] == \
+        {"checkpoint": True, "now": False}

@@ -130,6 +130,10 @@ class Family:
         """One sample's latents as the denoiser and the pipeline's `latents=` take them."""
         raise NotImplementedError
 
+    def max_resolution(self, pipe) -> int | None:
+        """The largest side the denoiser can take (None: no limit but memory)."""
+        return None
+
     def resolution_step(self, pipe) -> int:
         """Image sides must be a multiple of this many pixels."""
         raise NotImplementedError

@@ -4,6 +4,8 @@ built from the model's own scheduler config (its betas, its prediction type), as
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from concept_erase.families.base import FAMILIES, Cond, Family, NoiseSchedule
@@ -88,8 +90,9 @@ class UNetFamily(Family):
         return DDPMSchedule(pipe.scheduler.config)
 
     def resolution_step(self, pipe) -> int:
-        # the VAE divides the side by its scale factor, the UNet halves it once per down block but the last
-        return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
+        # the VAE divides the side by its scale factor, the UNet halves it once per down block but the last; and
+        # diffusers' SD and SDXL pipelines refuse a side that is not a multiple of 8, whatever the VAE
+        return math.lcm(pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1), 8)
 
     def sampler(self, pipe, steps: int, resolution: int) -> "DDIMSampler":
         return DDIMSampler(pipe.scheduler.config, steps)

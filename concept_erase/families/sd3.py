@@ -41,6 +41,12 @@ class StableDiffusion3(TransformerFamily):
     def resolution_step(self, pipe) -> int:
         return pipe.vae_scale_factor * pipe.transformer.config.patch_size
 
+    def max_resolution(self, pipe) -> int | None:
+        # SD3's learned position table covers pos_embed_max_size patches a side
+        config = pipe.transformer.config
+        size = config.get("pos_embed_max_size")
+        return size * config.patch_size * pipe.vae_scale_factor if size else None
+
     def latent_shape(self, pipe, resolution: int) -> tuple[int, ...]:
         side = resolution // pipe.vae_scale_factor
         return (pipe.transformer.config.in_channels, side, side)

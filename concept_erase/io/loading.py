@@ -264,12 +264,16 @@ def training_resolution(pipe, requested: int) -> int:
     native = family.native_resolution(pipe)
     if not requested:
         return native
-    step = family.resolution_step(pipe)
+    step, largest = family.resolution_step(pipe), family.max_resolution(pipe)
+    if largest is not None and requested > largest:
+        raise UserError(f"--resolution {requested}: this model's position embedding holds at most {largest} pixels "
+                        f"a side; use {largest - largest % step} or less (native: {native})")
     if requested % step:
         lower, upper = max(step, requested - requested % step), requested - requested % step + step
+        fits = [side for side in (lower, upper) if largest is None or side <= largest]
         raise UserError(f"--resolution {requested}: this model needs a multiple of {step} pixels (its VAE divides "
-                        f"by {scale}, its {type(family.denoiser(pipe)).__name__} by {step // scale}); try {lower} "
-                        f"or {upper} (native: {native})")
+                        f"by {scale}, its {type(family.denoiser(pipe)).__name__} by {step // scale}); try "
+                        f"{' or '.join(map(str, fits))} (native: {native})")
     return requested
 
 

@@ -503,6 +503,13 @@ class Trainer:
         self.start_step = int(state["step"])
         self.stopped_at = state.get("stopped_at")
         self.stop_reason = state.get("stop_reason", "")
+        if self.stopped_at is not None and not self.config.stop_when_erased:
+            self.log(f"the run had stopped at step {self.stopped_at} ({self.stop_reason}); with the stop off it trains "
+                     f"on to step {self.config.steps}")
+            self.stopped_at, self.stop_reason = None, ""
+        elif self.stopped_at is not None and self.config.steps > self.stopped_at:
+            self.log(f"the run stopped at step {self.stopped_at}: {self.stop_reason}; it stays stopped and trains no "
+                     f"further (resume with --no-stop-when-erased to train on to step {self.config.steps})")
         if self.accelerator.is_main_process:
             _truncate_metrics(self.output / "metrics.jsonl", self.start_step)
         self.log(f"resumed from {path} at step {self.start_step}")
