@@ -257,6 +257,8 @@ def _export(args) -> None:
     from concept_erase.io.export import read_delta
     from concept_erase.options import OUT_DIR, OUT_FILE, check_path
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("export writes one output, so it runs as one process: run it without `accelerate launch`")
     o = _opts(args, "export")
     if o.lora_format and o.format != "lora":
         raise UserError(f"--lora-format {o.lora_format} is the key form of a LoRA; add --format lora (not {o.format})")

@@ -355,6 +355,16 @@ def test_bad_flux_inputs_leave_a_good_run_alone(flux_dirs, cache_dir, tmp_path, 
     assert_refused(code, capsys.readouterr().err, "read by diffusers only at FLUX.1's width", tmp_path, before)
 
 
+def test_a_negative_prompt_on_flux_is_refused_since_it_would_change_nothing(flux_dirs, tmp_path, capsys):
+    from concept_erase.cli import main
+
+    code = main(["sample", "--model", str(flux_dirs / "flux"), "--prompt", "a cat", "--negative-prompt", "blurry",
+                 "--seeds", "0", "--inference-steps", "2", "--output", str(tmp_path / "s")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "changes nothing" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()
+
+
 def test_t5_reads_the_pipelines_default_length_unless_its_tokenizer_says_less(flow):
     family = _family(flow)
     tokenizer = flow.tokenizer_2 if family.name == "flux" else flow.tokenizer_3

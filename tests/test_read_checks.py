@@ -103,3 +103,34 @@ def test_a_resolution_hint_names_sides_the_pipeline_then_draws(build):
     if largest:  # SD3's position table: a side beyond it is refused before any work, with one that fits
         with pytest.raises(UserError, match=f"holds at most {largest} pixels"):
             training_resolution(pipe, largest + 2)
+
+
+def test_export_under_several_processes_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from concept_erase.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "run").mkdir()
+    assert main(["export", str(tmp_path / "run"), "--format", "lora", "--output", str(tmp_path / "out")]) == 2
+    assert "runs as one process" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_digits_judge_refuses_a_model_that_is_not_a_digits_model(tiny_dir, tmp_path, capsys):
+    """As a stop judge and as an evaluation metric: said in one line once the model is loaded, before any image."""
+    from concept_erase.cli import main
+    from concept_erase.digits.world import caption
+
+    code = main(["erase", "--model", str(tiny_dir), "--concept", caption(3), "--anchor", caption(7), "--steps", "2",
+                 "--stop-when-erased", "--stop-judge", "digits", "--check-every", "1", "--output", str(tmp_path / "run"),
+                 "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not one of them" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+    from concept_erase.config import RECIPES
+
+    suite = tmp_path / "suite.yaml"
+    digits_csv = RECIPES.parents[1] / "prompts" / "digits.csv"
+    suite.write_text(f"name: d\nprompts: {digits_csv}\nmetrics: {{judge: {{}}}}\nseeds_per_prompt: 1\nsteps: 2\n")
+    code = main(["eval", "--suite", str(suite), "--model", str(tiny_dir), "--output", str(tmp_path / "ev")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'judge' metric judges images of the embedded digits models" in err, err
+    assert not (tmp_path / "ev").exists()

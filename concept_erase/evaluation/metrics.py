@@ -66,6 +66,9 @@ class Metric:
     def check(self, samples: list[Sample]) -> None:
         pass
 
+    def check_model(self, pipe) -> None:
+        """Refuse a model this metric cannot judge, once it is loaded and before any image is drawn."""
+
     def score(self, ctx: EvalContext) -> list[dict]:
         raise NotImplementedError
 
@@ -107,6 +110,14 @@ def _judge_input(images) -> torch.Tensor:
     return x
 
 
+def _digits_only(metric: str, pipe) -> None:
+    from concept_erase.io.loading import is_digits_model
+
+    if not is_digits_model(pipe):
+        raise UserError(f"the {metric!r} metric judges images of the embedded digits models (builtin:digits, "
+                        "builtin:digits-flow); this model is not one of them: use a suite with clip, fid or nudity")
+
+
 @METRICS.register("judge")
 class JudgeAccuracy(Metric):
     """The embedded model's judge: digit and style heads (98.7% / 99.3% on held-out real renderings)."""
@@ -115,6 +126,9 @@ class JudgeAccuracy(Metric):
 
     def check(self, samples):
         _digits_labels(samples)
+
+    def check_model(self, pipe):
+        _digits_only(self.name, pipe)
 
     def score(self, ctx):
         from concept_erase.digits.world import DIGIT_NAMES, STYLES
@@ -146,6 +160,9 @@ class DomainFID(Metric):
 
     def check(self, samples):
         _digits_labels(samples)
+
+    def check_model(self, pipe):
+        _digits_only(self.name, pipe)
 
     def score(self, ctx):
         from concept_erase.digits.world import DIGIT_NAMES, STYLES, build

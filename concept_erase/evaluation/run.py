@@ -268,6 +268,8 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
     from concept_erase.io.loading import load_pipeline
 
     pipe = load_pipeline(model, **options.get("load", {}))
+    for m in metrics:
+        m.check_model(pipe)  # a model a metric cannot judge: said now, before any image
     if weights:
         from concept_erase.io.export import apply
 

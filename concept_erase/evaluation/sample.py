@@ -72,6 +72,7 @@ def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path,
     from tqdm.auto import tqdm
 
     from concept_erase.evaluation.grids import labelled_grid
+    from concept_erase.families.base import family_of
     from concept_erase.io.export import apply
     from concept_erase.io.loading import check_schedule_steps, load_pipeline, warn_long_prompts
     from concept_erase.processes import processes
@@ -83,6 +84,9 @@ def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path,
     procs.decide(lambda: refuse_existing(output, overwrite))
     pipe = load_pipeline(model, allow_pickle=allow_pickle, model_config=model_config)
     check_schedule_steps(pipe.scheduler, inference_steps=steps)
+    if negative_prompt and not family_of(pipe).uses_negative_prompt:
+        raise UserError(f"--negative-prompt: {family_of(pipe).name} is sampled with one call per step, without "
+                        "classifier-free guidance, so a negative prompt changes nothing; drop it")
     if procs.main:
         warn_long_prompts(pipe.tokenizer, prompts, lambda m: print(m, file=sys.stderr))
     if weights:

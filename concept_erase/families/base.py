@@ -115,6 +115,7 @@ class Family:
     fp16_refusal = ""  # why the family cannot train under fp16 autocast ("" when it can)
     kohya_lora = False  # whether its LoRA is written in kohya's form (lora_unet_* keys), the default where it is
     single_file_layout = False  # whether `export --format single-file` writes it (`single_file` below)
+    uses_negative_prompt = True  # sampled with classifier-free guidance, where a negative prompt takes the empty one's place
 
     # ------------------------------------------------------------ the model
     def denoiser(self, pipe) -> torch.nn.Module:

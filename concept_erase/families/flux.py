@@ -33,6 +33,7 @@ class Flux(TransformerFamily):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
     denoiser_class = "FluxTransformer2DModel"
+    uses_negative_prompt = False  # guidance-distilled: one call per step, the guidance an input
     required_parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     part_names = {"text_encoder_2": "T5 text encoder (text_encoder_2)", "tokenizer_2": "T5 tokenizer (tokenizer_2)"}
     t5_tokenizer, t5_default = "tokenizer_2", 512  # FluxPipeline's default and limit

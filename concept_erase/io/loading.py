@@ -28,6 +28,24 @@ def embedded_model_dir(name: str = "digits") -> Path:
     return path
 
 
+def is_digits_model(pipe) -> bool:
+    """Whether the pipeline's denoiser is built as one of the embedded digits models' (every setting of their
+    denoiser's config file, a copy of their folder included): the digits judge and its domain FID mean something
+    only on images of those models."""
+    from concept_erase.families.base import family_of
+
+    family = family_of(pipe)
+    mine = json.loads(json.dumps(dict(family.denoiser(pipe).config), default=list))
+    for name in EMBEDDED:
+        path = Path(__file__).resolve().parents[1] / "digits" / EMBEDDED[name][0] / "pipeline" / \
+            family.denoiser_name / "config.json"
+        if path.is_file():
+            theirs = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+            if all(mine.get(k) == v for k, v in theirs.items()):
+                return True
+    return False
+
+
 def load_judge():
     """The digits judge shipped beside the embedded model."""
     from concept_erase.digits.judge import DigitsJudge

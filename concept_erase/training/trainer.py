@@ -26,7 +26,7 @@ from concept_erase.training.banks import LatentBank, build_bank, build_caption_b
 from concept_erase.config import EraseConfig, config_json
 from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 from concept_erase.errors import TrainingDiverged, UserError
-from concept_erase.io.loading import check_schedule_steps, training_resolution, warn_long_prompts
+from concept_erase.io.loading import check_schedule_steps, is_digits_model, training_resolution, warn_long_prompts
 from concept_erase.training.sharding import (any_sharded, full, load_optimizer_state, load_whole, local,
                                              optimizer_state, sum_over_processes, whole_state)
 from concept_erase.training.hardware import (check_device, describe_device, duration, estimate_step_seconds,
@@ -310,6 +310,12 @@ class Trainer:
         check_precision(cfg, family)
         unet = family.denoiser(pipe)
         self.resolution = training_resolution(pipe, cfg.resolution)
+        if cfg.stop_when_erased:
+            from concept_erase.methods.stopping import judge_name
+
+            if judge_name(cfg) == "digits" and not is_digits_model(pipe):
+                raise UserError("--stop-judge digits judges images of the embedded digits models; this model is not "
+                                "one of them: use --stop-judge signal (any model) or clip")
         check_schedule_steps(pipe.scheduler, sampling_steps=cfg.sampling_steps,
                              anchor_inference_steps=cfg.anchor_inference_steps,
                              **({"check_inference_steps": cfg.check_inference_steps} if cfg.stop_when_erased else {}))
