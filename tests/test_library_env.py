@@ -32,3 +32,17 @@ def test_the_command_line_sets_its_defaults_before_the_hub_reads_them_and_a_set_
     done = subprocess.run([sys.executable, "-c", code], env={**CLEAN, "HF_HUB_OFFLINE": "0"}, capture_output=True,
                           text=True, timeout=300)
     assert done.stdout.strip() == "0 False error", done.stderr
+
+
+def test_a_hub_id_without_a_network_says_the_hub_cannot_be_reached_at_once(tmp_path):
+    """With the Hub on and no way to reach it, one short probe says so (not the Hub client's half-minute of retries
+    ending in 'no model_index.json')."""
+    import time
+
+    env = {**CLEAN, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on port 9
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "concept_erase", "sample", "--model", "someone/some-model",
+                           "--prompt", "x", "--output", str(tmp_path / "s")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "could not be reached" in done.stderr, done.stderr
+    assert time.perf_counter() - t0 < 25 and not (tmp_path / "s").exists()

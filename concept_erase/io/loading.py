@@ -161,6 +161,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
         return _checked(pipe, source, torch_dtype)
     if _looks_like_path(source):
         raise UserError(f"model path {source} does not exist; check the path")
+    _check_hub_reachable(source)
     try:
         from diffusers import DiffusionPipeline
 
@@ -175,6 +176,25 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
         raise UserError(f"could not load model {source!r}: it is not a local path and loading it from the hub "
                         f"failed ({_first_line(err)}).{hint}") from None
     return _checked(pipe, source, torch_dtype)
+
+
+HUB_PROBE_SECONDS = 10
+
+
+def _check_hub_reachable(source: str) -> None:
+    """With the Hub on, one short request first: without a network, the Hub's own retries take half a minute and
+    end in an error about a missing model_index.json."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_SECONDS)
+    except Exception as err:  # noqa: BLE001 - any failure to connect
+        raise UserError(f"could not load model {source!r}: it is not a local path, and the Hub "
+                        f"({constants.ENDPOINT}) could not be reached ({type(err).__name__}); pass a local diffusers "
+                        "folder, or try again with a network") from None
 
 
 def left_out_parts(folder: Path) -> list[str]:

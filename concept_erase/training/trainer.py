@@ -509,7 +509,8 @@ class Trainer:
         self.start_step = int(state["step"])
         self.stopped_at = state.get("stopped_at")
         self.stop_reason = state.get("stop_reason", "")
-        if self.stopped_at is not None and not self.config.stop_when_erased:
+        turned_off = self.changed_on_resume.get("stop_when_erased", {}).get("now") is False
+        if self.stopped_at is not None and turned_off:
             self.log(f"the run had stopped at step {self.stopped_at} ({self.stop_reason}); with the stop off it trains "
                      f"on to step {self.config.steps}")
             self.stopped_at, self.stop_reason = None, ""
