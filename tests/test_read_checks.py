@@ -134,3 +134,22 @@ def test_the_digits_judge_refuses_a_model_that_is_not_a_digits_model(tiny_dir, t
     err = capsys.readouterr().err.strip()
     assert code == 2 and "'judge' metric judges images of the embedded digits models" in err, err
     assert not (tmp_path / "ev").exists()
+
+
+def test_bench_runs_from_checks_every_source_before_making_anything(tmp_path, monkeypatch, capsys):
+    """A bad --runs-from (here a folder, and a good file beside a damaged one) is refused before OUTPUT/runs exists."""
+    import json
+
+    from concept_erase.cli import main
+    from concept_erase.config import RECIPES
+
+    monkeypatch.chdir(tmp_path)
+    config = str(RECIPES.parents[1] / "pipelines" / "bench-digits.yaml")
+    assert main(["bench", "--report-only", "--config", config, "--output", "", "--runs-from", ""]) == 2
+    assert "not a readable bench.json" in capsys.readouterr().err and sorted(tmp_path.iterdir()) == []
+    (tmp_path / "good.json").write_text(json.dumps({"runs": []}))
+    (tmp_path / "bad.json").write_text("{ truncated")
+    code = main(["bench", "--report-only", "--config", config, "--output", str(tmp_path / "out"),
+                 "--runs-from", str(tmp_path / "good.json"), "--runs-from", str(tmp_path / "bad.json")])
+    assert code == 2 and "bad.json: not a readable bench.json" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

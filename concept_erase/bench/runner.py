@@ -182,22 +182,9 @@ def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -
     kept; a stored run whose settings differ from what this file plans under its label is left out, said."""
     planned = {_run_id(label, concept, seed): (overrides, concept, seed) for label, overrides, concept, seed in runs}
     settings: dict = {}
+    read = [(source, *_read_bench_json(source)) for source in sources]  # every source checked before anything is made
     (output / "runs").mkdir(parents=True, exist_ok=True)
-    for source in sources:
-        try:
-            report = json.loads(Path(source).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"--runs-from {source}: not a readable bench.json ({err})") from None
-        records = report.get("runs") if isinstance(report, dict) else None
-        if not isinstance(records, list):
-            raise UserError(f"--runs-from {source}: holds no list of runs; give a bench.json that "
-                            "`concept-erase bench` wrote")
-        records = [upgrade(r, f"--runs-from {source}, run {i + 1}") for i, r in enumerate(records)]
-        for part in ("memory", "timing"):
-            rows = report.get(part) or []
-            if not isinstance(rows, list) or not all(isinstance(x, dict) for x in rows):
-                raise UserError(f"--runs-from {source}: its {part!r} is not a table (a list of rows); give a "
-                                "bench.json that `concept-erase bench` wrote")
+    for source, report, records in read:
         added = kept = 0
         differ, unplanned = [], 0
         for record in records:
@@ -224,6 +211,25 @@ def import_runs(sources: list, spec: BenchSpec, runs: list, output: Path, log) -
             + (f", {unplanned} not planned by this benchmark file left out" if unplanned else ""))
         if differ:
             log(f"    left out, their settings differ from this file's entry of the same label: {'; '.join(differ)}")
+
+
+def _read_bench_json(source) -> tuple[dict, list]:
+    """A --runs-from file: (the report, its run records in the current shape), or a one-line error naming it."""
+    try:
+        report = json.loads(Path(source).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"--runs-from {source}: not a readable bench.json ({err})") from None
+    records = report.get("runs") if isinstance(report, dict) else None
+    if not isinstance(records, list):
+        raise UserError(f"--runs-from {source}: holds no list of runs; give a bench.json that "
+                        "`concept-erase bench` wrote")
+    records = [upgrade(r, f"--runs-from {source}, run {i + 1}") for i, r in enumerate(records)]
+    for part in ("memory", "timing"):
+        rows = report.get(part) or []
+        if not isinstance(rows, list) or not all(isinstance(x, dict) for x in rows):
+            raise UserError(f"--runs-from {source}: its {part!r} is not a table (a list of rows); give a "
+                            "bench.json that `concept-erase bench` wrote")
+    return report, records
 
 
 def read_record(path: Path) -> dict:
