@@ -335,7 +335,8 @@ def _say_lora(o, summary: dict) -> None:
             print(f"  - {p} reads {programs[p]['tensors']} of the file's {programs[p]['of']} tensors")
     if summary.get("max_relative_error", 0) > 0.01:
         print(f"  - the rank-{summary['rank']} factorisation loses part of it: raise --rank")
-    whole = (["--format single-file (a checkpoints folder)"] if family.single_file_layout else []) + \
+    where = "models/unet" if family.denoiser_name == "transformer" else "a checkpoints folder"
+    whole = ([f"--format single-file ({where})"] if family.single_file_layout else []) + \
         ["--format diffusers", "or erase with --train lora (a LoRA with no biases and nothing to factor)"]
     print(f"  the whole erasure: export {', '.join(whole)}")
 
