@@ -243,18 +243,11 @@ def _demo(args) -> None:
     print(f"targets {'met' if report['passed'] else 'MISSED'}; report: {o.output}/report.md, grid: {o.output}/grid.png")
 
 
-def _family(run):
-    """The family of the model a run's delta was made from."""
-    from concept_erase.io.export import delta_family, read_delta
-
-    return delta_family(read_delta(run, tensors=False)[1])
-
-
 def _export(args) -> None:
     from pathlib import Path
 
     from concept_erase.io import model_card
-    from concept_erase.io.export import read_delta
+    from concept_erase.io.export import delta_family, read_delta
     from concept_erase.options import OUT_DIR, OUT_FILE, check_path
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -272,22 +265,22 @@ def _export(args) -> None:
         model_card.warn_other_weights(results, o.run)
     meta = read_delta(o.run, tensors=False)[1]
     with _locked(o.output):
-        weight_name = _export_files(o)
+        weight_name = _export_files(o, delta_family(meta))
         card = model_card.write_card(Path(o.output), meta, fmt=o.format, eval_dir=o.eval, weight_name=weight_name)
     print(f"model card: {card}")
     if o.push_to_hub:
         print(f"pushed to {model_card.push(Path(o.output), o.push_to_hub, private=o.private)}")
 
 
-def _export_files(o) -> str:
-    """Write the export itself; the name of the weights file a loader is pointed at ('' for a pipeline)."""
+def _export_files(o, family) -> str:
+    """Write the export itself (of a delta of `family`); the name of the weights file a loader is pointed at ('' for a
+    pipeline)."""
     from concept_erase.io.export import export_diffusers, export_lora, export_single_file
 
     common = {"model": o.model or None, "overwrite": o.overwrite, "allow_other_base": o.allow_other_base,
               "allow_pickle": o.allow_pickle, "model_config": o.model_config}
     if o.format == "single-file":
         out = export_single_file(o.run, o.output, **common)
-        family = _family(o.run)
         if family.denoiser_name == "transformer":
             print(f"the transformer written to {out} in its publisher's single-file layout: ComfyUI's models/unet "
                   f"(with the base's text encoders and VAE); {family.denoiser_class}.from_single_file loads it")
@@ -297,20 +290,19 @@ def _export_files(o) -> str:
         return out.name
     if o.format == "diffusers":
         out = export_diffusers(o.run, o.output, **common)
-        print(f"pipeline written to {out} ({_family(o.run).pipeline_classes[0]}.from_pretrained loads it)")
+        print(f"pipeline written to {out} ({family.pipeline_classes[0]}.from_pretrained loads it)")
         return ""
     summary = export_lora(o.run, o.output, rank=o.rank, exact_svd=o.exact_svd, lora_bias=o.lora_bias,
                           lora_format=o.lora_format, **common)
-    _say_lora(o, summary)
+    _say_lora(o, summary, family)
     return summary["file"] if summary["form"] == "kohya" else ""
 
 
 LORA_FOLDERS = {"ComfyUI": "models/loras", "A1111": "models/Lora", "diffusers": "pipe.load_lora_weights"}
 
 
-def _say_lora(o, summary: dict) -> None:
+def _say_lora(o, summary: dict, family) -> None:
     """Where the LoRA went, which program applies how much of it, and what keeps the whole erasure."""
-    family = _family(o.run)
     programs = summary["programs"]
     places = ", ".join(f"{p} ({LORA_FOLDERS[p]})" for p in programs if p in LORA_FOLDERS)
     print(f"LoRA in {summary['form']} form written to {o.output}/{summary['file']}: {places}")

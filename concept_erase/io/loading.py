@@ -17,11 +17,16 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 EMBEDDED = {"digits": ("model", "build_digits_model.py"), "digits-flow": ("model-flow", "build_digits_flow_model.py")}
 
 
+def _embedded_path(name: str) -> Path:
+    """Where a shipped digits model's folder is (whether or not it is there)."""
+    return Path(__file__).resolve().parents[1] / "digits" / EMBEDDED[name][0]
+
+
 def embedded_model_dir(name: str = "digits") -> Path:
     """A shipped digits model's folder (`pipeline/`, its card and build report). The judge of both
     lives beside the SD model (`digits/model/judge`)."""
-    folder, script = EMBEDDED[name]
-    path = Path(__file__).resolve().parents[1] / "digits" / folder
+    script = EMBEDDED[name][1]
+    path = _embedded_path(name)
     if not (path / "pipeline" / "model_index.json").is_file():
         raise UserError(f"the embedded model builtin:{name} is missing from {path}; rebuild it with "
                         f"`python scripts/{script}` or reinstall concept-erase")
@@ -37,8 +42,7 @@ def is_digits_model(pipe) -> bool:
     family = family_of(pipe)
     mine = json.loads(json.dumps(dict(family.denoiser(pipe).config), default=list))
     for name in EMBEDDED:
-        path = Path(__file__).resolve().parents[1] / "digits" / EMBEDDED[name][0] / "pipeline" / \
-            family.denoiser_name / "config.json"
+        path = _embedded_path(name) / "pipeline" / family.denoiser_name / "config.json"
         if path.is_file():
             theirs = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
             if all(mine.get(k) == v for k, v in theirs.items()):
@@ -98,7 +102,7 @@ def peek_family(source: str, model_config: str = ""):
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name in EMBEDDED:
-            source = str(Path(__file__).resolve().parents[1] / "digits" / EMBEDDED[name][0] / "pipeline")
+            source = str(_embedded_path(name) / "pipeline")
         else:
             return family_for_class(BUILTINS[name][2]) if name in BUILTINS else None
     for folder in (Path(source).expanduser(), Path(model_config) if model_config else None):
