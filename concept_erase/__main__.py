@@ -1,5 +1,3 @@
-import sys
+from concept_erase.cli import console
 
-from concept_erase.cli import main
-
-sys.exit(main())
+console()

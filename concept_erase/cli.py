@@ -361,6 +361,14 @@ def _on_sigterm(signum, frame):  # a launcher stopping this process (one rank of
     raise KeyboardInterrupt
 
 
+def console() -> None:
+    """The `concept-erase` command: `main`, then the process's exit (one of several launched processes ends
+    without the interpreter's teardown, see `processes.leave`)."""
+    from concept_erase.processes import leave
+
+    sys.exit(leave(main()))
+
+
 def main(argv: list[str] | None = None) -> int:
     from concept_erase.env import apply_cli_defaults
 

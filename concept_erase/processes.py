@@ -12,6 +12,7 @@ this process's.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -130,3 +131,24 @@ def close_at_exit() -> None:
 
         atexit.register(close)
         _close_registered = True
+
+
+def leave(code: int) -> int:
+    """The exit of a command-line process. A process launched as one of several (WORLD_SIZE > 1) shuts its
+    process group down and ends here, without the interpreter's teardown: there, threads of the group's
+    transport could still be destroyed while joinable, and a rank whose work was all written aborted with
+    "terminate called without an active exception", failing the launch (seen on loaded two-core machines,
+    rarely). Every output is written and closed before this point; the streams are flushed. A single
+    process returns `code` to its caller."""
+    import logging
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return code
+    close()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -32,5 +32,6 @@ Accelerator.prepare = _prepare_sharded
 
 if __name__ == "__main__":
     from concept_erase.cli import main
+    from concept_erase.processes import leave
 
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(leave(main(sys.argv[1:])))

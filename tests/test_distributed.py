@@ -230,3 +230,27 @@ def test_a_launched_process_shuts_its_process_group_down_at_exit(tmp_path):
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "registered once: True" in proc.stdout and "up at exit: False" in proc.stdout, proc.stdout
+
+
+def test_a_launched_command_ends_with_its_group_down_its_output_flushed_and_its_code(tmp_path):
+    """processes.leave: one of several launched processes (WORLD_SIZE > 1) destroys its group, flushes what it
+    printed and exits with the command's code without the interpreter's teardown (an atexit handler never runs);
+    a single process gets the code back."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import atexit, os, sys\n"
+        "import torch.distributed as dist\n"
+        "from concept_erase import processes\n"
+        "dist.init_process_group('gloo', init_method='file://' + sys.argv[1], rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "os.environ['WORLD_SIZE'] = '1'\n"
+        "print('single gets', processes.leave(5))\n"
+        "os.environ['WORLD_SIZE'] = '2'\n"
+        "print('written', end='')  # no newline: only a flush brings it out\n"
+        "processes.leave(3)\n"
+        "print('not reached')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a launcher's pipe is
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "store")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stdout == "single gets 5\nwritten", proc.stdout
