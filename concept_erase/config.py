@@ -25,6 +25,7 @@ RECIPES = Path(__file__).resolve().parent / "recipes"  # the shipped recipes and
 _f = setting
 _r = partial(setting, resumable=True)  # a setting a resume may change (see `options.setting`)
 SIGNAL_STOP = 0.15  # the erasure signal's stop level: calibrated on the digits models' tuning split (benchmarks/signal-study.md)
+SIGNAL_LAMBDA_WINDOW = 3  # the signal stop waits for lambda at rest over this many steps (benchmarks/signal-study.md)
 
 
 @dataclass
@@ -139,6 +140,11 @@ class EraseConfig:
                                                  "which the concept counts as erased (1: the original model, -eta: "
                                                  "the forget loss's target); calibrated on the digits models' tuning "
                                                  "split (BENCHMARKS.md)", ge=-1000, lt=1)
+    stop_lambda_window: int = _r(SIGNAL_LAMBDA_WINDOW, "with --stop-judge signal: stop only where lambda is no "
+                                                       "higher than it was this many steps before, i.e. the steps "
+                                                       "keep the anchors' constraint (a rising lambda means they are "
+                                                       "being pushed away); 0: the signal alone. Chosen on the digits "
+                                                       "models' tuning split (BENCHMARKS.md)", ge=0, le=10**6)
     clip_model: str = _r("ViT-L-14", "with --stop-judge clip: the open_clip model")
     clip_weights: str = _r("", "with --stop-judge clip: a local open_clip weights file for --clip-model (default: "
                                "the hub cache's openai weights)", path=IN_FILE)

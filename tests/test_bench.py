@@ -643,6 +643,9 @@ def test_old_run_records_are_upgraded_once_and_damaged_ones_refused(tmp_path):
     assert new["schema"] == RECORD_SCHEMA and new["split"] == "all" and new["commit"] is None
     assert (new["forget_hits"], new["retain_images"], new["retain_hits"]) == (4, 576, 570)
     assert new["near_retain_accuracy"] is None and upgrade(new, "x.json") == new  # once: an upgraded record stays
+    signal = upgrade({**old, "schema": 3, "stop_when_erased": True, "stop_judge": "signal"}, "x.json")
+    digits = upgrade({**old, "schema": 3, "stop_when_erased": True, "stop_judge": "digits"}, "x.json")
+    assert signal["stop_lambda_window"] == 0 and digits["stop_lambda_window"] is None  # the signal alone, then
     for bad, message in (({**old, "forget_accuracy": "high"}, "'forget_accuracy' is 'high'"),
                          ({k: v for k, v in old.items() if k != "meets_target"}, "'meets_target' is None"),
                          ({**old, "schema": 99}, "schema 99 is not one this version reads"),
@@ -715,6 +718,22 @@ def test_the_signal_calibration_picks_the_highest_level_that_erases_on_average_o
     c = correlations(a)
     assert c["points"] == 6 and c["forget"]["rho"] > 0.8
     assert "0.2" in markdown([path], "cmd", levels)
+
+
+def test_the_lambda_window_delays_a_stop_while_lambda_rises_and_the_best_window_is_chosen():
+    from concept_erase.bench.signal import choose_window, window_stop_at, window_summary
+
+    evals = _study_rows("a.yaml", "three", 0, [(0, 1.0, 1.0, 1.0), (4, 0.1, 0.0, 0.90), (8, 0.1, 0.0, 0.99)])
+    rising_then_falling = [0.0, 1.0, 2.0, 3.0, 3.5, 3.0, 2.5, 2.0]  # lambda after steps 1..8
+    assert window_stop_at(evals, rising_then_falling, 0.15, 0)["step"] == 4  # the signal alone: at step 4
+    assert window_stop_at(evals, rising_then_falling, 0.15, 2)["step"] == 8  # 3.5 > 2.0 at step 4: waits
+    assert window_stop_at(evals, rising_then_falling, 0.15, 3) ["step"] == 8  # 2.0 <= 3.5 (step 5) at step 8
+    assert window_stop_at(evals, rising_then_falling, 0.15, 8) is None  # no history that long yet
+    runs = {("a.yaml", "three", 0): evals}
+    series = {("a.yaml", "three", 0): {"lambda": rising_then_falling}}
+    assert window_summary(runs, series, 0.15, 0)["at_target"] == 0  # 10 points down where it stops
+    assert window_summary(runs, series, 0.15, 2)["at_target"] == 1
+    assert choose_window({"a": runs}, series, 0.15, windows=[0, 2, 3]) == 2  # the smallest of the best
 
 
 def test_the_committed_signal_study_report_is_what_the_report_code_makes_of_its_data():

@@ -7,6 +7,7 @@ import pytest
 
 from concept_erase.digits.world import caption
 from concept_erase.errors import UserError
+from concept_erase.config import SIGNAL_LAMBDA_WINDOW
 from concept_erase.methods.stopping import JUDGES, ErasureCheck, Hooks, SignalStop, stop_rule
 
 
@@ -326,9 +327,12 @@ def test_the_signal_stops_a_run_and_a_resumed_run_reads_the_same_signal_and_stop
     erase(make_config(**settings))
     whole = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     avg = {r["step"]: r["erasure_signal_avg"] for r in whole}
-    # a level the average crosses after the first checkpoint: the run must stop at the first check under it
+    lam = {r["step"]: r["lambda"] for r in whole}
+    # a level the average crosses after the first checkpoint: the run must stop at the first check under it where
+    # lambda is no higher than --stop-lambda-window steps before (the trail is restored from the checkpoint)
+    window = SIGNAL_LAMBDA_WINDOW
     level = max(avg[s] for s in range(9, 13))
-    stop = next(s for s in range(2, 25, 2) if avg[s] <= level)
+    stop = next(s for s in range(window + 1, 25, 2) if avg[s] <= level and lam[s] <= lam[s - window])
     assert 8 < stop < 24
     run = tmp_path / "stopping"
     stopping = dict(settings, stop_when_erased=True, stop_judge="signal", stop_signal_at_most=level, check_every=2,
@@ -416,3 +420,48 @@ def test_the_clip_judge_counts_a_concept_image_by_its_nearest_prompt_and_keeps_a
     assert both.concept_items == [("c1", 10), ("c2", 10), ("c1", 11), ("c2", 11)]
     assert both.anchor_items == [(a, s) for s in (10, 11) for a in ("a1", "a2", "a3", "a4")]
     assert concept_only.anchor_items == [] and concept_only.kept(None, [], 10) == []
+
+
+def test_lambda_is_at_rest_when_no_higher_than_window_steps_before_and_its_trail_survives_a_checkpoint():
+    from concept_erase.methods.signal import LambdaTrail
+
+    trail = LambdaTrail(3)
+    for lam in (1.0, 2.0, 3.0):
+        trail.update(lam)
+        assert trail.change() is None and not trail.at_rest()  # fewer than window + 1 values: not known yet
+    trail.update(3.5)
+    assert trail.change() == pytest.approx(2.5) and not trail.at_rest()  # 3.5 against 1.0: rising
+    trail.update(2.0)
+    assert trail.change() == pytest.approx(0.0) and trail.at_rest()  # 2.0 against 2.0: no higher
+    copy = LambdaTrail(3)
+    copy.load_state_dict(json.loads(json.dumps(trail.state_dict())))
+    for t in (trail, copy):
+        t.update(4.0)
+    assert copy.change() == trail.change() == pytest.approx(1.0)  # 4.0 against 3.0
+    assert LambdaTrail(0).at_rest()  # window 0: the signal alone
+    with pytest.raises(ValueError):
+        LambdaTrail(-1)
+
+
+def test_the_signal_stop_waits_while_lambda_rises_and_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from concept_erase.methods.signal import LambdaTrail
+
+    logged = []
+    trainer = SimpleNamespace(signal=SimpleNamespace(value=0.05), lambda_trail=LambdaTrail(2), output=tmp_path,
+                              accelerator=SimpleNamespace(is_main_process=True), start_step=0, log=logged.append)
+    stop = SignalStop(SimpleNamespace(check_every=1, stop_signal_at_most=0.15, stop_lambda_window=2))
+    stop.start(trainer)
+    verdicts = []
+    for lam in (1.0, 1.5, 2.0, 2.2, 1.9):  # rises, then falls under where it was two steps before (2.0)
+        trainer.lambda_trail.update(lam)
+        verdicts.append(stop(len(verdicts) + 1, trainer))
+    assert verdicts == [False, False, False, False, True]
+    assert "lambda has no history yet" in logged[0] and "rose by 1 over the last 2 steps" in logged[2]
+    assert "no higher than 2 steps before" in stop.reason
+    checks = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()]
+    assert [c["at_target"] for c in checks] == verdicts and checks[-1]["lambda_change"] == pytest.approx(-0.1)
+    trainer.signal.value = 0.5  # lambda at rest but the concept still guided: no stop
+    trainer.lambda_trail.update(1.0)
+    assert not stop(6, trainer)

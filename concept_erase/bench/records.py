@@ -12,6 +12,7 @@ Schemas:
   concept's nearest concepts apart from the rest (`nearest`, `near_retain_*`, `far_retain_*`).
 - 3: what stopped the run (`stop_judge`: digits or signal; `stop_signal_at_most`) and `hold_erasure_at`. Older
   stopping runs were all stopped by the digits judge.
+- 4: `stop_lambda_window`, the signal stop's wait for lambda at rest. Older signal stops read the signal alone (0).
 
 A record may say `checks_lost` (why): its erasure checks were not kept, so its time to the held target is not
 reported (its stop step and its evaluation stand).
@@ -23,7 +24,7 @@ import math
 
 from concept_erase.errors import UserError
 
-RECORD_SCHEMA = 3
+RECORD_SCHEMA = 4
 
 # What the report reads of every record, with the kind of value it must be.
 REQUIRED = {"label": str, "concept": str, "seed": int, "forget_accuracy": float, "retain_accuracy": float,
@@ -63,6 +64,8 @@ def upgrade(record, where: str) -> dict:
         out.setdefault("stop_judge", "digits" if out.get("stop_when_erased") else None)
         out.setdefault("stop_signal_at_most", None)
         out.setdefault("hold_erasure_at", None)
+    if schema < 4:  # before the signal stop waited for lambda at rest: the signal alone
+        out.setdefault("stop_lambda_window", 0 if out.get("stop_judge") == "signal" else None)
     for side in ("near", "far"):
         for key in ("retain_accuracy", "retain_hits", "retain_images"):
             out.setdefault(f"{side}_{key}", None)

@@ -7,6 +7,12 @@ evaluation after step 0 whose signal is at most the level; the level is good for
 accuracy there is within the target. The calibrated level is the highest on a grid that is good for every run of
 the tuning split: the earliest stop that erased every tuning run. It is then checked on held-out concepts and seeds
 by the benchmark, never on the runs that chose it.
+
+The signal reads the concept only. For the anchors the stop also waits, by default, until lambda is at rest: no
+higher than it was `window` steps before (`methods/signal.LambdaTrail`). The study's runs store lambda every step,
+so each window is tried on the same runs: a run is at target where it stops when its forget accuracy is within
+10% and its retain accuracy at most 3 points under its step-0 value. The window chosen is the one with the most
+runs at target over both models (the smallest on a tie: the earliest stops).
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from concept_erase.config import SIGNAL_STOP
 from concept_erase.bench.stats import clopper_pearson, cluster_spearman_ci, spearman
 
 FORGET_TARGET = 0.10
 LEVELS = [round(0.6 - 0.05 * i, 2) for i in range(17)]  # 0.6, 0.55, ..., -0.2
+RETAIN_DROP_TARGET = 0.03
+WINDOWS = [0, 2, 3, 5, 8, 10, 15, 20]
 
 
 def read_study(paths) -> tuple[list[dict], dict[tuple, list[dict]]]:
@@ -33,6 +42,54 @@ def read_study(paths) -> tuple[list[dict], dict[tuple, list[dict]]]:
             elif row.get("kind") == "evaluation":
                 runs.setdefault((row["recipe"], row["concept"], row["seed"]), []).append(row)
     return headers, {k: sorted(v, key=lambda r: r["step"]) for k, v in runs.items()}
+
+
+def read_series(paths) -> dict[tuple, dict]:
+    """The per-step series of each run (`erasure_signal`, `loss_forget`, `loss_retain`, `lambda`; index i is step
+    i + 1), by (recipe, concept, seed)."""
+    out = {}
+    for path in paths:
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if row.get("kind") == "run":
+                out[(row["recipe"], row["concept"], row["seed"])] = row["series"]
+    return out
+
+
+def lambda_at_rest(lam: list[float], step: int, window: int) -> bool:
+    """What `LambdaTrail.at_rest` says at the check after `step` steps: lambda no higher than `window` steps before
+    (unknown, so not at rest, before that many steps; window 0: always)."""
+    if window == 0:
+        return True
+    return step - 1 - window >= 0 and lam[step - 1] <= lam[step - 1 - window]
+
+
+def window_stop_at(evals: list[dict], lam: list[float], level: float, window: int) -> dict | None:
+    """The evaluation at which a signal stop at `level` that waits for lambda at rest over `window` steps ends the
+    run (None: it never does)."""
+    return next((e for e in evals if e["step"] > 0 and e["signal"] is not None and e["signal"] <= level
+                 and lambda_at_rest(lam, e["step"], window)), None)
+
+
+def window_summary(runs: dict, series: dict, level: float, window: int) -> dict:
+    """How a signal stop at `level` waiting `window` steps for lambda at rest does over the runs."""
+    stops = {k: window_stop_at(evals, series[k]["lambda"], level, window) for k, evals in runs.items()}
+    stopped = {k: s for k, s in stops.items() if s is not None}
+    drops = {k: runs_base(runs, k) - s["retain_accuracy"] for k, s in stopped.items()}
+    met = sum(1 for k, s in stopped.items()
+              if s["forget_accuracy"] <= FORGET_TARGET and drops[k] <= RETAIN_DROP_TARGET + 1e-9)
+    return {"window": window, "runs": len(runs), "stopped": len(stopped), "at_target": met,
+            "at_target_ci": clopper_pearson(met, len(runs)), "stop_steps": sorted(s["step"] for s in stopped.values()),
+            "worst_drop": max(drops.values(), default=None),
+            "mean_forget": (sum(s["forget_accuracy"] for s in stopped.values()) / len(stopped)) if stopped else None}
+
+
+def choose_window(models: dict[str, dict], series: dict, level: float, windows=WINDOWS) -> int:
+    """The window with the most runs at target where they stop, over every model's runs; the smallest on a tie."""
+    def met(window):
+        return sum(window_summary(runs, series, level, window)["at_target"] for runs in models.values())
+
+    return max(windows, key=lambda w: (met(w), -w))
 
 
 def stop_at(evals: list[dict], level: float) -> dict | None:
@@ -136,7 +193,34 @@ def markdown(paths, command: str, levels=LEVELS) -> str:
                   f"mean forget accuracy where they stop within {FORGET_TARGET:.0%}: "
                   f"{'none of the grid' if best is None else f'{best:g}'}.", ""]
         lines += _level_table(pooled, levels)
+    series = read_series(paths)
+    if series and all(k in series for k in runs):
+        level = calibrate(both, levels) if len(both) > 1 else calibrate(by_model(runs), levels)
+        lines += _window_section(by_model(runs), series, SIGNAL_STOP if level is None else level)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _window_section(models: dict[str, dict], series: dict, level: float) -> list[str]:
+    chosen = choose_window(models, series, level)
+    lines = ["## The anchors: waiting for lambda at rest", "",
+             f"At stop level {level:g}, a stop that also waits until lambda is no higher than it was `window` steps "
+             f"before (window 0: the signal alone). At target where it stops: forget accuracy within "
+             f"{FORGET_TARGET:.0%} and retain accuracy at most {100 * RETAIN_DROP_TARGET:g} points under the run's "
+             f"step-0 value. The window with the most runs at target over both models (the smallest on a tie): "
+             f"**{chosen}**.", "",
+             "| model | window | runs stopped | at target where stopped | exact 95% interval | mean forget where "
+             "stopped | retain drop at stop, worst | stop step, median (range) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for recipe, runs in sorted(models.items()):
+        for window in WINDOWS:
+            s = window_summary(runs, series, level, window)
+            steps = s["stop_steps"]
+            where = "-" if not steps else f"{steps[len(steps) // 2]} ({steps[0]}-{steps[-1]})"
+            worst, mean = s["worst_drop"], s["mean_forget"]
+            lines.append(f"| {recipe} | {window} | {s['stopped']} of {s['runs']} | {s['at_target']} of {s['runs']} | "
+                         f"{_ci(s['at_target_ci'])} | {'-' if mean is None else f'{mean:.1%}'} | "
+                         f"{'-' if worst is None else f'{100 * worst:.1f} points'} | {where} |")
+    return lines + [""]
 
 
 def _level_table(runs: dict, levels) -> list[str]:

@@ -273,14 +273,16 @@ def stop_rule(config):
 
 class SignalStop:
     """The trainer's step hook for --stop-judge signal: every --check-every steps, stop when the erasure signal's
-    moving average (`signal.SignalMeter`, kept in every checkpoint) is at most --stop-signal-at-most. It draws no
-    image; each check is a line of OUTPUT/checks.jsonl."""
+    moving average (`signal.SignalMeter`, kept in every checkpoint) is at most --stop-signal-at-most and lambda is
+    at rest (`signal.LambdaTrail`: no higher than --stop-lambda-window steps before, so the steps keep the anchors'
+    constraint). It draws no image; each check is a line of OUTPUT/checks.jsonl."""
 
     may_stop = True
 
     def __init__(self, config):
         self.every = int(config.check_every)
         self.at_most = float(config.stop_signal_at_most)
+        self.window = int(config.stop_lambda_window)
         self.reason = ""
 
     def start(self, trainer) -> None:
@@ -291,14 +293,25 @@ class SignalStop:
         if done % self.every:
             return False
         value = trainer.signal.value
+        trail = trainer.lambda_trail
         erased = value is not None and value <= self.at_most
+        at_rest = trail.at_rest()
         if trainer.accelerator.is_main_process:
             with open(Path(trainer.output) / "checks.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": done, "judge": "signal", "signal": value, "at_most": self.at_most,
-                                    "at_target": erased, "images": 0, "seconds": 0.0}) + "\n")
+                                    "lambda_change": trail.change(), "lambda_window": self.window,
+                                    "lambda_at_rest": at_rest, "at_target": erased and at_rest, "images": 0,
+                                    "seconds": 0.0}) + "\n")
+        if erased and not at_rest:
+            change = trail.change()
+            trainer.log(f"erasure signal at step {done}: {value:.3f} <= {self.at_most:g}, but lambda "
+                        + ("has no history yet" if change is None else f"rose by {change:.3g} over the last "
+                           f"{self.window} steps") + ": the anchors are still being pushed; training on")
+            return False
         if erased:
             self.reason = (f"erased by the erasure signal: its average {value:.3f} is at most "
-                           f"--stop-signal-at-most {self.at_most:g}")
+                           f"--stop-signal-at-most {self.at_most:g}"
+                           + (f", with lambda no higher than {self.window} steps before" if self.window else ""))
             trainer.log(f"erasure signal at step {done}: {value:.3f} <= {self.at_most:g}; erased: stopping")
         return erased
 

@@ -32,7 +32,7 @@ from concept_erase.training.sharding import (any_sharded, full, load_optimizer_s
 from concept_erase.training.hardware import (check_device, describe_device, duration, estimate_step_seconds,
                                              make_optimizer, no_cudnn_attention)
 from concept_erase.methods.losses import erasure_signal, guidance_projection, per_sample_mse, still_guided
-from concept_erase.methods.signal import SignalMeter
+from concept_erase.methods.signal import LambdaTrail, SignalMeter
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES, RegressionBatch
 from concept_erase.training.original import OriginalModel
 from concept_erase.training.probes import PROBES
@@ -389,6 +389,7 @@ class Trainer:
         self.probe = PROBES.get(self.controller.probe)(cfg, self.retain, lambda batch: self._forward(batch))
         self.lambda_history: list[float] = []
         self.signal = SignalMeter(cfg.signal_half_life)
+        self.lambda_trail = LambdaTrail(cfg.stop_lambda_window)
         self.start_step = 0
         self.changed_on_resume: dict = {}  # resumable settings a resume changed: {name: {checkpoint, now}}
         self.stopped_at: int | None = None
@@ -465,6 +466,7 @@ class Trainer:
                                                 "stop_reason": self.stop_reason,
                                                 "controller": self.controller.state_dict(),
                                                 "signal": self.signal.state_dict(),
+                                                "lambda_trail": self.lambda_trail.state_dict(),
                                                 **self.probe.state()[1], "num_processes": acc.num_processes,
                                                 "base_model_digest": self.base_digest,
                                                 "changed_on_resume": self.changed_on_resume,
@@ -500,6 +502,7 @@ class Trainer:
                              torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True), self.sharded)
         self.controller.load_state_dict(state["controller"])
         self.signal.load_state_dict(state.get("signal", {}))
+        self.lambda_trail.load_state_dict(state.get("lambda_trail", {}))
         if state.get("num_processes", 1) != self.accelerator.num_processes:
             raise UserError(f"checkpoint {path} was written by {state.get('num_processes', 1)} process(es); "
                             f"resume it with the same number (now {self.accelerator.num_processes})")
@@ -805,6 +808,7 @@ class Trainer:
                                         f"({str(err).strip().splitlines()[0][:120]}); {self._last_good()}") from err
                     raise
                 self.lambda_history.append(record["lambda"])
+                self.lambda_trail.update(record["lambda"])
                 if acc.device.type == "cuda":
                     torch.cuda.synchronize()
                 record["step_time_s"] = time.perf_counter() - t0
