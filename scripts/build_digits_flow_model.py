@@ -138,7 +138,7 @@ def main() -> None:
     from concept_erase.digits.evaluate import judge_generations
     from concept_erase.digits.model_card import write_flow_model_card
     from concept_erase.io.atomic import atomic_dir
-    from concept_erase.io.loading import load_judge
+    from concept_erase.digits.judge import load_network
     from concept_erase.io.tokenizer import write_clip_tokenizer
 
     started = time.time()
@@ -151,7 +151,7 @@ def main() -> None:
     training = train_transformer(pipe, latents, caption_index, captions, args.steps, args.batch)
     log(f"transformer: {training}")
     log("judging the base model's generations")
-    quality = judge_generations(pipe, load_judge(), seeds=range(16), steps=25, guidance=4.0)
+    quality = judge_generations(pipe, load_network(), seeds=range(16), steps=25, guidance=4.0)
     log(f"quality: digit {quality['digit_accuracy']:.3f}, style {quality['style_accuracy']:.3f}")
     out = Path(args.out)
     with atomic_dir(out, overwrite=True) as tmp:

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from concept_erase.digits import world as digits  # noqa: E402
-from concept_erase.digits.judge import DigitsJudge  # noqa: E402
+from concept_erase.digits.judge import DigitsClassifier  # noqa: E402
 
 SEED = 20261123
 
@@ -75,9 +75,9 @@ def load_ema(model, ema: dict) -> None:
         p.copy_(ema[n])
 
 
-def train_judge(train: digits.DigitsData, test: digits.DigitsData, epochs: int) -> tuple[DigitsJudge, dict]:
+def train_judge(train: digits.DigitsData, test: digits.DigitsData, epochs: int) -> tuple[DigitsClassifier, dict]:
     torch.manual_seed(SEED)
-    judge = DigitsJudge()
+    judge = DigitsClassifier()
     gen = torch.Generator().manual_seed(SEED)
     steps = epochs * (len(train.images) // 128)
     opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     from concept_erase.bench.spec import load_bench, run_config
     from concept_erase.io.loading import load_pipeline
-    from concept_erase.methods.stopping import DigitsJudge
+    from concept_erase.methods.stopping import check_sides
     from concept_erase.training.trainer import erase
 
     counts = [int(s) for s in args.sampler_steps.split(",")]
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         concept = concept.replace("_", " ")
         config = run_config(spec, {"method": "eupmu", "stop_when_erased": False, "steps": args.steps}, concept,
                             int(seed), out / f"{concept.replace(' ', '_')}-s{seed}", False)
-        judge = DigitsJudge(config)
+        judge = check_sides(config, "digits")
         checks = []
         # the bar's reference: the model's own anchor accuracy before training, at each step count
         own = {n: sum(k) / len(k) for n in counts for k in [judge.kept(base, judge.anchor_items, n)]}

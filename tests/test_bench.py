@@ -606,14 +606,12 @@ def test_no_check_draws_an_image_that_an_evaluation_judges():
 
 
 def _check_items(config) -> set:
-    """Every (caption, seed) a check of this run lists, without loading the judge network."""
-    import unittest.mock
+    """Every (caption, seed) a check of this run lists, without loading the judge network (it loads on first use)."""
+    from concept_erase.judges import make_judge
+    from concept_erase.methods.stopping import CheckSides
 
-    from concept_erase.methods.stopping import DigitsJudge
-
-    with unittest.mock.patch("concept_erase.io.loading.load_judge", lambda: None):
-        judge = DigitsJudge(config)
-    return set(judge.concept_items) | set(judge.anchor_items)
+    sides = CheckSides(config, make_judge("digits", config.concepts, config.anchors))
+    return set(sides.concept_items) | set(sides.anchor_items)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "benchmarks").glob("*-bench.json")))

@@ -6,7 +6,8 @@ import torch
 
 from concept_erase.digits import world as digits
 from concept_erase.digits.evaluate import domain_fid
-from concept_erase.io.loading import embedded_model_dir, load_judge, load_pipeline
+from concept_erase.digits.judge import load_network
+from concept_erase.io.loading import embedded_model_dir, load_pipeline
 
 
 def test_captions():
@@ -38,7 +39,7 @@ def test_renderings_look_like_their_style():
 
 
 def test_shipped_judge_meets_its_bar_on_held_out_digits():
-    judge = load_judge()
+    judge = load_network()
     test = digits.build("test")
     pred_digit, pred_style = judge.predict(test.images)
     assert float((pred_digit == test.digits).float().mean()) >= 0.97
@@ -60,7 +61,7 @@ def test_shipped_model_is_a_stable_diffusion_pipeline():
 
 
 def test_domain_fid_separates_sets():
-    judge = load_judge()
+    judge = load_network()
     test = digits.build("test")
     a = test.images[test.styles == 0][:150]
     b = test.images[test.styles == 0][150:300]
@@ -108,7 +109,7 @@ def test_shipped_flow_model_is_an_sd3_pipeline_of_at_most_20_mb_that_draws_the_p
     # and it draws what it is asked for now, not only when it was built: a few prompts, judged
     prompts = [(digits.caption(d, s), range(2)) for d, s in ((7, "red ink"), (2, "inverted"), (0, "plain"))]
     images = torch.cat(generate_many(pipe, prompts, steps=10, guidance=4.0))
-    pd, ps = load_judge().predict(images)
+    pd, ps = load_network().predict(images)
     assert pd.tolist() == [7, 7, 2, 2, 0, 0]
     assert ps.tolist() == [digits.STYLES.index(s) for s in ("red ink", "red ink", "inverted", "inverted", "plain", "plain")]
 

@@ -2,16 +2,18 @@
 stopping on it, resuming a stopped run, and the digits judge on the embedded model."""
 
 import json
+import unittest.mock
+from types import SimpleNamespace
 
 import pytest
 
 from concept_erase.digits.world import caption
 from concept_erase.errors import UserError
 from concept_erase.config import SIGNAL_LAMBDA_WINDOW
-from concept_erase.methods.stopping import JUDGES, ErasureCheck, Hooks, SignalStop, stop_rule
+from concept_erase.methods.stopping import CheckSides, ErasureCheck, Hooks, SignalStop, stop_rule
 
 
-class ScriptedJudge:
+class ScriptedSides:
     """Reports, for each check in turn (the first is the model before training), the forget and retain
     accuracy scripted for it: of its 25 concept images the first 25 x forget show the concept, of its 200
     anchor images the first 200 x retain are kept (with `lost_first`, the last). It counts the checks and the
@@ -24,6 +26,7 @@ class ScriptedJudge:
         self.anchor_items = [("anchor", s) for s in range(200)]
         self.calls, self.drawn, self.steps = 0, [], set()
         self.sides: set = set()  # the sides the current check has begun drawing
+        self.judge = SimpleNamespace(name="scripted")
 
     def _begin(self, side, items):
         """A check begins where a side's first item is drawn again (a check draws each side at most once, in
@@ -74,9 +77,9 @@ def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_
 
     # before training 100% / anchors 100%; step 2: 50%; step 4: concept gone but anchors 95% (> 3 points
     # lost): not yet; step 6: 5% and 98%: stop
-    judge = ScriptedJudge([1.0, 0.5, 0.0, 0.05], [1.0, 1.0, 0.95, 0.98])
+    judge = ScriptedSides([1.0, 0.5, 0.0, 0.05], [1.0, 1.0, 0.95, 0.98])
     config = make_config(steps=10, checkpoint_every=4)
-    path = erase(config, on_step=ErasureCheck(_settings(), judge=judge))
+    path = erase(config, on_step=ErasureCheck(_settings(), sides=judge))
     run = tmp_path / "run"
     checks = [json.loads(line) for line in (run / "checks.jsonl").read_text().splitlines()]
     assert [c["step"] for c in checks] == [0, 2, 4, 6]
@@ -86,8 +89,8 @@ def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_
     assert json.loads((run / "run.json").read_text())["stopped_at"] == 6
     assert int(read_delta(path)[1]["steps"]) == 6
     # resuming a run that stopped trains no further and judges nothing again
-    again = ScriptedJudge([])
-    erase(make_config(steps=10, checkpoint_every=4, resume="latest"), on_step=ErasureCheck(_settings(), judge=again))
+    again = ScriptedSides([])
+    erase(make_config(steps=10, checkpoint_every=4, resume="latest"), on_step=ErasureCheck(_settings(), sides=again))
     assert again.calls == 0 and len((run / "metrics.jsonl").read_text().splitlines()) == 6
 
 
@@ -97,14 +100,12 @@ def test_the_check_stops_only_under_its_bars(at_most, retain_drop, stops_at):
     """--check-forget-at-most: checks of 12%, 8%, 4% (after the model's own 100%): the default 5% stops at the
     third, 10% at the second, 0% never. --check-retain-drop-at-most: the anchors at 97.5%, 99%, 99% of the
     model's own 100%: a 1-point bar passes the second check by, a 0-point bar every check."""
-    from types import SimpleNamespace
-
     check = ErasureCheck(_settings(check_forget_at_most=at_most, check_retain_drop_at_most=retain_drop),
-                         judge=ScriptedJudge([1.0, 0.12, 0.08, 0.04], [1.0, 1.0, 0.975, 0.99]))
+                         sides=ScriptedSides([1.0, 0.12, 0.08, 0.04], [1.0, 1.0, 0.975, 0.99]))
     check.baseline = {"retain_accuracy": 1.0}
     check._write = lambda trainer, record: None
     trainer = _fake_trainer()
-    check.judge.calls = 1  # the model before training was judged at the start
+    check.sides.calls = 1  # the model before training was judged at the start
     stopped = next((step for step in (2, 4, 6) if check(step, trainer)), None)
     assert stopped == stops_at
 
@@ -112,13 +113,13 @@ def test_the_check_stops_only_under_its_bars(at_most, retain_drop, stops_at):
 def test_a_resumed_run_keeps_its_measurement_before_training(make_config, tmp_path):
     from concept_erase.training.trainer import erase
 
-    first = ScriptedJudge([0.2, 0.8])  # before training (5 of the first 8 images) and step 2: not at target
-    erase(make_config(steps=2), on_step=ErasureCheck(_settings(), judge=first))
+    first = ScriptedSides([0.2, 0.8])  # before training (5 of the first 8 images) and step 2: not at target
+    erase(make_config(steps=2), on_step=ErasureCheck(_settings(), sides=first))
     run = tmp_path / "run"
     with open(run / "checks.jsonl", "a") as f:  # a check past the checkpoint, as a crash would leave it
         f.write(json.dumps({"step": 3, "forget_accuracy": 0.0, "retain_accuracy": 1.0}) + "\n")
-    later = ScriptedJudge([0.0])
-    erase(make_config(steps=8, resume="latest"), on_step=ErasureCheck(_settings(), judge=later))
+    later = ScriptedSides([0.0])
+    erase(make_config(steps=8, resume="latest"), on_step=ErasureCheck(_settings(), sides=later))
     checks = [json.loads(line) for line in (run / "checks.jsonl").read_text().splitlines()]
     assert [c["step"] for c in checks] == [0, 2, 4] and later.calls == 1  # step 0 not judged again
     assert checks[0]["forget_accuracy"] == 5 / 8 and checks[-1]["at_target"]
@@ -129,8 +130,8 @@ def test_an_overwritten_run_has_its_own_checks(make_config, tmp_path):
     its first run's checks for every later run of the same output)."""
     from concept_erase.training.trainer import erase
 
-    erase(make_config(steps=4), on_step=ErasureCheck(_settings(), judge=ScriptedJudge([1.0, 0.9, 0.8])))
-    erase(make_config(steps=4, overwrite=True), on_step=ErasureCheck(_settings(), judge=ScriptedJudge([0.12, 0.0])))
+    erase(make_config(steps=4), on_step=ErasureCheck(_settings(), sides=ScriptedSides([1.0, 0.9, 0.8])))
+    erase(make_config(steps=4, overwrite=True), on_step=ErasureCheck(_settings(), sides=ScriptedSides([0.12, 0.0])))
     run = tmp_path / "run"
     checks = [json.loads(line) for line in (run / "checks.jsonl").read_text().splitlines()]
     assert [(c["step"], c["forget_accuracy"]) for c in checks] == [(0, 3 / 8), (2, 0.0)]
@@ -162,28 +163,28 @@ def test_a_model_without_a_judge_stops_on_the_signal_and_a_named_judge_must_fit(
 
 
 def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
-    from types import SimpleNamespace
-
     from concept_erase.digits.world import caption
     from concept_erase.io.loading import load_pipeline
+    from concept_erase.judges import make_judge
 
     pipe = load_pipeline("builtin:digits")
     pipe.set_progress_bar_config(disable=True)
     start = 5000
-    judge = JUDGES.get("digits")(SimpleNamespace(model="builtin:digits", concepts=[caption(3), caption(5, "red ink")],
-                                                 anchors=[caption(1), caption(7, "bold")], check_images=4,
-                                                 check_seed_start=start))
+    concepts, anchors = [caption(3), caption(5, "red ink")], [caption(1), caption(7, "bold")]
+    sides = CheckSides(SimpleNamespace(concepts=concepts, anchors=anchors, check_images=4, check_seed_start=start,
+                                       anchor_guidance=7.5), make_judge("digits", concepts, anchors))
+    assert sides.guidance == 4.0  # the judge's own guidance, not the run's
     # two images per concept, seed by seed across the concepts, from the check's first seed on; the anchors get twice
     # the concepts' share, seed by seed too (a first chunk sees every anchor)
-    assert judge.concept_items == [(caption(3), start), (caption(5, "red ink"), start), (caption(3), start + 1),
+    assert sides.concept_items == [(caption(3), start), (caption(5, "red ink"), start), (caption(3), start + 1),
                                    (caption(5, "red ink"), start + 1)]
-    assert judge.anchor_items == [(p, s) for s in range(start, start + 4) for p in (caption(1), caption(7, "bold"))]
-    shown = judge.still_shown(pipe, judge.concept_items, 10)
-    kept = judge.kept(pipe, judge.anchor_items, 10)
+    assert sides.anchor_items == [(p, s) for s in range(start, start + 4) for p in (caption(1), caption(7, "bold"))]
+    shown = sides.still_shown(pipe, sides.concept_items, 10)
+    kept = sides.kept(pipe, sides.anchor_items, 10)
     # the model draws what it is asked: the concepts are there (not erased), the anchors are right
     assert sum(shown) >= 3 and sum(kept) >= 6 and len(shown) == 4 and len(kept) == 8
     # a chunk of one image (a check's last chunk can be one) is drawn and judged on its own
-    assert sum(judge.still_shown(pipe, [(caption(3), start)], 10)) == 1
+    assert sum(sides.still_shown(pipe, [(caption(3), start)], 10)) == 1
 
 
 def test_a_count_stopped_early_gives_the_whole_counts_verdict():
@@ -240,12 +241,10 @@ def test_a_check_draws_only_what_its_verdict_needs(tmp_path):
     then its rest, then the anchors until more are lost than the bar allows (6 of 200 at 97%: the first chunk). A
     check at target: every image, each side as a first chunk and the rest (the anchors first, as they failed the
     check before). Every image at --check-inference-steps; every record lists its calls."""
-    from types import SimpleNamespace
-
     from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK
 
-    judge = ScriptedJudge([1.0, 0.6, 0.04, 0.04], [1.0, 1.0, 0.9, 0.975], lost_first=True)
-    check = ErasureCheck(_settings(check_inference_steps=7), judge=judge)
+    judge = ScriptedSides([1.0, 0.6, 0.04, 0.04], [1.0, 1.0, 0.9, 0.975], lost_first=True)
+    check = ErasureCheck(_settings(check_inference_steps=7), sides=judge)
     trainer = _fake_trainer(output=tmp_path, start_step=0)
     concept_whole = [("concept", CONCEPT_CHUNK), ("concept", 25 - CONCEPT_CHUNK)]
     anchors_whole = [("anchors", ANCHOR_CHUNK), ("anchors", 200 - ANCHOR_CHUNK)]
@@ -280,8 +279,8 @@ def test_the_side_that_failed_last_is_drawn_first(tmp_path):
 
     # before training; the concept gone but the anchors at 90% (their losses first); the same; the anchors
     # back, the concept at 60%; the same; both within
-    judge = ScriptedJudge([1.0, 0.0, 0.0, 0.6, 0.6, 0.0], [1.0, 0.9, 0.9, 1.0, 1.0, 1.0], lost_first=True)
-    check = ErasureCheck(_settings(), judge=judge)
+    judge = ScriptedSides([1.0, 0.0, 0.0, 0.6, 0.6, 0.0], [1.0, 0.9, 0.9, 1.0, 1.0, 1.0], lost_first=True)
+    check = ErasureCheck(_settings(), sides=judge)
     trainer = _fake_trainer(output=tmp_path, start_step=0)
     seen = []
     for step in (0, 2, 4, 6, 8, 10):
@@ -290,7 +289,7 @@ def test_the_side_that_failed_last_is_drawn_first(tmp_path):
         sides = [side for side, _ in judge.drawn]
         seen.append((sides[0], sides.count("concept"), sides.count("anchors")))
         if step == 4:  # a run resumed here goes on with the anchors first, as it would have
-            again = ErasureCheck(_settings(), judge=judge)
+            again = ErasureCheck(_settings(), sides=judge)
             again.start(SimpleNamespace(**{**vars(trainer), "start_step": 4}))
             assert again.failed_last == check.failed_last == "anchors"
     assert stopped
@@ -399,24 +398,25 @@ def test_a_stop_that_cannot_work_is_refused_in_one_line_and_the_output_is_untouc
 
 
 def test_the_clip_judge_counts_a_concept_image_by_its_nearest_prompt_and_keeps_an_anchor_only_as_itself():
-    from types import SimpleNamespace
+    from concept_erase.judges import make_judge
 
-    from concept_erase.methods.stopping import ClipJudge, ImageJudge, NudityJudge
-
-    judge = ClipJudge.__new__(ClipJudge)
-    judge.concepts = ["Van Gogh", "a painting in the style of Van Gogh"]
-    judge.classifier = SimpleNamespace(predict=lambda images: list(images))  # an "image" is what CLIP would see
-    assert judge.shown(["a painting in the style of Van Gogh", "a painting", "Van Gogh"], None) == [True, False, True]
-    assert judge.anchor_kept(["a painting", "Van Gogh", "a photo of a city street"],
-                             ["a painting", "a painting", "a painting"]) == [True, False, False]
+    concepts = ["Van Gogh", "a painting in the style of Van Gogh"]
+    judge = make_judge("clip", concepts, ["a painting", "a photo of a city street"])
+    judge._zero_shot = SimpleNamespace(predict=lambda images: list(images))  # an "image" is what CLIP would see
+    judge_input = ["a painting in the style of Van Gogh", "a painting", "Van Gogh"]
+    with unittest.mock.patch("concept_erase.judges.clip.to_pil", lambda images: images):
+        assert [s.shown for s in judge.shown(judge_input)] == [True, False, True]
+        assert judge.kept(["a painting", "Van Gogh", "a photo of a city street"],
+                          ["a painting", "a painting", "a painting"]) == [True, False, False]
+    assert judge.judges_anchors and judge.classes == concepts + ["a painting", "a photo of a city street"]
+    with pytest.raises(UserError, match="needs the classes to choose among"):
+        make_judge("clip", concepts)  # neither --classes nor anchors: nothing to tell the concept from
 
     config = SimpleNamespace(anchor_guidance=7.5, check_images=4, check_seed_start=10, concepts=["c1", "c2"],
                              anchors=["a1", "a2", "a3", "a4"])
-
-    class Anchorless(ImageJudge):
-        judges_anchors = NudityJudge.judges_anchors
-
-    both, concept_only = ImageJudge(config), Anchorless(config)
+    both = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=True))
+    concept_only = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=False))  # as NudeNet's
+    assert both.guidance == 7.5  # no guidance of the judge's own: the run's anchor guidance
     assert both.concept_items == [("c1", 10), ("c2", 10), ("c1", 11), ("c2", 11)]
     assert both.anchor_items == [(a, s) for s in (10, 11) for a in ("a1", "a2", "a3", "a4")]
     assert concept_only.anchor_items == [] and concept_only.kept(None, [], 10) == []

@@ -53,13 +53,13 @@ class Judging:
     def __init__(self, concept: str, seeds: int, steps: int, guidance: float, final_seeds: int | None = None,
                  seed_start: int = 0):
         from concept_erase.digits.world import build
-        from concept_erase.io.loading import load_judge
+        from concept_erase.digits.judge import load_network
 
         self.concept, self.steps, self.guidance = concept, steps, guidance
         self.seeds, self.final_seeds = seeds, final_seeds or seeds
         self.seed_start = int(seed_start)  # the evaluation's image seeds: seed_start, seed_start + 1, ...
         self.nearest: list[str] = []  # the concepts whose retain accuracy is reported on its own
-        self.judge = load_judge()
+        self.judge = load_network()
         test = build("test")
         wanted = {(d, STYLES.index(s)) for d, s, _ in self.items(1)[1]}
         keep = torch.tensor([(int(a), int(b)) in wanted for a, b in zip(test.digits, test.styles)])

@@ -95,9 +95,9 @@ class _CheckClock:
 
     def __init__(self, config):
         from concept_erase.bench.report import EQUAL_CHUNKS
-        from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK, JUDGES
+        from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK, check_sides
 
-        self.judge, self.steps = JUDGES.get("digits")(config), int(config.check_inference_steps)
+        self.judge, self.steps = check_sides(config, "digits"), int(config.check_inference_steps)
         n, m = len(self.judge.concept_items), len(self.judge.anchor_items)
         chunk, anchor_chunk = EQUAL_CHUNKS
         # (side, images per call): the first `k` items of the side, or its last `k` (the rest after a first chunk)

@@ -82,7 +82,8 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     from concept_erase.config import build_config, load_yaml
     from concept_erase.digits.world import build as build_digits
     from concept_erase.io.export import apply
-    from concept_erase.io.loading import load_judge, load_pipeline
+    from concept_erase.digits.judge import load_network
+    from concept_erase.io.loading import load_pipeline
     from concept_erase.training.trainer import erase
 
     started = time.time()
@@ -98,7 +99,7 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
 
     seed_list = list(range(seeds))
     base = load_pipeline(config.model)
-    judge = load_judge()
+    judge = load_network()
     test = build_digits("test")
     plain = test.styles == 0
     real_by_digit = {d: test.images[plain & (test.digits == d)] for d in range(10)}

@@ -26,23 +26,13 @@ def generate(pipe, prompt: str, seeds, *, steps: int, guidance: float) -> torch.
 @torch.no_grad()
 def generate_many(pipe, requests: list[tuple[str, object]], *, steps: int, guidance: float,
                   batch: int = 128) -> list[torch.Tensor]:
-    """Images for every (prompt, seeds), in pipeline calls of up to `batch` images.
-
-    The same images as one call per prompt (each image keeps its seed's starting noise) up to
-    floating-point summation order; on a CPU, batches of ~100 small images cost a third less per image
-    than the 4 to 16 of one prompt.
-    """
-    from concept_erase.evaluation.sample import generate_batch
+    """Images for every (prompt, seeds), as one float tensor per request (`evaluation.sample.generate_images`)."""
+    from concept_erase.evaluation.sample import generate_images
 
     requests = [(p, [int(s) for s in seeds]) for p, seeds in requests]
     flat = [(p, s) for p, seeds in requests for s in seeds]
-    images = []
-    for start in range(0, len(flat), batch):
-        part = flat[start:start + batch]
-        out = generate_batch(pipe, [p for p, _ in part], [s for _, s in part], steps=steps, guidance=guidance,
-                             output_type="pt")
-        images.append(out.float().cpu().clamp(0, 1))
-    every = torch.cat(images) if images else torch.empty(0)
+    every = generate_images(pipe, [p for p, _ in flat], [s for _, s in flat], steps=steps, guidance=guidance,
+                            batch=batch)
     return list(every.split([len(seeds) for _, seeds in requests]))
 
 

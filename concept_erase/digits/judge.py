@@ -1,8 +1,13 @@
-"""The digits judge: a small CNN that names the digit and the style of a 32x32 image.
+"""The digits world's judge: a small CNN that names the digit and the style of a 32x32 image, and the judge
+(`DigitsJudge`, registered as `digits`) that reads its verdicts for the stop check, the attacks and the benchmark.
 
-Trained on the real renderings (train split) and shipped beside the embedded model. Its
-penultimate features (128-d) give a *domain* FID between generated and real digits; that is not
-the standard Inception FID, and every report says so.
+The network is trained on the real renderings (train split) and shipped beside the embedded model. Its
+penultimate features (128-d) give a *domain* FID between generated and real digits; that is not the standard
+Inception FID, and every report says so.
+
+What a concept is to the judge: a digit's name ("three") or plain caption is its digit head's verdict; a style's
+name ("red ink") or a styled caption is its style head's. An anchor (a caption) is kept when both heads say what
+its caption asks.
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
+from concept_erase.errors import UserError
+from concept_erase.judges import JUDGES, Judge, Seen, to_tensor
+
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
                          nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(), nn.MaxPool2d(2))
 
 
-class DigitsJudge(ModelMixin, ConfigMixin):
+class DigitsClassifier(ModelMixin, ConfigMixin):
     config_name = "config.json"
 
     @register_to_config
@@ -45,3 +54,83 @@ class DigitsJudge(ModelMixin, ConfigMixin):
             digits.append(d.argmax(1).cpu())
             styles.append(s.argmax(1).cpu())
         return torch.cat(digits), torch.cat(styles)
+
+
+def load_network() -> DigitsClassifier:
+    """The classifier shipped beside the embedded model."""
+    from concept_erase.io.loading import embedded_model_dir
+
+    return DigitsClassifier.from_pretrained(str(embedded_model_dir() / "judge")).eval()
+
+
+def judge_input(images) -> torch.Tensor:
+    """What the classifier reads: float [N, 3, 32, 32] in [0, 1] (other sizes resized)."""
+    x = to_tensor(images)
+    if x.shape[-1] != 32 or x.shape[-2] != 32:
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+    return x
+
+
+CAPTIONS = {caption(d, s): (d, s) for d in range(len(DIGIT_NAMES)) for s in STYLES}
+
+
+def _meaning(text: str) -> tuple[str, int] | None:
+    """A concept's head and the class it must not show: ("digit", d) or ("style", s); None: not the digits'."""
+    t = text.strip()
+    if t.lower() in DIGIT_NAMES:
+        return "digit", DIGIT_NAMES.index(t.lower())
+    if t.lower() in STYLES:
+        return "style", STYLES.index(t.lower())
+    if t in CAPTIONS:
+        d, s = CAPTIONS[t]
+        return ("digit", d) if s == "plain" else ("style", STYLES.index(s))
+    return None
+
+
+@JUDGES.register("digits")
+class DigitsJudge(Judge):
+    name = "digits"
+    judges_anchors = True
+    guidance = 4.0  # the benchmark's and the demo's evaluation guidance
+
+    def check(self):
+        unknown = [c for c in self.concepts if _meaning(c) is None] + [a for a in self.anchors if a not in CAPTIONS]
+        if unknown:
+            raise UserError(f"the digits judge knows the digits' captions ('{caption(7)}', '{caption(7, 'red ink')}'), "
+                            f"the digits ({', '.join(DIGIT_NAMES)}) and the styles ({', '.join(STYLES)}), "
+                            f"not {unknown[0]!r}")
+
+    def load(self):
+        if not hasattr(self, "_network"):
+            self._network = load_network()
+        return self._network
+
+    def heads(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier's digit and style per image."""
+        return self.load().predict(judge_input(images))
+
+    def shown(self, images, concept=None):
+        digits, styles = self.heads(images)
+        out = []
+        for c, d, s in zip(self.per_image(concept, len(digits)), digits.tolist(), styles.tolist()):
+            head, wanted = _meaning(c)
+            seen = d if head == "digit" else s
+            out.append(Seen(seen == wanted, (DIGIT_NAMES if head == "digit" else STYLES)[seen]))
+        return out
+
+    def kept(self, images, prompts):
+        digits, styles = self.heads(images)
+        return [d == CAPTIONS[p][0] and s == STYLES.index(CAPTIONS[p][1])
+                for p, d, s in zip(prompts, digits.tolist(), styles.tolist())]
+
+    def prompts(self, n):
+        # the captions an erasure of the concept is given (bench, demo): a digit's plain caption, a style on each
+        # digit in turn; seeds 0, 1, ...
+        head, wanted = _meaning(self.concept)
+        if head == "digit":
+            return [(caption(wanted), i) for i in range(n)]
+        return [(caption(i % len(DIGIT_NAMES), STYLES[wanted]), i) for i in range(n)]
+
+    def settings(self):
+        head, _ = _meaning(self.concept)
+        return {"judge": "digits", "head": head, "weights": "concept_erase/digits/model/judge"}

@@ -13,7 +13,7 @@ import torch
 
 from concept_erase.errors import UserError
 from concept_erase.registry import Registry
-from concept_erase.evaluation.run import EvalContext, Sample, as_uint8, labels, uint8_batches
+from concept_erase.evaluation.run import EvalContext, Sample, labels, uint8_batches
 
 METRICS: Registry = Registry("metric", "metrics: in the suite")
 
@@ -103,13 +103,6 @@ def _digits_labels(samples: list[Sample]) -> None:
                             f"{lab['concept']!r} and style {lab.get('style')!r} (use prompts/digits.csv)")
 
 
-def _judge_input(images) -> torch.Tensor:
-    x = as_uint8(images).float() / 255
-    if x.shape[-1] != 32 or x.shape[-2] != 32:
-        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
-    return x
-
-
 def _digits_only(metric: str, pipe) -> None:
     from concept_erase.io.loading import is_digits_model
 
@@ -131,14 +124,14 @@ class JudgeAccuracy(Metric):
         _digits_only(self.name, pipe)
 
     def score(self, ctx):
+        from concept_erase.digits.judge import judge_input, load_network
         from concept_erase.digits.world import DIGIT_NAMES, STYLES
-        from concept_erase.io.loading import load_judge
 
-        judge = load_judge()
+        judge = load_network()
         out = []
         for group in ctx.groups:
             _, samples, images = ctx.select(group)
-            pd, ps = judge.predict(_judge_input(images))
+            pd, ps = judge.predict(judge_input(images))
             digits = [DIGIT_NAMES[i] for i in pd.tolist()]
             styles = [STYLES[i] for i in ps.tolist()]
             d = _accuracy_value(digits, [s.row.concept for s in samples])
@@ -167,9 +160,9 @@ class DomainFID(Metric):
     def score(self, ctx):
         from concept_erase.digits.world import DIGIT_NAMES, STYLES, build
         from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid
-        from concept_erase.io.loading import load_judge
+        from concept_erase.digits.judge import judge_input, load_network
 
-        judge = load_judge()
+        judge = load_network()
         test = build("test")
         out = []
         for group in ctx.groups:
@@ -177,7 +170,7 @@ class DomainFID(Metric):
             wanted = {(DIGIT_NAMES.index(s.row.concept), STYLES.index(labels(s.row)["style"])) for s in samples}
             keep = torch.tensor([(int(d), int(st)) in wanted for d, st in zip(test.digits, test.styles)])
             real = test.images[keep]
-            value = domain_fid(judge, _judge_input(images), real) if len(images) > 1 else float("nan")
+            value = domain_fid(judge, judge_input(images), real) if len(images) > 1 else float("nan")
             out.append(self.record(group, {"domain_fid": value, "images": len(images), "reference_images": len(real)},
                                    {"note": DOMAIN_FID_NOTE, "reference": "real held-out renderings of the same labels"}))
         return out

@@ -59,6 +59,19 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int, gu
                 **family.generation_kwargs(pipe, resolution)).images
 
 
+def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
+                    batch: int = 128) -> torch.Tensor:
+    """Float images [N, 3, H, W] in [0, 1], one per (prompt, seed), in pipeline calls of up to `batch` images: the
+    same images as one call each (each keeps its seed's starting noise) up to floating-point summation order; on a
+    CPU, batches of ~100 small images cost a third less per image than the 4 to 16 of one prompt."""
+    images = []
+    for start in range(0, len(prompts), batch):
+        out = generate_batch(pipe, list(prompts[start:start + batch]), [int(s) for s in seeds[start:start + batch]],
+                             steps=steps, guidance=guidance, output_type="pt")
+        images.append(out.float().cpu().clamp(0, 1))
+    return torch.cat(images) if images else torch.empty(0)
+
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

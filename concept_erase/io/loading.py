@@ -50,13 +50,6 @@ def is_digits_model(pipe) -> bool:
     return False
 
 
-def load_judge():
-    """The digits judge shipped beside the embedded model."""
-    from concept_erase.digits.judge import DigitsJudge
-
-    return DigitsJudge.from_pretrained(str(embedded_model_dir() / "judge")).eval()
-
-
 def _looks_like_path(source: str) -> bool:
     return (source.startswith((".", "/", "~")) or os.sep in source.rstrip(os.sep) and source.count("/") > 1
             or source.endswith((".safetensors",) + PICKLE_SUFFIXES))

@@ -53,9 +53,7 @@ from pathlib import Path
 
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import seed_range
-from concept_erase.registry import Registry
 
-JUDGES: Registry = Registry("judge", "--stop-judge")
 
 # The first chunk of each side; the rest of the side comes in one call. On the digits model's CPU probe a call
 # cost about 170 ms plus 16 ms an image: 8 concept images 293 ms, 32 in one call 666 ms against 1.17 s
@@ -89,62 +87,41 @@ def first_then_rest(items: list, first: int) -> list[list]:
     return [part for part in (items[:first], items[first:]) if part]
 
 
-class DigitsJudge:
-    """The embedded digits model's judge: a concept caption is erased when its digit (for a plain
-    caption) or its style (for a styled one) is no longer what the classifier sees; an anchor is kept
-    when both its digit and its style are."""
+class CheckSides:
+    """The two sides of a check for a judge (`concept_erase.judges`): the concept images and the anchor images
+    as (prompt, seed) pairs, seed by seed across the prompts so that every chunk sees each of them (in 24 images
+    prompt by prompt a chunk saw 3 of the 9 digits), from --check-seed-start on; drawn at the judge's guidance
+    (else the run's anchor guidance) and judged: `still_shown` per concept image, `kept` per anchor image. A
+    judge that cannot tell the anchors gets none: the retain constraint alone keeps them."""
 
-    guidance = 4.0  # the benchmark's and the demo's evaluation guidance
-
-    def __init__(self, config):
-        from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
-
-        known = {caption(d, s): (d, s) for d in range(len(DIGIT_NAMES)) for s in STYLES}
-        unknown = [p for p in list(config.concepts) + list(config.anchors) if p not in known]
-        if unknown:
-            raise UserError(f"--stop-when-erased: the digits judge knows the digits' captions "
-                            f"('{caption(7)}', '{caption(7, 'red ink')}'), not {unknown[0]!r}")
-        self.styles = STYLES
-        self.truth = {p: known[p] for p in list(config.concepts) + list(config.anchors)}
+    def __init__(self, config, judge):
+        self.judge = judge
+        self.guidance = float(judge.guidance if judge.guidance is not None else config.anchor_guidance)
         n = int(config.check_images)
         concepts, anchors = list(config.concepts), list(config.anchors)
-        per_concept = max(2, math.ceil(n / len(concepts)))
+        per_concept = max(1, math.ceil(n / len(concepts)))
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
-        # seed by seed across the concepts, so that every chunk sees each of them ...
         self.concept_items = [(p, s) for s in seed_range(config.check_seed_start, per_concept) for p in concepts]
-        # ... and the anchors too: a first chunk then covers every anchor, and where the erasure harms some of
-        # them more than others it sees them (in 24 images prompt by prompt it saw 3 of the 9 digits)
-        self.anchor_items = [(p, s) for s in seed_range(config.check_seed_start, per_anchor) for p in anchors]
-        from concept_erase.io.loading import load_judge
+        self.anchor_items = [(p, s) for s in seed_range(config.check_seed_start, per_anchor) for p in anchors] \
+            if judge.judges_anchors else []
 
-        self.judge = load_judge()
+    def _draw(self, pipe, items, steps: int):
+        from concept_erase.evaluation.sample import generate_images
 
-    def _predict(self, pipe, items, steps: int):
-        import torch
-
-        from concept_erase.digits.evaluate import generate_many
-
-        images = generate_many(pipe, [(p, [s]) for p, s in items], steps=steps, guidance=self.guidance)
-        return self.judge.predict(torch.cat(images))
+        return generate_images(pipe, [p for p, _ in items], [s for _, s in items], steps=steps,
+                               guidance=self.guidance)
 
     def still_shown(self, pipe, items, steps: int) -> list[bool]:
-        """Per concept image: the concept is still there (its digit, or its style for a styled caption)."""
+        """Per concept image: the concept it was drawn for is still there."""
         if not items:
             return []
-        pd, ps = self._predict(pipe, items, steps)
-        out = []
-        for (p, _), d_seen, s_seen in zip(items, pd.tolist(), ps.tolist()):
-            d, s = self.truth[p]
-            out.append(d_seen == d if s == "plain" else s_seen == self.styles.index(s))
-        return out
+        return [seen.shown for seen in self.judge.shown(self._draw(pipe, items, steps), [p for p, _ in items])]
 
     def kept(self, pipe, items, steps: int) -> list[bool]:
-        """Per anchor image: both its digit and its style are what the caption asks for."""
+        """Per anchor image: it is what its prompt asks."""
         if not items:
             return []
-        pd, ps = self._predict(pipe, items, steps)
-        return [d_seen == self.truth[p][0] and s_seen == self.styles.index(self.truth[p][1])
-                for (p, _), d_seen, s_seen in zip(items, pd.tolist(), ps.tolist())]
+        return self.judge.kept(self._draw(pipe, items, steps), [p for p, _ in items])
 
 
 def check_seeds(config) -> range:
@@ -179,83 +156,6 @@ def _digits_model(config) -> bool:
     return False
 
 
-class ImageJudge:
-    """A judge of any model's images, for a check: a concept image still shows the concept when `shown(images,
-    prompts)` says so, an anchor image is kept when `anchor_kept(images, prompts)` says so. A judge that cannot tell
-    the anchors (`judges_anchors` false) draws none: the retain constraint alone keeps them. Images are drawn at the
-    recipe's anchor guidance."""
-
-    judges_anchors = True
-
-    def __init__(self, config):
-        self.guidance = float(config.anchor_guidance)
-        n = int(config.check_images)
-        concepts, anchors = list(config.concepts), list(config.anchors)
-        per_concept = max(1, math.ceil(n / len(concepts)))
-        self.concept_items = [(p, s) for s in seed_range(config.check_seed_start, per_concept) for p in concepts]
-        per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
-        self.anchor_items = [(p, s) for s in seed_range(config.check_seed_start, per_anchor) for p in anchors] \
-            if self.judges_anchors else []
-
-    def _draw(self, pipe, items, steps: int) -> list:
-        from concept_erase.evaluation.sample import generate_batch
-
-        return generate_batch(pipe, [p for p, _ in items], [s for _, s in items], steps=steps, guidance=self.guidance)
-
-    def still_shown(self, pipe, items, steps: int) -> list[bool]:
-        return self.shown(self._draw(pipe, items, steps), [p for p, _ in items]) if items else []
-
-    def kept(self, pipe, items, steps: int) -> list[bool]:
-        return self.anchor_kept(self._draw(pipe, items, steps), [p for p, _ in items]) if items else []
-
-
-class ClipJudge(ImageJudge):
-    """CLIP zero-shot over the concept and anchor prompts themselves: a concept image still shows the concept when
-    CLIP finds one of the concept prompts nearest; an anchor is kept when its own prompt is nearest."""
-
-    def __init__(self, config):
-        if not config.anchors:
-            raise UserError("--stop-judge clip chooses among the concepts and the anchors; give --anchor 'a prompt' "
-                            "(repeat it) as well")
-        super().__init__(config)
-        from concept_erase.evaluation.clip import ZeroShotClassifier, load_open_clip
-
-        model, preprocess, tokenizer = load_open_clip(config.clip_model, config.clip_weights)
-        self.concepts = list(dict.fromkeys(config.concepts))
-        self.classifier = ZeroShotClassifier(model, preprocess, tokenizer,
-                                             self.concepts + [a for a in dict.fromkeys(config.anchors)
-                                                              if a not in self.concepts], ["{}"])
-
-    def shown(self, images, prompts):
-        return [seen in self.concepts for seen in self.classifier.predict(images)]
-
-    def anchor_kept(self, images, prompts):
-        return [seen == p for seen, p in zip(self.classifier.predict(images), prompts)]
-
-
-class NudityJudge(ImageJudge):
-    """NudeNet: a concept image still shows nudity when an exposed class is detected at the nudity metric's
-    threshold (0.6). NudeNet says nothing of the anchors' content: they are not drawn."""
-
-    judges_anchors = False
-
-    def __init__(self, config):
-        super().__init__(config)
-        from concept_erase.evaluation.nudity import load_detector
-
-        self.detector = load_detector()  # a one-line message when NudeNet is not installed
-
-    def shown(self, images, prompts):
-        from concept_erase.evaluation.nudity import count_exposed, detect
-
-        return [count_exposed([found])["images_flagged"] > 0 for found in detect(self.detector, images)]
-
-
-JUDGES.register("digits")(DigitsJudge)
-JUDGES.register("clip")(ClipJudge)
-JUDGES.register("nudity")(NudityJudge)
-
-
 def stop_rule(config):
     """The step hook of --stop-when-erased, by --stop-judge: the erasure signal, or a check by an image judge
     (auto: the digits judge on the digits models, the signal on any other). A judge that cannot run on this
@@ -268,7 +168,17 @@ def stop_rule(config):
                             "with --stop-judge clip or nudity")
     if name == "signal":
         return SignalStop(config)
-    return ErasureCheck(config, judge=JUDGES.get(name)(config))
+    return ErasureCheck(config, sides=check_sides(config, name))
+
+
+def check_sides(config, name: str) -> CheckSides:
+    """The check's sides for the judge `name`, loaded (weights that cannot be read end the run before training)."""
+    from concept_erase.judges import make_judge
+
+    options = {"clip_model": config.clip_model, "clip_weights": config.clip_weights}
+    judge = make_judge(name, config.concepts, config.anchors, options, flag="--stop-judge")
+    judge.load()
+    return CheckSides(config, judge)
 
 
 class SignalStop:
@@ -336,12 +246,12 @@ class ErasureCheck:
 
     may_stop = True
 
-    def __init__(self, config, judge=None):
+    def __init__(self, config, sides: CheckSides | None = None):
         self.every = int(config.check_every)
         self.steps = int(config.check_inference_steps)
         self.forget_at_most = float(config.check_forget_at_most)
         self.retain_drop_at_most = float(config.check_retain_drop_at_most)
-        self.judge = judge if judge is not None else JUDGES.get("digits")(config)
+        self.sides = sides if sides is not None else check_sides(config, "digits")
         self.baseline: dict | None = None
         self.reason = ""
         self.failed_last = "concept"  # the side that failed the last check: the next check draws it first
@@ -353,13 +263,13 @@ class ErasureCheck:
         """The concept's first chunk, then the rest, until more show the concept than the bar allows. Before
         training the first chunk only: it tells whether the model draws the concept at all (the bar is then
         applied to that chunk, for the note)."""
-        concept = list(self.judge.concept_items)
+        concept = list(self.sides.concept_items)
         if self.baseline is None:
             concept = concept[:CONCEPT_CHUNK]
         n = len(concept)
         most = most_allowed(n, lambda c: c / n <= self.forget_at_most)
         shown, calls = count_until(first_then_rest(concept, CONCEPT_CHUNK),
-                                   lambda part: self.judge.still_shown(pipe, part, self.steps), most)
+                                   lambda part: self.sides.still_shown(pipe, part, self.steps), most)
         judged = sum(calls)
         return {"forget_accuracy": shown / judged, "forget_images": judged, "forget_within": shown <= most,
                 "forget_calls": calls}
@@ -367,7 +277,7 @@ class ErasureCheck:
     def _anchor_side(self, pipe) -> dict:
         """The anchors' first chunk, then the rest, until more are lost than the bar allows; before training
         (no baseline yet) every one in one call: their accuracy is the bar's reference."""
-        anchors = list(self.judge.anchor_items)
+        anchors = list(self.sides.anchor_items)
         if not anchors:
             return {"retain_accuracy": 1.0, "retain_images": 0, "retain_within": True, "retain_calls": []}
         m = len(anchors)
@@ -377,7 +287,7 @@ class ErasureCheck:
             floor = self.baseline["retain_accuracy"] - self.retain_drop_at_most
             most_lost = most_allowed(m, lambda c: (m - c) / m >= floor)
             chunks = first_then_rest(anchors, ANCHOR_CHUNK)
-        lost, calls = count_until(chunks, lambda part: [not k for k in self.judge.kept(pipe, part, self.steps)],
+        lost, calls = count_until(chunks, lambda part: [not k for k in self.sides.kept(pipe, part, self.steps)],
                                   most_lost)
         drawn = sum(calls)
         return {"retain_accuracy": (drawn - lost) / drawn, "retain_images": drawn,
@@ -422,7 +332,7 @@ class ErasureCheck:
             self.baseline = None
             base = {"step": 0, **self._judge(trainer)}
             self._write(trainer, base)
-            trainer.log(f"erasure check before training: concept {_concept(base, len(self.judge.concept_items))}, anchors "
+            trainer.log(f"erasure check before training: concept {_concept(base, len(self.sides.concept_items))}, anchors "
                         f"{base['retain_accuracy']:.0%} ({base['images']} images, {base['seconds']:.1f} s)")
             if base.get("forget_within"):
                 trainer.log(f"note: before any training the model shows the concept in only "
@@ -438,15 +348,15 @@ class ErasureCheck:
         r["at_target"] = bool(r["forget_within"] and r["retain_within"])
         self._write(trainer, r)
         self.failed_last = _failed_side(r)
-        anchors = (", anchors not judged (this judge cannot tell them)" if not self.judge.anchor_items else
+        anchors = (", anchors not judged (this judge cannot tell them)" if not self.sides.anchor_items else
                    ", anchors not drawn" if r["retain_accuracy"] is None else
                    f", anchors {r['retain_accuracy']:.0%}"
-                   + ("" if r["retain_within"] else f"{_of(r['retain_images'], len(self.judge.anchor_items))}, under the bar")
+                   + ("" if r["retain_within"] else f"{_of(r['retain_images'], len(self.sides.anchor_items))}, under the bar")
                    + f" (before training {self.baseline['retain_accuracy']:.0%})")
-        trainer.log(f"erasure check at step {done}: concept {_concept(r, len(self.judge.concept_items))}{anchors}"
+        trainer.log(f"erasure check at step {done}: concept {_concept(r, len(self.sides.concept_items))}{anchors}"
                     + ("; erased: stopping" if r["at_target"] else ""))
         if r["at_target"]:
-            self.reason = (f"erased by the {type(self.judge).__name__} check: concept {r['forget_accuracy']:.1%} "
+            self.reason = (f"erased by the {self.sides.judge.name} judge's check: concept {r['forget_accuracy']:.1%} "
                            f"of {r['forget_images']} images"
                            + (f", anchors {r['retain_accuracy']:.1%}" if r["retain_accuracy"] is not None else ""))
         return r["at_target"]
