@@ -258,7 +258,7 @@ def test_reference_folder_is_read_in_batches_and_checked(tmp_path):
 
 
 def test_groups_follow_the_erased_label():
-    from concept_erase.evaluation.run import make_samples
+    from concept_erase.evaluation.samples import make_samples
     from concept_erase.evaluation.prompts import PromptRow
 
     rows = [PromptRow(0, "a three", 10, "three", extra={"style": "plain"}),

@@ -136,7 +136,7 @@ def clip_score_metric(source: str = "openai/clip-vit-large-patch14", device: str
 def mean_clip_score(metric, images, prompts: list[str], batch_size: int = 16) -> float:
     """torchmetrics' CLIP score of images (uint8 [N, 3, H, W], or a sequence of PIL images read in
     batches) against their prompts: the mean over the set."""
-    from concept_erase.evaluation.run import as_uint8
+    from concept_erase.evaluation.samples import as_uint8
 
     metric.reset()
     with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 
 from concept_erase.errors import UserError
 from concept_erase.registry import Registry
-from concept_erase.evaluation.run import EvalContext, Sample, labels, uint8_batches
+from concept_erase.evaluation.samples import EvalContext, Sample, labels, uint8_batches
 
 METRICS: Registry = Registry("metric", "metrics: in the suite")
 

@@ -205,13 +205,14 @@ class Family:
         return self.subsets[subset](name)
 
 
-FAMILIES: Registry[type] = Registry("model family", "--model")
+# every family registers itself from its module, imported the first time the table is read
+FAMILIES: Registry[type] = Registry("model family", "--model", providers=(
+    "concept_erase.families.sd", "concept_erase.families.sdxl", "concept_erase.families.sd3",
+    "concept_erase.families.flux"))
 
 
 def family_for_class(class_name: str) -> Family:
     """The family that handles a pipeline class, or a one-line error naming those that are handled."""
-    import concept_erase.families  # noqa: F401  (registers every family)
-
     for name in FAMILIES.names():
         family = FAMILIES.get(name)
         if class_name in family.pipeline_classes:
