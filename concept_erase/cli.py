@@ -129,7 +129,7 @@ def _opts(args, command: str):
 def _eval(args) -> None:
     from pathlib import Path
 
-    from concept_erase.evaluation import run_eval
+    from concept_erase.evaluation.run import run_eval
     from concept_erase.options import check_device
 
     o = _opts(args, "eval")

@@ -344,7 +344,7 @@ def plain_one(model_dir: Path, subset: str, label: str) -> dict:
     from concept_erase.training.subsets import select_trainable
 
     from concept_erase.families.base import family_of
-    from concept_erase.training.banks import tensor_digest
+    from concept_erase.io.digests import tensor_digest
 
     pipe = load_pipeline(str(model_dir))
     family = family_of(pipe)

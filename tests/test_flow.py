@@ -239,7 +239,7 @@ def test_a_flux1_width_single_file_is_read_back_by_flux_pipeline_with_only_the_t
     from concept_erase.config import EraseConfig
     from concept_erase.families.base import family_of
     from concept_erase.io.export import base_fingerprint, export_single_file, save_delta
-    from concept_erase.training.banks import tensor_digest
+    from concept_erase.io.digests import tensor_digest
 
     with torch.device("meta"):
         wide = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from concept_erase.methods.losses import add_noise, denoising_target, negative_guidance_target, per_sample_mse
+from concept_erase.families.noising import add_noise, denoising_target
+from concept_erase.methods.losses import negative_guidance_target, per_sample_mse
 
 
 def test_per_sample_mse_is_fp32_mean_per_sample():
@@ -64,7 +65,7 @@ def test_flow_noising_and_velocity_target_match_diffusers_flow_matching():
     the x0 a velocity model implies, x_s - s v, is the clean latent exactly."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from concept_erase.methods.losses import flow_noised, flow_target
+    from concept_erase.families.noising import flow_noised, flow_target
 
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn((3, 4, 8, 8), generator=g), torch.randn((3, 4, 8, 8), generator=g)

@@ -163,7 +163,7 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
     if weights and not Path(weights).is_file():
         raise UserError(f"--weights {weights}: no such file; give the erased.safetensors (or the run folder) an "
                         "`erase` run wrote")
-    from concept_erase.evaluation.fid import file_digest
+    from concept_erase.io.digests import file_digest
 
     fingerprint = {"model": model, "weights": weights, "weights_sha256": file_digest(weights) if weights else "",
                    "concept": concept, "attack": attack, "judge": judge_obj.settings(), **settings,

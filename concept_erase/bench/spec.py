@@ -78,7 +78,8 @@ SHIPPED_BENCH = RECIPES / "bench-heldout.yaml"  # the protocol: tuning and held-
 
 def load_bench(path: str | Path) -> BenchSpec:
     """Read and check a benchmark file, every method entry included: a mistake is found before any run."""
-    from concept_erase.config import build_config, load_yaml, normalise_keys, read_yaml, whole_number
+    from concept_erase.config import build_config, load_yaml, normalise_keys
+    from concept_erase.yaml_files import read_yaml, whole_number
 
     path = Path(path)
     raw = read_yaml(path, "benchmark file", "start from pipelines/bench-heldout.yaml")

@@ -3,7 +3,3 @@
 `run_eval` is `concept-erase eval`; `report.compare` is `concept-erase compare`. Metrics plug in by
 name (`metrics.METRICS`): judge, domain_fid, clip_classifier, style, clip_score, fid, nudity.
 """
-
-from concept_erase.evaluation.run import run_eval
-
-__all__ = ["run_eval"]

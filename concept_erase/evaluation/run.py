@@ -26,7 +26,7 @@ from pathlib import Path
 from concept_erase.io.resumable import output_plan, prepare_output, swap_into_place
 from concept_erase.errors import UserError
 from concept_erase.evaluation.prompts import load_prompts
-from concept_erase.evaluation.fid import file_digest
+from concept_erase.io.digests import file_digest
 from concept_erase.evaluation.samples import EvalContext, generate_missing, labels, make_samples
 from concept_erase.evaluation.suite import Suite, load_suite
 from concept_erase import provenance

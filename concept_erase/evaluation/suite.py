@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from concept_erase.config import whole_number
+from concept_erase.yaml_files import read_yaml, whole_number
 from concept_erase.errors import UserError
 
 METRIC_OPTIONS = {
@@ -109,7 +109,6 @@ def parse_suite(raw, source: str, base_dir: Path) -> Suite:
 
 
 def load_suite(path: str | Path) -> Suite:
-    from concept_erase.config import read_yaml
 
     path = Path(path)
     builtin = Path(__file__).resolve().parents[2] / "eval" / f"{path}.yaml"

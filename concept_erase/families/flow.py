@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from concept_erase.families.base import Family, NoiseSchedule
-from concept_erase.methods.losses import flow_noised, flow_target
+from concept_erase.families.noising import flow_noised, flow_target
 
 
 class FlowMatchSchedule(NoiseSchedule):

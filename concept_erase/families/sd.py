@@ -9,7 +9,7 @@ import math
 import torch
 
 from concept_erase.families.base import FAMILIES, Cond, Family, NoiseSchedule
-from concept_erase.methods.losses import add_noise, denoising_target
+from concept_erase.families.noising import add_noise, denoising_target
 
 
 class DDPMSchedule(NoiseSchedule):

@@ -15,7 +15,7 @@ import torch
 
 from concept_erase.families.base import FAMILIES, family_of
 from concept_erase.io.atomic import atomic_dir, atomic_path, refuse_existing
-from concept_erase.training.banks import tensor_digest
+from concept_erase.io.digests import tensor_digest
 from concept_erase.errors import UserError
 
 FORMAT = "concept-erase-delta"

@@ -15,6 +15,8 @@ Which tensors of a file each program applies is `concept_erase.io.loaders`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 KOHYA_FILE = "erased_lora_kohya.safetensors"  # one file, as the models/Lora and models/loras folders take them
@@ -78,7 +80,7 @@ def kohya_metadata(family_name: str, unet_config, rank: int, meta: dict) -> dict
             "concept_erase_concepts": meta.get("concepts", ""), "concept_erase_method": meta.get("method", "")}
 
 
-def write_lora(folder, peft_state: dict, *, form: str, family, unet_config, meta: dict) -> tuple["Path", list]:
+def write_lora(folder, peft_state: dict, *, form: str, family, unet_config, meta: dict) -> tuple[Path, list]:
     """Write PEFT-form LoRA tensors (`<module>.lora_A.weight`, ...) into `folder` in `form`; returns the file
     written and the changed biases the form could not hold."""
     from pathlib import Path

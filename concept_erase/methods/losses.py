@@ -28,39 +28,6 @@ def negative_guidance_target(uncond: torch.Tensor, cond: torch.Tensor, eta: floa
     return uncond - eta * (cond.float() - uncond)
 
 
-def denoising_target(prediction_type: str, latents: torch.Tensor, noise: torch.Tensor,
-                     alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """What a model of this prediction type should output for `sqrt(a) x0 + sqrt(1-a) n`.
-
-    `alphas_cumprod_t` holds abar_t per sample (shape [batch]).
-    """
-    if prediction_type == "epsilon":
-        return noise
-    a = alphas_cumprod_t.float().reshape(-1, *([1] * (latents.dim() - 1)))
-    if prediction_type == "v_prediction":
-        return (a.sqrt() * noise.float() - (1 - a).sqrt() * latents.float()).to(noise.dtype)
-    if prediction_type == "sample":
-        return latents
-    raise ValueError(f"unsupported prediction type {prediction_type!r} (expected epsilon, v_prediction or sample)")
-
-
-def add_noise(latents: torch.Tensor, noise: torch.Tensor, alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
-    """The forward process `sqrt(abar_t) x0 + sqrt(1 - abar_t) n`, per sample."""
-    a = alphas_cumprod_t.float().reshape(-1, *([1] * (latents.dim() - 1)))
-    return (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
-
-
-def flow_noised(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Rectified flow's forward process `(1 - s) x0 + s n`, per sample (SD3, FLUX.1); `sigma` has shape [batch]."""
-    s = sigma.float().reshape(-1, *([1] * (latents.dim() - 1)))
-    return ((1 - s) * latents.float() + s * noise.float()).to(latents.dtype)
-
-
-def flow_target(latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The velocity a flow-matching model should output for `(1 - s) x0 + s n`: `n - x0`, at every s."""
-    return noise.float() - latents.float()
-
-
 def guidance_projection(prediction: torch.Tensor, origin: torch.Tensor,
                         direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, `<p - e0, d>` and `||d||^2`, in fp32: how far the trained model's prediction `p` still

@@ -29,18 +29,6 @@ class LatentBank:
     prompts: list
 
 
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, shapes and fp32 values: the same for the same weights whatever device."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        if t.numel():  # hashed in place (a copy through bytes would double the time on a 12B model)
-            h.update(memoryview(t.view(torch.uint8).numpy()))
-    return h.hexdigest()
-
-
 def read_caption_folder(folder: str | Path) -> list[tuple[Path, str]]:
     """(image, caption) pairs from `metadata.jsonl` (diffusers ImageFolder form) or NAME.txt files."""
     folder = Path(folder)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from concept_erase.io.atomic import atomic_dir, atomic_path, write_json
-from concept_erase.training.banks import LatentBank, build_bank, build_caption_bank, tensor_digest
+from concept_erase.io.digests import tensor_digest
+from concept_erase.training.banks import LatentBank, build_bank, build_caption_bank
 from concept_erase.config import EraseConfig, config_json
 from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 from concept_erase.errors import TrainingDiverged, UserError

@@ -1,0 +1,116 @@
+"""The package's layers: a module imports from its own layer and those below it, never from one above (the
+exceptions are listed with their reason), and no modules import each other in a circle. Read from the source
+(every import, at the top of a file or inside a function), so no module is imported to check it.
+
+    commands   cli, the eval command and its metrics, attacks, the benchmark, the demo, the package's API
+    training   config, methods (losses, lambda, objectives, stopping), training (the trainer and its parts)
+    judging    judges, evaluation's building blocks (prompts, suites, samples, drawing, CLIP, NudeNet, FID,
+               grids, reports), the digits world and its judge
+    models     loading pipelines, exporting erasures (delta, diffusers, LoRA, model card), the loaders' key rules
+    families   what differs between SD 1.x/2.x, SDXL, SD3 and FLUX.1
+    io         atomic writes, resumable outputs, digests, tokenizers, single-file key layouts, YAML files
+    core       errors, name tables, option declarations, image seeds, environment, processes, provenance
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "concept_erase"
+
+LAYERS = [  # bottom first; a name stands for a module or a package's every module
+    ("core", ["errors", "registry", "options", "image_seeds", "env", "processes", "provenance"]),
+    ("io", ["io", "io.atomic", "io.resumable", "io.tokenizer", "io.digests", "io.single_file", "io.lora_forms",
+            "io.tiny", "yaml_files"]),
+    ("families", ["families"]),
+    ("models", ["io.loading", "io.loaders", "io.export", "io.model_card"]),
+    ("judging", ["judges", "evaluation", "evaluation.clip", "evaluation.nudity", "evaluation.fid", "evaluation.prompts",
+                 "evaluation.sample", "evaluation.samples", "evaluation.suite", "evaluation.grids", "evaluation.report",
+                 "digits", "digits.world", "digits.judge", "digits.evaluate"]),
+    ("training", ["config", "methods", "training"]),
+    ("commands", ["", "__main__", "cli", "evaluation.run", "evaluation.metrics", "attacks", "bench", "digits.demo",
+                  "digits.model_card"]),
+]
+
+# Imports that run up the layers, each with why it stays.
+EXCEPTIONS = {
+}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        out[".".join(p for p in parts if p != "__init__")] = path
+    return out
+
+
+def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (a name imported from a package counts as that module when it
+    is one)."""
+    edges = {}
+    for name, path in mods.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                    and node.module.split(".")[0] == "concept_erase":
+                base = node.module.removeprefix("concept_erase").lstrip(".")
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}".lstrip(".")
+                    found.add(sub if sub in mods else base)
+            elif isinstance(node, ast.Import):
+                found |= {a.name.removeprefix("concept_erase").lstrip(".") for a in node.names
+                          if a.name.split(".")[0] == "concept_erase"}
+        edges[name] = {m for m in found if m in mods and m != name}
+    return edges
+
+
+def layer_of(module: str) -> int:
+    """The layer of a module: that of the longest listed name it is or lies in."""
+    best, where = -1, None
+    for i, (_, names) in enumerate(LAYERS):
+        for n in names:
+            if (module == n or n and module.startswith(n + ".") or n == "" and module == "") and len(n) > best:
+                best, where = len(n), i
+    assert where is not None, f"concept_erase.{module} is in no layer: add it to LAYERS"
+    return where
+
+
+def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_ones():
+    edges = imports(modules())
+    upward = sorted((m, t) for m, targets in edges.items() for t in targets if layer_of(t) > layer_of(m))
+    unexplained = [f"{m} -> {t} ({LAYERS[layer_of(m)][0]} -> {LAYERS[layer_of(t)][0]})"
+                   for m, t in upward if (m, t) not in EXCEPTIONS]
+    assert not unexplained, "imports up the layers:\n" + "\n".join(unexplained)
+    stale = [pair for pair in EXCEPTIONS if pair not in upward]
+    assert not stale, f"listed exceptions that no longer run upward: {stale}"
+
+
+def test_no_modules_import_each_other_in_a_circle():
+    edges = imports(modules())
+    index, low, stack, on, circles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1:
+                circles.append(sorted(part))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    assert not circles, f"modules that import each other: {circles}"
