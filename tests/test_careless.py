@@ -95,7 +95,7 @@ NEW_RUN = {"erased.safetensors": "new", "run.json": "new", "metrics.jsonl": "new
 def test_a_replacement_replaces_everything_the_old_run_wrote(tmp_path):
     """No check log, tracker log or sample grid of the old run is left to pass for the new run's (found when
     the benchmark read one run's check log for every later run of the same output)."""
-    from concept_erase.training.trainer import swap_in
+    from concept_erase.training.run_folder import swap_in
 
     out = tmp_path / "run"
     _old_and_new_runs(out)
@@ -106,7 +106,7 @@ def test_a_replacement_replaces_everything_the_old_run_wrote(tmp_path):
 @pytest.mark.parametrize("moved_in", [0, 1], ids=["cut-while-moving-the-old-run-aside", "cut-while-moving-in"])
 def test_a_swap_cut_short_is_completed_at_the_next_start(tmp_path, moved_in):
     """A crash between the renames of a swap: the new run (complete when the swap began) is carried forward."""
-    from concept_erase.training.trainer import ASIDE, finish_swap, run_entries, swap_in
+    from concept_erase.training.run_folder import ASIDE, finish_swap, run_entries, swap_in
 
     out = tmp_path / "run"
     _old_and_new_runs(out)

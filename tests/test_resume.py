@@ -89,8 +89,8 @@ def test_a_run_that_stopped_stays_stopped_and_says_so_unless_the_stop_is_turned_
                                                                                     capsys):
     out = tmp_path / "run"
     argv = base_args(tiny_dir, out, cache_dir) + ["--stop-when-erased", "--stop-judge", "signal",
-                                                 "--stop-signal-at-most", "0.999", "--check-every", "1",
-                                                 "--checkpoint-every", "1", "--lr", "0.05"]
+                                                 "--stop-signal-at-most", "0.999", "--stop-lambda-window", "0",
+                                                 "--check-every", "1", "--checkpoint-every", "1", "--lr", "0.05"]
     argv[argv.index("--steps") + 1] = "3"
     assert main(argv) == 0
     stopped = json.loads((out / "run.json").read_text())["stopped_at"]

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from concept_erase.errors import UserError
-from concept_erase.io.atomic import atomic_path, write_json, write_text
+from concept_erase.io.atomic import atomic_path, replace_path, write_json, write_text
 from concept_erase.processes import processes
-from concept_erase.io.resumable import output_plan, prepare_output, swap_into_place, valid_png
+from concept_erase.io.resumable import output_plan, prepare_output, valid_png
 
 RESUMABLE = {"marker": "attack.json", "what": "attack"}
 DIGITS_DEFAULTS = {"steps": 25, "guidance": 4.0}  # the digits suite's (eval/digits.yaml)
@@ -218,7 +218,7 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
             shutil.rmtree(work, ignore_errors=True)
         raise
     if replaces:
-        swap_into_place(work, output)
+        replace_path(work, output)
     return results
 
 

@@ -23,7 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
-from concept_erase.io.resumable import output_plan, prepare_output, swap_into_place
+from concept_erase.io.atomic import replace_path
+from concept_erase.io.resumable import output_plan, prepare_output
 from concept_erase.errors import UserError
 from concept_erase.evaluation.prompts import load_prompts
 from concept_erase.io.digests import file_digest
@@ -149,7 +150,7 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
     }
     write_report(work, results, ctx)
     if replaces:
-        swap_into_place(work, output)
+        replace_path(work, output)
     return results
 
 

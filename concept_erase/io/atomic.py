@@ -80,6 +80,23 @@ def refuse_existing(target: str | os.PathLike, overwrite: bool) -> None:
         raise UserError(f"{target} already exists; choose another --output or pass --overwrite")
 
 
+def replace_path(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the complete `new` (a file or folder beside `target`) in place of `target`: the one place an output
+    is replaced. An existing target is renamed aside first and removed only once `new` is in place, so at every
+    moment one whole version is at `target` or beside it."""
+    new, target = Path(new), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    else:
+        os.replace(new, target)
+    _fsync_dir(target.parent)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; move it onto `target` when the block succeeds.
@@ -93,14 +110,7 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     try:
         yield tmp
         _share(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        replace_path(tmp, target)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _explain(err, target) from err

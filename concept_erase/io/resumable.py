@@ -52,7 +52,7 @@ def output_plan(output: Path, fingerprint: dict, overwrite: bool, *, marker: str
 
 
 def prepare_output(output: Path, fingerprint: dict, overwrite: bool, *, marker: str, what: str) -> tuple[Path, bool]:
-    """The folder to work in and whether it replaces `output` at the end (`swap_into_place`)."""
+    """The folder to work in and whether it replaces `output` at the end (`atomic.replace_path`)."""
     plan = output_plan(output, fingerprint, overwrite, marker=marker, what=what)
     if plan == "new":
         output.mkdir(parents=True, exist_ok=True)
@@ -67,11 +67,3 @@ def prepare_output(output: Path, fingerprint: dict, overwrite: bool, *, marker: 
     write_json(work / marker, fingerprint)
     return work, True
 
-
-def swap_into_place(work: Path, output: Path) -> None:
-    old = output.parent / f".{output.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    output.rename(old)
-    work.rename(output)
-    shutil.rmtree(old, ignore_errors=True)

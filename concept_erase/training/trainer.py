@@ -13,7 +13,6 @@ from concept_erase import env
 import contextlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -21,9 +20,11 @@ from pathlib import Path
 
 import torch
 
-from concept_erase.io.atomic import atomic_dir, atomic_path, write_json
+from concept_erase.io.atomic import atomic_dir, write_json
 from concept_erase.io.digests import tensor_digest
 from concept_erase.training.banks import LatentBank, build_bank, build_caption_bank
+from concept_erase.training.checkpoints import find_checkpoint, nothing_to_resume, truncate_metrics
+from concept_erase.training.run_folder import STAGING, check_output, finish_swap, make_run_folder, swap_in
 from concept_erase.config import EraseConfig, config_json
 from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 from concept_erase.errors import TrainingDiverged, UserError
@@ -41,12 +42,6 @@ from concept_erase.training.subsets import select_trainable
 from concept_erase import processes, provenance
 from concept_erase.training import tracking
 from concept_erase.families.base import Cond, family_of
-
-RUN_MARKERS = ("metrics.jsonl", "erased.safetensors", "checkpoints", "run.json")
-# What else a run may write in its folder: --stop-when-erased's checks, the trackers' logs, --sample-every's
-# grids. `--overwrite` replaces all of it with the run; a user's own files beside the run stay.
-RUN_PRODUCTS = ("checks.jsonl", "logs")
-SAMPLE_GRIDS = "samples/step-*.png"
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int, stream: int = 0) -> torch.Generator:
@@ -144,120 +139,6 @@ def check_precision(config: EraseConfig, family) -> None:
     """Refuse a precision the model family cannot train in (known before loading, where that is cheap)."""
     if family is not None and config.mixed_precision == "fp16" and family.fp16_refusal:
         raise UserError(f"--mixed-precision fp16: {family.fp16_refusal}")
-
-
-STAGING, REPLACED = ".incoming", ".replaced"  # inside the output: the replacement run, the run it replaces
-
-
-def check_output(output: Path, *, overwrite: bool, resume: str) -> bool:
-    """Refuse an output that would destroy a run; True when it holds one to replace. Writes nothing."""
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file; choose a folder path")
-    holds_run = output.is_dir() and any((output / m).exists() for m in RUN_MARKERS)
-    if holds_run and not resume and not overwrite:
-        raise UserError(f"{output} already holds a run; pass --resume latest to continue it, --overwrite to "
-                        "replace it, or choose another --output")
-    if resume == "latest" and (output / "erased.safetensors").is_file() and not any(
-            (p / "state.json").is_file() for p in (output / "checkpoints").glob("step-*")):
-        raise UserError(nothing_to_resume(output))
-    return holds_run and not resume
-
-
-def nothing_to_resume(output: Path) -> str:
-    return (f"--resume latest: {output} holds a finished run and no checkpoint to continue it from; it is left as it "
-            "is. Pass --overwrite (without --resume) to replace it, or choose another --output")
-
-
-def run_entries(folder: Path) -> list[str]:
-    """What a run wrote in `folder` (paths relative to it): what a replacement run replaces."""
-    names = [m for m in RUN_MARKERS + RUN_PRODUCTS if (folder / m).exists()]
-    return names + sorted(p.relative_to(folder).as_posix() for p in folder.glob(SAMPLE_GRIDS))
-
-
-def _move(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(src, dst)
-
-
-ASIDE = "moved-aside"  # in OUTPUT/.replaced once the old run is wholly there: the swap's second half may begin
-
-
-def _complete_swap(output: Path) -> None:
-    """The two halves of a swap, each resumable: the old run's entries into OUTPUT/.replaced (then the
-    marker), the new run's from OUTPUT/.incoming into OUTPUT; then both folders go."""
-    incoming, replaced = output / STAGING, output / REPLACED
-    replaced.mkdir(exist_ok=True)
-    if not (replaced / ASIDE).exists():  # the old run is not wholly aside yet: nothing new is in place
-        for name in run_entries(output):
-            _move(output / name, replaced / name)
-        (replaced / ASIDE).touch()
-    for name in run_entries(incoming):
-        _move(incoming / name, output / name)
-    shutil.rmtree(replaced, ignore_errors=True)
-    shutil.rmtree(incoming, ignore_errors=True)
-
-
-def finish_swap(output: Path, log=None) -> None:
-    """Complete a replacement that was stopped half-way through `swap_in` (the new run was whole
-    when the swap began, so it is carried forward), and remove a replacement that never finished."""
-    incoming, replaced = output / STAGING, output / REPLACED
-    if replaced.is_dir():
-        _complete_swap(output)
-        if log:
-            log(f"completed the replacement of the run in {output} that an earlier --overwrite had begun")
-    elif incoming.is_dir():
-        shutil.rmtree(incoming, ignore_errors=True)
-        if log:
-            log(f"removed an unfinished replacement run from {output} (an earlier --overwrite that stopped)")
-
-
-def swap_in(output: Path) -> None:
-    """Put the finished replacement run (OUTPUT/.incoming) in place of the run in OUTPUT: everything the
-    old run wrote (`run_entries`) goes, so no check, log or sample grid of it is left to pass for the new
-    run's. Files of the user's beside the run (their own files in samples/, notes) stay. Each move is a
-    rename; `finish_swap` completes a swap that a crash interrupted."""
-    if not (output / STAGING / "erased.safetensors").is_file():
-        raise RuntimeError(f"no finished replacement run in {output / STAGING}; the run in {output} was left as it is")
-    _complete_swap(output)
-
-
-def prepare_output(output: Path, *, replace: bool) -> None:
-    """Create the run folder once set-up has succeeded (a failed set-up leaves no folder behind).
-    With `replace`, the new run goes to OUTPUT/.incoming and the old run is left as it is."""
-    if replace:
-        shutil.rmtree(output / STAGING, ignore_errors=True)
-        (output / STAGING).mkdir(parents=True)
-    output.mkdir(parents=True, exist_ok=True)
-
-
-def find_checkpoint(output: Path, resume: str, log) -> Path | None:
-    """The checkpoint to resume from: `latest` skips damaged ones, with a message."""
-    if resume != "latest":
-        path = Path(resume)
-        if not (path / "state.json").is_file():
-            raise UserError(f"--resume {resume}: no checkpoint there (no state.json)")
-        return path
-    root = output / "checkpoints"
-    if root.is_dir():  # a save killed half-way leaves its temporary folder: never a checkpoint, removed
-        for stale in root.glob(".step-*.tmp"):
-            log(f"removing the unfinished checkpoint save {stale.name}")
-            shutil.rmtree(stale, ignore_errors=True)
-    candidates = sorted(root.glob("step-*"), reverse=True) if root.is_dir() else []
-    for path in candidates:
-        if path.name.endswith(".tmp") or not path.is_dir():
-            continue
-        try:
-            json.loads((path / "state.json").read_text())
-            from concept_erase.io.loading import check_safetensors_file
-
-            check_safetensors_file(path / "trained.safetensors")
-            for part in ("optimizer.pt", "rank-0.safetensors"):
-                if not (path / part).is_file():
-                    raise UserError(f"no {part}")
-            return path
-        except (OSError, ValueError, UserError) as err:
-            log(f"skipping damaged checkpoint {path}: {str(err)[:200]}")
-    return None
 
 
 class Trainer:
@@ -396,7 +277,7 @@ class Trainer:
         self.stopped_at: int | None = None
         self.stop_reason = ""
         if acc.is_main_process:
-            prepare_output(self.output, replace=replace)
+            make_run_folder(self.output, replace=replace)
         if replace:  # the old run stays whole until the new one is complete
             self.output = self.final_output / STAGING
         acc.wait_for_everyone()
@@ -489,7 +370,7 @@ class Trainer:
                 raise UserError(nothing_to_resume(self.final_output))
             self.log(f"no usable checkpoint in {self.output / 'checkpoints'}; starting from step 0")
             if self.accelerator.is_main_process:
-                _truncate_metrics(self.output / "metrics.jsonl", 0)
+                truncate_metrics(self.output / "metrics.jsonl", 0)
             return
         state = json.loads((path / "state.json").read_text())
         self._check_same_run(path, state)
@@ -522,7 +403,7 @@ class Trainer:
             self.log(f"the run stopped at step {self.stopped_at}: {self.stop_reason}; it stays stopped and trains no "
                      f"further (resume with --no-stop-when-erased to train on to step {self.config.steps})")
         if self.accelerator.is_main_process:
-            _truncate_metrics(self.output / "metrics.jsonl", self.start_step)
+            truncate_metrics(self.output / "metrics.jsonl", self.start_step)
         self.log(f"resumed from {path} at step {self.start_step}")
 
     def _check_same_run(self, path: Path, state: dict) -> None:
@@ -903,21 +784,6 @@ def _peer_lost(err: BaseException) -> bool:
     text = str(err).lower()
     return any(w in text for w in ("connection closed", "connection reset", "broken pipe", "peer", "timed out",
                                    "timeout", "nccl", "gloo"))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume from `step`, drop the lines a crashed run wrote past it."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # a torn last line from a crash
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
 
 
 def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:

@@ -1,0 +1,101 @@
+"""A run's folder: what a run writes there, the refusal of an output that would destroy a run, and the
+replacement of a run by a new one (`--overwrite`) that never loses the old run before the new one is whole.
+
+The new run is built in OUTPUT/.incoming while the old one stays in place. When it is finished, `swap_in`
+moves everything the old run wrote (`run_entries`) into OUTPUT/.replaced, marks that half done, and moves the
+new run's entries into OUTPUT; each half is a series of renames that `finish_swap` completes after a crash.
+A user's own files beside the run stay.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from concept_erase.errors import UserError
+from concept_erase.training.checkpoints import nothing_to_resume
+
+RUN_MARKERS = ("metrics.jsonl", "erased.safetensors", "checkpoints", "run.json")
+# What else a run may write in its folder: --stop-when-erased's checks, the trackers' logs, --sample-every's
+# grids. `--overwrite` replaces all of it with the run; a user's own files beside the run stay.
+RUN_PRODUCTS = ("checks.jsonl", "logs")
+SAMPLE_GRIDS = "samples/step-*.png"
+
+STAGING, REPLACED = ".incoming", ".replaced"  # inside the output: the replacement run, the run it replaces
+
+
+def check_output(output: Path, *, overwrite: bool, resume: str) -> bool:
+    """Refuse an output that would destroy a run; True when it holds one to replace. Writes nothing."""
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; choose a folder path")
+    holds_run = output.is_dir() and any((output / m).exists() for m in RUN_MARKERS)
+    if holds_run and not resume and not overwrite:
+        raise UserError(f"{output} already holds a run; pass --resume latest to continue it, --overwrite to "
+                        "replace it, or choose another --output")
+    if resume == "latest" and (output / "erased.safetensors").is_file() and not any(
+            (p / "state.json").is_file() for p in (output / "checkpoints").glob("step-*")):
+        raise UserError(nothing_to_resume(output))
+    return holds_run and not resume
+
+
+def run_entries(folder: Path) -> list[str]:
+    """What a run wrote in `folder` (paths relative to it): what a replacement run replaces."""
+    names = [m for m in RUN_MARKERS + RUN_PRODUCTS if (folder / m).exists()]
+    return names + sorted(p.relative_to(folder).as_posix() for p in folder.glob(SAMPLE_GRIDS))
+
+
+def _move(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
+ASIDE = "moved-aside"  # in OUTPUT/.replaced once the old run is wholly there: the swap's second half may begin
+
+
+def _complete_swap(output: Path) -> None:
+    """The two halves of a swap, each resumable: the old run's entries into OUTPUT/.replaced (then the
+    marker), the new run's from OUTPUT/.incoming into OUTPUT; then both folders go."""
+    incoming, replaced = output / STAGING, output / REPLACED
+    replaced.mkdir(exist_ok=True)
+    if not (replaced / ASIDE).exists():  # the old run is not wholly aside yet: nothing new is in place
+        for name in run_entries(output):
+            _move(output / name, replaced / name)
+        (replaced / ASIDE).touch()
+    for name in run_entries(incoming):
+        _move(incoming / name, output / name)
+    shutil.rmtree(replaced, ignore_errors=True)
+    shutil.rmtree(incoming, ignore_errors=True)
+
+
+def finish_swap(output: Path, log=None) -> None:
+    """Complete a replacement that was stopped half-way through `swap_in` (the new run was whole
+    when the swap began, so it is carried forward), and remove a replacement that never finished."""
+    incoming, replaced = output / STAGING, output / REPLACED
+    if replaced.is_dir():
+        _complete_swap(output)
+        if log:
+            log(f"completed the replacement of the run in {output} that an earlier --overwrite had begun")
+    elif incoming.is_dir():
+        shutil.rmtree(incoming, ignore_errors=True)
+        if log:
+            log(f"removed an unfinished replacement run from {output} (an earlier --overwrite that stopped)")
+
+
+def swap_in(output: Path) -> None:
+    """Put the finished replacement run (OUTPUT/.incoming) in place of the run in OUTPUT: everything the
+    old run wrote (`run_entries`) goes, so no check, log or sample grid of it is left to pass for the new
+    run's. Files of the user's beside the run (their own files in samples/, notes) stay. Each move is a
+    rename; `finish_swap` completes a swap that a crash interrupted."""
+    if not (output / STAGING / "erased.safetensors").is_file():
+        raise RuntimeError(f"no finished replacement run in {output / STAGING}; the run in {output} was left as it is")
+    _complete_swap(output)
+
+
+def make_run_folder(output: Path, *, replace: bool) -> None:
+    """Create the run folder once set-up has succeeded (a failed set-up leaves no folder behind).
+    With `replace`, the new run goes to OUTPUT/.incoming and the old run is left as it is."""
+    if replace:
+        shutil.rmtree(output / STAGING, ignore_errors=True)
+        (output / STAGING).mkdir(parents=True)
+    output.mkdir(parents=True, exist_ok=True)
