@@ -207,7 +207,7 @@ def _concepts(value, path: Path, key: str) -> list[str]:
 def _splits(raw, path: Path) -> list[Split]:
     """`splits: {tuning: {concepts, seeds, evaluation_seed_start}, held_out: {...}}`: both declared, neither empty,
     sharing no concept, no run seed and no evaluation image seed."""
-    from concept_erase.config import whole_number
+    from concept_erase.yaml_files import whole_number
 
     if not isinstance(raw, dict) or set(map(str, raw)) != set(SPLITS):
         raise UserError(f"{path}: splits must declare exactly tuning: and held_out:, each with concepts:, seeds: "
