@@ -152,3 +152,10 @@ def leave(code: int) -> int:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def peer_lost(err: BaseException) -> bool:
+    """A collective failed because another rank is gone (gloo/NCCL say it in several ways)."""
+    text = str(err).lower()
+    return any(w in text for w in ("connection closed", "connection reset", "broken pipe", "peer", "timed out",
+                                   "timeout", "nccl", "gloo"))

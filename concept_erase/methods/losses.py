@@ -52,3 +52,20 @@ def still_guided(along: torch.Tensor, norm_sq: torch.Tensor, level: float) -> to
     """Per sample, whether its guidance projection `along / norm_sq` is still above `level` (a sample with no
     concept direction is not). The forget loss of a held erasure counts only these samples."""
     return along > level * norm_sq
+
+
+def surgery_products(g_u: list, g_r: list, scale: float = 1.0) -> tuple[float, float]:
+    """<g_r, g_u> and ||g_r||^2 of the true (unscaled) gradients, in fp64, over the trained subset.
+
+    `g_u` and `g_r` hold the gradients as backward left them, each multiplied by `scale`; a missing
+    gradient (None) counts as zeros.
+    """
+    dot, norm_sq = 0.0, 0.0
+    for a, b in zip(g_u, g_r):
+        if b is None:
+            continue
+        bd = b.double()
+        norm_sq += float(torch.sum(bd * bd))
+        if a is not None:
+            dot += float(torch.sum(a.double() * bd))
+    return dot / scale**2, norm_sq / scale**2

@@ -111,3 +111,11 @@ def no_cudnn_attention():
         yield
     finally:
         cuda.enable_cudnn_sdp(before)
+
+
+def grad_scale(accelerator) -> float:
+    """The factor the loss was multiplied by before backward (fp16's gradient scaler), else 1."""
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())

@@ -9,11 +9,15 @@ A user's own files beside the run stay.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
+from concept_erase import provenance
 from concept_erase.errors import UserError
+from concept_erase.io.atomic import write_json
+from concept_erase.io.digests import tensor_digest
 from concept_erase.training.checkpoints import nothing_to_resume
 
 RUN_MARKERS = ("metrics.jsonl", "erased.safetensors", "checkpoints", "run.json")
@@ -99,3 +103,41 @@ def make_run_folder(output: Path, *, replace: bool) -> None:
         shutil.rmtree(output / STAGING, ignore_errors=True)
         (output / STAGING).mkdir(parents=True)
     output.mkdir(parents=True, exist_ok=True)
+
+
+def record_ranks(t, whole: dict | None) -> None:
+    """Write what each process ended with into run.json: every rank must hold the same lambda and weights
+    (`whole`: the sharded weights gathered whole; None when not sharded)."""
+    from accelerate.utils import gather_object
+
+    mine = {"rank": t.accelerator.process_index, "lambda_history": t.lambda_history,
+            "weights_digest": tensor_digest(whole if whole is not None else t.trained)}
+    ranks = gather_object([mine])
+    if t.accelerator.is_main_process:
+        run = json.loads((t.output / "run.json").read_text())
+        run["ranks"] = ranks
+        run["finished"] = provenance.now()
+        if t.stopped_at:
+            run["stopped_at"] = t.stopped_at
+            run["stop_reason"] = t.stop_reason
+        write_json(t.output / "run.json", run)
+
+def last_good(t) -> str:
+    """What survives a failure now, and what to do: for messages."""
+    if getattr(t, "replacing", False):
+        return (f"the previous run in {t.final_output} is unchanged (the unfinished replacement was removed); "
+                "run the same command again to replace it.")
+    output = getattr(t, "output", None)
+    root = output / "checkpoints" if output else None
+    kept = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")) \
+        if root and root.is_dir() else []
+    if kept:
+        return f"the last good checkpoint, {kept[-1]}, is intact (continue with --resume latest)."
+    if output and output.is_dir():
+        return "no checkpoint had been written yet (--resume latest starts it again from step 0)."
+    return "nothing was written."
+
+def discard_replacement(t) -> None:
+    if getattr(t, "replacing", False) and getattr(t, "accelerator", None) is not None \
+            and t.accelerator.is_main_process:
+        shutil.rmtree(t.final_output / STAGING, ignore_errors=True)

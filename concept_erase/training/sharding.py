@@ -112,3 +112,15 @@ def load_optimizer_state(trained: dict[str, torch.Tensor], optimizer, state: dic
             optimizer.state[p] = held
     for group, saved in zip(optimizer.param_groups, state["param_groups"]):
         group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def init_fsdp_while_trainable(model) -> None:
+    """FSDP2 fixes each shard group's gradient precision at its first forward, from the parameters that
+    require gradients then. The first forward of a LoRA run is the original model's, with the adapter
+    off, and PEFT switches the adapter off by clearing its requires_grad: the groups then fixed no
+    gradient precision, and the first backward failed ("attempting to assign a gradient with dtype
+    BFloat16 to a tensor with grad_dtype Float", pytorch/pytorch#186998; seen on an H200, torch 2.11).
+    Initialising FSDP's state now, while the trained parameters require gradients, fixes it."""
+    state = getattr(model, "_get_fsdp_state", None)
+    if state is not None:
+        state()._lazy_init()
