@@ -219,6 +219,9 @@ class EraseConfig:
                             "'the concept' (repeat it, e.g. for an anchor too)")
         if self.sample_prompts and not self.sample_every:
             raise UserError("--sample-prompt is drawn every --sample-every N steps; add --sample-every N")
+        if self.sample_every > self.steps:
+            raise UserError(f"--sample-every {self.sample_every} is more than --steps {self.steps}: nothing would be "
+                            f"drawn during training; give --sample-every {self.steps} or less")
         if self.original_copy == "bf16" and self.mixed_precision != "bf16":
             raise UserError("--original-copy bf16 needs --mixed-precision bf16 (its autocast casts the copy; "
                             "in fp32 the copy would round the original model's weights)")

@@ -56,6 +56,7 @@ def test_tensorboard_follows_a_run_with_its_samples(make_config, tmp_path):
     (["--report-to", "mlflowx"], "--report-to"),
     (["--sample-every", "5"], "--sample-prompt"),
     (["--sample-prompt", "a cat"], "--sample-every"),
+    (["--sample-every", "5000", "--sample-prompt", "a cat", "--steps", "10"], "give --sample-every 10 or less"),
 ])
 def test_tracker_flags_are_checked_at_the_door(flags, message, tmp_path, capsys):
     code = main(["erase", "--model", "builtin:tiny", "--concept", "a cat", "--anchor", "a dog",
