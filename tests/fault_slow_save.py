@@ -6,9 +6,9 @@ import sys
 import time
 from pathlib import Path
 
-import concept_erase.training.trainer as trainer
+import concept_erase.training.checkpoints as checkpoints
 
-_real = trainer.write_json
+_real = checkpoints.write_json
 
 
 def _stalling(target, obj):
@@ -20,7 +20,7 @@ def _stalling(target, obj):
     return _real(target, obj)
 
 
-trainer.write_json = _stalling
+checkpoints.write_json = _stalling
 
 from concept_erase.cli import main  # noqa: E402
 
