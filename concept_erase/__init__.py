@@ -1,4 +1,5 @@
-"""concept-erase: erase concepts from text-to-image diffusion models (SD 1.x/2.x, SDXL, SD3, FLUX.1) with\nutility-preserving unlearning.
+"""concept-erase: erase concepts from text-to-image diffusion models (SD 1.x/2.x, SDXL, SD3, FLUX.1)
+with utility-preserving unlearning.
 
     from concept_erase import EraseConfig, erase, apply
     path = erase(EraseConfig(model="path/to/sd", concepts=["van gogh"], anchors=["a painting"], output="runs/vg"))
