@@ -188,13 +188,17 @@ def _compare(args) -> None:
 
 
 def _erase(args) -> None:
-    from concept_erase.config import build_config, load_yaml
+    from concept_erase.config import build_config, inert_flags, load_yaml
     from concept_erase.training.trainer import erase
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "argv")}
     settings = load_yaml(args.config) if args.config else {}
     config = build_config(settings, flags, source=args.config or "config")
     config.check_runnable()
+    for flag in inert_flags(config, flags):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"concept-erase: note: {flag} does nothing in this run: it is read by --stop-when-erased, which is "
+                  "off", file=sys.stderr)
     path = erase(config)  # takes the output's lock itself
     if os.environ.get("RANK", "0") == "0":
         q = shlex.quote

@@ -378,6 +378,20 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     return value
 
 
+# Settings read only by --stop-when-erased: given while the run does not stop when erased, they change nothing.
+STOP_SETTINGS = ("stop_judge", "stop_signal_at_most", "stop_lambda_window", "clip_model", "clip_weights",
+                 "check_every", "check_forget_at_most", "check_retain_drop_at_most", "check_inference_steps",
+                 "check_images", "check_seed_start")
+
+
+def inert_flags(config: EraseConfig, given) -> list[str]:
+    """The command-line flags in `given` that this run's other settings make do nothing (a recipe's values are
+    not counted: one recipe serves runs with and without the stop), for a one-line note each."""
+    if config.stop_when_erased:
+        return []
+    return ["--" + name.replace("_", "-") for name in STOP_SETTINGS if name in given]
+
+
 def build_config(file_settings: Optional[dict] = None, overrides: Optional[dict] = None,
                  source: str = "config") -> EraseConfig:
     """defaults < file settings < overrides (command-line flags that were given)."""
