@@ -195,12 +195,11 @@ def _erase(args) -> None:
     settings = load_yaml(args.config) if args.config else {}
     config = build_config(settings, flags, source=args.config or "config")
     config.check_runnable()
-    for flag in inert_flags(config, flags):
-        if os.environ.get("RANK", "0") == "0":
-            print(f"concept-erase: note: {flag} does nothing in this run: it is read by --stop-when-erased, which is "
-                  "off", file=sys.stderr)
     path = erase(config)  # takes the output's lock itself
     if os.environ.get("RANK", "0") == "0":
+        for flag in inert_flags(config, flags):  # said once the run is done: a refused run prints its error alone
+            print(f"concept-erase: note: {flag} did nothing in this run: it is read by --stop-when-erased, which was "
+                  "off", file=sys.stderr)
         q = shlex.quote
         print(f"erased weights: {path}")
         print(f"next: concept-erase sample --model {q(config.model)} --weights {q(str(path))} "

@@ -164,9 +164,9 @@ def test_a_stop_flag_without_the_stop_is_said_in_one_line_and_the_run_goes_on(tm
             "--anchor-images-per-prompt", "1", "--anchor-inference-steps", "2", "--sampling-steps", "2", "--no-progress"]
     assert cli.main(base + ["--output", str(tmp_path / "a"), "--check-every", "5", "--stop-judge", "signal"]) == 0
     err = capsys.readouterr().err
-    notes = [line for line in err.splitlines() if "does nothing in this run" in line]
+    notes = [line for line in err.splitlines() if "did nothing in this run" in line]
     assert len(notes) == 2 and "--check-every" in notes[1] and "--stop-judge" in notes[0], err
     recipe = tmp_path / "r.yaml"
     recipe.write_text("check_every: 5\n")
     assert cli.main(base + ["--output", str(tmp_path / "b"), "--config", str(recipe)]) == 0
-    assert "does nothing" not in capsys.readouterr().err
+    assert "did nothing" not in capsys.readouterr().err
