@@ -232,7 +232,8 @@ def _demo(args) -> None:
     from concept_erase.digits.demo import run_demo
 
     o = _opts(args, "demo")
-    overrides = {k: v for k, v in (("model", o.model), ("method", o.method), ("steps", o.steps)) if v}
+    overrides = {k: v for k, v in (("model", o.model), ("method", o.method), ("steps", o.steps),
+                                   ("concept_variants", o.concept_variants)) if v}
     with _locked(o.output):
         report = run_demo(o.output, digit=o.digit, config_file=o.config or None, seeds=o.seeds_per_digit,
                           overwrite=o.overwrite, progress=o.progress, overrides=overrides)
@@ -243,7 +244,12 @@ def _demo(args) -> None:
     print(f"forget accuracy {b['forget_accuracy']:.1%} -> {a['forget_accuracy']:.1%}   "
           f"retain accuracy {b['retain_accuracy']:.1%} -> {a['retain_accuracy']:.1%}   "
           f"domain FID {b['domain_fid']:.2f} -> {a['domain_fid']:.2f}")
-    print(f"targets {'met' if report['passed'] else 'MISSED'}; report: {o.output}/report.md, grid: {o.output}/grid.png")
+    worst = max(report["after"]["tiers"].values(), key=lambda t: t["forget_accuracy"])
+    worst_style = next(s for s, t in report["after"]["tiers"].items() if t is worst)
+    print(f"in every style: forget at most {worst['forget_accuracy']:.1%} ({worst_style}); targets in every style "
+          f"{'met' if report['passed_every_style'] else 'MISSED'}")
+    print(f"targets {'met' if report['passed'] else 'MISSED'}; report: {o.output}/report.md, grids: {o.output}/grid.png, "
+          f"{o.output}/grid-styles.png")
 
 
 def _export(args) -> None:

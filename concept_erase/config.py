@@ -17,6 +17,7 @@ from typing import Any, Optional
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import CHECK_SEED_START
 from concept_erase.options import IN_DIR, IN_FILE, MAX_SEED, OUT_DIR, check_fields, setting
+from concept_erase.variants import check_names as check_variant_names
 from concept_erase.yaml_files import read_yaml
 
 TRAINABLE_SUBSETS = ("xattn", "xattn-kv", "noxattn", "selfattn", "full", "lora")
@@ -53,6 +54,11 @@ class EraseConfig:
                                "instead of the empty one (one for all, or one per --concept), e.g. the caption "
                                "without the style: the target becomes e(ref) - eta * (e(concept) - e(ref))",
                            flag="relative-to", metavar="PROMPT")
+    concept_variants: list = _f([], "draw each concept and each anchor inside prompt templates too, not only bare: "
+                                    "auto (the model's own: the style phrases on the digits models, general "
+                                    "templates on any other), general, none, or a text file of templates such as "
+                                    "'a painting of {}' (repeat to combine; default none)",
+                                flag="concept-variants", nonempty=True, metavar="auto|general|none|FILE")
     eta: float = _f(1.0, "negative-guidance scale: the target is e0 - eta * (ec - e0)", ge=0, le=1000)
     lambda_update: str = _f("normalised", "eupmu's lambda rule: normalised (the slack's running mean over its "
                                           "running scale: lambda moves by at most about beta_t per step whatever "
@@ -207,6 +213,8 @@ class EraseConfig:
             self.relative_to = [self.relative_to]
         if isinstance(self.sample_prompts, str):
             self.sample_prompts = [self.sample_prompts]
+        if isinstance(self.concept_variants, str):
+            self.concept_variants = [self.concept_variants]
         LAMBDA_CONTROLLERS.get(self.method)
         FORGET_OBJECTIVES.get(self.forget_loss)
         RETAIN_OBJECTIVES.get(self.retain_loss)
@@ -257,6 +265,7 @@ class EraseConfig:
             raise UserError("--relative-to applies to --forget-loss negative-guidance only")
         if self.forget_loss == "remap" and self.remap_to and len(self.remap_to) not in (1, len(self.concepts)):
             raise UserError("give one --remap-to for all concepts, or one per --concept")
+        check_variant_names(self.concept_variants)
         if self.stop_when_erased:
             self._check_stop()
         if self.hold_erasure_at is not None:

@@ -8,4 +8,4 @@ bash scripts/setup.sh
 OUT=${1:-runs/demo}
 concept-erase demo --output "$OUT" --digit "${DIGIT:-three}" --overwrite
 concept-erase export "$OUT/run" --format diffusers --output "$OUT/pipeline" --overwrite
-echo "done: $OUT/report.md, $OUT/grid.png, erased weights $OUT/run/erased.safetensors, pipeline $OUT/pipeline/"
+echo "done: $OUT/report.md, $OUT/grid.png, $OUT/grid-styles.png, erased weights $OUT/run/erased.safetensors, pipeline $OUT/pipeline/"

@@ -43,6 +43,10 @@ def bad_models(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "model.ckpt").write_bytes(b"not really a pickle")
     (root / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    (root / "empty.txt").write_text("# nothing but a comment\n")
+    (root / "no-slot.txt").write_text("a painting in the style of van gogh\n")
+    (root / "holds-anchor.txt").write_text("{} beside a photo\n")
+    (root / "too-long.txt").write_text("a picture " + "with many more words " * 20 + "of {}\n")
     return root
 
 
@@ -63,6 +67,11 @@ ERASE_CASES = [
     ("--stop-when-erased", None, "no check would run"),
     ("--check-every", "0", "--check-every must be 1 to"),
     ("--check-inference-steps", "0", "--check-inference-steps must be 1 to"),
+    ("--concept-variants", "{bad}/empty.txt", "holds no template"),
+    ("--concept-variants", "{bad}/model.safetensors", "is not a text file"),
+    ("--concept-variants", "{bad}/no-slot.txt", "has no slot {} for the concept"),
+    ("--concept-variants", "{bad}/holds-anchor.txt", "holds the anchor 'a photo' word for word"),
+    ("--concept-variants", "{bad}/too-long.txt", "would leave the concept out"),
 ]
 
 
@@ -75,7 +84,7 @@ def test_bad_erase_input_leaves_an_existing_run_alone_even_with_overwrite(flag, 
     if flag == "model":
         argv[argv.index("--model") + 1] = value.format(bad=bad_models)
     else:
-        argv += [flag] if value is None else [flag, value]
+        argv += [flag] if value is None else [flag, value.format(bad=bad_models)]
     code, err = run_cli(capsys, argv)
     assert_refused(code, err, message, run, before)
 

@@ -80,11 +80,17 @@ def test_demo_end_to_end_on_the_shipped_model(tmp_path):
                       overrides={"steps": 4, "anchor_images_per_prompt": 2, "anchor_inference_steps": 4, "sampling_steps": 4,
                                  "cache_dir": str(tmp_path / "cache"), "stop_when_erased": True, "check_every": 2,
                                  "check_images": 2, "check_forget_at_most": 1.0, "check_retain_drop_at_most": 1.0})
-    for name in ("report.json", "report.md", "grid.png", "run/erased.safetensors", "run/metrics.jsonl"):
+    for name in ("report.json", "report.md", "grid.png", "grid-styles.png", "run/erased.safetensors",
+                 "run/metrics.jsonl"):
         assert (tmp_path / "demo" / name).is_file(), name
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["before"]["per_digit"].keys() == saved["after"]["per_digit"].keys()
     assert set(saved["checks"]) == {"forget_accuracy_at_most_10pct", "retain_within_5_points_of_base"}
+    # the same figures in every style, the bare caption's equal to the headline's; the run trained on none of them
+    assert list(saved["after"]["tiers"]) == digits.STYLES and saved["trained_styles"] == ["plain"]
+    assert saved["after"]["tiers"]["plain"]["forget_accuracy"] == saved["after"]["forget_accuracy"]
+    assert saved["passed_every_style"] == all(saved["tier_checks"].values())
+    assert "| red ink (in red ink) | no |" in (tmp_path / "demo" / "report.md").read_text()
     assert "not the standard Inception FID" in (tmp_path / "demo" / "report.md").read_text()
     assert (report["steps"], report["steps_planned"], report["stopped_when_erased"]) == (2, 4, True)
     # judged on image seeds 0-1; the checks drew theirs from 1,000,000 on, and the report says so

@@ -9,7 +9,8 @@ exceptions are listed with their reason), and no modules import each other in a 
     models     loading pipelines, exporting erasures (delta, diffusers, LoRA, model card), the loaders' key rules
     families   what differs between SD 1.x/2.x, SDXL, SD3 and FLUX.1
     io         atomic writes, resumable outputs, digests, tokenizers, single-file key layouts, YAML files
-    core       errors, name tables, option declarations, image seeds, environment, processes, provenance
+    core       errors, name tables, option declarations, image seeds, prompt variants, environment, processes,
+               provenance
 """
 
 import ast
@@ -18,7 +19,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "concept_erase"
 
 LAYERS = [  # bottom first; a name stands for a module or a package's every module
-    ("core", ["errors", "registry", "options", "image_seeds", "env", "processes", "provenance"]),
+    ("core", ["errors", "registry", "options", "image_seeds", "variants", "env", "processes", "provenance"]),
     ("io", ["io", "io.atomic", "io.resumable", "io.tokenizer", "io.digests", "io.single_file", "io.lora_forms",
             "io.tiny", "yaml_files"]),
     ("families", ["families"]),

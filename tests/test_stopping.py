@@ -187,6 +187,32 @@ def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
     assert sum(sides.still_shown(pipe, [(caption(3), start)], 10)) == 1
 
 
+def test_a_check_with_prompt_variants_draws_them_and_judges_each_as_its_concept():
+    """A run trained on the digit in red ink is checked on it too: the red three is drawn, and the digits judge asks
+    whether it shows a three (the digit), not whether it is red (what the red caption alone would mean to it)."""
+    from concept_erase.digits.world import STYLE_TEMPLATES, caption, takes_style
+    from concept_erase.io.loading import load_pipeline
+    from concept_erase.judges import make_judge
+    from concept_erase.variants import expand
+
+    pipe = load_pipeline("builtin:digits")
+    pipe.set_progress_bar_config(disable=True)
+    concepts, anchors = [caption(3)], [caption(1)]
+    red = tuple(t for t in STYLE_TEMPLATES if t.tier == "red ink")
+    config = SimpleNamespace(concepts=concepts, anchors=anchors, check_images=2, check_seed_start=7000,
+                             anchor_guidance=7.5)
+    sides = CheckSides(config, make_judge("digits", concepts, anchors),
+                       (expand(concepts, red, takes_style), expand(anchors, red, takes_style)))
+    assert sides.concept_items == [(caption(3), 7000), (caption(3, "red ink"), 7000)]
+    assert [p for p, _ in sides.anchor_items] == [caption(1), caption(1, "red ink")] * 2
+    # the judge reads the red three's digit: a red one (the digit erased, the colour kept) is not the concept shown
+    assert sides.judged_as[caption(3, "red ink")] == caption(3)
+    assert sides.still_shown(pipe, sides.concept_items, 10) == [True, True]
+    # a red one judged as the three is not shown (judged by its own red caption it would be: it is red)
+    sides.judged_as[caption(1, "red ink")] = caption(3)
+    assert sides.still_shown(pipe, [(caption(1, "red ink"), 7000)], 10) == [False]
+
+
 def test_a_count_stopped_early_gives_the_whole_counts_verdict():
     """count_until stops drawing once the bar is exceeded; on every sequence of verdicts, chunk size and bar, the
     verdict (count <= most) is the one of counting everything, and it never judges more than it must."""

@@ -14,44 +14,72 @@ from pathlib import Path
 import torch
 
 from concept_erase.io.atomic import atomic_dir, atomic_path, write_json, write_text
-from concept_erase.digits.world import DIGIT_NAMES, caption
-from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid, generate
+from concept_erase.digits.world import DIGIT_NAMES, STYLE_TEMPLATES, STYLE_WORDS, STYLES, caption
+from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid, generate_many
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import describe, seed_range
 from concept_erase.methods.stopping import check_seeds
 from concept_erase.config import RECIPES
+from concept_erase.variants import BARE, resolve, tiers
 
 FORGET_TARGET = 0.10  # forget accuracy at most 10%
 RETAIN_DROP = 0.05  # retain accuracy at most 5 points below the base model's
 
 
-def evaluate(pipe, judge, erased: int, seeds, *, steps: int, guidance: float, real_by_digit: dict,
-             progress: bool) -> tuple[dict, torch.Tensor]:
-    from tqdm.auto import tqdm
-
-    images, per_digit = [], {}
-    for d in tqdm(range(10), desc="judging generations", disable=not progress, leave=False):
-        imgs = generate(pipe, caption(d), seeds, steps=steps, guidance=guidance)
-        pred, _ = judge.predict(imgs)
-        per_digit[DIGIT_NAMES[d]] = float((pred == d).float().mean())
-        images.append(imgs)
+def evaluate(pipe, judge, erased: int, seeds, *, steps: int, guidance: float,
+             real_by_digit: dict) -> tuple[dict, torch.Tensor]:
+    """Every digit in every style (the prompt tiers: the bare caption is the plain style), judged. The headline
+    figures are the bare caption's; `tiers` holds each style's. The erased digit is drawn on every seed in every
+    style, the other digits on every seed in plain and on a quarter of them (at least 2) in the other styles.
+    Images: the plain ones [digit, seed, 3, H, W] and the erased digit's [style, seed, 3, H, W]."""
+    seeds = list(seeds)
+    few = seeds[:max(2, len(seeds) // 4)]
     others = [d for d in range(10) if d != erased]
-    generated_others = torch.cat([images[d] for d in others])
-    real_others = torch.cat([real_by_digit[d] for d in others])
+    requests = [(caption(d, style), seeds if style == "plain" or d == erased else few)
+                for style in STYLES for d in range(10)]
+    drawn = generate_many(pipe, requests, steps=steps, guidance=guidance)
+    tiers = {}
+    for k, style in enumerate(STYLES):
+        per_digit = {}
+        for d in range(10):
+            pred, _ = judge.predict(drawn[k * 10 + d])
+            per_digit[DIGIT_NAMES[d]] = float((pred == d).float().mean())
+        tiers[style] = {"forget_accuracy": per_digit[DIGIT_NAMES[erased]],
+                        "retain_accuracy": sum(per_digit[DIGIT_NAMES[d]] for d in others) / len(others),
+                        "per_digit": per_digit, "seeds": len(seeds), "other_digits_seeds": len(seeds if k == 0 else few)}
+    plain = tiers["plain"]
     result = {
-        "forget_accuracy": per_digit[DIGIT_NAMES[erased]],
-        "retain_accuracy": sum(per_digit[DIGIT_NAMES[d]] for d in others) / len(others),
-        "domain_fid": domain_fid(judge, generated_others, real_others),
-        "per_digit": per_digit,
+        "forget_accuracy": plain["forget_accuracy"],
+        "retain_accuracy": plain["retain_accuracy"],
+        "domain_fid": domain_fid(judge, torch.cat([drawn[d] for d in others]),
+                                 torch.cat([real_by_digit[d] for d in others])),
+        "per_digit": plain["per_digit"],
+        "tiers": tiers,
     }
-    return result, torch.stack(images)
+    return result, (torch.stack(drawn[:10]), torch.stack([drawn[k * 10 + erased] for k in range(len(STYLES))]))
+
+
+def _variants_grid(before: torch.Tensor, after: torch.Tensor, erased: int, path: Path, title: str,
+                   columns: int = 4) -> None:
+    """Rows: the erased digit in each style; its first `columns` seeds before the erasure, then after."""
+    from torchvision.transforms.functional import to_pil_image
+
+    from concept_erase.evaluation.grids import labelled_grid
+
+    n = min(columns, before.shape[1])
+    rows = [[to_pil_image(before[k, j]) for j in range(n)] + [to_pil_image(after[k, j]) for j in range(n)]
+            for k in range(len(STYLES))]
+    heads = [f"before, seed {j}" for j in range(n)] + [f"after, seed {j}" for j in range(n)]
+    grid = labelled_grid(rows, column_heads=heads, row_labels=[caption(erased, s).removeprefix("a handwritten ")
+                                                                for s in STYLES], title=title, cell=64, head_lines=2)
+    with atomic_path(path, suffix=".png") as tmp:
+        grid.save(tmp, format="PNG")
 
 
 def _grid(before: torch.Tensor, after: torch.Tensor, path: Path, title: str, columns: int = 4) -> None:
     """Rows: the ten digits; the first `columns` seeds before the erasure, then the same seeds after."""
     from torchvision.transforms.functional import to_pil_image
 
-    from concept_erase.digits.world import DIGIT_NAMES
     from concept_erase.evaluation.grids import labelled_grid
 
     n = min(columns, before.shape[1])
@@ -105,7 +133,7 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     real_by_digit = {d: test.images[plain & (test.digits == d)] for d in range(10)}
 
     before, before_images = evaluate(base, judge, erased, seed_list, steps=steps, guidance=guidance,
-                                     real_by_digit=real_by_digit, progress=progress)
+                                     real_by_digit=real_by_digit)
     t0 = time.time()
     delta = erase(config, pipe=copy.deepcopy(base))
     erase_seconds = time.time() - t0
@@ -113,17 +141,27 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     done = len((work / "run" / "metrics.jsonl").read_text().splitlines())
     after_pipe = apply(copy.deepcopy(base), delta)
     after, after_images = evaluate(after_pipe, judge, erased, seed_list, steps=steps, guidance=guidance,
-                                   real_by_digit=real_by_digit, progress=progress)
+                                   real_by_digit=real_by_digit)
 
     checks = {
         "forget_accuracy_at_most_10pct": after["forget_accuracy"] <= FORGET_TARGET,
         "retain_within_5_points_of_base": after["retain_accuracy"] >= before["retain_accuracy"] - RETAIN_DROP,
     }
+    # The same targets in every style: the digit under a modifier (prompt variants, docs/erasing.md)
+    tier_checks = {
+        "forget_at_most_10pct_in_every_style": all(t["forget_accuracy"] <= FORGET_TARGET
+                                                   for t in after["tiers"].values()),
+        "retain_within_5_points_in_every_style": all(
+            after["tiers"][s]["retain_accuracy"] >= before["tiers"][s]["retain_accuracy"] - RETAIN_DROP for s in STYLES),
+    }
+    trained = tiers(resolve(config.concept_variants, STYLE_TEMPLATES))
     report = {
         "model": config.model, "erased_digit": digit, "concept": config.concepts[0], "method": config.method,
         "train": config.train,
         "steps": done, "steps_planned": config.steps, "stopped_when_erased": done < config.steps,
         "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
+        "tier_checks": tier_checks, "passed_every_style": all(tier_checks.values()),
+        "concept_variants": list(config.concept_variants), "trained_styles": ["plain" if t == BARE else t for t in trained],
         "erase_seconds": round(erase_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "evaluation": {"seeds": seeds, "image_seeds": describe(seed_range(0, seeds)),
                        "check_image_seeds": describe(check_seeds(config)) if config.stop_when_erased else None,
@@ -135,8 +173,10 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     report["settings"]["output"] = str(output / "run")
     write_json(work / "report.json", report)
     write_text(work / "report.md", _markdown(report))
-    _grid(before_images, after_images, work / "grid.png",
+    _grid(before_images[0], after_images[0], work / "grid.png",
           title=f"'{digit}' erased with {config.method}: prompt 'a handwritten digit N', same seeds before and after")
+    _variants_grid(before_images[1], after_images[1], erased, work / "grid-styles.png",
+                   title=f"'{digit}' erased with {config.method}: the digit in every style, same seeds before and after")
     return report
 
 
@@ -173,6 +213,8 @@ Method `{r['method']}` on `{r['train']}`, {_steps(r)} ({r['erase_seconds']} s); 
 Targets ({verdict}): forget accuracy at most 10%, retain accuracy at most 5 points below the base model.
 {checks}
 
+{_styles_section(r)}
+
 Per digit (judge accuracy on {r['evaluation']['seeds']} seeds, {r['evaluation'].get('sampler', 'DDIM')} {r['evaluation']['sampling_steps']} steps,
 guidance {r['evaluation']['guidance']}):{_seeds_note(r)}
 
@@ -183,4 +225,31 @@ guidance {r['evaluation']['guidance']}):{_seeds_note(r)}
 Note: {r['evaluation']['domain_fid']}.
 
 `grid.png`: one row per digit, labelled: its first four seeds before the erasure, then the same seeds after.
+`grid-styles.png`: the erased digit in each style, the same seeds before and after.
 """
+
+
+def _styles_section(r: dict) -> str:
+    """Forget and retain in every style: the bare caption and four modifiers of it (prompt variants)."""
+    b, a = r["before"].get("tiers"), r["after"].get("tiers")
+    if not b:
+        return ""
+    trained = set(r.get("trained_styles") or ["plain"])
+    rows = "\n".join(
+        f"| {s}{'' if s == 'plain' else ' (' + STYLE_WORDS[s].strip() + ')'} | {'yes' if s in trained else 'no'} | "
+        f"{b[s]['forget_accuracy']:.1%} | {a[s]['forget_accuracy']:.1%} | "
+        f"{b[s]['retain_accuracy']:.1%} | {a[s]['retain_accuracy']:.1%} |" for s in STYLES)
+    verdict = "PASSED" if r.get("passed_every_style") else "MISSED"
+    checks = "\n".join(f"- {k}: {'yes' if v else 'NO'}" for k, v in r["tier_checks"].items())
+    variants = ", ".join(r.get("concept_variants") or []) or "none"
+    few = r["after"]["tiers"]["red ink"].get("other_digits_seeds")
+    drawn = f"the erased digit on all {r['evaluation']['seeds']} seeds, the other digits on {few} in the four other styles"
+    return f"""In every style (the erased digit's caption with a style phrase: {drawn}; trained with
+--concept-variants {variants}):
+
+| style | trained on | forget before | forget after | retain before | retain after |
+|---|---|---|---|---|---|
+{rows}
+
+The same targets in every style ({verdict}):
+{checks}"""

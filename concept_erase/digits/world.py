@@ -12,10 +12,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from concept_erase.variants import Template
+
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 STYLES = ["plain", "red ink", "blue ink", "inverted", "bold"]
 STYLE_WORDS = {"plain": "", "red ink": " in red ink", "blue ink": " in blue ink",
                "inverted": " in white on black", "bold": " in bold strokes"}
+# The style phrases as prompt variants (`concept_erase.variants`): a digit's caption inside each style.
+STYLE_TEMPLATES = tuple(Template("{}" + words, style) for style, words in STYLE_WORDS.items() if words)
 IMAGE_SIZE = 32
 HOLDOUT_SEED = 1234
 HOLDOUT_FRACTION = 0.2
@@ -24,6 +28,13 @@ HOLDOUT_FRACTION = 0.2
 def caption(digit: int, style: str = "plain") -> str:
     """'a handwritten digit seven', 'a handwritten digit seven in red ink'."""
     return f"a handwritten digit {DIGIT_NAMES[digit]}{STYLE_WORDS[style]}"
+
+
+def takes_style(prompt: str, template: Template) -> bool:
+    """Whether a style template applies to a prompt: not to one that already has a style (the world draws one
+    style per image)."""
+    styled = any(words and words.strip() in prompt for words in STYLE_WORDS.values())
+    return not (styled and template.tier in STYLE_WORDS)
 
 
 def load_scans() -> tuple[torch.Tensor, torch.Tensor]:

@@ -322,6 +322,24 @@ def check_schedule_steps(scheduler, **named: int) -> None:
                             f"({limit}); use at most {limit}")
 
 
+def check_concept_read(tokenizer, variants, concepts: list[str]) -> None:
+    """Refuse a prompt variant that pushes its concept past what the text encoder reads: the model would be
+    trained on a prompt without the concept."""
+    limit = getattr(tokenizer, "model_max_length", 77)
+
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, truncation=False, verbose=False).input_ids)
+
+    for v in variants:
+        if v.through_owner(concepts[v.owner]) == concepts[v.owner]:
+            continue  # the concept first: cut only where the concept itself is too long (warned about)
+        n = tokens(v.through_owner(concepts[v.owner]))
+        if n > limit and tokens(concepts[v.owner]) <= limit:
+            raise UserError(f"the template {v.template!r} puts the concept {concepts[v.owner]!r} past the "
+                            f"{limit} tokens the text encoder reads (it would end at token {n}), so the prompt "
+                            "would leave the concept out; shorten the template's words before the {}")
+
+
 def warn_long_prompts(tokenizer, prompts, log) -> None:
     """Say when a prompt is longer than the text encoder reads: it is cut, silently otherwise."""
     limit = getattr(tokenizer, "model_max_length", 77)

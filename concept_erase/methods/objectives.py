@@ -14,6 +14,7 @@ import torch
 from concept_erase.families.base import Cond
 from concept_erase.methods.losses import negative_guidance_target
 from concept_erase.registry import Registry
+from concept_erase.variants import SLOT
 
 FORGET_OBJECTIVES: Registry[type] = Registry("forget loss", "--forget-loss")
 RETAIN_OBJECTIVES: Registry[type] = Registry("retain loss", "--retain-loss")
@@ -104,12 +105,15 @@ class NegativeGuidance(Objective):
         self.per_trajectory = cfg.trajectory_timesteps
         self.sampler = ctx.family.sampler(ctx.pipe, cfg.sampling_steps, ctx.resolution)
         self.timesteps = self.sampler.timesteps.clone()
-        self.concepts = ctx.embed(cfg.concepts)  # one conditioning per concept
+        # One conditioning per prompt drawn: each concept bare and inside its templates (--concept-variants), the
+        # same number of prompts for every concept, so a uniform draw is balanced across concepts.
+        variants = ctx.concept_variants
+        self.concepts = ctx.embed([v.prompt for v in variants])
         self.uncond = ctx.embed([""])
         # What the concept is erased relative to: the empty prompt (ESD), or one prompt per concept
-        # (a style relative to the same caption without it).
+        # (a style relative to the same caption without it), inside the same template as the concept.
         refs = cfg.relative_to * len(cfg.concepts) if len(cfg.relative_to) == 1 else cfg.relative_to
-        self.reference = ctx.embed(refs) if refs else None
+        self.reference = ctx.embed([v.template.replace(SLOT, refs[v.owner]) for v in variants]) if refs else None
         self.model_name = cfg.trajectory_model
         self.pool: dict[str, torch.Tensor] = {}
 
@@ -205,9 +209,11 @@ class Remap(_NoisedBank):
         super().__init__(ctx)
         cfg = ctx.config
         targets = cfg.remap_to if len(cfg.remap_to) == len(cfg.concepts) else cfg.remap_to * len(cfg.concepts)
-        self.bank = ctx.latent_bank(cfg.concepts, cfg.concept_images_per_prompt, role="concept")
-        self.cond = ctx.embed(cfg.concepts)
-        self.remap = ctx.embed(targets)
+        variants = ctx.concept_variants  # each concept bare and inside its templates, remapped inside the same one
+        prompts = [v.prompt for v in variants]
+        self.bank = ctx.latent_bank(prompts, cfg.concept_images_per_prompt, role="concept")
+        self.cond = ctx.embed(prompts)
+        self.remap = ctx.embed([v.template.replace(SLOT, targets[v.owner]) for v in variants])
 
     @torch.no_grad()
     def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:

@@ -53,6 +53,7 @@ from pathlib import Path
 
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import seed_range
+from concept_erase.variants import expand
 
 
 # The first chunk of each side; the rest of the side comes in one call. On the digits model's CPU probe a call
@@ -92,13 +93,17 @@ class CheckSides:
     as (prompt, seed) pairs, seed by seed across the prompts so that every chunk sees each of them (in 24 images
     prompt by prompt a chunk saw 3 of the 9 digits), from --check-seed-start on; drawn at the judge's guidance
     (else the run's anchor guidance) and judged: `still_shown` per concept image, `kept` per anchor image. A
-    judge that cannot tell the anchors gets none: the retain constraint alone keeps them."""
+    judge that cannot tell the anchors gets none: the retain constraint alone keeps them. With prompt variants
+    (`variants`: the concepts' and the anchors', as the run trains on them) the check draws them all, and a concept's
+    variant is judged as its concept."""
 
-    def __init__(self, config, judge):
+    def __init__(self, config, judge, variants: tuple[list, list] | None = None):
         self.judge = judge
         self.guidance = float(judge.guidance if judge.guidance is not None else config.anchor_guidance)
         n = int(config.check_images)
-        concepts, anchors = list(config.concepts), list(config.anchors)
+        concept_variants, anchor_variants = variants or (expand(config.concepts, ()), expand(config.anchors, ()))
+        self.judged_as = {v.prompt: config.concepts[v.owner] for v in concept_variants}
+        concepts, anchors = [v.prompt for v in concept_variants], [v.prompt for v in anchor_variants]
         per_concept = max(1, math.ceil(n / len(concepts)))
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
         self.concept_items = [(p, s) for s in seed_range(config.check_seed_start, per_concept) for p in concepts]
@@ -115,7 +120,8 @@ class CheckSides:
         """Per concept image: the concept it was drawn for is still there."""
         if not items:
             return []
-        return [seen.shown for seen in self.judge.shown(self._draw(pipe, items, steps), [p for p, _ in items])]
+        return [seen.shown for seen in self.judge.shown(self._draw(pipe, items, steps),
+                                                        [self.judged_as.get(p, p) for p, _ in items])]
 
     def kept(self, pipe, items, steps: int) -> list[bool]:
         """Per anchor image: it is what its prompt asks."""
@@ -178,7 +184,9 @@ def check_sides(config, name: str) -> CheckSides:
     options = {"clip_model": config.clip_model, "clip_weights": config.clip_weights}
     judge = make_judge(name, config.concepts, config.anchors, options, flag="--stop-judge")
     judge.load()
-    return CheckSides(config, judge)
+    from concept_erase.training.context import prompt_variants
+
+    return CheckSides(config, judge, prompt_variants(config, digits=_digits_model(config)))
 
 
 class SignalStop:

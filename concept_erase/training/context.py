@@ -10,6 +10,20 @@ from concept_erase.families.base import Cond
 from concept_erase.training.banks import LatentBank, build_bank, build_caption_bank
 from concept_erase.training.hardware import duration
 from concept_erase.training.original import OriginalModel
+from concept_erase.variants import GENERAL, Variant, check_against_anchors, expand, resolve
+
+
+def prompt_variants(config, digits: bool) -> tuple[list[Variant], list[Variant]]:
+    """(the concepts' variants, the anchors') that `--concept-variants` asks for, each prompt bare first: `auto` means
+    the world's style phrases on the digits models and the general templates on any other. A variant that holds an
+    anchor word for word is refused."""
+    from concept_erase.digits.world import STYLE_TEMPLATES, takes_style
+
+    templates = resolve(config.concept_variants, STYLE_TEMPLATES if digits else GENERAL)
+    applies = takes_style if digits else None
+    concepts = expand(config.concepts, templates, applies)
+    check_against_anchors(concepts, config.concepts, config.anchors)
+    return concepts, expand(config.anchors, templates, applies)
 
 
 class ErasureContext:
@@ -17,8 +31,10 @@ class ErasureContext:
     conditionings, latent banks."""
 
     def __init__(self, config, pipe, family, accelerator, trained, base_digest: str, resolution: int,
-                 log=print):
+                 log=print, variants: tuple[list[Variant], list[Variant]] | None = None):
         self.config = config
+        # The prompts the objectives draw: each concept and anchor bare, then inside its templates (--concept-variants)
+        self.concept_variants, self.anchor_variants = variants or prompt_variants(config, digits=False)
         self.pipe = pipe
         self.family = family
         self.accelerator = accelerator
@@ -88,5 +104,6 @@ class ErasureContext:
                 self._anchor_bank = build_caption_bank(self.pipe, cfg.retain_images, embed=self.embed,
                                                        device=self.device, resolution=self.resolution)
             else:
-                self._anchor_bank = self.latent_bank(cfg.anchors, cfg.anchor_images_per_prompt, role="anchor")
+                self._anchor_bank = self.latent_bank([v.prompt for v in self.anchor_variants],
+                                                     cfg.anchor_images_per_prompt, role="anchor")
         return self._anchor_bank

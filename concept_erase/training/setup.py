@@ -24,13 +24,14 @@ from concept_erase import processes
 from concept_erase.errors import UserError
 from concept_erase.families.base import family_of
 from concept_erase.io.digests import tensor_digest
-from concept_erase.io.loading import check_schedule_steps, is_digits_model, training_resolution, warn_long_prompts
+from concept_erase.io.loading import (check_concept_read, check_schedule_steps, is_digits_model, training_resolution,
+                                      warn_long_prompts)
 from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
 from concept_erase.methods.signal import LambdaTrail, SignalMeter
 from concept_erase.training import tracking
 from concept_erase.training.checkpoints import resume
-from concept_erase.training.context import ErasureContext
+from concept_erase.training.context import ErasureContext, prompt_variants
 from concept_erase.training.hardware import (check_device, describe_device, duration, estimate_step_seconds,
                                              make_optimizer)
 from concept_erase.training.probes import PROBES
@@ -91,7 +92,10 @@ def load_model(t) -> None:
     check_schedule_steps(pipe.scheduler, sampling_steps=cfg.sampling_steps,
                          anchor_inference_steps=cfg.anchor_inference_steps,
                          **({"check_inference_steps": cfg.check_inference_steps} if cfg.stop_when_erased else {}))
-    warn_long_prompts(pipe.tokenizer, [*cfg.concepts, *cfg.anchors, *cfg.remap_to, *cfg.relative_to], t.log)
+    t.variants = prompt_variants(cfg, digits=is_digits_model(pipe))
+    check_concept_read(pipe.tokenizer, t.variants[0], cfg.concepts)
+    warn_long_prompts(pipe.tokenizer, [*cfg.concepts, *cfg.anchors, *cfg.remap_to, *cfg.relative_to,
+                                       *(v.prompt for side in t.variants for v in side)], t.log)
     if cfg.gradient_checkpointing and not getattr(unet, "_supports_gradient_checkpointing", False):
         raise UserError(f"--gradient-checkpointing: this model's {type(unet).__name__} has no gradient "
                         "checkpointing; run without the flag (or lower --resolution to save memory)")
@@ -125,7 +129,8 @@ def freeze(t) -> None:
     t.log(describe_device(acc.device, cfg.mixed_precision, unet, time.perf_counter() - t.load_started))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    t.ctx = ErasureContext(cfg, pipe, family, acc, t.trained, t.base_digest, t.resolution, log=t.log)
+    t.ctx = ErasureContext(cfg, pipe, family, acc, t.trained, t.base_digest, t.resolution, log=t.log,
+                           variants=t.variants)
     estimate_cost(t)
 
 
@@ -213,7 +218,7 @@ def estimate_cost(t) -> None:
             break
     per_sample = seconds / n
     step = estimate_step_seconds(per_sample, cfg)
-    anchors = per_sample * 2 * cfg.anchor_images_per_prompt * cfg.anchor_inference_steps * len(cfg.anchors)
+    anchors = per_sample * 2 * cfg.anchor_images_per_prompt * cfg.anchor_inference_steps * len(t.ctx.anchor_variants)
     t.log(f"first {type(t.ctx.denoiser).__name__} call ({n} samples at {t.resolution} px): {seconds:.2f} s. Rough "
           "estimate: " + ("" if cfg.retain_images else f"anchor images {duration(anchors)} unless cached, ")
           + f"one step {duration(step)}, {cfg.steps} steps {duration(step * cfg.steps)}")
