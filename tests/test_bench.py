@@ -644,6 +644,8 @@ def test_old_run_records_are_upgraded_once_and_damaged_ones_refused(tmp_path):
     signal = upgrade({**old, "schema": 3, "stop_when_erased": True, "stop_judge": "signal"}, "x.json")
     digits = upgrade({**old, "schema": 3, "stop_when_erased": True, "stop_judge": "digits"}, "x.json")
     assert signal["stop_lambda_window"] == 0 and digits["stop_lambda_window"] is None  # the signal alone, then
+    assert new["concept_variants"] == [] and upgrade({**old, "schema": 5, "concept_variants": ["auto"]},
+                                                     "x.json")["concept_variants"] == ["auto"]
     for bad, message in (({**old, "forget_accuracy": "high"}, "'forget_accuracy' is 'high'"),
                          ({k: v for k, v in old.items() if k != "meets_target"}, "'meets_target' is None"),
                          ({**old, "schema": 99}, "schema 99 is not one this version reads"),

@@ -13,6 +13,8 @@ Schemas:
 - 3: what stopped the run (`stop_judge`: digits or signal; `stop_signal_at_most`) and `hold_erasure_at`. Older
   stopping runs were all stopped by the digits judge.
 - 4: `stop_lambda_window`, the signal stop's wait for lambda at rest. Older signal stops read the signal alone (0).
+- 5: `concept_variants`, the prompt templates a run trained on (`--concept-variants`). Older runs trained on the
+  bare prompts ([]).
 
 A record may say `checks_lost` (why): its erasure checks were not kept, so its time to the held target is not
 reported (its stop step and its evaluation stand).
@@ -24,7 +26,7 @@ import math
 
 from concept_erase.errors import UserError
 
-RECORD_SCHEMA = 4
+RECORD_SCHEMA = 5
 
 # What the report reads of every record, with the kind of value it must be.
 REQUIRED = {"label": str, "concept": str, "seed": int, "forget_accuracy": float, "retain_accuracy": float,
@@ -66,6 +68,8 @@ def upgrade(record, where: str) -> dict:
         out.setdefault("hold_erasure_at", None)
     if schema < 4:  # before the signal stop waited for lambda at rest: the signal alone
         out.setdefault("stop_lambda_window", 0 if out.get("stop_judge") == "signal" else None)
+    if schema < 5:  # before prompt variants: the bare prompts
+        out.setdefault("concept_variants", [])
     for side in ("near", "far"):
         for key in ("retain_accuracy", "retain_hits", "retain_images"):
             out.setdefault(f"{side}_{key}", None)

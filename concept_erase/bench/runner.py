@@ -72,7 +72,7 @@ def run_settings(config) -> dict:
             "stop_judge": judge_name(config) if checks else None,
             "stop_signal_at_most": config.stop_signal_at_most if checks and judge_name(config) == "signal" else None,
             "stop_lambda_window": config.stop_lambda_window if checks and judge_name(config) == "signal" else None,
-            "hold_erasure_at": config.hold_erasure_at,
+            "hold_erasure_at": config.hold_erasure_at, "concept_variants": list(config.concept_variants),
             "check_forget_at_most": config.check_forget_at_most if checks else None,
             "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
             "check_every": config.check_every if checks else None,

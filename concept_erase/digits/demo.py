@@ -20,7 +20,7 @@ from concept_erase.errors import UserError
 from concept_erase.image_seeds import describe, seed_range
 from concept_erase.methods.stopping import check_seeds
 from concept_erase.config import RECIPES
-from concept_erase.variants import BARE, resolve, tiers
+from concept_erase.variants import resolve
 
 FORGET_TARGET = 0.10  # forget accuracy at most 10%
 RETAIN_DROP = 0.05  # retain accuracy at most 5 points below the base model's
@@ -154,14 +154,15 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
         "retain_within_5_points_in_every_style": all(
             after["tiers"][s]["retain_accuracy"] >= before["tiers"][s]["retain_accuracy"] - RETAIN_DROP for s in STYLES),
     }
-    trained = tiers(resolve(config.concept_variants, STYLE_TEMPLATES))
+    texts = {t.text for t in resolve(config.concept_variants, STYLE_TEMPLATES)}  # a style trained on, by its words
+    trained = ["plain"] + [t.tier for t in STYLE_TEMPLATES if t.text in texts]
     report = {
         "model": config.model, "erased_digit": digit, "concept": config.concepts[0], "method": config.method,
         "train": config.train,
         "steps": done, "steps_planned": config.steps, "stopped_when_erased": done < config.steps,
         "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
         "tier_checks": tier_checks, "passed_every_style": all(tier_checks.values()),
-        "concept_variants": list(config.concept_variants), "trained_styles": ["plain" if t == BARE else t for t in trained],
+        "concept_variants": list(config.concept_variants), "trained_styles": trained,
         "erase_seconds": round(erase_seconds, 1), "total_seconds": round(time.time() - started, 1),
         "evaluation": {"seeds": seeds, "image_seeds": describe(seed_range(0, seeds)),
                        "check_image_seeds": describe(check_seeds(config)) if config.stop_when_erased else None,
