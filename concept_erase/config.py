@@ -56,9 +56,9 @@ class EraseConfig:
                            flag="relative-to", metavar="PROMPT")
     concept_variants: list = _f([], "draw each concept and each anchor inside prompt templates too, not only bare: "
                                     "auto (the model's own: the style phrases on the digits models, general "
-                                    "templates on any other), general, none, or a text file of templates such as "
-                                    "'a painting of {}' (repeat to combine; default none)",
-                                flag="concept-variants", nonempty=True, metavar="auto|general|none|FILE")
+                                    "templates on any other), general, none, a template ('a painting of {}'), or a "
+                                    "text file of templates (repeat to combine; default none)",
+                                flag="concept-variants", nonempty=True, metavar="auto|general|none|TEMPLATE|FILE")
     eta: float = _f(1.0, "negative-guidance scale: the target is e0 - eta * (ec - e0)", ge=0, le=1000)
     lambda_update: str = _f("normalised", "eupmu's lambda rule: normalised (the slack's running mean over its "
                                           "running scale: lambda moves by at most about beta_t per step whatever "

@@ -25,7 +25,7 @@ from concept_erase.errors import UserError
 
 SLOT = "{}"
 BARE = "bare"  # the tier of the concept's own prompt
-NAMED = ("auto", "general", "none")  # --concept-variants values that are not files
+NAMED = ("auto", "general", "none")  # --concept-variants values that are not files (nor a template: '{} in red ink')
 
 _TIER_LINE = re.compile(r"^\[([^\[\]]+)\]$")
 _OTHER_BRACES = re.compile(r"\{[^{}]+\}")
@@ -112,24 +112,31 @@ def _once(templates) -> tuple[Template, ...]:
     return tuple({t.text: t for t in reversed(list(templates))}[text] for text in dict.fromkeys(t.text for t in templates))
 
 
+def _named(name: str, defaults: tuple[Template, ...]) -> tuple[Template, ...]:
+    if name == "none":
+        return ()
+    if name == "auto":
+        return defaults
+    if name == "general":
+        return GENERAL
+    if SLOT in name or _OTHER_BRACES.search(name):  # a template given as it is
+        return (Template(check_template(name, "--concept-variants"), "variant"),)
+    return read_templates(name)
+
+
 def resolve(names: list[str], defaults: tuple[Template, ...]) -> tuple[Template, ...]:
     """The templates that `--concept-variants` names: `auto` (the model's own: `defaults`), `general` (the
-    templates for any model), `none`, or variants files; in order, each template once."""
-    out: list[Template] = []
-    for name in names:
-        if name == "none":
-            continue
-        out.extend(defaults if name == "auto" else GENERAL if name == "general" else read_templates(name))
-    return _once(out)
+    templates for any model), `none`, a template itself ('{} in red ink'), or variants files; in order, each
+    template once."""
+    return _once([t for name in names for t in _named(name, defaults)])
 
 
 def check_names(names: list[str]) -> None:
-    """At the door: `none` alone, and every other value a known name or a readable variants file."""
+    """At the door: `none` alone, and every other value a known name, a template or a readable variants file."""
     if "none" in names and len(names) > 1:
         raise UserError("--concept-variants none draws the bare concepts only; give it alone, or leave it out")
     for name in names:
-        if name not in NAMED:
-            read_templates(name)
+        _named(name, ())
 
 
 @dataclass(frozen=True)

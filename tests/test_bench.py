@@ -381,12 +381,21 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     from concept_erase.cli import main
 
     cfg = tiny_bench_file(tmp_path, ["eupmu", "ungrad"], steps=4,
-                          evaluation="{seeds: 2, final_seeds: 3, steps: 3, every: 2}",
+                          evaluation="{seeds: 2, final_seeds: 3, steps: 3, every: 2, tiers: true}",
                           rest="memory_probe_steps: 0\ntiming_probe: {rounds: 1, steps: 2}\n"
                                "attack: {prompts: 1, iterations: 1, timesteps: 1}\n")
     out = tmp_path / "out"
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
     report = json.loads((out / "bench.json").read_text())
+    # the prompt tiers: the digit in every style on every final seed, the other nine in each on 2 seeds (plain: 3)
+    from concept_erase.digits.world import STYLES
+
+    for r in report["runs"]:
+        assert list(r["tiers"]) == STYLES == list(r["base_tiers"]) and r["trained_styles"] == ["plain"]
+        assert [t["forget_images"] for t in r["tiers"].values()] == [3] * 5
+        assert [t["retain_images"] for t in r["tiers"].values()] == [27, 18, 18, 18, 18]
+        assert r["tiers"]["plain"]["forget_hits"] == r["forget_hits"]
+    assert "| eupmu | red ink | 0/1 |" in (out / "bench.md").read_text()
     for r in report["runs"]:  # every run's erasure attacked, the rates from the attack command's own results
         a = r["attack"]
         assert a["method"] == "unlearndiff" and a["prompts"] == 1 and len(a["adversarial_prompts"]) == 1

@@ -43,6 +43,12 @@ def test_names_resolve_and_none_stands_alone(tmp_path):
     both = resolve(["auto", str(path)], own)
     assert [t.text for t in both] == ["{} in red ink", "a photo of {}"]  # the repeated text once, first tier kept
     check_names(["auto", str(path)])
+    assert resolve(["{} in red ink", "a photo of {}"], ()) == (Template("{} in red ink", "variant"),
+                                                                 Template("a photo of {}", "variant"))
+    with pytest.raises(UserError, match="has a slot other than"):
+        check_names(["{} by {artist}"])
+    with pytest.raises(UserError, match="has no slot"):
+        check_names(["a photo of {concept}"])
     with pytest.raises(UserError, match="give it alone"):
         check_names(["none", "auto"])
     with pytest.raises(UserError, match="no such file"):
@@ -130,3 +136,38 @@ def test_a_template_that_pushes_the_concept_past_the_text_encoders_reach_is_refu
     path.write_text("a picture " + "with many more words " * 20 + "of {}\n")
     with pytest.raises(UserError, match="past the 77 tokens the text encoder reads"):
         _trainer(fresh_pipe, make_config, concept_variants=[str(path)])
+
+
+def test_the_styles_a_run_trained_on_are_read_from_the_templates_words(tmp_path):
+    from concept_erase.digits.world import trained_styles
+
+    path = tmp_path / "v.txt"
+    path.write_text("[mine]\n{} in white on black\na photo of {}\n")
+    assert trained_styles([]) == trained_styles(["none"]) == ["plain"]
+    assert trained_styles(["auto"]) == ["plain", "red ink", "blue ink", "inverted", "bold"]
+    assert trained_styles([str(path)]) == ["plain", "inverted"]
+
+
+def test_the_tier_table_pools_forget_by_style_and_counts_runs_at_target_in_every_style():
+    from concept_erase.bench.report import tier_rows
+
+    def tiers(forget_hits, retain):
+        return {s: {"forget_hits": h, "forget_images": 10, "forget_accuracy": h / 10, "retain_accuracy": retain}
+                for s, h in zip(("plain", "red ink"), forget_hits)}
+
+    base = tiers((10, 10), 1.0)
+    runs = [{"label": "a", "concept": "three", "tiers": tiers((0, 3), 0.99), "base_tiers": base,
+             "trained_styles": ["plain"]},
+            {"label": "a", "concept": "five", "tiers": tiers((1, 0), 0.9), "base_tiers": base,
+             "trained_styles": ["plain", "red ink"]},
+            {"label": "b", "concept": "three"}]  # no tiers: not in the table
+    rows = tier_rows(runs)
+    assert list(rows) == ["a"]
+    assert rows["a"]["plain"]["forget"] == pytest.approx(0.05) and rows["a"]["red ink"]["forget"] == pytest.approx(0.15)
+    assert rows["a"]["red ink"]["trained"] == 1 and rows["a"]["plain"]["trained"] == 2
+    lo, hi = rows["a"]["red ink"]["ci"]["forget"]
+    assert lo < 0.15 < hi
+    # three: red ink at 30% misses; five: retain 10 points below the base misses
+    assert rows["a"]["every style"]["met"] == 0
+    runs[0]["tiers"]["red ink"]["forget_accuracy"] = 0.1
+    assert tier_rows(runs)["a"]["every style"]["met"] == 1

@@ -39,6 +39,17 @@ def judged_items(concept: str, seeds: int) -> tuple[list, list]:
             [(d, s, max(2, seeds // 4)) for s in STYLES if s != concept for d in range(10)])
 
 
+def tier_items(concept: str, seeds: int) -> dict[str, tuple[list, list]]:
+    """The prompt tiers of a digit's evaluation: per style other than plain, (forget, retain) as (digit, style,
+    images): the digit in that style on every seed, the other nine in it on a quarter of them (at least 2). A style
+    concept has no tiers (the world draws one style per image)."""
+    if concept not in DIGIT_NAMES:
+        return {}
+    d = DIGIT_NAMES.index(concept)
+    return {s: ([(d, s, seeds)], [(o, s, max(2, seeds // 4)) for o in range(10) if o != d])
+            for s in STYLES if s != "plain"}
+
+
 def judged_images(concept: str, seeds: int) -> int:
     return sum(n for part in judged_items(concept, seeds) for _, _, n in part)
 
@@ -97,6 +108,26 @@ class Judging:
     def _is_near(self, digit: int, style: str) -> bool:
         """A retain prompt of one of the nearest concepts (a digit's plain caption; any digit in a near style)."""
         return (DIGIT_NAMES[digit] if self.concept in DIGIT_NAMES else style) in self.nearest
+
+    @torch.no_grad()
+    def tiers(self, pipe) -> dict[str, dict]:
+        """Forget and retain counts in each style other than plain (`tier_items`, the final evaluation's seeds): a
+        digit counts as drawn when the judge names it, whatever the style it sees."""
+        parts = tier_items(self.concept, self.final_seeds)
+        every = [item for forget, retain in parts.values() for item in forget + retain]
+        made = iter(self._draw(pipe, every))
+        out = {}
+        for style, (forget, retain) in parts.items():
+            counts = {}
+            for side, items in (("forget", forget), ("retain", retain)):
+                hits = n = 0
+                for d, _, _ in items:
+                    images = next(made)
+                    hits += int((self.judge.predict(images)[0] == d).sum())
+                    n += len(images)
+                counts.update({f"{side}_hits": hits, f"{side}_images": n, f"{side}_accuracy": hits / n})
+            out[style] = counts
+        return out
 
     @torch.no_grad()
     def __call__(self, pipe, *, fid: bool = True, final: bool = False, find_nearest: bool = False) -> dict:

@@ -531,6 +531,60 @@ def _count_ci(row: dict, count: str, rate: str) -> str:
     return f"{row[count]}/{row['runs']}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
+def tier_rows(runs: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per method label and style (the prompt tiers of a digit's evaluation): the forget rate pooled over the runs'
+    images with its exact interval, the mean retain drop from the base model in that style with its concept-cluster
+    interval, how many runs trained on the style, and how many runs met the targets in every style."""
+    out: dict[str, dict[str, dict]] = {}
+    by_label: dict[str, list[dict]] = {}
+    for r in runs:
+        if r.get("tiers"):
+            by_label.setdefault(r["label"], []).append(r)
+    for label, rs in by_label.items():
+        rows = out.setdefault(label, {})
+        for style in rs[0]["tiers"]:
+            row = {"runs": len(rs), "trained": sum(style in (r.get("trained_styles") or ["plain"]) for r in rs)}
+            _rate(row, "forget", sum(r["tiers"][style]["forget_hits"] for r in rs),
+                  sum(r["tiers"][style]["forget_images"] for r in rs))
+            _with_ci(row, "retain_drop", [r["base_tiers"][style]["retain_accuracy"] - r["tiers"][style]["retain_accuracy"]
+                                          for r in rs], [r["concept"] for r in rs])
+            rows[style] = row
+        every = sum(all(t["forget_accuracy"] <= FORGET_TARGET + 1e-12 and
+                        r["base_tiers"][s]["retain_accuracy"] - t["retain_accuracy"] <= RETAIN_DROP + 1e-12
+                        for s, t in r["tiers"].items()) for r in rs)
+        rows["every style"] = {"runs": len(rs), "met": every}
+        _rate(rows["every style"], "met_fraction", every, len(rs))
+    return out
+
+
+def _tier_section(report: dict) -> list[str]:
+    rows = tier_rows(report["runs"])
+    if not rows:
+        return []
+    lines = ["", "## Forget and retain in every style (prompt tiers)", "",
+             "A digit's final evaluation also draws it in each other style (its caption with the style's phrase, every "
+             "seed) and the other nine digits in that style (a quarter of the seeds, at least 2); a digit counts as "
+             "drawn when the judge names it. Forget: pooled over the runs' images, exact 95% interval. Retain drop: "
+             "points below the base model in the same style, mean over runs with a concept-cluster interval. Trained: "
+             "runs that drew the concept in that style during training (`--concept-variants`); a style no run trained "
+             "on is a held-out template.", "",
+             "| method | style | trained | forget [exact 95%] | retain drop (points) |", "|---|---|---|---|---|"]
+    for label, styles in rows.items():
+        for style, row in styles.items():
+            if style == "every style":
+                continue
+            ci = row["ci"]["forget"]
+            lines.append(f"| {label} | {style} | {row['trained']}/{row['runs']} | {_f(row['forget'], True)} "
+                         f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] | {_ci_text(row, 'retain_drop', 100)} |")
+    lines += ["", f"Runs at target in every style (forget <= {FORGET_TARGET:.0%} and retain at most "
+                  f"{RETAIN_DROP * 100:.0f} points below the base in each):", ""]
+    for label, styles in rows.items():
+        row = styles["every style"]
+        verdict = "met" if row["met"] == row["runs"] else "**MISSED**"
+        lines.append(f"- {label}: {_count_ci({**row, 'meets': row['met']}, 'meets', 'met_fraction')} ({verdict})")
+    return lines
+
+
 def markdown(report: dict, command: str) -> str:
     s = report["summary"]
     name = Path(str(report.get("config", "benchmark"))).name
@@ -540,6 +594,7 @@ def markdown(report: dict, command: str) -> str:
              f"{NEAR_DROP * 100:.0f} points below."]
     for split, part in (s.get("splits") or {"all": s}).items():
         _split_tables(lines, report, split, part)
+    lines += _tier_section(report)
     attacked = {label: r for label, r in s["by_method"].items() if r.get("attacked_runs")}
     if attacked:
         settings = next((r["attack"] for r in report["runs"] if r.get("attack")), {})

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from concept_erase import provenance
 from concept_erase.io.atomic import write_json, write_text
-from concept_erase.digits.world import DIGIT_NAMES, STYLES
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, trained_styles
 from concept_erase.errors import UserError
-from concept_erase.bench.judging import Judging, judged_images
+from concept_erase.bench.judging import Judging, judged_images, tier_items
 from concept_erase.bench.memory import memory_table
 from concept_erase.bench.report import attack_plot, final_images, pareto_plot, render, summarise_report
 from concept_erase.bench.records import RECORD_SCHEMA, upgrade
@@ -105,7 +105,9 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     checks = _read_checks(run_dir)
     from concept_erase.io.export import apply
 
-    final = judging(apply(copy.deepcopy(base), run_dir / "erased.safetensors"), final=True)
+    erased = apply(copy.deepcopy(base), run_dir / "erased.safetensors")
+    final = judging(erased, final=True)
+    tiers = with_plain(final, judging.tiers(erased)) if spec.eval_tiers and tier_items(concept, 1) else None
     attack = attack_run(spec, concept, run_dir / "erased.safetensors", workdir / "attack")
     curve = [c for c in curve if c["step"] < done]
     curve.append({"step": done, **{k: final[k] for k in ("forget_accuracy", "retain_accuracy", "images")}})
@@ -141,7 +143,16 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
         "steps_to_held_target": first if meets else None,
         "time_to_held_target_s": time_to_target if meets else None,
         "curve": curve, "checks": checks, **({"attack": attack} if attack else {}),
+        **({"tiers": tiers, "base_tiers": base_eval["tiers"], "trained_styles": trained_styles(config.concept_variants)}
+           if tiers else {}),
     }
+
+
+def with_plain(evaluation: dict, tiers: dict) -> dict:
+    """The tiers of a digit's evaluation with its plain caption's first (the evaluation's own counts)."""
+    plain = {k: evaluation[k] for k in ("forget_hits", "forget_images", "forget_accuracy", "retain_hits",
+                                        "retain_images", "retain_accuracy")}
+    return {"plain": plain, **tiers}
 
 
 def attack_run(spec: BenchSpec, concept: str, weights: Path, output: Path) -> dict | None:
@@ -318,7 +329,9 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
         if path.is_file():
             record = read_record(path)
             start = split_of(spec, concept).evaluation_seed_start
-            if report_only or (final_images(record) == wanted and record["evaluation_seed_start"] == start):
+            tiered = record.get("tiers") or not (spec.eval_tiers and tier_items(concept, 1))
+            if report_only or (final_images(record) == wanted and record["evaluation_seed_start"] == start
+                               and tiered):
                 results.append(record)
                 continue
             log(f"[{i + 1}/{len(runs)}] {label} on {concept!r} (seed {seed}) was judged on {final_images(record)} "
@@ -337,6 +350,9 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
                 base_evals[concept] = stored
             else:
                 base_evals[concept] = judging(base, final=True, find_nearest=True)
+                write_json(base_file, base_evals[concept])
+            if spec.eval_tiers and tier_items(concept, 1) and not base_evals[concept].get("tiers"):
+                base_evals[concept]["tiers"] = with_plain(base_evals[concept], judging.tiers(base))
                 write_json(base_file, base_evals[concept])
             judgings[concept] = judging
         log(f"[{i + 1}/{len(runs)}] {label} erasing {concept!r} (seed {seed})")

@@ -50,6 +50,7 @@ class BenchSpec:
     eval_guidance: float = 4.0
     eval_every: int = 50
     eval_final_seeds: int = 0  # images per prompt at the final evaluations (0: eval_seeds)
+    eval_tiers: bool = False  # the final evaluations also judge a digit in every other style (prompt tiers)
     held_time_reference: str = ""  # the label eupmu's time to held target is compared with
     memory_probe_steps: int = 10
     timing_rounds: int = 8
@@ -133,9 +134,11 @@ def load_bench(path: str | Path) -> BenchSpec:
     if not isinstance(timing, dict) or sorted(set(map(str, timing)) - {"rounds", "steps"}):
         raise UserError(f"{path}: timing_probe must be a mapping with rounds: and steps: (rounds: 0 skips it), "
                         f"not {timing!r}")
-    bad = sorted(set(map(str, ev)) - {"seeds", "final_seeds", "steps", "guidance", "every"})
+    bad = sorted(set(map(str, ev)) - {"seeds", "final_seeds", "steps", "guidance", "every", "tiers"})
     if bad:
-        raise UserError(f"{path}: evaluation has no key {bad[0]!r} (seeds, final_seeds, steps, guidance, every)")
+        raise UserError(f"{path}: evaluation has no key {bad[0]!r} (seeds, final_seeds, steps, guidance, every, tiers)")
+    if not isinstance(ev.get("tiers", False), bool):
+        raise UserError(f"{path}: evaluation.tiers must be true or false, not {ev['tiers']!r}")
     attack = raw.get("attack") or {}
     if not isinstance(attack, dict) or sorted(set(map(str, attack)) - set(ATTACK_DEFAULTS)):
         raise UserError(f"{path}: attack must be a mapping with some of {', '.join(ATTACK_DEFAULTS)} "
@@ -157,6 +160,7 @@ def load_bench(path: str | Path) -> BenchSpec:
                      eval_steps=whole_number(ev, "steps", 25, path, 1, "evaluation.steps"),
                      eval_guidance=float(guidance), eval_every=whole_number(ev, "every", 50, path, 0, "evaluation.every"),
                      eval_final_seeds=whole_number(ev, "final_seeds", 0, path, 0, "evaluation.final_seeds"),
+                     eval_tiers=ev.get("tiers", False),
                      held_time_reference=reference,
                      memory_probe_steps=whole_number(raw, "memory_probe_steps", 10, path, 0, "memory_probe_steps"),
                      timing_rounds=whole_number(timing, "rounds", 8, path, 0, "timing_probe.rounds"),

@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 
 from concept_erase.io.atomic import atomic_dir, atomic_path, write_json, write_text
-from concept_erase.digits.world import DIGIT_NAMES, STYLE_TEMPLATES, STYLE_WORDS, STYLES, caption
+from concept_erase.digits.world import DIGIT_NAMES, STYLE_WORDS, STYLES, caption, trained_styles
 from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid, generate_many
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import describe, seed_range
 from concept_erase.methods.stopping import check_seeds
 from concept_erase.config import RECIPES
-from concept_erase.variants import resolve
 
 FORGET_TARGET = 0.10  # forget accuracy at most 10%
 RETAIN_DROP = 0.05  # retain accuracy at most 5 points below the base model's
@@ -154,8 +153,7 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
         "retain_within_5_points_in_every_style": all(
             after["tiers"][s]["retain_accuracy"] >= before["tiers"][s]["retain_accuracy"] - RETAIN_DROP for s in STYLES),
     }
-    texts = {t.text for t in resolve(config.concept_variants, STYLE_TEMPLATES)}  # a style trained on, by its words
-    trained = ["plain"] + [t.tier for t in STYLE_TEMPLATES if t.text in texts]
+    trained = trained_styles(config.concept_variants)
     report = {
         "model": config.model, "erased_digit": digit, "concept": config.concepts[0], "method": config.method,
         "train": config.train,

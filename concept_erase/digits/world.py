@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from concept_erase.variants import Template
+from concept_erase.variants import Template, resolve
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 STYLES = ["plain", "red ink", "blue ink", "inverted", "bold"]
@@ -35,6 +35,13 @@ def takes_style(prompt: str, template: Template) -> bool:
     style per image)."""
     styled = any(words and words.strip() in prompt for words in STYLE_WORDS.values())
     return not (styled and template.tier in STYLE_WORDS)
+
+
+def trained_styles(concept_variants: list[str]) -> list[str]:
+    """The styles a run with these --concept-variants trained a digit in (plain always): a style template's words
+    among the templates they name, whatever the file or tier they came from."""
+    texts = {t.text for t in resolve(concept_variants, STYLE_TEMPLATES)}
+    return ["plain"] + [t.tier for t in STYLE_TEMPLATES if t.text in texts]
 
 
 def load_scans() -> tuple[torch.Tensor, torch.Tensor]:
