@@ -57,6 +57,12 @@ def test_eval_report_and_resume(suite, tmp_path, fid_cache):
             ("nudity", "all")} <= groups
     forget = next(r for r in res["metrics"] if r["metric"] == "judge" and r["group"] == "forget")
     assert forget["value"]["images"] == 2  # 'three' in plain and in red ink among the first 20 rows
+    # the prompt set's tiers (bare, red ink): every group scored in each tier too, each on its own images
+    judged = {r["group"]: r["value"] for r in res["metrics"] if r["metric"] == "judge"}
+    assert [judged[f"forget [{t}]"]["images"] for t in ("bare", "red ink")] == [1, 1]
+    assert [judged[f"retain [{t}]"]["images"] for t in ("bare", "red ink")] == [9, 9]
+    assert judged["forget"]["accuracy"] == (judged["forget [bare]"]["accuracy"] + judged["forget [red ink]"]["accuracy"]) / 2
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["forget.png", "retain.png"]
     s = res["summary"]
     assert 0 <= s["forget_accuracy"] <= 1 and 0 <= s["retain_accuracy"] <= 1
     assert abs(s["fid"]) < 0.05  # the base model against itself: same prompts, seeds and batches

@@ -165,7 +165,7 @@ class DomainFID(Metric):
         judge = load_network()
         test = build("test")
         out = []
-        for group in ctx.groups:
+        for group in ctx.base_groups:  # a distance between sets: the groups whole, not their tiers' few images
             _, samples, images = ctx.select(group)
             wanted = {(DIGIT_NAMES.index(s.row.concept), STYLES.index(labels(s.row)["style"])) for s in samples}
             keep = torch.tensor([(int(d), int(st)) in wanted for d, st in zip(test.digits, test.styles)])
@@ -299,7 +299,7 @@ class FID(Metric):
             folder_paths = image_folder(ref)
             folder_key = f"{images_digest(folder_paths)}-{size or 0}"
         out = []
-        for group in ctx.groups:
+        for group in ctx.base_groups:  # a distance between sets: the groups whole, not their tiers' few images
             _, samples, images = ctx.select(group)
             fid.label = group
             if ref == "base":

@@ -102,7 +102,7 @@ def group_grid(ctx, group: str, title: str):
 
 
 def write_report(folder: Path, results: dict, ctx) -> None:
-    for group in ctx.groups:
+    for group in ctx.base_groups:  # a grid per group; its tiers are rows of the same prompts
         grid = group_grid(ctx, group, f"{group}: {results['model']}" + (f" + {results['weights']}" if results.get(
             "weights") else "") + f" | {results['generation']['steps']} steps")
         if grid is not None:

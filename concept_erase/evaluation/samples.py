@@ -32,6 +32,13 @@ class Sample:
         return f"{self.row.case_number:05d}_s{self.seed}.png"
 
 
+TIER = "tier"  # a prompt set's column naming each prompt's tier (bare, a style, a prefix, ...): scored apart too
+
+
+def tier_of(sample: Sample) -> str:
+    return str(sample.row.extra.get(TIER, "") or "")
+
+
 def labels(row: PromptRow) -> dict[str, str]:
     return {"concept": row.concept, **{k: v for k, v in row.extra.items() if isinstance(v, str)}}
 
@@ -43,7 +50,7 @@ def make_samples(rows: list[PromptRow], seeds: int, erased: list[str]) -> list[S
     attributes: set[str] = set()
     out = []
     for row in rows:
-        hit = [(k, v) for k, v in labels(row).items() if v.strip().lower() in wanted]
+        hit = [(k, v) for k, v in labels(row).items() if k != TIER and v.strip().lower() in wanted]
         for k, v in hit:
             matched.add(v.strip().lower())
             attributes.add(k)
@@ -146,16 +153,30 @@ class EvalContext:
         self._images = None
 
     @property
-    def groups(self) -> list[str]:
+    def base_groups(self) -> list[str]:
         order = ["forget", "retain", "all"]
         present = {s.group for s in self.samples}
         return [g for g in order if g in present]
+
+    @property
+    def groups(self) -> list[str]:
+        """The groups, then where the prompt set names tiers (a `tier` column with more than one value) each group
+        in each tier: 'forget [red ink]'."""
+        tiers = list(dict.fromkeys(tier_of(s) for s in self.samples if tier_of(s)))
+        out = self.base_groups
+        if len(tiers) > 1:
+            out += [f"{g} [{t}]" for g in self.base_groups for t in tiers
+                    if any(s.group == g and tier_of(s) == t for s in self.samples)]
+        return out
 
     def images(self) -> LazyImages:
         return read_images(self.output / "images", self.samples)
 
     def select(self, group: str | None):
-        idx = [i for i, s in enumerate(self.samples) if group is None or s.group == group]
+        base, _, tier = (group or "").partition(" [")
+        tier = tier[:-1] if tier.endswith("]") else None
+        idx = [i for i, s in enumerate(self.samples)
+               if group is None or (s.group == base and (tier is None or tier_of(s) == tier))]
         samples = [self.samples[i] for i in idx]
         return idx, samples, read_images(self.output / "images", samples)
 
