@@ -102,6 +102,25 @@ def test_fuzz_prompt_csv_never_tracebacks(tmp_path, data):
     assert all(isinstance(r, PromptRow) and r.prompt for r in rows)
 
 
+def test_the_shipped_prompt_sets_are_what_their_script_makes_and_tier_sets_hold_no_trained_template(tmp_path):
+    import importlib.util
+
+    from concept_erase.variants import GENERAL, GENERAL_HELD_OUT
+
+    spec = importlib.util.spec_from_file_location("make_prompt_sets", ROOT / "scripts" / "make_prompt_sets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    for made in sorted(tmp_path.glob("*.csv")):
+        assert (ROOT / "prompts" / made.name).read_bytes() == made.read_bytes(), made.name
+    for name in ("imagenette-tiers.csv", "artists-tiers.csv"):
+        rows = load_prompts(ROOT / "prompts" / name)
+        tiers = {r.extra["tier"] for r in rows}
+        assert tiers == {"bare"} | {t.tier for t in GENERAL_HELD_OUT}
+        trained_words = {t.words for t in GENERAL}
+        assert not any(w in r.prompt for r in rows for w in trained_words), name
+
+
 def test_shipped_suites_parse():
     for path in sorted((ROOT / "eval").glob("*.yaml")):
         suite = load_suite(path)
