@@ -124,6 +124,7 @@ def test_every_export_writes_a_hub_model_card(tiny_run, tmp_path, capsys):
     assert card.data.library_name == "diffusers" and "concept-erasure" in card.data.tags
     assert card.data.base_model is None  # a local base is no Hub id: named in the text instead
     assert "van gogh" in card.text and "eupmu" in card.text and "xattn" in card.text
+    assert "| prompt variants (each concept and anchor also drawn inside) | none: the bare prompts only |" in card.text
     assert "| forget_accuracy | 0.125 |" in card.text and "(eval/forget.png)" in card.text
     assert (tmp_path / "pipe" / "eval" / "forget.png").is_file()
     assert "warning" not in capsys.readouterr().err  # the evaluation is of these weights

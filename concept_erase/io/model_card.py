@@ -189,6 +189,8 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
         "| | |", "|---|---|",
         f"| erased | {', '.join(concepts)} |",
         f"| kept (anchors) | {', '.join(anchors) if anchors else '(real images)'} |",
+        f"| prompt variants (each concept and anchor also drawn inside) | "
+        f"{', '.join(settings.get('concept_variants') or []) or 'none: the bare prompts only'} |",
         f"| method | {meta['method']} |",
         f"| trained subset | {meta['train']} |",
         f"| optimizer steps | {meta['steps']} |",
