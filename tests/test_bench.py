@@ -395,6 +395,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
         assert [t["forget_images"] for t in r["tiers"].values()] == [3] * 5
         assert [t["retain_images"] for t in r["tiers"].values()] == [27, 18, 18, 18, 18]
         assert r["tiers"]["plain"]["forget_hits"] == r["forget_hits"]
+        # the two nearest digits in each style: 2 seeds each (plain: 3), within that style's retain images
+        assert [t["near_retain_images"] for t in r["tiers"].values()] == [6, 4, 4, 4, 4]
     assert "| eupmu | red ink | 0/1 |" in (out / "bench.md").read_text()
     for r in report["runs"]:  # every run's erasure attacked, the rates from the attack command's own results
         a = r["attack"]

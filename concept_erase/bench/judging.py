@@ -120,12 +120,17 @@ class Judging:
         for style, (forget, retain) in parts.items():
             counts = {}
             for side, items in (("forget", forget), ("retain", retain)):
-                hits = n = 0
-                for d, _, _ in items:
+                hits = n = near_hits = near_n = 0
+                for d, s, _ in items:
                     images = next(made)
-                    hits += int((self.judge.predict(images)[0] == d).sum())
-                    n += len(images)
+                    hit = int((self.judge.predict(images)[0] == d).sum())
+                    hits, n = hits + hit, n + len(images)
+                    if side == "retain" and self.nearest and self._is_near(d, s):
+                        near_hits, near_n = near_hits + hit, near_n + len(images)
                 counts.update({f"{side}_hits": hits, f"{side}_images": n, f"{side}_accuracy": hits / n})
+                if near_n:  # the erased digit's nearest digits in this style (near-concept damage under the modifier)
+                    counts.update({"near_retain_hits": near_hits, "near_retain_images": near_n,
+                                   "near_retain_accuracy": near_hits / near_n})
             out[style] = counts
         return out
 

@@ -548,6 +548,11 @@ def tier_rows(runs: list[dict]) -> dict[str, dict[str, dict]]:
                   sum(r["tiers"][style]["forget_images"] for r in rs))
             _with_ci(row, "retain_drop", [r["base_tiers"][style]["retain_accuracy"] - r["tiers"][style]["retain_accuracy"]
                                           for r in rs], [r["concept"] for r in rs])
+            _with_ci(row, "near_retain_drop", [
+                r["base_tiers"][style]["near_retain_accuracy"] - r["tiers"][style]["near_retain_accuracy"]
+                if r["tiers"][style].get("near_retain_accuracy") is not None
+                and r["base_tiers"][style].get("near_retain_accuracy") is not None else None for r in rs],
+                [r["concept"] for r in rs])
             rows[style] = row
         every = sum(all(t["forget_accuracy"] <= FORGET_TARGET + 1e-12 and
                         r["base_tiers"][s]["retain_accuracy"] - t["retain_accuracy"] <= RETAIN_DROP + 1e-12
@@ -568,14 +573,17 @@ def _tier_section(report: dict) -> list[str]:
              "points below the base model in the same style, mean over runs with a concept-cluster interval. Trained: "
              "runs that drew the concept in that style during training (`--concept-variants`); a style no run trained "
              "on is a held-out template.", "",
-             "| method | style | trained | forget [exact 95%] | retain drop (points) |", "|---|---|---|---|---|"]
+             "Nearest: the erased digit's two nearest digits (found on the base model's plain images) in that style.", "",
+             "| method | style | trained | forget [exact 95%] | retain drop (points) | nearest digits' drop (points) |",
+             "|---|---|---|---|---|---|"]
     for label, styles in rows.items():
         for style, row in styles.items():
             if style == "every style":
                 continue
             ci = row["ci"]["forget"]
             lines.append(f"| {label} | {style} | {row['trained']}/{row['runs']} | {_f(row['forget'], True)} "
-                         f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] | {_ci_text(row, 'retain_drop', 100)} |")
+                         f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] | {_ci_text(row, 'retain_drop', 100)} | "
+                         f"{_ci_text(row, 'near_retain_drop', 100)} |")
     lines += ["", f"Runs at target in every style (forget <= {FORGET_TARGET:.0%} and retain at most "
                   f"{RETAIN_DROP * 100:.0f} points below the base in each):", ""]
     for label, styles in rows.items():

@@ -150,8 +150,9 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
 
 def with_plain(evaluation: dict, tiers: dict) -> dict:
     """The tiers of a digit's evaluation with its plain caption's first (the evaluation's own counts)."""
-    plain = {k: evaluation[k] for k in ("forget_hits", "forget_images", "forget_accuracy", "retain_hits",
-                                        "retain_images", "retain_accuracy")}
+    keys = ("forget_hits", "forget_images", "forget_accuracy", "retain_hits", "retain_images", "retain_accuracy",
+            "near_retain_hits", "near_retain_images", "near_retain_accuracy")
+    plain = {k: evaluation[k] for k in keys if evaluation.get(k) is not None}
     return {"plain": plain, **tiers}
 
 
