@@ -429,8 +429,9 @@ class DemoOptions:
     method: str = setting("", "override the recipe's method: eupmu, eupmu-fast, ungrad, fixed, esd")
     steps: int = setting(0, "override the recipe's steps (0: the recipe's)", ge=0, le=1000000)
     concept_variants: list = setting([], "override the recipe's prompt variants: auto (the digit in every style "
-                                         "phrase), none, or a file of templates (repeat to combine)",
-                                     repeat=True, nonempty=True, metavar="auto|none|FILE")
+                                         "phrase), none, a template ('{} in red ink') or a file of templates "
+                                         "(repeat to combine)",
+                                     repeat=True, nonempty=True, metavar="auto|none|TEMPLATE|FILE")
     seeds_per_digit: int = setting(16, "seeds per digit in the evaluation", ge=1, le=10000)
     overwrite: bool = _overwrite()
     progress: bool = _progress()

@@ -74,7 +74,7 @@ def check_template(text: str, where: str) -> str:
         raise UserError(f"{where}: the template {text!r} has a slot other than {{}}; write the concept's place as {{}}")
     if not text.replace(SLOT, "").strip(" ,.;:"):
         raise UserError(f"{where}: the template {text!r} adds no words to the concept; the bare concept is always "
-                        "drawn, so leave this line out")
+                        "drawn, so leave this template out")
     return text
 
 
@@ -82,8 +82,8 @@ def read_templates(path: str | Path) -> tuple[Template, ...]:
     """The templates of a variants file (see the module's docstring), checked line by line."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"--concept-variants {path}: no such file; give a text file of templates such as "
-                        "'a painting of {}', or one of " + ", ".join(NAMED))
+        raise UserError(f"--concept-variants {path}: no such file; give a text file of templates, a template "
+                        "such as 'a painting of {}', or one of " + ", ".join(NAMED))
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
