@@ -186,7 +186,8 @@ def check_sides(config, name: str) -> CheckSides:
     judge.load()
     from concept_erase.training.context import prompt_variants
 
-    return CheckSides(config, judge, prompt_variants(config, digits=_digits_model(config)))
+    # the digits judge runs on the digits models only (the set-up refuses any other), whatever their folder
+    return CheckSides(config, judge, prompt_variants(config, digits=name == "digits" or _digits_model(config)))
 
 
 class SignalStop:
