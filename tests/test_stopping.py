@@ -189,7 +189,8 @@ def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
 
 def test_a_check_with_prompt_variants_draws_them_and_judges_each_as_its_concept():
     """A run trained on the digit in red ink is checked on it too: the red three is drawn, and the digits judge asks
-    whether it shows a three (the digit), not whether it is red (what the red caption alone would mean to it)."""
+    whether it shows a three (the digit), not whether it is red (what the red caption alone would mean to it). The
+    anchors are checked bare, on as many images as without variants."""
     from concept_erase.digits.world import STYLE_TEMPLATES, caption, takes_style
     from concept_erase.io.loading import load_pipeline
     from concept_erase.judges import make_judge
@@ -204,7 +205,7 @@ def test_a_check_with_prompt_variants_draws_them_and_judges_each_as_its_concept(
     sides = CheckSides(config, make_judge("digits", concepts, anchors),
                        (expand(concepts, red, takes_style), expand(anchors, red, takes_style)))
     assert sides.concept_items == [(caption(3), 7000), (caption(3, "red ink"), 7000)]
-    assert [p for p, _ in sides.anchor_items] == [caption(1), caption(1, "red ink")] * 2
+    assert [p for p, _ in sides.anchor_items] == [caption(1)] * 4  # the bare anchors, as many as without variants
     # the judge reads the red three's digit: a red one (the digit erased, the colour kept) is not the concept shown
     assert sides.judged_as[caption(3, "red ink")] == caption(3)
     assert sides.still_shown(pipe, sides.concept_items, 10) == [True, True]

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import seed_range
-from concept_erase.variants import expand
+from concept_erase.variants import BARE, expand
 
 
 # The first chunk of each side; the rest of the side comes in one call. On the digits model's CPU probe a call
@@ -94,8 +94,9 @@ class CheckSides:
     prompt by prompt a chunk saw 3 of the 9 digits), from --check-seed-start on; drawn at the judge's guidance
     (else the run's anchor guidance) and judged: `still_shown` per concept image, `kept` per anchor image. A
     judge that cannot tell the anchors gets none: the retain constraint alone keeps them. With prompt variants
-    (`variants`: the concepts' and the anchors', as the run trains on them) the check draws them all, and a concept's
-    variant is judged as its concept."""
+    (`variants`: the concepts' and the anchors', as the run trains on them) the concept side draws every variant, each
+    judged as its concept; the anchor side stays on the bare anchors, as many images as without variants (spread over
+    the styled ones, the bar would let the bare anchors fall several points unseen while the styled ones hold)."""
 
     def __init__(self, config, judge, variants: tuple[list, list] | None = None):
         self.judge = judge
@@ -103,7 +104,8 @@ class CheckSides:
         n = int(config.check_images)
         concept_variants, anchor_variants = variants or (expand(config.concepts, ()), expand(config.anchors, ()))
         self.judged_as = {v.prompt: config.concepts[v.owner] for v in concept_variants}
-        concepts, anchors = [v.prompt for v in concept_variants], [v.prompt for v in anchor_variants]
+        concepts = [v.prompt for v in concept_variants]
+        anchors = [v.prompt for v in anchor_variants if v.tier == BARE]
         per_concept = max(1, math.ceil(n / len(concepts)))
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
         self.concept_items = [(p, s) for s in seed_range(config.check_seed_start, per_concept) for p in concepts]
