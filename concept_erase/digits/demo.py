@@ -58,35 +58,19 @@ def evaluate(pipe, judge, erased: int, seeds, *, steps: int, guidance: float,
     return result, (torch.stack(drawn[:10]), torch.stack([drawn[k * 10 + erased] for k in range(len(STYLES))]))
 
 
-def _variants_grid(before: torch.Tensor, after: torch.Tensor, erased: int, path: Path, title: str,
-                   columns: int = 4) -> None:
-    """Rows: the erased digit in each style; its first `columns` seeds before the erasure, then after."""
+def _grid(before: torch.Tensor, after: torch.Tensor, path: Path, title: str, row_labels: list[str],
+          columns: int = 4) -> None:
+    """One labelled row per entry of before/after [row, seed, 3, H, W]: its first `columns` seeds before the erasure,
+    then the same seeds after."""
     from torchvision.transforms.functional import to_pil_image
 
     from concept_erase.evaluation.grids import labelled_grid
 
     n = min(columns, before.shape[1])
-    rows = [[to_pil_image(before[k, j]) for j in range(n)] + [to_pil_image(after[k, j]) for j in range(n)]
-            for k in range(len(STYLES))]
-    heads = [f"before, seed {j}" for j in range(n)] + [f"after, seed {j}" for j in range(n)]
-    grid = labelled_grid(rows, column_heads=heads, row_labels=[caption(erased, s).removeprefix("a handwritten ")
-                                                                for s in STYLES], title=title, cell=64, head_lines=2)
-    with atomic_path(path, suffix=".png") as tmp:
-        grid.save(tmp, format="PNG")
-
-
-def _grid(before: torch.Tensor, after: torch.Tensor, path: Path, title: str, columns: int = 4) -> None:
-    """Rows: the ten digits; the first `columns` seeds before the erasure, then the same seeds after."""
-    from torchvision.transforms.functional import to_pil_image
-
-    from concept_erase.evaluation.grids import labelled_grid
-
-    n = min(columns, before.shape[1])
-    rows = [[to_pil_image(before[d, k]) for k in range(n)] + [to_pil_image(after[d, k]) for k in range(n)]
-            for d in range(before.shape[0])]
+    rows = [[to_pil_image(before[r, k]) for k in range(n)] + [to_pil_image(after[r, k]) for k in range(n)]
+            for r in range(before.shape[0])]
     heads = [f"before, seed {k}" for k in range(n)] + [f"after, seed {k}" for k in range(n)]
-    grid = labelled_grid(rows, column_heads=heads, row_labels=[f"digit {name}" for name in DIGIT_NAMES], title=title,
-                         cell=64, head_lines=2)
+    grid = labelled_grid(rows, column_heads=heads, row_labels=row_labels, title=title, cell=64, head_lines=2)
     with atomic_path(path, suffix=".png") as tmp:
         grid.save(tmp, format="PNG")
 
@@ -173,9 +157,11 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     write_json(work / "report.json", report)
     write_text(work / "report.md", _markdown(report))
     _grid(before_images[0], after_images[0], work / "grid.png",
-          title=f"'{digit}' erased with {config.method}: prompt 'a handwritten digit N', same seeds before and after")
-    _variants_grid(before_images[1], after_images[1], erased, work / "grid-styles.png",
-                   title=f"'{digit}' erased with {config.method}: the digit in every style, same seeds before and after")
+          f"'{digit}' erased with {config.method}: prompt 'a handwritten digit N', same seeds before and after",
+          [f"digit {name}" for name in DIGIT_NAMES])
+    _grid(before_images[1], after_images[1], work / "grid-styles.png",
+          f"'{digit}' erased with {config.method}: the digit in every style, same seeds before and after",
+          [caption(erased, s).removeprefix("a handwritten ") for s in STYLES])
     return report
 
 
