@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import CHECK_SEED_START
-from concept_erase.options import IN_DIR, IN_FILE, MAX_SEED, OUT_DIR, check_fields, setting
+from concept_erase.options import IN_DIR, IN_FILE, MAX_SEED, OUT_DIR, check_fields, flag_name, setting
 from concept_erase.variants import check_names as check_variant_names
 from concept_erase.yaml_files import read_yaml
 
@@ -42,7 +42,9 @@ class EraseConfig:
                        flag="anchor", nonempty=True, metavar="PROMPT")
     output: str = _r("", "run folder: checkpoints, metrics.jsonl, erased.safetensors", path=OUT_DIR)
     # the method
-    method: str = _f("eupmu", "lambda controller: eupmu, eupmu-fast, ungrad, fixed, esd")
+    method: str = _f("eupmu", "how to erase: a trained method, named by how it weighs the retain loss (eupmu, "
+                              "eupmu-fast, ungrad, fixed, esd), or uce, a closed-form edit of the layers that read "
+                              "the text (seconds, no training)")
     train: str = _f("xattn", "what is trained: " + ", ".join(TRAINABLE_SUBSETS), choices=TRAINABLE_SUBSETS)
     forget_loss: str = _f("negative-guidance", "forget loss: negative-guidance or remap")
     retain_loss: str = _f("preservation", "retain loss on anchor latents: preservation (the target is the original "
@@ -59,6 +61,15 @@ class EraseConfig:
                                     "templates on any other), general, none, a template ('a painting of {}'), or a "
                                     "text file of templates (repeat to combine; default none)",
                                 flag="concept-variants", nonempty=True, metavar="auto|general|none|TEMPLATE|FILE")
+    uce_regularization: float = _f(0.5, "for --method uce: how strongly the edited weights stay near the original "
+                                        "ones (UCE's lambda; the concepts and kept prompts weigh 1 and "
+                                        "--uce-preserve-weight each)", gt=0, le=1_000_000)
+    uce_preserve_weight: float = _f(1.0, "for --method uce: the weight of each kept prompt (the anchors) keeping its "
+                                         "output, against 1 for each concept moving to its guide", ge=0, le=1_000_000)
+    uce_tokens: str = _f("tail", "for --method uce: which of a prompt's tokens the edit maps: tail (its last word "
+                                 "and every token after it, the end and padding tokens that a causal text encoder "
+                                 "fills from the whole prompt: UCE's published code) or last (the last word's alone: "
+                                 "the authors' later scripts)", choices=("tail", "last"))
     eta: float = _f(1.0, "negative-guidance scale: the target is e0 - eta * (ec - e0)", ge=0, le=1000)
     lambda_update: str = _f("normalised", "eupmu's lambda rule: normalised (the slack's running mean over its "
                                           "running scale: lambda moves by at most about beta_t per step whatever "
@@ -200,7 +211,6 @@ class EraseConfig:
     progress: bool = _r(True, "show a progress bar")
 
     def __post_init__(self):
-        from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
         from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
 
         if isinstance(self.concepts, str):
@@ -215,7 +225,7 @@ class EraseConfig:
             self.sample_prompts = [self.sample_prompts]
         if isinstance(self.concept_variants, str):
             self.concept_variants = [self.concept_variants]
-        LAMBDA_CONTROLLERS.get(self.method)
+        check_method(self.method)
         FORGET_OBJECTIVES.get(self.forget_loss)
         RETAIN_OBJECTIVES.get(self.retain_loss)
         check_fields(self)
@@ -241,7 +251,11 @@ class EraseConfig:
         if self.resume not in ("", "latest") and not (Path(self.resume) / "state.json").is_file():
             raise UserError(f"--resume {self.resume}: no checkpoint there (no state.json); give a checkpoint "
                             "folder (OUTPUT/checkpoints/step-N) or 'latest'")
-        if self.remap_to and self.forget_loss != "remap":
+        if is_edit(self.method):
+            self._check_edit()
+        elif self._edit_only():
+            raise UserError(f"{self._edit_only()} applies to a closed-form edit (--method uce) only; drop it")
+        elif self.remap_to and self.forget_loss != "remap":
             raise UserError("--remap-to applies to --forget-loss remap only; add --forget-loss remap or drop --remap-to")
         same = {c.strip().lower() for c in self.concepts} & {a.strip().lower() for a in self.anchors}
         if same:
@@ -250,7 +264,7 @@ class EraseConfig:
         if self.method == "eupmu-fast" and self.retain_batch_size < 2:
             raise UserError("--method eupmu-fast carries half of the retain batch into the next step; "
                             "use --retain-batch-size 2 or more")
-        if LAMBDA_CONTROLLERS.get(self.method).uses_retain and self.retain_batch_size < 1:
+        if not is_edit(self.method) and _controller(self.method).uses_retain and self.retain_batch_size < 1:
             raise UserError(f"--method {self.method} needs a retain batch; use --retain-batch-size 1 or more")
         if self.trajectory_timesteps > 1:
             if self.trajectory_refresh > 1:
@@ -275,6 +289,25 @@ class EraseConfig:
             if not -self.eta < self.hold_erasure_at:
                 raise UserError(f"--hold-erasure-at {self.hold_erasure_at} is out of range: the forget loss's target "
                                 f"is the signal level -eta = {-self.eta:g}, so a level at or under it holds nothing")
+
+    def _edit_only(self) -> str:
+        """The flag of an edit-only setting given to a trained method, else ''."""
+        for f in dataclasses.fields(self):
+            if f.name.startswith("uce_") and getattr(self, f.name) != f.default:
+                return flag_name(f)
+        return ""
+
+    def _check_edit(self) -> None:
+        """A closed-form edit takes no training setting: one given is refused, not silently ignored."""
+        for f in dataclasses.fields(self):
+            if f.name in EDIT_SETTINGS:
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if getattr(self, f.name) != default:
+                raise UserError(f"--method {self.method} is a closed-form edit: it does not train, so "
+                                f"{flag_name(f)} does not apply; drop it (the edit takes {EDIT_FLAGS})")
+        if len(self.remap_to) not in (0, 1, len(self.concepts)):
+            raise UserError(f"--method {self.method}: give one --remap-to for all concepts, or one per --concept")
 
     def _check_stop(self) -> None:
         if self.check_every > self.steps:
@@ -301,7 +334,7 @@ class EraseConfig:
             raise UserError("no concept to erase; pass --concept 'the concept' (repeat it for several)")
         if not self.output:
             raise UserError("no output folder; pass --output runs/NAME")
-        uses_retain = _controller(self.method).uses_retain
+        uses_retain = not is_edit(self.method) and _controller(self.method).uses_retain
         if uses_retain and not self.anchors and not self.retain_images:
             raise UserError(f"--method {self.method} keeps what anchors show; pass --anchor 'a prompt' "
                             "(repeat it) or --retain-images FOLDER")
@@ -314,6 +347,31 @@ class EraseConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+# What a closed-form edit reads of the settings (--remap-to names each concept's guide; seed is recorded only)
+EDIT_SETTINGS = frozenset({"model", "concepts", "anchors", "output", "method", "remap_to", "concept_variants",
+                           "mixed_precision", "seed", "cache_dir", "overwrite", "allow_pickle", "model_config",
+                           "progress", "uce_regularization", "uce_preserve_weight", "uce_tokens"})
+EDIT_FLAGS = ("--model, --concept, --anchor (kept), --remap-to (the guide), --concept-variants, --uce-regularization, "
+              "--uce-preserve-weight, --uce-tokens, --output")
+
+
+def is_edit(method: str) -> bool:
+    from concept_erase.methods.edits import EDITS
+
+    return method in EDITS
+
+
+def check_method(name: str) -> None:
+    """A known method: a lambda controller (trained) or a closed-form edit; else one line naming them all."""
+    from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
+
+    if name not in LAMBDA_CONTROLLERS and not is_edit(name):
+        from concept_erase.methods.edits import EDITS
+
+        raise UserError(f"unknown method {name!r} for --method; choose one of: "
+                        f"{', '.join(LAMBDA_CONTROLLERS.names() + EDITS.names())}")
 
 
 def _controller(name: str):

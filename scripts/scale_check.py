@@ -272,6 +272,8 @@ def child(spec: str) -> int:
     args = spec["args"]
     if spec["kind"] == "run":
         result = run_one(Path(args[0]), json.loads(args[1]), Path(args[2]), Path(args[3]), args[4], **spec["kwargs"])
+    elif spec["kind"] == "edit":
+        result = edit_one(Path(args[0]), json.loads(args[1]), Path(args[2]), args[3])
     else:
         result = plain_one(Path(args[0]), args[1], args[2])
     print(json.dumps(result), flush=True)
@@ -333,6 +335,33 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str,
     del trainer
     gc.collect()
     return result
+
+
+def edit_one(model_dir: Path, settings: dict, out: Path, label: str) -> dict:
+    """A closed-form edit (--method uce): its time, its memory above the loaded model, the size of what it keeps."""
+    from concept_erase.config import EDIT_SETTINGS, build_config
+    from concept_erase.training.edit_run import EditRun
+
+    settings = {k: v for k, v in settings.items() if k in EDIT_SETTINGS}
+    settings.update(model=str(model_dir), output=str(out), method="uce", mixed_precision="bf16", progress=False,
+                    overwrite=True)
+    cfg = build_config(settings, {}, source=label)
+    t0 = time.perf_counter()
+    run = EditRun(cfg)
+    timeline = Timeline()
+    run.log = timeline
+    run.run()
+    total = time.perf_counter() - t0
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loaded = next((t for t, m in timeline.lines if m.startswith("device:")), None)
+    extra = round((rss_kb("VmHWM") - timeline.rss_loaded) / 1024)
+    delta = (out / "erased.safetensors").stat().st_size
+    return {"label": label, "method": "uce", "train": run.family.edit_subset, "total_s": round(total, 1),
+            "load_s": round(loaded, 1) if loaded is not None else None,
+            "setup_s": round(total - (loaded or 0) - row["step_time_s"], 1), "first_step_s": round(row["step_time_s"], 1),
+            "second_step_s": None, "peak_extra_mb": extra, "step_peak_extra_mb": extra,
+            "peak_mb": round(rss_kb("VmHWM") / 1024), "loaded_mb": round(timeline.rss_loaded / 1024),
+            "checkpoint_mb": 0, "delta_mb": round(delta / 2**20, 1), "trained_mb": round(delta / 2**20)}
 
 
 def plain_one(model_dir: Path, subset: str, label: str) -> dict:
@@ -519,6 +548,11 @@ def check_model(kind: str, root: Path) -> dict:
         measure(xattn_run, xattn, xattn_run, steps=2)
     for method in METHODS[1:]:
         measure(method, {**xattn, "method": method}, f"m-{method}", steps=1)
+    if not ONLY or "uce" in ONLY:  # the closed-form edit: seconds, no step
+        print(f"== {kind}: uce", flush=True)
+        results.append(done.get("uce") or in_child("edit", model_dir, json.dumps(xattn), root / f"{kind}-uce", "uce"))
+        shutil.rmtree(root / f"{kind}-uce", ignore_errors=True)
+        _progress(root, kind, results)
     if xl:  # SDXL, SD3, FLUX: the attention subsets and LoRA (the full denoiser is 10 GB of fp32 and more here)
         if family != "flux":  # FLUX's LoRA run is its recipe's
             measure(lora_run, {**xattn, "train": "lora", "lr": 1e-4, "lora_rank": 8, "lora_alpha": 8}, lora_run,

@@ -64,6 +64,22 @@ def test_settings_apply_to_every_entry_and_an_entry_overrides_them(tmp_path):
         "retain_loss"] == "preservation"  # the default
 
 
+def test_a_closed_form_entry_takes_the_recipes_prompts_and_none_of_its_training(tmp_path):
+    """UCE in a benchmark file: the recipe's training settings and the file's common ones are not its own (it would
+    refuse them); a style's guide is its caption without the style, as negative guidance erases toward."""
+    from concept_erase.bench.spec import run_config
+
+    p = tmp_path / "b.yaml"
+    p.write_text("concepts: [three, red ink]\nsettings: {steps: 30}\nmethods: [{method: eupmu}, {method: uce}]\n")
+    spec = load_bench(p)
+    configs = {(label, concept): run_config(spec, o, concept, seed, tmp_path / "x", False)
+               for label, o, concept, seed in plan(spec)}
+    assert configs["eupmu", "three"].steps == 30 and configs["eupmu", "three"].stop_when_erased
+    edit = configs["uce", "three"]
+    assert edit.method == "uce" and not edit.stop_when_erased and edit.remap_to == [] and edit.lr == 1e-5
+    assert configs["uce", "red ink"].remap_to == [c.replace(" in red ink", "") for c in configs["uce", "red ink"].concepts]
+
+
 def test_concept_prompts():
     c, a = concept_prompts("seven")
     assert c == ["a handwritten digit seven"] and len(a) == 9 and c[0] not in a

@@ -60,6 +60,7 @@ def bench_model(spec: BenchSpec) -> str:
 def run_settings(config) -> dict:
     """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
     file plans under its label (--runs-from). The check's bar only where the run checks."""
+    from concept_erase.config import is_edit
     from concept_erase.methods.stopping import judge_name
 
     checks = config.stop_when_erased
@@ -77,7 +78,9 @@ def run_settings(config) -> dict:
             "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
             "check_every": config.check_every if checks else None,
             "check_inference_steps": config.check_inference_steps if checks else None,
-            "check_seed_start": config.check_seed_start if checks else None}
+            "check_seed_start": config.check_seed_start if checks else None,
+            **({"uce_regularization": config.uce_regularization, "uce_preserve_weight": config.uce_preserve_weight}
+               if is_edit(config.method) else {})}
 
 
 def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,

@@ -124,7 +124,12 @@ def load_bench(path: str | Path) -> BenchSpec:
         raise UserError(f"{path}: settings must be a mapping of erase settings for every entry (no label or "
                         f"method), not {common!r}")
     common = normalise_keys(common, f"{path}, settings")
-    methods = [{**common, **normalise_keys({k: v for k, v in m.items() if k != "label"}, f"{path}, method {m['method']!r}"),
+    from concept_erase.config import EDIT_SETTINGS, is_edit
+
+    def shared(m) -> dict:  # a closed-form edit takes the common settings it reads, not the training ones
+        return {k: v for k, v in common.items() if k in EDIT_SETTINGS} if is_edit(m["method"]) else common
+
+    methods = [{**shared(m), **normalise_keys({k: v for k, v in m.items() if k != "label"}, f"{path}, method {m['method']!r}"),
                 **({"label": m["label"]} if "label" in m else {})} for m in methods]
     eps = _number_list(raw, "eps_sweep", [], float, path, low=0)
     ev = raw.get("evaluation") or {}
@@ -168,7 +173,6 @@ def load_bench(path: str | Path) -> BenchSpec:
                      attack=attack, source=str(path))
     # Every run's settings are built now: an unknown key or a bad value in a method entry fails here,
     # not after an hour of other runs.
-    recipe_settings = load_yaml(recipe)
     labels = set()
     first = (splits[0].concepts[0], splits[0].seeds[0])
     for label, overrides, concept, seed in plan(spec):
@@ -181,8 +185,7 @@ def load_bench(path: str | Path) -> BenchSpec:
         if fixed_here:
             raise UserError(f"{path}, method {label!r}: {fixed_here[0]} is set by the benchmark itself; remove it")
         try:
-            config = build_config({**recipe_settings, **{k: v for k, v in overrides.items() if k != "label"}},
-                                  source=f"{path} (method {label!r})")
+            config = run_config(spec, overrides, concept, seed, Path("unused"), False)
         except UserError as err:
             raise UserError(f"{path}, method {label!r}: {err}") from None
         _check_seeds_apart(spec, config, label, path)
@@ -287,11 +290,19 @@ def run_config(spec: BenchSpec, overrides: dict, concept: str, seed: int, output
     """The erase settings of one run: the recipe, the concept's prompts, then the method entry."""
     from concept_erase.config import build_config, load_yaml
 
+    from concept_erase.config import EDIT_SETTINGS, is_edit
+
     concepts, anchors = concept_prompts(concept)
     settings = load_yaml(spec.recipe)
+    entry = {k: v for k, v in overrides.items() if k != "label"}
+    edit = is_edit(entry.get("method", settings.get("method", "eupmu")))
+    if edit:  # a closed-form edit takes the recipe's model and prompts, none of its training settings
+        settings = {k: v for k, v in settings.items() if k in EDIT_SETTINGS}
     settings.update(concepts=concepts, anchors=anchors, output=str(output), overwrite=True,
                     progress=progress, seed=seed)
-    if settings.get("forget_loss", "negative-guidance") == "negative-guidance":
+    if edit:
+        settings["remap_to"] = erase_relative_to(concept) or []  # its guide: what negative guidance erases toward
+    elif settings.get("forget_loss", "negative-guidance") == "negative-guidance":
         settings["relative_to"] = erase_relative_to(concept)
-    settings.update({k: v for k, v in overrides.items() if k != "label"})
+    settings.update(entry)
     return build_config(settings, {}, source=str(spec.recipe))

@@ -177,6 +177,31 @@ class Family:
         u, c = out.chunk(2)
         return u + scale * (c - u)
 
+    # ------------------------------------------------------------ closed-form edits (UCE)
+    edit_subset = ""  # what a closed-form edit changes, as the delta and the model card name it
+
+    def edit_layers(self, model: torch.nn.Module) -> dict[str, str]:
+        """{module name: the conditioning tensor it reads}: the linear layers that read the text encoders'
+        output directly, which a closed-form edit may solve for."""
+        raise UserError(f"the {self.name} family has no closed-form edit here; use a trained --method")
+
+    def token_streams(self, pipe) -> list[tuple]:
+        """(tokenizer, first position, token count) of each text stream in `encoder_hidden_states`."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def text_tokens(self, pipe, prompts: list[str], device) -> tuple[dict[str, torch.Tensor], list[list[tuple]]]:
+        """(the prompts' conditioning tensors, by name; of each prompt, per text stream, (the position of its last
+        token before the end token, the stream's end) in the token sequence). A stream whose encoder is absent is
+        left out."""
+        cond = self.encode(pipe, list(prompts), device, self.native_resolution(pipe)).tensors
+        spans: list[list[tuple]] = [[] for _ in prompts]
+        for tokenizer, start, length in self.token_streams(pipe):
+            for i, prompt in enumerate(prompts):
+                n = len(tokenizer(prompt, truncation=True, max_length=length).input_ids)
+                spans[i].append((start + max(n - 2, 0), start + length))
+        return cond, spans
+
     # ------------------------------------------------------------ noise, targets, trajectories
     def schedule(self, pipe) -> "NoiseSchedule":
         """How training noises latents and what the denoiser should output for them."""

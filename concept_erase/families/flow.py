@@ -116,8 +116,20 @@ class TransformerFamily(Family):
 
     single_file_layout = True  # the transformer alone, in Stability AI's (SD3) or Black Forest Labs' (FLUX.1) layout
 
+    # A closed-form edit changes the projections that read the text encoders' output as it is: the token sequence's
+    # `context_embedder` and the pooled embedding's `time_text_embed.text_embedder.linear_1`. The joint blocks'
+    # add_k/add_v projections read the text stream after earlier blocks (and the time step's modulation), not the
+    # encoders' output, so their inputs are not the prompt's embeddings.
+    edit_subset = "text-in"
+
     def denoiser(self, pipe):
         return pipe.transformer
+
+    def edit_layers(self, model) -> dict[str, str]:
+        layers = {"context_embedder": "encoder_hidden_states",
+                  "time_text_embed.text_embedder.linear_1": "pooled_projections"}
+        modules = dict(model.named_modules())
+        return {n: source for n, source in layers.items() if isinstance(modules.get(n), torch.nn.Linear)}
 
     def single_file(self, pipe):
         from concept_erase.io.single_file import transformer_single_file

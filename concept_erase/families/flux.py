@@ -40,6 +40,9 @@ class Flux(TransformerFamily):
     fp16_refusal = ("FLUX's activations overflow in fp16 (black images and NaN losses); use --mixed-precision "
                     "bf16 (or no)")
 
+    def token_streams(self, pipe) -> list[tuple]:
+        return [(pipe.tokenizer_2, 0, self.t5_length(pipe))]  # the tokens are T5's; CLIP gives the pooled embedding
+
     def text_encoders(self, pipe):
         return [pipe.text_encoder, pipe.text_encoder_2]
 

@@ -75,9 +75,19 @@ class UNetFamily(Family):
         "noxattn": lambda n: not (_xattn(n) or n.startswith(("time_embedding.", "conv_out.", "conv_norm_out."))),
     }
     lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    edit_subset = "xattn-kv"  # a closed-form edit changes the cross-attention's key and value projections
 
     def denoiser(self, pipe):
         return pipe.unet
+
+    def edit_layers(self, model) -> dict[str, str]:
+        """The cross-attention's key and value projections: they read the text encoder's tokens."""
+        return {n: "encoder_hidden_states" for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and n.endswith((".attn2.to_k", ".attn2.to_v"))}
+
+    def token_streams(self, pipe) -> list[tuple]:
+        tokenizer = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
+        return [(tokenizer, 0, tokenizer.model_max_length)]
 
     def native_resolution(self, pipe) -> int:
         return pipe.unet.config.sample_size * pipe.vae_scale_factor

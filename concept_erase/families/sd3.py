@@ -32,6 +32,14 @@ class StableDiffusion3(TransformerFamily):
                 if block.context_pre_only for leaf in ("weight", "bias")}
         return names - dead
 
+    def token_streams(self, pipe) -> list[tuple]:
+        """CLIP's tokens (both CLIP encoders, side by side), then T5's where the pipeline has it."""
+        clip = pipe.tokenizer_max_length
+        streams = [(pipe.tokenizer, 0, clip)]
+        if pipe.text_encoder_3 is not None:
+            streams.append((pipe.tokenizer_3, clip, self.t5_length(pipe)))
+        return streams
+
     def text_encoders(self, pipe):
         return [e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e is not None]
 

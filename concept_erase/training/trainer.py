@@ -350,10 +350,15 @@ class Trainer:
 def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
     """Erase the configured concepts; returns the path of `erased.safetensors`. One writer per output:
     a second process erasing into the same folder is refused (`atomic.writer_lock`)."""
+    from concept_erase.config import is_edit
     from concept_erase.io.atomic import writer_lock
-
     from concept_erase.methods.stopping import Hooks, stop_rule
 
+    if is_edit(config.method):  # a closed-form edit: one solve, no loop and no step hook
+        from concept_erase.training.edit_run import EditRun
+
+        with writer_lock(config.output, log=lambda m: print(m, file=sys.stderr)):
+            return EditRun(config, pipe).run()
     hook = on_step
     if config.stop_when_erased:  # the judge is found (or refused) before the lock and the model
         hook = Hooks(hook, stop_rule(config))
