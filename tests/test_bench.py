@@ -70,8 +70,12 @@ def test_a_closed_form_entry_takes_the_recipes_prompts_and_none_of_its_training(
     from concept_erase.bench.spec import run_config
 
     p = tmp_path / "b.yaml"
-    p.write_text("concepts: [three, red ink]\nsettings: {steps: 30}\nmethods: [{method: eupmu}, {method: uce}]\n")
+    p.write_text("concepts: [three, red ink]\nseeds: [4, 5]\nsettings: {steps: 30}\n"
+                 "methods: [{method: eupmu}, {method: uce}]\n")
     spec = load_bench(p)
+    # it draws nothing at random: once per concept, at the first seed
+    assert sorted((label, seed) for label, _, concept, seed in plan(spec) if concept == "three") == [
+        ("eupmu", 4), ("eupmu", 5), ("uce", 4)]
     configs = {(label, concept): run_config(spec, o, concept, seed, tmp_path / "x", False)
                for label, o, concept, seed in plan(spec)}
     assert configs["eupmu", "three"].steps == 30 and configs["eupmu", "three"].stop_when_erased

@@ -98,3 +98,15 @@ def test_uce_is_an_ordinary_run_on_every_family(model, tmp_path):
         # many more rows than a tiny model's text width: the least-squares fit is close, not exact
         assert (c @ w.T - g @ w0.T).norm() < 0.3 * (c @ w0.T - g @ w0.T).norm(), name
         assert (k @ w.T - k @ w0.T).norm() < 0.1 * (k @ w0.T).norm(), name
+
+
+def test_the_model_card_of_an_edit_names_the_edit_not_training(tmp_path):
+    from concept_erase.io.model_card import card_text
+
+    meta = {"format": "concept-erase-delta", "family": "sd", "base_model": "builtin:tiny", "method": "uce",
+            "concepts": json.dumps(["van gogh"]), "anchors": json.dumps(["a photo"]), "train": "xattn-kv",
+            "steps": "1", "lambda_final": "0.0", "base_model_digest": "0" * 64,
+            "settings": json.dumps({"remap_to": ["a painting"], "uce_regularization": 0.5, "lr": 1e-5, "steps": 400})}
+    text = card_text(meta, fmt="diffusers")
+    assert "closed-form edit" in text and "| edited subset | xattn-kv |" in text
+    assert "| uce_regularization | 0.5 |" in text and "| lr |" not in text and "optimizer steps" not in text

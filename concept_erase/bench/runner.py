@@ -35,6 +35,7 @@ from concept_erase.bench.records import RECORD_SCHEMA, upgrade
 from concept_erase.bench.spec import (FORGET_TARGET, RETAIN_DROP, SHIPPED_BENCH, BenchSpec, load_bench, plan,
                                       run_config, split_of)
 from concept_erase.bench.timing import probe_timing
+from concept_erase.config import is_edit
 
 
 
@@ -60,7 +61,6 @@ def bench_model(spec: BenchSpec) -> str:
 def run_settings(config) -> dict:
     """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
     file plans under its label (--runs-from). The check's bar only where the run checks."""
-    from concept_erase.config import is_edit
     from concept_erase.methods.stopping import judge_name
 
     checks = config.stop_when_erased
@@ -370,7 +370,8 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
             f"{record['step_time_s_median'] * 1000:.0f} ms/step")
     memory_file = output / "memory.json"
     if spec.memory_probe_steps and not memory_file.is_file() and not report_only:
-        modes = ["plain"] + sorted({m["method"] for m in spec.methods})
+        # a closed-form edit trains nothing: no step's memory to compare with plain fine-tuning
+        modes = ["plain"] + sorted({m["method"] for m in spec.methods if not is_edit(m["method"])})
         log(f"memory probe: {', '.join(modes)} ({spec.memory_probe_steps} steps each, a fresh process each)")
         write_json(memory_file, memory_table(spec.recipe, modes, spec.memory_probe_steps))
     memory = json.loads(memory_file.read_text()) if memory_file.is_file() else []

@@ -35,6 +35,11 @@ class Split:
     concepts: list[str]
     seeds: list[int]
     evaluation_seed_start: int = 0
+    edit_seed: int | None = None  # the one run seed of a closed-form edit: the first the file names (see `plan`)
+
+    def __post_init__(self):
+        if self.edit_seed is None and self.seeds:
+            self.edit_seed = self.seeds[0]
 
 
 @dataclass
@@ -79,7 +84,7 @@ SHIPPED_BENCH = RECIPES / "bench-heldout.yaml"  # the protocol: tuning and held-
 
 def load_bench(path: str | Path) -> BenchSpec:
     """Read and check a benchmark file, every method entry included: a mistake is found before any run."""
-    from concept_erase.config import build_config, load_yaml, normalise_keys
+    from concept_erase.config import normalise_keys
     from concept_erase.yaml_files import read_yaml, whole_number
 
     path = Path(path)
@@ -272,12 +277,18 @@ def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
     """(label, overrides, concept, seed) of every run: split by split (the tuning split first), seed by seed, concept
     by concept, every method and the eps sweep, so that a benchmark cut short still compares all methods on the
     concepts it finished."""
+    from concept_erase.config import is_edit
+
     eupmu = next((m for m in spec.methods if m["method"] == "eupmu"), {"method": "eupmu"})
     runs = []
     for split in spec.splits:
         for seed in split.seeds:
             for concept in split.concepts:
                 for m in spec.methods:
+                    # a closed-form edit draws nothing at random: each seed would give the same weights and the
+                    # same images, so it runs once per concept, at the split's first seed
+                    if is_edit(m["method"]) and seed != split.edit_seed:
+                        continue
                     runs.append((str(m.get("label", m["method"])), dict(m), concept, seed))
                 if seed == split.seeds[0]:
                     for eps in spec.eps_sweep:  # the eupmu entry's settings (same step budget), eps changed

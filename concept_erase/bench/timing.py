@@ -33,7 +33,10 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
     from concept_erase.training.trainer import Trainer
 
     rounds, steps = spec.timing_rounds, spec.timing_steps
-    entries = [(str(m.get("label", m["method"])), m) for m in spec.methods]
+    from concept_erase.config import is_edit
+
+    # a closed-form edit has no step to time: its whole time is in its run record
+    entries = [(str(m.get("label", m["method"])), m) for m in spec.methods if not is_edit(m["method"])]
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="ce-timing-") as tmp:
         trainers = []

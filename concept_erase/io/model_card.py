@@ -174,15 +174,21 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
                          pipeline_tag="text-to-image",
                          tags=["concept-erasure", "concept-erase", "diffusers", "text-to-image",
                                *FAMILY_TAGS.get(family.name, []), *(["lora"] if fmt == "lora" else [])])
+    from concept_erase.config import is_edit
+
+    edit = is_edit(meta["method"])
     shown = ("steps", "lr", "eps", "beta", "lambda_update", "eta", "forget_loss", "retain_loss", "batch_size",
              "retain_batch_size", "mixed_precision", "seed", "lora_rank")
+    if edit:  # a closed-form edit: its own settings, none of training's
+        shown = ("remap_to", "uce_regularization", "uce_preserve_weight", "uce_tokens")
     shown = [k for k in shown if k in settings and (k != "lora_rank" or meta["train"] == "lora")]
-    rows = "\n".join(f"| {k} | {_fmt(settings[k])} |" for k in shown)
+    rows = "\n".join(f"| {k} | {_fmt(settings[k]) if settings[k] != [] else 'none'} |" for k in shown)
     lines = [
         f"# {', '.join(concepts)} erased from {base}", "",
         f"This model is **{base}** with {'the concept' if len(concepts) == 1 else 'the concepts'} "
-        + ", ".join(f"**{c}**" for c in concepts) + " erased by "
-        "concept-erase (utility-preserving unlearning, arXiv 2510.22124), exported as "
+        + ", ".join(f"**{c}**" for c in concepts) + " erased by concept-erase ("
+        + ("UCE's closed-form edit, arXiv 2308.14761" if edit else "utility-preserving unlearning, arXiv 2510.22124")
+        + "), exported as "
         + {"diffusers": "a diffusers pipeline", "lora": "LoRA weights", "single-file": "one original-layout file"}[fmt]
         + ".", "",
         "## What was done", "",
@@ -191,10 +197,10 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
         f"| kept (anchors) | {', '.join(anchors) if anchors else '(real images)'} |",
         f"| prompt variants (each concept and anchor also drawn inside) | "
         f"{', '.join(settings.get('concept_variants') or []) or 'none: the bare prompts only'} |",
-        f"| method | {meta['method']} |",
-        f"| trained subset | {meta['train']} |",
-        f"| optimizer steps | {meta['steps']} |",
-        f"| final lambda | {_fmt(float(meta.get('lambda_final', 'nan')))} |",
+        f"| method | {meta['method']}{' (a closed-form edit, no training)' if edit else ''} |",
+        f"| {'edited' if edit else 'trained'} subset | {meta['train']} |",
+        *([] if edit else [f"| optimizer steps | {meta['steps']} |",
+                           f"| final lambda | {_fmt(float(meta.get('lambda_final', 'nan')))} |"]),
         f"| base model | {base} |",
         f"| base digest (SHA-256 of the denoiser's weights) | `{meta['base_model_digest']}` |",
         f"| licence | {license_ or 'not known: the base model licence applies; set `license` above before publishing'} |",
