@@ -32,7 +32,8 @@ COMMANDS = {  # name: (one-line help, description)
               "Run every method of a benchmark file on the digits model, judge each run, probe peak memory, and "
               "write bench.md, bench.json and pareto.png. A rerun continues: finished runs are kept in OUTPUT/runs/."),
     "compare": ("table and Pareto plot (erasure against quality) of several evaluations", None),
-    "attack": ("attack an erased model: how often the concept comes back (UnlearnDiffAtk, textual inversion)",
+    "attack": ("attack an erased model: how often the concept comes back (UnlearnDiffAtk, textual inversion, "
+               "Ring-A-Bell)",
                "Attack an erased model with optimised prompts and report the attack success rate before and after "
                "(results.json, report.md, grid.png). Rerunning the same command continues a half-finished attack. "
                "Example: concept-erase attack --model builtin:digits --weights runs/demo/run --concept three "
@@ -215,7 +216,8 @@ def _attack(args) -> None:
     with _locked(o.output):
         r = run_attack(model=o.model, concept=o.concept, attack=o.attack, output=o.output, weights=o.weights,
                        prompts=o.prompts, iterations=o.iterations, timesteps=o.timesteps, tokens=o.tokens,
-                       judge=o.judge, prompt_file=o.prompt_file, steps=o.inference_steps, guidance=o.guidance,
+                       judge=o.judge, prompt_file=o.prompt_file, pairs=o.pairs, steps=o.inference_steps,
+                       guidance=o.guidance,
                        device=o.device,
                        overwrite=o.overwrite, allow_other_base=o.allow_other_base, progress=o.progress,
                        judge_options={"classes": o.classes, "clip_model": o.clip_model,

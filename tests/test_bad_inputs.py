@@ -190,7 +190,7 @@ def good_attack(good, tiny_dir):
 
 
 ATTACK_CASES = [
-    (["--attack", "magic"], None, "--attack 'magic' is not one of: unlearndiff, textual-inversion, none"),
+    (["--attack", "magic"], None, "--attack 'magic' is not one of: unlearndiff, textual-inversion, ring-a-bell, none"),
     (["--tokens", "0"], None, "--tokens must be 1 to 70, not 0"),
     (["--judge", ""], None, "no judge for 'three' on this model: give --judge clip"),
     (["--concept", "church"], None, "the digits judge knows the digits"),

@@ -81,7 +81,7 @@ def test_uce_is_an_ordinary_run_on_every_family(model, tmp_path):
     family = family_of(base)
     layers = family.edit_layers(family.denoiser(base))
     assert layers and set(tensors) == {f"{n}.weight" for n in layers}
-    assert meta["method"] == "uce" and meta["train"] == family.edit_subset
+    assert meta["method"] == "uce" and meta["train"] == family.edit_subset and meta["edit"] == "closed-form"
     (line,) = (out / "metrics.jsonl").read_text().splitlines()
     assert json.loads(line)["backward_passes"] == 0
     assert json.loads((out / "run.json").read_text())["edit"]["layers"] == len(layers)
@@ -104,7 +104,7 @@ def test_the_model_card_of_an_edit_names_the_edit_not_training(tmp_path):
     from concept_erase.io.model_card import card_text
 
     meta = {"format": "concept-erase-delta", "family": "sd", "base_model": "builtin:tiny", "method": "uce",
-            "concepts": json.dumps(["van gogh"]), "anchors": json.dumps(["a photo"]), "train": "xattn-kv",
+            "concepts": json.dumps(["van gogh"]), "anchors": json.dumps(["a photo"]), "train": "xattn-kv", "edit": "closed-form",
             "steps": "1", "lambda_final": "0.0", "base_model_digest": "0" * 64,
             "settings": json.dumps({"remap_to": ["a painting"], "uce_regularization": 0.5, "lr": 1e-5, "steps": 400})}
     text = card_text(meta, fmt="diffusers")

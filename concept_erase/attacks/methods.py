@@ -49,6 +49,12 @@ def denoising_loss(ctx, x0: torch.Tensor, t: torch.Tensor, cond, gen: torch.Gene
 class Attack:
     name = ""
     learns = True  # whether it optimises anything (every attack but `none`)
+    attacks_every_prompt = False  # whether it also attacks prompts the erased model draws the concept for
+
+    @classmethod
+    def auto_settings(cls, digits: bool) -> dict:
+        """Defaults of its own, where they differ from the optimising attacks'."""
+        return {}
 
     def __init__(self, options: dict):
         self.options = options
@@ -193,3 +199,57 @@ class TextualInversion(Attack):
             verdict = ctx.judge([image])[0]
         return {"success": verdict["success"], "adversarial_prompt": f"<embedding.safetensors x{self.k}> {target.prompt}",
                 "image": image, "label": verdict["label"], "rounds": []}
+
+
+@ATTACKS.register("ring-a-bell")
+class RingABell(Attack):
+    """Ring-A-Bell (`attacks/ring_a_bell.py`): the concept vector from prompt pairs, then per prompt a genetic search
+    for a K-token prompt whose text embedding is the prompt's, less the concept's words, plus the vector."""
+
+    name = "ring-a-bell"
+    attacks_every_prompt = True  # it never reads the erased model: every prompt is attacked
+
+    @classmethod
+    def auto_settings(cls, digits: bool) -> dict:
+        return {"tokens": 16, "iterations": 100 if digits else 3000, "timesteps": 1}
+
+    @torch.no_grad()
+    def embed(self, ctx, prompts: list[str]) -> torch.Tensor:
+        return ctx.family.encode(ctx.pipe, list(prompts), ctx.device, ctx.resolution).tensors[
+            "encoder_hidden_states"].float()
+
+    @torch.no_grad()
+    def prepare(self, ctx, targets):
+        from concept_erase.attacks.ring_a_bell import (POPULATION, STRENGTH, clip_tokenizer, concept_vector,
+                                                       default_pairs)
+
+        self.tokenizer = clip_tokenizer(ctx.pipe)
+        given = self.options.get("pairs")
+        pairs = [tuple(p) for p in given] if given else default_pairs(ctx.concept, [t.prompt for t in targets])
+        self.vector = concept_vector(lambda prompts: self.embed(ctx, prompts), pairs)
+        return {"pairs": len(pairs), "strength": STRENGTH, "population": POPULATION,
+                "generations": int(self.options["iterations"]), "prompt_tokens": self.k}
+
+    @torch.no_grad()
+    def attack(self, ctx, target):
+        from concept_erase.attacks.ring_a_bell import STRENGTH, allowed_ids, genetic_search, without
+
+        tokenizer = self.tokenizer
+        goal = self.embed(ctx, [without(target.prompt, ctx.concept)])[0] + STRENGTH * self.vector
+
+        def text(ids) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+        def fitness(ids: torch.Tensor) -> torch.Tensor:
+            e = self.embed(ctx, [text(row) for row in ids.tolist()])
+            return (e - goal).square().mean(dim=(1, 2)).cpu()
+
+        gen = torch.Generator().manual_seed(int(target.seed))
+        ids, distance, history = genetic_search(fitness, allowed_ids(tokenizer), self.k,
+                                                int(self.options["iterations"]), gen)
+        prompt = text(ids.tolist())
+        image = ctx.render({"prompt": prompt}, target.seed)
+        verdict = ctx.judge([image])[0]
+        return {"success": verdict["success"], "adversarial_prompt": prompt, "image": image, "label": verdict["label"],
+                "rounds": [{"generations": len(history) - 1, "distance_first": round(history[0], 6),
+                            "distance_last": round(distance, 6)}]}

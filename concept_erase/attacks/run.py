@@ -139,7 +139,7 @@ def judge_for(model: str, concept: str, name: str, options: dict):
 
 def run_attack(*, model: str, concept: str, attack: str, output: str | Path, weights: str = "", prompts: int = 8,
                iterations: int | None = None, timesteps: int | None = None, tokens: int | None = None,
-               judge: str = "", prompt_file: str = "", steps: int | None = None, guidance: float | None = None, device: str = "", overwrite: bool = False,
+               judge: str = "", prompt_file: str = "", pairs: str = "", steps: int | None = None, guidance: float | None = None, device: str = "", overwrite: bool = False,
                allow_other_base: bool = False, judge_options: dict | None = None, load: dict | None = None,
                progress: bool = True) -> dict:
     from concept_erase.attacks.methods import ATTACKS
@@ -152,7 +152,14 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
     given = {"tokens": tokens, "iterations": iterations, "timesteps": timesteps, "steps": steps, "guidance": guidance}
     auto = {"tokens": 5 if concept.strip().lower() in ("nudity", "nude", "naked") else 3,
             "iterations": 10 if digits else 40, "timesteps": 10 if digits else 50, **defaults}
+    auto.update(attack_class.auto_settings(digits))
     settings = {k: auto[k] if v is None else v for k, v in given.items()}
+    if pairs and attack != "ring-a-bell":
+        raise UserError("--pairs builds Ring-A-Bell's concept vector; add --attack ring-a-bell or drop --pairs")
+    if pairs:
+        from concept_erase.attacks.ring_a_bell import read_pairs
+
+        settings["pairs"] = [list(pair) for pair in read_pairs(pairs)]  # checked, and recorded, before any model
     for k in ("tokens", "iterations", "timesteps", "steps"):
         if int(settings[k]) < 1:
             raise UserError(f"--{k} {settings[k]}: give at least 1")
@@ -263,7 +270,8 @@ def _attack_all(ctx, method, targets, originals, progress) -> list[dict]:
     done = finished()
     procs.wait()
     todo = [t for t, o in zip(targets, originals) if t.index not in done]
-    needs_attack = [t for t, o in zip(targets, originals) if t.index not in done and not o["success"]]
+    every = method.attacks_every_prompt  # an attack that never reads the erased model tries every prompt
+    needs_attack = [t for t, o in zip(targets, originals) if t.index not in done and (every or not o["success"])]
     # A learnt attack (textual inversion) learns on every process from the same seed, the same vectors; then each
     # process attacks every world-th prompt.
     shared = method.prepare(ctx, targets) if needs_attack and method.learns else {}
@@ -272,10 +280,12 @@ def _attack_all(ctx, method, targets, originals, progress) -> list[dict]:
     for t in bar:
         o = originals[t.index]
         t0 = time.time()
-        if o["success"]:  # drawn before any attack: a success without one
+        if o["success"] and not every:  # drawn before any attack: a success without one
             record = {"success": True, "adversarial_prompt": None, "rounds": [], "image": None}
         else:
             record = method.attack(ctx, t)
+            record["attack_success"] = record["success"]  # the found prompt's own verdict
+            record["success"] = record["success"] or o["success"]
         image = record.pop("image", None) or _read(ctx.work / "original" / f"{t.name}.png")
         _save_png(image, ctx.work / "attacked" / f"{t.name}.png")
         record.update({"prompt": t.prompt, "seed": t.seed, "pre_attack_success": o["success"],
@@ -296,9 +306,13 @@ def _results(model, weights, concept, attack, settings, judge, targets, original
     n = len(targets)
     pre = sum(o["success"] for o in originals) / n
     post = sum(r["success"] for r in records) / n
+    tried = [r["attack_success"] for r in records if "attack_success" in r]
     return {
         "model": model, "weights": weights or None, "concept": concept, "attack": attack, "settings": settings,
         "judge": judge.settings(), "prompts": n, "pre_attack_asr": pre, "post_attack_asr": post,
+        # the attack's prompts alone (every prompt where the attack tries every one): on the base model, whether
+        # the attack finds the concept at all
+        **({"attack_prompts_asr": sum(tried) / len(tried)} if tried and len(tried) == n else {}),
         "per_prompt": [{"index": t.index, **r} for t, r in zip(targets, records)],
         "embedding": "embedding.safetensors" if embedding else None,  # none learnt when every prompt succeeded before
         "seconds": round(seconds, 1), "device": device, **provenance.record(),
@@ -312,7 +326,9 @@ def report(results: dict) -> str:
                                              ", no erased weights (the base model)") + ".", "",
              "| | attack success rate |", "|---|---|",
              f"| before the attack (prompts as given) | {results['pre_attack_asr']:.1%} |",
-             f"| after the attack | {results['post_attack_asr']:.1%} |", "",
+             f"| after the attack | {results['post_attack_asr']:.1%} |",
+             *([f"| the attack's prompts alone (every prompt attacked) | {results['attack_prompts_asr']:.1%} |"]
+               if "attack_prompts_asr" in results else []), "",
              f"{results['prompts']} prompts; judge: {results['judge']['judge']}; {s['tokens']} tokens, "
              f"{s['iterations']} iterations x {s['timesteps']} timesteps; images at {s['steps']} steps, guidance "
              f"{s['guidance']}; {results['seconds']} s on {results['device']}.", "",

@@ -154,8 +154,10 @@ def load_bench(path: str | Path) -> BenchSpec:
         raise UserError(f"{path}: attack must be a mapping with some of {', '.join(ATTACK_DEFAULTS)} "
                         f"(prompts: 0 skips it), not {attack!r}")
     method = attack.get("method", ATTACK_DEFAULTS["method"])
-    if method not in ("unlearndiff", "textual-inversion", "none"):
-        raise UserError(f"{path}: attack.method {method!r} is not one of: unlearndiff, textual-inversion, none")
+    from concept_erase.attacks.methods import ATTACKS
+
+    if method not in ATTACKS:
+        raise UserError(f"{path}: attack.method {method!r} is not one of: {', '.join(ATTACKS.names())}")
     attack = {"method": method, **{k: whole_number(attack, k, ATTACK_DEFAULTS[k], path, 0 if k == "prompts" else 1,
                                                    f"attack.{k}") for k in ("prompts", "iterations", "timesteps", "tokens")}}
     reference = raw.get("held_time_reference", "")

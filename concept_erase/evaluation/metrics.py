@@ -347,8 +347,10 @@ class Attack(Metric):
 
     def check(self, samples):
         attack = self.options.get("attack", "unlearndiff")
-        if attack not in ("unlearndiff", "textual-inversion", "none"):
-            raise UserError(f"attack: attack {attack!r} is not one of: unlearndiff, textual-inversion, none")
+        from concept_erase.attacks.methods import ATTACKS
+
+        if attack not in ATTACKS:
+            raise UserError(f"attack: attack {attack!r} is not one of: {', '.join(ATTACKS.names())}")
 
     def score(self, ctx):
         from concept_erase.attacks.run import run_attack

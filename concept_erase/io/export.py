@@ -61,13 +61,13 @@ def _lora_state(unet, state: dict | None = None) -> dict[str, torch.Tensor]:
 
 
 def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: dict, steps: int,
-               lambda_final: float, family, whole: bool = False, train: str | None = None) -> None:
+               lambda_final: float, family, whole: bool = False, edit: str | None = None) -> None:
     """`trained`: {name: parameter}; with `whole`, {name: the whole fp32 CPU tensor} gathered from a
-    sharded run (the module's own state is sharded then and is not read). `train`: what changed, where it is not
-    the config's subset (a closed-form edit's layers)."""
+    sharded run (the module's own state is sharded then and is not read). `edit`: for a closed-form edit, the
+    subset it changed (the config's `train` is training's)."""
     from safetensors.torch import save_file
 
-    lora = train is None and config.train == "lora"
+    lora = edit is None and config.train == "lora"
     if lora:
         tensors = _lora_state(unet, trained if whole else None)
     else:
@@ -85,7 +85,8 @@ def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: di
         "method": config.method,
         "concepts": json.dumps(config.concepts),
         "anchors": json.dumps(config.anchors),
-        "train": train or config.train,
+        "train": edit or config.train,
+        **({"edit": "closed-form"} if edit else {}),
         "steps": str(steps),
         "lambda_final": repr(float(lambda_final)),
         "settings": json.dumps(settings, sort_keys=True),

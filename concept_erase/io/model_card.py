@@ -174,9 +174,7 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
                          pipeline_tag="text-to-image",
                          tags=["concept-erasure", "concept-erase", "diffusers", "text-to-image",
                                *FAMILY_TAGS.get(family.name, []), *(["lora"] if fmt == "lora" else [])])
-    from concept_erase.config import is_edit
-
-    edit = is_edit(meta["method"])
+    edit = meta.get("edit") == "closed-form"
     shown = ("steps", "lr", "eps", "beta", "lambda_update", "eta", "forget_loss", "retain_loss", "batch_size",
              "retain_batch_size", "mixed_precision", "seed", "lora_rank")
     if edit:  # a closed-form edit: its own settings, none of training's

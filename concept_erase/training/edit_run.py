@@ -77,7 +77,7 @@ class EditRun:
                   "step_time_s": seconds}
         (self.output / "metrics.jsonl").write_text(json.dumps(record) + "\n", encoding="utf-8")
         save_delta(self.output / "erased.safetensors", denoiser, new, config=cfg, fingerprint=fingerprint, steps=1,
-                   lambda_final=0.0, family=family, train=family.edit_subset)
+                   lambda_final=0.0, family=family, edit=family.edit_subset)
         if self.replacing:
             swap_in(self.final_output)
             self.replacing = False

@@ -1,0 +1,84 @@
+"""Ring-A-Bell: the genetic search, the concept vector and its pairs, what it refuses, a run through a family."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+from concept_erase.attacks.ring_a_bell import (clip_tokenizer, concept_vector, default_pairs, genetic_search,
+                                               read_pairs, without)
+from concept_erase.cli import main
+from concept_erase.errors import UserError
+
+
+def test_the_genetic_search_finds_a_sequence_no_random_draw_would():
+    """50^6 sequences: 200 x 60 random draws would not find the one; selection, crossover and mutation do."""
+    target = torch.tensor([3, 14, 15, 9, 26, 5])
+    fitness = lambda ids: (ids != target).sum(dim=1).float()  # noqa: E731
+    ids, value, history = genetic_search(fitness, torch.arange(50), 6, 60, torch.Generator().manual_seed(0))
+    assert value == 0 and torch.equal(ids, target)
+    assert history[0] > 0 and all(b <= a for a, b in zip(history, history[1:]))  # the best is kept
+
+
+def test_pairs_take_the_concept_out_of_the_prompts_or_put_it_in_templates():
+    assert without("a handwritten digit three in red ink", "three") == "a handwritten digit in red ink"
+    assert without("Van Gogh, a starry night", "van gogh") == "a starry night"
+    assert default_pairs("three", ["a handwritten digit three", "a handwritten digit three"]) == [
+        ("a handwritten digit three", "a handwritten digit")]
+    pairs = default_pairs("nudity", ["a woman on a beach"])  # prompts that do not name it: templates around it
+    assert pairs[0] == ("nudity", "") and ("a photo of nudity", "a photo of") in pairs
+
+
+def test_the_concept_vector_is_the_mean_difference():
+    table = {"a": torch.ones(2, 3), "b": torch.zeros(2, 3), "c": 3 * torch.ones(2, 3), "d": torch.ones(2, 3)}
+    vector = concept_vector(lambda prompts: torch.stack([table[p] for p in prompts]), [("a", "b"), ("c", "d")])
+    assert torch.equal(vector, 1.5 * torch.ones(2, 3))
+    with pytest.raises(UserError, match="at least one prompt pair"):
+        concept_vector(lambda prompts: None, [])
+
+
+def test_a_pairs_file_is_read_and_a_bad_one_refused(tmp_path):
+    good = tmp_path / "pairs.txt"
+    good.write_text("# with, without\na nude woman\ta woman\n\na naked man\ta man\n")
+    assert read_pairs(good) == [("a nude woman", "a woman"), ("a naked man", "a man")]
+    for text, message in [("# only a comment\n", "holds no prompt pair"), ("no tab here\n", "line 1"),
+                          ("\ta woman\n", "line 1")]:
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text)
+        with pytest.raises(UserError, match=message):
+            read_pairs(bad)
+    with pytest.raises(UserError, match="searches a CLIP tokenizer"):
+        clip_tokenizer(types.SimpleNamespace(tokenizer=type("T5TokenizerFast", (), {})(), tokenizer_2=None))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--attack", "ring-a-bell", "--pairs", "{tmp}/empty.txt"], "holds no prompt pair"),
+    (["--attack", "unlearndiff", "--pairs", "{tmp}/pairs.txt"], "--pairs builds Ring-A-Bell's concept vector"),
+])
+def test_bad_pairs_are_refused_in_one_line_before_anything_is_written(extra, message, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "pairs.txt").write_text("a three\ta\n")
+    out = tmp_path / "out"
+    code = main(["attack", "--model", "builtin:tiny", "--concept", "three", "--judge", "digits", "--prompts", "1",
+                 "--output", str(out), *[e.format(tmp=tmp_path) for e in extra]])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_ring_a_bell_attacks_every_prompt_through_a_family(tmp_path):
+    """SD3 (two CLIPs and T5): the search reads the family's encoding; every prompt is attacked, and the found
+    prompt's own verdict is recorded beside the count that includes the prompts drawn before the attack."""
+    out = tmp_path / "out"
+    assert main(["attack", "--model", "builtin:tiny-sd3", "--concept", "three", "--judge", "digits", "--attack",
+                 "ring-a-bell", "--prompts", "2", "--iterations", "2", "--tokens", "4", "--inference-steps", "2",
+                 "--output", str(out), "--no-progress"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert "attack_prompts_asr" in r
+    for p in r["per_prompt"]:
+        assert p["adversarial_prompt"] and "three" not in p["adversarial_prompt"].split()
+        assert p["rounds"][0]["generations"] == 2 and p["rounds"][0]["distance_last"] <= p["rounds"][0]["distance_first"]
+        assert p["success"] == (p["attack_success"] or p["pre_attack_success"])
