@@ -54,7 +54,8 @@ class EditRun:
         for encoder in family.text_encoders(pipe):
             encoder.to(acc.device)
         denoiser = family.denoiser(pipe)
-        self.log(describe_device(acc.device, cfg.mixed_precision, denoiser, time.perf_counter() - self.load_started))
+        self.log(describe_device(acc.device, cfg.mixed_precision, denoiser, time.perf_counter() - self.load_started,
+                                 trains=False))
         edit = EDITS.get(cfg.method)(cfg)
         t0 = time.perf_counter()
         new, summary = edit.edit(pipe, family, *self.variants, acc.device)

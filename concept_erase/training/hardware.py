@@ -52,8 +52,9 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def describe_device(device: torch.device, precision: str, unet: torch.nn.Module, load_seconds: float) -> str:
-    """One line: where the run goes, in what precision, how big the model is; a warning for a CPU."""
+def describe_device(device: torch.device, precision: str, unet: torch.nn.Module, load_seconds: float, *,
+                    trains: bool = True) -> str:
+    """One line: where the run goes, in what precision, how big the model is; a warning for training on a CPU."""
     n = parameter_count(unet)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -63,7 +64,7 @@ def describe_device(device: torch.device, precision: str, unet: torch.nn.Module,
     size = f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2g}M"
     line = (f"device: {where}; precision {precision}; {type(unet).__name__} {size} parameters; "
             f"model loaded in {load_seconds:.1f} s")
-    if device.type == "cpu" and n >= REAL_SIZE_PARAMETERS:
+    if trains and device.type == "cpu" and n >= REAL_SIZE_PARAMETERS:
         line += ("\nwarning: a real-size model on a CPU: each step and each anchor prompt can take minutes to "
                  "hours. Use a GPU, or --resolution 128 --steps 2 for a quick check.")
     return line
