@@ -473,8 +473,27 @@ def test_memory_probe_measures_a_fresh_process(tmp_path):
     recipe = yaml.safe_load((ROOT / "pipelines" / "digits-erase.yaml").read_text())
     recipe.update(anchor_images_per_prompt=1, anchor_inference_steps=2, cache_dir=str(tmp_path / "cache"))
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    (row,) = memory_table(str(tmp_path / "recipe.yaml"), ["eupmu"], 1)
-    assert row["mode"] == "eupmu" and row["peak_rss_mb"] >= row["baseline_rss_mb"] > 0
+    eupmu, uce = memory_table(str(tmp_path / "recipe.yaml"), ["eupmu", "uce"], 1)
+    assert eupmu["mode"] == "eupmu" and eupmu["peak_rss_mb"] >= eupmu["baseline_rss_mb"] > 0
+    assert uce["mode"] == "uce" and uce["peak_rss_mb"] >= uce["baseline_rss_mb"] > 0  # an edit's one solve
+
+
+def test_the_cost_table_gives_time_memory_and_storage_per_method():
+    from concept_erase.bench.report import cost_section
+
+    def run(label, method, concept, wall, held, size):
+        return {"label": label, "method": method, "concept": concept, "train_seconds": wall - 1.0, "check_seconds": 1.0,
+                "time_to_held_target_s": held, "delta_bytes": size}
+
+    report = {"runs": [run("eupmu", "eupmu", "three", 30.0, 20.0, 2**20), run("eupmu", "eupmu", "seven", 50.0, None, 2**20),
+                       run("uce", "uce", "three", 2.0, 0.1, 2**19), {**run("fixed 1", "fixed", "three", 9.0, 5.0, 0),
+                                                                     "delta_bytes": None}],
+              "memory": [{"mode": "eupmu", "extra_rss_mb": 123.4}, {"mode": "uce", "extra_rss_mb": 5.0}]}
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in cost_section(report) if line.startswith("| ")}
+    assert rows["eupmu"][2] == "40.00 [30.00, 50.00]" and rows["eupmu"][3].startswith("20.00") and rows["eupmu"][3].endswith("(1 of 2)")
+    assert rows["eupmu"][4] == "123" and rows["eupmu"][5] == "1.00 |"
+    assert rows["uce"][4] == "5" and rows["uce"][5] == "0.50 |"
+    assert rows["fixed 1"][4] == "not probed" and rows["fixed 1"][5] == "not recorded |"
 
 
 def test_a_failed_bench_leaves_no_empty_folders_nor_its_scratch_run(tmp_path, monkeypatch, capsys):
@@ -675,6 +694,7 @@ def test_old_run_records_are_upgraded_once_and_damaged_ones_refused(tmp_path):
     signal = upgrade({**old, "schema": 3, "stop_when_erased": True, "stop_judge": "signal"}, "x.json")
     digits = upgrade({**old, "schema": 3, "stop_when_erased": True, "stop_judge": "digits"}, "x.json")
     assert signal["stop_lambda_window"] == 0 and digits["stop_lambda_window"] is None  # the signal alone, then
+    assert new["delta_bytes"] is None  # not recorded before schema 6
     assert new["concept_variants"] == [] and upgrade({**old, "schema": 5, "concept_variants": ["auto"]},
                                                      "x.json")["concept_variants"] == ["auto"]
     for bad, message in (({**old, "forget_accuracy": "high"}, "'forget_accuracy' is 'high'"),

@@ -15,6 +15,8 @@ Schemas:
 - 4: `stop_lambda_window`, the signal stop's wait for lambda at rest. Older signal stops read the signal alone (0).
 - 5: `concept_variants`, the prompt templates a run trained on (`--concept-variants`). Older runs trained on the
   bare prompts ([]).
+- 6: `delta_bytes`, the size of the run's `erased.safetensors` (the cost table's storage). Older runs did not
+  record it (None).
 
 A record may say `checks_lost` (why): its erasure checks were not kept, so its time to the held target is not
 reported (its stop step and its evaluation stand).
@@ -26,7 +28,7 @@ import math
 
 from concept_erase.errors import UserError
 
-RECORD_SCHEMA = 5
+RECORD_SCHEMA = 6
 
 # What the report reads of every record, with the kind of value it must be.
 REQUIRED = {"label": str, "concept": str, "seed": int, "forget_accuracy": float, "retain_accuracy": float,
@@ -70,6 +72,8 @@ def upgrade(record, where: str) -> dict:
         out.setdefault("stop_lambda_window", 0 if out.get("stop_judge") == "signal" else None)
     if schema < 5:  # before prompt variants: the bare prompts
         out.setdefault("concept_variants", [])
+    if schema < 6:  # before the cost table: the delta's size was not recorded
+        out.setdefault("delta_bytes", None)
     for side in ("near", "far"):
         for key in ("retain_accuracy", "retain_hits", "retain_images"):
             out.setdefault(f"{side}_{key}", None)

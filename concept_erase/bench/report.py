@@ -633,6 +633,7 @@ def markdown(report: dict, command: str) -> str:
         if said:
             lines += ["", "Without the forget batch (the same work for every method; the steps are the same step "
                       "numbers, so the same trajectory lengths): " + ", ".join(said) + "."]
+    lines += cost_section(report)
     if report["memory"]:
         lines += ["", "## Peak memory (a fresh process per mode)", "",
                   "| mode | loaded model (MB) | peak (MB) | above the loaded model (MB) |", "|---|---|---|---|"]
@@ -657,6 +658,49 @@ def markdown(report: dict, command: str) -> str:
                      f"{_f(r.get('lambda_mean'), digits=3)} | {stt if stt is not None else 'not reached'} | {held} |")
     lines += ["", "![retain against forget](pareto.png)", ""]
     return "\n".join(lines)
+
+
+def cost_section(report: dict) -> list[str]:
+    """What erasing one concept costs, in UnlearnCanvas's columns: time, peak memory, what the user keeps. Per
+    method entry: the time of its steps and checks and the time to the held target (means over runs, 95% intervals
+    resampling concepts), the peak memory above the loaded model from the fresh-process probe of its method, and
+    the size of the run's erased.safetensors (recorded from schema 6 on)."""
+    by: dict[str, list[dict]] = {}
+    for r in report.get("runs", []):
+        by.setdefault(r["label"], []).append(r)
+    if not by:
+        return []
+    memory = {m["mode"]: m for m in report.get("memory") or []}
+
+    def mean_text(rs, key, digits=1):
+        pairs = [(key(r) if callable(key) else r.get(key), r["concept"]) for r in rs]
+        pairs = [(v, c) for v, c in pairs if v is not None]
+        if not pairs:
+            return "n/a"
+        values, clusters = [v for v, _ in pairs], [c for _, c in pairs]
+        ci = stats.cluster_mean_ci(values, clusters)
+        mean = sum(values) / len(values)
+        return f"{mean:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "") + \
+            (f" ({len(values)} of {len(rs)})" if len(values) < len(rs) else "")
+
+    lines = ["", "## Cost per concept (UnlearnCanvas's columns)", "",
+             "Time: the run's training steps (a closed-form edit: its solve) and erasure checks, on its own clock; "
+             "not the set-up (the model's loading and the anchor images, which a cache may hold) nor the evaluation. "
+             "To held target: the same up to the first evaluation at target that held, over the runs that held. "
+             "Peak memory: the fresh-process probe of the method (above the loaded model), where the file probed it. "
+             "Stored: the run's `erased.safetensors`, what `apply` and every export read.", "",
+             "| method | runs | s per concept (steps and checks) | s to held target | peak memory above the model (MB) | "
+             "stored (MB) |", "|---|---|---|---|---|---|"]
+    for label, rs in by.items():
+        m = memory.get(rs[0].get("method", ""))
+        peak = f"{m['extra_rss_mb']:.0f}" if m else "not probed"
+        sizes = [r["delta_bytes"] / 2**20 for r in rs if r.get("delta_bytes")]
+        stored = f"{statistics.median(sizes):.2f}" if sizes else "not recorded"
+        spent = lambda r: r["train_seconds"] + (r.get("check_seconds") or 0.0) if r.get("train_seconds") is not None \
+            else None  # noqa: E731
+        lines.append(f"| {label} | {len(rs)} | {mean_text(rs, spent, 2)} | "
+                     f"{mean_text(rs, 'time_to_held_target_s', 2)} | {peak} | {stored} |")
+    return lines
 
 
 def _figure():

@@ -145,6 +145,7 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
         # held: the first evaluation at target counts only if the run is still at target at its end
         "steps_to_held_target": first if meets else None,
         "time_to_held_target_s": time_to_target if meets else None,
+        "delta_bytes": (run_dir / "erased.safetensors").stat().st_size,
         "curve": curve, "checks": checks, **({"attack": attack} if attack else {}),
         **({"tiers": tiers, "base_tiers": base_eval["tiers"], "trained_styles": trained_styles(config.concept_variants)}
            if tiers else {}),
@@ -370,8 +371,7 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
             f"{record['step_time_s_median'] * 1000:.0f} ms/step")
     memory_file = output / "memory.json"
     if spec.memory_probe_steps and not memory_file.is_file() and not report_only:
-        # a closed-form edit trains nothing: no step's memory to compare with plain fine-tuning
-        modes = ["plain"] + sorted({m["method"] for m in spec.methods if not is_edit(m["method"])})
+        modes = ["plain"] + sorted({m["method"] for m in spec.methods})
         log(f"memory probe: {', '.join(modes)} ({spec.memory_probe_steps} steps each, a fresh process each)")
         write_json(memory_file, memory_table(spec.recipe, modes, spec.memory_probe_steps))
     memory = json.loads(memory_file.read_text()) if memory_file.is_file() else []
