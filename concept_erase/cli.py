@@ -241,7 +241,7 @@ def _demo(args) -> None:
                           overwrite=o.overwrite, progress=o.progress, overrides=overrides)
     b, a = report["before"], report["after"]
     stopped = f", stopped when erased at step {report['steps']} of {report['steps_planned']}" \
-        if report.get("stopped_when_erased") else ""
+        if report.get("stopped_when_erased") else " (a closed-form edit)" if report.get("closed_form") else ""
     print(f"erased '{o.digit}' with {report['method']} in {report['erase_seconds']} s{stopped}")
     print(f"forget accuracy {b['forget_accuracy']:.1%} -> {a['forget_accuracy']:.1%}   "
           f"retain accuracy {b['retain_accuracy']:.1%} -> {a['retain_accuracy']:.1%}   "

@@ -357,6 +357,15 @@ EDIT_FLAGS = ("--model, --concept, --anchor (kept), --remap-to (the guide), --co
               "--uce-preserve-weight, --uce-tokens, --output")
 
 
+def settings_for(settings: dict, method: str | None = None) -> dict:
+    """A recipe's settings as a run of `method` (default: the settings' own) reads them: a closed-form edit takes
+    its model, prompts and edit settings, none of the recipe's training settings (which it would refuse)."""
+    method = method or settings.get("method", "eupmu")
+    if not is_edit(method):
+        return dict(settings)
+    return {k: v for k, v in settings.items() if k.replace("-", "_") in EDIT_SETTINGS}
+
+
 def is_edit(method: str) -> bool:
     from concept_erase.methods.edits import EDITS
 

@@ -431,7 +431,8 @@ class DemoOptions:
     digit: str = setting("three", "the digit to erase, by name",
                          choices=("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"))
     config: str = setting("", "erasure recipe (default: the shipped digits-erase.yaml)", path=IN_FILE)
-    method: str = setting("", "override the recipe's method: eupmu, eupmu-fast, ungrad, fixed, esd")
+    method: str = setting("", "override the recipe's method: eupmu, eupmu-fast, ungrad, fixed, esd, or uce (a "
+                                  "closed-form edit: the recipe's training settings are left out)")
     steps: int = setting(0, "override the recipe's steps (0: the recipe's)", ge=0, le=1000000)
     concept_variants: list = setting([], "override the recipe's prompt variants: auto (the digit in every style "
                                          "phrase), none, a template ('{} in red ink') or a file of templates "

@@ -339,10 +339,10 @@ def run_one(model_dir: Path, settings: dict, out: Path, cache: Path, label: str,
 
 def edit_one(model_dir: Path, settings: dict, out: Path, label: str) -> dict:
     """A closed-form edit (--method uce): its time, its memory above the loaded model, the size of what it keeps."""
-    from concept_erase.config import EDIT_SETTINGS, build_config
+    from concept_erase.config import build_config, settings_for
     from concept_erase.training.edit_run import EditRun
 
-    settings = {k: v for k, v in settings.items() if k in EDIT_SETTINGS}
+    settings = settings_for(settings, "uce")
     settings.update(model=str(model_dir), output=str(out), method="uce", mixed_precision="bf16", progress=False,
                     overwrite=True)
     cfg = build_config(settings, {}, source=label)

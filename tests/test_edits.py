@@ -110,3 +110,16 @@ def test_the_model_card_of_an_edit_names_the_edit_not_training(tmp_path):
     text = card_text(meta, fmt="diffusers")
     assert "closed-form edit" in text and "| edited subset | xattn-kv |" in text
     assert "| uce_regularization | 0.5 |" in text and "| lr |" not in text and "optimizer steps" not in text
+
+
+def test_a_recipe_read_for_an_edit_keeps_its_model_and_prompts_only():
+    """The demo, the benchmark and the scale check run UCE on training recipes: their training settings are left out,
+    which the edit would refuse, and a trained method reads the recipe whole."""
+    from concept_erase.config import EraseConfig, settings_for
+
+    recipe = {"model": "builtin:digits", "method": "eupmu", "steps": 400, "lr": 6e-4, "stop-when-erased": True,
+              "anchors": ["a"], "concept_variants": ["auto"]}
+    assert settings_for(recipe, "uce") == {"model": "builtin:digits", "method": "eupmu", "anchors": ["a"],
+                                           "concept_variants": ["auto"]}
+    assert settings_for(recipe) == recipe
+    EraseConfig(**{**settings_for({k.replace("-", "_"): v for k, v in recipe.items()}, "uce"), "method": "uce"})

@@ -36,15 +36,15 @@ def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three") -> 
     from concept_erase.config import build_config, load_yaml
     from concept_erase.io.loading import load_pipeline
 
-    from concept_erase.config import EDIT_SETTINGS, is_edit
+    from concept_erase.config import is_edit, settings_for
 
-    settings = load_yaml(recipe)
     concepts, anchors = concept_prompts(concept)
     out = tempfile.mkdtemp(prefix="ce-probe-")
     if is_edit(mode):  # a closed-form edit: the recipe's prompts, the edit's one solve
-        settings = {k: v for k, v in settings.items() if k in EDIT_SETTINGS}
+        settings = settings_for(load_yaml(recipe), mode)
         settings.update(concepts=concepts, anchors=anchors, output=out, overwrite=True, progress=False, method=mode)
     else:
+        settings = load_yaml(recipe)
         settings.update(concepts=concepts, anchors=anchors, output=out, overwrite=True, progress=False, steps=steps,
                         checkpoint_every=0, method=mode if mode != "plain" else "fixed",
                         stop_when_erased=False)  # the steps' memory; a check's images are not training

@@ -129,10 +129,10 @@ def load_bench(path: str | Path) -> BenchSpec:
         raise UserError(f"{path}: settings must be a mapping of erase settings for every entry (no label or "
                         f"method), not {common!r}")
     common = normalise_keys(common, f"{path}, settings")
-    from concept_erase.config import EDIT_SETTINGS, is_edit
+    from concept_erase.config import settings_for
 
     def shared(m) -> dict:  # a closed-form edit takes the common settings it reads, not the training ones
-        return {k: v for k, v in common.items() if k in EDIT_SETTINGS} if is_edit(m["method"]) else common
+        return settings_for(common, m["method"])
 
     methods = [{**shared(m), **normalise_keys({k: v for k, v in m.items() if k != "label"}, f"{path}, method {m['method']!r}"),
                 **({"label": m["label"]} if "label" in m else {})} for m in methods]
@@ -303,14 +303,14 @@ def run_config(spec: BenchSpec, overrides: dict, concept: str, seed: int, output
     """The erase settings of one run: the recipe, the concept's prompts, then the method entry."""
     from concept_erase.config import build_config, load_yaml
 
-    from concept_erase.config import EDIT_SETTINGS, is_edit
+    from concept_erase.config import is_edit, settings_for
 
     concepts, anchors = concept_prompts(concept)
-    settings = load_yaml(spec.recipe)
+    recipe = load_yaml(spec.recipe)
     entry = {k: v for k, v in overrides.items() if k != "label"}
-    edit = is_edit(entry.get("method", settings.get("method", "eupmu")))
-    if edit:  # a closed-form edit takes the recipe's model and prompts, none of its training settings
-        settings = {k: v for k, v in settings.items() if k in EDIT_SETTINGS}
+    method = entry.get("method", recipe.get("method", "eupmu"))
+    edit = is_edit(method)
+    settings = settings_for(recipe, method)  # an edit: the recipe's model and prompts, none of its training
     settings.update(concepts=concepts, anchors=anchors, output=str(output), overwrite=True,
                     progress=progress, seed=seed)
     if edit:

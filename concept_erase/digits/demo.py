@@ -90,7 +90,8 @@ def run_demo(output: str | Path, *, digit: str = "three", config_file: str | Non
 
 
 def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, guidance, progress, overrides) -> dict:
-    from concept_erase.config import build_config, load_yaml
+    from concept_erase.config import build_config, is_edit, load_yaml, settings_for
+    from concept_erase.families.base import family_of
     from concept_erase.digits.world import build as build_digits
     from concept_erase.io.export import apply
     from concept_erase.digits.judge import load_network
@@ -99,10 +100,10 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
 
     started = time.time()
     recipe = Path(config_file) if config_file else RECIPES / "digits-erase.yaml"
-    settings = load_yaml(recipe)
+    overrides = dict(overrides or {})
+    settings = settings_for(load_yaml(recipe), overrides.get("method"))  # a closed-form edit: no training settings
     settings.update(concepts=[caption(erased)], anchors=[caption(d) for d in range(10) if d != erased],
                     output=str(work / "run"), overwrite=True, progress=progress)
-    overrides = dict(overrides or {})
     if "steps" in overrides and settings.get("stop_when_erased") and "check_every" not in overrides:
         # --steps shorter than the recipe's checks: the demo still checks, at the last step at least
         overrides["check_every"] = min(int(overrides["steps"]), int(settings.get("check_every", 10)))
@@ -140,8 +141,9 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     trained = trained_styles(config.concept_variants)
     report = {
         "model": config.model, "erased_digit": digit, "concept": config.concepts[0], "method": config.method,
-        "train": config.train,
-        "steps": done, "steps_planned": config.steps, "stopped_when_erased": done < config.steps,
+        "train": family_of(base).edit_subset if is_edit(config.method) else config.train,
+        "steps": done, "steps_planned": config.steps, "closed_form": is_edit(config.method),
+        "stopped_when_erased": config.stop_when_erased and done < config.steps,
         "before": before, "after": after, "checks": checks, "passed": all(checks.values()),
         "tier_checks": tier_checks, "passed_every_style": all(tier_checks.values()),
         "concept_variants": list(config.concept_variants), "trained_styles": trained,
@@ -166,6 +168,8 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
 
 
 def _steps(r: dict) -> str:
+    if r.get("closed_form"):
+        return "one closed-form solve, no training steps"
     if r.get("stopped_when_erased"):
         return f"{r['steps']} of at most {r['steps_planned']} steps, stopped at the first erasure check at target"
     return f"{r['steps']} steps"
