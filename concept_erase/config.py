@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import CHECK_SEED_START
-from concept_erase.options import IN_DIR, IN_FILE, MAX_SEED, OUT_DIR, check_fields, flag_name, setting
+from concept_erase.options import IN_ANY, IN_DIR, IN_FILE, MAX_SEED, OUT_DIR, check_fields, flag_name, setting
 from concept_erase.variants import check_names as check_variant_names
 from concept_erase.yaml_files import read_yaml
 
@@ -41,6 +41,9 @@ class EraseConfig:
     anchors: list = _f([], "anchor prompt(s) whose images must survive, e.g. 'a painting' (repeat --anchor)",
                        flag="anchor", nonempty=True, metavar="PROMPT")
     output: str = _r("", "run folder: checkpoints, metrics.jsonl, erased.safetensors", path=OUT_DIR)
+    weights: str = _f("", "continue an earlier erasure of the same --model (its run folder or erased.safetensors): "
+                          "start from its weights, keep its concepts erased and its anchors kept, and refer to the "
+                          "base model as the original; the new delta holds the whole chain", path=IN_ANY)
     # the method
     method: str = _f("eupmu", "how to erase: a trained method, named by how it weighs the retain loss (eupmu, "
                               "eupmu-fast, ungrad, fixed, esd), or uce, a closed-form edit of the layers that read "

@@ -87,8 +87,8 @@ def tracked_text_files() -> list[Path]:
 
 
 def test_no_tracked_text_tells_the_development_history():
-    """No 'session', no tracker reference ('issue 12'), in code, tests, recipes, help or docs: what changed between
-    versions is in CHANGELOG.md, in users' terms."""
+    """No trace of how the project was built (the word for a working stint, a tracker's numbers) in code, tests,
+    recipes, help or docs: what changed between versions is in CHANGELOG.md, in users' terms."""
     found = []
     for path in tracked_text_files():
         try:

@@ -61,7 +61,8 @@ def _lora_state(unet, state: dict | None = None) -> dict[str, torch.Tensor]:
 
 
 def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: dict, steps: int,
-               lambda_final: float, family, whole: bool = False, edit: str | None = None) -> None:
+               lambda_final: float, family, whole: bool = False, edit: str | None = None,
+               chain: list | None = None) -> None:
     """`trained`: {name: parameter}; with `whole`, {name: the whole fp32 CPU tensor} gathered from a
     sharded run (the module's own state is sharded then and is not read). `edit`: for a closed-form edit, the
     subset it changed (the config's `train` is training's)."""
@@ -87,6 +88,7 @@ def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: di
         "anchors": json.dumps(config.anchors),
         "train": edit or config.train,
         **({"edit": "closed-form"} if edit else {}),
+        **({"chain": json.dumps(chain)} if chain else {}),  # --weights: every request of the chain, in order
         "steps": str(steps),
         "lambda_final": repr(float(lambda_final)),
         "settings": json.dumps(settings, sort_keys=True),

@@ -192,6 +192,9 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
         "## What was done", "",
         "| | |", "|---|---|",
         f"| erased | {', '.join(concepts)} |",
+        *(["| requests, in order (each run continued the one before; the original model is the base) | "
+           + "; ".join(f"{i}. {', '.join(r['concepts'])} ({r.get('method')}, {r.get('steps')} steps)"
+                       for i, r in enumerate(json.loads(meta['chain']), 1)) + " |"] if meta.get("chain") else []),
         f"| kept (anchors) | {', '.join(anchors) if anchors else '(real images)'} |",
         f"| prompt variants (each concept and anchor also drawn inside) | "
         f"{', '.join(settings.get('concept_variants') or []) or 'none: the bare prompts only'} |",

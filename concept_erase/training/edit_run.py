@@ -23,6 +23,7 @@ class EditRun:
         config.check_runnable()
         self.config = config
         self.pipe = pipe
+        self.previous = None  # an edit continues no chain (--weights is a training setting)
 
     def log(self, message: str) -> None:
         if self.accelerator.is_main_process:

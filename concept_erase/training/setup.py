@@ -92,6 +92,10 @@ def load_model(t) -> None:
     check_schedule_steps(pipe.scheduler, sampling_steps=cfg.sampling_steps,
                          anchor_inference_steps=cfg.anchor_inference_steps,
                          **({"check_inference_steps": cfg.check_inference_steps} if cfg.stop_when_erased else {}))
+    if t.previous is not None:  # --weights: the chain began on this very model
+        from concept_erase.training.chain import check_family_and_base
+
+        check_family_and_base(t.previous, family, unet)
     t.variants = prompt_variants(cfg, digits=is_digits_model(pipe))
     check_concept_read(pipe.tokenizer, t.variants[0], cfg.concepts)
     warn_long_prompts(pipe.tokenizer, [*cfg.concepts, *cfg.anchors, *cfg.remap_to, *cfg.relative_to,
@@ -117,8 +121,12 @@ def freeze(t) -> None:
 
     cfg, acc, pipe, family = t.config, t.accelerator, t.pipe, t.family
     unet = family.denoiser(pipe)
+    from concept_erase.training.chain import originals, put_in
+
     t.trained = select_trainable(unet, cfg.train, family, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
-    t.fingerprint = base_fingerprint(unet, t.trained, lora=cfg.train == "lora", digest=t.base_digest)
+    # with --weights, the original model and the fingerprint cover every tensor the chain changes, at base values
+    base = originals(unet, t.trained, t.previous)
+    t.fingerprint = base_fingerprint(unet, base, lora=cfg.train == "lora", digest=t.base_digest)
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     if weight_dtype != torch.float32:
         trained_ids = {id(p) for p in t.trained.values()}
@@ -129,8 +137,9 @@ def freeze(t) -> None:
     t.log(describe_device(acc.device, cfg.mixed_precision, unet, time.perf_counter() - t.load_started))
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    t.ctx = ErasureContext(cfg, pipe, family, acc, t.trained, t.base_digest, t.resolution, log=t.log,
+    t.ctx = ErasureContext(cfg, pipe, family, acc, base, t.base_digest, t.resolution, log=t.log,
                            variants=t.variants)
+    put_in(unet, t.previous)  # the previous run's weights: where this one starts (the original copy is taken)
     estimate_cost(t)
 
 
@@ -157,6 +166,9 @@ def prepare(t) -> None:
     t.optimizer = make_optimizer(cfg, params)
     t.model, t.optimizer = acc.prepare(unet, t.optimizer)
     t.sharded = any_sharded(unet.parameters())
+    if t.sharded and t.previous is not None:
+        raise UserError("--weights does not work with FSDP yet (the chain's tensors outside the trained subset are not "
+                        "gathered); continue the chain without FSDP")
     if t.sharded:
         named = dict(unet.named_parameters())
         t.trained = {n: named[n] for n in t.trained}

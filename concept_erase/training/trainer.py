@@ -44,7 +44,7 @@ def step_generator(seed: int, step: int, rank: int, micro: int, stream: int = 0)
 
 
 class Trainer:
-    def __init__(self, config: EraseConfig, pipe=None, on_step=None):
+    def __init__(self, config: EraseConfig, pipe=None, on_step=None, previous=None, chain: list | None = None):
         """`on_step(steps_done, trainer)`, if given, runs after every step (outside the step's timing):
         a benchmark evaluates intermediate weights with it. A true return stops the run there (the
         processes agree when the hook says `may_stop`); a hook's `start(trainer)`, if it has one, runs
@@ -53,6 +53,8 @@ class Trainer:
         self.config = config
         self.pipe = pipe
         self.on_step = on_step
+        # --weights: the run it continues (`training/chain.py`) and the requests of the whole chain, in order
+        self.previous, self.chain = previous, chain
         self.backward_passes = 0
 
     def _backward(self, loss) -> None:
@@ -334,9 +336,11 @@ class Trainer:
         if acc.is_main_process:
             from concept_erase.io.export import save_delta
 
-            save_delta(path, self.ctx.denoiser, whole or self.trained, config=cfg, fingerprint=self.fingerprint,
-                       steps=last, lambda_final=self.controller.current(), family=self.family,
-                       whole=whole is not None)
+            from concept_erase.training.chain import changed
+
+            save_delta(path, self.ctx.denoiser, whole or changed(self.ctx.denoiser, self.trained, self.previous),
+                       config=cfg, fingerprint=self.fingerprint, steps=last, lambda_final=self.controller.current(),
+                       family=self.family, whole=whole is not None, chain=self.chain)
         acc.wait_for_everyone()
         if self.replacing:
             if acc.is_main_process:
@@ -354,6 +358,13 @@ def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
     from concept_erase.io.atomic import writer_lock
     from concept_erase.methods.stopping import Hooks, stop_rule
 
+    from concept_erase.training.chain import chained_config, read_previous, request
+
+    previous = read_previous(config)  # --weights: refused here, before the lock and the model, when it cannot be
+    chain = None
+    if previous is not None:
+        chain = previous.chain() + [request(config.to_dict(), config.concepts)]
+        config = chained_config(config, previous)  # the chain's concepts, kept erased; its anchors, kept
     if is_edit(config.method):  # a closed-form edit: one solve, no loop and no step hook
         from concept_erase.training.edit_run import EditRun
 
@@ -365,4 +376,4 @@ def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
     if config.sample_every:
         hook = Hooks(hook, tracking.SampleImages(config))
     with writer_lock(config.output, log=lambda m: print(m, file=sys.stderr)):
-        return Trainer(config, pipe, on_step=hook).run()
+        return Trainer(config, pipe, on_step=hook, previous=previous, chain=chain).run()

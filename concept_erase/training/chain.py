@@ -1,0 +1,140 @@
+"""Sequential erasure: a run that continues an earlier one (`--weights PREVIOUS_RUN`).
+
+A takedown request comes after another. The new run starts from the previous run's weights, and refers to the
+*original* base model wherever the method reads "the original model" (the negative-guidance target, the
+preservation loss): drift cannot build up from one request to the next. The earlier concepts stay on the forget
+side, as constraints to keep erased, and the earlier anchors on the retain side: the run erases the whole chain's
+concepts, the new ones from the base model's weights, the old ones from where the previous run left them.
+
+What a chained run writes is an ordinary delta against the base model: every tensor the chain has changed (the
+previous run's that this run does not train keep their values), with `chain` in its metadata, the requests in
+order. `apply`, the exports and the model card read it as any delta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from concept_erase.errors import UserError
+
+
+@dataclasses.dataclass
+class Previous:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+    @property
+    def concepts(self) -> list[str]:
+        return json.loads(self.meta["concepts"])
+
+    @property
+    def anchors(self) -> list[str]:
+        return json.loads(self.meta.get("anchors", "[]"))
+
+    @property
+    def settings(self) -> dict:
+        return json.loads(self.meta.get("settings", "{}"))
+
+    def chain(self) -> list[dict]:
+        """The requests that made the previous delta, in order."""
+        if self.meta.get("chain"):
+            return json.loads(self.meta["chain"])
+        return [request(self.settings, self.concepts, self.meta)]
+
+
+def request(settings: dict, concepts: list[str], meta: dict | None = None) -> dict:
+    """One request of a chain, as the delta and the model card say it."""
+    meta = meta or {}
+    return {"concepts": list(concepts), "anchors": list(settings.get("anchors", [])),
+            "method": settings.get("method"), "train": meta.get("train", settings.get("train")),
+            "steps": int(meta["steps"]) if meta.get("steps", "").isdigit() else settings.get("steps")}
+
+
+def read_previous(config) -> Previous | None:
+    """The run `--weights` names, checked: weights (not LoRA) on both sides, no concept erased twice."""
+    if not config.weights:
+        return None
+    from concept_erase.io.export import read_delta
+
+    path = Path(config.weights)
+    tensors, meta = read_delta(path)
+    previous = Previous(path / "erased.safetensors" if path.is_dir() else path, tensors, meta)
+    if meta.get("kind") == "lora" or config.train == "lora":
+        raise UserError("--weights continues an erasure whose weights it can add to: both runs must train weights, "
+                        "not LoRA adapters (erase each request with --train xattn, or another weight subset)")
+    if meta.get("edit"):
+        raise UserError(f"--weights {config.weights} is a closed-form edit ({meta.get('method')}); continue from a "
+                        "trained erasure, or run the edit last")
+    done = {c.strip().lower(): c for r in previous.chain() for c in r["concepts"]}
+    again = [c for c in config.concepts if c.strip().lower() in done]
+    if again:
+        raise UserError(f"{again[0]!r} is already erased by {previous.path} (its chain holds "
+                        f"{', '.join(repr(c) for c in done.values())}); give only new concepts")
+    return previous
+
+
+def chained_config(config, previous: Previous):
+    """The settings the run trains with: the chain's concepts (the earlier ones first, kept erased) and anchors,
+    each concept's --relative-to / --remap-to where the requests gave them one per concept."""
+    if previous is None:
+        return config
+    old, new = previous.concepts, list(config.concepts)
+    concepts = old + new
+    anchors = [a for a in dict.fromkeys([*previous.anchors, *config.anchors])
+               if a.strip().lower() not in {c.strip().lower() for c in concepts}]
+
+    def per_concept(old_values: list, new_values: list) -> list:
+        if not old_values and not new_values:
+            return []
+        spread = lambda values, n: (values * n if len(values) == 1 else values) or [""] * n  # noqa: E731
+        return spread(old_values, len(old)) + spread(new_values, len(new))
+
+    prior = previous.settings
+    return dataclasses.replace(
+        config, concepts=concepts, anchors=anchors,
+        relative_to=per_concept(list(prior.get("relative_to", [])), list(config.relative_to)),
+        remap_to=per_concept(list(prior.get("remap_to", [])), list(config.remap_to)))
+
+
+def check_family_and_base(previous: Previous, family, denoiser) -> None:
+    """The previous run was made from this very base model (and family)."""
+    from concept_erase.io.export import check_base, delta_family
+
+    made_for = delta_family(previous.meta).name
+    if made_for != family.name:
+        raise UserError(f"--weights {previous.path} was made for the {made_for} family and --model is a {family.name} "
+                        "model; continue a chain on the model it started from")
+    check_base(denoiser, previous.tensors, previous.meta, allow_other_base=False)
+
+
+def originals(denoiser, trained: dict, previous: Previous | None) -> dict:
+    """What the original model is made of: the trained tensors and every tensor the chain has changed, at the base
+    model's values (read before the previous run's weights are put in)."""
+    if previous is None:
+        return trained
+    params = dict(denoiser.named_parameters())
+    return {**{n: params[n] for n in previous.tensors if n not in trained}, **trained}
+
+
+@torch.no_grad()
+def put_in(denoiser, previous: Previous | None) -> None:
+    """The previous run's weights, in place of the base model's."""
+    if previous is None:
+        return
+    params = dict(denoiser.named_parameters())
+    for name, value in previous.tensors.items():
+        params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def changed(denoiser, trained: dict, previous: Previous | None) -> dict:
+    """What the run's delta holds: the trained tensors and the chain's other changed ones (at the previous run's
+    values: this run did not train them)."""
+    if previous is None:
+        return trained
+    params = dict(denoiser.named_parameters())
+    return {**{n: params[n] for n in previous.tensors if n not in trained}, **trained}

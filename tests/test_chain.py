@@ -1,0 +1,94 @@
+"""Sequential erasure (`--weights PREVIOUS_RUN`): the chain starts from the previous weights, refers to the base
+model as the original, keeps the earlier concepts erased, and writes one delta against the base."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from concept_erase.cli import main
+
+QUICK = ["--steps", "2", "--sampling-steps", "3", "--anchor-inference-steps", "2", "--anchor-images-per-prompt", "1",
+         "--no-progress", "--checkpoint-every", "0"]
+
+
+def _erase(tmp_path, name, *extra):
+    out = tmp_path / name
+    assert main(["erase", "--model", "builtin:tiny", "--output", str(out), "--cache-dir", str(tmp_path / "cache"),
+                 *QUICK, *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    return _erase(tmp_path_factory.mktemp("chain"), "a", "--concept", "van gogh", "--anchor", "a photo",
+                  "--train", "xattn-kv")
+
+
+def test_a_second_request_starts_from_the_first_and_refers_to_the_base(first, tmp_path):
+    from concept_erase.config import EraseConfig
+    from concept_erase.io.export import apply, read_delta
+    from concept_erase.io.loading import load_pipeline
+    from concept_erase.training.trainer import erase
+
+    before, _ = read_delta(first)
+    base = load_pipeline("builtin:tiny").unet
+    seen = {}
+
+    class Look:
+        def start(self, trainer):
+            params = dict(trainer.ctx.denoiser.named_parameters())
+            seen["starts_from_first"] = all(torch.equal(params[n].detach().cpu(), v) for n, v in before.items())
+            x = torch.randn(1, *trainer.ctx.latent_shape, generator=torch.Generator().manual_seed(0))
+            t, cond = torch.tensor([500]), trainer.ctx.embed(["monet"])
+            seen["original_is_base"] = torch.allclose(trainer.ctx.original(x, t, cond),
+                                                      trainer.family.predict(base, x, t, cond), atol=1e-6)
+            seen["concepts"] = list(trainer.config.concepts)
+
+        def __call__(self, done, trainer):
+            return False
+
+    out = tmp_path / "b"
+    erase(EraseConfig(model="builtin:tiny", concepts=["monet"], anchors=["a dog"], output=str(out), weights=str(first),
+                      train="selfattn", steps=2, sampling_steps=3, anchor_inference_steps=2, anchor_images_per_prompt=1,
+                      progress=False, checkpoint_every=0, cache_dir=str(tmp_path / "cache")), on_step=Look())
+    assert seen == {"starts_from_first": True, "original_is_base": True, "concepts": ["van gogh", "monet"]}
+    after, meta = read_delta(out)
+    assert set(before) < set(after)  # the first request's tensors and this one's
+    assert all(torch.equal(after[n], v) for n, v in before.items())  # not trained here: kept as the first left them
+    assert [r["concepts"] for r in json.loads(meta["chain"])] == [["van gogh"], ["monet"]]
+    assert json.loads(meta["concepts"]) == ["van gogh", "monet"] and json.loads(meta["anchors"]) == ["a photo", "a dog"]
+    unet = apply(load_pipeline("builtin:tiny"), out).unet.state_dict()
+    assert all(torch.equal(unet[n], v) for n, v in after.items())  # one delta against the base holds the chain
+
+    from concept_erase.io.model_card import card_text
+
+    assert "1. van gogh (eupmu, 2 steps); 2. monet (eupmu, 2 steps)" in card_text(meta, fmt="diffusers")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--concept", "Van Gogh"], "'Van Gogh' is already erased by"),
+    (["--concept", "monet", "--train", "lora"], "both runs must train weights"),
+    (["--concept", "monet", "--model", "{other}"], "made from another base model"),
+    (["--concept", "monet", "--model", "builtin:tiny-xl"], "was made for the sd family"),
+])
+def test_a_chain_that_cannot_continue_is_refused_in_one_line(first, extra, message, tmp_path, capsys):
+    if "{other}" in extra:  # the same architecture, other weights
+        from concept_erase.io.tiny import build_tiny_pipeline
+
+        build_tiny_pipeline(seed=5).save_pretrained(str(tmp_path / "other"))
+        extra = [e.format(other=tmp_path / "other") for e in extra]
+    out = tmp_path / "b"
+    argv = ["erase", "--model", "builtin:tiny", "--anchor", "a dog", "--weights", str(first), "--output", str(out),
+            "--cache-dir", str(tmp_path / "cache"), *QUICK]
+    for i in range(0, len(extra), 2):
+        if extra[i] in argv:
+            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            argv += extra[i:i + 2]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
