@@ -112,9 +112,10 @@ def check_family_and_base(previous: Previous, family, denoiser) -> None:
     check_base(denoiser, previous.tensors, previous.meta, allow_other_base=False)
 
 
-def originals(denoiser, trained: dict, previous: Previous | None) -> dict:
-    """What the original model is made of: the trained tensors and every tensor the chain has changed, at the base
-    model's values (read before the previous run's weights are put in)."""
+def touched(denoiser, trained: dict, previous: Previous | None) -> dict:
+    """{name: parameter} of every tensor the chain changes: the trained ones and the previous run's others. Read
+    before `put_in`, they are the base model's values (the original model's copy, the fingerprint); read after the
+    run, what its delta holds (the previous run's others keep its values: this run did not train them)."""
     if previous is None:
         return trained
     params = dict(denoiser.named_parameters())
@@ -130,11 +131,3 @@ def put_in(denoiser, previous: Previous | None) -> None:
     for name, value in previous.tensors.items():
         params[name].copy_(value.to(params[name].device, params[name].dtype))
 
-
-def changed(denoiser, trained: dict, previous: Previous | None) -> dict:
-    """What the run's delta holds: the trained tensors and the chain's other changed ones (at the previous run's
-    values: this run did not train them)."""
-    if previous is None:
-        return trained
-    params = dict(denoiser.named_parameters())
-    return {**{n: params[n] for n in previous.tensors if n not in trained}, **trained}

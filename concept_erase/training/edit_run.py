@@ -15,7 +15,7 @@ from concept_erase.config import EraseConfig, config_json
 from concept_erase.io.atomic import write_json
 from concept_erase.training import setup
 from concept_erase.training.hardware import describe_device
-from concept_erase.training.run_folder import STAGING, discard_replacement, last_good, make_run_folder, swap_in
+from concept_erase.training.run_folder import STAGING, make_run_folder, swap_in, unfinished_run_discarded
 
 
 class EditRun:
@@ -30,16 +30,8 @@ class EditRun:
             print(message)
 
     def run(self) -> Path:
-        from concept_erase.errors import Interrupted
-
-        try:
+        with unfinished_run_discarded(self):
             return self._run()
-        except KeyboardInterrupt:
-            discard_replacement(self)
-            raise Interrupted(last_good(self)) from None
-        except BaseException:
-            discard_replacement(self)
-            raise
 
     def _run(self) -> Path:
         from concept_erase.io.export import base_fingerprint, save_delta

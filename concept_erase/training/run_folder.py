@@ -9,6 +9,7 @@ A user's own files beside the run stay.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -136,6 +137,22 @@ def last_good(t) -> str:
     if output and output.is_dir():
         return "no checkpoint had been written yet (--resume latest starts it again from step 0)."
     return "nothing was written."
+
+@contextlib.contextmanager
+def unfinished_run_discarded(t):
+    """Around a run: on any failure the unfinished replacement (OUTPUT/.incoming) goes and the previous run stays;
+    Ctrl-C ends in one line that says what survives."""
+    from concept_erase.errors import Interrupted
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        discard_replacement(t)
+        raise Interrupted(last_good(t)) from None
+    except BaseException:
+        discard_replacement(t)
+        raise
+
 
 def discard_replacement(t) -> None:
     if getattr(t, "replacing", False) and getattr(t, "accelerator", None) is not None \

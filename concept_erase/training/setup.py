@@ -121,11 +121,11 @@ def freeze(t) -> None:
 
     cfg, acc, pipe, family = t.config, t.accelerator, t.pipe, t.family
     unet = family.denoiser(pipe)
-    from concept_erase.training.chain import originals, put_in
+    from concept_erase.training.chain import put_in, touched
 
     t.trained = select_trainable(unet, cfg.train, family, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     # with --weights, the original model and the fingerprint cover every tensor the chain changes, at base values
-    base = originals(unet, t.trained, t.previous)
+    base = touched(unet, t.trained, t.previous)
     t.fingerprint = base_fingerprint(unet, base, lora=cfg.train == "lora", digest=t.base_digest)
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     if weight_dtype != torch.float32:

@@ -28,7 +28,7 @@ from concept_erase.methods.objectives import RegressionBatch
 from concept_erase.training import setup, tracking
 from concept_erase.training.checkpoints import save_checkpoint
 from concept_erase.training.hardware import grad_scale, no_cudnn_attention
-from concept_erase.training.run_folder import discard_replacement, last_good, record_ranks, swap_in
+from concept_erase.training.run_folder import last_good, record_ranks, swap_in, unfinished_run_discarded
 from concept_erase.training.sharding import full, local, sum_over_processes, whole_state
 
 
@@ -254,17 +254,8 @@ class Trainer:
     def run(self) -> Path:
         """Train, then write erased.safetensors. With --overwrite the new run is built in OUTPUT/.incoming
         and swapped in only once complete: any failure before that leaves the previous run as it was."""
-        from concept_erase.errors import Interrupted
-
-        try:
-            with no_cudnn_attention():
-                return self._run()
-        except KeyboardInterrupt:
-            discard_replacement(self)
-            raise Interrupted(last_good(self)) from None
-        except BaseException:
-            discard_replacement(self)
-            raise
+        with unfinished_run_discarded(self), no_cudnn_attention():
+            return self._run()
 
     def _run(self) -> Path:
         from tqdm.auto import tqdm
@@ -336,9 +327,9 @@ class Trainer:
         if acc.is_main_process:
             from concept_erase.io.export import save_delta
 
-            from concept_erase.training.chain import changed
+            from concept_erase.training.chain import touched
 
-            save_delta(path, self.ctx.denoiser, whole or changed(self.ctx.denoiser, self.trained, self.previous),
+            save_delta(path, self.ctx.denoiser, whole or touched(self.ctx.denoiser, self.trained, self.previous),
                        config=cfg, fingerprint=self.fingerprint, steps=last, lambda_final=self.controller.current(),
                        family=self.family, whole=whole is not None, chain=self.chain)
         acc.wait_for_everyone()
