@@ -127,12 +127,27 @@ def _opts(args, command: str):
     return opts
 
 
+def _check_suite_name(suite: str) -> None:
+    """A suite given by name (`--suite digits`) where a file is wanted: the line names the file that exists."""
+    from pathlib import Path
+
+    if suite and not Path(suite).exists() and Path("eval").is_dir():
+        shipped = sorted(p.stem for p in Path("eval").glob("*.yaml"))
+        name = Path(suite).stem
+        if name in shipped:
+            raise UserError(f"--suite {suite} does not exist; give the suite's file: --suite eval/{name}.yaml")
+        if shipped:
+            raise UserError(f"--suite {suite} does not exist; give a suite YAML file, e.g. one of eval/: "
+                            f"{', '.join(shipped)}")
+
+
 def _eval(args) -> None:
     from pathlib import Path
 
     from concept_erase.evaluation.run import run_eval
     from concept_erase.options import check_device
 
+    _check_suite_name(args.suite)
     o = _opts(args, "eval")
     check_device(o.device)
     weights = o.weights
@@ -259,13 +274,14 @@ def _export(args) -> None:
 
     from concept_erase.io import model_card
     from concept_erase.io.export import delta_family, read_delta
-    from concept_erase.options import OUT_DIR, OUT_FILE, check_path
+    from concept_erase.options import OUT_DIR, OUT_FILE, changed_from_default, check_path
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("export writes one output, so it runs as one process: run it without `accelerate launch`")
     o = _opts(args, "export")
-    if o.lora_format and o.format != "lora":
-        raise UserError(f"--lora-format {o.lora_format} is the key form of a LoRA; add --format lora (not {o.format})")
+    if o.format != "lora":
+        for flag in changed_from_default(o, ("lora_format", "rank", "exact_svd", "lora_bias")):
+            raise UserError(f"{flag} shapes a LoRA; add --format lora (not {o.format}) or drop {flag}")
     if o.private and not o.push_to_hub:
         raise UserError("--private applies to --push-to-hub REPO_ID; add it or drop --private")
     check_path(o.output, OUT_FILE if o.format == "single-file" else OUT_DIR, "--output")
@@ -276,14 +292,14 @@ def _export(args) -> None:
         model_card.warn_other_weights(results, o.run)
     meta = read_delta(o.run, tensors=False)[1]
     with _locked(o.output):
-        weight_name = _export_files(o, delta_family(meta))
+        weight_name = _export_files(o, delta_family(meta), meta)
         card = model_card.write_card(Path(o.output), meta, fmt=o.format, eval_dir=o.eval, weight_name=weight_name)
     print(f"model card: {card}")
     if o.push_to_hub:
         print(f"pushed to {model_card.push(Path(o.output), o.push_to_hub, private=o.private)}")
 
 
-def _export_files(o, family) -> str:
+def _export_files(o, family, meta: dict) -> str:
     """Write the export itself (of a delta of `family`); the name of the weights file a loader is pointed at ('' for a
     pipeline)."""
     from concept_erase.io.export import export_diffusers, export_lora, export_single_file
@@ -305,14 +321,14 @@ def _export_files(o, family) -> str:
         return ""
     summary = export_lora(o.run, o.output, rank=o.rank, exact_svd=o.exact_svd, lora_bias=o.lora_bias,
                           lora_format=o.lora_format, **common)
-    _say_lora(o, summary, family)
+    _say_lora(o, summary, family, meta)
     return summary["file"] if summary["form"] == "kohya" else ""
 
 
 LORA_FOLDERS = {"ComfyUI": "models/loras", "A1111": "models/Lora", "diffusers": "pipe.load_lora_weights"}
 
 
-def _say_lora(o, summary: dict, family) -> None:
+def _say_lora(o, summary: dict, family, meta: dict) -> None:
     """Where the LoRA went, which program applies how much of it, and what keeps the whole erasure."""
     programs = summary["programs"]
     places = ", ".join(f"{p} ({LORA_FOLDERS[p]})" for p in programs if p in LORA_FOLDERS)
@@ -339,8 +355,9 @@ def _say_lora(o, summary: dict, family) -> None:
     if summary.get("max_relative_error", 0) > 0.01:
         print(f"  - the rank-{summary['rank']} factorisation loses part of it: raise --rank")
     where = "models/unet" if family.denoiser_name == "transformer" else "a checkpoints folder"
-    whole = ([f"--format single-file ({where})"] if family.single_file_layout else []) + \
-        ["--format diffusers", "or erase with --train lora (a LoRA with no biases and nothing to factor)"]
+    whole = ([f"--format single-file ({where})"] if family.single_file_layout else []) + ["--format diffusers"]
+    if not meta.get("edit") and not meta.get("chain"):  # an edit does not train; a chain continues weights, not a LoRA
+        whole.append("or erase with --train lora (a LoRA with no biases and nothing to factor)")
     print(f"  the whole erasure: export {', '.join(whole)}")
 
 

@@ -264,10 +264,11 @@ class EraseConfig:
         if same:
             raise UserError(f"{sorted(same)[0]!r} is both a concept to erase and an anchor to keep; "
                             "an anchor must be something else the model should still draw")
+        self._check_guides()
         if self.method == "eupmu-fast" and self.retain_batch_size < 2:
             raise UserError("--method eupmu-fast carries half of the retain batch into the next step; "
                             "use --retain-batch-size 2 or more")
-        if not is_edit(self.method) and _controller(self.method).uses_retain and self.retain_batch_size < 1:
+        if keeps_anchors(self.method) and self.retain_batch_size < 1:
             raise UserError(f"--method {self.method} needs a retain batch; use --retain-batch-size 1 or more")
         if self.trajectory_timesteps > 1:
             if self.trajectory_refresh > 1:
@@ -293,6 +294,16 @@ class EraseConfig:
                 raise UserError(f"--hold-erasure-at {self.hold_erasure_at} is out of range: the forget loss's target "
                                 f"is the signal level -eta = {-self.eta:g}, so a level at or under it holds nothing")
 
+    def _check_guides(self) -> None:
+        """A concept remapped to itself, or erased relative to itself, would erase nothing: refused."""
+        for flag, guides in (("--remap-to", self.remap_to), ("--relative-to", self.relative_to)):
+            if not guides or len(guides) not in (1, len(self.concepts)):
+                continue  # the counts are checked with the forget loss
+            for concept, guide in zip(self.concepts, guides * len(self.concepts) if len(guides) == 1 else guides):
+                if concept.strip().lower() == guide.strip().lower():
+                    raise UserError(f"{flag} {guide!r} is the concept itself, so nothing would be erased; give a "
+                                    f"prompt without the concept (e.g. an anchor) or drop {flag}")
+
     def _edit_only(self) -> str:
         """The flag of an edit-only setting given to a trained method, else ''."""
         for f in dataclasses.fields(self):
@@ -302,20 +313,20 @@ class EraseConfig:
 
     def _check_edit(self) -> None:
         """A closed-form edit takes no training setting: one given is refused, not silently ignored."""
-        for f in dataclasses.fields(self):
-            if f.name in EDIT_SETTINGS:
-                continue
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            if getattr(self, f.name) != default:
-                raise UserError(f"--method {self.method} is a closed-form edit: it does not train, so "
-                                f"{flag_name(f)} does not apply; drop it (the edit takes {EDIT_FLAGS})")
+        given = [flag_name(f) for f in dataclasses.fields(self) if f.name not in EDIT_SETTINGS and getattr(self, f.name)
+                 != (f.default_factory() if f.default is dataclasses.MISSING else f.default)]
+        if given:
+            listed = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+            raise UserError(f"--method {self.method} is a closed-form edit: it does not train, so {listed} "
+                            f"{'does' if len(given) == 1 else 'do'} not apply; drop {listed} (the edit takes "
+                            f"{EDIT_FLAGS})")
         if len(self.remap_to) not in (0, 1, len(self.concepts)):
             raise UserError(f"--method {self.method}: give one --remap-to for all concepts, or one per --concept")
 
     def _check_stop(self) -> None:
         if self.check_every > self.steps:
             raise UserError(f"--stop-when-erased checks every {self.check_every} steps, more than the run's "
-                            f"--steps {self.steps}: no check would run. Lower --check-every or raise --steps")
+                            f"--steps {self.steps}: no check would run; give --check-every {self.steps} or less, or raise --steps")
         if self.stop_judge == "signal" or self.stop_judge == "auto":
             if self.forget_loss != "negative-guidance":
                 if self.stop_judge == "signal":
@@ -337,10 +348,8 @@ class EraseConfig:
             raise UserError("no concept to erase; pass --concept 'the concept' (repeat it for several)")
         if not self.output:
             raise UserError("no output folder; pass --output runs/NAME")
-        uses_retain = not is_edit(self.method) and _controller(self.method).uses_retain
-        if uses_retain and not self.anchors and not self.retain_images:
-            raise UserError(f"--method {self.method} keeps what anchors show; pass --anchor 'a prompt' "
-                            "(repeat it) or --retain-images FOLDER")
+        if keeps_anchors(self.method) and not self.anchors and not self.retain_images and not self.weights:
+            raise UserError(missing_anchors(self.method))  # a chain's anchors are counted when it is read
         if self.forget_loss == "remap" and not self.remap_to:
             raise UserError("--forget-loss remap needs --remap-to 'the prompt to remap to'")
 
@@ -373,6 +382,11 @@ def is_edit(method: str) -> bool:
     from concept_erase.methods.edits import EDITS
 
     return method in EDITS
+
+
+def keeps_anchors(method: str) -> bool:
+    """Whether the method trains with a retain side, which anchors (or retain images) must fill."""
+    return not is_edit(method) and _controller(method).uses_retain
 
 
 def check_method(name: str) -> None:
@@ -461,6 +475,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 STOP_SETTINGS = ("stop_judge", "stop_signal_at_most", "stop_lambda_window", "clip_model", "clip_weights",
                  "check_every", "check_forget_at_most", "check_retain_drop_at_most", "check_inference_steps",
                  "check_images", "check_seed_start")
+
+
+def missing_anchors(method: str, chain: str = "") -> str:
+    """The refusal of a run with nothing to keep."""
+    return (f"--method {method} keeps what anchors show{chain}; pass --anchor 'a prompt' (repeat it) or "
+            "--retain-images FOLDER")
 
 
 def inert_flags(config: EraseConfig, given) -> list[str]:

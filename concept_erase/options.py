@@ -161,6 +161,15 @@ def from_namespace(cls, ns: argparse.Namespace):
     return cls(**values)
 
 
+def changed_from_default(opts, names) -> list[str]:
+    """The flags among `names` (field names) whose values differ from their declared defaults: the settings a user
+    set, where the parser does not say which flags it saw."""
+    fields = {f.name: f for f in dataclasses.fields(opts)}
+    changed = [fields[n] for n in names if getattr(opts, n) != fields[n].default]
+    return [flag_name(f).replace("--", "--no-", 1) if getattr(opts, f.name) is False else flag_name(f)
+            for f in changed]
+
+
 # ---------------------------------------------------------------- checks
 def check_value(f: dataclasses.Field, value: Any, where: str = "") -> None:
     """Raise a one-line UserError when `value` breaks the field's declaration."""

@@ -72,7 +72,7 @@ ERASE_CASES = [
     ("--concept-variants", "{bad}/no-slot.txt", "has no slot {} for the concept"),
     ("--concept-variants", "{bad}/holds-anchor.txt", "holds the anchor 'a photo' word for word"),
     ("--concept-variants", "{bad}/too-long.txt", "would leave the concept out"),
-    ("--method", "uce", "--method uce is a closed-form edit: it does not train, so --steps does not apply"),
+    ("--method", "uce", "--method uce is a closed-form edit: it does not train, so --steps, "),
     ("--uce-preserve-weight", "-1", "--uce-preserve-weight must be 0 to 1000000, not -1"),
     ("--uce-regularization", "0", "--uce-regularization must be above 0"),
     ("--uce-tokens", "first", "--uce-tokens 'first' is not one of: tail, last"),

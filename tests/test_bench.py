@@ -116,6 +116,8 @@ def test_concept_prompts():
     ("concepts: [three]\nmethods: [{method: esd}]\nattack: {method: magic}\n", "attack.method 'magic' is not one of"),
     ("concepts: [three]\nmethods: [{method: esd}]\nattack: {tokens: 0}\n", "attack.tokens must be a whole"),
     ("concepts: [three]\nmethods: [{method: esd}]\nattack: {prompt: 3}\n", "attack must be a mapping with some of"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nattack: {method: ring-a-bell, timesteps: 2}\n",
+     "attack.timesteps does nothing with attack.method ring-a-bell"),
     ("concepts: [three]\nmethods: [{method: esd}]\nsettings: [1]\n", "settings must be a mapping"),
     ("concepts: [three]\nmethods: [{method: esd}]\nsettings: {label: x}\n", "settings must be a mapping"),
     ("concepts: [three]\nmethods: [{method: esd}]\nsettings: {lamda: 1}\n", "settings: unknown setting 'lamda'"),

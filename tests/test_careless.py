@@ -202,6 +202,8 @@ MEANINGLESS = [
     (["--concept", "   "], "--concept is empty"),
     (["--anchor", "Van Gogh"], "both a concept to erase and an anchor"),
     (["--remap-to", "a cat"], "--remap-to applies to --forget-loss remap only"),
+    (["--relative-to", "van gogh"], "--relative-to 'van gogh' is the concept itself"),
+    (["--forget-loss", "remap", "--remap-to", "Van Gogh "], "--remap-to 'Van Gogh ' is the concept itself"),
     (["--resume", "latest", "--overwrite"], "give one of them"),
     (["--seed", str(2**64)], "--seed must be 0 to 2^63 - 1"),
     (["--lr", "nan"], "finite"),

@@ -70,7 +70,7 @@ def test_a_second_request_starts_from_the_first_and_refers_to_the_base(first, tm
 
 @pytest.mark.parametrize("extra,message", [
     (["--concept", "Van Gogh"], "'Van Gogh' is already erased by"),
-    (["--concept", "monet", "--train", "lora"], "both runs must train weights"),
+    (["--concept", "monet", "--train", "lora"], "--train lora cannot continue --weights"),
     (["--concept", "monet", "--model", "{other}"], "made from another base model"),
     (["--concept", "monet", "--model", "builtin:tiny-xl"], "was made for the sd family"),
 ])
@@ -92,3 +92,28 @@ def test_a_chain_that_cannot_continue_is_refused_in_one_line(first, extra, messa
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_the_chains_anchors_keep_a_request_that_names_none_and_a_chain_without_any_is_refused(first, tmp_path,
+                                                                                                 capsys):
+    from concept_erase.io.export import read_delta
+
+    out = _erase(tmp_path, "b", "--concept", "monet", "--weights", str(first))  # no --anchor: the chain's are kept
+    assert json.loads(read_delta(out, tensors=False)[1]["anchors"]) == ["a photo"]
+    bare = _erase(tmp_path, "bare", "--concept", "van gogh", "--method", "esd", "--train", "xattn-kv")
+    code = main(["erase", "--model", "builtin:tiny", "--concept", "monet", "--weights", str(bare), "--output",
+                 str(tmp_path / "c"), "--cache-dir", str(tmp_path / "cache"), *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "keeps what anchors show, and the chain of" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_chained_run_resumed_without_its_weights_is_refused_naming_them(first, tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["erase", "--model", "builtin:tiny", "--concept", "monet", "--anchor", "a dog", "--output", str(out),
+            "--cache-dir", str(tmp_path / "cache"), *QUICK, "--checkpoint-every", "1"]
+    assert main(argv + ["--weights", str(first)]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--resume", "latest", "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f'was made with --weights "{first}"' in err and len(err.strip().splitlines()) == 1, err

@@ -79,13 +79,15 @@ def test_a_missing_tracker_package_is_one_line(monkeypatch, tmp_path, capsys):
         assert code == 2 and "not installed" in err and package in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_lora_format_needs_a_lora_export(tmp_path, capsys):
+@pytest.mark.parametrize("flag", [["--lora-format", "kohya"], ["--rank", "8"], ["--exact-svd"], ["--no-lora-bias"]])
+@pytest.mark.parametrize("fmt", ["single-file", "diffusers"])
+def test_lora_settings_need_a_lora_export(fmt, flag, tmp_path, capsys):
     (tmp_path / "run").mkdir()
-    code = main(["export", str(tmp_path / "run"), "--format", "single-file", "--lora-format", "kohya",
-                 "--output", str(tmp_path / "out.safetensors")])
+    out = tmp_path / ("out.safetensors" if fmt == "single-file" else "out")
+    code = main(["export", str(tmp_path / "run"), "--format", fmt, *flag, "--output", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and "--format lora" in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "out.safetensors").exists()
+    assert code == 2 and f"{flag[0]} shapes a LoRA; add --format lora" in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +269,18 @@ def test_too_few_images_are_flagged():
     assert "too few for an FID" in too_few("fid", 10) and too_few("fid", 10000) == ""
     assert "too few for a rate" in too_few("judge", 8) and too_few("judge", 400) == ""
     assert too_few("fid", None) == ""
+
+
+@pytest.mark.parametrize("meta,offered", [({}, True), ({"edit": "closed-form"}, False), ({"chain": "[]"}, False)])
+def test_a_lora_that_holds_less_than_the_erasure_offers_only_ways_that_work_for_its_run(meta, offered, capsys):
+    """An edit cannot be retrained with --train lora, nor a chain continued as one: the hint leaves it out there."""
+    import types
+
+    from concept_erase.cli import _say_lora
+    from concept_erase.families.base import FAMILIES
+
+    summary = {"form": "kohya", "file": "x.safetensors", "rank": 16, "max_relative_error": 0.2,
+               "programs": {"A1111": {"output_change_kept": 0.5, "tensors": 3, "of": 4}}}
+    _say_lora(types.SimpleNamespace(output="out"), summary, FAMILIES.get("sd"), meta)
+    out = capsys.readouterr().out
+    assert "the whole erasure: export" in out and ("--train lora" in out) == offered, out

@@ -123,3 +123,14 @@ def test_a_recipe_read_for_an_edit_keeps_its_model_and_prompts_only():
                                            "concept_variants": ["auto"]}
     assert settings_for(recipe) == recipe
     EraseConfig(**{**settings_for({k.replace("-", "_"): v for k, v in recipe.items()}, "uce"), "method": "uce"})
+
+
+def test_an_edit_that_would_guide_a_concept_to_itself_is_refused():
+    from concept_erase.config import EraseConfig
+    from concept_erase.errors import UserError
+
+    with pytest.raises(UserError, match="--remap-to 'A Cat' is the concept itself"):
+        EraseConfig(model="builtin:tiny", method="uce", concepts=["a dog", "a cat"], anchors=["a bird"],
+                    remap_to=["a fox", "A Cat"], output="out")
+    EraseConfig(model="builtin:tiny", method="uce", concepts=["a dog", "a cat"], anchors=["a bird"],
+                remap_to=["a cat", "a dog"], output="out")  # each to the other: a guide, not itself

@@ -203,3 +203,14 @@ def test_what_fid_and_the_classifier_need_is_checked_before_any_image(suite, tmp
     assert run(one, tmp_path / "c", fid_cache, "--limit", "1") == 2
     assert "needs at least two concept names" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_suite_given_by_name_is_answered_with_its_file(tmp_path, monkeypatch, capsys):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    assert main(["eval", "--suite", "digits", "--model", "builtin:digits", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("give the suite's file: --suite eval/digits.yaml") and len(err.splitlines()) == 1, err
+    assert (root / "eval" / "digits.yaml").is_file()  # the hint names a file that is there
+    assert main(["eval", "--suite", "mine", "--model", "builtin:digits", "--output", str(tmp_path / "o")]) == 2
+    assert "e.g. one of eval/: artists" in capsys.readouterr().err

@@ -129,15 +129,18 @@ def test_zero_shot_classifier_matches_open_clip_by_hand(tiny_open_clip):
     assert got == [classes[i] for i in sims.argmax(-1).tolist()]
 
 
-def test_open_clip_weights_errors(tmp_path, tiny_open_clip):
+def test_open_clip_weights_errors(tmp_path, tiny_open_clip, caplog, monkeypatch):
     from concept_erase.evaluation.clip import load_open_clip
 
     with pytest.raises(UserError, match="no such file"):
         load_open_clip("tiny-clip-test", str(tmp_path / "none.bin"))
     with pytest.raises(UserError, match="unknown open_clip model"):
         load_open_clip("ViT-Nope")
-    with pytest.raises(UserError, match="are not on this machine.*--clip-weights"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"are not on this machine \(not in the hub cache, and HF_HUB_OFFLINE=1\).*"
+                                        "--clip-weights"):
         load_open_clip("ViT-B-32", pretrained="openai")  # offline, empty hub cache
+    assert not caplog.records  # open_clip's own log of the failed download is not shown beside the error
     bad = tmp_path / "other.bin"
     torch.save({"foo": torch.zeros(1)}, bad)
     with pytest.raises(UserError, match="could not be loaded into tiny-clip-test"):

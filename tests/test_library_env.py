@@ -46,3 +46,13 @@ def test_a_hub_id_without_a_network_says_the_hub_cannot_be_reached_at_once(tmp_p
                           timeout=300)
     assert done.returncode == 2 and "could not be reached" in done.stderr, done.stderr
     assert time.perf_counter() - t0 < 25 and not (tmp_path / "s").exists()
+
+
+def test_the_library_casts_a_model_without_diffusers_warning_on_every_cast():
+    """diffusers warns "should be kept in float32: []" on any dtype cast; the library's own casts leave it out."""
+    code = ("import torch\nfrom concept_erase.io.loading import cast, load_pipeline\n"
+            "pipe = load_pipeline('builtin:tiny')\n"
+            "print(cast(pipe.unet, torch.bfloat16).dtype, cast(pipe.vae, torch.float32) is pipe.vae)")
+    done = subprocess.run([sys.executable, "-c", code], env=CLEAN, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "torch.bfloat16 True", done.stderr
+    assert "kept in float32" not in done.stderr, done.stderr

@@ -50,6 +50,7 @@ class Attack:
     name = ""
     learns = True  # whether it optimises anything (every attack but `none`)
     attacks_every_prompt = False  # whether it also attacks prompts the erased model draws the concept for
+    reads = ("tokens", "iterations", "timesteps")  # the attack settings it uses; giving another is refused
 
     @classmethod
     def auto_settings(cls, digits: bool) -> dict:
@@ -73,6 +74,7 @@ class Attack:
 class NoAttack(Attack):
     name = "none"
     learns = False
+    reads = ()
 
     def attack(self, ctx, target):
         return {"success": False, "rounds": []}
@@ -208,6 +210,7 @@ class RingABell(Attack):
 
     name = "ring-a-bell"
     attacks_every_prompt = True  # it never reads the erased model: every prompt is attacked
+    reads = ("tokens", "iterations", "pairs")  # one search per prompt: no timesteps
 
     @classmethod
     def auto_settings(cls, digits: bool) -> dict:

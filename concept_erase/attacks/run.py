@@ -137,6 +137,18 @@ def judge_for(model: str, concept: str, name: str, options: dict):
     return make_judge(name, [concept], (), {**options, **(ATTACK_NUDITY if name == "nudity" else {})})
 
 
+def check_reads(attack_class, given: dict) -> None:
+    """Refuse, in one line, an attack setting the chosen attack does not use (it would be ignored)."""
+    from concept_erase.attacks.methods import ATTACKS
+
+    for name, value in given.items():
+        if value not in (None, "") and name not in attack_class.reads:
+            readers = [n for n in ATTACKS.names() if name in ATTACKS.get(n).reads]
+            raise UserError(f"--{name} does nothing with --attack {attack_class.name}; drop it, or attack with "
+                            f"{' or '.join('--attack ' + n for n in readers)}, which "
+                            f"{'reads' if len(readers) == 1 else 'read'} it")
+
+
 def run_attack(*, model: str, concept: str, attack: str, output: str | Path, weights: str = "", prompts: int = 8,
                iterations: int | None = None, timesteps: int | None = None, tokens: int | None = None,
                judge: str = "", prompt_file: str = "", pairs: str = "", steps: int | None = None, guidance: float | None = None, device: str = "", overwrite: bool = False,
@@ -154,8 +166,7 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
             "iterations": 10 if digits else 40, "timesteps": 10 if digits else 50, **defaults}
     auto.update(attack_class.auto_settings(digits))
     settings = {k: auto[k] if v is None else v for k, v in given.items()}
-    if pairs and attack != "ring-a-bell":
-        raise UserError("--pairs builds Ring-A-Bell's concept vector; add --attack ring-a-bell or drop --pairs")
+    check_reads(attack_class, {"tokens": tokens, "iterations": iterations, "timesteps": timesteps, "pairs": pairs})
     if pairs:
         from concept_erase.attacks.ring_a_bell import read_pairs
 

@@ -165,11 +165,14 @@ def attack_run(spec: BenchSpec, concept: str, weights: Path, output: Path) -> di
     success rate before and after, on the concept's first prompts (a digit in each style; a style on digits)."""
     from concept_erase.attacks.run import run_attack
 
+    from concept_erase.attacks.methods import ATTACKS
+
     a = spec.attack
     if not a["prompts"]:
         return None
+    settings = {k: a[k] for k in ("iterations", "timesteps", "tokens") if k in ATTACKS.get(a["method"]).reads}
     r = run_attack(model=bench_model(spec), weights=str(weights), concept=concept, attack=a["method"], output=output,
-                   prompts=a["prompts"], iterations=a["iterations"], timesteps=a["timesteps"], tokens=a["tokens"],
+                   prompts=a["prompts"], **settings,
                    steps=spec.eval_steps, guidance=spec.eval_guidance, overwrite=True, progress=False)
     return {"method": a["method"], "prompts": r["prompts"], "pre_attack_asr": r["pre_attack_asr"],
             "post_attack_asr": r["post_attack_asr"], "seconds": r["seconds"],

@@ -158,6 +158,9 @@ def load_bench(path: str | Path) -> BenchSpec:
 
     if method not in ATTACKS:
         raise UserError(f"{path}: attack.method {method!r} is not one of: {', '.join(ATTACKS.names())}")
+    unread = [k for k in ("iterations", "timesteps", "tokens") if k in attack and k not in ATTACKS.get(method).reads]
+    if unread:
+        raise UserError(f"{path}: attack.{unread[0]} does nothing with attack.method {method}; drop it")
     attack = {"method": method, **{k: whole_number(attack, k, ATTACK_DEFAULTS[k], path, 0 if k == "prompts" else 1,
                                                    f"attack.{k}") for k in ("prompts", "iterations", "timesteps", "tokens")}}
     reference = raw.get("held_time_reference", "")

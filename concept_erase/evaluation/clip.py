@@ -13,6 +13,8 @@ same code runs with transformers 4 and 5.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -43,6 +45,7 @@ def load_open_clip(model_name: str, weights: str = "", pretrained: str = "openai
     if weights and not Path(weights).is_file():
         raise UserError(f"--clip-weights {weights}: no such file; give open_clip weights for {model_name} "
                         "(open_clip_pytorch_model.bin or .safetensors)")
+    logging.disable(logging.ERROR)  # open_clip logs a failed download before raising it; the error below says it once
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights or pretrained,
                                                                      device=device)
@@ -54,9 +57,13 @@ def load_open_clip(model_name: str, weights: str = "", pretrained: str = "openai
         if weights:
             raise UserError(f"--clip-weights {weights} could not be loaded into {model_name} ({first[:200]}); "
                             "check that the file is open_clip weights for that model") from None
-        raise UserError(f"CLIP weights {model_name}/{pretrained} are not on this machine ({first[:160]}); "
+        why = "not in the hub cache, and HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else \
+            ("could not be downloaded" if "download" in first.lower() else first[:160])
+        raise UserError(f"CLIP weights {model_name}/{pretrained} are not on this machine ({why}); "
                         f"download them where a network exists (open_clip.create_model('{model_name}', "
                         f"pretrained='{pretrained}') fills the hub cache) or pass --clip-weights FILE") from None
+    finally:
+        logging.disable(logging.NOTSET)
     model.eval()
     return model, preprocess, tokenizer
 

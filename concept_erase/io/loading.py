@@ -122,7 +122,11 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
         import concept_erase.io.tiny as tiny
 
         builder, kwargs, _ = BUILTINS[name]
-        return getattr(tiny, builder)(**kwargs).to(torch_dtype)
+        pipe = getattr(tiny, builder)(**kwargs)
+        for part in pipe.components.values():
+            if isinstance(part, torch.nn.Module):
+                cast(part, torch_dtype)
+        return pipe
 
     path = Path(source).expanduser()
     if path.is_dir():
@@ -256,6 +260,24 @@ def _pipeline_class(class_name: str):
     return getattr(diffusers, class_name), dict(family.load_kwargs)
 
 
+def cast(module, dtype):
+    """`module` in `dtype`, cast only where a parameter differs. diffusers' models warn on every dtype cast ("should
+    be kept in float32: []"), even when they keep no module in float32: that warning is left out there."""
+    if all(p.dtype == dtype for p in module.parameters()):
+        return module
+    if getattr(module, "_keep_in_fp32_modules", None):  # a model that does keep some: its warning stands
+        return module.to(dtype=dtype)
+    import diffusers.utils.logging as dlog
+
+    log = dlog.get_logger("diffusers.models.modeling_utils")
+    level = log.level
+    log.setLevel(dlog.ERROR)
+    try:
+        return module.to(dtype=dtype)
+    finally:
+        log.setLevel(level)
+
+
 def quiet_hub_progress() -> None:
     """Loading and saving bars of diffusers and transformers say nothing a user needs."""
     import diffusers.utils.logging as dlog
@@ -279,9 +301,8 @@ def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
         if getattr(pipe, part, None) is None:
             _missing_part(family, part, source, type(pipe).__name__)
     pipe.set_progress_bar_config(disable=True)
-    parts = (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe))
-    if any(p.dtype != torch_dtype for m in parts for p in m.parameters()):  # .to() warns even when nothing changes
-        pipe.to(torch_dtype)
+    for part in (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)):
+        cast(part, torch_dtype)
     return pipe
 
 

@@ -64,9 +64,12 @@ def read_previous(config) -> Previous | None:
     path = Path(config.weights)
     tensors, meta = read_delta(path)
     previous = Previous(path / "erased.safetensors" if path.is_dir() else path, tensors, meta)
-    if meta.get("kind") == "lora" or config.train == "lora":
-        raise UserError("--weights continues an erasure whose weights it can add to: both runs must train weights, "
-                        "not LoRA adapters (erase each request with --train xattn, or another weight subset)")
+    if meta.get("kind") == "lora":
+        raise UserError(f"--weights {config.weights} holds LoRA adapters, which a chain cannot add to: erase that "
+                        "request again with --train xattn (or another weight subset), then continue from it")
+    if config.train == "lora":
+        raise UserError(f"--train lora cannot continue --weights {config.weights}: a chain adds to the previous "
+                        f"run's weights; give --train {meta.get('train') or 'xattn'} (or another weight subset)")
     if meta.get("edit"):
         raise UserError(f"--weights {config.weights} is a closed-form edit ({meta.get('method')}); continue from a "
                         "trained erasure, or run the edit last")
@@ -81,6 +84,8 @@ def read_previous(config) -> Previous | None:
 def chained_config(config, previous: Previous):
     """The settings the run trains with: the chain's concepts (the earlier ones first, kept erased) and anchors,
     each concept's --relative-to / --remap-to where the requests gave them one per concept."""
+    from concept_erase.config import keeps_anchors, missing_anchors
+
     if previous is None:
         return config
     old, new = previous.concepts, list(config.concepts)
@@ -94,6 +99,8 @@ def chained_config(config, previous: Previous):
         spread = lambda values, n: (values * n if len(values) == 1 else values) or [""] * n  # noqa: E731
         return spread(old_values, len(old)) + spread(new_values, len(new))
 
+    if not anchors and not config.retain_images and keeps_anchors(config.method):
+        raise UserError(missing_anchors(config.method, f", and the chain of {previous.path} has none"))
     prior = previous.settings
     return dataclasses.replace(
         config, concepts=concepts, anchors=anchors,

@@ -174,6 +174,7 @@ def check_same_run(t, path: Path, state: dict) -> None:
                         f"{t.base_digest[:12]}); resume it with the model it was made from")
     refused, changed = resume_differences(state.get("config", {}), t.config)
     if refused:
+        refused.sort(key=lambda r: r[0] != "--weights")  # the chain a run continues decides its concepts: said first
         flag, then, now = refused[0]
         more = f" (and {len(refused) - 1} other setting(s))" if len(refused) > 1 else ""
         raise UserError(f"checkpoint {path} was made with {flag} {json.dumps(then)}, this resume asks for "

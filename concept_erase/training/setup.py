@@ -24,8 +24,8 @@ from concept_erase import processes
 from concept_erase.errors import UserError
 from concept_erase.families.base import family_of
 from concept_erase.io.digests import tensor_digest
-from concept_erase.io.loading import (check_concept_read, check_schedule_steps, is_digits_model, training_resolution,
-                                      warn_long_prompts)
+from concept_erase.io.loading import (cast, check_concept_read, check_schedule_steps, is_digits_model,
+                                      training_resolution, warn_long_prompts)
 from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
 from concept_erase.methods.signal import LambdaTrail, SignalMeter
@@ -107,10 +107,10 @@ def load_model(t) -> None:
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     # Everything is cast on the CPU first and moved to the device once in its final precision: a
     # 12B FLUX transformer moved in fp32 would take 48 GB of the GPU before being halved.
-    pipe.vae.to(dtype=weight_dtype)
+    cast(pipe.vae, weight_dtype)
     for encoder in family.text_encoders(pipe):
-        encoder.to(dtype=weight_dtype)
-    unet.to(torch.float32)
+        cast(encoder, weight_dtype)
+    cast(unet, torch.float32)
     t.base_digest = tensor_digest(unet.state_dict())
 
 
