@@ -21,7 +21,7 @@ def erase(config, pipe=None):
 
 def apply(pipe, path, *, allow_other_base: bool = False):
     """Apply erased weights in place to a pipeline of the model they were made from, with strict checks."""
-    from concept_erase.io.export import apply as _apply
+    from concept_erase.export.delta import apply as _apply
 
     return _apply(pipe, path, allow_other_base=allow_other_base)
 

@@ -272,8 +272,8 @@ def _demo(args) -> None:
 def _export(args) -> None:
     from pathlib import Path
 
-    from concept_erase.io import model_card
-    from concept_erase.io.export import delta_family, read_delta
+    from concept_erase.export import model_card
+    from concept_erase.export.delta import delta_family, read_delta
     from concept_erase.options import OUT_DIR, OUT_FILE, changed_from_default, check_path
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -302,7 +302,7 @@ def _export(args) -> None:
 def _export_files(o, family, meta: dict) -> str:
     """Write the export itself (of a delta of `family`); the name of the weights file a loader is pointed at ('' for a
     pipeline)."""
-    from concept_erase.io.export import export_diffusers, export_lora, export_single_file
+    from concept_erase.export.formats import export_diffusers, export_lora, export_single_file
 
     common = {"model": o.model or None, "overwrite": o.overwrite, "allow_other_base": o.allow_other_base,
               "allow_pickle": o.allow_pickle, "model_config": o.model_config}

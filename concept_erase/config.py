@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -384,6 +385,14 @@ def is_edit(method: str) -> bool:
     return method in EDITS
 
 
+def _weights_file(weights: str) -> str:
+    """The file a --weights value names (a run folder names its erased.safetensors), resolved."""
+    if not weights:
+        return ""
+    path = Path(weights).expanduser()
+    return os.path.realpath(path / "erased.safetensors" if path.is_dir() else path)
+
+
 def keeps_anchors(method: str) -> bool:
     """Whether the method trains with a retain side, which anchors (or retain images) must fill."""
     return not is_edit(method) and _controller(method).uses_retain
@@ -518,6 +527,8 @@ def resume_differences(saved: dict, config: EraseConfig) -> tuple[list, dict]:
     for f in dataclasses.fields(EraseConfig):
         if f.name in ("resume", "overwrite", "progress") or f.name not in saved or saved[f.name] == now.get(f.name):
             continue
+        if f.name == "weights" and _weights_file(saved[f.name]) == _weights_file(now.get(f.name)):
+            continue  # the same previous run, named by its folder or its file
         if f.metadata.get("resumable"):
             changed[f.name] = {"checkpoint": saved[f.name], "now": now.get(f.name)}
         else:

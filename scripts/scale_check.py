@@ -434,7 +434,8 @@ def check_exports(kind: str, model_dir: Path, run: Path, lora_run: Path, work: P
     import diffusers
 
     from concept_erase.errors import UserError
-    from concept_erase.io.export import export_diffusers, export_lora, export_single_file, read_delta
+    from concept_erase.export.delta import read_delta
+    from concept_erase.export.formats import export_diffusers, export_lora, export_single_file
     from concept_erase.io.loading import left_out_parts
 
     from concept_erase.families.base import family_for_class

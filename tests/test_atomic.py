@@ -52,7 +52,7 @@ def test_full_disk_during_export_of_erased_weights(tmp_path, monkeypatch, tiny_p
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    from concept_erase.io.export import save_delta
+    from concept_erase.export.delta import save_delta
     from concept_erase.families.sd import StableDiffusion
     from concept_erase.training.subsets import select_trainable
 

@@ -29,7 +29,7 @@ def first(tmp_path_factory):
 
 def test_a_second_request_starts_from_the_first_and_refers_to_the_base(first, tmp_path):
     from concept_erase.config import EraseConfig
-    from concept_erase.io.export import apply, read_delta
+    from concept_erase.export.delta import apply, read_delta
     from concept_erase.io.loading import load_pipeline
     from concept_erase.training.trainer import erase
 
@@ -63,7 +63,7 @@ def test_a_second_request_starts_from_the_first_and_refers_to_the_base(first, tm
     unet = apply(load_pipeline("builtin:tiny"), out).unet.state_dict()
     assert all(torch.equal(unet[n], v) for n, v in after.items())  # one delta against the base holds the chain
 
-    from concept_erase.io.model_card import card_text
+    from concept_erase.export.model_card import card_text
 
     assert "1. van gogh (eupmu, 2 steps); 2. monet (eupmu, 2 steps)" in card_text(meta, fmt="diffusers")
 
@@ -96,7 +96,7 @@ def test_a_chain_that_cannot_continue_is_refused_in_one_line(first, extra, messa
 
 def test_the_chains_anchors_keep_a_request_that_names_none_and_a_chain_without_any_is_refused(first, tmp_path,
                                                                                                  capsys):
-    from concept_erase.io.export import read_delta
+    from concept_erase.export.delta import read_delta
 
     out = _erase(tmp_path, "b", "--concept", "monet", "--weights", str(first))  # no --anchor: the chain's are kept
     assert json.loads(read_delta(out, tensors=False)[1]["anchors"]) == ["a photo"]
@@ -117,3 +117,5 @@ def test_a_chained_run_resumed_without_its_weights_is_refused_naming_them(first,
     assert main(argv + ["--resume", "latest", "--steps", "3"]) == 2
     err = capsys.readouterr().err
     assert f'was made with --weights "{first}"' in err and len(err.strip().splitlines()) == 1, err
+    # the same previous run named by its file, not its folder: the resume goes on
+    assert main(argv + ["--weights", str(first / "erased.safetensors"), "--resume", "latest", "--steps", "3"]) == 0

@@ -144,7 +144,7 @@ def test_erasing_a_digit_lowers_its_accuracy_on_seeds_the_run_never_saw(tmp_path
     from concept_erase.bench.judging import Judging
     from concept_erase.config import RECIPES, build_config, load_yaml
     from concept_erase.digits.world import caption
-    from concept_erase.io.export import apply
+    from concept_erase.export.delta import apply
     from concept_erase.training.trainer import erase
 
     base = load_pipeline("builtin:digits")

@@ -158,7 +158,7 @@ def test_a_lora_export_says_what_each_program_applies_and_how_to_keep_it_all(tin
 
 
 def test_card_front_matter_names_a_hub_base_and_its_licence():
-    from concept_erase.io.model_card import base_license, card_text
+    from concept_erase.export.model_card import base_license, card_text
 
     meta = {"base_model": "stabilityai/stable-diffusion-xl-base-1.0", "family": "sdxl", "concepts": '["a cat"]',
             "anchors": '["a dog"]', "method": "eupmu", "train": "xattn", "steps": "400", "lambda_final": "0.5",

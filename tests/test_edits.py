@@ -67,7 +67,7 @@ def test_uce_is_an_ordinary_run_on_every_family(model, tmp_path):
     give (nearly) its guide's output, and the kept prompt's rows keep theirs."""
     from concept_erase.config import EraseConfig
     from concept_erase.families.base import family_of
-    from concept_erase.io.export import apply, read_delta
+    from concept_erase.export.delta import apply, read_delta
     from concept_erase.io.loading import load_pipeline
     from concept_erase.methods.edits import UCE
     from concept_erase.training.trainer import erase
@@ -101,7 +101,7 @@ def test_uce_is_an_ordinary_run_on_every_family(model, tmp_path):
 
 
 def test_the_model_card_of_an_edit_names_the_edit_not_training(tmp_path):
-    from concept_erase.io.model_card import card_text
+    from concept_erase.export.model_card import card_text
 
     meta = {"format": "concept-erase-delta", "family": "sd", "base_model": "builtin:tiny", "method": "uce",
             "concepts": json.dumps(["van gogh"]), "anchors": json.dumps(["a photo"]), "train": "xattn-kv", "edit": "closed-form",

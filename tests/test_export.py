@@ -8,7 +8,8 @@ import torch
 
 from concept_erase import apply
 from concept_erase.errors import UserError
-from concept_erase.io.export import export_diffusers, export_lora, read_delta
+from concept_erase.export.delta import read_delta
+from concept_erase.export.formats import export_diffusers, export_lora
 from concept_erase.training.trainer import erase
 
 from helpers import unet_out, unet_probe
@@ -123,7 +124,7 @@ def test_kohya_lora_reads_back_through_diffusers_as_the_diffusers_form(xattn_run
     diffusers form: the same UNet weights once fused, for a factored subset run and for a LoRA run."""
     from safetensors.torch import load_file
 
-    from concept_erase.io.lora_forms import KOHYA_FILE
+    from concept_erase.export.lora_forms import KOHYA_FILE
 
     for (out, _), name in ((xattn_run, "x"), (lora_run, "l")):
         summary = export_lora(out, tmp_path / f"{name}-kohya", model=str(tiny_dir), rank=64, lora_format="kohya")
@@ -149,7 +150,7 @@ def test_kohya_lora_reads_back_through_diffusers_as_the_diffusers_form(xattn_run
 
 def test_lora_of_convolutions_and_what_no_lora_can_hold(tiny_pipe, tmp_path, tiny_dir):
     """--train noxattn changes convolutions (factored as conv LoRA) and normalisation weights (listed)."""
-    from concept_erase.io.export import lora_from_delta
+    from concept_erase.export.formats import lora_from_delta
 
     base = tiny_pipe.unet.state_dict()
     g = torch.Generator().manual_seed(0)
@@ -167,7 +168,7 @@ def test_lora_of_convolutions_and_what_no_lora_can_hold(tiny_pipe, tmp_path, tin
 
 
 def test_randomized_factorisation_is_within_tolerance_of_the_exact_one():
-    from concept_erase.io.export import factor_delta
+    from concept_erase.export.formats import factor_delta
 
     g = torch.Generator().manual_seed(0)
     low = torch.randn(640, 24, generator=g) @ torch.randn(24, 768, generator=g)  # a rank-24 change plus noise
@@ -233,7 +234,7 @@ def test_apply_refuses_a_delta_with_a_tensor_the_model_lacks(xattn_run, tmp_path
 
 
 def test_single_file_export_round_trips_through_from_single_file(xattn_run, tiny_pipe, tiny_dir, tmp_path):
-    from concept_erase.io.export import export_single_file
+    from concept_erase.export.formats import export_single_file
     from concept_erase.io.loading import load_pipeline
 
     out, trained = xattn_run

@@ -168,7 +168,8 @@ def test_exports_read_back_with_diffusers_readers(flow_pipe, flow_config, tmp_pa
     import diffusers
 
     from concept_erase.errors import UserError
-    from concept_erase.io.export import apply, export_diffusers, export_lora, export_single_file
+    from concept_erase.export.delta import apply
+    from concept_erase.export.formats import export_diffusers, export_lora, export_single_file
 
     pipeline_class = getattr(diffusers, PIPELINES[_family(flow_pipe).name])
     cfg = flow_config(method="eupmu", steps=2, lr=1e-2)
@@ -238,7 +239,8 @@ def test_a_flux1_width_single_file_is_read_back_by_flux_pipeline_with_only_the_t
 
     from concept_erase.config import EraseConfig
     from concept_erase.families.base import family_of
-    from concept_erase.io.export import base_fingerprint, export_single_file, save_delta
+    from concept_erase.export.delta import base_fingerprint, save_delta
+    from concept_erase.export.formats import export_single_file
     from concept_erase.io.digests import tensor_digest
 
     with torch.device("meta"):
@@ -315,7 +317,7 @@ def test_a_delta_is_refused_by_a_model_of_another_family(flow_config, tiny_dir):
     from diffusers import StableDiffusionPipeline
 
     from concept_erase.errors import UserError
-    from concept_erase.io.export import apply
+    from concept_erase.export.delta import apply
 
     delta = erase(flow_config(method="eupmu", steps=1))
     with pytest.raises(UserError, match=r"made for the (flux|sd3) family.*StableDiffusionPipeline"):

@@ -54,7 +54,7 @@ def test_bf16_erase_from_an_empty_cache(model, tiny_dir, tmp_path, capsys):
 def test_bf16_remap_generates_concept_images_from_a_cold_cache(fresh_pipe, make_config):
     """The remap loss needs images of the concept, which a cold cache does not have: under bf16 they are generated,
     cached, and the run trains on them (finite losses, a finite delta that changes the trained weights)."""
-    from concept_erase.io.export import read_delta
+    from concept_erase.export.delta import read_delta
 
     cfg = make_config(mixed_precision="bf16", forget_loss="remap", remap_to=["a photo"], steps=2)
     assert not Path(cfg.cache_dir).exists()  # cold

@@ -20,10 +20,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "concept_erase"
 
 LAYERS = [  # bottom first; a name stands for a module or a package's every module
     ("core", ["errors", "registry", "options", "image_seeds", "variants", "env", "processes", "provenance"]),
-    ("io", ["io", "io.atomic", "io.resumable", "io.tokenizer", "io.digests", "io.single_file", "io.lora_forms",
+    ("io", ["io", "io.atomic", "io.resumable", "io.tokenizer", "io.digests", "io.single_file",
             "io.tiny", "yaml_files"]),
     ("families", ["families"]),
-    ("models", ["io.loading", "io.loaders", "io.export", "io.model_card"]),
+    ("models", ["io.loading", "export"]),
     ("judging", ["judges", "evaluation", "evaluation.clip", "evaluation.nudity", "evaluation.fid", "evaluation.prompts",
                  "evaluation.sample", "evaluation.samples", "evaluation.suite", "evaluation.grids", "evaluation.report",
                  "digits", "digits.world", "digits.judge", "digits.evaluate"]),

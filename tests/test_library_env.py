@@ -17,7 +17,7 @@ def _run(code: str) -> str:
 
 def test_importing_the_library_changes_no_environment_variable():
     out = _run("import os; before = dict(os.environ)\n"
-               "import concept_erase, concept_erase.io.export, concept_erase.training.trainer, concept_erase.cli\n"
+               "import concept_erase, concept_erase.export.delta, concept_erase.training.trainer, concept_erase.cli\n"
                "import huggingface_hub.constants as c\n"
                "print(dict(os.environ) == before, c.HF_HUB_OFFLINE)")
     assert out == "True False"

@@ -1,6 +1,6 @@
 """The LoRA files the export writes, on the real SD 1.5, SDXL and FLUX.1 layouts (built on the meta device from
 diffusers' configs, nothing downloaded), are read by the programs users load them in: ComfyUI, A1111, kohya's
-scripts and diffusers, by the key rules of `concept_erase.io.loaders`. The rules themselves are checked on
+scripts and diffusers, by the key rules of `concept_erase.export.loaders`. The rules themselves are checked on
 files of the forms each program is known to read and to miss."""
 
 import pytest
@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from concept_erase.families.base import FAMILIES
-from concept_erase.io.loaders import a1111_compvis, coverage, layout_of
-from concept_erase.io.lora_forms import default_form, write_lora
+from concept_erase.export.loaders import a1111_compvis, coverage, layout_of
+from concept_erase.export.lora_forms import default_form, write_lora
 
 SDXL = dict(sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -105,7 +105,7 @@ def test_sdxl_in_diffusers_names_misses_what_a1111_cannot_place():
     layout = layout_of(family_name, model)
     keys = {f"lora_unet_{m.replace('.', '_')}.lora_down.weight" for m in
             ("add_embedding.linear_1", "up_blocks.0.upsamplers.0.conv", "down_blocks.1.attentions.0.proj_in")}
-    from concept_erase.io.loaders import a1111
+    from concept_erase.export.loaders import a1111
 
     assert a1111(keys, layout) == {"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight"}
 

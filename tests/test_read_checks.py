@@ -170,3 +170,12 @@ def test_a_stop_flag_without_the_stop_is_said_in_one_line_and_the_run_goes_on(tm
     recipe.write_text("check_every: 5\n")
     assert cli.main(base + ["--output", str(tmp_path / "b"), "--config", str(recipe)]) == 0
     assert "did nothing" not in capsys.readouterr().err
+
+
+def test_a_pipeline_given_to_erase_must_be_of_the_model_the_record_names(tmp_path):
+    from concept_erase.io.loading import load_pipeline
+
+    with pytest.raises(UserError, match=r"is a StableDiffusion3Pipeline \(sd3 family\) but model 'builtin:tiny'"):
+        erase(EraseConfig(model="builtin:tiny", concepts=["van gogh"], anchors=["a photo"], output=str(tmp_path / "o"),
+                          steps=1, progress=False), pipe=load_pipeline("builtin:tiny-sd3"))
+    assert not (tmp_path / "o").exists()

@@ -96,7 +96,8 @@ def test_original_predictions_are_bit_exact_against_a_frozen_copy(train, xl, xl_
 def test_exports_read_back_with_diffusers_sdxl_readers(xl_pipe, xl_config, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from concept_erase.io.export import apply, export_diffusers, export_lora
+    from concept_erase.export.delta import apply
+    from concept_erase.export.formats import export_diffusers, export_lora
 
     cfg = xl_config(method="eupmu", steps=2, lr=1e-2)
     delta = erase(cfg)
@@ -147,7 +148,8 @@ def test_a_pipeline_no_family_handles_is_named(tmp_path):
 def test_single_file_is_sgm_layout_read_back_by_from_single_file(xl_dir, xl_config, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from concept_erase.io.export import apply, export_single_file
+    from concept_erase.export.delta import apply
+    from concept_erase.export.formats import export_single_file
     from concept_erase.io.loading import load_pipeline
 
     delta = erase(xl_config(method="eupmu", steps=2, lr=1e-2))
@@ -174,7 +176,7 @@ def test_a_delta_is_refused_by_a_model_of_another_family(xl_config, tiny_dir):
     from diffusers import StableDiffusionPipeline
 
     from concept_erase.errors import UserError
-    from concept_erase.io.export import apply
+    from concept_erase.export.delta import apply
 
     delta = erase(xl_config(method="eupmu", steps=1))
     sd = StableDiffusionPipeline.from_pretrained(str(tiny_dir))
@@ -210,7 +212,7 @@ def test_bad_family_inputs_leave_a_good_run_alone(good_xl_run, xl_dir, xl_pipe, 
     import json
 
     from concept_erase.families.sdxl import StableDiffusionXL
-    from concept_erase.io.export import export_single_file
+    from concept_erase.export.formats import export_single_file
 
     from test_cli import base_args
 

@@ -72,7 +72,7 @@ def _settings(**kw):
 
 
 def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_config, tmp_path):
-    from concept_erase.io.export import read_delta
+    from concept_erase.export.delta import read_delta
     from concept_erase.training.trainer import erase
 
     # before training 100% / anchors 100%; step 2: 50%; step 4: concept gone but anchors 95% (> 3 points

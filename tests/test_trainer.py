@@ -271,7 +271,7 @@ def test_resume_matches_an_uninterrupted_run(method, extra, tiny_pipe, make_conf
 def test_several_concepts_in_one_run(fresh_pipe, make_config):
     cfg = make_config(concepts=["van gogh", "monet"], batch_size=2)
     path = erase(cfg, pipe=fresh_pipe)
-    from concept_erase.io.export import read_delta
+    from concept_erase.export.delta import read_delta
     import json
 
     _, meta = read_delta(path)

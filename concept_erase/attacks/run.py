@@ -190,13 +190,13 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
     procs = processes()
     procs.decide(lambda: output_plan(output, fingerprint, overwrite, **RESUMABLE))  # refuse before a model is loaded
 
-    from concept_erase.io.export import apply, check_base, read_delta
+    from concept_erase.export.delta import apply, check_base, read_delta
     from concept_erase.io.loading import load_pipeline
 
     pipe = load_pipeline(model, **(load or {}))
     if weights:  # weights made from another model: refused before the output is touched
         from concept_erase.families.base import family_of
-        from concept_erase.io.export import delta_family
+        from concept_erase.export.delta import delta_family
 
         tensors, meta = read_delta(weights)
         if delta_family(meta).name != family_of(pipe).name:

@@ -106,7 +106,7 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     step_seconds = [r["step_time_s"] for r in records]
     done = len(records)  # fewer than config.steps when --stop-when-erased stopped the run
     checks = _read_checks(run_dir)
-    from concept_erase.io.export import apply
+    from concept_erase.export.delta import apply
 
     erased = apply(copy.deepcopy(base), run_dir / "erased.safetensors")
     final = judging(erased, final=True)

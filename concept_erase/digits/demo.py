@@ -93,7 +93,7 @@ def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, gui
     from concept_erase.config import build_config, is_edit, load_yaml, settings_for
     from concept_erase.families.base import family_of
     from concept_erase.digits.world import build as build_digits
-    from concept_erase.io.export import apply
+    from concept_erase.export.delta import apply
     from concept_erase.digits.judge import load_network
     from concept_erase.io.loading import load_pipeline
     from concept_erase.training.trainer import erase

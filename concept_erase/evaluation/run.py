@@ -113,7 +113,7 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
     for m in metrics:
         m.check_model(pipe)  # a model a metric cannot judge: said now, before any image
     if weights:
-        from concept_erase.io.export import apply
+        from concept_erase.export.delta import apply
 
         apply(pipe, weights, allow_other_base=options.get("allow_other_base", False))
     pipe.to(device, DTYPES[suite.dtype])

@@ -86,7 +86,7 @@ def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path,
 
     from concept_erase.evaluation.grids import labelled_grid
     from concept_erase.families.base import family_of
-    from concept_erase.io.export import apply
+    from concept_erase.export.delta import apply
     from concept_erase.io.loading import check_schedule_steps, load_pipeline, warn_long_prompts
     from concept_erase.processes import processes
 

@@ -1,2 +1,2 @@
-"""Reading and writing models: loading pipelines, the erased delta and its exports, single-file
-layouts, atomic writes, the real CLIP tokenizer, and the built-in tiny pipelines."""
+"""Reading and writing: loading pipelines, atomic writes and resumable outputs, digests, the real CLIP tokenizer,
+the single-file key layouts, and the built-in tiny pipelines. What an erasure becomes is `concept_erase.export`."""

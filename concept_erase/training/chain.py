@@ -59,7 +59,7 @@ def read_previous(config) -> Previous | None:
     """The run `--weights` names, checked: weights (not LoRA) on both sides, no concept erased twice."""
     if not config.weights:
         return None
-    from concept_erase.io.export import read_delta
+    from concept_erase.export.delta import read_delta
 
     path = Path(config.weights)
     tensors, meta = read_delta(path)
@@ -110,7 +110,7 @@ def chained_config(config, previous: Previous):
 
 def check_family_and_base(previous: Previous, family, denoiser) -> None:
     """The previous run was made from this very base model (and family)."""
-    from concept_erase.io.export import check_base, delta_family
+    from concept_erase.export.delta import check_base, delta_family
 
     made_for = delta_family(previous.meta).name
     if made_for != family.name:

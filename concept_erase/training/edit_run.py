@@ -34,7 +34,7 @@ class EditRun:
             return self._run()
 
     def _run(self) -> Path:
-        from concept_erase.io.export import base_fingerprint, save_delta
+        from concept_erase.export.delta import base_fingerprint, save_delta
         from concept_erase.methods.edits import EDITS
 
         setup.open_accelerator(self)

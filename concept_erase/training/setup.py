@@ -62,7 +62,12 @@ def open_accelerator(t) -> None:
                                       **tracking.accelerator_kwargs(cfg, Path(cfg.output)))
     if acc.num_processes > 1:
         processes.close_at_exit()
-    check_precision(cfg, family_of(t.pipe) if t.pipe is not None else peek_family(cfg.model, cfg.model_config))
+    named = peek_family(cfg.model, cfg.model_config)
+    if t.pipe is not None and named is not None and named.name != family_of(t.pipe).name:
+        raise UserError(f"the pipeline given to erase() is a {type(t.pipe).__name__} ({family_of(t.pipe).name} family) "
+                        f"but model {cfg.model!r}, which the run's record names, is a {named.name} model; give that "
+                        "model's pipeline, or set model to the one the pipeline was loaded from")
+    check_precision(cfg, family_of(t.pipe) if t.pipe is not None else named)
     check_device(cfg, acc.device)
     t.final_output = t.output = Path(cfg.output)
     if acc.is_main_process:
@@ -117,7 +122,7 @@ def load_model(t) -> None:
 def freeze(t) -> None:
     """Freeze all but the chosen subset and keep only its original values. Under mixed precision the frozen
     weights are stored in half precision too (as diffusers' LoRA scripts do); the trained ones stay fp32."""
-    from concept_erase.io.export import base_fingerprint
+    from concept_erase.export.delta import base_fingerprint
 
     cfg, acc, pipe, family = t.config, t.accelerator, t.pipe, t.family
     unet = family.denoiser(pipe)

@@ -325,7 +325,7 @@ class Trainer:
         record_ranks(self, whole)
         path = self.output / "erased.safetensors"
         if acc.is_main_process:
-            from concept_erase.io.export import save_delta
+            from concept_erase.export.delta import save_delta
 
             from concept_erase.training.chain import touched
 

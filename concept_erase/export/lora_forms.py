@@ -10,7 +10,7 @@
   for SD3 and FLUX but drops `lora_B.bias`; for SD and SDXL ComfyUI and A1111 read nothing of it. The
   default (and the only form) for SD3 and FLUX.
 
-Which tensors of a file each program applies is `concept_erase.io.loaders`.
+Which tensors of a file each program applies is `concept_erase.export.loaders`.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
     exported diffusers folder (its index says which parts it leaves out)."""
     from huggingface_hub import ModelCardData
 
-    from concept_erase.io.export import delta_family
+    from concept_erase.export.delta import delta_family
 
     family = delta_family(meta)
     base = meta["base_model"]

@@ -165,7 +165,7 @@ def diffusers_reads(state: dict, layout: Layout) -> set[str]:
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     from concept_erase.families.base import FAMILIES
-    from concept_erase.io.lora_forms import kohya_module
+    from concept_erase.export.lora_forms import kohya_module
 
     family = FAMILIES.get(layout.family)()
     pipeline = getattr(diffusers, family.pipeline_classes[0])
