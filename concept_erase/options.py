@@ -170,6 +170,52 @@ def changed_from_default(opts, names) -> list[str]:
             for f in changed]
 
 
+# ---------------------------------------------------------------- the reference page
+def field_groups(cls) -> dict[str, str]:
+    """{field name: the heading of its group}: the `# comment` lines that head groups of fields in the class's
+    source."""
+    import inspect
+
+    groups, heading = {}, ""
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("# "):
+            heading = text[2:]
+        elif ":" in text and text.split(":")[0].isidentifier() and heading:
+            groups[text.split(":")[0]] = heading
+    return groups
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def settings_reference(cls, hidden: bool = False) -> str:
+    """A Markdown table per group of `cls`'s declared settings: flag, YAML key, default, allowed values and what it
+    does, from the declarations themselves (so the page cannot drift from the code)."""
+    groups = field_groups(cls)
+    lines, current = [], None
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta or (meta.get("hidden") and not hidden):
+            continue
+        group = groups.get(f.name, "other settings")
+        if group != current:
+            current = group
+            lines += ["", f"### {group[0].upper() + group[1:]}", "", "| flag | YAML key | default | allowed | what it does |",
+                      "|---|---|---|---|---|"]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = "(none)" if default in ("", None, []) else (
+            ", ".join(map(str, default)) if isinstance(default, list) else str(default).lower()
+            if isinstance(default, bool) else str(default))
+        allowed = _range_text(meta) or ("true or false" if _kind(f) is bool else
+                                        "a path" if meta.get("path") else "")
+        if meta.get("resumable"):
+            allowed = (allowed + "; " if allowed else "") + "a resume may change it"
+        lines.append(f"| `{flag_name(f)}` | `{f.name}` | {_cell(shown)} | {_cell(allowed)} | {_cell(meta['help'])} |")
+    return "\n".join(lines[1:]) + "\n"
+
+
 # ---------------------------------------------------------------- checks
 def check_value(f: dataclasses.Field, value: Any, where: str = "") -> None:
     """Raise a one-line UserError when `value` breaks the field's declaration."""

@@ -101,3 +101,24 @@ def test_no_tracked_text_tells_the_development_history():
             if HISTORY.search(line):
                 found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()[:120]}")
     assert not found, "\n".join(found[:20])
+
+
+def test_the_settings_page_is_made_from_the_declarations_and_follows_them(monkeypatch):
+    """docs/settings.md holds the table `scripts/docs_settings.py` makes from EraseConfig's fields; a changed
+    declaration makes the page out of date."""
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_settings", ROOT / "scripts" / "docs_settings.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--check"]) == 0, "run python scripts/docs_settings.py"
+    page = (ROOT / "docs" / "settings.md").read_text()
+    from concept_erase.config import EraseConfig
+
+    for f in dataclasses.fields(EraseConfig):
+        if "help" in f.metadata and not f.metadata.get("hidden"):
+            assert f"`{f.name}`" in page, f.name
+    lr = next(f for f in dataclasses.fields(EraseConfig) if f.name == "lr")
+    monkeypatch.setattr(lr, "metadata", {**lr.metadata, "help": "a changed help text"})
+    assert script.main(["--check"]) == 1
