@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import math
+import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,6 +41,9 @@ class EraseConfig:
                         flag="concept", nonempty=True, metavar="PROMPT")
     anchors: list = _f([], "anchor prompt(s) whose images must survive, e.g. 'a painting' (repeat --anchor)",
                        flag="anchor", nonempty=True, metavar="PROMPT")
+    concept_file: str = _f("", "a text file of concepts to erase, one a line (# starts a comment), added to --concept: "
+                               "many concepts in one run", path=IN_FILE)
+    anchor_file: str = _f("", "a text file of anchor prompts, one a line, added to --anchor", path=IN_FILE)
     output: str = _r("", "run folder: checkpoints, metrics.jsonl, erased.safetensors", path=OUT_DIR)
     weights: str = _f("", "continue an earlier erasure of the same --model (its run folder or erased.safetensors): "
                           "start from its weights, keep its concepts erased and its anchors kept, and refer to the "
@@ -229,6 +232,17 @@ class EraseConfig:
             self.sample_prompts = [self.sample_prompts]
         if isinstance(self.concept_variants, str):
             self.concept_variants = [self.concept_variants]
+        # the files' prompts join the lists, which the run records; the file fields are then spent
+        if self.concept_file:
+            self.concepts, self.concept_file = [*self.concepts, *read_prompt_file(self.concept_file, "--concept-file")], ""
+        if self.anchor_file:
+            self.anchors, self.anchor_file = [*self.anchors, *read_prompt_file(self.anchor_file, "--anchor-file")], ""
+        for flag, values in (("--concept", self.concepts), ("--anchor", self.anchors)):
+            seen = set()
+            for value in values:
+                if value.strip().lower() in seen:
+                    raise UserError(f"{flag} {value!r} is given twice (from the flags or a file); give each once")
+                seen.add(value.strip().lower())
         check_method(self.method)
         FORGET_OBJECTIVES.get(self.forget_loss)
         RETAIN_OBJECTIVES.get(self.retain_loss)
@@ -363,11 +377,12 @@ class EraseConfig:
 
 
 # What a closed-form edit reads of the settings (--remap-to names each concept's guide; seed is recorded only)
-EDIT_SETTINGS = frozenset({"model", "concepts", "anchors", "output", "method", "remap_to", "concept_variants",
-                           "mixed_precision", "seed", "cache_dir", "overwrite", "allow_pickle", "model_config",
-                           "progress", "uce_regularization", "uce_preserve_weight", "uce_tokens"})
-EDIT_FLAGS = ("--model, --concept, --anchor (kept), --remap-to (the guide), --concept-variants, --uce-regularization, "
-              "--uce-preserve-weight, --uce-tokens, --output")
+EDIT_SETTINGS = frozenset({"model", "concepts", "anchors", "concept_file", "anchor_file", "output", "method",
+                           "remap_to", "concept_variants", "mixed_precision", "seed", "cache_dir", "overwrite",
+                           "allow_pickle", "model_config", "progress", "uce_regularization", "uce_preserve_weight",
+                           "uce_tokens"})
+EDIT_FLAGS = ("--model, --concept, --anchor (kept), --concept-file, --anchor-file, --remap-to (the guide), "
+              "--concept-variants, --uce-regularization, --uce-preserve-weight, --uce-tokens, --output")
 
 
 def settings_for(settings: dict, method: str | None = None) -> dict:
@@ -383,6 +398,21 @@ def is_edit(method: str) -> bool:
     from concept_erase.methods.edits import EDITS
 
     return method in EDITS
+
+
+def read_prompt_file(path: str, flag: str) -> list[str]:
+    """The prompts of a text file, one a line; blank lines and lines starting with # are skipped."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{flag} {path}: no such file; give a text file with one prompt a line")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {path} is not a text file; give one prompt a line") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"{flag} {path} holds no prompt; write one a line")
+    return prompts
 
 
 def _weights_file(weights: str) -> str:

@@ -119,3 +119,28 @@ def test_a_chained_run_resumed_without_its_weights_is_refused_naming_them(first,
     assert f'was made with --weights "{first}"' in err and len(err.strip().splitlines()) == 1, err
     # the same previous run named by its file, not its folder: the resume goes on
     assert main(argv + ["--weights", str(first / "erased.safetensors"), "--resume", "latest", "--steps", "3"]) == 0
+
+
+def test_a_concept_file_and_an_anchor_file_join_the_flags_and_bad_ones_are_refused(tmp_path, capsys):
+    from concept_erase.config import EraseConfig
+    from concept_erase.errors import UserError
+
+    (tmp_path / "concepts.txt").write_text("# artists\nvan gogh\n\nmonet\n  klimt  \n")
+    (tmp_path / "anchors.txt").write_text("a photo\na dog\n")
+    config = EraseConfig(model="builtin:tiny", concepts=["picasso"], concept_file=str(tmp_path / "concepts.txt"),
+                         anchor_file=str(tmp_path / "anchors.txt"), output=str(tmp_path / "o"))
+    assert config.concepts == ["picasso", "van gogh", "monet", "klimt"] and config.anchors == ["a photo", "a dog"]
+    assert config.concept_file == "" and EraseConfig(**config.to_dict()).concepts == config.concepts  # read once
+    (tmp_path / "twice.txt").write_text("monet\nMonet\n")
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    for extra, message in ((["--concept-file", "{t}/twice.txt"], "--concept 'Monet' is given twice"),
+                           (["--concept-file", "{t}/empty.txt"], "--concept-file {t}/empty.txt holds no prompt"),
+                           (["--anchor-file", "{t}/none.txt"], "--anchor-file {t}/none.txt: no such file"),
+                           (["--concept", "van gogh", "--concept-file", "{t}/concepts.txt"], "given twice")):
+        code = main(["erase", "--model", "builtin:tiny", "--anchor", "a dog", "--output", str(tmp_path / "x"),
+                     *[e.format(t=tmp_path) for e in extra]])
+        err = capsys.readouterr().err
+        assert code == 2 and message.format(t=tmp_path) in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UserError, match="given twice"):
+        EraseConfig(model="builtin:tiny", concepts=["a cat"], anchors=["a dog", "A Dog"], output="o")

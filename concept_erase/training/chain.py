@@ -90,8 +90,11 @@ def chained_config(config, previous: Previous):
         return config
     old, new = previous.concepts, list(config.concepts)
     concepts = old + new
-    anchors = [a for a in dict.fromkeys([*previous.anchors, *config.anchors])
-               if a.strip().lower() not in {c.strip().lower() for c in concepts}]
+    anchors, seen = [], {c.strip().lower() for c in concepts}  # each anchor once, the chain's first; none erased
+    for anchor in [*previous.anchors, *config.anchors]:
+        if anchor.strip().lower() not in seen:
+            anchors.append(anchor)
+            seen.add(anchor.strip().lower())
 
     def per_concept(old_values: list, new_values: list) -> list:
         if not old_values and not new_values:
