@@ -279,9 +279,9 @@ def _export(args) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("export writes one output, so it runs as one process: run it without `accelerate launch`")
     o = _opts(args, "export")
-    if o.format != "lora":
-        for flag in changed_from_default(o, ("lora_format", "rank", "exact_svd", "lora_bias")):
-            raise UserError(f"{flag} shapes a LoRA; add --format lora (not {o.format}) or drop {flag}")
+    lora_only = changed_from_default(o, ("lora_format", "rank", "exact_svd", "lora_bias"))
+    if o.format != "lora" and lora_only:
+        raise UserError(f"{lora_only[0]} shapes a LoRA; add --format lora (not {o.format}) or drop {lora_only[0]}")
     if o.private and not o.push_to_hub:
         raise UserError("--private applies to --push-to-hub REPO_ID; add it or drop --private")
     check_path(o.output, OUT_FILE if o.format == "single-file" else OUT_DIR, "--output")
