@@ -4,6 +4,7 @@ gives no way on, or back to the same error, fails the test."""
 
 from __future__ import annotations
 
+import argparse
 import re
 import shlex
 
@@ -24,8 +25,19 @@ def _without(argv: list, flag: str) -> list:
     return argv[:i] + argv[i + 2 if takes_value else i + 1:]
 
 
+def _takes_value(command: str, flag: str) -> bool:
+    """Whether `flag` of `command` reads a value (the parser's own declaration, not the hint's wording)."""
+    from concept_erase.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    action = next(a for a in sub._actions if flag in a.option_strings)
+    return action.nargs != 0
+
+
 def _with(argv: list, flag: str, value: str | None) -> list:
     value = shlex.split(value)[0] if value and value.startswith("'") else value
+    if not _takes_value(argv[0], flag):
+        value = None
     if flag in argv:
         argv = _without(argv, flag)
     return argv + [flag] + ([value] if value is not None else [])
@@ -103,6 +115,9 @@ CASES = {
     "a stop flag with a check beyond the steps": lambda r, t: _erase(t, "--anchor", "a dog", "--stop-when-erased",
                                                                      "--check-every", "50"),
     "an output that holds a run": lambda r, t: _erase(t, "--anchor", "a dog"),
+    "an edit into a folder that holds one": lambda r, t: ["erase", "--model", "builtin:tiny", "--concept", "monet",
+                                                         "--anchor", "a dog", "--method", "uce", "--output",
+                                                         str(t / "out"), "--no-progress"],
     "the private flag without a push": lambda r, t: ["export", str(r["trained"]), "--format", "diffusers",
                                                      "--private", "--output", str(t / "exp")],
 }
@@ -112,18 +127,20 @@ CASES = {
 def test_following_a_refusals_hint_leads_to_a_command_that_runs(case, runs, tmp_path, capsys):
     (tmp_path / "pairs.txt").write_text("a three\ta\n")
     argv = CASES[case](runs, tmp_path)
-    if case == "an output that holds a run":
+    if case in ("an output that holds a run", "an edit into a folder that holds one"):
         assert main(argv) == 0  # the run the next command would write over
     met = run_following_hints(argv, capsys)
     assert met, "the case was not refused: it tests no hint"
 
 
 def test_the_hint_reader_reads_each_form_and_fails_where_there_is_none():
-    argv = ["x", "--a", "1", "--b", "--c", "2"]
-    assert follow("--a does nothing here; drop it", argv) == ["x", "--b", "--c", "2"]
-    assert follow("so --a and --c do not apply; drop --a and --c (it takes --d)", argv) == ["x", "--b"]
+    argv = ["export", "--a", "1", "--b", "--c", "2"]
+    assert follow("--a does nothing here; drop it", argv) == ["export", "--b", "--c", "2"]
+    assert follow("so --a and --c do not apply; drop --a and --c (it takes --d)", argv) == ["export", "--b"]
     assert follow("--b shapes a LoRA; add --format lora (not diffusers) or drop --b", argv) == \
-        ["x", "--a", "1", "--b", "--c", "2", "--format", "lora"]
-    assert follow("it keeps anchors; pass --anchor 'a prompt' (repeat it)", argv)[-2:] == ["--anchor", "a prompt"]
+        ["export", "--a", "1", "--b", "--c", "2", "--format", "lora"]
+    assert follow("it holds a run; pass --overwrite to replace it", argv)[-1] == "--overwrite"  # takes no value
+    assert follow("it keeps anchors; pass --anchor 'a prompt' (repeat it)", ["erase"]) == ["erase", "--anchor",
+                                                                                            "a prompt"]
     with pytest.raises(AssertionError, match="no way on"):
         follow("something went wrong", argv)

@@ -30,16 +30,18 @@ SAMPLE_GRIDS = "samples/step-*.png"
 STAGING, REPLACED = ".incoming", ".replaced"  # inside the output: the replacement run, the run it replaces
 
 
-def check_output(output: Path, *, overwrite: bool, resume: str) -> bool:
-    """Refuse an output that would destroy a run; True when it holds one to replace. Writes nothing."""
+def check_output(output: Path, *, overwrite: bool, resume: str, resumable: bool = True) -> bool:
+    """Refuse an output that would destroy a run; True when it holds one to replace. Writes nothing. `resumable`:
+    whether this run could continue one (a closed-form edit cannot), so that the refusal offers only what works."""
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; choose a folder path")
     holds_run = output.is_dir() and any((output / m).exists() for m in RUN_MARKERS)
+    has_checkpoint = any((p / "state.json").is_file() for p in (output / "checkpoints").glob("step-*"))
     if holds_run and not resume and not overwrite:
-        raise UserError(f"{output} already holds a run; pass --resume latest to continue it, --overwrite to "
-                        "replace it, or choose another --output")
-    if resume == "latest" and (output / "erased.safetensors").is_file() and not any(
-            (p / "state.json").is_file() for p in (output / "checkpoints").glob("step-*")):
+        resume_hint = "pass --resume latest to continue it, " if resumable and has_checkpoint else "pass "
+        raise UserError(f"{output} already holds a run; {resume_hint}--overwrite to replace it, or choose another "
+                        "--output")
+    if resume == "latest" and (output / "erased.safetensors").is_file() and not has_checkpoint:
         raise UserError(nothing_to_resume(output))
     return holds_run and not resume
 

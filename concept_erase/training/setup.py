@@ -52,6 +52,7 @@ def open_accelerator(t) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from concept_erase.config import is_edit
     from concept_erase.io.loading import peek_family
 
     cfg = t.config
@@ -73,7 +74,8 @@ def open_accelerator(t) -> None:
     if acc.is_main_process:
         finish_swap(t.output, t.log)
     acc.wait_for_everyone()
-    t.replacing = check_output(t.output, overwrite=cfg.overwrite, resume=cfg.resume)
+    t.replacing = check_output(t.output, overwrite=cfg.overwrite, resume=cfg.resume,
+                               resumable=not is_edit(cfg.method))
 
 
 def load_model(t) -> None:
