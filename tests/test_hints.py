@@ -118,6 +118,9 @@ CASES = {
     "an edit into a folder that holds one": lambda r, t: ["erase", "--model", "builtin:tiny", "--concept", "monet",
                                                          "--anchor", "a dog", "--method", "uce", "--output",
                                                          str(t / "out"), "--no-progress"],
+    "a guide that is the concept itself": lambda r, t: _erase(t, "--anchor", "a dog", "--relative-to", "Monet"),
+    "pictures less often than the run is long": lambda r, t: _erase(t, "--anchor", "a dog", "--sample-every", "5",
+                                                                    "--sample-prompt", "monet"),
     "the private flag without a push": lambda r, t: ["export", str(r["trained"]), "--format", "diffusers",
                                                      "--private", "--output", str(t / "exp")],
 }
