@@ -23,6 +23,7 @@ class ScriptedSides:
         self.forget, self.retain = list(forget), list(retain or [1.0] * len(forget))
         self.lost_first = lost_first
         self.concept_items = [("concept", s) for s in range(25)]
+        self.judged_as = {}  # each concept image is judged as its own prompt
         self.anchor_items = [("anchor", s) for s in range(200)]
         self.calls, self.drawn, self.steps = 0, [], set()
         self.sides: set = set()  # the sides the current check has begun drawing
@@ -492,3 +493,21 @@ def test_the_signal_stop_waits_while_lambda_rises_and_says_so(tmp_path):
     trainer.signal.value = 0.5  # lambda at rest but the concept still guided: no stop
     trainer.lambda_trail.update(1.0)
     assert not stop(6, trainer)
+
+
+def test_a_check_of_several_concepts_says_which_are_still_drawn(tmp_path):
+    """Per-concept progress: the record holds each concept's share of the images drawn for it, and the log names
+    the concepts still drawn, the most drawn first."""
+    judge = ScriptedSides([1.0, 1.0], [1.0, 1.0])
+    judge.concept_items = [(c, s) for s in range(5) for c in ("a cat", "a dog", "a fox")]
+    judge.judged_as = {"a cat": "cat", "a dog": "dog", "a fox": "fox"}
+    judge.still_shown = lambda pipe, items, steps: [p == "a cat" or (p == "a dog" and s < 2) for p, s in items]
+    check = ErasureCheck(_settings(check_forget_at_most=0.5), sides=judge)
+    lines = []
+    trainer = _fake_trainer(output=tmp_path, start_step=0)
+    trainer.log = lines.append
+    check.start(trainer)
+    check(2, trainer)
+    record = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()][-1]
+    assert record["forget_by_concept"] == {"cat": 1.0, "dog": 0.4, "fox": 0.0}
+    assert "(still drawn: 'cat' 100%, 'dog' 40%)" in lines[-1], lines[-1]

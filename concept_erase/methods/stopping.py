@@ -279,11 +279,20 @@ class ErasureCheck:
             concept = concept[:CONCEPT_CHUNK]
         n = len(concept)
         most = most_allowed(n, lambda c: c / n <= self.forget_at_most)
-        shown, calls = count_until(first_then_rest(concept, CONCEPT_CHUNK),
-                                   lambda part: self.sides.still_shown(pipe, part, self.steps), most)
+        verdicts = []
+
+        def judged_part(part):
+            seen = self.sides.still_shown(pipe, part, self.steps)
+            verdicts.extend((self.sides.judged_as.get(prompt, prompt), shown) for (prompt, _), shown in zip(part, seen))
+            return seen
+
+        shown, calls = count_until(first_then_rest(concept, CONCEPT_CHUNK), judged_part, most)
         judged = sum(calls)
+        by_concept = {}
+        for name, seen in verdicts:
+            by_concept.setdefault(name, []).append(seen)
         return {"forget_accuracy": shown / judged, "forget_images": judged, "forget_within": shown <= most,
-                "forget_calls": calls}
+                "forget_calls": calls, "forget_by_concept": {c: sum(v) / len(v) for c, v in by_concept.items()}}
 
     def _anchor_side(self, pipe) -> dict:
         """The anchors' first chunk, then the rest, until more are lost than the bar allows; before training
@@ -385,11 +394,19 @@ def _of(drawn: int, total: int) -> str:
 
 
 def _concept(r: dict, total: int) -> str:
-    """The concept side of a check for the log: its share, and how far it was drawn when it stopped early."""
+    """The concept side of a check for the log: its share, how far it was drawn when it stopped early, and with
+    several concepts the ones still drawn (the most drawn first, five at most)."""
     if r["forget_accuracy"] is None:
         return "not drawn"
-    return f"{r['forget_accuracy']:.0%}" + ("" if r["forget_within"] else
+    line = f"{r['forget_accuracy']:.0%}" + ("" if r["forget_within"] else
                                             f"{_of(r['forget_images'], total)}, over the bar")
+    by_concept = r.get("forget_by_concept") or {}
+    if len(by_concept) > 1:
+        drawn = sorted(((a, c) for c, a in by_concept.items() if a > 0), reverse=True)
+        shown = ", ".join(f"'{c}' {a:.0%}" for a, c in drawn[:5]) + (f" and {len(drawn) - 5} more" if len(drawn) > 5
+                                                                      else "")
+        line += f" (still drawn: {shown})" if drawn else f" (none of the {len(by_concept)} concepts drawn)"
+    return line
 
 
 class Hooks:
