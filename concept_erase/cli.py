@@ -190,7 +190,7 @@ def _bench(args) -> None:
         m = c["measured"]
         print(f"{'met   ' if c['met'] else 'MISSED'} {c['target']}: {m:.3f}" if isinstance(m, float)
               else f"{'met   ' if c['met'] else 'MISSED'} {c['target']}: {m}")
-    print(f"report: {o.output}/bench.md (bench.json, pareto.png)")
+    print(f"report: {o.output}/bench.md (bench.json, {report.get('plot', 'pareto.png')})")
 
 
 def _compare(args) -> None:

@@ -796,3 +796,51 @@ def test_the_committed_signal_study_report_is_what_the_report_code_makes_of_its_
     report = ROOT / "benchmarks" / "signal-study.md"
     command = "python scripts/signal_report.py benchmarks/signal-study.jsonl --output benchmarks/signal-study.md"
     assert report.read_text(encoding="utf-8") == markdown([study], command)
+
+
+def test_a_sequential_benchmark_erases_one_request_after_another_and_judges_every_digit(tmp_path):
+    """Two requests per method: the second continues the first (its delta holds the chain), each request's record
+    judges every digit erased so far and the digits never erased, and a rerun reads the kept requests."""
+    from concept_erase.cli import main
+    from concept_erase.export.delta import read_delta
+
+    cfg = tmp_path / "seq.yaml"
+    cfg.write_text(f"recipe: {ROOT / 'pipelines' / 'digits-erase.yaml'}\nsequential: true\n"
+                   "splits:\n  tuning: {concepts: [one], seeds: [0], evaluation_seed_start: 0}\n"
+                   "  held_out: {concepts: [three, seven], seeds: [100], evaluation_seed_start: 100000}\n"
+                   "methods:\n  - {method: eupmu, steps: 2, anchor_images_per_prompt: 1, stop_when_erased: false, "
+                   "sampling_steps: 3, anchor_inference_steps: 3}\n"
+                   "evaluation: {seeds: 2, steps: 2}\nmemory_probe_steps: 0\n")
+    out = tmp_path / "out"
+    assert main(["bench", "--config", str(cfg), "--output", str(out), "--seeds", "100", "--no-progress"]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    first, second = sorted(report["runs"], key=lambda r: r["request"])
+    assert (first["chain"], second["chain"]) == (["three"], ["three", "seven"])
+    assert list(second["forget_by_concept"]) == ["three", "seven"] and second["forget_images"] == 4
+    assert second["never_erased"] == [d for d in ("zero", "one", "two", "four", "five", "six", "eight", "nine")]
+    assert second["retain_images"] == 16 and second["base_retain_accuracy"] is not None
+    meta = read_delta(out / "sequences" / "eupmu__s100" / "02-seven" / "erased.safetensors", tensors=False)[1]
+    assert [r["concepts"] for r in json.loads(meta["chain"])] == [["a handwritten digit three"],
+                                                                  ["a handwritten digit seven"]]
+    page = (out / "bench.md").read_text()
+    assert "| held_out | eupmu | 2 | seven | 1 |" in page and (out / "sequence.png").stat().st_size > 1000
+    stamp = (out / "sequences" / "eupmu__s100" / "02-seven" / "record.json").stat().st_mtime
+    assert main(["bench", "--config", str(cfg), "--output", str(out), "--seeds", "100", "--no-progress"]) == 0
+    assert (out / "sequences" / "eupmu__s100" / "02-seven" / "record.json").stat().st_mtime == stamp  # kept
+    from concept_erase.bench.report import render
+
+    assert render(json.loads((out / "bench.json").read_text())) == (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("sequential: true\nconcepts: [three, red ink]\nmethods: [{method: eupmu}]\n", "'red ink' is not a digit"),
+    ("sequential: true\nconcepts: [three, seven]\nmethods: [{method: uce}]\n", "a closed-form edit"),
+    ("sequential: yes please\nconcepts: [three]\nmethods: [{method: eupmu}]\n", "sequential must be true or false"),
+])
+def test_a_sequential_file_that_cannot_run_is_refused(text, message, tmp_path):
+    from concept_erase.errors import UserError
+
+    path = tmp_path / "b.yaml"
+    path.write_text(f"recipe: {ROOT / 'pipelines' / 'digits-erase.yaml'}\n" + text)
+    with pytest.raises(UserError, match=message):
+        load_bench(path)

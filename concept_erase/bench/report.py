@@ -420,6 +420,14 @@ def _upgraded(report: dict) -> dict:
 def render(report: dict) -> str:
     """bench.md of a stored bench.json: what the report code makes of its runs now (a test holds the committed
     reports to it)."""
+    if report.get("sequential"):
+        from concept_erase.bench.sequence import render_sequence
+
+        return render_sequence(report)
+    return _render(report)
+
+
+def _render(report: dict) -> str:
     report = _upgraded(report)
     return markdown({**report, "summary": summarise_report(report)}, command=report.get("command", ""))
 

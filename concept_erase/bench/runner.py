@@ -307,6 +307,8 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
         runs = [r for r in runs if r[0] in only]
         if not runs:
             raise UserError(f"--only {', '.join(only)} names no run of {config_path}")
+    if spec.sequential:
+        return _bench_sequential(spec, output, only, report_only, runs_from, overrides or {}, progress, command, log)
     if runs_from:
         import_runs(runs_from, spec, plan(spec), output, log)  # every planned run, --only or not
     if report_only:
@@ -324,6 +326,23 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
         for folder in made:
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+def _bench_sequential(spec: BenchSpec, output: Path, only, report_only: bool, runs_from, overrides: dict,
+                      progress: bool, command: str, log) -> dict:
+    """A sequential file (`bench/sequence.py`): each split's digits erased one request after another."""
+    from concept_erase.bench.sequence import bench_sequences
+    from concept_erase.io.loading import load_pipeline
+
+    if "concepts" in overrides or runs_from:
+        raise UserError("a sequential benchmark erases each split's digits in the file's order: --concepts and "
+                        "--runs-from do not apply; give --seeds or --only")
+    if report_only:
+        return bench_sequences(spec, output, None, only=only, report_only=True, command=command, log=log)
+    output.mkdir(parents=True, exist_ok=True)
+    base = load_pipeline(bench_model(spec))
+    base.set_progress_bar_config(disable=True)
+    return bench_sequences(spec, output, base, only=only, progress=progress, command=command, log=log)
 
 
 def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only, report_only: bool, command: str,

@@ -63,6 +63,7 @@ class BenchSpec:
     # the attack on every run's erasure (concept-erase attack): prompts 0 skips it
     attack: dict = field(default_factory=lambda: dict(ATTACK_DEFAULTS))
     source: str = ""
+    sequential: bool = False  # each split's concepts erased one request after another, in order (`bench/sequence.py`)
 
 
 def _number_list(raw: dict, key: str, default: list, kind, path: Path, low=None) -> list:
@@ -92,7 +93,7 @@ def load_bench(path: str | Path) -> BenchSpec:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a benchmark file is a mapping (recipe:, concepts:, methods:)")
     known = {"recipe", "concepts", "seeds", "splits", "methods", "settings", "eps_sweep", "evaluation",
-             "memory_probe_steps", "timing_probe", "held_time_reference", "attack"}
+             "memory_probe_steps", "timing_probe", "held_time_reference", "attack", "sequential"}
     bad = sorted(set(map(str, raw)) - known)
     if bad:
         raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
@@ -180,7 +181,9 @@ def load_bench(path: str | Path) -> BenchSpec:
                      memory_probe_steps=whole_number(raw, "memory_probe_steps", 10, path, 0, "memory_probe_steps"),
                      timing_rounds=whole_number(timing, "rounds", 8, path, 0, "timing_probe.rounds"),
                      timing_steps=whole_number(timing, "steps", 5, path, 1, "timing_probe.steps"),
-                     attack=attack, source=str(path))
+                     attack=attack, source=str(path), sequential=raw.get("sequential", False))
+    if spec.sequential:
+        _check_sequential(spec, path)
     # Every run's settings are built now: an unknown key or a bad value in a method entry fails here,
     # not after an hour of other runs.
     labels = set()
@@ -204,6 +207,24 @@ def load_bench(path: str | Path) -> BenchSpec:
                         f"({', '.join(sorted(labels))})")
     return spec
 
+
+
+def _check_sequential(spec: BenchSpec, path: Path) -> None:
+    """A sequential file: digits only (each request is judged on every digit's caption), trained methods only (a
+    closed-form edit cannot be continued), no eps sweep."""
+    from concept_erase.config import is_edit
+
+    if not isinstance(spec.sequential, bool):
+        raise UserError(f"{path}: sequential must be true or false, not {spec.sequential!r}")
+    styles = [c for c in spec.concepts if c not in DIGIT_NAMES]
+    if styles:
+        raise UserError(f"{path}: a sequential benchmark erases digits one after another; {styles[0]!r} is not a digit")
+    edits = [m["method"] for m in spec.methods if is_edit(m["method"])]
+    if edits:
+        raise UserError(f"{path}: a sequential benchmark continues each request's run, which a closed-form edit "
+                        f"({edits[0]}) cannot be; leave it out of this file")
+    if spec.eps_sweep:
+        raise UserError(f"{path}: eps_sweep is not run in a sequential benchmark; leave it out")
 
 
 def _concepts(value, path: Path, key: str) -> list[str]:

@@ -1,0 +1,278 @@
+"""The sequential benchmark (`sequential: true` in a benchmark file): each method erases a split's digits one request
+after another (`erase --weights PREVIOUS_RUN`), in the order the split lists them, once per run seed. After every
+request the chained model is judged on every digit's caption at once: each erased digit's forget accuracy, the
+retain accuracy of the digits never erased, and the domain FID of those digits' images. The base model is judged the
+same way once, on the same image seeds.
+
+A request's run is kept (`OUTPUT/sequences/LABEL__sSEED/NN-CONCEPT/`): the next request continues from it, and a
+benchmark cut short continues from the last finished request.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from concept_erase import provenance
+from concept_erase.bench.spec import FORGET_TARGET, BenchSpec, run_config
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
+from concept_erase.errors import UserError
+from concept_erase.image_seeds import seed_range
+from concept_erase.io.atomic import write_json, write_text
+
+SEQUENCE_RETAIN_DROP = 0.05  # the sequential target: the never-erased digits within 5 points of the base
+SEQUENCE_SCHEMA = 1
+
+
+class SequenceJudging:
+    """Every digit's plain caption on `seeds` image seeds from `seed_start`, judged at once: per digit the share the
+    judge names as that digit, and the domain FID of any set of digits' images against the real test images of the
+    same digits."""
+
+    def __init__(self, seeds: int, steps: int, guidance: float, seed_start: int):
+        from concept_erase.digits.judge import load_network
+        from concept_erase.digits.world import build
+
+        self.seeds, self.steps, self.guidance, self.seed_start = int(seeds), int(steps), float(guidance), int(seed_start)
+        self.judge = load_network()
+        test = build("test")
+        plain = test.styles == STYLES.index("plain")
+        self.real = {d: test.images[plain & (test.digits == d)] for d in range(10)}
+
+    @torch.no_grad()
+    def draw(self, pipe) -> list[torch.Tensor]:
+        """Every digit's caption on the evaluation's seeds: one tensor of images per digit."""
+        from concept_erase.digits.evaluate import generate_many
+
+        return generate_many(pipe, [(caption(d), seed_range(self.seed_start, self.seeds)) for d in range(10)],
+                             steps=self.steps, guidance=self.guidance)
+
+    @torch.no_grad()
+    def score(self, made: list[torch.Tensor], erased: list[str]) -> dict:
+        """Forget accuracy of each erased digit, retain accuracy and domain FID of the digits never erased."""
+        from concept_erase.digits.evaluate import domain_fid
+
+        hits = [int((self.judge.predict(images)[0] == d).sum()) for d, images in enumerate(made)]
+        gone = [DIGIT_NAMES.index(c) for c in erased]
+        kept = [d for d in range(10) if d not in gone]
+        n = self.seeds
+        return {"forget_by_concept": {DIGIT_NAMES[d]: hits[d] / n for d in gone},
+                "forget_hits": sum(hits[d] for d in gone), "forget_images": n * len(gone),
+                "retain_hits": sum(hits[d] for d in kept), "retain_images": n * len(kept),
+                "retain_accuracy": sum(hits[d] for d in kept) / (n * len(kept)) if kept else None,
+                "domain_fid": domain_fid(self.judge, torch.cat([made[d] for d in kept]),
+                                         torch.cat([self.real[d] for d in kept])) if kept else None,
+                "never_erased": [DIGIT_NAMES[d] for d in kept], "seed_start": self.seed_start}
+
+
+def sequence_id(label: str, seed: int) -> str:
+    return f"{label.replace(' ', '_').replace(',', '').replace('=', '')}__s{seed}"
+
+
+def run_sequence(spec: BenchSpec, base, judging: SequenceJudging, base_images: list, *, label: str,
+                 overrides: dict, concepts: list[str], seed: int, split: str, output: Path, progress: bool,
+                 log) -> list[dict]:
+    """Erase `concepts` one request after another; one record per request (kept ones are read, not rerun). The base
+    model's images (`base_images`, `SequenceJudging.draw`) give its figures on the same digits."""
+    from concept_erase.export.delta import apply
+    from concept_erase.training.trainer import erase
+
+    folder = output / "sequences" / sequence_id(label, seed)
+    records, previous = [], None
+    for k, concept in enumerate(concepts, 1):
+        run_dir = folder / f"{k:02d}-{concept}"
+        record_file = run_dir / "record.json"
+        if record_file.is_file() and (run_dir / "erased.safetensors").is_file():
+            records.append(json.loads(record_file.read_text()))
+            previous = run_dir
+            continue
+        log(f"    request {k}/{len(concepts)}: {label} erasing {concept!r} (seed {seed})"
+            + (f" after {', '.join(repr(c) for c in concepts[:k - 1])}" if k > 1 else ""))
+        config = run_config(spec, overrides, concept, seed, run_dir, progress)
+        if previous is not None:
+            config = dataclasses.replace(config, weights=str(previous))
+        t0 = time.perf_counter()
+        erase(config, pipe=copy.deepcopy(base))
+        wall = time.perf_counter() - t0
+        steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        erased = concepts[:k]
+        r = judging.score(judging.draw(apply(copy.deepcopy(base), run_dir / "erased.safetensors")), erased)
+        b = judging.score(base_images, erased)
+        base_side = {"base_retain_accuracy": b["retain_accuracy"], "base_forget_by_concept": b["forget_by_concept"],
+                     "base_domain_fid": b["domain_fid"]}
+        record = {"schema": SEQUENCE_SCHEMA, "commit": provenance.commit(), "split": split, "label": label,
+                  "method": config.method, "seed": seed, "request": k, "concept": concept, "chain": erased, **r,
+                  **base_side, "steps": len(steps),
+                  "train_seconds": sum(s.get("step_time_s", 0.0) for s in steps), "wall_seconds": wall,
+                  "delta_bytes": (run_dir / "erased.safetensors").stat().st_size}
+        record["meets_target"] = bool(
+            max(r["forget_by_concept"].values()) <= FORGET_TARGET
+            and (r["retain_accuracy"] is None
+                 or r["retain_accuracy"] >= base_side["base_retain_accuracy"] - SEQUENCE_RETAIN_DROP))
+        write_json(record_file, record)
+        records.append(record)
+        kept = "none left" if r["retain_accuracy"] is None else \
+            f"{r['retain_accuracy']:.1%} (base {base_side['base_retain_accuracy']:.1%})"
+        log(f"      forget: {', '.join(f'{c} {a:.0%}' for c, a in r['forget_by_concept'].items())}; never erased: {kept}")
+        previous = run_dir
+    return records
+
+
+def bench_sequences(spec: BenchSpec, output: Path, base, *, only=None, report_only: bool = False,
+                    progress: bool = True, command: str = "", log=print) -> dict:
+    """Every (split, seed, method entry)'s sequence, then the report: `bench.json`, `bench.md`, `sequence.png`."""
+    started, records, planned = time.time(), [], 0
+    for split in spec.splits:
+        judging = base_images = None
+        for seed in split.seeds:
+            for m in spec.methods:
+                label = str(m.get("label", m["method"]))
+                if only and label not in only:
+                    continue
+                planned += len(split.concepts)
+                folder = output / "sequences" / sequence_id(label, seed)
+                if report_only:
+                    records += [json.loads(f.read_text()) for f in sorted(folder.glob("*/record.json"))]
+                    continue
+                if judging is None:
+                    judging = SequenceJudging(spec.eval_final_seeds or spec.eval_seeds, spec.eval_steps,
+                                              spec.eval_guidance, split.evaluation_seed_start)
+                    base_images = judging.draw(base)
+                log(f"{split.name}, seed {seed}: {label} erases {', '.join(split.concepts)} one after another")
+                records += run_sequence(spec, base, judging, base_images, label=label, overrides=dict(m),
+                                        concepts=list(split.concepts), seed=seed, split=split.name, output=output,
+                                        progress=progress, log=log)
+    if not records:
+        raise UserError(f"no finished request in {output / 'sequences'} to report")
+    report = {"config": spec.source, "sequential": True,
+              "command": command or f"concept-erase bench --config {spec.source} --output {output}",
+              "commit": provenance.commit(), "date": provenance.now(), "machine": provenance.machine(),
+              "versions": provenance.versions(), "seconds": round(time.time() - started, 1),
+              "requests_planned": planned, "requests_finished": len(records),
+              "targets": {"forget_at_most": FORGET_TARGET, "retain_drop_at_most": SEQUENCE_RETAIN_DROP},
+              "runs": records, "plot": "sequence.png"}
+    report["summary"] = {"checks": sequence_checks(records)}
+    write_json(output / "bench.json", report)
+    sequence_plot(records, output / "sequence.png")
+    write_text(output / "bench.md", render_sequence(report))
+    return report
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Per (split, label, request): the runs' pooled forget and retain with exact intervals, the retain drop and the
+    domain FID with intervals over the run seeds, and the runs at target."""
+    from concept_erase.bench.stats import clopper_pearson, mean_ci
+
+    rows = []
+    keys = sorted({(r["split"], r["label"], r["request"]) for r in records},
+                  key=lambda k: (k[0], [r["label"] for r in records].index(k[1]), k[2]))
+    for split, label, k in keys:
+        part = [r for r in records if (r["split"], r["label"], r["request"]) == (split, label, k)]
+        f_hits, f_n = sum(r["forget_hits"] for r in part), sum(r["forget_images"] for r in part)
+        kept = [r for r in part if r["retain_accuracy"] is not None]
+        r_hits, r_n = sum(r["retain_hits"] for r in kept), sum(r["retain_images"] for r in kept)
+        drops = [100 * (r["base_retain_accuracy"] - r["retain_accuracy"]) for r in kept]
+        fids = [r["domain_fid"] for r in kept]
+        worst = [max(r["forget_by_concept"].values()) for r in part]
+        at = sum(r["meets_target"] for r in part)
+        rows.append({"split": split, "label": label, "request": k, "concept": part[0]["concept"], "runs": len(part),
+                     "forget": f_hits / f_n, "forget_ci": clopper_pearson(f_hits, f_n),
+                     "worst_forget": sum(worst) / len(worst), "worst_forget_ci": mean_ci(worst),
+                     "retain": r_hits / r_n if r_n else None, "retain_ci": clopper_pearson(r_hits, r_n) if r_n else None,
+                     "retain_drop": sum(drops) / len(drops) if drops else None, "retain_drop_ci": mean_ci(drops),
+                     "domain_fid": sum(fids) / len(fids) if fids else None, "domain_fid_ci": mean_ci(fids),
+                     "base_domain_fid": part[0]["base_domain_fid"], "at_target": at,
+                     "at_target_ci": clopper_pearson(at, len(part)), "never_erased": part[0]["never_erased"]})
+    return rows
+
+
+def sequence_checks(records: list[dict]) -> list[dict]:
+    """Per method, on the held-out split (else the only one run): after its last request, every run at target."""
+    split = "held_out" if any(r["split"] == "held_out" for r in records) else records[0]["split"]
+    checks = []
+    for label in dict.fromkeys(r["label"] for r in records if r["split"] == split):
+        part = [r for r in records if r["split"] == split and r["label"] == label]
+        last = max(r["request"] for r in part)
+        final = [r for r in part if r["request"] == last]
+        at = sum(r["meets_target"] for r in final)
+        checks.append({"target": f"{label}, after {last} requests ({split}): every erased digit at forget <= "
+                                 f"{FORGET_TARGET:.0%}, the never-erased within {SEQUENCE_RETAIN_DROP * 100:.0f} "
+                                 "points of the base, every run",
+                       "measured": f"{at} of {len(final)} runs", "met": at == len(final)})
+    return checks
+
+
+def _ci(ci, scale: float = 1.0, digits: int = 1) -> str:
+    return "" if not ci else f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+
+
+def render_sequence(report: dict) -> str:
+    rows = summarise(report["runs"])
+    commits = sorted({r["commit"][:12] for r in report["runs"]})
+    lines = [f"# Sequential benchmark: {Path(report['config']).name}", "",
+             f"Made by `{report['command']}` at commit `{report['commit']}` on {report['date']}.", "",
+             f"Machine: {report['machine']}.", "",
+             f"Its requests: {report['requests_finished']} of {report['requests_planned']} planned, made at commit(s) "
+             f"{', '.join(f'`{c}`' for c in commits)}.", "",
+             "Each method erases the split's digits one request after another (`erase --weights PREVIOUS_RUN`), once "
+             "per run seed. After every request the chained model draws every digit's caption on the split's "
+             "evaluation seeds, judged by the digits judge. Forget: the erased digits' images the judge still names "
+             "(pooled over the digits erased so far and the seeds, exact 95% interval); worst: the most drawn erased "
+             "digit, mean over seeds. Retain: the digits never erased (pooled, exact interval); its drop is in points "
+             "below the base model on the same digits, mean over seeds with a bootstrap interval. Target per run: "
+             f"every erased digit at forget <= {FORGET_TARGET:.0%} and the never-erased digits within "
+             f"{SEQUENCE_RETAIN_DROP * 100:.0f} points of the base.", "",
+             "| split | method | request | digit | runs | forget | worst erased digit | never erased | retain | "
+             "retain drop (points) | domain FID (base) | at target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        retain = "none left" if r["retain"] is None else f"{r['retain']:.1%}{_ci(r['retain_ci'], 100)}"
+        drop = "" if r["retain_drop"] is None else f"{r['retain_drop']:.1f}{_ci(r['retain_drop_ci'])}"
+        fid = "" if r["domain_fid"] is None else \
+            f"{r['domain_fid']:.1f}{_ci(r['domain_fid_ci'])} ({r['base_domain_fid']:.1f})"
+        lines.append(f"| {r['split']} | {r['label']} | {r['request']} | {r['concept']} | {r['runs']} | "
+                     f"{r['forget']:.1%}{_ci(r['forget_ci'], 100)} | {r['worst_forget']:.1%}"
+                     f"{_ci(r['worst_forget_ci'], 100)} | {', '.join(r['never_erased'])} | {retain} | {drop} | {fid} | "
+                     f"{r['at_target']}/{r['runs']}{_ci(r['at_target_ci'], 1, 2)} |")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else '**MISSED**'} |"
+              for c in sequence_checks(report["runs"])]
+    lines += ["", "![retain of the never-erased digits and forget of the erased ones, by request](sequence.png)", ""]
+    return "\n".join(lines)
+
+
+def sequence_plot(records: list[dict], path: Path) -> None:
+    """Retain accuracy of the never-erased digits (points below the base) and pooled forget against the request,
+    one line per method, with the intervals of `summarise`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarise(records)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True)
+    for i, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
+        part = [r for r in rows if r["label"] == label and r["retain_drop"] is not None]
+        xs = [r["request"] for r in part]
+        top.plot(xs, [r["retain_drop"] for r in part], marker="o", color=f"C{i}", label=label)
+        top.fill_between(xs, [(r["retain_drop_ci"] or (r["retain_drop"],) * 2)[0] for r in part],
+                         [(r["retain_drop_ci"] or (r["retain_drop"],) * 2)[1] for r in part], color=f"C{i}", alpha=0.15)
+        every = [r for r in rows if r["label"] == label]
+        bottom.errorbar([r["request"] for r in every], [100 * r["forget"] for r in every],
+                        yerr=[[100 * (r["forget"] - r["forget_ci"][0]) for r in every],
+                              [100 * (r["forget_ci"][1] - r["forget"]) for r in every]],
+                        marker="o", color=f"C{i}", capsize=3, label=label)
+    top.axhline(100 * SEQUENCE_RETAIN_DROP, color="0.5", linestyle="--", linewidth=0.8)
+    bottom.axhline(100 * FORGET_TARGET, color="0.5", linestyle="--", linewidth=0.8)
+    top.set_ylabel("never-erased digits:\nretain drop (points)")
+    bottom.set_ylabel("erased digits:\nforget accuracy (%)")
+    bottom.set_xlabel("requests so far")
+    top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
