@@ -155,9 +155,10 @@ def main() -> None:
     log(f"quality: digit {quality['digit_accuracy']:.3f}, style {quality['style_accuracy']:.3f}")
     out = Path(args.out)
     with atomic_dir(out, overwrite=True) as tmp:
-        # the frozen text encoders are stored in fp16 (the model's definition: loading casts them back)
+        # the frozen text encoders are rounded to fp16 (the model's definition) and stored in fp32, the dtype of the
+        # rest, so that a plain DiffusionPipeline.from_pretrained of the folder runs as it is
         for part in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            part.to(torch.float16)
+            part.to(torch.float16).to(torch.float32)
         pipe.save_pretrained(str(tmp / "pipeline"))
         for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):  # the CLIP BPE files (vocab.json, merges.txt),
             shutil.rmtree(tmp / "pipeline" / name)                 # the same bytes in all three: git keeps one copy

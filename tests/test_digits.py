@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from concept_erase.digits import world as digits
@@ -160,3 +161,19 @@ def test_erasing_a_digit_lowers_its_accuracy_on_seeds_the_run_never_saw(tmp_path
     assert before["forget_accuracy"] >= 0.8 and before["retain_accuracy"] >= 0.9
     assert after["forget_accuracy"] <= 0.25, after  # 3 of 16 at most (at 40 steps: 5)
     assert after["retain_accuracy"] >= before["retain_accuracy"] - 0.1, after
+
+
+@pytest.mark.parametrize("name", ["digits", "digits-flow"])
+def test_a_shipped_model_runs_as_diffusers_loads_it(name):
+    """The folder as a diffusers user loads it (`DiffusionPipeline.from_pretrained`, no dtype given) draws: one dtype
+    throughout, fp16-rounded text encoders stored in fp32."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from concept_erase.io.loading import embedded_model_dir
+
+    pipe = DiffusionPipeline.from_pretrained(str(embedded_model_dir(name) / "pipeline"))
+    dtypes = {p.dtype for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters()}
+    assert dtypes == {torch.float32}
+    image = pipe("a handwritten digit three", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape[1:3] == (32, 32)
