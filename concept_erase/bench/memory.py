@@ -28,9 +28,11 @@ def _rss_kb(field_name: str) -> int:
     return 0
 
 
-def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three") -> dict:
+def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three", prompts: tuple | None = None) -> dict:
     """Peak memory of `steps` training steps of `mode` (a method, or 'plain' fine-tuning), measured
-    from just before training (after the model is loaded) in this process."""
+    from just before training (after the model is loaded) in this process; `prompts`: (concepts, anchors) in place
+    of `concept`'s. A trained run also gives its median step time."""
+    import statistics
     import tempfile
 
     from concept_erase.config import build_config, load_yaml
@@ -38,7 +40,7 @@ def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three") -> 
 
     from concept_erase.config import is_edit, settings_for
 
-    concepts, anchors = concept_prompts(concept)
+    concepts, anchors = prompts or concept_prompts(concept)
     out = tempfile.mkdtemp(prefix="ce-probe-")
     if is_edit(mode):  # a closed-form edit: the recipe's prompts, the edit's one solve
         settings = settings_for(load_yaml(recipe), mode)
@@ -71,7 +73,11 @@ def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three") -> 
         erase(config, pipe=pipe)
     peak_kb = _rss_kb("VmHWM")
     out_dict = {"mode": mode, "steps": steps, "baseline_rss_mb": base_kb / 1024, "peak_rss_mb": peak_kb / 1024,
-                "extra_rss_mb": (peak_kb - base_kb) / 1024, "hwm_reset": have_hwm_reset}
+                "extra_rss_mb": (peak_kb - base_kb) / 1024, "hwm_reset": have_hwm_reset, "concepts": len(concepts)}
+    metrics = Path(out) / "metrics.jsonl"
+    if mode != "plain" and not is_edit(mode) and metrics.is_file():
+        times = [json.loads(line)["step_time_s"] for line in metrics.read_text().splitlines()]
+        out_dict["step_time_s_median"] = statistics.median(times[1:] or times)  # the first step warms up
     if cuda:
         out_dict.update(baseline_cuda_mb=base_cuda / 2**20, peak_cuda_mb=torch.cuda.max_memory_allocated() / 2**20)
     return out_dict
