@@ -144,3 +144,33 @@ def test_a_concept_file_and_an_anchor_file_join_the_flags_and_bad_ones_are_refus
     assert not (tmp_path / "x").exists()
     with pytest.raises(UserError, match="given twice"):
         EraseConfig(model="builtin:tiny", concepts=["a cat"], anchors=["a dog", "A Dog"], output="o")
+
+
+def test_the_shipped_two_request_and_many_artists_recipes_run_on_tiny_models(tmp_path, monkeypatch):
+    """sdxl-style-vangogh.yaml then sdxl-then-picasso.yaml (a chain of two), and sd15-artists.yaml (five artists from
+    its prompt files), as shipped: only their lengths cut and the models swapped for tiny ones of the same family."""
+    from pathlib import Path
+
+    from concept_erase.config import build_config, load_yaml
+    from concept_erase.export.delta import read_delta
+    from concept_erase.training.trainer import erase
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the recipes name their prompt files from the repository root
+    cuts = {"resolution": 32, "steps": 1, "sampling_steps": 2, "anchor_inference_steps": 2,
+            "anchor_images_per_prompt": 1, "cache_dir": str(tmp_path / "cache"), "progress": False,
+            "checkpoint_every": 0, "check_every": 1}
+
+    def run(recipe: str, **extra):
+        path = root / "pipelines" / recipe
+        config = build_config(load_yaml(path), {**cuts, **extra}, source=str(path))
+        erase(config)
+        return config
+
+    run("sdxl-style-vangogh.yaml", model="builtin:tiny-xl", output=str(tmp_path / "first"))
+    second = run("sdxl-then-picasso.yaml", model="builtin:tiny-xl", weights=str(tmp_path / "first"),
+                 output=str(tmp_path / "second"))
+    meta = read_delta(second.output, tensors=False)[1]
+    assert [r["concepts"][0] for r in json.loads(meta["chain"])] == ["Van Gogh", "Pablo Picasso"]
+    artists = run("sd15-artists.yaml", model="builtin:tiny", output=str(tmp_path / "artists"))
+    assert len(artists.concepts) == 5 and "a painting in the style of Rembrandt" in artists.anchors
