@@ -234,9 +234,11 @@ class EraseConfig:
             self.concept_variants = [self.concept_variants]
         # the files' prompts join the lists, which the run records; the file fields are then spent
         if self.concept_file:
-            self.concepts, self.concept_file = [*self.concepts, *read_prompt_file(self.concept_file, "--concept-file")], ""
+            read = read_prompt_file(self.concept_file, "--concept-file")
+            self.concepts, self.concept_file = [*self.concepts, *read], ""
         if self.anchor_file:
-            self.anchors, self.anchor_file = [*self.anchors, *read_prompt_file(self.anchor_file, "--anchor-file")], ""
+            read = read_prompt_file(self.anchor_file, "--anchor-file")
+            self.anchors, self.anchor_file = [*self.anchors, *read], ""
         for flag, values in (("--concept", self.concepts), ("--anchor", self.anchors)):
             seen = set()
             for value in values:
@@ -341,7 +343,8 @@ class EraseConfig:
     def _check_stop(self) -> None:
         if self.check_every > self.steps:
             raise UserError(f"--stop-when-erased checks every {self.check_every} steps, more than the run's "
-                            f"--steps {self.steps}: no check would run; give --check-every {self.steps} or less, or raise --steps")
+                            f"--steps {self.steps}: no check would run; give --check-every {self.steps} or less, "
+                            "or raise --steps")
         if self.stop_judge == "signal" or self.stop_judge == "auto":
             if self.forget_loss != "negative-guidance":
                 if self.stop_judge == "signal":

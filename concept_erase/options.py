@@ -202,8 +202,8 @@ def settings_reference(cls, hidden: bool = False) -> str:
         group = groups.get(f.name, "other settings")
         if group != current:
             current = group
-            lines += ["", f"### {group[0].upper() + group[1:]}", "", "| flag | YAML key | default | allowed | what it does |",
-                      "|---|---|---|---|---|"]
+            lines += ["", f"### {group[0].upper() + group[1:]}", "",
+                      "| flag | YAML key | default | allowed | what it does |", "|---|---|---|---|---|"]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = "(none)" if default in ("", None, []) else (
             ", ".join(map(str, default)) if isinstance(default, list) else str(default).lower()

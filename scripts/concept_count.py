@@ -54,7 +54,8 @@ def main(argv=None) -> int:
             return 1
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{count:>3} concepts: peak {r['peak_rss_mb']:.0f} MB (+{r['extra_rss_mb']:.0f} MB over the loaded model), "
+        print(f"{count:>3} concepts: peak {r['peak_rss_mb']:.0f} MB "
+              f"(+{r['extra_rss_mb']:.0f} MB over the loaded model), "
               f"{1000 * r['step_time_s_median']:.0f} ms/step")
     args.output.write_text(json.dumps({"method": args.method, "steps": args.steps, "rows": rows}, indent=2) + "\n")
     return 0

@@ -86,7 +86,8 @@ def test_lora_settings_need_a_lora_export(fmt, flag, tmp_path, capsys):
     out = tmp_path / ("out.safetensors" if fmt == "single-file" else "out")
     code = main(["export", str(tmp_path / "run"), "--format", fmt, *flag, "--output", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and f"{flag[0]} shapes a LoRA; add --format lora" in err and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and f"{flag[0]} shapes a LoRA; add --format lora" in err, err
+    assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
 

@@ -61,7 +61,8 @@ def test_a_pairs_file_is_read_and_a_bad_one_refused(tmp_path):
     (["--attack", "ring-a-bell", "--timesteps", "5"], "--timesteps does nothing with --attack ring-a-bell"),
     (["--attack", "none", "--iterations", "5"], "--iterations does nothing with --attack none"),
 ])
-def test_bad_pairs_and_settings_the_attack_ignores_are_refused_in_one_line_before_anything_is_written(extra, message, tmp_path, capsys):
+def test_bad_pairs_and_settings_the_attack_ignores_are_refused_before_anything_is_written(extra, message, tmp_path,
+                                                                                          capsys):
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "pairs.txt").write_text("a three\ta\n")
     out = tmp_path / "out"

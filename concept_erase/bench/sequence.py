@@ -38,7 +38,8 @@ class SequenceJudging:
         from concept_erase.digits.judge import load_network
         from concept_erase.digits.world import build
 
-        self.seeds, self.steps, self.guidance, self.seed_start = int(seeds), int(steps), float(guidance), int(seed_start)
+        self.seeds, self.steps, self.guidance = int(seeds), int(steps), float(guidance)
+        self.seed_start = int(seed_start)
         self.judge = load_network()
         test = build("test")
         plain = test.styles == STYLES.index("plain")
@@ -118,7 +119,8 @@ def run_sequence(spec: BenchSpec, base, judging: SequenceJudging, base_images: l
         records.append(record)
         kept = "none left" if r["retain_accuracy"] is None else \
             f"{r['retain_accuracy']:.1%} (base {base_side['base_retain_accuracy']:.1%})"
-        log(f"      forget: {', '.join(f'{c} {a:.0%}' for c, a in r['forget_by_concept'].items())}; never erased: {kept}")
+        forgot = ", ".join(f"{c} {a:.0%}" for c, a in r["forget_by_concept"].items())
+        log(f"      forget: {forgot}; never erased: {kept}")
         previous = run_dir
     return records
 
@@ -183,7 +185,8 @@ def summarise(records: list[dict]) -> list[dict]:
         rows.append({"split": split, "label": label, "request": k, "concept": part[0]["concept"], "runs": len(part),
                      "forget": f_hits / f_n, "forget_ci": clopper_pearson(f_hits, f_n),
                      "worst_forget": sum(worst) / len(worst), "worst_forget_ci": mean_ci(worst),
-                     "retain": r_hits / r_n if r_n else None, "retain_ci": clopper_pearson(r_hits, r_n) if r_n else None,
+                     "retain": r_hits / r_n if r_n else None,
+                     "retain_ci": clopper_pearson(r_hits, r_n) if r_n else None,
                      "retain_drop": sum(drops) / len(drops) if drops else None, "retain_drop_ci": mean_ci(drops),
                      "domain_fid": sum(fids) / len(fids) if fids else None, "domain_fid_ci": mean_ci(fids),
                      "base_domain_fid": part[0]["base_domain_fid"], "at_target": at,
