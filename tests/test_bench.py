@@ -823,7 +823,7 @@ def test_a_sequential_benchmark_erases_one_request_after_another_and_judges_ever
     assert [r["concepts"] for r in json.loads(meta["chain"])] == [["a handwritten digit three"],
                                                                   ["a handwritten digit seven"]]
     page = (out / "bench.md").read_text()
-    assert "| held_out | eupmu | 2 | seven | 1 |" in page and (out / "sequence.png").stat().st_size > 1000
+    assert "| held_out | eupmu | 2 | seven | 1 | 2 |" in page and (out / "sequence.png").stat().st_size > 1000
     stamp = (out / "sequences" / "eupmu__s100" / "02-seven" / "record.json").stat().st_mtime
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--seeds", "100", "--no-progress"]) == 0
     assert (out / "sequences" / "eupmu__s100" / "02-seven" / "record.json").stat().st_mtime == stamp  # kept

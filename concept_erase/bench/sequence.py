@@ -190,7 +190,8 @@ def summarise(records: list[dict]) -> list[dict]:
                      "retain_drop": sum(drops) / len(drops) if drops else None, "retain_drop_ci": mean_ci(drops),
                      "domain_fid": sum(fids) / len(fids) if fids else None, "domain_fid_ci": mean_ci(fids),
                      "base_domain_fid": part[0]["base_domain_fid"], "at_target": at,
-                     "at_target_ci": clopper_pearson(at, len(part)), "never_erased": part[0]["never_erased"]})
+                     "at_target_ci": clopper_pearson(at, len(part)), "never_erased": part[0]["never_erased"],
+                     "steps": sum(r["steps"] for r in part) / len(part)})
     return rows
 
 
@@ -227,18 +228,21 @@ def render_sequence(report: dict) -> str:
              "evaluation seeds, judged by the digits judge. Forget: the erased digits' images the judge still names "
              "(pooled over the digits erased so far and the seeds, exact 95% interval); worst: the most drawn erased "
              "digit, mean over seeds. Retain: the digits never erased (pooled, exact interval); its drop is in points "
-             "below the base model on the same digits, mean over seeds with a bootstrap interval. Target per run: "
+             "below the base model on the same digits, mean over seeds with a bootstrap interval. Steps: the request's "
+             "training steps, mean over seeds (a request that reaches the recipe's budget was not stopped by its "
+             "check). Target per run: "
              f"every erased digit at forget <= {FORGET_TARGET:.0%} and the never-erased digits within "
              f"{SEQUENCE_RETAIN_DROP * 100:.0f} points of the base.", "",
-             "| split | method | request | digit | runs | forget | worst erased digit | never erased | retain | "
-             "retain drop (points) | domain FID (base) | at target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| split | method | request | digit | runs | steps | forget | worst erased digit | never erased | "
+             "retain | retain drop (points) | domain FID (base) | at target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         retain = "none left" if r["retain"] is None else f"{r['retain']:.1%}{_ci(r['retain_ci'], 100)}"
         drop = "" if r["retain_drop"] is None else f"{r['retain_drop']:.1f}{_ci(r['retain_drop_ci'])}"
         fid = "" if r["domain_fid"] is None else \
             f"{r['domain_fid']:.1f}{_ci(r['domain_fid_ci'])} ({r['base_domain_fid']:.1f})"
         lines.append(f"| {r['split']} | {r['label']} | {r['request']} | {r['concept']} | {r['runs']} | "
+                     f"{r['steps']:.0f} | "
                      f"{r['forget']:.1%}{_ci(r['forget_ci'], 100)} | {r['worst_forget']:.1%}"
                      f"{_ci(r['worst_forget_ci'], 100)} | {', '.join(r['never_erased'])} | {retain} | {drop} | {fid} | "
                      f"{r['at_target']}/{r['runs']}{_ci(r['at_target_ci'], 1, 2)} |")
