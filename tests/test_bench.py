@@ -682,6 +682,9 @@ def test_the_generated_blocks_of_benchmarks_md_are_current():
     page = (ROOT / "BENCHMARKS.md").read_text()
     assert BLOCK_START in page  # it leads with a generated table
     assert refresh_blocks(page, ROOT) == page
+    assert ": tiers -->" in page and "| eupmu, two styles | bold | 0/6 |" in page  # a block of another kind
+    with pytest.raises(ValueError, match="names 'everything'"):
+        refresh_blocks(f"{BLOCK_START}benchmarks/variants-bench.json: everything -->\n<!-- end generated -->", ROOT)
 
 
 def test_old_run_records_are_upgraded_once_and_damaged_ones_refused(tmp_path):

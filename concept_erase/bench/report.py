@@ -446,18 +446,32 @@ def headline(report: dict) -> str:
     return "\n".join(lines)
 
 
+def tiers_block(report: dict) -> str:
+    """The prompt tiers' table of a stored report (forget and retain in every style), with what made it."""
+    report = _upgraded(report)
+    section = _tier_section(report)  # its own heading left out: the page that holds the block has one
+    return "\n".join(_made_by(report, report.get("command", "")) + [""] + section[3:])
+
+
+BLOCKS = {"headline": headline, "tiers": tiers_block}  # what a generated block of a page may hold
+
+
 def refresh_blocks(page: str, root: Path) -> str:
-    """`page` with each generated block remade from the report it names (`<!-- generated from PATH: headline -->`)."""
+    """`page` with each generated block remade from the report it names (`<!-- generated from PATH: KIND -->`, KIND
+    one of `BLOCKS`)."""
     out, rest = [], page
     while BLOCK_START in rest:
         before, _, after = rest.partition(BLOCK_START)
         head, _, body = after.partition("-->")
-        source = head.strip().rsplit(":", 1)[0].strip()
+        source, _, kind = head.strip().rpartition(":")
+        source, kind = source.strip(), kind.strip()
+        if kind not in BLOCKS:
+            raise ValueError(f"a generated block from {source} names {kind!r}; give one of {', '.join(BLOCKS)}")
         if BLOCK_END not in body:
             raise ValueError(f"a generated block from {source} has no end marker")
         _, _, rest = body.partition(BLOCK_END)
         report = json.loads((root / source).read_text(encoding="utf-8"))
-        out += [before, f"{BLOCK_START}{source}: headline -->\n", headline(report), "\n", BLOCK_END]
+        out += [before, f"{BLOCK_START}{source}: {kind} -->\n", BLOCKS[kind](report), "\n", BLOCK_END]
     return "".join(out) + rest
 
 
