@@ -142,17 +142,16 @@ def _check_suite_name(suite: str) -> None:
 
 
 def _eval(args) -> None:
-    from pathlib import Path
-
     from concept_erase.evaluation.run import run_eval
+    from concept_erase.export.delta import delta_file
     from concept_erase.options import check_device
 
     _check_suite_name(args.suite)
     o = _opts(args, "eval")
     check_device(o.device)
     weights = o.weights
-    if weights and Path(weights).is_dir():
-        weights = str(Path(weights) / "erased.safetensors")
+    if weights:
+        weights = str(delta_file(weights))
     options = {"clip_model": o.clip_model, "clip_weights": o.clip_weights, "clip_score_model": o.clip_score_model,
                "inception_weights": o.inception_weights, "fid_reference": o.fid_reference,
                "cache_dir": o.cache_dir or None, "allow_other_base": o.allow_other_base,

@@ -422,8 +422,9 @@ def _weights_file(weights: str) -> str:
     """The file a --weights value names (a run folder names its erased.safetensors), resolved."""
     if not weights:
         return ""
-    path = Path(weights).expanduser()
-    return os.path.realpath(path / "erased.safetensors" if path.is_dir() else path)
+    from concept_erase.export.delta import delta_file
+
+    return os.path.realpath(delta_file(Path(weights).expanduser()))
 
 
 def keeps_anchors(method: str) -> bool:

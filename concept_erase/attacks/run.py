@@ -176,8 +176,10 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
             raise UserError(f"--{k} {settings[k]}: give at least 1")
     judge_obj = judge_for(model, concept, judge, judge_options or {})
     targets = load_targets(concept, judge_obj, prompts, prompt_file)
-    if weights and Path(weights).is_dir():
-        weights = str(Path(weights) / "erased.safetensors")
+    if weights:
+        from concept_erase.export.delta import delta_file
+
+        weights = str(delta_file(weights))
     if weights and not Path(weights).is_file():
         raise UserError(f"--weights {weights}: no such file; give the erased.safetensors (or the run folder) an "
                         "`erase` run wrote")

@@ -171,8 +171,8 @@ def summarise(records: list[dict]) -> list[dict]:
     from concept_erase.bench.stats import clopper_pearson, mean_ci
 
     rows = []
-    keys = sorted({(r["split"], r["label"], r["request"]) for r in records},
-                  key=lambda k: (k[0], [r["label"] for r in records].index(k[1]), k[2]))
+    order = {label: i for i, label in enumerate(dict.fromkeys(r["label"] for r in records))}
+    keys = sorted({(r["split"], r["label"], r["request"]) for r in records}, key=lambda k: (k[0], order[k[1]], k[2]))
     for split, label, k in keys:
         part = [r for r in records if (r["split"], r["label"], r["request"]) == (split, label, k)]
         f_hits, f_n = sum(r["forget_hits"] for r in part), sum(r["forget_images"] for r in part)

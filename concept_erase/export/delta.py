@@ -99,15 +99,19 @@ def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: di
         save_file(tensors, str(tmp), metadata=meta)
 
 
+def delta_file(path: str | Path) -> Path:
+    """The erased weights a `--weights` value names: a run folder names its `erased.safetensors`."""
+    path = Path(path)
+    return path / "erased.safetensors" if path.is_dir() else path
+
+
 def read_delta(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a delta file or run folder; with tensors=False the metadata alone is read."""
     from safetensors import safe_open
 
     from concept_erase.io.loading import check_safetensors_file
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "erased.safetensors"
+    path = delta_file(path)
     if not path.is_file():
         raise UserError(f"no erased weights at {path}; pass a run folder or its erased.safetensors")
     check_safetensors_file(path)

@@ -59,11 +59,11 @@ def read_previous(config) -> Previous | None:
     """The run `--weights` names, checked: weights (not LoRA) on both sides, no concept erased twice."""
     if not config.weights:
         return None
-    from concept_erase.export.delta import read_delta
+    from concept_erase.export.delta import delta_file, read_delta
 
     path = Path(config.weights)
     tensors, meta = read_delta(path)
-    previous = Previous(path / "erased.safetensors" if path.is_dir() else path, tensors, meta)
+    previous = Previous(delta_file(path), tensors, meta)
     if meta.get("kind") == "lora":
         raise UserError(f"--weights {config.weights} holds LoRA adapters, which a chain cannot add to: erase that "
                         "request again with --train xattn (or another weight subset), then continue from it")
