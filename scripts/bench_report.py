@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from concept_erase.bench.report import refresh_blocks, render  # noqa: E402
+from concept_erase.bench.report import refresh_blocks, render, stored_plots  # noqa: E402
 
 
 def main() -> int:
@@ -31,7 +31,7 @@ def main() -> int:
     stale = []
     wanted = {}
     for path in args.reports:
-        wanted[path.with_suffix(".md")] = render(json.loads(path.read_text(encoding="utf-8")))
+        wanted[path.with_suffix(".md")] = render(json.loads(path.read_text(encoding="utf-8")), stored_plots(path))
     for page in args.pages:
         if page.is_file():
             wanted[page] = refresh_blocks(page.read_text(encoding="utf-8"), ROOT)

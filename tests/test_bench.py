@@ -1,6 +1,7 @@
 """The benchmark: its plan, its target checks (pure), and one tiny real run end to end."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -670,10 +671,13 @@ def _check_items(config) -> set:
 def test_a_committed_report_is_what_the_report_code_makes_of_its_json(name):
     """benchmarks/NAME.md is render(benchmarks/NAME.json): a table cannot drift from its data or from the report
     code (`python scripts/bench_report.py benchmarks/*-bench.json` rewrites them)."""
-    from concept_erase.bench.report import render
+    from concept_erase.bench.report import render, stored_plots
 
-    report = json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())
-    assert (ROOT / "benchmarks" / f"{name}.md").read_text() == render(report)
+    path = ROOT / "benchmarks" / f"{name}.json"
+    page = (ROOT / "benchmarks" / f"{name}.md").read_text()
+    assert page == render(json.loads(path.read_text()), stored_plots(path))
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", page):  # every picture it shows is beside it
+        assert (path.parent / link).is_file(), link
 
 
 def test_the_generated_blocks_of_benchmarks_md_are_current():
@@ -830,9 +834,12 @@ def test_a_sequential_benchmark_erases_one_request_after_another_and_judges_ever
     stamp = (out / "sequences" / "eupmu__s100" / "02-seven" / "record.json").stat().st_mtime
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--seeds", "100", "--no-progress"]) == 0
     assert (out / "sequences" / "eupmu__s100" / "02-seven" / "record.json").stat().st_mtime == stamp  # kept
-    from concept_erase.bench.report import render
+    from concept_erase.bench.report import BLOCKS, render
 
-    assert render(json.loads((out / "bench.json").read_text())) == (out / "bench.md").read_text()
+    report = json.loads((out / "bench.json").read_text())
+    assert render(report) == (out / "bench.md").read_text()
+    assert BLOCKS["sequence"](report) in (out / "bench.md").read_text() and "| held_out | eupmu | 2 | seven |" in BLOCKS["sequence"](report)
+    assert "sequence.png" not in render(report, plots={})  # a stored copy without its picture does not link one
 
 
 @pytest.mark.parametrize("text,message", [

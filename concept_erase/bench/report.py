@@ -417,19 +417,32 @@ def _upgraded(report: dict) -> dict:
     return {**report, "runs": [upgrade(r, f"{where}, run {i + 1}") for i, r in enumerate(report.get("runs", []))]}
 
 
-def render(report: dict) -> str:
+def render(report: dict, plots: dict | None = None) -> str:
     """bench.md of a stored bench.json: what the report code makes of its runs now (a test holds the committed
-    reports to it)."""
+    reports to it). `plots` maps the pictures a report links (`pareto.png`, `attack.png`, `sequence.png`: their names
+    in a bench output folder) to where they are beside a stored report; a picture not in it is left out. None: the
+    names of a bench output folder."""
     if report.get("sequential"):
         from concept_erase.bench.sequence import render_sequence
 
-        return render_sequence(report)
-    return _render(report)
-
-
-def _render(report: dict) -> str:
+        return render_sequence(report, plots)
     report = _upgraded(report)
-    return markdown({**report, "summary": summarise_report(report)}, command=report.get("command", ""))
+    return markdown({**report, "summary": summarise_report(report)}, command=report.get("command", ""), plots=plots)
+
+
+def picture(alt: str, name: str, plots: dict | None) -> list[str]:
+    """The markdown lines of a report's picture `name` (see `render`): none where `plots` does not have it."""
+    if plots is not None and name not in plots:
+        return []
+    return ["", f"![{alt}]({name if plots is None else plots[name]})"]
+
+
+def stored_plots(json_path: Path) -> dict:
+    """Where the pictures of a report stored as `benchmarks/NAME-bench.json` are: `NAME-pareto.png` and the like
+    beside it (the bench output's `pareto.png` renamed), those that exist."""
+    stem = json_path.name.removesuffix(".json").removesuffix("-bench")
+    return {n: f"{stem}-{n}" for n in ("pareto.png", "attack.png", "sequence.png")
+            if (json_path.parent / f"{stem}-{n}").is_file()}
 
 
 BLOCK_START = "<!-- generated from "
@@ -453,7 +466,14 @@ def tiers_block(report: dict) -> str:
     return "\n".join(_made_by(report, report.get("command", "")) + [""] + section[3:])
 
 
-BLOCKS = {"headline": headline, "tiers": tiers_block}  # what a generated block of a page may hold
+def sequence_block(report: dict) -> str:
+    """A sequential report's table of requests and its targets, with what made them."""
+    from concept_erase.bench.sequence import sequence_block as block  # the sequence module imports this one
+
+    return block(report)
+
+
+BLOCKS = {"headline": headline, "tiers": tiers_block, "sequence": sequence_block}  # what a page's block may hold
 
 
 def refresh_blocks(page: str, root: Path) -> str:
@@ -615,7 +635,7 @@ def _tier_section(report: dict) -> list[str]:
     return lines
 
 
-def markdown(report: dict, command: str) -> str:
+def markdown(report: dict, command: str, plots: dict | None = None) -> str:
     s = report["summary"]
     name = Path(str(report.get("config", "benchmark"))).name
     lines = [f"# Benchmark: {name}", ""] + _made_by(report, command) + [
@@ -638,7 +658,7 @@ def markdown(report: dict, command: str) -> str:
         for label, r in attacked.items():
             lines.append(f"| {label} | {r['attacked_runs']}/{r['runs']} | {_ci_text(r, 'pre_attack_asr', 100, pct=True)} | "
                          f"{_ci_text(r, 'post_attack_asr', 100, pct=True)} | {_ci_text(r, 'retain_drop', 100)} |")
-        lines += ["", "![post-attack ASR against retain accuracy](attack.png)"]
+        lines += picture("post-attack ASR against retain accuracy", "attack.png", plots)
     if report.get("timing"):
         lines += ["", "## Step time (interleaved probe: one process, the methods in turn, order rotated each round)", "",
                   "| method | steps timed | mean ms/step [95% interval] | median (quartiles) | "
@@ -678,7 +698,7 @@ def markdown(report: dict, command: str) -> str:
                      f"{_f(r['retain_accuracy'], True)} ({_f(r['base_retain_accuracy'], True)}) | {near} | "
                      f"{_f(r['domain_fid'])} ({_f(r['base_domain_fid'])}) | {_f(1000 * r['step_time_s_median'], digits=0)} | "
                      f"{_f(r.get('lambda_mean'), digits=3)} | {stt if stt is not None else 'not reached'} | {held} |")
-    lines += ["", "![retain against forget](pareto.png)", ""]
+    lines += picture("retain against forget", "pareto.png", plots) + [""]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from concept_erase import provenance
+from concept_erase.bench.report import picture
 from concept_erase.bench.spec import FORGET_TARGET, BenchSpec, run_config
 from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
 from concept_erase.errors import UserError
@@ -215,11 +216,19 @@ def _ci(ci, scale: float = 1.0, digits: int = 1) -> str:
     return "" if not ci else f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
 
 
-def render_sequence(report: dict) -> str:
+def render_sequence(report: dict, plots: dict | None = None) -> str:
+    """bench.md of a sequential benchmark (see `report.render` for `plots`)."""
+    lines = [f"# Sequential benchmark: {Path(report['config']).name}", "", sequence_block(report)]
+    lines += picture("retain of the never-erased digits and forget of the erased ones, by request", "sequence.png",
+                     plots) + [""]
+    return "\n".join(lines)
+
+
+def sequence_block(report: dict) -> str:
+    """What made a sequential report, its table of requests and its targets: a page's generated block."""
     rows = summarise(report["runs"])
     commits = sorted({r["commit"][:12] for r in report["runs"]})
-    lines = [f"# Sequential benchmark: {Path(report['config']).name}", "",
-             f"Made by `{report['command']}` at commit `{report['commit']}` on {report['date']}.", "",
+    lines = [f"Made by `{report['command']}` at commit `{report['commit']}` on {report['date']}.", "",
              f"Machine: {report['machine']}.", "",
              f"Its requests: {report['requests_finished']} of {report['requests_planned']} planned, made at commit(s) "
              f"{', '.join(f'`{c}`' for c in commits)}.", "",
@@ -249,7 +258,6 @@ def render_sequence(report: dict) -> str:
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {c['target']} | {c['measured']} | {'yes' if c['met'] else '**MISSED**'} |"
               for c in sequence_checks(report["runs"])]
-    lines += ["", "![retain of the never-erased digits and forget of the erased ones, by request](sequence.png)", ""]
     return "\n".join(lines)
 
 
