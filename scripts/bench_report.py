@@ -18,7 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from concept_erase.bench.report import refresh_blocks, render, stored_plots  # noqa: E402
+from concept_erase.bench.pictures import stored_plots  # noqa: E402
+from concept_erase.bench.report import refresh_blocks, render  # noqa: E402
 
 
 def main() -> int:

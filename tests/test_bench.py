@@ -671,7 +671,8 @@ def _check_items(config) -> set:
 def test_a_committed_report_is_what_the_report_code_makes_of_its_json(name):
     """benchmarks/NAME.md is render(benchmarks/NAME.json): a table cannot drift from its data or from the report
     code (`python scripts/bench_report.py benchmarks/*-bench.json` rewrites them)."""
-    from concept_erase.bench.report import render, stored_plots
+    from concept_erase.bench.pictures import stored_plots
+    from concept_erase.bench.report import render
 
     path = ROOT / "benchmarks" / f"{name}.json"
     page = (ROOT / "benchmarks" / f"{name}.md").read_text()

@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 from concept_erase.bench import stats
-from concept_erase.io.atomic import atomic_path
+from concept_erase.bench.pictures import picture
+from concept_erase.bench.sequence import render_sequence, sequence_block
 from concept_erase.digits.world import DIGIT_NAMES
 from concept_erase.bench.spec import FORGET_TARGET, RETAIN_DROP
 
@@ -22,11 +23,6 @@ def final_images(record: dict) -> int | None:
         return record["eval_images"]
     curve = record.get("curve") or [{}]
     return curve[-1].get("images")
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return statistics.fmean(xs) if xs else float("nan")
 
 
 def concept_kind(concept: str) -> str:
@@ -147,7 +143,7 @@ def _held_seconds(run: dict, probe: dict | None) -> float | None:
 def _with_ci(row: dict, key: str, values, concepts) -> None:
     """row[key] = the mean, row["ci"][key] = its 95% interval, resampling concepts (see stats.py)."""
     kept = [(v, c) for v, c in zip(values, concepts) if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    row[key] = _mean([v for v, _ in kept]) if kept else None
+    row[key] = stats.mean([v for v, _ in kept]) if kept else None
     ci = stats.cluster_mean_ci([v for v, _ in kept], [c for _, c in kept])
     row.setdefault("ci", {})[key] = list(ci) if ci is not None else None
 
@@ -183,9 +179,9 @@ def _summary_row(rs: list[dict], probe: dict | None = None) -> dict:
     row = {"runs": len(rs), "concepts": len(set(cs)), "meets_target": sum(bool(r["meets_target"]) for r in rs),
            "meets_with_near": (sum(meets_near(r) for r in rs)
                                if any(r.get("near_retain_accuracy") is not None for r in rs) else None),
-           "backward_per_step": _mean(r["backward_passes_per_step"] for r in rs), "probe_step_ms": probe_ms,
+           "backward_per_step": stats.mean(r["backward_passes_per_step"] for r in rs), "probe_step_ms": probe_ms,
            "reached_target": sum(a is not None or b is not None for a, b in zip(stt, ttt)), "held_target": sum(t is not None for t in held),
-           "images_per_run": _mean(final_images(r) for r in rs)}
+           "images_per_run": stats.mean(final_images(r) for r in rs)}
     _with_ci(row, "forget_accuracy", [r["forget_accuracy"] for r in rs], cs)
     _with_ci(row, "retain_drop", [r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs], cs)
     _with_ci(row, "domain_fid", [r["domain_fid"] for r in rs], cs)
@@ -207,8 +203,8 @@ def _summary_row(rs: list[dict], probe: dict | None = None) -> dict:
     _with_ci(row, "time_to_held_target_s", [_held_seconds(r, probe) for r in rs], cs)
     row["time_to_held_target_source"] = "probe" if probe_ms is not None else "run clocks"
     # Kept from earlier reports: the first evaluation at target whether or not it held, over every run.
-    row["time_to_target_s"] = _mean(ttt) if all(t is not None for t in ttt) else None
-    row["steps_to_target"] = _mean(stt) if all(t is not None for t in stt) else None
+    row["time_to_target_s"] = stats.mean(ttt) if all(t is not None for t in ttt) else None
+    row["steps_to_target"] = stats.mean(stt) if all(t is not None for t in stt) else None
     row["probe_time_to_target_s"] = (row["steps_to_target"] * probe_ms / 1000
                                      if probe_ms is not None and row["steps_to_target"] is not None else None)
     return row
@@ -246,7 +242,7 @@ def dominance(results: list[dict], a: str, b: str) -> dict | None:
     ci_f, ci_d = stats.paired_difference_ci(fa, fb, concepts), stats.paired_difference_ci(da, db, concepts)
     dominated = ci_f[0] >= 0 and ci_d[0] >= 0 and (ci_f[0] > 0 or ci_d[0] > 0)
     return {"by": b, "pairs": len(pairs), "dominated": dominated,
-            "forget": (_mean(fa), _mean(fb)), "retain_drop": (_mean(da), _mean(db)),
+            "forget": (stats.mean(fa), stats.mean(fb)), "retain_drop": (stats.mean(da), stats.mean(db)),
             "forget_diff_ci": ci_f, "retain_drop_diff_ci": ci_d}
 
 
@@ -347,7 +343,7 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
         if both:
             a = [_held_seconds(x, probes.get(label)) for x, _ in both]
             b = [_held_seconds(y, probes.get(reference)) for _, y in both]
-            te, tr = _mean(a), _mean(b)
+            te, tr = stats.mean(a), stats.mean(b)
             ratio = te / tr if tr else float("nan")
             ci = stats.cluster_ratio_ci(a, b, [x["concept"] for x, _ in both])
             ci_text = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
@@ -423,26 +419,9 @@ def render(report: dict, plots: dict | None = None) -> str:
     in a bench output folder) to where they are beside a stored report; a picture not in it is left out. None: the
     names of a bench output folder."""
     if report.get("sequential"):
-        from concept_erase.bench.sequence import render_sequence
-
         return render_sequence(report, plots)
     report = _upgraded(report)
     return markdown({**report, "summary": summarise_report(report)}, command=report.get("command", ""), plots=plots)
-
-
-def picture(alt: str, name: str, plots: dict | None) -> list[str]:
-    """The markdown lines of a report's picture `name` (see `render`): none where `plots` does not have it."""
-    if plots is not None and name not in plots:
-        return []
-    return ["", f"![{alt}]({name if plots is None else plots[name]})"]
-
-
-def stored_plots(json_path: Path) -> dict:
-    """Where the pictures of a report stored as `benchmarks/NAME-bench.json` are: `NAME-pareto.png` and the like
-    beside it (the bench output's `pareto.png` renamed), those that exist."""
-    stem = json_path.name.removesuffix(".json").removesuffix("-bench")
-    return {n: f"{stem}-{n}" for n in ("pareto.png", "attack.png", "sequence.png")
-            if (json_path.parent / f"{stem}-{n}").is_file()}
 
 
 BLOCK_START = "<!-- generated from "
@@ -464,13 +443,6 @@ def tiers_block(report: dict) -> str:
     report = _upgraded(report)
     section = _tier_section(report)  # its own heading left out: the page that holds the block has one
     return "\n".join(_made_by(report, report.get("command", "")) + [""] + section[3:])
-
-
-def sequence_block(report: dict) -> str:
-    """A sequential report's table of requests and its targets, with what made them."""
-    from concept_erase.bench.sequence import sequence_block as block  # the sequence module imports this one
-
-    return block(report)
 
 
 BLOCKS = {"headline": headline, "tiers": tiers_block, "sequence": sequence_block}  # what a page's block may hold
@@ -743,98 +715,3 @@ def cost_section(report: dict) -> list[str]:
         lines.append(f"| {label} | {len(rs)} | {mean_text(rs, spent, 2)} | "
                      f"{mean_text(rs, 'time_to_held_target_s', 2)} | {peak} | {stored} |")
     return lines
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(7.5, 5.2), dpi=110)
-
-
-def _method_points(ax, by: dict[str, list[dict]], x_of) -> None:
-    """Per method: the mean of x_of(run) against the mean retain drop, with 95% bootstrap bars on both."""
-    from concept_erase.evaluation.grids import marker_scales
-
-    markers = "osD^v<>pP*Xh"
-    points = []
-    for label, rs in by.items():
-        xs = [x_of(r) for r in rs]
-        ys = [100 * (r["base_retain_accuracy"] - r["retain_accuracy"]) for r in rs]
-        cs = [r["concept"] for r in rs]
-        points.append(((_mean(xs), stats.cluster_mean_ci(xs, cs)), (_mean(ys), stats.cluster_mean_ci(ys, cs)), len(rs)))
-    scales = marker_scales([(x, y) for (x, _), (y, _), _ in points])
-    import matplotlib.pyplot as plt
-
-    # More entries than the 10 default colours: 20 (each colour once) rather than two methods in one colour.
-    palette = [f"C{i}" for i in range(10)] if len(by) <= 10 else list(plt.get_cmap("tab20").colors)
-    for i, ((label, _), ((x, cx), (y, cy), n), (scale, hollow)) in enumerate(zip(by.items(), points, scales)):
-        color = palette[i % len(palette)]
-        ax.errorbar([x], [y], xerr=[[x - cx[0]], [cx[1] - x]], yerr=[[y - cy[0]], [cy[1] - y]],
-                    fmt=markers[i % len(markers)], ms=7 * scale, capsize=3, elinewidth=0.9, label=f"{label} ({n})",
-                    zorder=3 + 1 / scale, alpha=0.85, color=color, markerfacecolor="none" if hollow else color)
-
-
-def _save(fig, ax, path: Path, xlabel: str, title: str) -> None:
-    import matplotlib.pyplot as plt
-
-    ax.axhline(RETAIN_DROP * 100, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("retain accuracy drop from the base model (points; lower is better)")
-    ax.set_title(f"{title}\n(means, 95% bars by a bootstrap over concepts; runs in brackets)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-def pareto_plot(results: list[dict], path: Path, split: str | None = None) -> None:
-    """Mean retain drop against mean forget accuracy per method (the runs of one split, where given), the fixed
-    weights of each stop rule joined in order of lambda, and the eps curve."""
-    by: dict[str, list[dict]] = {}
-    for r in results:
-        if split is None or r.get("split", "all") == split:
-            by.setdefault(r["label"], []).append(r)
-    fig, ax = _figure()
-    _method_points(ax, by, lambda r: r["forget_accuracy"])
-    fixed: dict[str, list] = {}  # stop rule (the label after the method) -> [(lambda, runs)]
-    for label, rs in by.items():
-        if rs[0].get("method") == "fixed":
-            fixed.setdefault(label.partition(", ")[2], []).append((rs[0].get("lambda_init", 0.0), rs))
-    for rule, points in fixed.items():
-        if len(points) > 1:
-            points.sort(key=lambda p: p[0])
-            xs = [_mean(r["forget_accuracy"] for r in rs) for _, rs in points]
-            ys = [_mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100 for _, rs in points]
-            ax.plot(xs, ys, "--", color="grey", lw=1, zorder=2,
-                    label=f"fixed lambda curve{f' ({rule})' if rule else ''}")
-    sweep = [k for k in by if k.startswith("eupmu eps=")]
-    if sweep:  # the eps curve (the default eupmu point included), on the runs the sweep has
-        pairs = {(r["concept"], r.get("seed", 0)) for r in by[sweep[0]]}
-        curve = sorted(((by[k][0].get("eps", 0.0), [r for r in by[k] if (r["concept"], r.get("seed", 0)) in pairs])
-                        for k in (["eupmu"] if "eupmu" in by else []) + sweep), key=lambda c: c[0])
-        curve = [rs for _, rs in curve if rs]
-        if len(curve) > 1:
-            xs = [_mean(r["forget_accuracy"] for r in rs) for rs in curve]
-            ys = [_mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100 for rs in curve]
-            ax.plot(xs, ys, "k:", lw=1, zorder=2, label="eps curve (first seed)")
-    ax.axvline(FORGET_TARGET, color="grey", lw=0.8, ls="--")
-    where = {"held_out": ", held-out split", "tuning": ", tuning split"}.get(split or "", "")
-    _save(fig, ax, path, "forget accuracy (lower: more erased)", f"Erasure against utility{where}")
-
-
-def attack_plot(results: list[dict], path: Path) -> None:
-    """Mean retain drop against mean post-attack ASR per method; nothing when no run was attacked."""
-    by: dict[str, list[dict]] = {}
-    for r in results:
-        if r.get("attack"):
-            by.setdefault(r["label"], []).append(r)
-    if not by:
-        return
-    fig, ax = _figure()
-    _method_points(ax, by, lambda r: r["attack"]["post_attack_asr"])
-    _save(fig, ax, path, "attack success rate after the attack (lower: more robust)", "Robustness against utility")

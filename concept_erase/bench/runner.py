@@ -30,7 +30,8 @@ from concept_erase.digits.world import DIGIT_NAMES, STYLES, trained_styles
 from concept_erase.errors import UserError
 from concept_erase.bench.judging import Judging, judged_images, tier_items
 from concept_erase.bench.memory import memory_table
-from concept_erase.bench.report import attack_plot, final_images, pareto_plot, render, summarise_report
+from concept_erase.bench.pictures import attack_plot, pareto_plot
+from concept_erase.bench.report import final_images, render, summarise_report
 from concept_erase.bench.records import RECORD_SCHEMA, upgrade
 from concept_erase.bench.spec import (FORGET_TARGET, RETAIN_DROP, SHIPPED_BENCH, BenchSpec, load_bench, plan,
                                       run_config, split_of)

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 
 from concept_erase import provenance
-from concept_erase.bench.report import picture
+from concept_erase.bench.pictures import picture
 from concept_erase.bench.spec import FORGET_TARGET, BenchSpec, run_config
 from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import seed_range
-from concept_erase.io.atomic import write_json, write_text
+from concept_erase.io.atomic import atomic_path, write_json, write_text
 
 SEQUENCE_RETAIN_DROP = 0.05  # the sequential target: the never-erased digits within 5 points of the base
 SEQUENCE_SCHEMA = 1
@@ -289,5 +289,6 @@ def sequence_plot(records: list[dict], path: Path) -> None:
     bottom.set_xlabel("requests so far")
     top.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -19,11 +19,18 @@ resampling; these few lines are deterministic for a given seed, which the report
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 
 RESAMPLES = 4000
 LEVEL = 0.95
+
+
+def mean(xs) -> float:
+    """The mean of the values given, None and NaN left out; NaN when none is left."""
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.fmean(xs) if xs else float("nan")
 
 
 def clopper_pearson(k: int, n: int, level: float = LEVEL) -> tuple[float, float] | None:
