@@ -50,7 +50,7 @@ def build_pipeline():
     from concept_erase.io.loading import embedded_model_dir
     from concept_erase.io.tokenizer import load_clip_tokenizer
 
-    vae = AutoencoderKL.from_pretrained(str(embedded_model_dir() / "pipeline" / "vae"))
+    vae = AutoencoderKL.from_pretrained(str(embedded_model_dir("digits") / "pipeline" / "vae"))
     vae.register_to_config(shift_factor=0.0)  # SD3's pipeline decodes latents / scaling + shift
     clip = dict(vocab_size=49408, hidden_size=16, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,

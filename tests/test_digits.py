@@ -54,7 +54,7 @@ def test_shipped_model_is_a_stable_diffusion_pipeline():
     assert isinstance(pipe, StableDiffusionPipeline)
     assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == 77
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor >= 32
-    folder = embedded_model_dir()
+    folder = embedded_model_dir("digits")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size <= 30 * 2**20
     card = (folder / "README.md").read_text()

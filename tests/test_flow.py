@@ -395,10 +395,13 @@ def test_the_flow_digits_builder_makes_an_sd3_pipeline_the_family_reads_with_32_
 
 
 def test_a_missing_embedded_model_names_the_script_that_builds_it(monkeypatch, tmp_path, capsys):
-    from concept_erase.cli import main
-    from concept_erase.io import loading
+    import dataclasses
 
-    monkeypatch.setitem(loading.EMBEDDED, "digits-flow", ("model-not-here", "build_digits_flow_model.py"))
+    from concept_erase.cli import main
+    from concept_erase.embedded import EMBEDDED
+
+    moved = dataclasses.replace(EMBEDDED.get("digits-flow"), folder=tmp_path / "model-not-here")
+    monkeypatch.setitem(EMBEDDED._items, "digits-flow", moved)
     code = main(["demo", "--model", "builtin:digits-flow", "--output", str(tmp_path / "demo")])
     err = capsys.readouterr().err
     assert code == 2 and "python scripts/build_digits_flow_model.py" in err and len(err.strip().splitlines()) == 1

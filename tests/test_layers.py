@@ -10,7 +10,7 @@ exceptions are listed with their reason), and no modules import each other in a 
     families   what differs between SD 1.x/2.x, SDXL, SD3 and FLUX.1
     io         atomic writes, resumable outputs, digests, tokenizers, single-file key layouts, YAML files
     core       errors, name tables, option declarations, image seeds, prompt variants, environment, processes,
-               provenance
+               provenance, the table of models shipped in the package
 """
 
 import ast
@@ -19,7 +19,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "concept_erase"
 
 LAYERS = [  # bottom first; a name stands for a module or a package's every module
-    ("core", ["errors", "registry", "options", "image_seeds", "variants", "env", "processes", "provenance"]),
+    ("core", ["errors", "registry", "options", "image_seeds", "variants", "env", "processes", "provenance",
+              "embedded"]),
     ("io", ["io", "io.atomic", "io.resumable", "io.tokenizer", "io.digests", "io.single_file",
             "io.tiny", "yaml_files"]),
     ("families", ["families"]),

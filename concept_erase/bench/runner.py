@@ -27,6 +27,7 @@ from pathlib import Path
 from concept_erase import provenance
 from concept_erase.io.atomic import write_json, write_text
 from concept_erase.digits.world import DIGIT_NAMES, STYLES, trained_styles
+from concept_erase.embedded import embedded_models
 from concept_erase.errors import UserError
 from concept_erase.bench.judging import Judging, judged_images, tier_items
 from concept_erase.bench.memory import memory_table
@@ -50,12 +51,12 @@ def _run_id(label: str, concept: str, seed: int) -> str:
 def bench_model(spec: BenchSpec) -> str:
     """The recipe's model: one of the embedded digits models (the judge knows their world alone)."""
     from concept_erase.config import load_yaml
-    from concept_erase.io.loading import EMBEDDED
 
     model = load_yaml(spec.recipe).get("model") or "builtin:digits"
-    if model not in {f"builtin:{name}" for name in EMBEDDED}:
-        raise UserError(f"{spec.recipe}: the benchmark runs on an embedded digits model "
-                        f"({', '.join(f'builtin:{n}' for n in EMBEDDED)}), not {model!r}: its judge knows that world alone")
+    digits = [f"builtin:{m.name}" for m in embedded_models() if m.judge == "digits"]
+    if model not in digits:
+        raise UserError(f"{spec.recipe}: the benchmark runs on an embedded digits model ({', '.join(digits)}), "
+                        f"not {model!r}: its judge knows that world alone")
     return model
 
 

@@ -60,7 +60,7 @@ def load_network() -> DigitsClassifier:
     """The classifier shipped beside the embedded model."""
     from concept_erase.io.loading import embedded_model_dir
 
-    return DigitsClassifier.from_pretrained(str(embedded_model_dir() / "judge")).eval()
+    return DigitsClassifier.from_pretrained(str(embedded_model_dir("digits") / "judge")).eval()
 
 
 def judge_input(images) -> torch.Tensor:

@@ -104,9 +104,10 @@ def _digits_labels(samples: list[Sample]) -> None:
 
 
 def _digits_only(metric: str, pipe) -> None:
-    from concept_erase.io.loading import is_digits_model
+    from concept_erase.io.loading import embedded_model_of
 
-    if not is_digits_model(pipe):
+    world = embedded_model_of(pipe)
+    if world is None or world.judge != "digits":
         raise UserError(f"the {metric!r} metric judges images of the embedded digits models (builtin:digits, "
                         "builtin:digits-flow); this model is not one of them: use a suite with clip, fid or nudity")
 

@@ -8,46 +8,36 @@ from pathlib import Path
 
 import torch
 
+from concept_erase.embedded import EMBEDDED, EmbeddedModel, embedded_models
 from concept_erase.errors import UserError
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-# the embedded digits models: builtin name -> (folder under concept_erase/digits/, the script that builds it)
-EMBEDDED = {"digits": ("model", "build_digits_model.py"), "digits-flow": ("model-flow", "build_digits_flow_model.py")}
+def embedded_model_dir(name: str) -> Path:
+    """A shipped model's folder (`pipeline/`, its card and build report), refused in one line where it is missing."""
+    model = EMBEDDED.get(name)
+    if not (model.pipeline / "model_index.json").is_file():
+        raise UserError(f"the embedded model builtin:{name} is missing from {model.folder}; rebuild it with "
+                        f"`{model.rebuild}` or reinstall concept-erase")
+    return model.folder
 
 
-def _embedded_path(name: str) -> Path:
-    """Where a shipped digits model's folder is (whether or not it is there)."""
-    return Path(__file__).resolve().parents[1] / "digits" / EMBEDDED[name][0]
-
-
-def embedded_model_dir(name: str = "digits") -> Path:
-    """A shipped digits model's folder (`pipeline/`, its card and build report). The judge of both
-    lives beside the SD model (`digits/model/judge`)."""
-    script = EMBEDDED[name][1]
-    path = _embedded_path(name)
-    if not (path / "pipeline" / "model_index.json").is_file():
-        raise UserError(f"the embedded model builtin:{name} is missing from {path}; rebuild it with "
-                        f"`python scripts/{script}` or reinstall concept-erase")
-    return path
-
-
-def is_digits_model(pipe) -> bool:
-    """Whether the pipeline's denoiser is built as one of the embedded digits models' (every setting of their
-    denoiser's config file, a copy of their folder included): the digits judge and its domain FID mean something
-    only on images of those models."""
+def embedded_model_of(pipe) -> EmbeddedModel | None:
+    """The shipped model whose denoiser the pipeline's is built as (every setting of its denoiser's config file, a
+    copy of its folder included), or None: an embedded model's judge and domain FID mean something only on images
+    of that model."""
     from concept_erase.families.base import family_of
 
     family = family_of(pipe)
     mine = json.loads(json.dumps(dict(family.denoiser(pipe).config), default=list))
-    for name in EMBEDDED:
-        path = _embedded_path(name) / "pipeline" / family.denoiser_name / "config.json"
+    for model in embedded_models():
+        path = model.pipeline / family.denoiser_name / "config.json"
         if path.is_file():
             theirs = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
             if all(mine.get(k) == v for k, v in theirs.items()):
-                return True
-    return False
+                return model
+    return None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -95,7 +85,7 @@ def peek_family(source: str, model_config: str = ""):
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name in EMBEDDED:
-            source = str(_embedded_path(name) / "pipeline")
+            source = str(EMBEDDED.get(name).pipeline)
         else:
             return family_for_class(BUILTINS[name][2]) if name in BUILTINS else None
     for folder in (Path(source).expanduser(), Path(model_config) if model_config else None):
@@ -118,7 +108,7 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
             return load_pipeline(str(embedded_model_dir(name) / "pipeline"), torch_dtype=torch_dtype)
         if name not in BUILTINS:
             raise UserError(f"unknown built-in model {source!r}; the built-in models are "
-                            + ", ".join(f"builtin:{n}" for n in [*EMBEDDED, *BUILTINS]))
+                            + ", ".join(f"builtin:{n}" for n in [*EMBEDDED.names(), *BUILTINS]))
         import concept_erase.io.tiny as tiny
 
         builder, kwargs, _ = BUILTINS[name]

@@ -51,6 +51,7 @@ import math
 import time
 from pathlib import Path
 
+from concept_erase.embedded import embedded_models, embedded_source
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import seed_range
 from concept_erase.variants import BARE, expand
@@ -142,31 +143,17 @@ def check_seeds(config) -> range:
 
 
 def judge_name(config) -> str:
-    """The stop judge of a run: --stop-judge, where auto means the digits judge on the digits models and the
-    erasure signal on any other."""
+    """The stop judge of a run: --stop-judge, where auto means an embedded model's own judge (the digits judge on
+    the digits models) and the erasure signal on any other model."""
     if config.stop_judge != "auto":
         return config.stop_judge
-    return "digits" if _digits_model(config) else "signal"
-
-
-def _digits_model(config) -> bool:
-    """The embedded digits models (SD and flow-matching), by builtin name or by their folder."""
-    from concept_erase.io.loading import EMBEDDED, embedded_model_dir
-
-    if config.model in {f"builtin:{name}" for name in EMBEDDED}:
-        return True
-    for name in EMBEDDED:
-        try:
-            if Path(config.model).expanduser().resolve() == (embedded_model_dir(name) / "pipeline").resolve():
-                return True
-        except (OSError, UserError):
-            continue
-    return False
+    model = embedded_source(config.model)
+    return model.judge if model else "signal"
 
 
 def stop_rule(config):
     """The step hook of --stop-when-erased, by --stop-judge: the erasure signal, or a check by an image judge
-    (auto: the digits judge on the digits models, the signal on any other). A judge that cannot run on this
+    (auto: an embedded model's own judge, the signal on any other model). A judge that cannot run on this
     model is refused here, before anything is loaded or written."""
     name = judge_name(config)
     if config.stop_judge == "auto":
@@ -188,8 +175,9 @@ def check_sides(config, name: str) -> CheckSides:
     judge.load()
     from concept_erase.training.context import prompt_variants
 
-    # the digits judge runs on the digits models only (the set-up refuses any other), whatever their folder
-    return CheckSides(config, judge, prompt_variants(config, digits=name == "digits" or _digits_model(config)))
+    # an embedded model's judge runs on that model only (the set-up refuses any other), whatever its folder
+    world = embedded_source(config.model) or next((m for m in embedded_models() if m.judge == name), None)
+    return CheckSides(config, judge, prompt_variants(config, world))
 
 
 class SignalStop:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from concept_erase import env
+from concept_erase.embedded import EmbeddedModel
 from concept_erase.families.base import Cond
 from concept_erase.training.banks import LatentBank, build_bank, build_caption_bank
 from concept_erase.training.hardware import duration
@@ -13,14 +14,12 @@ from concept_erase.training.original import OriginalModel
 from concept_erase.variants import GENERAL, Variant, check_against_anchors, expand, resolve
 
 
-def prompt_variants(config, digits: bool) -> tuple[list[Variant], list[Variant]]:
+def prompt_variants(config, world: EmbeddedModel | None = None) -> tuple[list[Variant], list[Variant]]:
     """(the concepts' variants, the anchors') that `--concept-variants` asks for, each prompt bare first: `auto` means
-    the world's style phrases on the digits models and the general templates on any other. A variant that holds an
-    anchor word for word is refused."""
-    from concept_erase.digits.world import STYLE_TEMPLATES, takes_style
-
-    templates = resolve(config.concept_variants, STYLE_TEMPLATES if digits else GENERAL)
-    applies = takes_style if digits else None
+    the world's own templates on an embedded model (the style phrases on the digits models) and the general templates
+    on any other. A variant that holds an anchor word for word is refused."""
+    templates = resolve(config.concept_variants, world.templates if world and world.templates else GENERAL)
+    applies = world.takes_template if world and world.templates else None
     concepts = expand(config.concepts, templates, applies)
     check_against_anchors(concepts, config.concepts, config.anchors)
     return concepts, expand(config.anchors, templates, applies)
@@ -34,7 +33,7 @@ class ErasureContext:
                  log=print, variants: tuple[list[Variant], list[Variant]] | None = None):
         self.config = config
         # The prompts the objectives draw: each concept and anchor bare, then inside its templates (--concept-variants)
-        self.concept_variants, self.anchor_variants = variants or prompt_variants(config, digits=False)
+        self.concept_variants, self.anchor_variants = variants or prompt_variants(config)
         self.pipe = pipe
         self.family = family
         self.accelerator = accelerator

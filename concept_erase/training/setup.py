@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from concept_erase import processes
+from concept_erase.embedded import embedded_models
 from concept_erase.errors import UserError
 from concept_erase.families.base import family_of
 from concept_erase.io.digests import tensor_digest
-from concept_erase.io.loading import (cast, check_concept_read, check_schedule_steps, is_digits_model,
+from concept_erase.io.loading import (cast, check_concept_read, check_schedule_steps, embedded_model_of,
                                       training_resolution, warn_long_prompts)
 from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
@@ -93,9 +94,11 @@ def load_model(t) -> None:
     if cfg.stop_when_erased:
         from concept_erase.methods.stopping import judge_name
 
-        if judge_name(cfg) == "digits" and not is_digits_model(pipe):
-            raise UserError("--stop-judge digits judges images of the embedded digits models; this model is not "
-                            "one of them: use --stop-judge signal (any model) or clip")
+        name, world = judge_name(cfg), embedded_model_of(pipe)
+        own = [m.name for m in embedded_models() if m.judge == name]
+        if own and (world is None or world.judge != name):
+            raise UserError(f"--stop-judge {name} judges images of {' and '.join(f'builtin:{n}' for n in own)} only; "
+                            "this model is not one of them: use --stop-judge signal (any model) or clip")
     check_schedule_steps(pipe.scheduler, sampling_steps=cfg.sampling_steps,
                          anchor_inference_steps=cfg.anchor_inference_steps,
                          **({"check_inference_steps": cfg.check_inference_steps} if cfg.stop_when_erased else {}))
@@ -103,7 +106,7 @@ def load_model(t) -> None:
         from concept_erase.training.chain import check_family_and_base
 
         check_family_and_base(t.previous, family, unet)
-    t.variants = prompt_variants(cfg, digits=is_digits_model(pipe))
+    t.variants = prompt_variants(cfg, embedded_model_of(pipe))
     check_concept_read(pipe.tokenizer, t.variants[0], cfg.concepts)
     warn_long_prompts(pipe.tokenizer, [*cfg.concepts, *cfg.anchors, *cfg.remap_to, *cfg.relative_to,
                                        *(v.prompt for side in t.variants for v in side)], t.log)
