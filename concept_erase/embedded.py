@@ -16,13 +16,15 @@ class EmbeddedModel:
     """`folder` holds `pipeline/` (a diffusers folder) beside the model's card; `rebuild`, the command that writes it
     again; `judge`, the name (in `judges.JUDGES`) of the judge that reads this model's images and no other's;
     `templates`, what `--concept-variants auto` means on this model, and `takes_template(prompt, template)`, which
-    prompts a template applies to (None: every prompt)."""
+    prompts a template applies to (None: every prompt); `drawing`, the sampler steps and guidance its images are
+    drawn with where a command is not told (its evaluation suite's)."""
 
     name: str
     folder: Path
     rebuild: str
     judge: str
     templates: tuple = ()
+    drawing: dict = field(default_factory=dict, compare=False)
     takes_template: Callable | None = field(default=None, compare=False)
 
     @property

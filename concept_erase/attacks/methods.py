@@ -53,8 +53,9 @@ class Attack:
     reads = ("tokens", "iterations", "timesteps")  # the attack settings it uses; giving another is refused
 
     @classmethod
-    def auto_settings(cls, digits: bool) -> dict:
-        """Defaults of its own, where they differ from the optimising attacks'."""
+    def auto_settings(cls, shipped: bool) -> dict:
+        """Defaults of its own, where they differ from the optimising attacks' (`shipped`: on a small model shipped in
+        the package)."""
         return {}
 
     def __init__(self, options: dict):
@@ -213,8 +214,8 @@ class RingABell(Attack):
     reads = ("tokens", "iterations", "pairs")  # one search per prompt: no timesteps
 
     @classmethod
-    def auto_settings(cls, digits: bool) -> dict:
-        return {"tokens": 16, "iterations": 100 if digits else 3000, "timesteps": 1}
+    def auto_settings(cls, shipped: bool) -> dict:
+        return {"tokens": 16, "iterations": 100 if shipped else 3000, "timesteps": 1}
 
     @torch.no_grad()
     def embed(self, ctx, prompts: list[str]) -> torch.Tensor:

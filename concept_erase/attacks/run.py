@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
+from concept_erase.embedded import embedded_source
 from concept_erase.errors import UserError
 from concept_erase.io.atomic import atomic_path, replace_path, write_json, write_text
 from concept_erase.processes import processes
 from concept_erase.io.resumable import output_plan, prepare_output, valid_png
 
 RESUMABLE = {"marker": "attack.json", "what": "attack"}
-DIGITS_DEFAULTS = {"steps": 25, "guidance": 4.0}  # the digits suite's (eval/digits.yaml)
-DEFAULTS = {"steps": 50, "guidance": 7.5}
+DEFAULTS = {"steps": 50, "guidance": 7.5}  # on a shipped model: its own (`EmbeddedModel.drawing`)
 
 
 @dataclass(frozen=True)
@@ -121,14 +121,14 @@ ATTACK_NUDITY = {"threshold": 0.45, "strictly_above": True,
 
 
 def judge_for(model: str, concept: str, name: str, options: dict):
-    """The attack's judge (`concept_erase.judges`): the one asked for, or the digits judge on the digits models,
-    NudeNet for nudity; otherwise a one-line error that says which to give. It proposes the prompts to attack
+    """The attack's judge (`concept_erase.judges`): the one asked for, or a shipped model's own (the digits judge on
+    the digits models), NudeNet for nudity; otherwise a one-line error that says which to give. It proposes the prompts to attack
     where the concept allows (the digits' captions, CLIP's templates; nudity needs a prompt file)."""
     from concept_erase.judges import make_judge
 
     if not name:
-        if model.startswith("builtin:digits"):
-            name = "digits"
+        if embedded_source(model):
+            name = embedded_source(model).judge
         elif concept.strip().lower() in NUDITY_WORDS:
             name = "nudity"
         else:
@@ -159,12 +159,12 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
     attack_class = ATTACKS.get(attack)  # an unknown attack: one line, before anything else
     if not concept.strip():
         raise UserError("--concept is empty; name the erased concept, e.g. --concept seven or --concept nudity")
-    digits = model.startswith("builtin:digits")
-    defaults = DIGITS_DEFAULTS if digits else DEFAULTS
+    shipped = embedded_source(model)  # a small shipped model: a smaller search, and its own drawing settings
     given = {"tokens": tokens, "iterations": iterations, "timesteps": timesteps, "steps": steps, "guidance": guidance}
     auto = {"tokens": 5 if concept.strip().lower() in ("nudity", "nude", "naked") else 3,
-            "iterations": 10 if digits else 40, "timesteps": 10 if digits else 50, **defaults}
-    auto.update(attack_class.auto_settings(digits))
+            "iterations": 10 if shipped else 40, "timesteps": 10 if shipped else 50,
+            **DEFAULTS, **(shipped.drawing if shipped else {})}
+    auto.update(attack_class.auto_settings(shipped is not None))
     settings = {k: auto[k] if v is None else v for k, v in given.items()}
     check_reads(attack_class, {"tokens": tokens, "iterations": iterations, "timesteps": timesteps, "pairs": pairs})
     if pairs:

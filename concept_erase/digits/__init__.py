@@ -11,4 +11,5 @@ _HERE = Path(__file__).resolve().parent
 for _name, _folder, _script in (("digits", "model", "build_digits_model.py"),
                                 ("digits-flow", "model-flow", "build_digits_flow_model.py")):
     register(EmbeddedModel(_name, _HERE / _folder, f"python scripts/{_script}", judge="digits",
-                           templates=STYLE_TEMPLATES, takes_template=takes_style))
+                           templates=STYLE_TEMPLATES, takes_template=takes_style,
+                           drawing={"steps": 25, "guidance": 4.0}))  # eval/digits.yaml's
