@@ -69,3 +69,69 @@ def test_the_preservation_loss_targets_the_original_models_prediction(fresh_pipe
 def test_bad_objective_settings(settings, message, make_config):
     with pytest.raises(UserError, match=message):
         make_config(**settings)
+
+
+def test_the_prompt_order_holds_every_prompt_once_in_each_block_and_keeps_no_state():
+    """Numbered over calls, then slots (processes x micro-batches), then rows, each aligned block of `count` draws
+    is every prompt once; a fresh order (a resumed run) draws the same; another seed, another order."""
+    from concept_erase.methods.objectives import PromptOrder
+
+    count, slots, n = 5, 2, 2
+    order = PromptOrder(count, seed=3)
+    drawn = {}
+    for call in range(10):
+        for slot in range(slots):
+            for j, p in enumerate(order.picks(call, (slot, slots), n)):
+                drawn[(call * slots + slot) * n + j] = int(p)
+    assert sorted(drawn) == list(range(40))
+    for block in range(8):
+        assert sorted(drawn[block * count + i] for i in range(count)) == list(range(count))
+    assert [int(p) for p in PromptOrder(count, seed=3).picks(7, (1, slots), n)] == [drawn[30], drawn[31]]
+    other = PromptOrder(count, seed=4)
+    assert [int(p) for c in range(10) for p in other.picks(c, (0, 1), 4)] != \
+        [int(p) for c in range(10) for p in order.picks(c, (0, 1), 4)]
+
+
+def test_a_run_of_several_concepts_draws_each_equally_often(fresh_pipe, make_config, monkeypatch):
+    """Three concepts over twelve forget draws (six steps, two micro-batches): every three draws in a row hold each
+    concept once, and each row's conditioning is its concept's."""
+    from concept_erase.methods.objectives import NegativeGuidance
+
+    trainer = _forget(fresh_pipe, make_config, concepts=["van gogh", "monet", "a cat"], batch_size=1,
+                      gradient_accumulation_steps=2, steps=3, trajectory_refresh=1, trajectory_timesteps=1)
+    forget, drawn = trainer.forget, []
+    real_which, real_batch = NegativeGuidance._which, NegativeGuidance.batch
+
+    def which(self, *args, **kwargs):
+        drawn.append(real_which(self, *args, **kwargs))
+        return drawn[-1]
+
+    def batch(self, *args, **kwargs):
+        out = real_batch(self, *args, **kwargs)
+        expected = self.concepts[drawn[-1]].tensors["encoder_hidden_states"]
+        assert torch.equal(out.cond.tensors["encoder_hidden_states"], expected)
+        return out
+
+    monkeypatch.setattr(NegativeGuidance, "_which", which)
+    monkeypatch.setattr(NegativeGuidance, "batch", batch)
+    for step in range(6):
+        for micro in range(2):
+            trainer._forget_batch(step_generator(0, step, 0, micro), step, 0, micro)
+    order = [int(k) for w in drawn for k in w]
+    assert [sorted(order[i:i + 3]) for i in range(0, 12, 3)] == [[0, 1, 2]] * 4
+    assert len(forget.concepts) == 3
+
+
+def test_the_remap_loss_draws_its_prompts_equally_often(fresh_pipe, make_config):
+    """--forget-loss remap with two concepts: every two draws hold each concept's prompt once (read from the rows'
+    conditioning, marked with the prompt's number)."""
+    from concept_erase.families.base import Cond
+
+    trainer = _forget(fresh_pipe, make_config, concepts=["van gogh", "monet"], forget_loss="remap",
+                      remap_to=["a painting"], method="fixed", batch_size=1)
+    forget = trainer.forget
+    hidden = forget.cond.tensors["encoder_hidden_states"]
+    forget.cond = Cond(encoder_hidden_states=torch.arange(len(hidden)).float()[:, None, None].expand_as(hidden))
+    drawn = [int(forget.batch(step_generator(0, step, 0, 0), 1, step).cond.tensors["encoder_hidden_states"][0, 0, 0])
+             for step in range(8)]
+    assert [sorted(drawn[i:i + 2]) for i in range(0, 8, 2)] == [[0, 1]] * 4

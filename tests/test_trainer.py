@@ -161,7 +161,7 @@ def test_joint_step_gradient_is_that_of_the_two_losses_computed_apart(method, fr
     trainer._setup()
     batches, grads = {}, {}
     forget_batch, retain_batch = trainer.forget.batch, trainer._retain_batch
-    monkeypatch.setattr(trainer.forget, "batch", lambda *a: batches.setdefault("u", forget_batch(*a)))
+    monkeypatch.setattr(trainer.forget, "batch", lambda *a, **kw: batches.setdefault("u", forget_batch(*a, **kw)))
     monkeypatch.setattr(trainer, "_retain_batch", lambda *a: batches.setdefault("r", retain_batch(*a)))
     monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: grads.update(
         {i: p.grad.clone() for i, p in enumerate(trainer.params)}))

@@ -14,6 +14,7 @@ import torch
 from concept_erase.families.base import Cond
 from concept_erase.methods.losses import negative_guidance_target
 from concept_erase.registry import Registry
+from concept_erase.training.seeds import generator
 from concept_erase.variants import SLOT
 
 FORGET_OBJECTIVES: Registry[type] = Registry("forget loss", "--forget-loss")
@@ -73,6 +74,34 @@ def _randint(high: int, size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, high, (size,), generator=gen)
 
 
+ORDER_STREAM = 11  # the seed coordinate of the forget prompts' order (`PromptOrder`)
+
+
+class PromptOrder:
+    """Which prompt each forget draw takes when there are several (concepts, or a concept inside its templates).
+
+    A run's forget draws are numbered over steps, then processes and micro-batches (`slot` of `slots`), then the
+    rows of a call. Each aligned block of `count` consecutive numbers holds every prompt once, in an order drawn
+    for that block from the run's seed, so the prompts are drawn equally often (a uniform draw is balanced only on
+    average). It keeps no state: a resumed run draws the same prompts."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed = count, seed
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def _order(self, block: int) -> torch.Tensor:
+        if block not in self._orders:
+            if len(self._orders) > 64:
+                self._orders.clear()
+            self._orders[block] = torch.randperm(self.count, generator=generator(self.seed, block, ORDER_STREAM))
+        return self._orders[block]
+
+    def picks(self, call: int, slot: tuple[int, int], n: int) -> torch.Tensor:
+        """The prompts of the `n` rows of forget call number `call` (a step, or a trajectory pool) made by `slot`."""
+        first = (call * slot[1] + slot[0]) * n
+        return torch.stack([self._order(p // self.count)[p % self.count] for p in range(first, first + n)])
+
+
 class Objective:
     """Base: an objective's state (tensors that must survive a resume) is empty by default."""
 
@@ -109,6 +138,7 @@ class NegativeGuidance(Objective):
         # same number of prompts for every concept, so a uniform draw is balanced across concepts.
         variants = ctx.concept_variants
         self.concepts = ctx.embed([v.prompt for v in variants])
+        self.order = PromptOrder(len(variants), cfg.seed)
         self.uncond = ctx.embed([""])
         # What the concept is erased relative to: the empty prompt (ESD), or one prompt per concept
         # (a style relative to the same caption without it), inside the same template as the concept.
@@ -137,14 +167,20 @@ class NegativeGuidance(Objective):
     def _start_noise(self, n: int, gen: torch.Generator) -> torch.Tensor:
         return _randn((n, *self.ctx.latent_shape), gen, self.ctx.template) * self.sampler.init_noise_sigma
 
+    def _which(self, gen: torch.Generator, n: int, call: int, slot: tuple[int, int]) -> torch.Tensor:
+        """The prompts of n rows. The uniform draw from the step's generator is always made: with one prompt it is the
+        answer, and with several it keeps the step's later draws where they were, while `PromptOrder` picks."""
+        which = _randint(len(self.concepts), n, gen)
+        return which if len(self.concepts) == 1 else self.order.picks(call, slot, n)
+
     @torch.no_grad()
-    def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
+    def batch(self, gen: torch.Generator, n: int, step: int, slot: tuple[int, int] = (0, 1)) -> RegressionBatch:
         steps = len(self.timesteps)
         if self.refresh <= 1 and self.per_trajectory > 1:
             # n / r trajectories, each giving its latents at r distinct timesteps: one deeper sampling
             # pass instead of r shallower ones.
             r = self.per_trajectory
-            which = _randint(len(self.concepts), n // r, gen)
+            which = self._which(gen, n // r, step, slot)
             picks = torch.randperm(steps, generator=gen)[:r]
             path: list = []  # path[i]: the latents before sampling step i; the last entry after them all
             end = self._denoise(self._start_noise(n // r, gen), self.concepts[which], 0, int(picks.max()), path)
@@ -154,13 +190,13 @@ class NegativeGuidance(Objective):
             cond = self.concepts[which]
             t = self.timesteps[picks.repeat_interleave(n // r)].to(x.device)
         elif self.refresh <= 1:
-            which = _randint(len(self.concepts), n, gen)
+            which = self._which(gen, n, step, slot)
             cond = self.concepts[which]
             k = int(_randint(steps, 1, gen))
             x = self._denoise(self._start_noise(n, gen), cond, 0, k)
         else:
             if step % self.refresh == 0 or "latents" not in self.pool or self.pool["latents"].shape[1] != n:
-                which = _randint(len(self.concepts), n, gen)
+                which = self._which(gen, n, step // self.refresh, slot)
                 cond = self.concepts[which]
                 keep: list = []
                 self._denoise(self._start_noise(n, gen), cond, 0, steps, keep)
@@ -214,10 +250,15 @@ class Remap(_NoisedBank):
         self.bank = ctx.latent_bank(prompts, cfg.concept_images_per_prompt, role="concept")
         self.cond = ctx.embed(prompts)
         self.remap = ctx.embed([v.template.replace(SLOT, targets[v.owner]) for v in variants])
+        self.order = PromptOrder(len(prompts), cfg.seed)
+        self.by_prompt = [torch.nonzero(self.bank.prompt_index == k).flatten() for k in range(len(prompts))]
 
     @torch.no_grad()
-    def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:
+    def batch(self, gen: torch.Generator, n: int, step: int, slot: tuple[int, int] = (0, 1)) -> RegressionBatch:
         idx = _randint(len(self.bank.latents), n, gen)
+        if len(self.by_prompt) > 1:  # the prompt by `PromptOrder`, one of its images by the uniform draw
+            idx = torch.stack([self.by_prompt[int(p)][int(i) % len(self.by_prompt[int(p)])]
+                               for p, i in zip(self.order.picks(step, slot, n), idx)])
         x0 = self.bank.latents[idx]
         prompt = self.bank.prompt_index[idx]
         x_t, t, _ = self._noised(x0, gen)

@@ -111,6 +111,13 @@ class Trainer:
         fresh = self.retain.batch(gen, fresh_n, step)
         return (RegressionBatch.cat([fresh, tail]) if tail is not None else fresh), fresh_n
 
+    def _forget_batch(self, gen, step: int, rank: int, micro: int):
+        """The forget rows of one micro-batch. `slot` numbers it among every process's micro-batches of the step, so
+        that the objective spreads its prompts evenly (`objectives.PromptOrder`)."""
+        k = self.config.gradient_accumulation_steps
+        slot = (rank * k + micro, self.accelerator.num_processes * k)
+        return self.forget.batch(gen, self.config.batch_size, step, slot=slot)
+
     def _sync(self, micro: int):
         """No gradient all-reduce until the last micro-batch."""
         last = micro == self.config.gradient_accumulation_steps - 1
@@ -121,7 +128,7 @@ class Trainer:
         cfg, k, lam = self.config, self.config.gradient_accumulation_steps, self.controller.current()
         for micro in range(k):
             gen = step_generator(cfg.seed, step, rank, micro)
-            fb = self.forget.batch(gen, cfg.batch_size, step)
+            fb = self._forget_batch(gen, step, rank, micro)
             with self._sync(micro):
                 if self.retain is not None:
                     # Both losses from one UNet call: the rows are independent (no batch statistics in
@@ -145,7 +152,7 @@ class Trainer:
         cfg, k, acc, ctl = self.config, self.config.gradient_accumulation_steps, self.accelerator, self.controller
         for micro in range(k):
             gen = step_generator(cfg.seed, step, rank, micro)
-            fb = self.forget.batch(gen, cfg.batch_size, step)
+            fb = self._forget_batch(gen, step, rank, micro)
             with self._sync(micro):
                 self._backward(self._forget_loss(*self._losses(fb, fb), sums) / k)
         # Hand g_u's buffers over (no copy), then let backward make g_r: two gradient vectors at the
