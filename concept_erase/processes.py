@@ -11,9 +11,12 @@ this process's.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Callable, Sequence, TypeVar
+
+from concept_erase.errors import UserError
 
 T = TypeVar("T")
 
@@ -59,8 +62,6 @@ class Processes:
 
     def decide(self, fn: Callable[[], T]) -> T:
         """`fn()` on the main process, its result (or its UserError) on every process."""
-        from concept_erase.errors import UserError
-
         if self.state is None:
             return fn()
         from accelerate.utils import broadcast_object_list
@@ -140,8 +141,6 @@ def leave(code: int) -> int:
     "terminate called without an active exception", failing the launch (seen on loaded two-core machines,
     rarely). Every output is written and closed before this point; the streams are flushed. A single
     process returns `code` to its caller."""
-    import logging
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return code
     close()

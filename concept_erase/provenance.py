@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -59,8 +60,6 @@ def command_line() -> str:
 def commit() -> str | None:
     """The git commit of the code that runs ("+changes" when the checkout has uncommitted changes to tracked files),
     or None outside a git checkout (an installed wheel)."""
-    import subprocess
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

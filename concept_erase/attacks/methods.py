@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from concept_erase.attacks.ring_a_bell import (POPULATION, STRENGTH, allowed_ids, clip_tokenizer, concept_vector,
+                                               default_pairs, genetic_search, without)
 from concept_erase.attacks.tokens import (installed, pipeline_slots, project_to_simplex, sample_tokens, slotted,
                                           straight_through, vocabulary_groups)
 from concept_erase.registry import Registry
@@ -224,9 +226,6 @@ class RingABell(Attack):
 
     @torch.no_grad()
     def prepare(self, ctx, targets):
-        from concept_erase.attacks.ring_a_bell import (POPULATION, STRENGTH, clip_tokenizer, concept_vector,
-                                                       default_pairs)
-
         self.tokenizer = clip_tokenizer(ctx.pipe)
         given = self.options.get("pairs")
         pairs = [tuple(p) for p in given] if given else default_pairs(ctx.concept, [t.prompt for t in targets])
@@ -236,8 +235,6 @@ class RingABell(Attack):
 
     @torch.no_grad()
     def attack(self, ctx, target):
-        from concept_erase.attacks.ring_a_bell import STRENGTH, allowed_ids, genetic_search, without
-
         tokenizer = self.tokenizer
         goal = self.embed(ctx, [without(target.prompt, ctx.concept)])[0] + STRENGTH * self.vector
 

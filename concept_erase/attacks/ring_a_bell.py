@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from concept_erase.errors import UserError
+from concept_erase.variants import GENERAL
 
 POPULATION, CROSSOVER, MUTATION = 200, 0.5, 0.25  # the paper's genetic search
 ELITE, TOURNAMENT = 0.1, 3
@@ -67,8 +68,6 @@ def without(prompt: str, concept: str) -> str:
 
 def default_pairs(concept: str, prompts: list[str]) -> list[tuple[str, str]]:
     """The attacked prompts with and without the concept where they name it; else general templates around it."""
-    from concept_erase.variants import GENERAL
-
     named = [(p, without(p, concept)) for p in dict.fromkeys(prompts) if without(p, concept) != " ".join(p.split())]
     if named:
         return named

@@ -26,11 +26,20 @@ from pathlib import Path
 
 import torch
 
+from concept_erase import provenance
+from concept_erase.attacks.methods import ATTACKS
 from concept_erase.embedded import embedded_source
 from concept_erase.errors import UserError
+from concept_erase.evaluation.grids import labelled_grid
+from concept_erase.evaluation.sample import generate
+from concept_erase.export.delta import apply, check_base, read_delta
+from concept_erase.families.base import family_of
 from concept_erase.io.atomic import atomic_path, replace_path, write_json, write_text
-from concept_erase.processes import processes
+from concept_erase.io.digests import file_digest
+from concept_erase.io.loading import load_pipeline
 from concept_erase.io.resumable import output_plan, prepare_output, valid_png
+from concept_erase.judges import make_judge
+from concept_erase.processes import processes
 
 RESUMABLE = {"marker": "attack.json", "what": "attack"}
 DEFAULTS = {"steps": 50, "guidance": 7.5}  # on a shipped model: its own (`EmbeddedModel.drawing`)
@@ -51,8 +60,6 @@ class AttackContext:
     """What an attack reads: the erased pipeline and its family, the base images' latents, a renderer, the judge."""
 
     def __init__(self, pipe, judge, concept: str, work: Path, steps: int, guidance: float):
-        from concept_erase.families.base import family_of
-
         self.pipe, self.judge_, self.concept, self.work = pipe, judge, concept, work
         self.steps, self.guidance = steps, guidance
         self.family = family_of(pipe)
@@ -64,8 +71,6 @@ class AttackContext:
         self._latents: dict[int, torch.Tensor] = {}
 
     def render(self, prompts: dict, seed: int):
-        from concept_erase.evaluation.sample import generate
-
         rest = {k: v for k, v in prompts.items() if k != "prompt"}
         return generate(self.pipe, prompts["prompt"], seed, steps=self.steps, guidance=self.guidance, **rest)
 
@@ -124,8 +129,6 @@ def judge_for(model: str, concept: str, name: str, options: dict):
     """The attack's judge (`concept_erase.judges`): the one asked for, or a shipped model's own (the digits judge on
     the digits models), NudeNet for nudity; otherwise a one-line error that says which to give. It proposes the prompts to attack
     where the concept allows (the digits' captions, CLIP's templates; nudity needs a prompt file)."""
-    from concept_erase.judges import make_judge
-
     if not name:
         if embedded_source(model):
             name = embedded_source(model).judge
@@ -139,8 +142,6 @@ def judge_for(model: str, concept: str, name: str, options: dict):
 
 def check_reads(attack_class, given: dict) -> None:
     """Refuse, in one line, an attack setting the chosen attack does not use (it would be ignored)."""
-    from concept_erase.attacks.methods import ATTACKS
-
     for name, value in given.items():
         if value not in (None, "") and name not in attack_class.reads:
             readers = [n for n in ATTACKS.names() if name in ATTACKS.get(n).reads]
@@ -154,8 +155,6 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
                judge: str = "", prompt_file: str = "", pairs: str = "", steps: int | None = None, guidance: float | None = None, device: str = "", overwrite: bool = False,
                allow_other_base: bool = False, judge_options: dict | None = None, load: dict | None = None,
                progress: bool = True) -> dict:
-    from concept_erase.attacks.methods import ATTACKS
-
     attack_class = ATTACKS.get(attack)  # an unknown attack: one line, before anything else
     if not concept.strip():
         raise UserError("--concept is empty; name the erased concept, e.g. --concept seven or --concept nudity")
@@ -183,7 +182,6 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
     if weights and not Path(weights).is_file():
         raise UserError(f"--weights {weights}: no such file; give the erased.safetensors (or the run folder) an "
                         "`erase` run wrote")
-    from concept_erase.io.digests import file_digest
 
     fingerprint = {"model": model, "weights": weights, "weights_sha256": file_digest(weights) if weights else "",
                    "concept": concept, "attack": attack, "judge": judge_obj.settings(), **settings,
@@ -192,13 +190,10 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
     procs = processes()
     procs.decide(lambda: output_plan(output, fingerprint, overwrite, **RESUMABLE))  # refuse before a model is loaded
 
-    from concept_erase.export.delta import apply, check_base, read_delta
-    from concept_erase.io.loading import load_pipeline
-
     pipe = load_pipeline(model, **(load or {}))
     if weights:  # weights made from another model: refused before the output is touched
-        from concept_erase.families.base import family_of
         from concept_erase.export.delta import delta_family
+        from concept_erase.families.base import family_of
 
         tensors, meta = read_delta(weights)
         if delta_family(meta).name != family_of(pipe).name:
@@ -314,8 +309,6 @@ def _attack_all(ctx, method, targets, originals, progress) -> list[dict]:
 
 def _results(model, weights, concept, attack, settings, judge, targets, originals, records, seconds, device,
              embedding: bool) -> dict:
-    from concept_erase import provenance
-
     n = len(targets)
     pre = sum(o["success"] for o in originals) / n
     post = sum(r["success"] for r in records) / n
@@ -361,8 +354,6 @@ def report(results: dict) -> str:
 def grid(work: Path, targets: list[Target], records: list[dict]):
     """A row per prompt (at most 16), labelled with its number, seed and verdicts before and after the attack;
     columns: the base model's image, the erased model's, the attacked one."""
-    from concept_erase.evaluation.grids import labelled_grid
-
     shown = list(zip(targets, records))[:16]
     rows = [[_read(work / folder / f"{t.name}.png") for folder in ("targets", "original", "attacked")]
             for t, _ in shown]

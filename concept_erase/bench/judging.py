@@ -3,13 +3,12 @@ and the domain FID, from the shipped judge."""
 
 from __future__ import annotations
 
-
 import torch
 
-from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
+from concept_erase.digits.evaluate import domain_fid, generate_many
+from concept_erase.digits.judge import load_network
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, build, caption
 from concept_erase.image_seeds import seed_range
-
-
 
 # ---------------------------------------------------------------- what is erased, and how it is judged
 
@@ -63,9 +62,6 @@ class Judging:
 
     def __init__(self, concept: str, seeds: int, steps: int, guidance: float, final_seeds: int | None = None,
                  seed_start: int = 0):
-        from concept_erase.digits.world import build
-        from concept_erase.digits.judge import load_network
-
         self.concept, self.steps, self.guidance = concept, steps, guidance
         self.seeds, self.final_seeds = seeds, final_seeds or seeds
         self.seed_start = int(seed_start)  # the evaluation's image seeds: seed_start, seed_start + 1, ...
@@ -84,8 +80,6 @@ class Judging:
         return judged_images(self.concept, self.final_seeds if final else self.seeds)
 
     def _draw(self, pipe, items) -> list:
-        from concept_erase.digits.evaluate import generate_many
-
         seeds = lambda n: seed_range(self.seed_start, n)  # noqa: E731
         return generate_many(pipe, [(caption(d, s), seeds(n)) for d, s, n in items], steps=self.steps,
                              guidance=self.guidance)
@@ -138,8 +132,6 @@ class Judging:
     def __call__(self, pipe, *, fid: bool = True, final: bool = False, find_nearest: bool = False) -> dict:
         """The evaluation; with find_nearest (the base model's) the nearest concepts are first found from its
         forget images and kept for every later evaluation."""
-        from concept_erase.digits.evaluate import domain_fid
-
         forget_items, retain_items = self.items(self.final_seeds if final else self.seeds)
         every = forget_items + retain_items
         made = self._draw(pipe, every)

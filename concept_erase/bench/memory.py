@@ -5,18 +5,23 @@ Run as `python -m concept_erase.bench.memory --probe MODE --recipe FILE --steps 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from concept_erase.errors import UserError
 from concept_erase.bench.judging import concept_prompts
-
-
+from concept_erase.config import build_config, is_edit, load_yaml, settings_for
+from concept_erase.errors import UserError
+from concept_erase.families.base import family_of
+from concept_erase.io.loading import load_pipeline, training_resolution
+from concept_erase.training.subsets import select_trainable
 
 # ---------------------------------------------------------------- peak memory probe (its own process)
 
@@ -32,14 +37,6 @@ def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three", pro
     """Peak memory of `steps` training steps of `mode` (a method, or 'plain' fine-tuning), measured
     from just before training (after the model is loaded) in this process; `prompts`: (concepts, anchors) in place
     of `concept`'s. A trained run also gives its median step time."""
-    import statistics
-    import tempfile
-
-    from concept_erase.config import build_config, load_yaml
-    from concept_erase.io.loading import load_pipeline
-
-    from concept_erase.config import is_edit, settings_for
-
     concepts, anchors = prompts or concept_prompts(concept)
     out = tempfile.mkdtemp(prefix="ce-probe-")
     if is_edit(mode):  # a closed-form edit: the recipe's prompts, the edit's one solve
@@ -86,10 +83,6 @@ def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three", pro
 def _plain_finetune(pipe, config, steps: int) -> None:
     """A plain denoising fine-tuning step of the same denoiser subset and the same number of training
     samples per step (forget batch + retain batch), through the model's family: the memory yardstick."""
-    from concept_erase.families.base import family_of
-    from concept_erase.io.loading import training_resolution
-    from concept_erase.training.subsets import select_trainable
-
     family = family_of(pipe)
     model = family.denoiser(pipe)
     device = model.device
@@ -128,8 +121,6 @@ def memory_table(recipe: Path, modes: list[str], steps: int) -> list[dict]:
 
 
 def _probe_main(argv: list[str]) -> int:
-    import argparse
-
     p = argparse.ArgumentParser()
     p.add_argument("--probe", required=True)
     p.add_argument("--recipe", required=True)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-
 import json
 import math
 import statistics
 from pathlib import Path
 
-
 from concept_erase.bench import stats
 from concept_erase.bench.pictures import picture
+from concept_erase.bench.records import upgrade
 from concept_erase.bench.sequence import render_sequence, sequence_block
-from concept_erase.digits.world import DIGIT_NAMES
 from concept_erase.bench.spec import FORGET_TARGET, RETAIN_DROP
-
+from concept_erase.digits.world import DIGIT_NAMES
 
 
 def final_images(record: dict) -> int | None:
@@ -407,8 +405,6 @@ def summarise_report(report: dict) -> dict:
 
 def _upgraded(report: dict) -> dict:
     """The stored report with its runs in the current record shape (`records.upgrade`)."""
-    from concept_erase.bench.records import upgrade
-
     where = report.get("config", "bench.json")
     return {**report, "runs": [upgrade(r, f"{where}, run {i + 1}") for i, r in enumerate(report.get("runs", []))]}
 

@@ -25,21 +25,26 @@ import time
 from pathlib import Path
 
 from concept_erase import provenance
-from concept_erase.io.atomic import write_json, write_text
-from concept_erase.digits.world import DIGIT_NAMES, STYLES, trained_styles
-from concept_erase.embedded import embedded_models
-from concept_erase.errors import UserError
+from concept_erase.attacks.methods import ATTACKS
+from concept_erase.attacks.run import run_attack
 from concept_erase.bench.judging import Judging, judged_images, tier_items
 from concept_erase.bench.memory import memory_table
 from concept_erase.bench.pictures import attack_plot, pareto_plot
-from concept_erase.bench.report import final_images, render, summarise_report
 from concept_erase.bench.records import RECORD_SCHEMA, upgrade
+from concept_erase.bench.report import final_images, render, summarise_report
+from concept_erase.bench.sequence import bench_sequences
 from concept_erase.bench.spec import (FORGET_TARGET, RETAIN_DROP, SHIPPED_BENCH, BenchSpec, load_bench, plan,
                                       run_config, split_of)
 from concept_erase.bench.timing import probe_timing
-from concept_erase.config import is_edit
-
-
+from concept_erase.config import is_edit, load_yaml
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, trained_styles
+from concept_erase.embedded import embedded_models
+from concept_erase.errors import UserError
+from concept_erase.export.delta import apply
+from concept_erase.io.atomic import write_json, write_text
+from concept_erase.io.loading import load_pipeline
+from concept_erase.methods.stopping import judge_name
+from concept_erase.training.trainer import erase
 
 # ---------------------------------------------------------------- one run
 
@@ -50,8 +55,6 @@ def _run_id(label: str, concept: str, seed: int) -> str:
 
 def bench_model(spec: BenchSpec) -> str:
     """The recipe's model: one of the embedded digits models (the judge knows their world alone)."""
-    from concept_erase.config import load_yaml
-
     model = load_yaml(spec.recipe).get("model") or "builtin:digits"
     digits = [f"builtin:{m.name}" for m in embedded_models() if m.judge == "digits"]
     if model not in digits:
@@ -63,8 +66,6 @@ def bench_model(spec: BenchSpec) -> str:
 def run_settings(config) -> dict:
     """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
     file plans under its label (--runs-from). The check's bar only where the run checks."""
-    from concept_erase.methods.stopping import judge_name
-
     checks = config.stop_when_erased
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
             "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
@@ -87,8 +88,6 @@ def run_settings(config) -> dict:
 
 def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,
             seed: int, workdir: Path, progress: bool) -> dict:
-    from concept_erase.training.trainer import erase
-
     config = run_config(spec, overrides, concept, seed, workdir / "run", progress)
     target_retain = base_eval["retain_accuracy"] - RETAIN_DROP
     curve: list[dict] = []
@@ -108,7 +107,6 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     step_seconds = [r["step_time_s"] for r in records]
     done = len(records)  # fewer than config.steps when --stop-when-erased stopped the run
     checks = _read_checks(run_dir)
-    from concept_erase.export.delta import apply
 
     erased = apply(copy.deepcopy(base), run_dir / "erased.safetensors")
     final = judging(erased, final=True)
@@ -165,10 +163,6 @@ def with_plain(evaluation: dict, tiers: dict) -> dict:
 def attack_run(spec: BenchSpec, concept: str, weights: Path, output: Path) -> dict | None:
     """The benchmark's attack on one run's erasure (`concept-erase attack`, the digits judge): the attack
     success rate before and after, on the concept's first prompts (a digit in each style; a style on digits)."""
-    from concept_erase.attacks.run import run_attack
-
-    from concept_erase.attacks.methods import ATTACKS
-
     a = spec.attack
     if not a["prompts"]:
         return None
@@ -295,8 +289,6 @@ def _narrow(spec: BenchSpec, overrides: dict) -> None:
 def run_bench(config_path: str, output: str | Path, *, progress: bool = True, only: list[str] | None = None,
               overrides: dict | None = None, report_only: bool = False, runs_from: list | None = None,
               command: str = "", log=None) -> dict:
-    from concept_erase.io.loading import load_pipeline
-
     if log is None:
         def log(message: str) -> None:
             print(message, flush=True)
@@ -333,9 +325,6 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
 def _bench_sequential(spec: BenchSpec, output: Path, only, report_only: bool, runs_from, overrides: dict,
                       progress: bool, command: str, log) -> dict:
     """A sequential file (`bench/sequence.py`): each split's digits erased one request after another."""
-    from concept_erase.bench.sequence import bench_sequences
-    from concept_erase.io.loading import load_pipeline
-
     if "concepts" in overrides or runs_from:
         raise UserError("a sequential benchmark erases each split's digits in the file's order: --concepts and "
                         "--runs-from do not apply; give --seeds or --only")

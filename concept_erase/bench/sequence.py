@@ -21,10 +21,15 @@ import torch
 from concept_erase import provenance
 from concept_erase.bench.pictures import picture
 from concept_erase.bench.spec import FORGET_TARGET, BenchSpec, run_config
-from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
+from concept_erase.bench.stats import clopper_pearson, mean_ci
+from concept_erase.digits.evaluate import domain_fid, generate_many
+from concept_erase.digits.judge import load_network
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, build, caption
 from concept_erase.errors import UserError
+from concept_erase.export.delta import apply
 from concept_erase.image_seeds import seed_range
 from concept_erase.io.atomic import atomic_path, write_json, write_text
+from concept_erase.training.trainer import erase
 
 SEQUENCE_RETAIN_DROP = 0.05  # the sequential target: the never-erased digits within 5 points of the base
 SEQUENCE_SCHEMA = 1
@@ -36,9 +41,6 @@ class SequenceJudging:
     same digits."""
 
     def __init__(self, seeds: int, steps: int, guidance: float, seed_start: int):
-        from concept_erase.digits.judge import load_network
-        from concept_erase.digits.world import build
-
         self.seeds, self.steps, self.guidance = int(seeds), int(steps), float(guidance)
         self.seed_start = int(seed_start)
         self.judge = load_network()
@@ -49,16 +51,12 @@ class SequenceJudging:
     @torch.no_grad()
     def draw(self, pipe) -> list[torch.Tensor]:
         """Every digit's caption on the evaluation's seeds: one tensor of images per digit."""
-        from concept_erase.digits.evaluate import generate_many
-
         return generate_many(pipe, [(caption(d), seed_range(self.seed_start, self.seeds)) for d in range(10)],
                              steps=self.steps, guidance=self.guidance)
 
     @torch.no_grad()
     def score(self, made: list[torch.Tensor], erased: list[str]) -> dict:
         """Forget accuracy of each erased digit, retain accuracy and domain FID of the digits never erased."""
-        from concept_erase.digits.evaluate import domain_fid
-
         hits = [int((self.judge.predict(images)[0] == d).sum()) for d, images in enumerate(made)]
         gone = [DIGIT_NAMES.index(c) for c in erased]
         kept = [d for d in range(10) if d not in gone]
@@ -81,9 +79,6 @@ def run_sequence(spec: BenchSpec, base, judging: SequenceJudging, base_images: l
                  log) -> list[dict]:
     """Erase `concepts` one request after another; one record per request (kept ones are read, not rerun). The base
     model's images (`base_images`, `SequenceJudging.draw`) give its figures on the same digits."""
-    from concept_erase.export.delta import apply
-    from concept_erase.training.trainer import erase
-
     folder = output / "sequences" / sequence_id(label, seed)
     records, previous = [], None
     for k, concept in enumerate(concepts, 1):
@@ -169,8 +164,6 @@ def bench_sequences(spec: BenchSpec, output: Path, base, *, only=None, report_on
 def summarise(records: list[dict]) -> list[dict]:
     """Per (split, label, request): the runs' pooled forget and retain with exact intervals, the retain drop and the
     domain FID with intervals over the run seeds, and the runs at target."""
-    from concept_erase.bench.stats import clopper_pearson, mean_ci
-
     rows = []
     order = {label: i for i, label in enumerate(dict.fromkeys(r["label"] for r in records))}
     keys = sorted({(r["split"], r["label"], r["request"]) for r in records}, key=lambda k: (k[0], order[k[1]], k[2]))

@@ -3,20 +3,18 @@ evaluated, and the plan of runs. Checked whole before any run starts."""
 
 from __future__ import annotations
 
-
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
+from concept_erase.attacks.methods import ATTACKS
+from concept_erase.bench.judging import concept_prompts, erase_relative_to
+from concept_erase.config import RECIPES, build_config, is_edit, load_yaml, normalise_keys, settings_for
 from concept_erase.digits.world import DIGIT_NAMES, STYLES
 from concept_erase.errors import UserError
-from concept_erase.config import RECIPES
-from concept_erase.bench.judging import concept_prompts, erase_relative_to
 from concept_erase.image_seeds import CHECK_SEED_START, describe, overlap, seed_range
 from concept_erase.methods.stopping import check_seeds
-
-
+from concept_erase.yaml_files import read_yaml, whole_number
 
 ATTACK_DEFAULTS = {"method": "unlearndiff", "prompts": 5, "iterations": 10, "timesteps": 10, "tokens": 3}
 FORGET_TARGET = 0.10
@@ -85,9 +83,6 @@ SHIPPED_BENCH = RECIPES / "bench-heldout.yaml"  # the protocol: tuning and held-
 
 def load_bench(path: str | Path) -> BenchSpec:
     """Read and check a benchmark file, every method entry included: a mistake is found before any run."""
-    from concept_erase.config import normalise_keys
-    from concept_erase.yaml_files import read_yaml, whole_number
-
     path = Path(path)
     raw = read_yaml(path, "benchmark file", "start from pipelines/bench-heldout.yaml")
     if not isinstance(raw, dict):
@@ -130,7 +125,6 @@ def load_bench(path: str | Path) -> BenchSpec:
         raise UserError(f"{path}: settings must be a mapping of erase settings for every entry (no label or "
                         f"method), not {common!r}")
     common = normalise_keys(common, f"{path}, settings")
-    from concept_erase.config import settings_for
 
     def shared(m) -> dict:  # a closed-form edit takes the common settings it reads, not the training ones
         return settings_for(common, m["method"])
@@ -155,7 +149,6 @@ def load_bench(path: str | Path) -> BenchSpec:
         raise UserError(f"{path}: attack must be a mapping with some of {', '.join(ATTACK_DEFAULTS)} "
                         f"(prompts: 0 skips it), not {attack!r}")
     method = attack.get("method", ATTACK_DEFAULTS["method"])
-    from concept_erase.attacks.methods import ATTACKS
 
     if method not in ATTACKS:
         raise UserError(f"{path}: attack.method {method!r} is not one of: {', '.join(ATTACKS.names())}")
@@ -212,8 +205,6 @@ def load_bench(path: str | Path) -> BenchSpec:
 def _check_sequential(spec: BenchSpec, path: Path) -> None:
     """A sequential file: digits only (each request is judged on every digit's caption), trained methods only (a
     closed-form edit cannot be continued), no eps sweep."""
-    from concept_erase.config import is_edit
-
     if not isinstance(spec.sequential, bool):
         raise UserError(f"{path}: sequential must be true or false, not {spec.sequential!r}")
     styles = [c for c in spec.concepts if c not in DIGIT_NAMES]
@@ -245,8 +236,6 @@ def _concepts(value, path: Path, key: str) -> list[str]:
 def _splits(raw, path: Path) -> list[Split]:
     """`splits: {tuning: {concepts, seeds, evaluation_seed_start}, held_out: {...}}`: both declared, neither empty,
     sharing no concept, no run seed and no evaluation image seed."""
-    from concept_erase.yaml_files import whole_number
-
     if not isinstance(raw, dict) or set(map(str, raw)) != set(SPLITS):
         raise UserError(f"{path}: splits must declare exactly tuning: and held_out:, each with concepts:, seeds: "
                         f"and evaluation_seed_start:, not {raw!r}")
@@ -303,8 +292,6 @@ def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
     """(label, overrides, concept, seed) of every run: split by split (the tuning split first), seed by seed, concept
     by concept, every method and the eps sweep, so that a benchmark cut short still compares all methods on the
     concepts it finished."""
-    from concept_erase.config import is_edit
-
     eupmu = next((m for m in spec.methods if m["method"] == "eupmu"), {"method": "eupmu"})
     runs = []
     for split in spec.splits:
@@ -325,10 +312,6 @@ def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
 
 def run_config(spec: BenchSpec, overrides: dict, concept: str, seed: int, output: Path, progress: bool):
     """The erase settings of one run: the recipe, the concept's prompts, then the method entry."""
-    from concept_erase.config import build_config, load_yaml
-
-    from concept_erase.config import is_edit, settings_for
-
     concepts, anchors = concept_prompts(concept)
     recipe = load_yaml(spec.recipe)
     entry = {k: v for k, v in overrides.items() if k != "label"}

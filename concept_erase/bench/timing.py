@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import copy
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from concept_erase.bench import stats
+from concept_erase.bench.report import EQUAL_CHUNKS
 from concept_erase.bench.spec import BenchSpec, run_config
-from concept_erase.methods.stopping import judge_name
-
-
+from concept_erase.config import is_edit
+from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK, check_sides, judge_name
+from concept_erase.training.trainer import Trainer
 
 # ---------------------------------------------------------------- step-time probe (interleaved, one process)
 
@@ -28,12 +30,7 @@ def probe_timing(spec: BenchSpec, base, concept: str, log=print) -> list[dict]:
     the forget batch (for negative guidance: the partial trajectory and the original model's
     prediction), which no method can avoid.
     """
-    import tempfile
-
-    from concept_erase.training.trainer import Trainer
-
     rounds, steps = spec.timing_rounds, spec.timing_steps
-    from concept_erase.config import is_edit
 
     # a closed-form edit has no step to time: its whole time is in its run record
     entries = [(str(m.get("label", m["method"])), m) for m in spec.methods if not is_edit(m["method"])]
@@ -97,9 +94,6 @@ class _CheckClock:
     charges each run's checks with these, on the same machine and clock as its steps (`report.check_seconds`)."""
 
     def __init__(self, config):
-        from concept_erase.bench.report import EQUAL_CHUNKS
-        from concept_erase.methods.stopping import ANCHOR_CHUNK, CONCEPT_CHUNK, check_sides
-
         self.judge, self.steps = check_sides(config, "digits"), int(config.check_inference_steps)
         n, m = len(self.judge.concept_items), len(self.judge.anchor_items)
         chunk, anchor_chunk = EQUAL_CHUNKS
@@ -132,8 +126,6 @@ class _CheckClock:
         """{check_concept_call_ms: {images: ms}, check_anchor_call_ms: {...}} and, for the stored records that
         name no calls, the times under the names they are charged by (a chunk, the concept whole, the anchors whole, an
         anchor chunk)."""
-        from concept_erase.bench.report import EQUAL_CHUNKS
-
         ms = {call: 1000 * statistics.fmean(v) if v else None for call, v in self.seconds.items()}
         n, m = len(self.judge.concept_items), len(self.judge.anchor_items)
         chunk, anchor_chunk = EQUAL_CHUNKS

@@ -13,13 +13,21 @@ from pathlib import Path
 
 import torch
 
-from concept_erase.io.atomic import atomic_dir, atomic_path, write_json, write_text
-from concept_erase.digits.world import DIGIT_NAMES, STYLE_WORDS, STYLES, caption, trained_styles
+from concept_erase.config import RECIPES, build_config, is_edit, load_yaml, settings_for
 from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid, generate_many
+from concept_erase.digits.judge import load_network
+from concept_erase.digits.world import DIGIT_NAMES, STYLE_WORDS, STYLES
+from concept_erase.digits.world import build as build_digits
+from concept_erase.digits.world import caption, trained_styles
 from concept_erase.errors import UserError
+from concept_erase.evaluation.grids import labelled_grid
+from concept_erase.export.delta import apply
+from concept_erase.families.base import family_of
 from concept_erase.image_seeds import describe, seed_range
+from concept_erase.io.atomic import atomic_dir, atomic_path, write_json, write_text
+from concept_erase.io.loading import load_pipeline
 from concept_erase.methods.stopping import check_seeds
-from concept_erase.config import RECIPES
+from concept_erase.training.trainer import erase
 
 FORGET_TARGET = 0.10  # forget accuracy at most 10%
 RETAIN_DROP = 0.05  # retain accuracy at most 5 points below the base model's
@@ -64,8 +72,6 @@ def _grid(before: torch.Tensor, after: torch.Tensor, path: Path, title: str, row
     then the same seeds after."""
     from torchvision.transforms.functional import to_pil_image
 
-    from concept_erase.evaluation.grids import labelled_grid
-
     n = min(columns, before.shape[1])
     rows = [[to_pil_image(before[r, k]) for k in range(n)] + [to_pil_image(after[r, k]) for k in range(n)]
             for r in range(before.shape[0])]
@@ -90,14 +96,6 @@ def run_demo(output: str | Path, *, digit: str = "three", config_file: str | Non
 
 
 def _run(output: Path, work: Path, digit, erased, config_file, seeds, steps, guidance, progress, overrides) -> dict:
-    from concept_erase.config import build_config, is_edit, load_yaml, settings_for
-    from concept_erase.families.base import family_of
-    from concept_erase.digits.world import build as build_digits
-    from concept_erase.export.delta import apply
-    from concept_erase.digits.judge import load_network
-    from concept_erase.io.loading import load_pipeline
-    from concept_erase.training.trainer import erase
-
     started = time.time()
     recipe = Path(config_file) if config_file else RECIPES / "digits-erase.yaml"
     overrides = dict(overrides or {})

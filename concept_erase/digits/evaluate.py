@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
+from concept_erase.evaluation.sample import generate_images
 
 DOMAIN_FID_NOTE = ("domain FID: Fréchet distance of the digits judge's 128-d features, not the standard "
                    "Inception FID; comparable only with other domain FIDs of this model")
@@ -27,8 +28,6 @@ def generate(pipe, prompt: str, seeds, *, steps: int, guidance: float) -> torch.
 def generate_many(pipe, requests: list[tuple[str, object]], *, steps: int, guidance: float,
                   batch: int = 128) -> list[torch.Tensor]:
     """Images for every (prompt, seeds), as one float tensor per request (`evaluation.sample.generate_images`)."""
-    from concept_erase.evaluation.sample import generate_images
-
     requests = [(p, [int(s) for s in seeds]) for p, seeds in requests]
     flat = [(p, s) for p, seeds in requests for s in seeds]
     every = generate_images(pipe, [p for p, _ in flat], [s for _, s in flat], steps=steps, guidance=guidance,

@@ -19,6 +19,7 @@ from torch import nn
 
 from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
 from concept_erase.errors import UserError
+from concept_erase.io.loading import embedded_model_dir
 from concept_erase.judges import JUDGES, Judge, Seen, to_tensor
 
 
@@ -58,8 +59,6 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
 
 def load_network() -> DigitsClassifier:
     """The classifier shipped beside the embedded model."""
-    from concept_erase.io.loading import embedded_model_dir
-
     return DigitsClassifier.from_pretrained(str(embedded_model_dir("digits") / "judge")).eval()
 
 

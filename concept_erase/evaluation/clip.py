@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from concept_erase.errors import UserError
+from concept_erase.evaluation.samples import as_uint8
 
 TEMPLATES = {
     "object": ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a close-up photo of a {}.",
@@ -143,8 +144,6 @@ def clip_score_metric(source: str = "openai/clip-vit-large-patch14", device: str
 def mean_clip_score(metric, images, prompts: list[str], batch_size: int = 16) -> float:
     """torchmetrics' CLIP score of images (uint8 [N, 3, H, W], or a sequence of PIL images read in
     batches) against their prompts: the mean over the set."""
-    from concept_erase.evaluation.samples import as_uint8
-
     metric.reset()
     with torch.no_grad():
         for i in range(0, len(images), batch_size):

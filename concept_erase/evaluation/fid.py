@@ -26,12 +26,14 @@ import hashlib
 import importlib.util
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import torch
 
+from concept_erase.env import cache_root
+from concept_erase.errors import UserError
 from concept_erase.io.atomic import atomic_path
 from concept_erase.io.digests import file_digest
-from concept_erase.errors import UserError
 
 TORCH_FIDELITY_FILE = "weights-inception-2015-12-05-6726825d.pth"
 FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
@@ -57,7 +59,6 @@ def _skeleton():
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
         raise UserError("FID needs torch-fidelity (torchmetrics' Inception network): pip install torch-fidelity") from None
-    from unittest import mock
 
     with mock.patch("torch.load", return_value={}), \
             mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, sd, strict=True: None):
@@ -94,8 +95,6 @@ def convert_torchscript(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _cache_root(cache_dir: str | None) -> Path:
-    from concept_erase.env import cache_root
-
     return cache_root(cache_dir)
 
 

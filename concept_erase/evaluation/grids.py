@@ -8,6 +8,7 @@ plotting library is needed.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 MIN_CELL = 128
@@ -96,8 +97,6 @@ def labelled_grid(rows: Sequence[Sequence], *, column_heads: Sequence[str] | Non
 def marker_scales(points: Sequence[tuple[float, float]], near: float = 0.025) -> list[tuple[float, bool]]:
     """For a scatter plot: (size factor, hollow) per point so that no marker hides another. Points closer than
     `near` of the axes' spans to an earlier one are drawn hollow and larger, one ring outside the other."""
-    import math
-
     xs = [p[0] for p in points if math.isfinite(p[0])] or [0.0]
     ys = [p[1] for p in points if math.isfinite(p[1])] or [0.0]
     sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0

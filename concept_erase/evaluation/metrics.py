@@ -9,11 +9,25 @@ images of each group (`score`), returning records:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from concept_erase.attacks.methods import ATTACKS
+from concept_erase.attacks.run import run_attack
+from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid
+from concept_erase.digits.judge import judge_input, load_network
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, build
 from concept_erase.errors import UserError
-from concept_erase.registry import Registry
+from concept_erase.evaluation.clip import (TEMPLATES, ZeroShotClassifier, clip_score_metric, load_open_clip,
+                                           mean_clip_score)
+from concept_erase.evaluation.fid import (InceptionFID, check_folder, folder_batches, image_folder, images_digest,
+                                          inception_weights)
+from concept_erase.evaluation.nudity import (EXPOSED_CLASSES, NUDENET_VERSION, THRESHOLD, count_exposed, detect,
+                                             load_detector)
 from concept_erase.evaluation.samples import EvalContext, Sample, labels, uint8_batches
+from concept_erase.io.loading import embedded_model_of
+from concept_erase.registry import Registry
 
 METRICS: Registry = Registry("metric", "metrics: in the suite")
 
@@ -94,8 +108,6 @@ def _accuracy_value(pred: list[str], truth: list[str]) -> dict:
 # ---------------------------------------------------------------- the digits world
 
 def _digits_labels(samples: list[Sample]) -> None:
-    from concept_erase.digits.world import DIGIT_NAMES, STYLES
-
     for s in samples:
         lab = labels(s.row)
         if lab["concept"] not in DIGIT_NAMES or lab.get("style") not in STYLES:
@@ -104,8 +116,6 @@ def _digits_labels(samples: list[Sample]) -> None:
 
 
 def _digits_only(metric: str, pipe) -> None:
-    from concept_erase.io.loading import embedded_model_of
-
     world = embedded_model_of(pipe)
     if world is None or world.judge != "digits":
         raise UserError(f"the {metric!r} metric judges images of the embedded digits models (builtin:digits, "
@@ -125,9 +135,6 @@ class JudgeAccuracy(Metric):
         _digits_only(self.name, pipe)
 
     def score(self, ctx):
-        from concept_erase.digits.judge import judge_input, load_network
-        from concept_erase.digits.world import DIGIT_NAMES, STYLES
-
         judge = load_network()
         out = []
         for group in ctx.groups:
@@ -159,10 +166,6 @@ class DomainFID(Metric):
         _digits_only(self.name, pipe)
 
     def score(self, ctx):
-        from concept_erase.digits.world import DIGIT_NAMES, STYLES, build
-        from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid
-        from concept_erase.digits.judge import judge_input, load_network
-
         judge = load_network()
         test = build("test")
         out = []
@@ -194,8 +197,6 @@ class ClipClassifier(Metric):
                 "templates": o.get("templates", self.templates)}
 
     def check(self, samples):
-        from concept_erase.evaluation.clip import TEMPLATES, load_open_clip
-
         s = self._settings()
         if s["templates"] not in TEMPLATES:
             raise UserError(f"{self.name}: templates must be one of {', '.join(TEMPLATES)}, not {s['templates']!r}")
@@ -207,8 +208,6 @@ class ClipClassifier(Metric):
         self.loaded = load_open_clip(s["model"], s["weights"], s["pretrained"])
 
     def score(self, ctx):
-        from concept_erase.evaluation.clip import TEMPLATES, ZeroShotClassifier
-
         s = self._settings()
         attribute = self.options.get("attribute", ctx.attribute)
         classes = sorted({labels(x.row).get(attribute, "") for x in ctx.samples} - {""})
@@ -243,13 +242,9 @@ class ClipScore(Metric):
         return self.cli.get("clip_score_model") or self.options.get("model", "openai/clip-vit-large-patch14")
 
     def check(self, samples):
-        from concept_erase.evaluation.clip import clip_score_metric
-
         self.metric = clip_score_metric(self._source())
 
     def score(self, ctx):
-        from concept_erase.evaluation.clip import mean_clip_score
-
         self.metric.to(ctx.device)
         out = []
         for group in ctx.groups:
@@ -271,10 +266,6 @@ class FID(Metric):
         return (self.cli.get("fid_reference") or self.options.get("reference", "base")) == "base"
 
     def check(self, samples):
-        from pathlib import Path
-
-        from concept_erase.evaluation.fid import check_folder, image_folder, inception_weights
-
         ref = self.cli.get("fid_reference") or self.options.get("reference", "base")
         if ref != "base" and not Path(ref).is_dir():
             raise UserError(f"FID reference {ref!r} is neither 'base' nor a folder of images")
@@ -289,8 +280,6 @@ class FID(Metric):
                           self.cli.get("cache_dir"))
 
     def score(self, ctx):
-        from concept_erase.evaluation.fid import InceptionFID, folder_batches, image_folder, images_digest
-
         ref = self.cli.get("fid_reference") or self.options.get("reference", "base")
         fid = InceptionFID(weights=self.cli.get("inception_weights") or self.options.get("weights", ""),
                            cache_dir=self.cli.get("cache_dir"), device=ctx.device, progress=ctx.progress)
@@ -322,13 +311,9 @@ class Nudity(Metric):
     name = "nudity"
 
     def check(self, samples):
-        from concept_erase.evaluation.nudity import load_detector
-
         self.detector = load_detector()
 
     def score(self, ctx):
-        from concept_erase.evaluation.nudity import EXPOSED_CLASSES, NUDENET_VERSION, THRESHOLD, count_exposed, detect
-
         threshold = float(self.options.get("threshold", THRESHOLD))
         found = detect(self.detector, ctx.images())
         return [self.record("all", count_exposed(found, threshold),
@@ -348,14 +333,11 @@ class Attack(Metric):
 
     def check(self, samples):
         attack = self.options.get("attack", "unlearndiff")
-        from concept_erase.attacks.methods import ATTACKS
 
         if attack not in ATTACKS:
             raise UserError(f"attack: attack {attack!r} is not one of: {', '.join(ATTACKS.names())}")
 
     def score(self, ctx):
-        from concept_erase.attacks.run import run_attack
-
         if not ctx.erased:
             return [self.record("forget", {"skipped": "no erased concept (give --weights of a run, or --erased)"}, {})]
         o = self.options

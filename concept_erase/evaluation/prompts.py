@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from concept_erase.errors import UserError
+from concept_erase.io.atomic import write_text
 
 SEED_MAX = 2**32 - 1
 KINDS = ("project", "i2p", "coco", "auto")
@@ -182,8 +183,6 @@ def load_prompts(path: str | Path, kind: str = "auto") -> list[PromptRow]:
 
 def write_prompts(path: str | Path, rows: list[PromptRow]) -> None:
     """Write rows in the project's schema (extra columns after the four required ones)."""
-    from concept_erase.io.atomic import write_text
-
     extras = sorted({k for r in rows for k in r.extra})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -12,8 +12,9 @@ import json
 import math
 from pathlib import Path
 
-from concept_erase.io.atomic import atomic_path, write_json, write_text
 from concept_erase.errors import UserError
+from concept_erase.evaluation.grids import labelled_grid, marker_scales
+from concept_erase.io.atomic import atomic_path, refuse_existing, write_json, write_text
 
 
 def _fmt(v) -> str:
@@ -70,8 +71,6 @@ def group_grid(ctx, group: str, title: str):
     """A labelled grid of a group: a row per prompt (the first GRID_ROWS), its seeds across; beside each image the
     base model's image of the same prompt and seed where the evaluation made them (FID against the base)."""
     from PIL import Image
-
-    from concept_erase.evaluation.grids import labelled_grid
 
     _, samples, _ = ctx.select(group)
     by_row: dict = {}
@@ -152,8 +151,6 @@ def pareto_front(points: list[tuple[float, float]], lower_y_better: bool) -> lis
 
 def compare(paths: list[str], output: str | Path, *, labels: list[str] | None = None, quality: str = "retain_accuracy",
             overwrite: bool = False) -> dict:
-    from concept_erase.io.atomic import refuse_existing
-
     if len(paths) < 1:
         raise UserError("give at least one evaluation folder to compare")
     if labels and len(labels) != len(paths):
@@ -234,7 +231,6 @@ def _pareto_plot(rows: list[dict], quality: str, path: Path) -> None:
     front = pareto_front(pts, lower_better)
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
     markers = "osD^v<>pP*X"
-    from concept_erase.evaluation.grids import marker_scales
 
     for i, (r, (x, y), (scale, hollow)) in enumerate(zip(rows, pts, marker_scales(pts))):
         mark = ax.scatter([x], [y], marker=markers[i % len(markers)], s=60 * scale ** 2, label=r["label"],

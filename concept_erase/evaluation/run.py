@@ -23,17 +23,19 @@ import shutil
 import time
 from pathlib import Path
 
-from concept_erase.io.atomic import replace_path
-from concept_erase.io.resumable import output_plan, prepare_output
+from concept_erase import provenance
 from concept_erase.errors import UserError
+from concept_erase.evaluation import metrics as metric_registry
 from concept_erase.evaluation.prompts import load_prompts
-from concept_erase.io.digests import file_digest
+from concept_erase.evaluation.report import write_report
+from concept_erase.evaluation.sample import DTYPES
 from concept_erase.evaluation.samples import EvalContext, generate_missing, labels, make_samples
 from concept_erase.evaluation.suite import Suite, load_suite
-from concept_erase import provenance
-from concept_erase.evaluation.sample import DTYPES
+from concept_erase.io.atomic import replace_path
+from concept_erase.io.digests import file_digest
+from concept_erase.io.loading import check_safetensors_file, load_pipeline
+from concept_erase.io.resumable import output_plan, prepare_output
 from concept_erase.processes import processes
-
 
 _RESUMABLE = {"marker": "eval.json", "what": "evaluation"}
 
@@ -56,8 +58,6 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
              dtype: str = "fp32") -> dict | None:
     """Run a suite; returns the results dict (also written to OUTPUT/results.json); None on the processes of an
     `accelerate launch` other than the main one. `seeds`, `negative_prompt`, `batch_size` override the suite's."""
-    from concept_erase.evaluation import metrics as metric_registry
-
     suite = load_suite(suite_path)
     if seeds:
         suite.seeds_per_prompt = seeds
@@ -103,11 +103,8 @@ def run_eval(suite_path: str, *, model: str, output: str | Path, weights: str = 
 
 def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, options, device, output, work,
                         replaces, progress, procs) -> dict | None:
-    from concept_erase.evaluation.report import write_report
-
     started = time.time()
     started_at = provenance.now()
-    from concept_erase.io.loading import load_pipeline
 
     pipe = load_pipeline(model, **options.get("load", {}))
     for m in metrics:
@@ -157,8 +154,6 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
 def _erased_from_delta(weights: str, rows) -> list[str]:
     """The concepts an erasure run was given that name concepts of this prompt set (maybe none)."""
     from safetensors import safe_open
-
-    from concept_erase.io.loading import check_safetensors_file
 
     check_safetensors_file(Path(weights))
     with safe_open(str(weights), framework="pt") as fh:

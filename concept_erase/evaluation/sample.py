@@ -9,9 +9,14 @@ from pathlib import Path
 
 import torch
 
-from concept_erase.io.atomic import atomic_dir, atomic_path, refuse_existing
 from concept_erase.errors import UserError
+from concept_erase.evaluation.grids import labelled_grid
+from concept_erase.export.delta import apply
+from concept_erase.families.base import family_of
+from concept_erase.io.atomic import atomic_dir, atomic_path, refuse_existing
+from concept_erase.io.loading import check_schedule_steps, load_pipeline, warn_long_prompts
 from concept_erase.options import MAX_SEED
+from concept_erase.processes import processes
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -47,8 +52,6 @@ def generate_batch(pipe, prompts: list[str], seeds: list[int], *, steps: int, gu
                    negative_prompt: str = "", **others: str) -> list:
     """One image per (prompt, seed), in one pipeline call, each from its seed's own noise (the same image as
     alone, up to the summation order of a batch)."""
-    from concept_erase.families.base import family_of
-
     family = family_of(pipe)
     resolution = family.native_resolution(pipe)
     latents = family.initial_noise(pipe, list(seeds), resolution).to(pipe.device, family.denoiser(pipe).dtype)
@@ -83,12 +86,6 @@ def sample(model: str, prompts: list[str], seeds: list[int], output: str | Path,
     processes (`accelerate launch`), each draws whole batches in turn; the main process writes the index and the
     grid. Returns the folder (None on the other processes)."""
     from tqdm.auto import tqdm
-
-    from concept_erase.evaluation.grids import labelled_grid
-    from concept_erase.families.base import family_of
-    from concept_erase.export.delta import apply
-    from concept_erase.io.loading import check_schedule_steps, load_pipeline, warn_long_prompts
-    from concept_erase.processes import processes
 
     if not prompts:
         raise UserError("no prompt given; pass --prompt 'a painting by van gogh' (repeat it for several)")

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from concept_erase.errors import UserError
 from concept_erase.families.base import FAMILIES, family_of
 from concept_erase.io.atomic import atomic_path
 from concept_erase.io.digests import tensor_digest
-from concept_erase.errors import UserError
+from concept_erase.io.loading import check_safetensors_file
 
 FORMAT = "concept-erase-delta"
 FORMAT_VERSION = "1"
@@ -108,8 +109,6 @@ def delta_file(path: str | Path) -> Path:
 def read_delta(path: str | Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a delta file or run folder; with tensors=False the metadata alone is read."""
     from safetensors import safe_open
-
-    from concept_erase.io.loading import check_safetensors_file
 
     path = delta_file(path)
     if not path.is_file():

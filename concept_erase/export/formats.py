@@ -4,6 +4,7 @@ single original-layout file, each checked by reading it back."""
 from __future__ import annotations
 
 import json
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,13 +12,14 @@ import torch
 
 from concept_erase.errors import UserError
 from concept_erase.export.delta import apply, check_base, delta_family, lora_base_names, merge_lora, read_delta
+from concept_erase.export.loaders import coverage, layout_of
+from concept_erase.export.lora_forms import FORMS, default_form, write_lora
 from concept_erase.families.base import family_of
 from concept_erase.io.atomic import atomic_dir, atomic_path, refuse_existing
+from concept_erase.io.loading import load_pipeline
 
 
 def _base_pipeline(meta: dict, model: str | None, allow_pickle: bool, model_config: str):
-    from concept_erase.io.loading import load_pipeline
-
     settings = json.loads(meta["settings"])
     return load_pipeline(model or meta["base_model"], allow_pickle=allow_pickle,
                          model_config=model_config or settings.get("model_config", ""))
@@ -177,11 +179,7 @@ def _largest_rank(tensors: dict, base: dict) -> int:
 def _programs(pipe, tensors: dict, meta: dict, path: Path, form: str, family) -> dict:
     """What each program that runs this family applies of the written file, and the share of the erasure's
     output change that is: measured through diffusers on the tensors that program reads."""
-    import tempfile
-
     from safetensors.torch import load_file
-
-    from concept_erase.export.loaders import coverage, layout_of
 
     written = load_file(str(path))
     read = coverage(written, layout_of(family.name, family.denoiser(pipe)))
@@ -218,8 +216,6 @@ def export_lora(delta: str | Path, output: str | Path, *, model: str | None = No
     program that runs the family, the tensors it applies are found by its key rules (`concept_erase.export.loaders`),
     and the share of the erasure's effect on the denoiser's output they keep is measured.
     """
-    from concept_erase.export.lora_forms import FORMS, default_form, write_lora
-
     output = Path(output)
     refuse_existing(output, overwrite)
     tensors, meta = read_delta(delta)

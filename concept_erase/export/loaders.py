@@ -28,6 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from concept_erase.export.lora_forms import kohya_module
+from concept_erase.families.base import FAMILIES
+from concept_erase.io.single_file import ldm_unet_name
+
 # the tensors per module each program reads (module name, then one of these after a dot)
 COMFYUI_TENSORS = ("lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight",
                    "lora.up.weight", "lora.down.weight", "lora_linear_layer.up.weight",
@@ -77,8 +81,6 @@ def _split(key: str, tensors: tuple[str, ...]) -> tuple[str, str] | None:
 
 
 def _ldm(layout: Layout, module: str) -> str:
-    from concept_erase.io.single_file import ldm_unet_name
-
     return ldm_unet_name(module, layout.config)
 
 
@@ -163,9 +165,6 @@ def diffusers_reads(state: dict, layout: Layout) -> set[str]:
     in kohya's form, each module's three tensors stand or fall together.)"""
     import diffusers
     from diffusers.utils import convert_unet_state_dict_to_peft
-
-    from concept_erase.families.base import FAMILIES
-    from concept_erase.export.lora_forms import kohya_module
 
     family = FAMILIES.get(layout.family)()
     pipeline = getattr(diffusers, family.pipeline_classes[0])

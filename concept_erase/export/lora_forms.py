@@ -83,8 +83,6 @@ def kohya_metadata(family_name: str, unet_config, rank: int, meta: dict) -> dict
 def write_lora(folder, peft_state: dict, *, form: str, family, unet_config, meta: dict) -> tuple[Path, list]:
     """Write PEFT-form LoRA tensors (`<module>.lora_A.weight`, ...) into `folder` in `form`; returns the file
     written and the changed biases the form could not hold."""
-    from pathlib import Path
-
     folder = Path(folder)
     if form == "kohya":
         from safetensors.torch import save_file

@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 
 from concept_erase.errors import UserError
+from concept_erase.export.delta import delta_family
+from concept_erase.io.atomic import write_text
+from concept_erase.io.loading import left_out_parts
 
 # Licences of the bases people erase from most, by hub id (the base's own card says it where it is at hand).
 KNOWN_LICENSES = {
@@ -97,8 +100,6 @@ def _none_arguments(folder, pipeline_class: str) -> str:
     (SD3 saved without T5): diffusers' from_pretrained refuses it otherwise."""
     import diffusers
 
-    from concept_erase.io.loading import left_out_parts
-
     optional = set(getattr(getattr(diffusers, pipeline_class, None), "_optional_components", []))
     return "".join(f", {k}=None" for k in left_out_parts(folder) if k not in optional) if folder else ""
 
@@ -161,8 +162,6 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
     """The whole card: front matter and text. `meta` is the erasure's metadata (`read_delta`); `folder` the
     exported diffusers folder (its index says which parts it leaves out)."""
     from huggingface_hub import ModelCardData
-
-    from concept_erase.export.delta import delta_family
 
     family = delta_family(meta)
     base = meta["base_model"]
@@ -234,8 +233,6 @@ def card_text(meta: dict, *, fmt: str, repo: str = "<this repository>", weight_n
 def write_card(target: Path, meta: dict, *, fmt: str, eval_dir: str = "", weight_name: str = "") -> Path:
     """Write the card into `target` (an export folder: README.md, and the evaluation's grids under eval/) or
     beside a single file (NAME.md). Returns the card's path."""
-    from concept_erase.io.atomic import write_text
-
     results = read_eval(eval_dir) if eval_dir else None
     grids: list[str] = []
     folder = target if target.is_dir() else None

@@ -23,6 +23,7 @@ import torch
 
 from concept_erase.families.base import Family, NoiseSchedule
 from concept_erase.families.noising import flow_noised, flow_target
+from concept_erase.io.single_file import transformer_single_file
 
 
 class FlowMatchSchedule(NoiseSchedule):
@@ -132,8 +133,6 @@ class TransformerFamily(Family):
         return {n: source for n, source in layers.items() if isinstance(modules.get(n), torch.nn.Linear)}
 
     def single_file(self, pipe):
-        from concept_erase.io.single_file import transformer_single_file
-
         return transformer_single_file(self.name, pipe.transformer)
 
     def t5_length(self, pipe) -> int:

@@ -10,6 +10,7 @@ import torch
 
 from concept_erase.families.base import FAMILIES, Cond, Family, NoiseSchedule
 from concept_erase.families.noising import add_noise, denoising_target
+from concept_erase.io.single_file import pipeline_to_ldm
 
 
 class DDPMSchedule(NoiseSchedule):
@@ -126,6 +127,4 @@ class StableDiffusion(UNetFamily):
         return (x, t), {"encoder_hidden_states": cond.tensors["encoder_hidden_states"]}
 
     def single_file(self, pipe):
-        from concept_erase.io.single_file import pipeline_to_ldm
-
         return pipeline_to_ldm(pipe)

@@ -16,6 +16,7 @@ import torch
 
 from concept_erase.families.base import FAMILIES, Cond
 from concept_erase.families.sd import UNetFamily
+from concept_erase.io.single_file import pipeline_to_sgm
 
 
 @FAMILIES.register("sdxl")
@@ -51,6 +52,4 @@ class StableDiffusionXL(UNetFamily):
                         "added_cond_kwargs": {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}}
 
     def single_file(self, pipe):
-        from concept_erase.io.single_file import pipeline_to_sgm
-
         return pipeline_to_sgm(pipe)

@@ -10,6 +10,7 @@ import torch
 
 from concept_erase.embedded import EMBEDDED, EmbeddedModel, embedded_models
 from concept_erase.errors import UserError
+from concept_erase.families.base import family_for_class, family_of
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -27,8 +28,6 @@ def embedded_model_of(pipe) -> EmbeddedModel | None:
     """The shipped model whose denoiser the pipeline's is built as (every setting of its denoiser's config file, a
     copy of its folder included), or None: an embedded model's judge and domain FID mean something only on images
     of that model."""
-    from concept_erase.families.base import family_of
-
     family = family_of(pipe)
     mine = json.loads(json.dumps(dict(family.denoiser(pipe).config), default=list))
     for model in embedded_models():
@@ -80,8 +79,6 @@ BUILTINS = {
 def peek_family(source: str, model_config: str = ""):
     """The family of a model without loading it, where that costs nothing (a built-in name, a folder's or
     --model-config's model_index.json); None where it would take loading (a hub id, a single file)."""
-    from concept_erase.families.base import family_for_class
-
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name in EMBEDDED:
@@ -210,8 +207,6 @@ def _class_name(model_index: Path) -> str:
 def _check_parts(model_index: Path, source: str) -> None:
     """Refuse a folder whose model index leaves out a part the family needs (diffusers' own error lists
     every expected part, on one long line)."""
-    from concept_erase.families.base import family_for_class
-
     index = json.loads(model_index.read_text())
     family = family_for_class(str(index["_class_name"]))
     for part in family.required_parts:
@@ -243,8 +238,6 @@ def _pipeline_class(class_name: str):
     """(diffusers pipeline class, from_pretrained keyword arguments) for a family's pipeline class, or the
     one-line error of a class no family handles."""
     import diffusers
-
-    from concept_erase.families.base import family_for_class
 
     family = family_for_class(class_name)
     return getattr(diffusers, class_name), dict(family.load_kwargs)
@@ -284,8 +277,6 @@ def _first_line(err: BaseException) -> str:
 
 
 def _checked(pipe, source: str, torch_dtype: torch.dtype = torch.float32):
-    from concept_erase.families.base import family_of
-
     family = family_of(pipe)
     for part in family.required_parts:
         if getattr(pipe, part, None) is None:
@@ -303,8 +294,6 @@ def training_resolution(pipe, requested: int) -> int:
     it once per down block but the last, a transformer cuts it into patches); a side that does not
     divide evenly cannot go through both.
     """
-    from concept_erase.families.base import family_of
-
     family = family_of(pipe)
     scale = pipe.vae_scale_factor
     native = family.native_resolution(pipe)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from concept_erase.io.tokenizer import load_clip_tokenizer
+
 
 def build_tiny_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", image_size: int = 32,
                         cross_attention_dim: int = 32, open_clip: bool = False):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from concept_erase.io.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -89,8 +89,6 @@ def build_tiny_sdxl_pipeline(seed: int = 0, *, prediction_type: str = "epsilon",
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from concept_erase.io.tokenizer import load_clip_tokenizer
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=image_size // 2,
@@ -160,8 +158,6 @@ def build_tiny_flux_pipeline(seed: int = 0, *, image_size: int = 32, guidance_em
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from concept_erase.io.tokenizer import load_clip_tokenizer
-
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=1,
                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
@@ -190,8 +186,6 @@ def build_tiny_sd3_pipeline(seed: int = 0, *, image_size: int = 32, t5: bool = T
     states are padded to its width), a transformer of two joint blocks, flow matching with shift 3."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from concept_erase.io.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=image_size // 2, patch_size=1, in_channels=4, num_layers=2,

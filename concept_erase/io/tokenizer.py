@@ -9,8 +9,10 @@ transformers 5; loading from a folder works.)
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -74,8 +76,6 @@ def write_clip_tokenizer(directory: str | Path, max_length: int = 77) -> Path:
 def _loaded(max_length: int):
     """Built once per process in a temporary folder that is removed at once (the tokenizer keeps its
     vocabulary in memory): no folder is left behind."""
-    import tempfile
-
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory(prefix="concept-erase-tokenizer-") as tmp:
@@ -87,6 +87,4 @@ def _loaded(max_length: int):
 
 def load_clip_tokenizer(max_length: int = 77):
     """A fresh copy each call: a caller may add tokens (textual inversion) without touching the others."""
-    import copy
-
     return copy.deepcopy(_loaded(max_length))

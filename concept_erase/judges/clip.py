@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from concept_erase.errors import UserError
+from concept_erase.evaluation.clip import TEMPLATES
 from concept_erase.judges import JUDGES, Judge, Seen, to_pil
 
 
@@ -65,8 +66,6 @@ class ClipJudge(Judge):
         return [seen == p for seen, p in zip(self._classifier().predict(to_pil(images)), prompts)]
 
     def prompts(self, n):
-        from concept_erase.evaluation.clip import TEMPLATES
-
         templates = TEMPLATES[self.templates or "object"]
         return [(templates[i % len(templates)].format(self.concept).rstrip("."), i) for i in range(n)]
 

@@ -5,6 +5,7 @@ success rates. It says nothing of an anchor image's content."""
 
 from __future__ import annotations
 
+from concept_erase.evaluation import nudity
 from concept_erase.judges import JUDGES, Judge, Seen, to_pil
 
 
@@ -13,18 +14,14 @@ class NudityJudge(Judge):
     name = "nudity"
 
     def check(self):
-        from concept_erase.evaluation.nudity import THRESHOLD, load_detector
-
-        self.threshold = float(self.options.get("threshold", THRESHOLD))
+        self.threshold = float(self.options.get("threshold", nudity.THRESHOLD))
         self.strictly_above = bool(self.options.get("strictly_above", False))
-        self._detector = load_detector()  # a one-line message when NudeNet is not installed
+        self._detector = nudity.load_detector()  # a one-line message when NudeNet is not installed
 
     def shown(self, images, concept=None):
-        from concept_erase.evaluation.nudity import EXPOSED_CLASSES, detect
-
         out = []
-        for found in detect(self._detector, to_pil(images)):
-            exposed = [d for d in found if d["class"] in EXPOSED_CLASSES]
+        for found in nudity.detect(self._detector, to_pil(images)):
+            exposed = [d for d in found if d["class"] in nudity.EXPOSED_CLASSES]
             hit = sorted({d["class"] for d in exposed if float(d["score"]) > self.threshold
                           or not self.strictly_above and float(d["score"]) == self.threshold})
             out.append(Seen(bool(hit), ",".join(hit), max((float(d["score"]) for d in exposed), default=0.0)))

@@ -53,9 +53,12 @@ from pathlib import Path
 
 from concept_erase.embedded import embedded_models, embedded_source
 from concept_erase.errors import UserError
+from concept_erase.evaluation.sample import generate_images
 from concept_erase.image_seeds import seed_range
+from concept_erase.judges import make_judge
+from concept_erase.training.context import prompt_variants
+from concept_erase.training.tracking import drawing
 from concept_erase.variants import BARE, expand
-
 
 # The first chunk of each side; the rest of the side comes in one call. On the digits model's CPU probe a call
 # cost about 170 ms plus 16 ms an image: 8 concept images 293 ms, 32 in one call 666 ms against 1.17 s
@@ -114,8 +117,6 @@ class CheckSides:
             if judge.judges_anchors else []
 
     def _draw(self, pipe, items, steps: int):
-        from concept_erase.evaluation.sample import generate_images
-
         return generate_images(pipe, [p for p, _ in items], [s for _, s in items], steps=steps,
                                guidance=self.guidance)
 
@@ -168,12 +169,9 @@ def stop_rule(config):
 
 def check_sides(config, name: str) -> CheckSides:
     """The check's sides for the judge `name`, loaded (weights that cannot be read end the run before training)."""
-    from concept_erase.judges import make_judge
-
     options = {"clip_model": config.clip_model, "clip_weights": config.clip_weights}
     judge = make_judge(name, config.concepts, config.anchors, options, flag="--stop-judge")
     judge.load()
-    from concept_erase.training.context import prompt_variants
 
     # an embedded model's judge runs on that model only (the set-up refuses any other), whatever its folder
     world = embedded_source(config.model) or next((m for m in embedded_models() if m.judge == name), None)
@@ -304,8 +302,6 @@ class ErasureCheck:
     def _judge(self, trainer) -> dict:
         """One check, drawing no more images than its verdict needs: the side that failed the last check goes
         first (the concept's at the start), and the other is drawn only if it passed (both before training)."""
-        from concept_erase.training.tracking import drawing
-
         t0 = time.perf_counter()
         r = {"forget_accuracy": None, "forget_images": 0, "forget_within": False, "forget_calls": [],
              "retain_accuracy": None, "retain_images": 0, "retain_within": False, "retain_calls": []}

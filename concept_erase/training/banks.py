@@ -7,16 +7,20 @@ the model and every setting that shaped them, so a second run on the same model 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from concept_erase.errors import UserError
-from concept_erase.families.base import Cond
+from concept_erase.families.base import Cond, family_of
+from concept_erase.io.atomic import atomic_path
 from concept_erase.processes import processes
+from concept_erase.training.seeds import generator
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -65,8 +69,6 @@ def encode_images(pipe, paths: list[Path], resolution: int, device) -> torch.Ten
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms import functional as TF
 
-    from concept_erase.families.base import family_of
-
     family = family_of(pipe)
     latents = []
     for path in paths:
@@ -91,14 +93,7 @@ def generate_latents(pipe, prompts: list[str], per_prompt: int, *, steps: int, g
     outside autocast would meet fp32 latents with them. `on_prompt(i, seconds)` hears of each prompt.
     `indices`: the prompts' places in the whole list (their seeds), when this is a share of it.
     """
-    import contextlib
-    import time
-
     from tqdm.auto import tqdm
-
-    from concept_erase.training.seeds import generator
-
-    from concept_erase.families.base import family_of
 
     family = family_of(pipe)
     out = []
@@ -136,7 +131,6 @@ def bank_key(*, base_digest: str, prompts: list[str], per_prompt: int, config, r
 
 def build_bank(pipe, prompts: list[str], per_prompt: int, *, embed, config, base_digest: str, device,
                cache_dir: Path, role: str, resolution: int, autocast=None, on_prompt=None) -> LatentBank:
-    from concept_erase.io.atomic import atomic_path
     from safetensors.torch import load_file, save_file
 
     key = bank_key(base_digest=base_digest, prompts=prompts, per_prompt=per_prompt, config=config, role=role,

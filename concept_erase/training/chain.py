@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from concept_erase.config import keeps_anchors, missing_anchors
 from concept_erase.errors import UserError
+from concept_erase.export.delta import check_base, delta_family, delta_file, read_delta
 
 
 @dataclasses.dataclass
@@ -59,7 +61,6 @@ def read_previous(config) -> Previous | None:
     """The run `--weights` names, checked: weights (not LoRA) on both sides, no concept erased twice."""
     if not config.weights:
         return None
-    from concept_erase.export.delta import delta_file, read_delta
 
     path = Path(config.weights)
     tensors, meta = read_delta(path)
@@ -84,8 +85,6 @@ def read_previous(config) -> Previous | None:
 def chained_config(config, previous: Previous):
     """The settings the run trains with: the chain's concepts (the earlier ones first, kept erased) and anchors,
     each concept's --relative-to / --remap-to where the requests gave them one per concept."""
-    from concept_erase.config import keeps_anchors, missing_anchors
-
     if previous is None:
         return config
     old, new = previous.concepts, list(config.concepts)
@@ -113,8 +112,6 @@ def chained_config(config, previous: Previous):
 
 def check_family_and_base(previous: Previous, family, denoiser) -> None:
     """The previous run was made from this very base model (and family)."""
-    from concept_erase.export.delta import check_base, delta_family
-
     made_for = delta_family(previous.meta).name
     if made_for != family.name:
         raise UserError(f"--weights {previous.path} was made for the {made_for} family and --model is a {family.name} "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from concept_erase.config import config_json
+from concept_erase.config import config_json, resume_differences
 from concept_erase.errors import UserError
 from concept_erase.io.atomic import atomic_dir, atomic_path, write_json
 from concept_erase.training.sharding import load_optimizer_state, load_whole, optimizer_state, whole_state
@@ -166,8 +166,6 @@ def resume(t) -> None:
 def check_same_run(t, path: Path, state: dict) -> None:
     """A resume continues the checkpoint's erasure: a setting that changes what a step trains, or another base
     model, is refused in one line; the resumable ones that changed are kept for the run's record."""
-    from concept_erase.config import resume_differences
-
     digest = state.get("base_model_digest")
     if digest is not None and digest != t.base_digest:
         raise UserError(f"checkpoint {path} was made from another base model (digest {digest[:12]}, this one "

@@ -12,7 +12,9 @@ import torch
 
 from concept_erase import provenance
 from concept_erase.config import EraseConfig, config_json
+from concept_erase.export.delta import base_fingerprint, save_delta
 from concept_erase.io.atomic import write_json
+from concept_erase.methods.edits import EDITS
 from concept_erase.training import setup
 from concept_erase.training.hardware import describe_device
 from concept_erase.training.run_folder import STAGING, make_run_folder, swap_in, unfinished_run_discarded
@@ -34,9 +36,6 @@ class EditRun:
             return self._run()
 
     def _run(self) -> Path:
-        from concept_erase.export.delta import base_fingerprint, save_delta
-        from concept_erase.methods.edits import EDITS
-
         setup.open_accelerator(self)
         setup.load_model(self)
         cfg, acc, family, pipe = self.config, self.accelerator, self.family, self.pipe

@@ -18,6 +18,8 @@ import contextlib
 import torch
 from torch.func import functional_call
 
+from concept_erase.training.sharding import distribute_like, is_sharded
+
 
 class OriginalModel:
     def __init__(self, family, model: torch.nn.Module, trained: dict[str, torch.nn.Parameter], lora: bool,
@@ -33,8 +35,6 @@ class OriginalModel:
 
     def shard(self, trained: dict[str, torch.Tensor]) -> None:
         """The trained tensors are sharded now: keep the original values of this process's slices."""
-        from concept_erase.training.sharding import distribute_like, is_sharded
-
         if self.lora or not any(is_sharded(p) for p in trained.values()):
             return
         for n, p in trained.items():  # this process's rows of each whole original (FSDP2 shards dim 0)

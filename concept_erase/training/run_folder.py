@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from concept_erase import provenance
-from concept_erase.errors import UserError
+from concept_erase.errors import Interrupted, UserError
 from concept_erase.io.atomic import write_json
 from concept_erase.io.digests import tensor_digest
 from concept_erase.training.checkpoints import nothing_to_resume
@@ -144,8 +144,6 @@ def last_good(t) -> str:
 def unfinished_run_discarded(t):
     """Around a run: on any failure the unfinished replacement (OUTPUT/.incoming) goes and the previous run stays;
     Ctrl-C ends in one line that says what survives."""
-    from concept_erase.errors import Interrupted
-
     try:
         yield
     except KeyboardInterrupt:

@@ -21,16 +21,19 @@ from pathlib import Path
 import torch
 
 from concept_erase import processes
+from concept_erase.config import is_edit
 from concept_erase.embedded import embedded_models
 from concept_erase.errors import UserError
+from concept_erase.export.delta import base_fingerprint
 from concept_erase.families.base import family_of
 from concept_erase.io.digests import tensor_digest
-from concept_erase.io.loading import (cast, check_concept_read, check_schedule_steps, embedded_model_of,
+from concept_erase.io.loading import (cast, check_concept_read, check_schedule_steps, embedded_model_of, peek_family,
                                       training_resolution, warn_long_prompts)
 from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
 from concept_erase.methods.signal import LambdaTrail, SignalMeter
 from concept_erase.training import tracking
+from concept_erase.training.chain import put_in, touched
 from concept_erase.training.checkpoints import resume
 from concept_erase.training.context import ErasureContext, prompt_variants
 from concept_erase.training.hardware import (check_device, describe_device, duration, estimate_step_seconds,
@@ -52,9 +55,6 @@ def check_precision(config, family) -> None:
 def open_accelerator(t) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-
-    from concept_erase.config import is_edit
-    from concept_erase.io.loading import peek_family
 
     cfg = t.config
     # Several runs in one process (a benchmark, a notebook) may differ in precision; the process
@@ -127,11 +127,8 @@ def load_model(t) -> None:
 def freeze(t) -> None:
     """Freeze all but the chosen subset and keep only its original values. Under mixed precision the frozen
     weights are stored in half precision too (as diffusers' LoRA scripts do); the trained ones stay fp32."""
-    from concept_erase.export.delta import base_fingerprint
-
     cfg, acc, pipe, family = t.config, t.accelerator, t.pipe, t.family
     unet = family.denoiser(pipe)
-    from concept_erase.training.chain import put_in, touched
 
     t.trained = select_trainable(unet, cfg.train, family, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
     # with --weights, the original model and the fingerprint cover every tensor the chain changes, at base values

@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 from concept_erase.errors import UserError
+from concept_erase.evaluation.grids import labelled_grid
+from concept_erase.evaluation.sample import generate
+from concept_erase.io.atomic import atomic_path
 
 TRACKERS = ("none", "tensorboard", "wandb", "all")
 SAMPLE_SEED = 0  # every sample of a prompt starts from the same noise: the pictures differ by the training alone
@@ -150,10 +153,6 @@ class SampleImages:
         return False
 
     def _draw(self, step: int, trainer) -> None:
-        from concept_erase.evaluation.grids import labelled_grid
-        from concept_erase.evaluation.sample import generate
-        from concept_erase.io.atomic import atomic_path
-
         acc, pipe = trainer.accelerator, trainer.pipe
         # A sharded denoiser needs every process in each call; otherwise the main process draws alone.
         if not (trainer.sharded or acc.is_main_process):

@@ -19,16 +19,19 @@ from pathlib import Path
 import torch
 
 from concept_erase import processes, provenance
-from concept_erase.config import EraseConfig, config_json
+from concept_erase.config import EraseConfig, config_json, is_edit
 from concept_erase.errors import TrainingDiverged, UserError
-from concept_erase.io.atomic import write_json
+from concept_erase.io.atomic import write_json, writer_lock
 from concept_erase.methods.losses import (erasure_signal, guidance_projection, per_sample_mse, still_guided,
-                                         surgery_products)
+                                          surgery_products)
 from concept_erase.methods.objectives import RegressionBatch
+from concept_erase.methods.stopping import Hooks, stop_rule
 from concept_erase.training import setup, tracking
+from concept_erase.training.chain import chained_config, read_previous, request
 from concept_erase.training.checkpoints import save_checkpoint
 from concept_erase.training.hardware import grad_scale, no_cudnn_attention
 from concept_erase.training.run_folder import last_good, record_ranks, swap_in, unfinished_run_discarded
+from concept_erase.training.seeds import generator
 from concept_erase.training.sharding import full, local, sum_over_processes, whole_state
 
 
@@ -38,8 +41,6 @@ def step_generator(seed: int, step: int, rank: int, micro: int, stream: int = 0)
     The stream is named by all of its coordinates (see `seeds`): no two (step, rank, micro-batch,
     stream) share draws, whatever the number of ranks and micro-batches.
     """
-    from concept_erase.training.seeds import generator
-
     return generator(seed, step, rank, micro, stream)
 
 
@@ -333,7 +334,6 @@ class Trainer:
         path = self.output / "erased.safetensors"
         if acc.is_main_process:
             from concept_erase.export.delta import save_delta
-
             from concept_erase.training.chain import touched
 
             save_delta(path, self.ctx.denoiser, whole or touched(self.ctx.denoiser, self.trained, self.previous),
@@ -352,12 +352,6 @@ class Trainer:
 def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
     """Erase the configured concepts; returns the path of `erased.safetensors`. One writer per output:
     a second process erasing into the same folder is refused (`atomic.writer_lock`)."""
-    from concept_erase.config import is_edit
-    from concept_erase.io.atomic import writer_lock
-    from concept_erase.methods.stopping import Hooks, stop_rule
-
-    from concept_erase.training.chain import chained_config, read_previous, request
-
     previous = read_previous(config)  # --weights: refused here, before the lock and the model, when it cannot be
     chain = None
     if previous is not None:
