@@ -8,6 +8,7 @@ wins: `HF_HUB_OFFLINE=0 concept-erase ...` lets the command line download.
 """
 
 import os
+from pathlib import Path
 
 CLI_DEFAULTS = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DIFFUSERS_VERBOSITY": "error",
                 "TRANSFORMERS_VERBOSITY": "error"}
@@ -23,6 +24,4 @@ def apply_cli_defaults() -> None:
 def cache_root(given: str | None = None):
     """Where generated images, FID statistics and converted weights are cached: `given`, else
     $CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase."""
-    from pathlib import Path
-
     return Path(given or os.environ.get("CONCEPT_ERASE_CACHE") or Path.home() / ".cache" / "concept-erase").expanduser()

@@ -11,6 +11,7 @@ this process's.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -128,8 +129,6 @@ def close_at_exit() -> None:
     tests, one launched through the command, one a script calling `erase`; their reruns passed)."""
     global _close_registered
     if not _close_registered:
-        import atexit
-
         atexit.register(close)
         _close_registered = True
 

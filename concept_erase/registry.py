@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Generic, TypeVar
 
 from concept_erase.errors import UserError
@@ -21,8 +22,6 @@ class Registry(Generic[T]):
 
     def _load(self) -> None:
         if self._providers:
-            import importlib
-
             providers, self._providers = self._providers, ()
             for module in providers:
                 importlib.import_module(module)

@@ -116,3 +116,34 @@ def test_no_modules_import_each_other_in_a_circle():
         if v not in index:
             visit(v)
     assert not circles, f"modules that import each other: {circles}"
+
+
+START_UP = {"cli", "config", "options", "", "__main__"}  # what `concept-erase` imports before it parses its flags
+
+
+def test_the_package_and_the_standard_library_are_imported_at_the_top_of_a_file():
+    """Inside a function, only a heavy or optional library is imported (diffusers, matplotlib, NudeNet, ...: they
+    take seconds, and a command that does not draw never loads them), or a line that says why. The start-up
+    modules import the package's training and model code late, so that `concept-erase --help` and a refused flag
+    answer at once."""
+    import sys
+
+    late = []
+    for name, path in modules().items():
+        if name in START_UP:
+            continue
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.level == 0:
+                    top = (node.module or "").split(".")[0]
+                elif isinstance(node, ast.Import):
+                    top = node.names[0].name.split(".")[0]
+                else:
+                    continue
+                if (top == "concept_erase" or top in sys.stdlib_module_names) and "#" not in lines[node.lineno - 1]:
+                    late.append(f"concept_erase.{name}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not late, "imports inside functions (move them to the top, or say why on the line):\n" + "\n".join(late)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +29,13 @@ import torch
 
 from concept_erase import provenance
 from concept_erase.attacks.methods import ATTACKS
+from concept_erase.attacks.ring_a_bell import read_pairs
 from concept_erase.embedded import embedded_source
 from concept_erase.errors import UserError
 from concept_erase.evaluation.grids import labelled_grid
+from concept_erase.evaluation.prompts import load_prompts
 from concept_erase.evaluation.sample import generate
-from concept_erase.export.delta import apply, check_base, read_delta
+from concept_erase.export.delta import apply, check_base, delta_family, delta_file, read_delta
 from concept_erase.families.base import family_of
 from concept_erase.io.atomic import atomic_path, replace_path, write_json, write_text
 from concept_erase.io.digests import file_digest
@@ -104,12 +107,9 @@ def _save_png(image, path: Path) -> None:
 
 def load_targets(concept: str, judge, n: int, prompt_file: str) -> list[Target]:
     if prompt_file:
-        from concept_erase.evaluation.prompts import load_prompts
-
         rows = load_prompts(Path(prompt_file), "auto")
         wanted = [r for r in rows if concept.lower() in {r.concept.lower(), *(str(v).lower() for v in r.extra.values())}]
         if not wanted:  # a file of the concept's prompts alone (I2P's: its concept column holds categories)
-            import sys
 
             print(f"concept-erase: note: no row of {prompt_file} names {concept!r}; attacking its first "
                   f"{min(n, len(rows))} prompts", file=sys.stderr)
@@ -167,8 +167,6 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
     settings = {k: auto[k] if v is None else v for k, v in given.items()}
     check_reads(attack_class, {"tokens": tokens, "iterations": iterations, "timesteps": timesteps, "pairs": pairs})
     if pairs:
-        from concept_erase.attacks.ring_a_bell import read_pairs
-
         settings["pairs"] = [list(pair) for pair in read_pairs(pairs)]  # checked, and recorded, before any model
     for k in ("tokens", "iterations", "timesteps", "steps"):
         if int(settings[k]) < 1:
@@ -176,8 +174,6 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
     judge_obj = judge_for(model, concept, judge, judge_options or {})
     targets = load_targets(concept, judge_obj, prompts, prompt_file)
     if weights:
-        from concept_erase.export.delta import delta_file
-
         weights = str(delta_file(weights))
     if weights and not Path(weights).is_file():
         raise UserError(f"--weights {weights}: no such file; give the erased.safetensors (or the run folder) an "
@@ -192,8 +188,6 @@ def run_attack(*, model: str, concept: str, attack: str, output: str | Path, wei
 
     pipe = load_pipeline(model, **(load or {}))
     if weights:  # weights made from another model: refused before the output is touched
-        from concept_erase.export.delta import delta_family
-        from concept_erase.families.base import family_of
 
         tensors, meta = read_delta(weights)
         if delta_family(meta).name != family_of(pipe).name:

@@ -22,6 +22,7 @@ from concept_erase.errors import UserError
 from concept_erase.families.base import family_of
 from concept_erase.io.loading import load_pipeline, training_resolution
 from concept_erase.training.subsets import select_trainable
+from concept_erase.training.trainer import erase
 
 # ---------------------------------------------------------------- peak memory probe (its own process)
 
@@ -65,8 +66,6 @@ def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three", pro
     if mode == "plain":
         _plain_finetune(pipe, config, steps)
     else:
-        from concept_erase.training.trainer import erase
-
         erase(config, pipe=pipe)
     peak_kb = _rss_kb("VmHWM")
     out_dict = {"mode": mode, "steps": steps, "baseline_rss_mb": base_kb / 1024, "peak_rss_mb": peak_kb / 1024,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from concept_erase.errors import UserError
@@ -173,8 +174,6 @@ def compare(paths: list[str], output: str | Path, *, labels: list[str] | None = 
     differ = differences(runs)
     lines = [f"# Comparison ({len(rows)} evaluations)", ""]
     if differ:
-        import sys
-
         said = "; ".join(differ)
         print(f"warning: these evaluations were not made alike ({said}): their numbers are not comparable side "
               "by side", file=sys.stderr)

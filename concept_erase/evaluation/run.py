@@ -31,6 +31,7 @@ from concept_erase.evaluation.report import write_report
 from concept_erase.evaluation.sample import DTYPES
 from concept_erase.evaluation.samples import EvalContext, generate_missing, labels, make_samples
 from concept_erase.evaluation.suite import Suite, load_suite
+from concept_erase.export.delta import apply
 from concept_erase.io.atomic import replace_path
 from concept_erase.io.digests import file_digest
 from concept_erase.io.loading import check_safetensors_file, load_pipeline
@@ -110,8 +111,6 @@ def _generate_and_score(suite, rows, samples, metrics, model, weights, erased, o
     for m in metrics:
         m.check_model(pipe)  # a model a metric cannot judge: said now, before any image
     if weights:
-        from concept_erase.export.delta import apply
-
         apply(pipe, weights, allow_other_base=options.get("allow_other_base", False))
     pipe.to(device, DTYPES[suite.dtype])
     pipe.set_progress_bar_config(disable=True)

@@ -16,6 +16,7 @@ from concept_erase.evaluation.prompts import PromptRow
 from concept_erase.evaluation.sample import DTYPES, generate_batch
 from concept_erase.evaluation.suite import Suite
 from concept_erase.io.atomic import atomic_path
+from concept_erase.io.loading import load_pipeline
 from concept_erase.io.resumable import valid_png
 from concept_erase.processes import processes
 
@@ -185,8 +186,6 @@ class EvalContext:
         batches as the evaluated images, into output/reference (resumable like images/)."""
         folder = self.output / "reference"
         if any(not (folder / s.name).is_file() for s in self.samples):
-            from concept_erase.io.loading import load_pipeline
-
             pipe = load_pipeline(self.model, **self.options.get("load", {}))
             pipe.to(self.device, DTYPES[self.suite.dtype])
             pipe.set_progress_bar_config(disable=True)

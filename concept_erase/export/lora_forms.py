@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from concept_erase.io.single_file import ldm_unet_name
+
 KOHYA_FILE = "erased_lora_kohya.safetensors"  # one file, as the models/Lora and models/loras folders take them
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name save_lora_weights gives its file
 FORMS = ("kohya", "diffusers")
@@ -37,8 +39,6 @@ def kohya_module(family_name: str, module: str, unet_config) -> str:
     """The kohya name of a diffusers UNet module: its diffusers path for SD, its original-layout path for SDXL
     (kohya's SDXL trainer builds the UNet in that layout, and its scripts find modules by those names)."""
     if family_name == "sdxl":
-        from concept_erase.io.single_file import ldm_unet_name
-
         module = ldm_unet_name(module, unet_config)
     return "lora_unet_" + module.replace(".", "_")
 

@@ -163,7 +163,7 @@ def output_lock(target: str | os.PathLike, log=None) -> Iterator[None]:
     the lock file on every attempt). Without `fcntl` (Windows) no lock is taken.
     """
     try:
-        import fcntl
+        import fcntl  # late: Windows has none, and the lock is then skipped
     except ImportError:  # pragma: no cover - not a platform the toolkit trains on
         yield
         return

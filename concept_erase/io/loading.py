@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+import concept_erase.io.tiny as tiny
 from concept_erase.embedded import EMBEDDED, EmbeddedModel, embedded_models
 from concept_erase.errors import UserError
 from concept_erase.families.base import family_for_class, family_of
@@ -106,7 +107,6 @@ def load_pipeline(source: str, *, allow_pickle: bool = False, model_config: str 
         if name not in BUILTINS:
             raise UserError(f"unknown built-in model {source!r}; the built-in models are "
                             + ", ".join(f"builtin:{n}" for n in [*EMBEDDED.names(), *BUILTINS]))
-        import concept_erase.io.tiny as tiny
 
         builder, kwargs, _ = BUILTINS[name]
         pipe = getattr(tiny, builder)(**kwargs)

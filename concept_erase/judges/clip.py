@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from concept_erase.errors import UserError
-from concept_erase.evaluation.clip import TEMPLATES
+from concept_erase.evaluation.clip import TEMPLATES, ZeroShotClassifier, load_open_clip
 from concept_erase.judges import JUDGES, Judge, Seen, to_pil
 
 
@@ -42,8 +42,6 @@ class ClipJudge(Judge):
 
     def _classifier(self):
         if not hasattr(self, "_zero_shot"):
-            from concept_erase.evaluation.clip import TEMPLATES, ZeroShotClassifier, load_open_clip
-
             model, preprocess, tokenizer = load_open_clip(self.options.get("clip_model", "ViT-L-14"),
                                                           self.options.get("clip_weights", ""))
             templates = ["{}"] if self.templates is None else TEMPLATES[self.templates]

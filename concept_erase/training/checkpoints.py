@@ -20,6 +20,7 @@ import torch
 from concept_erase.config import config_json, resume_differences
 from concept_erase.errors import UserError
 from concept_erase.io.atomic import atomic_dir, atomic_path, write_json
+from concept_erase.io.loading import check_safetensors_file
 from concept_erase.training.sharding import load_optimizer_state, load_whole, optimizer_state, whole_state
 
 
@@ -41,8 +42,6 @@ def find_checkpoint(output: Path, resume: str, log) -> Path | None:
             continue
         try:
             json.loads((path / "state.json").read_text())
-            from concept_erase.io.loading import check_safetensors_file
-
             check_safetensors_file(path / "trained.safetensors")
             for part in ("optimizer.pt", "rank-0.safetensors"):
                 if not (path / part).is_file():

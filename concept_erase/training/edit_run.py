@@ -12,6 +12,7 @@ import torch
 
 from concept_erase import provenance
 from concept_erase.config import EraseConfig, config_json
+from concept_erase.errors import UserError
 from concept_erase.export.delta import base_fingerprint, save_delta
 from concept_erase.io.atomic import write_json
 from concept_erase.methods.edits import EDITS
@@ -40,8 +41,6 @@ class EditRun:
         setup.load_model(self)
         cfg, acc, family, pipe = self.config, self.accelerator, self.family, self.pipe
         if acc.num_processes > 1:
-            from concept_erase.errors import UserError
-
             raise UserError(f"--method {cfg.method} is a closed-form edit of seconds: run it as one process")
         for encoder in family.text_encoders(pipe):
             encoder.to(acc.device)

@@ -27,13 +27,14 @@ from concept_erase.errors import UserError
 from concept_erase.export.delta import base_fingerprint
 from concept_erase.families.base import family_of
 from concept_erase.io.digests import tensor_digest
-from concept_erase.io.loading import (cast, check_concept_read, check_schedule_steps, embedded_model_of, peek_family,
-                                      training_resolution, warn_long_prompts)
+from concept_erase.io.loading import (cast, check_concept_read, check_schedule_steps, embedded_model_of, load_pipeline,
+                                      peek_family, training_resolution, warn_long_prompts)
 from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
 from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
 from concept_erase.methods.signal import LambdaTrail, SignalMeter
+from concept_erase.methods.stopping import judge_name
 from concept_erase.training import tracking
-from concept_erase.training.chain import put_in, touched
+from concept_erase.training.chain import check_family_and_base, put_in, touched
 from concept_erase.training.checkpoints import resume
 from concept_erase.training.context import ErasureContext, prompt_variants
 from concept_erase.training.hardware import (check_device, describe_device, duration, estimate_step_seconds,
@@ -83,8 +84,6 @@ def load_model(t) -> None:
     cfg = t.config
     t.load_started = time.perf_counter()
     if t.pipe is None:
-        from concept_erase.io.loading import load_pipeline
-
         t.pipe = load_pipeline(cfg.model, allow_pickle=cfg.allow_pickle, model_config=cfg.model_config)
     pipe = t.pipe
     t.family = family = family_of(pipe)
@@ -92,8 +91,6 @@ def load_model(t) -> None:
     unet = family.denoiser(pipe)
     t.resolution = training_resolution(pipe, cfg.resolution)
     if cfg.stop_when_erased:
-        from concept_erase.methods.stopping import judge_name
-
         name, world = judge_name(cfg), embedded_model_of(pipe)
         own = [m.name for m in embedded_models() if m.judge == name]
         if own and (world is None or world.judge != name):
@@ -103,7 +100,6 @@ def load_model(t) -> None:
                          anchor_inference_steps=cfg.anchor_inference_steps,
                          **({"check_inference_steps": cfg.check_inference_steps} if cfg.stop_when_erased else {}))
     if t.previous is not None:  # --weights: the chain began on this very model
-        from concept_erase.training.chain import check_family_and_base
 
         check_family_and_base(t.previous, family, unet)
     t.variants = prompt_variants(cfg, embedded_model_of(pipe))
@@ -183,7 +179,6 @@ def prepare(t) -> None:
         t.ctx.original_model.shard(t.trained)
         t.ctx.sharded = True
         init_fsdp_while_trainable(unet)
-        from concept_erase.methods.stopping import judge_name
 
         if cfg.stop_when_erased and judge_name(cfg) != "signal":
             raise UserError(f"--stop-judge {judge_name(cfg)} does not work with FSDP yet (its checks generate on "

@@ -6,14 +6,14 @@ from __future__ import annotations
 import torch
 
 from concept_erase.errors import UserError
+from concept_erase.families.sd import StableDiffusion
+
 
 def select_trainable(unet: torch.nn.Module, subset: str, family=None, *, lora_rank: int = 4,
                      lora_alpha: float = 4.0) -> dict[str, torch.nn.Parameter]:
     """Freeze the denoiser, unfreeze the family's named subset (or attach LoRA to the family's target
     modules), return {name: parameter}. Without a family: SD's (a UNet of SD's layout)."""
     if family is None:
-        from concept_erase.families.sd import StableDiffusion
-
         family = StableDiffusion()
     unet.requires_grad_(False)
     if subset == "lora":

@@ -21,14 +21,16 @@ import torch
 from concept_erase import processes, provenance
 from concept_erase.config import EraseConfig, config_json, is_edit
 from concept_erase.errors import TrainingDiverged, UserError
+from concept_erase.export.delta import save_delta
 from concept_erase.io.atomic import write_json, writer_lock
 from concept_erase.methods.losses import (erasure_signal, guidance_projection, per_sample_mse, still_guided,
                                           surgery_products)
 from concept_erase.methods.objectives import RegressionBatch
 from concept_erase.methods.stopping import Hooks, stop_rule
 from concept_erase.training import setup, tracking
-from concept_erase.training.chain import chained_config, read_previous, request
+from concept_erase.training.chain import chained_config, read_previous, request, touched
 from concept_erase.training.checkpoints import save_checkpoint
+from concept_erase.training.edit_run import EditRun
 from concept_erase.training.hardware import grad_scale, no_cudnn_attention
 from concept_erase.training.run_folder import last_good, record_ranks, swap_in, unfinished_run_discarded
 from concept_erase.training.seeds import generator
@@ -333,9 +335,6 @@ class Trainer:
         record_ranks(self, whole)
         path = self.output / "erased.safetensors"
         if acc.is_main_process:
-            from concept_erase.export.delta import save_delta
-            from concept_erase.training.chain import touched
-
             save_delta(path, self.ctx.denoiser, whole or touched(self.ctx.denoiser, self.trained, self.previous),
                        config=cfg, fingerprint=self.fingerprint, steps=last, lambda_final=self.controller.current(),
                        family=self.family, whole=whole is not None, chain=self.chain)
@@ -358,7 +357,6 @@ def erase(config: EraseConfig, pipe=None, on_step=None) -> Path:
         chain = previous.chain() + [request(config.to_dict(), config.concepts)]
         config = chained_config(config, previous)  # the chain's concepts, kept erased; its anchors, kept
     if is_edit(config.method):  # a closed-form edit: one solve, no loop and no step hook
-        from concept_erase.training.edit_run import EditRun
 
         with writer_lock(config.output, log=lambda m: print(m, file=sys.stderr)):
             return EditRun(config, pipe).run()
