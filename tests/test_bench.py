@@ -41,7 +41,7 @@ def test_every_shipped_benchmark_file_loads(name):
 def test_settings_apply_to_every_entry_and_an_entry_overrides_them(tmp_path):
     """`settings:` pins what a whole file was measured with (e.g. an earlier default); an entry's own value wins,
     and the eps sweep inherits them with the eupmu entry's other settings."""
-    from concept_erase.bench.runner import run_settings
+    from concept_erase.bench.spec import run_settings
     from concept_erase.bench.spec import run_config
     from concept_erase.config import load_yaml
 
@@ -842,6 +842,10 @@ def test_a_sequential_benchmark_erases_one_request_after_another_and_judges_ever
     assert render(report) == (out / "bench.md").read_text()
     assert BLOCKS["sequence"](report) in (out / "bench.md").read_text() and "| held_out | eupmu | 2 | seven |" in BLOCKS["sequence"](report)
     assert "sequence.png" not in render(report, plots={})  # a stored copy without its picture does not link one
+    cfg.write_text(cfg.read_text().replace("steps: 2, anchor", "steps: 3, anchor"))  # the entry changed: made again
+    assert main(["bench", "--config", str(cfg), "--output", str(out), "--seeds", "100", "--no-progress"]) == 0
+    again = sorted(json.loads((out / "bench.json").read_text())["runs"], key=lambda r: r["request"])
+    assert [(r["steps"], r["settings"]["steps_planned"]) for r in again] == [(3, 3), (3, 3)]
 
 
 @pytest.mark.parametrize("text,message", [

@@ -34,16 +34,15 @@ from concept_erase.bench.records import RECORD_SCHEMA, upgrade
 from concept_erase.bench.report import final_images, render, summarise_report
 from concept_erase.bench.sequence import bench_sequences
 from concept_erase.bench.spec import (FORGET_TARGET, RETAIN_DROP, SHIPPED_BENCH, BenchSpec, load_bench, plan,
-                                      run_config, split_of)
+                                      run_config, run_settings, split_of)
 from concept_erase.bench.timing import probe_timing
-from concept_erase.config import is_edit, load_yaml
+from concept_erase.config import load_yaml
 from concept_erase.digits.world import DIGIT_NAMES, STYLES, trained_styles
 from concept_erase.embedded import embedded_models
 from concept_erase.errors import UserError
 from concept_erase.export.delta import apply
 from concept_erase.io.atomic import write_json, write_text
 from concept_erase.io.loading import load_pipeline
-from concept_erase.methods.stopping import judge_name
 from concept_erase.training.trainer import erase
 
 # ---------------------------------------------------------------- one run
@@ -61,29 +60,6 @@ def bench_model(spec: BenchSpec) -> str:
         raise UserError(f"{spec.recipe}: the benchmark runs on an embedded digits model ({', '.join(digits)}), "
                         f"not {model!r}: its judge knows that world alone")
     return model
-
-
-def run_settings(config) -> dict:
-    """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
-    file plans under its label (--runs-from). The check's bar only where the run checks."""
-    checks = config.stop_when_erased
-    return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
-            "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
-            "lr": config.lr,
-            "sampling_steps": config.sampling_steps,
-            "trajectory_model": config.trajectory_model, "trajectory_refresh": config.trajectory_refresh,
-            "stop_when_erased": checks,
-            "stop_judge": judge_name(config) if checks else None,
-            "stop_signal_at_most": config.stop_signal_at_most if checks and judge_name(config) == "signal" else None,
-            "stop_lambda_window": config.stop_lambda_window if checks and judge_name(config) == "signal" else None,
-            "hold_erasure_at": config.hold_erasure_at, "concept_variants": list(config.concept_variants),
-            "check_forget_at_most": config.check_forget_at_most if checks else None,
-            "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
-            "check_every": config.check_every if checks else None,
-            "check_inference_steps": config.check_inference_steps if checks else None,
-            "check_seed_start": config.check_seed_start if checks else None,
-            **({"uce_regularization": config.uce_regularization, "uce_preserve_weight": config.uce_preserve_weight}
-               if is_edit(config.method) else {})}
 
 
 def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,

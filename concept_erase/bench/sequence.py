@@ -20,7 +20,7 @@ import torch
 
 from concept_erase import provenance
 from concept_erase.bench.pictures import picture
-from concept_erase.bench.spec import FORGET_TARGET, BenchSpec, run_config
+from concept_erase.bench.spec import FORGET_TARGET, BenchSpec, run_config, run_settings
 from concept_erase.bench.stats import clopper_pearson, mean_ci
 from concept_erase.digits.evaluate import domain_fid, generate_many
 from concept_erase.digits.judge import load_network
@@ -80,17 +80,25 @@ def run_sequence(spec: BenchSpec, base, judging: SequenceJudging, base_images: l
     """Erase `concepts` one request after another; one record per request (kept ones are read, not rerun). The base
     model's images (`base_images`, `SequenceJudging.draw`) give its figures on the same digits."""
     folder = output / "sequences" / sequence_id(label, seed)
-    records, previous = [], None
+    records, previous, redo = [], None, False
     for k, concept in enumerate(concepts, 1):
         run_dir = folder / f"{k:02d}-{concept}"
         record_file = run_dir / "record.json"
-        if record_file.is_file() and (run_dir / "erased.safetensors").is_file():
-            records.append(json.loads(record_file.read_text()))
-            previous = run_dir
-            continue
+        config = run_config(spec, overrides, concept, seed, run_dir, progress)
+        settings = run_settings(config)
+        if not redo and record_file.is_file() and (run_dir / "erased.safetensors").is_file():
+            stored = json.loads(record_file.read_text())
+            differ = [key for key in settings if key in stored.get("settings", settings)
+                      and stored.get("settings", settings)[key] != settings[key]]
+            if not differ:
+                records.append(stored)
+                previous = run_dir
+                continue
+            log(f"    request {k} of {label} (seed {seed}) was made with other settings ({', '.join(differ)}): it and "
+                "every later request are made again")
+        redo = True  # a request made (again): the later ones must continue this one, not what was there
         log(f"    request {k}/{len(concepts)}: {label} erasing {concept!r} (seed {seed})"
             + (f" after {', '.join(repr(c) for c in concepts[:k - 1])}" if k > 1 else ""))
-        config = run_config(spec, overrides, concept, seed, run_dir, progress)
         if previous is not None:
             config = dataclasses.replace(config, weights=str(previous))
         t0 = time.perf_counter()
@@ -103,7 +111,8 @@ def run_sequence(spec: BenchSpec, base, judging: SequenceJudging, base_images: l
         base_side = {"base_retain_accuracy": b["retain_accuracy"], "base_forget_by_concept": b["forget_by_concept"],
                      "base_domain_fid": b["domain_fid"]}
         record = {"schema": SEQUENCE_SCHEMA, "commit": provenance.commit(), "split": split, "label": label,
-                  "method": config.method, "seed": seed, "request": k, "concept": concept, "chain": erased, **r,
+                  "method": config.method, "seed": seed, "request": k, "concept": concept, "chain": erased,
+                  "settings": settings, **r,
                   **base_side, "steps": len(steps),
                   "train_seconds": sum(s.get("step_time_s", 0.0) for s in steps), "wall_seconds": wall,
                   "delta_bytes": (run_dir / "erased.safetensors").stat().st_size}

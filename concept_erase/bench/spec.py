@@ -13,7 +13,7 @@ from concept_erase.config import RECIPES, build_config, is_edit, load_yaml, norm
 from concept_erase.digits.world import DIGIT_NAMES, STYLES
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import CHECK_SEED_START, describe, overlap, seed_range
-from concept_erase.methods.stopping import check_seeds
+from concept_erase.methods.stopping import check_seeds, judge_name
 from concept_erase.yaml_files import read_yaml, whole_number
 
 ATTACK_DEFAULTS = {"method": "unlearndiff", "prompts": 5, "iterations": 10, "timesteps": 10, "tokens": 3}
@@ -308,6 +308,29 @@ def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
                         label = f"eupmu eps={eps:g}"
                         runs.append((label, {**eupmu, "eps": eps, "label": label}, concept, seed))
     return runs
+
+
+def run_settings(config) -> dict:
+    """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
+    file plans under its label (--runs-from). The check's bar only where the run checks."""
+    checks = config.stop_when_erased
+    return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
+            "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
+            "lr": config.lr,
+            "sampling_steps": config.sampling_steps,
+            "trajectory_model": config.trajectory_model, "trajectory_refresh": config.trajectory_refresh,
+            "stop_when_erased": checks,
+            "stop_judge": judge_name(config) if checks else None,
+            "stop_signal_at_most": config.stop_signal_at_most if checks and judge_name(config) == "signal" else None,
+            "stop_lambda_window": config.stop_lambda_window if checks and judge_name(config) == "signal" else None,
+            "hold_erasure_at": config.hold_erasure_at, "concept_variants": list(config.concept_variants),
+            "check_forget_at_most": config.check_forget_at_most if checks else None,
+            "check_retain_drop_at_most": config.check_retain_drop_at_most if checks else None,
+            "check_every": config.check_every if checks else None,
+            "check_inference_steps": config.check_inference_steps if checks else None,
+            "check_seed_start": config.check_seed_start if checks else None,
+            **({"uce_regularization": config.uce_regularization, "uce_preserve_weight": config.uce_preserve_weight}
+               if is_edit(config.method) else {})}
 
 
 def run_config(spec: BenchSpec, overrides: dict, concept: str, seed: int, output: Path, progress: bool):
