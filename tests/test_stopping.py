@@ -511,3 +511,35 @@ def test_a_check_of_several_concepts_says_which_are_still_drawn(tmp_path):
     record = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()][-1]
     assert record["forget_by_concept"] == {"cat": 1.0, "dog": 0.4, "fox": 0.0}
     assert "(still drawn: 'cat' 100%, 'dog' 40%)" in lines[-1], lines[-1]
+
+
+def test_with_several_concepts_each_is_held_to_the_bar_on_its_own_images(tmp_path):
+    """Seven concepts of five images each, the newest still drawn in one of its five: 1 of 35 passes the pooled 5%
+    bar, but not that concept's own (0 of 5 allowed). Once it is gone too, the check stops; one concept alone is
+    judged as before."""
+    judge = ScriptedSides([1.0, 1.0], [1.0, 1.0])
+    names = ["zero", "two", "four", "five", "six", "nine", "three"]
+    judge.concept_items = [(c, s) for s in range(5) for c in names]
+    judge.judged_as = {c: c for c in names}
+    still = {"three"}
+    judge.still_shown = lambda pipe, items, steps: [p in still and s == 0 for p, s in items]
+    check = ErasureCheck(_settings(check_forget_at_most=0.05, check_retain_drop_at_most=1.0), sides=judge)
+    lines = []
+    trainer = _fake_trainer(output=tmp_path, start_step=0)
+    trainer.log = lines.append
+    check.start(trainer)
+    assert not check(2, trainer)
+    record = [json.loads(line) for line in (tmp_path / "checks.jsonl").read_text().splitlines()][-1]
+    assert record["forget_accuracy"] == 1 / 35 and record["forget_over_bar"] == ["three"]
+    assert "1 concept(s) over the bar on their own images" in lines[-1] and "'three' 20%" in lines[-1]
+    still.clear()
+    assert check(4, trainer)
+    alone = ScriptedSides([1.0, 1.0], [1.0, 1.0])
+    alone.concept_items = [("three", s) for s in range(35)]
+    alone.judged_as = {"three": "three"}
+    alone.still_shown = lambda pipe, items, steps: [s == 0 for p, s in items]
+    single = ErasureCheck(_settings(check_forget_at_most=0.05, check_retain_drop_at_most=1.0), sides=alone)
+    (tmp_path / "one").mkdir()
+    other = _fake_trainer(output=tmp_path / "one", start_step=0)
+    single.start(other)
+    assert single(2, other)  # 1 of 35, one concept: within the bar

@@ -277,8 +277,15 @@ class ErasureCheck:
         by_concept = {}
         for name, seen in verdicts:
             by_concept.setdefault(name, []).append(seen)
-        return {"forget_accuracy": shown / judged, "forget_images": judged, "forget_within": shown <= most,
-                "forget_calls": calls, "forget_by_concept": {c: sum(v) / len(v) for c, v in by_concept.items()}}
+        # With several concepts each is held to the bar on its own images as well: pooled, a newly added concept
+        # still drawn in 1 of its 5 images passed beside six erased ones (1 of 35). The pooled count passed only
+        # if every chunk was judged, so each concept's count is then whole.
+        over = sorted(c for c, v in by_concept.items()
+                      if sum(v) > most_allowed(len(v), lambda k, n=len(v): k / n <= self.forget_at_most)) \
+            if shown <= most else []
+        return {"forget_accuracy": shown / judged, "forget_images": judged, "forget_within": shown <= most and not over,
+                "forget_calls": calls, "forget_by_concept": {c: sum(v) / len(v) for c, v in by_concept.items()},
+                "forget_over_bar": over}
 
     def _anchor_side(self, pipe) -> dict:
         """The anchors' first chunk, then the rest, until more are lost than the bar allows; before training
@@ -382,8 +389,10 @@ def _concept(r: dict, total: int) -> str:
     several concepts the ones still drawn (the most drawn first, five at most)."""
     if r["forget_accuracy"] is None:
         return "not drawn"
+    over = r.get("forget_over_bar") or []
     line = f"{r['forget_accuracy']:.0%}" + ("" if r["forget_within"] else
-                                            f"{_of(r['forget_images'], total)}, over the bar")
+                                            f"{_of(r['forget_images'], total)}, over the bar" if not over else
+                                            f", {len(over)} concept(s) over the bar on their own images")
     by_concept = r.get("forget_by_concept") or {}
     if len(by_concept) > 1:
         drawn = sorted(((a, c) for c, a in by_concept.items() if a > 0), reverse=True)
