@@ -2,7 +2,7 @@
 
 The digits world draws 50 captions (ten digits in five styles). A run erases the first N of the 45 captions of
 nine digits (digit by digit: zero plain, zero in red ink, ... nine in bold) and keeps every caption it does not
-erase; the five captions of the kept digit ("one" by default) are its anchors. After the run, every caption is
+erase, each of them an anchor (the kept digit's five at least: "one" by default). After the run, every caption is
 drawn on evaluation image seeds that no check of the run saw (from 100,000; the checks draw from 1,000,000) and
 judged by the digits judge: an erased caption counts as still drawn where the judge names both its digit and its
 style, a kept one as kept likewise. The base model is judged on the same seeds.
@@ -65,7 +65,7 @@ def one_run(count: int, args, base: dict, judge, output: Path) -> dict:
     erasable, kept = captions(args.keep)
     erased, others = erasable[:count], erasable[count:] + kept
     settings = load_yaml(RECIPE)
-    settings.update(concepts=[caption(d, s) for d, s in erased], anchors=[caption(d, s) for d, s in kept],
+    settings.update(concepts=[caption(d, s) for d, s in erased], anchors=[caption(d, s) for d, s in others],
                     output=str(output / f"run-{count}"), overwrite=True, seed=args.seed, method=args.method,
                     progress=False, steps=args.steps,
                     **({"check_every": args.check_every} if args.check_every else {}))
@@ -82,7 +82,7 @@ def one_run(count: int, args, base: dict, judge, output: Path) -> dict:
     checks = [json.loads(line) for line in (run / "checks.jsonl").read_text().splitlines() if line.strip()] \
         if (run / "checks.jsonl").is_file() else []
     return {
-        "count": count, "erased": names_e, "seconds": round(seconds, 1),
+        "count": count, "erased": names_e, "seconds": round(seconds, 1), "after": after,
         "steps": json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"],
         "stopped_at": state.get("stopped_at"), "stop_reason": state.get("stop_reason"),
         "forget": rate(sum(after[n] for n in names_e), args.seeds * len(names_e)),
@@ -91,8 +91,8 @@ def one_run(count: int, args, base: dict, judge, output: Path) -> dict:
         "worst": sorted(per.items(), key=lambda kv: -kv[1])[:5],
         "kept": rate(sum(after[n] for n in names_k), args.seeds * len(names_k)),
         "kept_base": rate(sum(base[n] for n in names_k), args.seeds * len(names_k)),
-        "anchors": rate(sum(after[caption(*p)] for p in kept), args.seeds * len(kept)),
-        "anchors_base": rate(sum(base[caption(*p)] for p in kept), args.seeds * len(kept)),
+        "kept_digit": rate(sum(after[caption(*p)] for p in kept), args.seeds * len(kept)),
+        "kept_digit_base": rate(sum(base[caption(*p)] for p in kept), args.seeds * len(kept)),
         "last_check": checks[-1] if checks else None,
     }
 
@@ -106,19 +106,19 @@ def report(result: dict) -> str:
              f"Made by `{result['command']}` at commit `{result['commit']}` on {result['date']}.", "",
              f"Machine: {result['machine']}.", "",
              f"Recipe `pipelines/digits-erase.yaml` ({result['method']}, the erasure check on), run seed "
-             f"{result['seed']}, budget {result['steps']} steps. Kept: the digit {result['keep']} in every style "
-             f"(its five captions are the anchors). Judged on {result['seeds']} images per caption from image seed "
+             f"{result['seed']}, budget {result['steps']} steps. Kept: every caption not erased, each an anchor (the "
+             f"digit {result['keep']} in every style at least). Judged on {result['seeds']} images per caption from image seed "
              f"{EVAL_SEED_START:,}: a caption counts as drawn where the judge names its digit and its style. "
              "Rates with exact (Clopper-Pearson) 95% intervals.", "",
              "| concepts | steps (stopped?) | train s | forget (base) | concepts at forget <= 10% | kept captions "
-             "(base) | the anchors (base) | most drawn erased captions |", "|---|---|---|---|---|---|---|---|"]
+             "(base) | the digit kept in every style (base) | most drawn erased captions |", "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         c = r["concepts_at_most_10pct"]
         worst = ", ".join(f"{n.removeprefix('a handwritten digit ')} {100 * v:.0f}%" for n, v in r["worst"][:3])
         stop = f"stopped at {r['stopped_at']}" if r["stopped_at"] else "budget"
         lines.append(f"| {r['count']} | {r['steps']} ({stop}) | {r['seconds']:.0f} | {pct(r['forget'])} "
                      f"({pct(r['forget_base'])}) | {c['count']}/{c['of']} [{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] | "
-                     f"{pct(r['kept'])} ({pct(r['kept_base'])}) | {pct(r['anchors'])} ({pct(r['anchors_base'])}) | "
+                     f"{pct(r['kept'])} ({pct(r['kept_base'])}) | {pct(r['kept_digit'])} ({pct(r['kept_digit_base'])}) | "
                      f"{worst} |")
     return "\n".join(lines) + "\n"
 

@@ -543,3 +543,18 @@ def test_with_several_concepts_each_is_held_to_the_bar_on_its_own_images(tmp_pat
     other = _fake_trainer(output=tmp_path / "one", start_step=0)
     single.start(other)
     assert single(2, other)  # 1 of 35, one concept: within the bar
+
+
+def test_the_digits_judge_counts_a_digit_in_a_style_only_where_both_are_there():
+    """A concept that is a digit in a style (the red zero) is still shown by a red zero, not by a red two or a plain
+    zero: the images' digit and style heads are scripted."""
+    import torch
+
+    from concept_erase.digits.world import STYLES, caption
+    from concept_erase.judges import make_judge
+
+    judge = make_judge("digits", [caption(0, "red ink")], [caption(1)])
+    red = STYLES.index("red ink")
+    judge.heads = lambda images: (torch.tensor([0, 2, 0]), torch.tensor([red, red, STYLES.index("plain")]))
+    assert [v.shown for v in judge.shown([None] * 3)] == [True, False, False]
+    assert judge.prompts(2) == [(caption(0, "red ink"), 0), (caption(0, "red ink"), 1)]

@@ -73,8 +73,10 @@ def judge_input(images) -> torch.Tensor:
 CAPTIONS = {caption(d, s): (d, s) for d in range(len(DIGIT_NAMES)) for s in STYLES}
 
 
-def _meaning(text: str) -> tuple[str, int] | None:
-    """A concept's head and the class it must not show: ("digit", d) or ("style", s); None: not the digits'."""
+def _meaning(text: str) -> tuple[str, object] | None:
+    """What a concept must not show: ("digit", d), ("style", s), or ("caption", (d, s)) for a digit in a style (the
+    red zero: an image shows it where it is a zero in red ink; a red two or a plain zero does not); None: not the
+    digits'. A plain caption is its digit."""
     t = text.strip()
     if t.lower() in DIGIT_NAMES:
         return "digit", DIGIT_NAMES.index(t.lower())
@@ -82,7 +84,7 @@ def _meaning(text: str) -> tuple[str, int] | None:
         return "style", STYLES.index(t.lower())
     if t in CAPTIONS:
         d, s = CAPTIONS[t]
-        return ("digit", d) if s == "plain" else ("style", STYLES.index(s))
+        return ("digit", d) if s == "plain" else ("caption", (d, STYLES.index(s)))
     return None
 
 
@@ -113,8 +115,11 @@ class DigitsJudge(Judge):
         out = []
         for c, d, s in zip(self.per_image(concept, len(digits)), digits.tolist(), styles.tolist()):
             head, wanted = _meaning(c)
-            seen = d if head == "digit" else s
-            out.append(Seen(seen == wanted, (DIGIT_NAMES if head == "digit" else STYLES)[seen]))
+            if head == "caption":
+                out.append(Seen((d, s) == wanted, caption(d, STYLES[s])))
+            else:
+                seen = d if head == "digit" else s
+                out.append(Seen(seen == wanted, (DIGIT_NAMES if head == "digit" else STYLES)[seen]))
         return out
 
     def kept(self, images, prompts):
@@ -126,6 +131,8 @@ class DigitsJudge(Judge):
         # the captions an erasure of the concept is given (bench, demo): a digit's plain caption, a style on each
         # digit in turn; seeds 0, 1, ...
         head, wanted = _meaning(self.concept)
+        if head == "caption":
+            return [(caption(wanted[0], STYLES[wanted[1]]), i) for i in range(n)]
         if head == "digit":
             return [(caption(wanted), i) for i in range(n)]
         return [(caption(i % len(DIGIT_NAMES), STYLES[wanted]), i) for i in range(n)]
