@@ -264,8 +264,8 @@ def sequence_block(report: dict) -> str:
 
 
 def sequence_plot(records: list[dict], path: Path) -> None:
-    """Retain accuracy of the never-erased digits (points below the base) and pooled forget against the request,
-    one line per method, with the intervals of `summarise`."""
+    """Retain accuracy of the never-erased digits (points below the base), and the erased digits' forget (pooled,
+    and the most drawn one's), against the request: one colour per method, with the intervals of `summarise`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,13 +283,16 @@ def sequence_plot(records: list[dict], path: Path) -> None:
         bottom.errorbar([r["request"] for r in every], [100 * r["forget"] for r in every],
                         yerr=[[100 * (r["forget"] - r["forget_ci"][0]) for r in every],
                               [100 * (r["forget_ci"][1] - r["forget"]) for r in every]],
-                        marker="o", color=f"C{i}", capsize=3, label=label)
+                        marker="o", color=f"C{i}", capsize=3, label=f"{label}: pooled")
+        bottom.plot([r["request"] for r in every], [100 * r["worst_forget"] for r in every], marker="x",
+                    linestyle=":", color=f"C{i}", label=f"{label}: the most drawn erased digit")
     top.axhline(100 * SEQUENCE_RETAIN_DROP, color="0.5", linestyle="--", linewidth=0.8)
     bottom.axhline(100 * FORGET_TARGET, color="0.5", linestyle="--", linewidth=0.8)
     top.set_ylabel("never-erased digits:\nretain drop (points)")
     bottom.set_ylabel("erased digits:\nforget accuracy (%)")
     bottom.set_xlabel("requests so far")
     top.legend(fontsize=8)
+    bottom.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
