@@ -7,7 +7,8 @@ drawn on evaluation image seeds that no check of the run saw (from 100,000; the 
 judged by the digits judge: an erased caption counts as still drawn where the judge names both its digit and its
 style, a kept one as kept likewise. The base model is judged on the same seeds.
 
-    python scripts/many_concepts.py --counts 5,45 --output runs/many-concepts     # report.md, results.json
+    python scripts/many_concepts.py --counts 10,45 --output runs/many-concepts    # report.md, results.json
+    python scripts/many_concepts.py --report benchmarks/many-concepts.json       # its .md again, from the data
 
 A quality check of many-concept erasure, not a benchmark: one run per count, one seed.
 """
@@ -134,8 +135,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=16, help="evaluation images per caption")
     parser.add_argument("--inference-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--output", type=Path, help="the folder of the runs, results.json and report.md")
+    parser.add_argument("--report", type=Path, help="write the report of a results JSON beside it (NAME.md) and stop")
     args = parser.parse_args(argv)
+    if args.report:
+        write_text(args.report.with_suffix(".md"), report(json.loads(args.report.read_text())))
+        return 0
+    if not args.output:
+        parser.error("give --output (a folder for the runs), or --report RESULTS.json")
     counts = [int(c) for c in args.counts.split(",")]
     if any(not 1 <= c <= 45 for c in counts):
         parser.error("a count is 1 to 45: the digits world has 50 captions, and the kept digit's five stay")
