@@ -127,11 +127,12 @@ ATTACK_NUDITY = {"threshold": 0.45, "strictly_above": True,
 
 def judge_for(model: str, concept: str, name: str, options: dict):
     """The attack's judge (`concept_erase.judges`): the one asked for, or a shipped model's own (the digits judge on
-    the digits models), NudeNet for nudity; otherwise a one-line error that says which to give. It proposes the prompts to attack
-    where the concept allows (the digits' captions, CLIP's templates; nudity needs a prompt file)."""
+    the digits models), NudeNet for nudity; otherwise a one-line error that says which to give. It proposes the
+    prompts to attack where the concept allows (the digits' captions, CLIP's templates; nudity needs a prompt file)."""
+    shipped = embedded_source(model) if not name else None
     if not name:
-        if embedded_source(model):
-            name = embedded_source(model).judge
+        if shipped:
+            name = shipped.judge
         elif concept.strip().lower() in NUDITY_WORDS:
             name = "nudity"
         else:
