@@ -188,8 +188,14 @@ class EraseConfig:
                                         "model the judge's verdicts at 10 steps match those at 25)", ge=1, le=1000)
     check_images: int = _r(32, "with --stop-when-erased: concept images per check (the anchors get twice as "
                                 "many, spread over their prompts)", ge=2, le=100000)
+    check_images_per_concept: int = _r(8, "with --stop-when-erased and several concepts: the fewest images of each "
+                                          "concept in a check, each concept held to the bar on its own (at 8 and "
+                                          "the 5% bar a concept still drawn in 20% of its images passes a check "
+                                          "with probability 0.17; at 4, 0.41); a check draws --check-images or "
+                                          "this many per concept, whichever is more", ge=1, le=100000)
     check_seed_start: int = _r(CHECK_SEED_START, "with --stop-when-erased: the first image seed a check draws (a "
-                                                 "check draws fewer than 2 x --check-images seeds from here on); "
+                                                 "check draws fewer than 2 x --check-images seeds from here on, or "
+                                                 "--check-images-per-concept where that is more); "
                                                  "evaluations judge seeds 0 and up, so a run is never graded on "
                                                  "the images that stopped it", ge=0, le=MAX_SEED - 200000)
     hold_erasure_at: float = _f(None, "stop pushing the erasure past this erasure-signal level: a forget "
@@ -517,7 +523,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 # Settings read only by --stop-when-erased: given while the run does not stop when erased, they change nothing.
 STOP_SETTINGS = ("stop_judge", "stop_signal_at_most", "stop_lambda_window", "clip_model", "clip_weights",
                  "check_every", "check_forget_at_most", "check_retain_drop_at_most", "check_inference_steps",
-                 "check_images", "check_seed_start")
+                 "check_images", "check_images_per_concept", "check_seed_start")
 
 
 def missing_anchors(method: str, chain: str = "") -> str:

@@ -848,6 +848,31 @@ def test_a_sequential_benchmark_erases_one_request_after_another_and_judges_ever
     assert [(r["steps"], r["settings"]["steps_planned"]) for r in again] == [(3, 3), (3, 3)]
 
 
+def test_a_later_request_records_the_checks_floor_and_a_request_made_without_it_is_made_again(tmp_path):
+    """A chain's later request is checked on several concepts, so its settings name the floor of check images per
+    concept; a stored request that does not name it was checked without it and differs. A setting that is None
+    where the stored request lacks it (the signal stop, no stop) changes nothing."""
+    import dataclasses
+
+    from concept_erase.bench.sequence import settings_differ
+    from concept_erase.bench.spec import run_config, run_settings
+
+    spec = load_bench(ROOT / "pipelines" / "bench-sequential.yaml")
+    overrides = next(m for m in spec.methods if m["method"] == "eupmu")
+    config = run_config(spec, overrides, "seven", 100, tmp_path / "x", False)
+    assert config.stop_when_erased
+    first, later = run_settings(config), run_settings(config, several=True)
+    assert "check_images_per_concept" not in first and later["check_images_per_concept"] == 8
+    assert settings_differ(first, later) == ["check_images_per_concept"]
+    assert settings_differ(later, later) == [] and settings_differ(first, first) == []
+    assert settings_differ({**later, "lr": 1.0}, later) == ["lr"]
+    signal = dataclasses.replace(config, stop_judge="signal")
+    assert "check_images_per_concept" not in run_settings(signal, several=True)
+    unchecked = dataclasses.replace(config, stop_when_erased=False)
+    assert "check_images_per_concept" not in run_settings(unchecked, several=True)
+    assert settings_differ({k: v for k, v in first.items() if k != "hold_erasure_at"}, first) == []  # None: the same
+
+
 @pytest.mark.parametrize("text,message", [
     ("sequential: true\nconcepts: [three, red ink]\nmethods: [{method: eupmu}]\n", "'red ink' is not a digit"),
     ("sequential: true\nconcepts: [three, seven]\nmethods: [{method: uce}]\n", "a closed-form edit"),

@@ -173,7 +173,7 @@ def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
     start = 5000
     concepts, anchors = [caption(3), caption(5, "red ink")], [caption(1), caption(7, "bold")]
     sides = CheckSides(SimpleNamespace(concepts=concepts, anchors=anchors, check_images=4, check_seed_start=start,
-                                       anchor_guidance=7.5), make_judge("digits", concepts, anchors))
+                                       check_images_per_concept=1, anchor_guidance=7.5), make_judge("digits", concepts, anchors))
     assert sides.guidance == 4.0  # the judge's own guidance, not the run's
     # two images per concept, seed by seed across the concepts, from the check's first seed on; the anchors get twice
     # the concepts' share, seed by seed too (a first chunk sees every anchor)
@@ -202,7 +202,7 @@ def test_a_check_with_prompt_variants_draws_them_and_judges_each_as_its_concept(
     concepts, anchors = [caption(3)], [caption(1)]
     red = tuple(t for t in STYLE_TEMPLATES if t.tier == "red ink")
     config = SimpleNamespace(concepts=concepts, anchors=anchors, check_images=2, check_seed_start=7000,
-                             anchor_guidance=7.5)
+                             check_images_per_concept=1, anchor_guidance=7.5)
     sides = CheckSides(config, make_judge("digits", concepts, anchors),
                        (expand(concepts, red, takes_style), expand(anchors, red, takes_style)))
     assert sides.concept_items == [(caption(3), 7000), (caption(3, "red ink"), 7000)]
@@ -213,6 +213,39 @@ def test_a_check_with_prompt_variants_draws_them_and_judges_each_as_its_concept(
     # a red one judged as the three is not shown (judged by its own red caption it would be: it is red)
     sides.judged_as[caption(1, "red ink")] = caption(3)
     assert sides.still_shown(pipe, [(caption(1, "red ink"), 7000)], 10) == [False]
+
+
+def test_every_concept_gets_its_floor_of_check_images_and_the_check_seeds_cover_them():
+    """Eight concepts in a check of 32 would get 4 images each; the floor gives each 8, seed by seed across the
+    concepts. A concept's variants share its floor. The seeds an evaluation must avoid cover the floor's."""
+    from concept_erase.methods.stopping import check_seeds
+    from concept_erase.variants import SLOT, Template, expand
+
+    judge = SimpleNamespace(guidance=None, judges_anchors=True)
+    concepts = [f"c{i}" for i in range(8)]
+    config = SimpleNamespace(anchor_guidance=7.5, check_images=32, check_seed_start=50, concepts=concepts,
+                             anchors=["a1", "a2"], check_images_per_concept=8, stop_when_erased=True,
+                             stop_judge="digits")
+    sides = CheckSides(config, judge)
+    assert len(sides.concept_items) == 64
+    assert sides.concept_items[:9] == [(c, 50) for c in concepts] + [("c0", 51)]
+    for c in concepts:
+        assert [s for p, s in sides.concept_items if p == c] == list(range(50, 58))
+    assert len(sides.anchor_items) == 64  # twice --check-images, spread over the anchors: not raised by the floor
+    # one concept: the floor is below --check-images, nothing changes
+    one = CheckSides(SimpleNamespace(**{**vars(config), "concepts": ["c0"]}), judge)
+    assert one.concept_items == [("c0", s) for s in range(50, 82)]
+    # a concept in four variants: its floor of 8 is 2 per variant, and 32 images over 8 prompts already give 4 each
+    variants = (expand(["c0", "c1"], (Template(f"{SLOT} in red", "red"), Template(f"{SLOT} in blue", "blue"),
+                                      Template(f"{SLOT}, bold", "bold"))), expand(["a1"], ()))
+    two = CheckSides(SimpleNamespace(**{**vars(config), "concepts": ["c0", "c1"]}), judge, variants)
+    assert len(two.concept_items) == 32
+    many = CheckSides(SimpleNamespace(**{**vars(config), "concepts": ["c0", "c1"], "check_images": 4}), judge, variants)
+    assert {p: sum(1 for q, _ in many.concept_items if many.judged_as[q] == p) for p in ("c0", "c1")} == \
+        {"c0": 8, "c1": 8}
+    # an evaluation must avoid every seed a check may draw, the floor's too
+    assert check_seeds(SimpleNamespace(**{**vars(config), "check_images": 2, "check_images_per_concept": 20})) == \
+        range(50, 70)
 
 
 def test_a_count_stopped_early_gives_the_whole_counts_verdict():
@@ -441,7 +474,7 @@ def test_the_clip_judge_counts_a_concept_image_by_its_nearest_prompt_and_keeps_a
         make_judge("clip", concepts)  # neither --classes nor anchors: nothing to tell the concept from
 
     config = SimpleNamespace(anchor_guidance=7.5, check_images=4, check_seed_start=10, concepts=["c1", "c2"],
-                             anchors=["a1", "a2", "a3", "a4"])
+                             anchors=["a1", "a2", "a3", "a4"], check_images_per_concept=1)
     both = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=True))
     concept_only = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=False))  # as NudeNet's
     assert both.guidance == 7.5  # no guidance of the judge's own: the run's anchor guidance

@@ -74,6 +74,12 @@ def sequence_id(label: str, seed: int) -> str:
     return f"{label.replace(' ', '_').replace(',', '').replace('=', '')}__s{seed}"
 
 
+def settings_differ(stored: dict, settings: dict) -> list[str]:
+    """The settings a stored request was made with that differ from this run's. A setting the stored request does
+    not name did not exist when it was made: it differs where this run sets it (not None)."""
+    return [key for key in settings if stored.get(key) != settings[key] and (key in stored or settings[key] is not None)]
+
+
 def run_sequence(spec: BenchSpec, base, judging: SequenceJudging, base_images: list, *, label: str,
                  overrides: dict, concepts: list[str], seed: int, split: str, output: Path, progress: bool,
                  log) -> list[dict]:
@@ -85,13 +91,12 @@ def run_sequence(spec: BenchSpec, base, judging: SequenceJudging, base_images: l
         run_dir = folder / f"{k:02d}-{concept}"
         record_file = run_dir / "record.json"
         config = run_config(spec, overrides, concept, seed, run_dir, progress)
-        settings = run_settings(config)
+        settings = run_settings(config, several=k > 1)
         if not redo and record_file.is_file() and (run_dir / "erased.safetensors").is_file():
-            stored = json.loads(record_file.read_text())
-            differ = [key for key in settings if key in stored.get("settings", settings)
-                      and stored.get("settings", settings)[key] != settings[key]]
+            kept = json.loads(record_file.read_text())
+            differ = settings_differ(kept.get("settings", settings), settings)
             if not differ:
-                records.append(stored)
+                records.append(kept)
                 previous = run_dir
                 continue
             log(f"    request {k} of {label} (seed {seed}) was made with other settings ({', '.join(differ)}): it and "

@@ -310,10 +310,13 @@ def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
     return runs
 
 
-def run_settings(config) -> dict:
+def run_settings(config, several: bool = False) -> dict:
     """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
-    file plans under its label (--runs-from). The check's bar only where the run checks."""
+    file plans under its label (--runs-from). The check's bar only where the run checks; its floor of images per
+    concept only where the run erases `several` concepts (a chain's later request), as nowhere else it changes a
+    check of the benchmark's (one concept, 32 images)."""
     checks = config.stop_when_erased
+    images = checks and judge_name(config) != "signal"
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
             "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
             "lr": config.lr,
@@ -329,6 +332,7 @@ def run_settings(config) -> dict:
             "check_every": config.check_every if checks else None,
             "check_inference_steps": config.check_inference_steps if checks else None,
             "check_seed_start": config.check_seed_start if checks else None,
+            **({"check_images_per_concept": config.check_images_per_concept} if several and images else {}),
             **({"uce_regularization": config.uce_regularization, "uce_preserve_weight": config.uce_preserve_weight}
                if is_edit(config.method) else {})}
 

@@ -25,11 +25,17 @@ was the same (`scripts/check_steps_agreement.py`, `BENCHMARKS.md`), at 44% of th
 
 Why 5% when the benchmark's target is 10%: a check judges few images (32 of the concept: one image is 3
 points) and the run stops at the first check that falls under the bar, so the rate at the stop is the
-lucky low of a noisy series. Measured on the digits benchmark with the bar at 10% (`BENCHMARKS.md`, issue
-16): 3 of 18 runs stopped on checks of 6% and 9% and were judged at 10.9% to 14.1% on 64 images each. At
+lucky low of a noisy series. Measured on the digits benchmark with the bar at 10% (`BENCHMARKS.md`): 3 of 18 runs stopped on checks of 6% and 9% and were judged at 10.9% to 14.1% on 64 images each. At
 5% the forget side missed once in 18 runs; the longer erasure cost the retain side two more misses. The
 anchors' bar is half the target's 3 points for the same reason: checked every 10 steps with a 3-point bar,
 a run whose anchors hovered near it stopped on a check of 97.5% and was judged at 96.6% on 960 images.
+
+With several concepts (or a chain's earlier ones) the concept images are shared among them, seed by seed, and
+each concept must be within the bar on its own images as well as in the pool. Each gets at least
+`--check-images-per-concept` (8) images: with 32 images over eight concepts each would get 4, and a concept
+still drawn in 20% of its images would pass 4 images with probability 0.41 (0.8^4), against 0.17 with 8. The
+floor makes a passing check cost linearly more with the number of concepts (a failing one still ends after its
+first chunk); it was chosen by that power, before any run with it.
 
 Checks run on the main process; the trainer agrees the decision across processes. Every check is a line
 of OUTPUT/checks.jsonl (step 0: the model before training) with the images it drew and its own time: an
@@ -39,15 +45,16 @@ Judges are registered by name with the models they know. A judge lists the check
 seed) pairs (`concept_items`, `anchor_items`) and says of drawn ones whether the concept is still shown
 (`still_shown`) and whether an anchor is kept (`kept`). The seeds come from `--check-seed-start` (1,000,000) on,
 a range that no evaluation draws from (`image_seeds`): a run that stopped on its check's images is graded on
-others. The embedded digits model has one (the shipped
-digit and style classifier); other models have none yet, and the flag is refused for them before
-anything runs.
+others. The embedded digits models have theirs (the shipped digit and style classifier); on any model a run can
+name the CLIP classifier or NudeNet, and a model with no judge stops on the erasure signal (`SignalStop`), which
+draws no image.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import time
 from pathlib import Path
 
@@ -110,7 +117,10 @@ class CheckSides:
         self.judged_as = {v.prompt: config.concepts[v.owner] for v in concept_variants}
         concepts = [v.prompt for v in concept_variants]
         anchors = [v.prompt for v in anchor_variants if v.tier == BARE]
-        per_concept = max(1, math.ceil(n / len(concepts)))
+        # every concept gets its floor of images (a concept's variants share it), and the check at least n in all
+        variants_of = Counter(self.judged_as.values())
+        floor = max(math.ceil(int(config.check_images_per_concept) / k) for k in variants_of.values())
+        per_concept = max(1, math.ceil(n / len(concepts)), floor)
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
         self.concept_items = [(p, s) for s in seed_range(config.check_seed_start, per_concept) for p in concepts]
         self.anchor_items = [(p, s) for s in seed_range(config.check_seed_start, per_anchor) for p in anchors] \
@@ -135,12 +145,12 @@ class CheckSides:
 
 
 def check_seeds(config) -> range:
-    """The image seeds a check of this run may draw (at most: a judge draws fewer than 2 x check_images from
-    --check-seed-start on): what an evaluation of the run must not judge (`image_seeds`). No seed for a run
+    """The image seeds a check of this run may draw (at most: a judge draws fewer than 2 x check_images, or
+    check_images_per_concept where that is more, from --check-seed-start on): what an evaluation of the run must not judge (`image_seeds`). No seed for a run
     that does not stop when erased or stops on the erasure signal, which draws no image."""
     if not config.stop_when_erased or judge_name(config) == "signal":
         return range(0)
-    return seed_range(config.check_seed_start, 2 * int(config.check_images))
+    return seed_range(config.check_seed_start, max(2 * int(config.check_images), int(config.check_images_per_concept)))
 
 
 def judge_name(config) -> str:
