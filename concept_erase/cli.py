@@ -105,10 +105,10 @@ def _epilog(command: str) -> str | None:
 
     if command != "eval":
         return None
-    from concept_erase.evaluation.metrics import METRIC_HELP
+    from concept_erase.evaluation.metrics import metric_help
 
     lines = ["metrics (a suite's `metrics:` keys; eval/*.yaml are examples):"]
-    for name, text in METRIC_HELP.items():
+    for name, text in metric_help().items():
         lines += textwrap.wrap(text, width=100, initial_indent=f"  {name:<16}", subsequent_indent=" " * 18,
                                break_on_hyphens=False)
     lines += ["", "example (after `bash scripts/demo.sh`):",

@@ -139,7 +139,7 @@ def test_eval_bad_inputs_leave_the_output_alone(suite, tmp_path, fid_cache, caps
 
 def test_overwrite_replaces_only_a_complete_evaluation(tmp_path, fid_cache, monkeypatch, capsys):
     from concept_erase.errors import UserError
-    from concept_erase.evaluation import metrics
+    from concept_erase.digits import metrics
 
     suite = tmp_path / "judge-only.yaml"  # what is checked here is the overwrite, not the metrics
     suite.write_text(f"name: judge-only\nprompts: {ROOT / 'prompts' / 'digits.csv'}\nseeds_per_prompt: 1\n"

