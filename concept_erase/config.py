@@ -18,6 +18,7 @@ from typing import Any, Optional
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import CHECK_SEED_START
 from concept_erase.options import IN_ANY, IN_DIR, IN_FILE, MAX_SEED, OUT_DIR, check_fields, flag_name, setting
+from concept_erase.plugins import EDITS, FORGET_OBJECTIVES, LAMBDA_CONTROLLERS, RETAIN_OBJECTIVES, check_trackers
 from concept_erase.variants import check_names as check_variant_names
 from concept_erase.yaml_files import read_yaml
 
@@ -224,8 +225,6 @@ class EraseConfig:
     progress: bool = _r(True, "show a progress bar")
 
     def __post_init__(self):
-        from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
-
         if isinstance(self.concepts, str):
             self.concepts = [self.concepts]
         if isinstance(self.anchors, str):
@@ -255,8 +254,6 @@ class EraseConfig:
         FORGET_OBJECTIVES.get(self.forget_loss)
         RETAIN_OBJECTIVES.get(self.retain_loss)
         check_fields(self)
-        from concept_erase.training.tracking import check_trackers
-
         check_trackers(self.report_to)
         if self.sample_every and not self.sample_prompts:
             raise UserError(f"--sample-every {self.sample_every} needs something to draw: add --sample-prompt "
@@ -404,8 +401,6 @@ def settings_for(settings: dict, method: str | None = None) -> dict:
 
 
 def is_edit(method: str) -> bool:
-    from concept_erase.methods.edits import EDITS
-
     return method in EDITS
 
 
@@ -440,18 +435,12 @@ def keeps_anchors(method: str) -> bool:
 
 def check_method(name: str) -> None:
     """A known method: a lambda controller (trained) or a closed-form edit; else one line naming them all."""
-    from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
-
     if name not in LAMBDA_CONTROLLERS and not is_edit(name):
-        from concept_erase.methods.edits import EDITS
-
         raise UserError(f"unknown method {name!r} for --method; choose one of: "
                         f"{', '.join(LAMBDA_CONTROLLERS.names() + EDITS.names())}")
 
 
 def _controller(name: str):
-    from concept_erase.methods.controllers import LAMBDA_CONTROLLERS
-
     return LAMBDA_CONTROLLERS.get(name)
 
 
@@ -560,8 +549,6 @@ def resume_differences(saved: dict, config: EraseConfig) -> tuple[list, dict]:
     each resumable setting (`options.setting`'s `resumable`) that differs to {"checkpoint": ..., "now": ...}.
     A setting the checkpoint does not name (written by an older version) is not compared, nor those of the
     invocation itself (--resume, --overwrite, --progress)."""
-    from concept_erase.options import flag_name
-
     now = json.loads(config_json(config))
     refused, changed = [], {}
     for f in dataclasses.fields(EraseConfig):

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "concept_erase"
 
 LAYERS = [  # bottom first; a name stands for a module or a package's every module
     ("core", ["errors", "registry", "options", "image_seeds", "variants", "env", "processes", "provenance",
-              "embedded"]),
+              "embedded", "plugins"]),
     ("io", ["io", "io.atomic", "io.resumable", "io.tokenizer", "io.digests", "io.single_file",
             "io.tiny", "yaml_files"]),
     ("families", ["families"]),
@@ -85,6 +85,14 @@ def test_every_module_has_a_layer_and_imports_only_its_own_or_lower_ones():
     assert not unexplained, "imports up the layers:\n" + "\n".join(unexplained)
     stale = [pair for pair in EXCEPTIONS if pair not in upward]
     assert not stale, f"listed exceptions that no longer run upward: {stale}"
+
+
+def test_the_settings_import_none_of_the_code_that_reads_them():
+    """`config` checks a method, a loss or a tracker by name against the tables in `plugins`, which import their
+    plug-ins only when read: the settings do not import the methods or the trainer that consume them."""
+    edges = imports(modules())
+    consumers = sorted(t for t in edges["config"] if t.split(".")[0] in ("methods", "training", "bench", "attacks"))
+    assert not consumers, f"config imports its consumers: {consumers}"
 
 
 def test_no_modules_import_each_other_in_a_circle():

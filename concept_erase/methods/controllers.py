@@ -16,9 +16,7 @@ Lambda, loss values and the slack are Python floats (fp64), never bf16.
 from __future__ import annotations
 
 import math
-from concept_erase.registry import Registry
-
-LAMBDA_CONTROLLERS: Registry[type] = Registry("method", "--method")
+from concept_erase.plugins import LAMBDA_CONTROLLERS
 
 
 def eupmu_slack(retain_before: float, retain_after: float, step_size: float, eps: float) -> float:

@@ -28,9 +28,7 @@ import time
 
 import torch
 
-from concept_erase.registry import Registry
-
-EDITS: Registry = Registry("method", "--method")
+from concept_erase.plugins import EDITS
 
 
 def closed_form_weight(w_old: torch.Tensor, concepts: torch.Tensor, guides: torch.Tensor, kept: torch.Tensor, *,

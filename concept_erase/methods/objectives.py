@@ -13,13 +13,9 @@ import torch
 
 from concept_erase.families.base import Cond
 from concept_erase.methods.losses import negative_guidance_target
-from concept_erase.registry import Registry
+from concept_erase.plugins import FORGET_OBJECTIVES, RETAIN_OBJECTIVES
 from concept_erase.training.seeds import generator
 from concept_erase.variants import SLOT
-
-FORGET_OBJECTIVES: Registry[type] = Registry("forget loss", "--forget-loss")
-RETAIN_OBJECTIVES: Registry[type] = Registry("retain loss", "--retain-loss")
-
 
 @dataclass
 class RegressionBatch:

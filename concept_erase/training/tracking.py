@@ -14,35 +14,15 @@ the anchors staying.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import time
 from pathlib import Path
 
-from concept_erase.errors import UserError
 from concept_erase.evaluation.grids import labelled_grid
 from concept_erase.evaluation.sample import generate
 from concept_erase.io.atomic import atomic_path
+from concept_erase.plugins import tracker_names
 
-TRACKERS = ("none", "tensorboard", "wandb", "all")
 SAMPLE_SEED = 0  # every sample of a prompt starts from the same noise: the pictures differ by the training alone
-
-
-def tracker_names(report_to: str) -> list[str]:
-    return {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
-
-
-def check_trackers(report_to: str, flag: str = "--report-to") -> None:
-    """At the door: an unknown tracker or one whose package is missing is a one-line message."""
-    if report_to not in TRACKERS:
-        raise UserError(f"{flag} {report_to!r} is not a tracker; use one of: {', '.join(TRACKERS)}")
-    for name in tracker_names(report_to):
-        if name == "tensorboard" and not (importlib.util.find_spec("tensorboard")
-                                          or importlib.util.find_spec("tensorboardX")):
-            raise UserError(f"{flag} {report_to}: the tensorboard package is not installed; "
-                            "pip install 'concept-erase[tensorboard]' (or tensorboard)")
-        if name == "wandb" and not importlib.util.find_spec("wandb"):
-            raise UserError(f"{flag} {report_to}: the wandb package is not installed; pip install wandb "
-                            "(and `wandb login`, or WANDB_MODE=offline)")
 
 
 def accelerator_kwargs(config, output: Path) -> dict:
