@@ -183,7 +183,7 @@ class EraseConfig:
     check_retain_drop_at_most: float = _r(0.015, "with --stop-when-erased: how far the anchors' accuracy at a check "
                                                  "may be below the model's own before training for the run to stop "
                                                  "(0.015: 1.5 points, half the benchmark's 3-point target: at 3 points "
-                                                 "a run checked every 10 steps stopped on a lucky check, BENCHMARKS.md)",
+                                                 "a run checked every 10 steps stopped on a lucky check, benchmarks/tuning-record.md)",
                                            ge=0, le=1)
     check_inference_steps: int = _r(10, "with --stop-when-erased: sampler steps of a check's images (on the digits "
                                         "model the judge's verdicts at 10 steps match those at 25)", ge=1, le=1000)

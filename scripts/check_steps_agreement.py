@@ -1,7 +1,7 @@
 """Does an erasure check see the same thing at fewer sampler steps? During digits erasures, judge the check's
 images (`--stop-when-erased`'s, the same prompts and seeds) at several sampler step counts every few steps, and
 report how often the judge's verdicts agree, per image and per check, and the first step each would stop at.
-It chose `--check-inference-steps 10` (BENCHMARKS.md), and kept it against 5 (`--sampler-steps 5,10,25`:
+It chose `--check-inference-steps 10` (benchmarks/tuning-record.md), and kept it against 5 (`--sampler-steps 5,10,25`:
 5 steps stopped 2 of 6 runs earlier than 25 would have). Out of the test suite: about 4 minutes per run of 100
 steps on one CPU thread (9 with three step counts).
 

@@ -123,7 +123,7 @@ def test_shipped_flow_model_is_an_sd3_pipeline_of_at_most_20_mb_that_draws_the_p
 
 def test_demo_on_the_flow_model(tmp_path):
     """A short demo on builtin:digits-flow: the same recipe, the same report (the full demo meets the
-    target: BENCHMARKS.md)."""
+    target: benchmarks/tuning-record.md)."""
     from concept_erase.digits.demo import run_demo
 
     report = run_demo(tmp_path / "demo", digit="seven", seeds=1, steps=5, progress=False,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "CHANGELOG.md", ROOT / "prompts" / "README.md",
+PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "benchmarks" / "scale.md", ROOT / "benchmarks" / "tuning-record.md",
+         ROOT / "CHANGELOG.md", ROOT / "prompts" / "README.md",
          *sorted((ROOT / "docs").glob("*.md"))]
 
 

@@ -290,7 +290,7 @@ class Preservation(Denoising):
     MACE and EraseAnything). It is 0 before training and grows with any change to what the model predicts
     for the anchors, where the denoising loss moves by a small part of its own size (most of it is the
     noise's variance, which no model removes); so the retain constraint of EUPMU sees the drift that
-    makes the other digits come out wrong (`BENCHMARKS.md`)."""
+    makes the other digits come out wrong (`benchmarks/tuning-record.md`)."""
 
     @torch.no_grad()
     def batch(self, gen: torch.Generator, n: int, step: int) -> RegressionBatch:

@@ -21,11 +21,11 @@ the whole set. Each record lists the calls it made (`forget_calls`, `retain_call
 what the benchmark charges it for.
 The images are drawn with `--check-inference-steps` sampler steps (10): on the digits model the judge's
 verdicts at 10 steps match those at 25 on 99% of the images, and every measured run's first check at target
-was the same (`scripts/check_steps_agreement.py`, `BENCHMARKS.md`), at 44% of the cost.
+was the same (`scripts/check_steps_agreement.py`, `benchmarks/tuning-record.md`), at 44% of the cost.
 
 Why 5% when the benchmark's target is 10%: a check judges few images (32 of the concept: one image is 3
 points) and the run stops at the first check that falls under the bar, so the rate at the stop is the
-lucky low of a noisy series. Measured on the digits benchmark with the bar at 10% (`BENCHMARKS.md`): 3 of 18 runs stopped on checks of 6% and 9% and were judged at 10.9% to 14.1% on 64 images each. At
+lucky low of a noisy series. Measured on the digits benchmark with the bar at 10% (`benchmarks/tuning-record.md`): 3 of 18 runs stopped on checks of 6% and 9% and were judged at 10.9% to 14.1% on 64 images each. At
 5% the forget side missed once in 18 runs; the longer erasure cost the retain side two more misses. The
 anchors' bar is half the target's 3 points for the same reason: checked every 10 steps with a 3-point bar,
 a run whose anchors hovered near it stopped on a check of 97.5% and was judged at 96.6% on 960 images.
