@@ -174,3 +174,94 @@ def test_the_shipped_two_request_and_many_artists_recipes_run_on_tiny_models(tmp
     assert [r["concepts"][0] for r in json.loads(meta["chain"])] == ["Van Gogh", "Pablo Picasso"]
     artists = run("sd15-artists.yaml", model="builtin:tiny", output=str(tmp_path / "artists"))
     assert len(artists.concepts) == 5 and "a painting in the style of Rembrandt" in artists.anchors
+
+
+def test_two_lora_adapters_join_into_one_whose_update_is_their_sum():
+    """join_lora: per module the down projections stacked and the up projections side by side, each scaled by its
+    alpha / r; the joined adapter (alpha = rank) changes a linear and a convolution exactly as the two together."""
+    from concept_erase.export.delta import join_lora
+
+    g = torch.Generator().manual_seed(0)
+
+    def adapter(r):
+        return {"m.lora_A.weight": torch.randn(r, 6, generator=g), "m.lora_B.weight": torch.randn(5, r, generator=g),
+                "c.lora_A.weight": torch.randn(r, 3, 3, 3, generator=g),
+                "c.lora_B.weight": torch.randn(4, r, 1, 1, generator=g)}
+
+    def update(t, meta, module):
+        a, b = t[f"{module}.lora_A.weight"], t[f"{module}.lora_B.weight"]
+        scale = float(meta["alpha"]) / int(meta["r"])
+        return scale * (b.flatten(1) @ a.flatten(1))
+
+    first, first_meta = adapter(2), {"r": 2, "alpha": 4.0, "targets": ["m", "c"]}
+    second, second_meta = adapter(3), {"r": 3, "alpha": 1.5, "targets": ["m", "c"]}
+    joined, meta = join_lora(first, first_meta, second, second_meta)
+    assert meta == {"r": 5, "alpha": 5.0, "targets": ["m", "c"]}
+    assert joined["c.lora_A.weight"].shape == (5, 3, 3, 3) and joined["c.lora_B.weight"].shape == (4, 5, 1, 1)
+    for module in ("m", "c"):
+        assert torch.allclose(update(joined, meta, module),
+                              update(first, first_meta, module) + update(second, second_meta, module), atol=1e-5)
+    from concept_erase.errors import UserError
+
+    with pytest.raises(UserError, match="different modules"):
+        join_lora(first, first_meta, {k: v for k, v in second.items() if k.startswith("m")}, second_meta)
+
+
+def test_a_lora_chain_trains_beside_the_previous_adapters_refers_to_the_base_and_writes_one_adapter(tmp_path):
+    """A LoRA run continued by a LoRA run: the second starts from base + the first's adapters (frozen), its
+    original model is the base, and its delta is one adapter of the summed rank that holds the first unchanged
+    and applies as base + both. A LoRA run continued with a weight subset is refused in one line."""
+    from concept_erase.config import EraseConfig
+    from concept_erase.export.delta import apply, merge_lora, read_delta
+    from concept_erase.io.loading import load_pipeline
+    from concept_erase.training.trainer import erase
+
+    first = _erase(tmp_path, "a", "--concept", "van gogh", "--anchor", "a photo", "--train", "lora", "--lora-rank", "2")
+    before, first_meta = read_delta(first)
+    base = load_pipeline("builtin:tiny").unet
+    with_first = load_pipeline("builtin:tiny").unet
+    merge_lora(with_first, before, json.loads(first_meta["lora"]))
+    seen = {}
+
+    class Look:
+        def start(self, trainer):
+            x = torch.randn(1, *trainer.ctx.latent_shape, generator=torch.Generator().manual_seed(0))
+            t, cond = torch.tensor([500]), trainer.ctx.embed(["monet"])
+            predict = trainer.family.predict
+            with torch.no_grad():
+                now = predict(trainer.ctx.denoiser, x, t, cond)
+            seen["starts_from_first"] = torch.allclose(now, predict(with_first, x, t, cond), atol=1e-5)
+            seen["original_is_base"] = torch.allclose(trainer.ctx.original(x, t, cond), predict(base, x, t, cond),
+                                                      atol=1e-6)
+            seen["trains_only_its_own"] = all(".default." in n for n in trainer.trained)
+            seen["first_frozen"] = not any(p.requires_grad for n, p in trainer.ctx.denoiser.named_parameters()
+                                           if ".chain." in n)
+
+        def __call__(self, done, trainer):
+            return False
+
+    out = tmp_path / "b"
+    erase(EraseConfig(model="builtin:tiny", concepts=["monet"], anchors=["a dog"], output=str(out), weights=str(first),
+                      train="lora", lora_rank=3, lora_alpha=1.5, steps=2, sampling_steps=3, anchor_inference_steps=2,
+                      anchor_images_per_prompt=1, progress=False, checkpoint_every=0, lr=1e-2,
+                      cache_dir=str(tmp_path / "cache")), on_step=Look())
+    assert seen == {"starts_from_first": True, "original_is_base": True, "trains_only_its_own": True,
+                    "first_frozen": True}
+    after, meta = read_delta(out)
+    assert meta["kind"] == "lora" and json.loads(meta["lora"])["r"] == 5
+    assert [r["concepts"] for r in json.loads(meta["chain"])] == [["van gogh"], ["monet"]]
+    first_scale = float(json.loads(first_meta["lora"])["alpha"]) / 2
+    for name, value in before.items():  # the first request's adapters, unchanged, in the first two ranks
+        part = after[name][:2] if ".lora_A." in name else after[name][:, :2] / first_scale
+        assert torch.allclose(part, value, atol=1e-6), name
+    assert any(not torch.equal(after[n][2:], torch.zeros_like(after[n][2:])) for n in after if ".lora_A." in n)
+    chained = apply(load_pipeline("builtin:tiny"), out).unet
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    cond = torch.randn(1, 4, base.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        moved = (chained(x, torch.tensor([10]), cond).sample - with_first(x, torch.tensor([10]), cond).sample).abs()
+    assert moved.max() > 0  # the second request's adapter is in it too
+
+    code = main(["erase", "--model", "builtin:tiny", "--concept", "monet", "--anchor", "a dog", "--weights", str(first),
+                 "--output", str(tmp_path / "c"), "--cache-dir", str(tmp_path / "cache"), *QUICK, "--train", "xattn"])
+    assert code == 2 and not (tmp_path / "c").exists()

@@ -427,6 +427,35 @@ def test_the_shipped_flux_and_sd3_recipes_run_on_tiny_models(recipe, model, tmp_
     assert len(metrics(cfg.output)) == 1
 
 
+def test_the_shipped_flux_chain_of_two_lora_requests_runs_and_writes_one_lora_that_applies(tmp_path):
+    """flux-style-vangogh.yaml then flux-then-picasso.yaml, as shipped (LoRA, bf16, gradient checkpointing), lengths
+    cut and the model swapped for a tiny FLUX: the second continues the first, and its delta is one LoRA of the
+    summed rank that applies to the base as both requests together."""
+    from pathlib import Path
+
+    from concept_erase.config import build_config, load_yaml
+    from concept_erase.export.delta import apply, read_delta
+    from concept_erase.io.loading import load_pipeline
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    cuts = {"model": "builtin:tiny-flux", "resolution": 32, "steps": 1, "sampling_steps": 2,
+            "anchor_inference_steps": 2, "anchor_images_per_prompt": 1, "cache_dir": str(tmp_path / "cache"),
+            "progress": False, "checkpoint_every": 0, "check_every": 1}
+    first = build_config(load_yaml(root / "flux-style-vangogh.yaml"), {**cuts, "output": str(tmp_path / "first")},
+                         source="flux-style-vangogh.yaml")
+    erase(first)
+    second = build_config(load_yaml(root / "flux-then-picasso.yaml"),
+                          {**cuts, "output": str(tmp_path / "second"), "weights": str(tmp_path / "first")},
+                          source="flux-then-picasso.yaml")
+    assert second.train == "lora" and second.mixed_precision == "bf16"
+    erase(second)
+    tensors, meta = read_delta(tmp_path / "second")
+    assert meta["kind"] == "lora" and json.loads(meta["lora"])["r"] == first.lora_rank + second.lora_rank
+    assert [r["concepts"][0] for r in json.loads(meta["chain"])] == ["Van Gogh", "Pablo Picasso"]
+    pipe = apply(load_pipeline("builtin:tiny-flux"), tmp_path / "second")
+    assert not any("lora" in n for n in pipe.transformer.state_dict())
+
+
 def test_an_sd3_folder_saved_without_t5_loads_encodes_and_exports_a_card_whose_code_loads_it(tmp_path, make_config):
     """SD3 runs without T5 (the pipeline's zeros take T5's tokens), and a folder saved so has `[null, null]` for
     text_encoder_3 and tokenizer_3: diffusers' from_pretrained refuses it unless they are passed as None. The

@@ -60,12 +60,36 @@ def _lora_state(unet, state: dict | None = None) -> dict[str, torch.Tensor]:
             for k, v in get_peft_model_state_dict(unet, state_dict=state).items()}
 
 
+def join_lora(first: dict[str, torch.Tensor], first_lora: dict, second: dict[str, torch.Tensor],
+              second_lora: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Two LoRA adapters on the same modules as one whose update is exactly their sum: per module the down
+    projections stacked (rank r1 + r2) and the up projections side by side, each scaled by its adapter's
+    alpha / r, so that the joined adapter's own scale is 1 (alpha = rank). Returns (tensors, lora metadata)."""
+    if set(first) != set(second) or first_lora["targets"] != second_lora["targets"]:
+        raise UserError("the two LoRA adapters of a chain sit on different modules; they cannot be joined")
+    scales = [float(m["alpha"]) / int(m["r"]) for m in (first_lora, second_lora)]
+    out = {}
+    for name in first:
+        a, b = first[name].float(), second[name].float()
+        if ".lora_A." in name:
+            out[name] = torch.cat([a, b], dim=0)  # [r, in, ...]: the rows of each adapter's down projection
+        elif ".lora_B." in name:
+            out[name] = torch.cat([a * scales[0], b * scales[1]], dim=1)  # [out, r, ...]
+        else:
+            raise UserError(f"the chain's LoRA holds {name!r}, neither a down nor an up projection; it cannot be "
+                            "joined")
+    rank = int(first_lora["r"]) + int(second_lora["r"])
+    return {k: v.contiguous() for k, v in out.items()}, {"r": rank, "alpha": float(rank),
+                                                         "targets": list(first_lora["targets"])}
+
+
 def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: dict, steps: int,
                lambda_final: float, family, whole: bool = False, edit: str | None = None,
-               chain: list | None = None) -> None:
+               chain: list | None = None, joined: tuple[dict, dict] | None = None) -> None:
     """`trained`: {name: parameter}; with `whole`, {name: the whole fp32 CPU tensor} gathered from a
     sharded run (the module's own state is sharded then and is not read). `edit`: for a closed-form edit, the
-    subset it changed (the config's `train` is training's)."""
+    subset it changed (the config's `train` is training's). `joined`: a LoRA chain's previous adapters and their
+    metadata, written joined with this run's into one adapter (`join_lora`)."""
     from safetensors.torch import save_file
 
     lora = edit is None and config.train == "lora"
@@ -94,8 +118,10 @@ def save_delta(path: str | Path, unet, trained: dict, *, config, fingerprint: di
         "settings": json.dumps(settings, sort_keys=True),
     }
     if lora:
-        meta["lora"] = json.dumps({"r": config.lora_rank, "alpha": config.lora_alpha,
-                                   "targets": list(family.lora_targets)})
+        lora_meta = {"r": config.lora_rank, "alpha": config.lora_alpha, "targets": list(family.lora_targets)}
+        if joined is not None:
+            tensors, lora_meta = join_lora(joined[0], joined[1], tensors, lora_meta)
+        meta["lora"] = json.dumps(lora_meta)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 

@@ -9,12 +9,19 @@ concepts, the new ones from the base model's weights, the old ones from where th
 What a chained run writes is an ordinary delta against the base model: every tensor the chain has changed (the
 previous run's that this run does not train keep their values), with `chain` in its metadata, the requests in
 order. `apply`, the exports and the model card read it as any delta.
+
+A chain of LoRA runs (`--train lora` after a LoRA run; what a FLUX.1 or SD3 user trains) keeps the base weights
+untouched: the previous run's adapters join the denoiser as a frozen adapter of their own (`PREVIOUS_ADAPTER`),
+active beside the one this run trains, and switching every adapter off gives the base model, the original. The run
+writes one LoRA of the summed rank that holds both (`export.delta.join_lora`: the adapters side by side, each
+one's scale folded into its up-projection), exactly the sum of the two; a third request adds a third.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -65,12 +72,13 @@ def read_previous(config) -> Previous | None:
     path = Path(config.weights)
     tensors, meta = read_delta(path)
     previous = Previous(delta_file(path), tensors, meta)
-    if meta.get("kind") == "lora":
-        raise UserError(f"--weights {config.weights} holds LoRA adapters, which a chain cannot add to: erase that "
-                        "request again with --train xattn (or another weight subset), then continue from it")
-    if config.train == "lora":
-        raise UserError(f"--train lora cannot continue --weights {config.weights}: a chain adds to the previous "
-                        f"run's weights; give --train {meta.get('train') or 'xattn'} (or another weight subset)")
+    if meta.get("kind") == "lora" and config.train != "lora":
+        raise UserError(f"--weights {config.weights} holds LoRA adapters: continue it with --train lora (the chain "
+                        f"adds adapters), or erase that request again with --train {config.train} and continue from it")
+    if meta.get("kind") != "lora" and config.train == "lora":
+        raise UserError(f"--train lora cannot continue --weights {config.weights}: it changed the weights themselves "
+                        f"(--train {meta.get('train') or 'xattn'}); give a weight subset, or start the chain with a "
+                        "LoRA run")
     if meta.get("edit"):
         raise UserError(f"--weights {config.weights} is a closed-form edit ({meta.get('method')}); continue from a "
                         "trained erasure, or run the edit last")
@@ -119,11 +127,48 @@ def check_family_and_base(previous: Previous, family, denoiser) -> None:
     check_base(denoiser, previous.tensors, previous.meta, allow_other_base=False)
 
 
+PREVIOUS_ADAPTER = "chain"  # the previous requests' adapters in a LoRA chain, frozen beside the trained "default"
+
+
+def is_lora(previous: Previous | None) -> bool:
+    return previous is not None and previous.meta.get("kind") == "lora"
+
+
+def previous_lora(previous: Previous | None) -> tuple[dict, dict] | None:
+    """A LoRA chain's previous adapters and their `lora` metadata (rank, alpha, targets), for the delta to join."""
+    return (previous.tensors, json.loads(previous.meta["lora"])) if is_lora(previous) else None
+
+
+def add_previous_adapter(denoiser, previous: Previous | None) -> None:
+    """A LoRA chain: the previous run's adapters as a frozen adapter beside the trained one, both active. Called
+    once the trained adapter exists (`select_trainable`), so that it is not among the trained tensors."""
+    if not is_lora(previous):
+        return
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    lora = json.loads(previous.meta["lora"])
+    with warnings.catch_warnings():  # peft warns of a second adapter: here that is the point
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        denoiser.add_adapter(LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["alpha"]),
+                                        target_modules=lora["targets"]), adapter_name=PREVIOUS_ADAPTER)
+    expected = get_peft_model_state_dict(denoiser, adapter_name=PREVIOUS_ADAPTER)
+    if set(expected) != set(previous.tensors):
+        raise UserError(f"--weights {previous.path}: its LoRA adapters sit on other modules than this run's "
+                        "--train lora; it was made for another architecture")
+    set_peft_model_state_dict(denoiser, previous.tensors, adapter_name=PREVIOUS_ADAPTER)
+    denoiser.set_adapters([PREVIOUS_ADAPTER, "default"])
+    for name, p in denoiser.named_parameters():  # peft marks every active adapter trainable
+        if f".{PREVIOUS_ADAPTER}." in name:
+            p.requires_grad_(False)
+
+
 def touched(denoiser, trained: dict, previous: Previous | None) -> dict:
     """{name: parameter} of every tensor the chain changes: the trained ones and the previous run's others. Read
     before `put_in`, they are the base model's values (the original model's copy, the fingerprint); read after the
-    run, what its delta holds (the previous run's others keep its values: this run did not train them)."""
-    if previous is None:
+    run, what its delta holds (the previous run's others keep its values: this run did not train them). A LoRA
+    chain changes no weight: the previous adapters are joined to the trained ones when the delta is written."""
+    if previous is None or is_lora(previous):
         return trained
     params = dict(denoiser.named_parameters())
     return {**{n: params[n] for n in previous.tensors if n not in trained}, **trained}
@@ -131,8 +176,8 @@ def touched(denoiser, trained: dict, previous: Previous | None) -> dict:
 
 @torch.no_grad()
 def put_in(denoiser, previous: Previous | None) -> None:
-    """The previous run's weights, in place of the base model's."""
-    if previous is None:
+    """The previous run's weights, in place of the base model's (a LoRA chain's are an adapter of their own)."""
+    if previous is None or is_lora(previous):
         return
     params = dict(denoiser.named_parameters())
     for name, value in previous.tensors.items():

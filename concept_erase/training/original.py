@@ -32,6 +32,7 @@ class OriginalModel:
         self.original = {} if lora else {n: p.detach().to(dtype=dtype or p.dtype, copy=True)
                                          for n, p in trained.items()}
         self.sharded: dict[str, torch.Tensor] = {}  # {name: sharded parameter} once `shard` was called
+        self.frozen_adapters: list[torch.nn.Parameter] | None = None  # LoRA: adapters not trained (`adapter_off`)
 
     def shard(self, trained: dict[str, torch.Tensor]) -> None:
         """The trained tensors are sharded now: keep the original values of this process's slices."""
@@ -77,11 +78,17 @@ class OriginalModel:
 
     @contextlib.contextmanager
     def adapter_off(self):
+        """Every adapter off: the base model. peft marks every active adapter trainable when they come back on, so
+        a frozen one (a LoRA chain's earlier requests) is frozen again."""
+        if self.frozen_adapters is None:
+            self.frozen_adapters = [p for n, p in self.model.named_parameters() if "lora_" in n and not p.requires_grad]
         self.model.disable_adapters()
         try:
             yield
         finally:
             self.model.enable_adapters()
+            for p in self.frozen_adapters:
+                p.requires_grad_(False)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.original.values())

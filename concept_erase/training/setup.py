@@ -34,7 +34,7 @@ from concept_erase.methods.objectives import FORGET_OBJECTIVES, RETAIN_OBJECTIVE
 from concept_erase.methods.signal import LambdaTrail, SignalMeter
 from concept_erase.methods.stopping import judge_name
 from concept_erase.training import tracking
-from concept_erase.training.chain import check_family_and_base, put_in, touched
+from concept_erase.training.chain import add_previous_adapter, check_family_and_base, put_in, touched
 from concept_erase.training.checkpoints import resume
 from concept_erase.training.context import ErasureContext, prompt_variants
 from concept_erase.training.hardware import (check_device, describe_device, duration, estimate_step_seconds,
@@ -127,6 +127,7 @@ def freeze(t) -> None:
     unet = family.denoiser(pipe)
 
     t.trained = select_trainable(unet, cfg.train, family, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+    add_previous_adapter(unet, t.previous)  # a LoRA chain: the previous adapters, frozen beside the trained one
     # with --weights, the original model and the fingerprint cover every tensor the chain changes, at base values
     base = touched(unet, t.trained, t.previous)
     t.fingerprint = base_fingerprint(unet, base, lora=cfg.train == "lora", digest=t.base_digest)

@@ -28,7 +28,7 @@ from concept_erase.methods.losses import (erasure_signal, guidance_projection, p
 from concept_erase.methods.objectives import RegressionBatch
 from concept_erase.methods.stopping import Hooks, stop_rule
 from concept_erase.training import setup, tracking
-from concept_erase.training.chain import chained_config, read_previous, request, touched
+from concept_erase.training.chain import chained_config, previous_lora, read_previous, request, touched
 from concept_erase.training.checkpoints import save_checkpoint
 from concept_erase.training.edit_run import EditRun
 from concept_erase.training.hardware import grad_scale, no_cudnn_attention
@@ -337,7 +337,8 @@ class Trainer:
         if acc.is_main_process:
             save_delta(path, self.ctx.denoiser, whole or touched(self.ctx.denoiser, self.trained, self.previous),
                        config=cfg, fingerprint=self.fingerprint, steps=last, lambda_final=self.controller.current(),
-                       family=self.family, whole=whole is not None, chain=self.chain)
+                       family=self.family, whole=whole is not None, chain=self.chain,
+                       joined=previous_lora(self.previous))
         acc.wait_for_everyone()
         if self.replacing:
             if acc.is_main_process:
