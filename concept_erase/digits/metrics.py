@@ -30,18 +30,22 @@ def _digits_only(metric: str, pipe) -> None:
                         "builtin:digits-flow); this model is not one of them: use a suite with clip, fid or nudity")
 
 
-@METRICS.register("judge")
-class JudgeAccuracy(Metric):
-    """The embedded model's judge: digit and style heads (98.7% / 99.3% on held-out real renderings)."""
-
-    name = "judge"
-    help = "the digits models' own classifier: digit and style accuracy per group (builtin:digits, builtin:digits-flow)"
+class DigitsMetric(Metric):
+    """A metric of the digits world: its prompts must name a digit and a style, its model be a digits model."""
 
     def check(self, samples):
         _digits_labels(samples)
 
     def check_model(self, pipe):
         _digits_only(self.name, pipe)
+
+
+@METRICS.register("judge")
+class JudgeAccuracy(DigitsMetric):
+    """The embedded model's judge: digit and style heads (98.7% / 99.3% on held-out real renderings)."""
+
+    name = "judge"
+    help = "the digits models' own classifier: digit and style accuracy per group (builtin:digits, builtin:digits-flow)"
 
     def score(self, ctx):
         judge = load_network()
@@ -63,17 +67,11 @@ class JudgeAccuracy(Metric):
 
 
 @METRICS.register("domain_fid")
-class DomainFID(Metric):
+class DomainFID(DigitsMetric):
     """Fréchet distance of the judge's 128-d features against real held-out renderings of the same labels."""
 
     name = "domain_fid"
     help = "FID in the digits judge's feature space against real held-out digits (the digits models)"
-
-    def check(self, samples):
-        _digits_labels(samples)
-
-    def check_model(self, pipe):
-        _digits_only(self.name, pipe)
 
     def score(self, ctx):
         judge = load_network()
