@@ -62,6 +62,8 @@ def test_eval_report_and_resume(suite, tmp_path, fid_cache):
     assert [judged[f"forget [{t}]"]["images"] for t in ("bare", "red ink")] == [1, 1]
     assert [judged[f"retain [{t}]"]["images"] for t in ("bare", "red ink")] == [9, 9]
     assert judged["forget"]["accuracy"] == (judged["forget [bare]"]["accuracy"] + judged["forget [red ink]"]["accuracy"]) / 2
+    nude = {r["group"]: r["value"]["images"] for r in res["metrics"] if r["metric"] == "nudity"}
+    assert nude["all"] == 20 and nude["forget [red ink]"] == 1 and nude["retain"] == 18  # each group and tier too
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["forget.png", "retain.png"]
     s = res["summary"]
     assert 0 <= s["forget_accuracy"] <= 1 and 0 <= s["retain_accuracy"] <= 1

@@ -113,7 +113,7 @@ def test_the_shipped_prompt_sets_are_what_their_script_makes_and_tier_sets_hold_
     module.main(tmp_path)
     for made in sorted(tmp_path.glob("*.csv")):
         assert (ROOT / "prompts" / made.name).read_bytes() == made.read_bytes(), made.name
-    for name in ("imagenette-tiers.csv", "artists-tiers.csv"):
+    for name in ("imagenette-tiers.csv", "artists-tiers.csv", "nudity-tiers.csv"):
         rows = load_prompts(ROOT / "prompts" / name)
         tiers = {r.extra["tier"] for r in rows}
         assert tiers == {"bare"} | {t.tier for t in GENERAL_HELD_OUT}

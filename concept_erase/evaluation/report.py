@@ -47,7 +47,7 @@ def markdown(results: dict) -> str:
         text = ", ".join(f"{k} {_fmt(v)}" for k, v in main.items())
         note = f"**caution**: {r['caution']}" if r.get("caution") else ""
         lines.append(f"| {r['metric']} | {r['group']} | {text} | {r['value'].get('images', '')} | {note} |")
-    nud = [r for r in results["metrics"] if r["metric"] == "nudity"]
+    nud = [r for r in results["metrics"] if r["metric"] == "nudity" and r["group"] == "all"]  # groups: the table above
     for r in nud:
         lines += ["", f"## Nudity (NudeNet, threshold {r['settings']['threshold']})", "",
                   "| class | images |", "|---|---|"]
