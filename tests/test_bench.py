@@ -85,6 +85,20 @@ def test_a_closed_form_entry_takes_the_recipes_prompts_and_none_of_its_training(
     assert configs["uce", "red ink"].remap_to == [c.replace(" in red ink", "") for c in configs["uce", "red ink"].concepts]
 
 
+def test_a_files_attacks_take_each_attacks_own_defaults(tmp_path):
+    """Several attacks in one file, each with the settings it reads: Ring-A-Bell's 16 tokens and 100 generations on
+    the shipped models, not UnlearnDiffAtk's 3 tokens; an attack with prompts 0 is left out."""
+    p = tmp_path / "b.yaml"
+    p.write_text("concepts: [three]\nmethods: [{method: esd}]\n"
+                 "attack: [{method: unlearndiff, prompts: 2}, {method: ring-a-bell, prompts: 2}, "
+                 "{method: textual-inversion, prompts: 0}]\n")
+    assert load_bench(p).attacks == [
+        {"method": "unlearndiff", "prompts": 2, "iterations": 10, "timesteps": 10, "tokens": 3},
+        {"method": "ring-a-bell", "prompts": 2, "iterations": 100, "tokens": 16}]
+    p.write_text("concepts: [three]\nmethods: [{method: esd}]\nattack: {prompts: 0}\n")
+    assert load_bench(p).attacks == []
+
+
 def test_concept_prompts():
     c, a = concept_prompts("seven")
     assert c == ["a handwritten digit seven"] and len(a) == 9 and c[0] not in a
@@ -119,6 +133,11 @@ def test_concept_prompts():
     ("concepts: [three]\nmethods: [{method: esd}]\nattack: {prompt: 3}\n", "attack must be a mapping with some of"),
     ("concepts: [three]\nmethods: [{method: esd}]\nattack: {method: ring-a-bell, timesteps: 2}\n",
      "attack.timesteps does nothing with attack.method ring-a-bell"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nattack: [{method: unlearndiff}, {method: magic}]\n",
+     r"attack\[1\]\.method 'magic' is not one of"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nattack: [{method: unlearndiff}, {method: unlearndiff}]\n",
+     r"attack\[1\] names unlearndiff a second time"),
+    ("concepts: [three]\nmethods: [{method: esd}]\nattack: [3]\n", r"attack\[0\] must be a mapping"),
     ("concepts: [three]\nmethods: [{method: esd}]\nsettings: [1]\n", "settings must be a mapping"),
     ("concepts: [three]\nmethods: [{method: esd}]\nsettings: {label: x}\n", "settings must be a mapping"),
     ("concepts: [three]\nmethods: [{method: esd}]\nsettings: {lamda: 1}\n", "settings: unknown setting 'lamda'"),
@@ -395,8 +414,9 @@ def tiny_bench_file(folder, methods: list[str], *, steps: int, evaluation: str, 
     return path
 
 
-def runs_attack(report, label):
-    return next(r["attack"]["post_attack_asr"] for r in report["runs"] if r["label"] == label)
+def runs_attack(report, label, method="unlearndiff"):
+    return next(a["post_attack_asr"] for r in report["runs"] if r["label"] == label for a in r["attacks"]
+                if a["method"] == method)
 
 
 def test_tiny_benchmark_end_to_end(tmp_path):
@@ -406,7 +426,8 @@ def test_tiny_benchmark_end_to_end(tmp_path):
     cfg = tiny_bench_file(tmp_path, ["eupmu", "ungrad"], steps=4,
                           evaluation="{seeds: 2, final_seeds: 3, steps: 3, every: 2, tiers: true}",
                           rest="memory_probe_steps: 0\ntiming_probe: {rounds: 1, steps: 2}\n"
-                               "attack: {prompts: 1, iterations: 1, timesteps: 1}\n")
+                               "attack: [{prompts: 1, iterations: 1, timesteps: 1}, "
+                               "{method: ring-a-bell, prompts: 1, iterations: 2}]\n")
     out = tmp_path / "out"
     assert main(["bench", "--config", str(cfg), "--output", str(out), "--no-progress"]) == 0
     report = json.loads((out / "bench.json").read_text())
@@ -421,13 +442,18 @@ def test_tiny_benchmark_end_to_end(tmp_path):
         # the two nearest digits in each style: 2 seeds each (plain: 3), within that style's retain images
         assert [t["near_retain_images"] for t in r["tiers"].values()] == [6, 4, 4, 4, 4]
     assert "| eupmu | red ink | 0/1 |" in (out / "bench.md").read_text()
-    for r in report["runs"]:  # every run's erasure attacked, the rates from the attack command's own results
-        a = r["attack"]
-        assert a["method"] == "unlearndiff" and a["prompts"] == 1 and len(a["adversarial_prompts"]) == 1
-        assert 0 <= a["pre_attack_asr"] <= a["post_attack_asr"] <= 1
+    for r in report["runs"]:  # every run's erasure attacked by both, the rates from the attack command's own results
+        assert [a["method"] for a in r["attacks"]] == ["unlearndiff", "ring-a-bell"]
+        for a in r["attacks"]:
+            assert a["prompts"] == 1 and len(a["adversarial_prompts"]) == 1
+            assert 0 <= a["pre_attack_asr"] <= a["post_attack_asr"] <= 1
+        assert 0 <= r["attacks"][1]["attack_prompts_asr"] <= 1  # Ring-A-Bell's found prompts drawn on their own
     rows = report["summary"]["by_method"]
-    assert rows["eupmu"]["attacked_runs"] == 1 and rows["eupmu"]["post_attack_asr"] == runs_attack(report, "eupmu")
-    assert "## Attack on the erased models" in (out / "bench.md").read_text()
+    for method in ("unlearndiff", "ring-a-bell"):
+        assert rows["eupmu"]["attacks"][method]["attacked_runs"] == 1
+        assert rows["eupmu"]["attacks"][method]["post_attack_asr"] == runs_attack(report, "eupmu", method)
+    page = (out / "bench.md").read_text()
+    assert "## Attacks on the erased models" in page and "| eupmu | ring-a-bell | 1/1 |" in page
     assert (out / "attack.png").stat().st_size > 1000
     runs = {r["label"]: r for r in report["runs"]}
     assert set(runs) == {"eupmu", "ungrad"}
@@ -708,6 +734,10 @@ def test_old_run_records_are_upgraded_once_and_damaged_ones_refused(tmp_path):
     assert new["delta_bytes"] is None  # not recorded before schema 6
     assert new["concept_variants"] == [] and upgrade({**old, "schema": 5, "concept_variants": ["auto"]},
                                                      "x.json")["concept_variants"] == ["auto"]
+    one = {"method": "unlearndiff", "pre_attack_asr": 0.0, "post_attack_asr": 0.5}
+    attacked = upgrade({**old, "schema": 6, "attack": one}, "x.json")
+    assert attacked["attacks"] == [one] and "attack" not in attacked  # one attack became the list of one
+    assert "attacks" not in new
     for bad, message in (({**old, "forget_accuracy": "high"}, "'forget_accuracy' is 'high'"),
                          ({k: v for k, v in old.items() if k != "meets_target"}, "'meets_target' is None"),
                          ({**old, "schema": 99}, "schema 99 is not one this version reads"),

@@ -109,13 +109,16 @@ def pareto_plot(results: list[dict], path: Path, split: str | None = None) -> No
 
 
 def attack_plot(results: list[dict], path: Path) -> None:
-    """Mean retain drop against mean post-attack ASR per method; nothing when no run was attacked."""
+    """Mean retain drop against mean post-attack ASR per method and attack ("eupmu (ring-a-bell)" where a file ran
+    several); nothing when no run was attacked."""
+    names = list(dict.fromkeys(a["method"] for r in results for a in r.get("attacks", [])))
+    if not names:
+        return
     by: dict[str, list[dict]] = {}
     for r in results:
-        if r.get("attack"):
-            by.setdefault(r["label"], []).append(r)
-    if not by:
-        return
+        for a in r.get("attacks", []):
+            label = r["label"] if len(names) == 1 else f"{r['label']} ({a['method']})"
+            by.setdefault(label, []).append({**r, "post_attack_asr": a["post_attack_asr"]})
     fig, ax = _figure()
-    _method_points(ax, by, lambda r: r["attack"]["post_attack_asr"])
+    _method_points(ax, by, lambda r: r["post_attack_asr"])
     _save(fig, ax, path, "attack success rate after the attack (lower: more robust)", "Robustness against utility")

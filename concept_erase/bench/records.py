@@ -17,6 +17,8 @@ Schemas:
   bare prompts ([]).
 - 6: `delta_bytes`, the size of the run's `erased.safetensors` (the cost table's storage). Older runs did not
   record it (None).
+- 7: `attacks`, a list: every attack a benchmark file names ran on the run (UnlearnDiffAtk, Ring-A-Bell, ...). Older
+  runs held at most one, as `attack`.
 
 A record may say `checks_lost` (why): its erasure checks were not kept, so its time to the held target is not
 reported (its stop step and its evaluation stand).
@@ -28,7 +30,7 @@ import math
 
 from concept_erase.errors import UserError
 
-RECORD_SCHEMA = 6
+RECORD_SCHEMA = 7
 
 # What the report reads of every record, with the kind of value it must be.
 REQUIRED = {"label": str, "concept": str, "seed": int, "forget_accuracy": float, "retain_accuracy": float,
@@ -74,6 +76,10 @@ def upgrade(record, where: str) -> dict:
         out.setdefault("concept_variants", [])
     if schema < 6:  # before the cost table: the delta's size was not recorded
         out.setdefault("delta_bytes", None)
+    if schema < 7:  # one attack at most, under its own key
+        old = out.pop("attack", None)
+        if old:
+            out["attacks"] = [old]
     for side in ("near", "far"):
         for key in ("retain_accuracy", "retain_hits", "retain_images"):
             out.setdefault(f"{side}_{key}", None)

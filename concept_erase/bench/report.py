@@ -192,10 +192,13 @@ def _summary_row(rs: list[dict], probe: dict | None = None) -> dict:
     _rate(row, "forget_pooled", sum(r["forget_hits"] for r in counted), sum(r["forget_images"] for r in counted))
     _with_ci(row, "step_time_ms", [1000 * r["step_time_s_median"] for r in rs], cs)
     _with_ci(row, "lambda_mean", [r.get("lambda_mean") for r in rs], cs)
-    attacked = [(r["attack"], r["concept"]) for r in rs if r.get("attack")]
-    row["attacked_runs"] = len(attacked)
-    _with_ci(row, "pre_attack_asr", [a["pre_attack_asr"] for a, _ in attacked], [c for _, c in attacked])
-    _with_ci(row, "post_attack_asr", [a["post_attack_asr"] for a, _ in attacked], [c for _, c in attacked])
+    row["attacks"] = {}  # by attack method: the runs it attacked and its success before and after, by concept
+    for name in dict.fromkeys(a["method"] for r in rs for a in r.get("attacks", [])):
+        attacked = [(a, r["concept"]) for r in rs for a in r.get("attacks", []) if a["method"] == name]
+        part = {"attacked_runs": len(attacked)}
+        for key in ("pre_attack_asr", "post_attack_asr"):
+            _with_ci(part, key, [a[key] for a, _ in attacked], [c for _, c in attacked])
+        row["attacks"][name] = part
     # Means over the runs that reached (held) the target; the counts beside them say how many did.
     _with_ci(row, "steps_to_held_target", held, cs)
     _with_ci(row, "time_to_held_target_s", [_held_seconds(r, probe) for r in rs], cs)
@@ -613,19 +616,25 @@ def markdown(report: dict, command: str, plots: dict | None = None) -> str:
     for split, part in (s.get("splits") or {"all": s}).items():
         _split_tables(lines, report, split, part)
     lines += _tier_section(report)
-    attacked = {label: r for label, r in s["by_method"].items() if r.get("attacked_runs")}
+    attacked = {label: r for label, r in s["by_method"].items() if r.get("attacks")}
     if attacked:
-        settings = next((r["attack"] for r in report["runs"] if r.get("attack")), {})
-        lines += ["", "## Attack on the erased models", "",
-                  f"`concept-erase attack --attack {settings.get('method', '?')}` on each run's erasure, "
-                  f"{settings.get('prompts', '?')} prompts of the erased concept (a digit's plain caption at seeds 0, 1, ...; "
-                  "a style on each digit in turn), the digits judge: attack success rate (ASR), the fraction of prompts whose image "
-                  "shows the concept. Before: the prompts as given; after: with the attack (a prompt drawn before "
-                  "counts after too). Means over runs with 95% bootstrap intervals.", "",
-                  "| method | runs attacked | ASR before | ASR after | retain drop (points) |", "|---|---|---|---|---|"]
+        used = {}  # each attack method with the settings it ran with, in the order the runs name them
+        for r in report["runs"]:
+            for a in r.get("attacks", []):
+                used.setdefault(a["method"], a)
+        said = "; ".join(f"`concept-erase attack --attack {m}` on {a.get('prompts', '?')} prompts" for m, a in used.items())
+        lines += ["", "## Attacks on the erased models", "",
+                  f"{said}, on each run's erasure: prompts of the erased concept (a digit's plain caption at seeds 0, 1, "
+                  "...; a style on each digit in turn), the digits judge: attack success rate (ASR), the fraction of prompts "
+                  "whose image shows the concept. Before: the prompts as given; after: with the attack (a prompt drawn "
+                  "before counts after too). Means over runs with 95% bootstrap intervals by concept.", "",
+                  "| method | attack | runs attacked | ASR before | ASR after | retain drop (points) |",
+                  "|---|---|---|---|---|---|"]
         for label, r in attacked.items():
-            lines.append(f"| {label} | {r['attacked_runs']}/{r['runs']} | {_ci_text(r, 'pre_attack_asr', 100, pct=True)} | "
-                         f"{_ci_text(r, 'post_attack_asr', 100, pct=True)} | {_ci_text(r, 'retain_drop', 100)} |")
+            for name, a in r["attacks"].items():
+                lines.append(f"| {label} | {name} | {a['attacked_runs']}/{r['runs']} | "
+                             f"{_ci_text(a, 'pre_attack_asr', 100, pct=True)} | {_ci_text(a, 'post_attack_asr', 100, pct=True)} | "
+                             f"{_ci_text(r, 'retain_drop', 100)} |")
         lines += picture("post-attack ASR against retain accuracy", "attack.png", plots)
     if report.get("timing"):
         lines += ["", "## Step time (interleaved probe: one process, the methods in turn, order rotated each round)", "",

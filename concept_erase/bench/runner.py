@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from concept_erase import provenance
-from concept_erase.attacks.methods import ATTACKS
 from concept_erase.attacks.run import run_attack
 from concept_erase.bench.judging import Judging, judged_images, tier_items
 from concept_erase.bench.memory import memory_table
@@ -87,7 +86,8 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
     erased = apply(copy.deepcopy(base), run_dir / "erased.safetensors")
     final = judging(erased, final=True)
     tiers = with_plain(final, judging.tiers(erased)) if spec.eval_tiers and tier_items(concept, 1) else None
-    attack = attack_run(spec, concept, run_dir / "erased.safetensors", workdir / "attack")
+    attacks = [attack_run(spec, a, concept, run_dir / "erased.safetensors", workdir / f"attack-{a['method']}")
+               for a in spec.attacks]
     curve = [c for c in curve if c["step"] < done]
     curve.append({"step": done, **{k: final[k] for k in ("forget_accuracy", "retain_accuracy", "images")}})
     cumulative = dict(zip((r["step"] for r in records), _cumsum(step_seconds)))
@@ -122,7 +122,7 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
         "steps_to_held_target": first if meets else None,
         "time_to_held_target_s": time_to_target if meets else None,
         "delta_bytes": (run_dir / "erased.safetensors").stat().st_size,
-        "curve": curve, "checks": checks, **({"attack": attack} if attack else {}),
+        "curve": curve, "checks": checks, **({"attacks": attacks} if attacks else {}),
         **({"tiers": tiers, "base_tiers": base_eval["tiers"], "trained_styles": trained_styles(config.concept_variants)}
            if tiers else {}),
     }
@@ -136,18 +136,17 @@ def with_plain(evaluation: dict, tiers: dict) -> dict:
     return {"plain": plain, **tiers}
 
 
-def attack_run(spec: BenchSpec, concept: str, weights: Path, output: Path) -> dict | None:
-    """The benchmark's attack on one run's erasure (`concept-erase attack`, the digits judge): the attack
-    success rate before and after, on the concept's first prompts (a digit in each style; a style on digits)."""
-    a = spec.attack
-    if not a["prompts"]:
-        return None
-    settings = {k: a[k] for k in ("iterations", "timesteps", "tokens") if k in ATTACKS.get(a["method"]).reads}
+def attack_run(spec: BenchSpec, a: dict, concept: str, weights: Path, output: Path) -> dict:
+    """One of the benchmark's attacks (`a`, from `spec.attacks`) on one run's erasure (`concept-erase attack`, the
+    digits judge): the attack success rate before and after, on the concept's first prompts (a digit in each style;
+    a style on digits)."""
+    settings = {k: a[k] for k in ("iterations", "timesteps", "tokens") if k in a}
     r = run_attack(model=bench_model(spec), weights=str(weights), concept=concept, attack=a["method"], output=output,
                    prompts=a["prompts"], **settings,
                    steps=spec.eval_steps, guidance=spec.eval_guidance, overwrite=True, progress=False)
     return {"method": a["method"], "prompts": r["prompts"], "pre_attack_asr": r["pre_attack_asr"],
             "post_attack_asr": r["post_attack_asr"], "seconds": r["seconds"],
+            **({"attack_prompts_asr": r["attack_prompts_asr"]} if r.get("attack_prompts_asr") is not None else {}),
             "adversarial_prompts": [p.get("adversarial_prompt") for p in r["per_prompt"]]}
 
 

@@ -58,8 +58,8 @@ class BenchSpec:
     memory_probe_steps: int = 10
     timing_rounds: int = 8
     timing_steps: int = 5
-    # the attack on every run's erasure (concept-erase attack): prompts 0 skips it
-    attack: dict = field(default_factory=lambda: dict(ATTACK_DEFAULTS))
+    # the attacks on every run's erasure (concept-erase attack), each a column of the attack table: prompts 0 skips one
+    attacks: list[dict] = field(default_factory=lambda: [dict(ATTACK_DEFAULTS)])
     source: str = ""
     sequential: bool = False  # each split's concepts erased one request after another, in order (`bench/sequence.py`)
 
@@ -79,6 +79,33 @@ def _number_list(raw: dict, key: str, default: list, kind, path: Path, low=None)
 
 
 SHIPPED_BENCH = RECIPES / "bench-heldout.yaml"  # the protocol: tuning and held-out splits, matched methods
+
+
+def read_attacks(raw, path) -> list[dict]:
+    """`attack:` of a benchmark file: one mapping, or a list of them (several attacks on every run, e.g.
+    UnlearnDiffAtk and Ring-A-Bell), each with the settings it reads, unset ones at the attack's own defaults on the
+    shipped models (Ring-A-Bell: 16 tokens, 100 generations); an attack with prompts 0 is left out."""
+    entries = raw if isinstance(raw, list) else [raw or {}]
+    out = []
+    for i, attack in enumerate(entries):
+        where = "attack" if not isinstance(raw, list) else f"attack[{i}]"
+        if not isinstance(attack, dict) or sorted(set(map(str, attack)) - set(ATTACK_DEFAULTS)):
+            raise UserError(f"{path}: {where} must be a mapping with some of {', '.join(ATTACK_DEFAULTS)} "
+                            f"(prompts: 0 skips it), or a list of them, not {attack!r}")
+        method = attack.get("method", ATTACK_DEFAULTS["method"])
+        if method not in ATTACKS:
+            raise UserError(f"{path}: {where}.method {method!r} is not one of: {', '.join(ATTACKS.names())}")
+        unread = [k for k in ("iterations", "timesteps", "tokens") if k in attack and k not in ATTACKS.get(method).reads]
+        if unread:
+            raise UserError(f"{path}: {where}.{unread[0]} does nothing with {where}.method {method}; drop it")
+        if any(a["method"] == method for a in out):
+            raise UserError(f"{path}: {where} names {method} a second time; give each attack once")
+        kind = ATTACKS.get(method)
+        reads = [k for k in ("iterations", "timesteps", "tokens") if k in kind.reads]
+        defaults = {**ATTACK_DEFAULTS, **kind.auto_settings(shipped=True)}  # the benchmark runs the shipped models
+        out.append({"method": method, **{k: whole_number(attack, k, defaults[k], path, 0 if k == "prompts" else 1,
+                                                         f"{where}.{k}") for k in ("prompts", *reads)}})
+    return [a for a in out if a["prompts"]]
 
 
 def load_bench(path: str | Path) -> BenchSpec:
@@ -144,19 +171,7 @@ def load_bench(path: str | Path) -> BenchSpec:
         raise UserError(f"{path}: evaluation has no key {bad[0]!r} (seeds, final_seeds, steps, guidance, every, tiers)")
     if not isinstance(ev.get("tiers", False), bool):
         raise UserError(f"{path}: evaluation.tiers must be true or false, not {ev['tiers']!r}")
-    attack = raw.get("attack") or {}
-    if not isinstance(attack, dict) or sorted(set(map(str, attack)) - set(ATTACK_DEFAULTS)):
-        raise UserError(f"{path}: attack must be a mapping with some of {', '.join(ATTACK_DEFAULTS)} "
-                        f"(prompts: 0 skips it), not {attack!r}")
-    method = attack.get("method", ATTACK_DEFAULTS["method"])
-
-    if method not in ATTACKS:
-        raise UserError(f"{path}: attack.method {method!r} is not one of: {', '.join(ATTACKS.names())}")
-    unread = [k for k in ("iterations", "timesteps", "tokens") if k in attack and k not in ATTACKS.get(method).reads]
-    if unread:
-        raise UserError(f"{path}: attack.{unread[0]} does nothing with attack.method {method}; drop it")
-    attack = {"method": method, **{k: whole_number(attack, k, ATTACK_DEFAULTS[k], path, 0 if k == "prompts" else 1,
-                                                   f"attack.{k}") for k in ("prompts", "iterations", "timesteps", "tokens")}}
+    attacks = read_attacks(raw.get("attack"), path)
     reference = raw.get("held_time_reference", "")
     if not isinstance(reference, str):
         raise UserError(f"{path}: held_time_reference must be a method entry's label, not {reference!r}")
@@ -174,7 +189,7 @@ def load_bench(path: str | Path) -> BenchSpec:
                      memory_probe_steps=whole_number(raw, "memory_probe_steps", 10, path, 0, "memory_probe_steps"),
                      timing_rounds=whole_number(timing, "rounds", 8, path, 0, "timing_probe.rounds"),
                      timing_steps=whole_number(timing, "steps", 5, path, 1, "timing_probe.steps"),
-                     attack=attack, source=str(path), sequential=raw.get("sequential", False))
+                     attacks=attacks, source=str(path), sequential=raw.get("sequential", False))
     if spec.sequential:
         _check_sequential(spec, path)
     # Every run's settings are built now: an unknown key or a bad value in a method entry fails here,
