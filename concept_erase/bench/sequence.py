@@ -91,7 +91,7 @@ def run_sequence(spec: BenchSpec, base, judging: SequenceJudging, base_images: l
         run_dir = folder / f"{k:02d}-{concept}"
         record_file = run_dir / "record.json"
         config = run_config(spec, overrides, concept, seed, run_dir, progress)
-        settings = run_settings(config, several=k > 1)
+        settings = run_settings(config, chained=k > 1)
         if not redo and record_file.is_file() and (run_dir / "erased.safetensors").is_file():
             kept = json.loads(record_file.read_text())
             differ = settings_differ(kept.get("settings", settings), settings)

@@ -325,13 +325,15 @@ def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
     return runs
 
 
-def run_settings(config, several: bool = False) -> dict:
+def run_settings(config, chained: bool = False) -> dict:
     """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
     file plans under its label (--runs-from). The check's bar only where the run checks; its floor of images per
-    concept only where the run erases `several` concepts (a chain's later request), as nowhere else it changes a
-    check of the benchmark's (one concept, 32 images)."""
+    concept only where an image judge checks several concept prompts (a style's ten captions, or a `chained`
+    request with the chain's earlier concepts): a digit's one caption is checked on 32 images either way. Records
+    made before the floor existed do not name it (their checks gave each prompt its share of 32 images)."""
     checks = config.stop_when_erased
     images = checks and judge_name(config) != "signal"
+    several = chained or len(config.concepts) > 1
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
             "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
             "lr": config.lr,
