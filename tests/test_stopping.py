@@ -591,3 +591,8 @@ def test_the_digits_judge_counts_a_digit_in_a_style_only_where_both_are_there():
     judge.heads = lambda images: (torch.tensor([0, 2, 0]), torch.tensor([red, red, STYLES.index("plain")]))
     assert [v.shown for v in judge.shown([None] * 3)] == [True, False, False]
     assert judge.prompts(2) == [(caption(0, "red ink"), 0), (caption(0, "red ink"), 1)]
+    # every digit's red caption erased is the style erased (the benchmark's "red ink"): a red two drawn for the red
+    # zero still shows it, as the style head says and as the benchmark's evaluation counts a style
+    style = make_judge("digits", [caption(d, "red ink") for d in range(10)], [caption(1)])
+    style.heads = judge.heads
+    assert [v.shown for v in style.shown([None] * 3, caption(0, "red ink"))] == [True, True, False]

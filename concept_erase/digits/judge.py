@@ -110,11 +110,21 @@ class DigitsJudge(Judge):
         """The classifier's digit and style per image."""
         return self.load().predict(judge_input(images))
 
+    def whole_styles(self) -> set[int]:
+        """The styles every digit's caption of which is among the concepts: erasing all ten is erasing the style (the
+        benchmark's style concepts), judged on the style head as its evaluation judges it; a style some digit of
+        which is kept (a red one among the anchors) is erased caption by caption."""
+        named = {CAPTIONS[c] for c in self.concepts if c in CAPTIONS}
+        return {STYLES.index(s) for s in STYLES[1:] if all((d, s) in named for d in range(len(DIGIT_NAMES)))}
+
     def shown(self, images, concept=None):
         digits, styles = self.heads(images)
+        whole = self.whole_styles()
         out = []
         for c, d, s in zip(self.per_image(concept, len(digits)), digits.tolist(), styles.tolist()):
             head, wanted = _meaning(c)
+            if head == "caption" and wanted[1] in whole:  # a caption of a style erased whole: the style
+                head, wanted = "style", wanted[1]
             if head == "caption":
                 out.append(Seen((d, s) == wanted, caption(d, STYLES[s])))
             else:
