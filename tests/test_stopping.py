@@ -29,6 +29,10 @@ class ScriptedSides:
         self.sides: set = set()  # the sides the current check has begun drawing
         self.judge = SimpleNamespace(name="scripted")
 
+    @property
+    def group_of(self) -> dict:
+        return self.judged_as  # a scripted concept is its own group
+
     def _begin(self, side, items):
         """A check begins where a side's first item is drawn again (a check draws each side at most once, in
         either order)."""
@@ -221,7 +225,7 @@ def test_every_concept_gets_its_floor_of_check_images_and_the_check_seeds_cover_
     from concept_erase.methods.stopping import check_seeds
     from concept_erase.variants import SLOT, Template, expand
 
-    judge = SimpleNamespace(guidance=None, judges_anchors=True)
+    judge = SimpleNamespace(guidance=None, judges_anchors=True, group=str)
     concepts = [f"c{i}" for i in range(8)]
     config = SimpleNamespace(anchor_guidance=7.5, check_images=32, check_seed_start=50, concepts=concepts,
                              anchors=["a1", "a2"], check_images_per_concept=8, stop_when_erased=True,
@@ -243,6 +247,17 @@ def test_every_concept_gets_its_floor_of_check_images_and_the_check_seeds_cover_
     many = CheckSides(SimpleNamespace(**{**vars(config), "concepts": ["c0", "c1"], "check_images": 4}), judge, variants)
     assert {p: sum(1 for q, _ in many.concept_items if many.judged_as[q] == p) for p in ("c0", "c1")} == \
         {"c0": 8, "c1": 8}
+    # the digits judge joins every digit's caption of a style into the style: one concept, its ten captions sharing the
+    # floor (4 images each from the 32, as without it); nine of them are nine concepts of 8 images each
+    from concept_erase.digits.world import caption
+    from concept_erase.judges import make_judge
+
+    red = [caption(d, "red ink") for d in range(10)]
+    whole = CheckSides(SimpleNamespace(**{**vars(config), "concepts": red}), make_judge("digits", red, [caption(1)]))
+    assert len(whole.concept_items) == 40 and set(whole.group_of.values()) == {"red ink"}
+    part = CheckSides(SimpleNamespace(**{**vars(config), "concepts": red[:9]}),
+                      make_judge("digits", red[:9], [caption(9, "red ink")]))
+    assert len(part.concept_items) == 72 and len(set(part.group_of.values())) == 9
     # an evaluation must avoid every seed a check may draw, the floor's too
     assert check_seeds(SimpleNamespace(**{**vars(config), "check_images": 2, "check_images_per_concept": 20})) == \
         range(50, 70)
@@ -475,8 +490,8 @@ def test_the_clip_judge_counts_a_concept_image_by_its_nearest_prompt_and_keeps_a
 
     config = SimpleNamespace(anchor_guidance=7.5, check_images=4, check_seed_start=10, concepts=["c1", "c2"],
                              anchors=["a1", "a2", "a3", "a4"], check_images_per_concept=1)
-    both = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=True))
-    concept_only = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=False))  # as NudeNet's
+    both = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=True, group=str))
+    concept_only = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=False, group=str))  # as NudeNet's
     assert both.guidance == 7.5  # no guidance of the judge's own: the run's anchor guidance
     assert both.concept_items == [("c1", 10), ("c2", 10), ("c1", 11), ("c2", 11)]
     assert both.anchor_items == [(a, s) for s in (10, 11) for a in ("a1", "a2", "a3", "a4")]

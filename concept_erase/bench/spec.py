@@ -328,12 +328,12 @@ def plan(spec: BenchSpec) -> list[tuple[str, dict, str, int]]:
 def run_settings(config, chained: bool = False) -> dict:
     """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
     file plans under its label (--runs-from). The check's bar only where the run checks; its floor of images per
-    concept only where an image judge checks several concept prompts (a style's ten captions, or a `chained`
-    request with the chain's earlier concepts): a digit's one caption is checked on 32 images either way. Records
-    made before the floor existed do not name it (their checks gave each prompt its share of 32 images)."""
+    concept only where an image judge checks a `chained` request with the chain's earlier concepts: elsewhere the
+    benchmark's checks are of one concept (a digit's caption; a style's ten captions, which the digits judge reads as
+    the style) on 32 images either way. Records made before the floor existed do not name it."""
     checks = config.stop_when_erased
     images = checks and judge_name(config) != "signal"
-    several = chained or len(config.concepts) > 1
+    several = chained
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
             "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
             "lr": config.lr,

@@ -117,6 +117,12 @@ class DigitsJudge(Judge):
         named = {CAPTIONS[c] for c in self.concepts if c in CAPTIONS}
         return {STYLES.index(s) for s in STYLES[1:] if all((d, s) in named for d in range(len(DIGIT_NAMES)))}
 
+    def group(self, concept: str) -> str:
+        meaning = _meaning(concept)
+        if meaning and meaning[0] == "caption" and meaning[1][1] in self.whole_styles():
+            return STYLES[meaning[1][1]]
+        return concept
+
     def shown(self, images, concept=None):
         digits, styles = self.heads(images)
         whole = self.whole_styles()

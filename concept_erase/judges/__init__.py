@@ -69,6 +69,11 @@ class Judge:
     def shown(self, images, concept: str | list[str] | None = None) -> list[Seen]:
         raise NotImplementedError
 
+    def group(self, concept: str) -> str:
+        """What a check holds to its bar (and gives its floor of images) for this concept: the concept itself; a judge
+        may join several into one (the digits judge: every digit's caption of a style erased whole is the style)."""
+        return concept
+
     def per_image(self, concept, n: int) -> list[str]:
         """`concept` as one per image (default: the first concept)."""
         if concept is None or isinstance(concept, str):

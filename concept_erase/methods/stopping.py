@@ -31,7 +31,9 @@ anchors' bar is half the target's 3 points for the same reason: checked every 10
 a run whose anchors hovered near it stopped on a check of 97.5% and was judged at 96.6% on 960 images.
 
 With several concepts (or a chain's earlier ones) the concept images are shared among them, seed by seed, and
-each concept must be within the bar on its own images as well as in the pool. Each gets at least
+each concept must be within the bar on its own images as well as in the pool. What counts as one concept is the
+judge's to say (`Judge.group`): the digits judge reads every digit's caption of a style erased together as that
+style, one concept. Each gets at least
 `--check-images-per-concept` (8) images: with 32 images over eight concepts each would get 4, and a concept
 still drawn in 20% of its images would pass 4 images with probability 0.41 (0.8^4), against 0.17 with 8. The
 floor makes a passing check cost linearly more with the number of concepts (a failing one still ends after its
@@ -117,8 +119,10 @@ class CheckSides:
         self.judged_as = {v.prompt: config.concepts[v.owner] for v in concept_variants}
         concepts = [v.prompt for v in concept_variants]
         anchors = [v.prompt for v in anchor_variants if v.tier == BARE]
-        # every concept gets its floor of images (a concept's variants share it), and the check at least n in all
-        variants_of = Counter(self.judged_as.values())
+        # what the bar holds each prompt to: its concept, or what the judge joins it into (a style erased whole)
+        self.group_of = {p: judge.group(c) for p, c in self.judged_as.items()}
+        # every group gets its floor of images (a concept's variants share it), and the check at least n in all
+        variants_of = Counter(self.group_of.values())
         floor = max(math.ceil(int(config.check_images_per_concept) / k) for k in variants_of.values())
         per_concept = max(1, math.ceil(n / len(concepts)), floor)
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
@@ -279,7 +283,7 @@ class ErasureCheck:
 
         def judged_part(part):
             seen = self.sides.still_shown(pipe, part, self.steps)
-            verdicts.extend((self.sides.judged_as.get(prompt, prompt), shown) for (prompt, _), shown in zip(part, seen))
+            verdicts.extend((self.sides.group_of.get(prompt, prompt), shown) for (prompt, _), shown in zip(part, seen))
             return seen
 
         shown, calls = count_until(first_then_rest(concept, CONCEPT_CHUNK), judged_part, most)
