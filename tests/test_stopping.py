@@ -229,7 +229,7 @@ def test_every_concept_gets_its_floor_of_check_images_and_the_check_seeds_cover_
     concepts = [f"c{i}" for i in range(8)]
     config = SimpleNamespace(anchor_guidance=7.5, check_images=32, check_seed_start=50, concepts=concepts,
                              anchors=["a1", "a2"], check_images_per_concept=8, stop_when_erased=True,
-                             stop_judge="digits")
+                             stop_judge="digits", weights="")
     sides = CheckSides(config, judge)
     assert len(sides.concept_items) == 64
     assert sides.concept_items[:9] == [(c, 50) for c in concepts] + [("c0", 51)]
@@ -239,6 +239,8 @@ def test_every_concept_gets_its_floor_of_check_images_and_the_check_seeds_cover_
     # one concept: the floor is below --check-images, nothing changes
     one = CheckSides(SimpleNamespace(**{**vars(config), "concepts": ["c0"]}), judge)
     assert one.concept_items == [("c0", s) for s in range(50, 82)]
+    few = SimpleNamespace(**{**vars(config), "concepts": ["c0"], "check_images": 2})  # one concept: no floor
+    assert len(CheckSides(few, judge).concept_items) == 2 and check_seeds(few) == range(50, 54)
     # a concept in four variants: its floor of 8 is 2 per variant, and 32 images over 8 prompts already give 4 each
     variants = (expand(["c0", "c1"], (Template(f"{SLOT} in red", "red"), Template(f"{SLOT} in blue", "blue"),
                                       Template(f"{SLOT}, bold", "bold"))), expand(["a1"], ()))

@@ -121,9 +121,11 @@ class CheckSides:
         anchors = [v.prompt for v in anchor_variants if v.tier == BARE]
         # what the bar holds each prompt to: its concept, or what the judge joins it into (a style erased whole)
         self.group_of = {p: judge.group(c) for p, c in self.judged_as.items()}
-        # every group gets its floor of images (a concept's variants share it), and the check at least n in all
+        # with several groups each gets its floor of images (a concept's variants share it); the check draws at
+        # least n in all (one concept: n, as the floor is about telling concepts apart)
         variants_of = Counter(self.group_of.values())
-        floor = max(math.ceil(int(config.check_images_per_concept) / k) for k in variants_of.values())
+        floor = max(math.ceil(int(config.check_images_per_concept) / k) for k in variants_of.values()) \
+            if len(variants_of) > 1 else 1
         per_concept = max(1, math.ceil(n / len(concepts)), floor)
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
         self.concept_items = [(p, s) for s in seed_range(config.check_seed_start, per_concept) for p in concepts]
@@ -149,12 +151,15 @@ class CheckSides:
 
 
 def check_seeds(config) -> range:
-    """The image seeds a check of this run may draw (at most: a judge draws fewer than 2 x check_images, or
-    check_images_per_concept where that is more, from --check-seed-start on): what an evaluation of the run must not judge (`image_seeds`). No seed for a run
-    that does not stop when erased or stops on the erasure signal, which draws no image."""
+    """The image seeds a check of this run may draw (at most: a judge draws fewer than 2 x check_images, or, with
+    several concepts, check_images_per_concept where that is more, from --check-seed-start on): what an evaluation of
+    the run must not judge (`image_seeds`). No seed for a run that does not stop when erased or stops on the erasure
+    signal, which draws no image."""
     if not config.stop_when_erased or judge_name(config) == "signal":
         return range(0)
-    return seed_range(config.check_seed_start, max(2 * int(config.check_images), int(config.check_images_per_concept)))
+    several = len(config.concepts) > 1 or bool(config.weights)  # a chain adds its earlier concepts
+    floor = int(config.check_images_per_concept) if several else 0
+    return seed_range(config.check_seed_start, max(2 * int(config.check_images), floor))
 
 
 def judge_name(config) -> str:
