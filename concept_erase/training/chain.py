@@ -73,12 +73,12 @@ def read_previous(config) -> Previous | None:
     tensors, meta = read_delta(path)
     previous = Previous(delta_file(path), tensors, meta)
     if meta.get("kind") == "lora" and config.train != "lora":
-        raise UserError(f"--weights {config.weights} holds LoRA adapters: continue it with --train lora (the chain "
-                        f"adds adapters), or erase that request again with --train {config.train} and continue from it")
+        raise UserError(f"--weights {config.weights} holds LoRA adapters; give --train lora to add this request's "
+                        f"beside them, or erase that request again with --train {config.train} and continue from it")
     if meta.get("kind") != "lora" and config.train == "lora":
-        raise UserError(f"--train lora cannot continue --weights {config.weights}: it changed the weights themselves "
-                        f"(--train {meta.get('train') or 'xattn'}); give a weight subset, or start the chain with a "
-                        "LoRA run")
+        raise UserError(f"--train lora cannot continue --weights {config.weights}: it changed the weights themselves; "
+                        f"give --train {meta.get('train') or 'xattn'} (or another weight subset), or start the chain "
+                        "with a LoRA run")
     if meta.get("edit"):
         raise UserError(f"--weights {config.weights} is a closed-form edit ({meta.get('method')}); continue from a "
                         "trained erasure, or run the edit last")
