@@ -333,7 +333,6 @@ def run_settings(config, chained: bool = False) -> dict:
     the style) on 32 images either way. Records made before the floor existed do not name it."""
     checks = config.stop_when_erased
     images = checks and judge_name(config) != "signal"
-    several = chained
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
             "lambda_update": config.lambda_update, "retain_loss": config.retain_loss, "steps_planned": config.steps,
             "lr": config.lr,
@@ -349,7 +348,7 @@ def run_settings(config, chained: bool = False) -> dict:
             "check_every": config.check_every if checks else None,
             "check_inference_steps": config.check_inference_steps if checks else None,
             "check_seed_start": config.check_seed_start if checks else None,
-            **({"check_images_per_concept": config.check_images_per_concept} if several and images else {}),
+            **({"check_images_per_concept": config.check_images_per_concept} if chained and images else {}),
             **({"uce_regularization": config.uce_regularization, "uce_preserve_weight": config.uce_preserve_weight}
                if is_edit(config.method) else {})}
 

@@ -12,6 +12,8 @@ its caption asks.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -110,22 +112,23 @@ class DigitsJudge(Judge):
         """The classifier's digit and style per image."""
         return self.load().predict(judge_input(images))
 
-    def whole_styles(self) -> set[int]:
+    @functools.cached_property
+    def whole_styles(self) -> frozenset[int]:
         """The styles every digit's caption of which is among the concepts: erasing all ten is erasing the style (the
         benchmark's style concepts), judged on the style head as its evaluation judges it; a style some digit of
         which is kept (a red one among the anchors) is erased caption by caption."""
         named = {CAPTIONS[c] for c in self.concepts if c in CAPTIONS}
-        return {STYLES.index(s) for s in STYLES[1:] if all((d, s) in named for d in range(len(DIGIT_NAMES)))}
+        return frozenset(STYLES.index(s) for s in STYLES[1:] if all((d, s) in named for d in range(len(DIGIT_NAMES))))
 
     def group(self, concept: str) -> str:
         meaning = _meaning(concept)
-        if meaning and meaning[0] == "caption" and meaning[1][1] in self.whole_styles():
+        if meaning and meaning[0] == "caption" and meaning[1][1] in self.whole_styles:
             return STYLES[meaning[1][1]]
         return concept
 
     def shown(self, images, concept=None):
         digits, styles = self.heads(images)
-        whole = self.whole_styles()
+        whole = self.whole_styles
         out = []
         for c, d, s in zip(self.per_image(concept, len(digits)), digits.tolist(), styles.tolist()):
             head, wanted = _meaning(c)
