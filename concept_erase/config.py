@@ -18,7 +18,8 @@ from typing import Any, Optional
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import CHECK_SEED_START
 from concept_erase.options import IN_ANY, IN_DIR, IN_FILE, MAX_SEED, OUT_DIR, check_fields, flag_name, setting
-from concept_erase.plugins import EDITS, FORGET_OBJECTIVES, LAMBDA_CONTROLLERS, RETAIN_OBJECTIVES, check_trackers
+from concept_erase.plugins import (EDITS, FORGET_OBJECTIVES, JUDGES, LAMBDA_CONTROLLERS, RETAIN_OBJECTIVES,
+                                   check_trackers)
 from concept_erase.variants import check_names as check_variant_names
 from concept_erase.yaml_files import read_yaml
 
@@ -158,10 +159,10 @@ class EraseConfig:
                                        "(builtin:digits), else the erasure signal (any model)")
     stop_judge: str = _r("auto", "with --stop-when-erased: what decides that the concept is erased. signal: the "
                                  "erasure signal's moving average at most --stop-signal-at-most (no image drawn, any "
-                                 "model); digits: the digits models' judge; clip: CLIP zero-shot over the concepts "
-                                 "and anchors (--clip-model, --clip-weights); nudity: NudeNet (the anchors are not "
-                                 "judged); auto: digits on the digits models, else signal",
-                         choices=("auto", "signal", "digits", "clip", "nudity"))
+                                 "model); clip: CLIP zero-shot over the concepts and anchors (--clip-model, "
+                                 "--clip-weights); nudity: NudeNet (the anchors are not judged); a built-in model's own "
+                                 "judge by its name (digits: the digits models'); auto: the model's own judge where it "
+                                 "has one, else signal")
     stop_signal_at_most: float = _r(SIGNAL_STOP, "with --stop-judge signal: the erasure signal's moving average at "
                                                  "which the concept counts as erased (1: the original model, -eta: "
                                                  "the forget loss's target); calibrated on the digits models' tuning "
@@ -344,6 +345,9 @@ class EraseConfig:
             raise UserError(f"--method {self.method}: give one --remap-to for all concepts, or one per --concept")
 
     def _check_stop(self) -> None:
+        if self.stop_judge not in ("auto", "signal") and self.stop_judge not in JUDGES:
+            raise UserError(f"--stop-judge {self.stop_judge!r} is not a judge; give --stop-judge auto, signal or one of "
+                            f"{', '.join(JUDGES.names())}")
         if self.check_every > self.steps:
             raise UserError(f"--stop-when-erased checks every {self.check_every} steps, more than the run's "
                             f"--steps {self.steps}: no check would run; give --check-every {self.steps} or less, "
@@ -353,7 +357,7 @@ class EraseConfig:
                 if self.stop_judge == "signal":
                     raise UserError("--stop-judge signal reads the negative-guidance forget loss's concept "
                                     f"direction, which --forget-loss {self.forget_loss} has not; name an image judge "
-                                    "(--stop-judge digits, clip or nudity)")
+                                    "(--stop-judge clip, nudity or the model's own)")
             elif not -self.eta < self.stop_signal_at_most < 1:
                 raise UserError(f"--stop-signal-at-most {self.stop_signal_at_most} is out of range: the erasure "
                                 f"signal goes from 1 (the original model) to -eta = {-self.eta:g} (the forget "

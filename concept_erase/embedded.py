@@ -1,6 +1,6 @@
 """Models shipped inside the package (`--model builtin:NAME`), each with the judge that reads its images and the
-prompt templates of its world. The package that ships one registers it here (the digits package registers `digits`
-and `digits-flow`), so that loading, stopping and the prompt variants need not know them by name."""
+prompt templates of its world. The package that ships one registers it here (`WORLD_PACKAGES`), so that loading,
+stopping, the prompt variants and the benchmark need not know them by name."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ class EmbeddedModel:
     again; `judge`, the name (in `judges.JUDGES`) of the judge that reads this model's images and no other's;
     `templates`, what `--concept-variants auto` means on this model, and `takes_template(prompt, template)`, which
     prompts a template applies to (None: every prompt); `drawing`, the sampler steps and guidance its images are
-    drawn with where a command is not told (its evaluation suite's)."""
+    drawn with where a command is not told (its evaluation suite's); `benchmark`, where given, returns the world
+    `concept-erase bench` reads (`bench.world.BenchWorld`: its concepts, prompts and judging), imported on use."""
 
     name: str
     folder: Path
@@ -26,13 +27,19 @@ class EmbeddedModel:
     templates: tuple = ()
     drawing: dict = field(default_factory=dict, compare=False)
     takes_template: Callable | None = field(default=None, compare=False)
+    benchmark: Callable | None = field(default=None, compare=False)
 
     @property
     def pipeline(self) -> Path:
         return self.folder / "pipeline"
 
 
-EMBEDDED: Registry[EmbeddedModel] = Registry("built-in model", "--model", providers=("concept_erase.digits",))
+# The packages of the shipped models' worlds. Each registers, on import, its models (the package), the judge that
+# reads their images (its `judge` module, in `judges.JUDGES`) and its evaluation metrics (its `metrics` module, in
+# `evaluation.metrics.METRICS`): the one place that names them.
+WORLD_PACKAGES = ("concept_erase.digits",)
+
+EMBEDDED: Registry[EmbeddedModel] = Registry("built-in model", "--model", providers=WORLD_PACKAGES)
 
 
 def register(model: EmbeddedModel) -> EmbeddedModel:

@@ -457,8 +457,9 @@ class AttackOptions:
     tokens: int = setting(None, "adversarial tokens K in front of the prompt; default: 5 for nudity, 3 otherwise (the "
                           "paper's); ring-a-bell: the whole prompt's length, 16 (the paper's)", ge=1, le=70)
     output: str = setting("", "folder: results.json, report.md, grid.png, the images", required=True, path=OUT_DIR)
-    judge: str = setting("", "digits, nudity (NudeNet, score above 0.45) or clip (zero-shot over --classes); default: "
-                         "digits on the digits models, nudity for 'nudity'", choices=["digits", "nudity", "clip"])
+    judge: str = setting("", "nudity (NudeNet, score above 0.45), clip (zero-shot over --classes) or a built-in "
+                         "model's own judge by its name (digits: the digits models'); default: the model's own where it "
+                         "has one, nudity for 'nudity'")
     classes: str = setting("", "the clip judge's classes, comma-separated (the concept is added)")
     clip_model: str = setting("ViT-L-14", "open_clip model of the clip judge")
     clip_weights: str = setting("", "local open_clip weights file of the clip judge", path=IN_FILE)

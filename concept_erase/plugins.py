@@ -5,14 +5,17 @@ imported the first time the table is read, so a name is known whether or not its
 - `LAMBDA_CONTROLLERS` and `EDITS`: the trained methods (`methods/controllers.py`) and the closed-form edits
   (`methods/edits.py`); `--method` names one of either.
 - `FORGET_OBJECTIVES` and `RETAIN_OBJECTIVES`: `--forget-loss` and `--retain-loss` (`methods/objectives.py`).
+- `JUDGES`: what reads an image for a concept (`--stop-judge`, `attack --judge`): `clip` and `nudity` (`judges/`), and
+  each built-in model's own from its world's package (`embedded.WORLD_PACKAGES`).
 - `TRACKERS`: `--report-to`, with the packages each needs (`check_trackers`); `training/tracking.py` drives them.
 
-The other tables live beside their only readers (judges, metrics, attacks, families, embedded models)."""
+The other tables live beside their only readers (metrics, attacks, families, embedded models)."""
 
 from __future__ import annotations
 
 import importlib.util
 
+from concept_erase.embedded import WORLD_PACKAGES
 from concept_erase.errors import UserError
 from concept_erase.registry import Registry
 
@@ -22,6 +25,9 @@ FORGET_OBJECTIVES: Registry[type] = Registry("forget loss", "--forget-loss",
                                              providers=("concept_erase.methods.objectives",))
 RETAIN_OBJECTIVES: Registry[type] = Registry("retain loss", "--retain-loss",
                                              providers=("concept_erase.methods.objectives",))
+
+JUDGES: Registry = Registry("judge", "--judge", providers=("concept_erase.judges.clip", "concept_erase.judges.nudity",
+                                                        *(f"{w}.judge" for w in WORLD_PACKAGES)))
 
 TRACKERS = ("none", "tensorboard", "wandb", "all")
 

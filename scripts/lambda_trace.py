@@ -35,7 +35,7 @@ def main(argv=None) -> int:
 
     import yaml
 
-    from concept_erase.bench.judging import Judging
+    from concept_erase.digits.benchmark import Judging
     from concept_erase.bench.runner import run_one
     from concept_erase.bench.spec import SHIPPED_BENCH, load_bench
     from concept_erase.errors import UserError

@@ -1,7 +1,7 @@
 """How the judge-free erasure signal relates to what the digits judge sees, along runs with no stop.
 
 For each concept and run seed, an erasure of the digits world runs for --steps with no stop; every --every
-steps the model as it is is judged (forget and retain accuracy, `bench.judging.Judging`, on image seeds from
+steps the model as it is is judged (forget and retain accuracy, `digits.benchmark.Judging`, on image seeds from
 --evaluation-seed-start) and the trainer's signal, retain loss and lambda at that step are stored beside the
 verdict. One JSON line per evaluation goes to --output (appended, so a study can be split over processes and
 continued); `scripts/signal_report.py` turns the lines into the rank correlations, the threshold and the plot.
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     import yaml
 
     from concept_erase import provenance
-    from concept_erase.bench.judging import Judging, concept_prompts, erase_relative_to
+    from concept_erase.digits.benchmark import Judging, concept_prompts, erase_relative_to
     from concept_erase.config import RECIPES, build_config, load_yaml
     from concept_erase.io.loading import load_pipeline
     from concept_erase.training.trainer import erase

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from concept_erase.bench.judging import concept_prompts
 from concept_erase.bench.report import markdown, summarise
 from concept_erase.bench.spec import load_bench, plan
+from concept_erase.digits.benchmark import concept_prompts
 from concept_erase.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +41,7 @@ def test_every_shipped_benchmark_file_loads(name):
 def test_settings_apply_to_every_entry_and_an_entry_overrides_them(tmp_path):
     """`settings:` pins what a whole file was measured with (e.g. an earlier default); an entry's own value wins,
     and the eps sweep inherits them with the eupmu entry's other settings."""
-    from concept_erase.bench.spec import run_settings
-    from concept_erase.bench.spec import run_config
+    from concept_erase.bench.spec import run_config, run_settings
     from concept_erase.config import load_yaml
 
     p = tmp_path / "b.yaml"
@@ -111,7 +110,7 @@ def test_concept_prompts():
     ("concepts: [three]\nmethods: [{method: eupmu}]\nfoo: 1\n", "unknown key 'foo'"),
     ("concepts: [eleven]\nmethods: [{method: eupmu}]\n", "concept 'eleven' is neither a digit"),
     ("concepts: [three]\n", "methods must be a list"),
-    ("methods: [{method: eupmu}]\n", "concepts must list digits"),
+    ("methods: [{method: eupmu}]\n", "concepts must list concepts of the model.s world \\(digits, styles\\)"),
     ("concepts: [three]\nmethods: [{method: eupmu}]\nseeds: [a]\n", "seeds must be a list of numbers"),
     ("concepts: [three]\nmethods: [{method: eupmu}]\nseeds: [1.5]\n", "seeds must be whole numbers"),
     ("concepts: [three]\nmethods: [{method: eupmu}]\nevaluation: [1]\n", "evaluation must be a mapping"),
@@ -386,17 +385,22 @@ def test_held_target_counts_only_runs_at_target_from_then_to_their_end():
 def test_means_are_also_split_by_kind_of_concept():
     runs = [_run("fixed 1", "three", 0.0, 1.0, 200), _run("fixed 1", "seven", 0.1, 0.9, 200),
             _run("fixed 1", "red ink", 1.0, 1.0, 200)]
-    s = summarise(runs, [])
+    from concept_erase.bench.world import world_record
+    from concept_erase.digits.benchmark import WORLD
+
+    world = world_record(WORLD, ["three", "seven", "red ink"])  # what a report stores of its world
+    s = summarise(runs, [], world=world)
     assert s["by_method"]["fixed 1"]["runs"] == 3
     digit, style = s["by_kind"]["digit"]["fixed 1"], s["by_kind"]["style"]["fixed 1"]
     assert digit["runs"] == 2 and digit["forget_accuracy"] == pytest.approx(0.05)
     assert style["runs"] == 1 and style["forget_accuracy"] == 1.0 and style["meets_target"] == 0
-    md = markdown({"summary": s, "machine": "m", "memory": [], "runs": []}, "cmd")
+    md = markdown({"summary": s, "machine": "m", "memory": [], "runs": [], "world": world}, "cmd")
     assert "### Digits only" in md and "### Styles only" in md
+    assert not summarise(runs, [])["by_kind"]  # a report that stores no world has no tables by kind
 
 
 def test_style_concepts_are_erased_relative_to_the_plain_caption():
-    from concept_erase.bench.judging import erase_relative_to
+    from concept_erase.digits.benchmark import erase_relative_to
 
     concepts, _ = concept_prompts("red ink")
     refs = erase_relative_to("red ink")
@@ -502,7 +506,7 @@ def test_memory_probe_measures_a_fresh_process(tmp_path):
     recipe = yaml.safe_load((ROOT / "pipelines" / "digits-erase.yaml").read_text())
     recipe.update(anchor_images_per_prompt=1, anchor_inference_steps=2, cache_dir=str(tmp_path / "cache"))
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    eupmu, uce = memory_table(str(tmp_path / "recipe.yaml"), ["eupmu", "uce"], 1)
+    eupmu, uce = memory_table(str(tmp_path / "recipe.yaml"), ["eupmu", "uce"], 1, "three")
     assert eupmu["mode"] == "eupmu" and eupmu["peak_rss_mb"] >= eupmu["baseline_rss_mb"] > 0
     assert uce["mode"] == "uce" and uce["peak_rss_mb"] >= uce["baseline_rss_mb"] > 0  # an edit's one solve
 
@@ -527,8 +531,8 @@ def test_the_cost_table_gives_time_memory_and_storage_per_method():
 
 def test_a_failed_bench_leaves_no_empty_folders_nor_its_scratch_run(tmp_path, monkeypatch, capsys):
     from concept_erase.bench import runner as bench
-    from concept_erase.io import loading
     from concept_erase.cli import main
+    from concept_erase.io import loading
 
     cfg = tiny_bench_file(tmp_path, ["eupmu"], steps=2, evaluation="{seeds: 1, steps: 2, every: 0}",
                           rest="memory_probe_steps: 0\n")
@@ -568,16 +572,19 @@ def test_the_package_ships_the_same_recipes_as_pipelines():
         assert (RECIPES / name).read_text() == (ROOT / "pipelines" / name).read_text(), name
 
 
-def test_bench_runs_on_the_recipes_digits_model_and_refuses_another(tmp_path):
-    from concept_erase.bench.runner import bench_model
+def test_bench_runs_on_the_recipes_model_with_its_world_and_refuses_one_without(tmp_path):
+    """The benchmark's model is the recipe's; its world (concepts, prompts, judging) comes from the package that
+    registers the model, and a model whose package gives none is refused before any run, naming those that do."""
+    from concept_erase.digits.benchmark import WORLD
     from concept_erase.errors import UserError
 
-    assert bench_model(load_bench(ROOT / "pipelines" / "bench-digits-flow.yaml")) == "builtin:digits-flow"
-    assert bench_model(load_bench(ROOT / "pipelines" / "bench-digits.yaml")) == "builtin:digits"
+    flow = load_bench(ROOT / "pipelines" / "bench-digits-flow.yaml")
+    assert flow.model == "builtin:digits-flow" and flow.world is WORLD
+    assert load_bench(ROOT / "pipelines" / "bench-digits.yaml").model == "builtin:digits"
     (tmp_path / "r.yaml").write_text("model: builtin:tiny\nsteps: 2\n")
     (tmp_path / "b.yaml").write_text("recipe: r.yaml\nconcepts: [three]\nmethods: [{method: eupmu}]\n")
-    with pytest.raises(UserError, match="embedded digits model"):
-        bench_model(load_bench(tmp_path / "b.yaml"))
+    with pytest.raises(UserError, match="builtin:digits, builtin:digits-flow"):
+        load_bench(tmp_path / "b.yaml")
 
 
 def test_runs_from_another_bench_json_join_the_report(tmp_path, capsys):
@@ -664,8 +671,8 @@ def test_an_entry_whose_checks_draw_evaluation_seeds_is_refused(tmp_path):
 def test_no_check_draws_an_image_that_an_evaluation_judges():
     """The (caption, seed) pairs an erasure check draws and those the benchmark's and the demo's evaluations judge
     never meet, for every concept of the digits world under the shipped recipe."""
-    from concept_erase.bench.judging import concept_prompts, judged_items
     from concept_erase.config import build_config, load_yaml
+    from concept_erase.digits.benchmark import concept_prompts, judged_items
     from concept_erase.digits.world import DIGIT_NAMES, STYLES, caption
     from concept_erase.image_seeds import seed_range
 
@@ -929,3 +936,26 @@ def test_the_committed_many_concepts_report_is_what_its_script_makes_of_its_data
     spec.loader.exec_module(script)
     result = json.loads((ROOT / "benchmarks" / f"{name}.json").read_text())
     assert (ROOT / "benchmarks" / f"{name}.md").read_text() == script.report(result)
+
+
+def test_entries_alike_but_in_eps_make_a_curve_judged_against_the_fixed_weights_alike_in_budget():
+    """EUPMU entries whose runs share the stop rule and budget and differ in eps are one curve; its rivals are the
+    fixed weights with the same settings, not those of another budget; its points at another eps than the default's
+    are points of the curve, not entries held to the every-run target."""
+    from concept_erase.bench.records import eps_curves
+
+    def run(label, method, eps, steps, forget, retain, lam=None):
+        return {**_run(label, "three", forget, retain, 100), "seed": 0, "method": method, "eps": eps,
+                "lambda_init": lam, "steps_planned": steps, "stop_when_erased": steps == 400}
+
+    runs = [run("eupmu", "eupmu", 0.0, 400, 0.0, 1.0), run("eupmu, 150 steps", "eupmu", 0.0, 150, 0.0, 0.99),
+            run("eupmu, eps 0.1, 150 steps", "eupmu", 0.1, 150, 0.0, 0.7),
+            run("fixed 1, 150 steps", "fixed", 0.0, 150, 0.0, 0.98, 1.0), run("fixed 1", "fixed", 0.0, 400, 0.0, 1.0, 1.0)]
+    assert eps_curves(runs) == [(["eupmu, 150 steps", "eupmu, eps 0.1, 150 steps"], ["fixed 1, 150 steps"])]
+    checks = {c["target"]: c for c in summarise(runs, [])["checks"]}
+    curve = ("eupmu eps curve (eupmu, 150 steps, eupmu, eps 0.1, 150 steps) not dominated by fixed 1, 150 steps "
+             "beyond the 95% intervals")
+    assert not checks[curve]["met"]  # eps 0.1 gave way on the anchors where fixed 1 at the same budget did not
+    assert checks[curve]["measured"].startswith("eupmu, eps 0.1, 150 steps by fixed 1, 150 steps")
+    assert not any(t.startswith("eupmu, eps 0.1, 150 steps:") for t in checks)
+    assert any(t.startswith("eupmu, 150 steps:") for t in checks)

@@ -142,7 +142,7 @@ def test_erasing_a_digit_lowers_its_accuracy_on_seeds_the_run_never_saw(tmp_path
     part of the run used: "three" goes, the other digits stay."""
     import copy
 
-    from concept_erase.bench.judging import Judging
+    from concept_erase.digits.benchmark import Judging
     from concept_erase.config import RECIPES, build_config, load_yaml
     from concept_erase.digits.world import caption
     from concept_erase.export.delta import apply

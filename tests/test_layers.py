@@ -155,3 +155,41 @@ def test_the_package_and_the_standard_library_are_imported_at_the_top_of_a_file(
                 if (top == "concept_erase" or top in sys.stdlib_module_names) and "#" not in lines[node.lineno - 1]:
                     late.append(f"concept_erase.{name}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert not late, "imports inside functions (move them to the top, or say why on the line):\n" + "\n".join(late)
+
+
+# Outside the digits package, the code that names the digits world, each with why it stays.
+NAMES_THE_DIGITS_WORLD = {
+    "embedded": "WORLD_PACKAGES, the one list of the packages the shipped models' worlds register from",
+    "cli": "the demo command runs the digits world's demo",
+    "options": "the demo command's settings: its model and digit",
+    "bench.records": "a value of stored run records: before schema 3 every stopping run was stopped by the digits judge",
+}
+WORLD_WORDS = {"digits", "digits-flow", "builtin:digits", "builtin:digits-flow",
+               "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+
+
+def test_no_module_outside_the_digits_package_names_its_world():
+    """The benchmark, the stop rule, the eval metrics and the loaders reach the digits world through the tables it
+    registers into (`embedded.EMBEDDED`, `plugins.JUDGES`, `evaluation.metrics.METRICS`, `EmbeddedModel.benchmark`):
+    outside `digits/` no module imports it or holds its names in code (prose in a help text or a docstring may cite
+    it as an example), except the modules listed with their reason."""
+    found = {}
+    for name, path in modules().items():
+        if name == "digits" or name.startswith("digits."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                named = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                named = [a.name for a in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                named = [node.value]
+            else:
+                continue
+            for n in named:
+                if n in WORLD_WORDS or n.startswith("concept_erase.digits"):
+                    found.setdefault(name, []).append(f"{node.lineno}: {n!r}")
+    unexplained = {m: hits for m, hits in found.items() if m not in NAMES_THE_DIGITS_WORLD}
+    assert not unexplained, f"modules that name the digits world: {unexplained}"
+    stale = sorted(set(NAMES_THE_DIGITS_WORLD) - set(found))
+    assert not stale, f"listed modules that no longer name it: {stale}"

@@ -168,6 +168,6 @@ def test_the_tier_table_pools_forget_by_style_and_counts_runs_at_target_in_every
     lo, hi = rows["a"]["red ink"]["ci"]["forget"]
     assert lo < 0.15 < hi
     # three: red ink at 30% misses; five: retain 10 points below the base misses
-    assert rows["a"]["every style"]["met"] == 0
+    assert rows["a"]["every tier"]["met"] == 0
     runs[0]["tiers"]["red ink"]["forget_accuracy"] = 0.1
-    assert tier_rows(runs)["a"]["every style"]["met"] == 1
+    assert tier_rows(runs)["a"]["every tier"]["met"] == 1

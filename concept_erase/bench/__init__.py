@@ -1,2 +1,3 @@
-"""`concept-erase bench`: the method benchmark on the digits model, split by job (the run plan and
-runner, step timing, peak memory, the report, bootstrap statistics)."""
+"""`concept-erase bench`: the method benchmark on a built-in model whose package gives its world (`world`), split by
+job (the file and its plan, the runs, the sequential benchmark, step timing, peak memory, the report, bootstrap
+statistics)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from concept_erase.bench.judging import concept_prompts
+from concept_erase.bench.world import world_of
 from concept_erase.config import build_config, is_edit, load_yaml, settings_for
 from concept_erase.errors import UserError
 from concept_erase.families.base import family_of
@@ -34,11 +34,11 @@ def _rss_kb(field_name: str) -> int:
     return 0
 
 
-def probe_memory(recipe: str, mode: str, steps: int, concept: str = "three", prompts: tuple | None = None) -> dict:
+def probe_memory(recipe: str, mode: str, steps: int, concept: str = "", prompts: tuple | None = None) -> dict:
     """Peak memory of `steps` training steps of `mode` (a method, or 'plain' fine-tuning), measured
-    from just before training (after the model is loaded) in this process; `prompts`: (concepts, anchors) in place
-    of `concept`'s. A trained run also gives its median step time."""
-    concepts, anchors = prompts or concept_prompts(concept)
+    from just before training (after the model is loaded) in this process, erasing `concept` of the recipe's model's
+    world; `prompts`: (concepts, anchors) in place of `concept`'s. A trained run also gives its median step time."""
+    concepts, anchors = prompts or world_of(load_yaml(recipe).get("model") or "", recipe).prompts(concept)
     out = tempfile.mkdtemp(prefix="ce-probe-")
     if is_edit(mode):  # a closed-form edit: the recipe's prompts, the edit's one solve
         settings = settings_for(load_yaml(recipe), mode)
@@ -107,11 +107,12 @@ def _plain_finetune(pipe, config, steps: int) -> None:
         opt.zero_grad(set_to_none=True)
 
 
-def memory_table(recipe: Path, modes: list[str], steps: int) -> list[dict]:
+def memory_table(recipe: Path, modes: list[str], steps: int, concept: str) -> list[dict]:
+    """Each mode's `probe_memory`, each in a fresh process (a peak of its own)."""
     out = []
     for mode in modes:
         cmd = [sys.executable, "-m", "concept_erase.bench.memory", "--probe", mode, "--recipe", str(recipe),
-               "--steps", str(steps)]
+               "--steps", str(steps), "--concept", concept]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode != 0:
             raise UserError(f"the memory probe for {mode} failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -124,8 +125,9 @@ def _probe_main(argv: list[str]) -> int:
     p.add_argument("--probe", required=True)
     p.add_argument("--recipe", required=True)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--concept", required=True)
     a = p.parse_args(argv)
-    print(json.dumps(probe_memory(a.recipe, a.probe, a.steps)))
+    print(json.dumps(probe_memory(a.recipe, a.probe, a.steps, a.concept)))
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from concept_erase.bench import stats
+from concept_erase.bench.records import SWEEP_PREFIX, eps_curves
 from concept_erase.bench.spec import FORGET_TARGET, RETAIN_DROP
 from concept_erase.evaluation.grids import marker_scales
 from concept_erase.io.atomic import atomic_path
@@ -93,16 +94,17 @@ def pareto_plot(results: list[dict], path: Path, split: str | None = None) -> No
             ys = [stats.mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100 for _, rs in points]
             ax.plot(xs, ys, "--", color="grey", lw=1, zorder=2,
                     label=f"fixed lambda curve{f' ({rule})' if rule else ''}")
-    sweep = [k for k in by if k.startswith("eupmu eps=")]
-    if sweep:  # the eps curve (the default eupmu point included), on the runs the sweep has
-        pairs = {(r["concept"], r.get("seed", 0)) for r in by[sweep[0]]}
-        curve = sorted(((by[k][0].get("eps", 0.0), [r for r in by[k] if (r["concept"], r.get("seed", 0)) in pairs])
-                        for k in (["eupmu"] if "eupmu" in by else []) + sweep), key=lambda c: c[0])
-        curve = [rs for _, rs in curve if rs]
-        if len(curve) > 1:
+    for i, (labels, _) in enumerate(eps_curves([r for rs in by.values() for r in rs])):
+        # each eps curve on the (concept, seed) pairs every point of it ran (an eps sweep runs on the first seed)
+        pairs = set.intersection(*({(r["concept"], r.get("seed", 0)) for r in by[k]} for k in labels))
+        curve = [[r for r in by[k] if (r["concept"], r.get("seed", 0)) in pairs] for k in labels]
+        if pairs:
             xs = [stats.mean(r["forget_accuracy"] for r in rs) for rs in curve]
             ys = [stats.mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100 for rs in curve]
-            ax.plot(xs, ys, "k:", lw=1, zorder=2, label="eps curve (first seed)")
+            rule = "" if any(k.startswith(SWEEP_PREFIX) for k in labels) or ", " not in labels[0] else \
+                f", {labels[0].rpartition(', ')[2]}"
+            ax.plot(xs, ys, ":", color="black" if i == 0 else "dimgrey", lw=1, zorder=2,
+                    label=f"eps curve ({len(pairs)} runs per point{rule})")
     ax.axvline(FORGET_TARGET, color="grey", lw=0.8, ls="--")
     where = {"held_out": ", held-out split", "tuning": ", tuning split"}.get(split or "", "")
     _save(fig, ax, path, "forget accuracy (lower: more erased)", f"Erasure against utility{where}")

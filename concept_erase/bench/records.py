@@ -86,3 +86,39 @@ def upgrade(record, where: str) -> dict:
         out.setdefault(f"base_{side}_retain_accuracy", None)
     out["schema"] = RECORD_SCHEMA
     return out
+
+
+# What makes two runs' settings the same erasure rule, eps and the method's weight aside: the stop rule, the budget,
+# the step's settings. Runs of EUPMU alike in all of these but eps lie on one eps curve, and the fixed weights alike
+# in them are that curve's rivals.
+CURVE_SETTINGS = ("stop_when_erased", "stop_judge", "steps_planned", "lr", "sampling_steps", "retain_loss",
+                  "lambda_update", "beta", "trajectory_model", "trajectory_refresh", "hold_erasure_at",
+                  "concept_variants", "check_every", "check_forget_at_most", "check_retain_drop_at_most",
+                  "check_inference_steps", "check_seed_start")
+SWEEP_PREFIX = "eupmu eps="  # the labels an `eps_sweep:` gives its runs (the eupmu entry with eps changed)
+
+
+def eps_curves(results: list[dict]) -> list[tuple[list[str], list[str]]]:
+    """(the labels of one eps curve in order of eps, the labels of its fixed-weight rivals). A curve is `eps_sweep:`'s
+    labels with the "eupmu" entry's, the sweep's rivals every fixed weight; or EUPMU entries whose runs share every
+    `CURVE_SETTINGS` value and differ in eps (e.g. "eupmu, 150 steps" and "eupmu, eps 0.1, 150 steps"), whose rivals
+    are the fixed weights with the same settings. A curve has two points at least."""
+    by: dict[str, dict] = {}
+    for r in results:
+        by.setdefault(r["label"], r)
+    fixed = [k for k in by if k.startswith("fixed")]
+    curves = []
+    sweep = [k for k in by if k.startswith(SWEEP_PREFIX)]
+    if sweep:
+        points = (["eupmu"] if "eupmu" in by else []) + sweep
+        curves.append((sorted(points, key=lambda k: by[k].get("eps") or 0.0), fixed))
+    key = lambda r: tuple(repr(r.get(k)) for k in CURVE_SETTINGS)  # noqa: E731
+    groups: dict[tuple, list[str]] = {}
+    for label, r in by.items():
+        if r.get("method") == "eupmu" and not label.startswith(SWEEP_PREFIX):
+            groups.setdefault(key(r), []).append(label)
+    for settings, labels in groups.items():
+        if len({by[k].get("eps") for k in labels}) > 1 and not any(set(labels) <= set(c) for c, _ in curves):
+            rivals = [k for k in fixed if by[k].get("method") == "fixed" and key(by[k]) == settings]
+            curves.append((sorted(labels, key=lambda k: by[k].get("eps") or 0.0), rivals))
+    return curves

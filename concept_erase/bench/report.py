@@ -9,10 +9,9 @@ from pathlib import Path
 
 from concept_erase.bench import stats
 from concept_erase.bench.pictures import picture
-from concept_erase.bench.records import upgrade
+from concept_erase.bench.records import SWEEP_PREFIX, eps_curves, upgrade
 from concept_erase.bench.sequence import render_sequence, sequence_block
 from concept_erase.bench.spec import FORGET_TARGET, RETAIN_DROP
-from concept_erase.digits.world import DIGIT_NAMES
 
 
 def final_images(record: dict) -> int | None:
@@ -23,13 +22,13 @@ def final_images(record: dict) -> int | None:
     return curve[-1].get("images")
 
 
-def concept_kind(concept: str) -> str:
-    return "digit" if concept in DIGIT_NAMES else "style"
-
-
 def summarise(results: list[dict], memory: list[dict], timing: list[dict] | None = None, reference: str = "",
-              planned: dict | None = None) -> dict:
-    """`planned`: runs planned per label; an "every run" target is met only when all of them finished."""
+              planned: dict | None = None, world: dict | None = None) -> dict:
+    """`planned`: runs planned per label; an "every run" target is met only when all of them finished. `world`: the
+    report's record of the model's world (`bench.world.world_record`), whose kinds of concept get tables of their
+    own."""
+    world = world or {}
+    kinds, kind_of = [k for k, _ in world.get("kinds", [])], world.get("concept_kinds", {})
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["label"], []).append(r)
@@ -37,8 +36,8 @@ def summarise(results: list[dict], memory: list[dict], timing: list[dict] | None
     rows = {label: _summary_row(rs, probes.get(label)) for label, rs in by.items()}
     by_kind: dict[str, dict[str, dict]] = {}
     for label, rs in by.items():
-        for kind in ("digit", "style"):
-            part = [r for r in rs if concept_kind(r["concept"]) == kind]
+        for kind in kinds:
+            part = [r for r in rs if kind_of.get(r["concept"]) == kind]
             if part:
                 by_kind.setdefault(kind, {})[label] = _summary_row(part, probes.get(label))
     checks = _checks(rows, memory, results, timing or [], reference, planned)
@@ -278,7 +277,6 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
             a, b = pair
             checks.append({"target": f"{a} step <= {bound} x {b} step", "measured": ratios[pair],
                            "met": ratios[pair] <= bound, "source": source})
-    fixed_labels = [k for k in rows if k.startswith("fixed")]
     mem = {m["mode"]: m for m in memory}
     if "plain" in mem:
         for mode in ("esd", "eupmu", "eupmu-fast", "ungrad", "fixed"):
@@ -289,8 +287,12 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
                                "measured": total, "met": total <= 1.2, "extra_ratio": extra})
     # EUPMU's entries: its defaults ("eupmu") and its variants at the defaults' lambda rule (--stop-when-erased,
     # ...); not the reference (the previous default) nor the eps sweep, which have targets of their own.
+    curves = eps_curves(results or [])
+    default_eps = next((r.get("eps") for r in results or [] if r["label"] == "eupmu"), None)
+    points = {k for labels, _ in curves for k in labels  # a curve's points at another eps than the default's
+              if next(r.get("eps") for r in results if r["label"] == k) != default_eps}
     variants = sorted({r["label"] for r in results or [] if r.get("method") == "eupmu"} - {"eupmu", reference}
-                      - {k for k in rows if k.startswith("eupmu eps=")})
+                      - {k for k in rows if k.startswith(SWEEP_PREFIX)} - points)
     eupmus = (["eupmu"] if "eupmu" in rows else []) + [v for v in variants if v in rows]
     for label in eupmus:
         e = rows[label]
@@ -322,19 +324,20 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
                        "measured": "; ".join(_dominance_text(label, d) for d in found) or
                                    f"not dominated ({len(rivals)} rivals)",
                        "met": not found})
-    sweep = [k for k in rows if k.startswith("eupmu eps=")]
-    if sweep and fixed_labels:
-        # The curve is the sweep and the default eupmu point (the recipe's eps). Every point is compared
-        # with every fixed weight on the (concept, seed) pairs both ran (the eps sweep runs on the first
-        # seed only), by paired bootstrap intervals: a difference inside the noise dominates nothing.
-        dominated = []
-        for s in (["eupmu"] if "eupmu" in rows else []) + sweep:
-            for f in fixed_labels:
-                d = dominance(results or [], s, f)
-                if d and d["dominated"]:
-                    dominated.append(_dominance_text(s, d))
-        checks.append({"target": "eupmu eps curve not dominated by the fixed weights beyond the 95% intervals",
-                       "measured": "; ".join(dominated) or "no point dominated", "met": not dominated})
+    for labels, rivals in curves:
+        if not rivals:
+            continue
+        # Every point of the curve is compared with every rival on the (concept, seed) pairs both ran (an eps
+        # sweep runs on the first seed only), by paired bootstrap intervals: a difference inside the noise
+        # dominates nothing.
+        dominated = [_dominance_text(s, d) for s in labels for f in rivals
+                     if (d := dominance(results or [], s, f)) and d["dominated"]]
+        sweep = any(k.startswith(SWEEP_PREFIX) for k in labels)
+        target = ("eupmu eps curve not dominated by the fixed weights beyond the 95% intervals" if sweep else
+                  f"eupmu eps curve ({', '.join(labels)}) not dominated by {', '.join(rivals)} beyond the 95% "
+                  "intervals")
+        checks.append({"target": target, "measured": "; ".join(dominated) or "no point dominated",
+                       "met": not dominated})
     for label in eupmus if reference in rows else []:
         # Time to held target against the reference, on the runs where both held the target.
         both = [(x, y) for x, y in _pairs(results or [], label, reference)
@@ -359,22 +362,22 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
     return checks
 
 
-def _f(v, pct=False, digits=1):
+def _f(v, pct=False, places=1):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
-    return f"{100 * v:.{digits}f}%" if pct else f"{v:.{digits}f}"
+    return f"{100 * v:.{places}f}%" if pct else f"{v:.{places}f}"
 
 
-def _ci_text(row: dict, key: str, scale: float = 1.0, digits: int = 1, pct: bool = False) -> str:
+def _ci_text(row: dict, key: str, scale: float = 1.0, places: int = 1, pct: bool = False) -> str:
     """'3.1% [1.0, 5.2]': the mean and its 95% interval."""
     v = row.get(key)
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     ci = (row.get("ci") or {}).get(key)
     unit = "%" if pct else ""
-    text = f"{scale * v:.{digits}f}{unit}"
+    text = f"{scale * v:.{places}f}{unit}"
     if ci is not None:
-        text += f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+        text += f" [{scale * ci[0]:.{places}f}, {scale * ci[1]:.{places}f}]"
     return text
 
 
@@ -400,7 +403,7 @@ def summarise_report(report: dict) -> dict:
             first = not splits  # the probes' targets (memory, step time) are said once, with the headline
             splits[name] = summarise(part, report.get("memory") or [] if first else [],
                                      report.get("timing") or [] if first else [],
-                                     report.get("held_time_reference", ""), planned.get(name))
+                                     report.get("held_time_reference", ""), planned.get(name), report.get("world"))
     headline = next(iter(splits), None)
     return {**(splits[headline] if headline else {"by_method": {}, "by_kind": {}, "checks": []}),
             "headline": headline, "splits": splits}
@@ -438,7 +441,7 @@ def headline(report: dict) -> str:
 
 
 def tiers_block(report: dict) -> str:
-    """The prompt tiers' table of a stored report (forget and retain in every style), with what made it."""
+    """The prompt tiers' table of a stored report (forget and retain in every tier), with what made it."""
     report = _upgraded(report)
     section = _tier_section(report)  # its own heading left out: the page that holds the block has one
     return "\n".join(_made_by(report, report.get("command", "")) + [""] + section[3:])
@@ -493,15 +496,15 @@ def _split_tables(lines: list, report: dict, name: str, s: dict, level: str = "#
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     probed = bool(report.get("timing"))
     for label, r in s["by_method"].items():
-        ms = _f(r["probe_step_ms"], digits=0) if probed and r.get("probe_step_ms") is not None else \
-            _ci_text(r, "step_time_ms", digits=0)
-        lines.append(f"| {label} | {r['runs']} ({r.get('concepts', '?')}) | {_f(r.get('images_per_run'), digits=0)} | "
+        ms = _f(r["probe_step_ms"], places=0) if probed and r.get("probe_step_ms") is not None else \
+            _ci_text(r, "step_time_ms", places=0)
+        lines.append(f"| {label} | {r['runs']} ({r.get('concepts', '?')}) | {_f(r.get('images_per_run'), places=0)} | "
                      f"{_ci_text(r, 'forget_accuracy', 100, pct=True)} | {_ci_text(r, 'forget_pooled', 100, pct=True)} | "
                      f"{_ci_text(r, 'retain_drop', 100)} | {_ci_text(r, 'near_retain_drop', 100)} | "
                      f"{_ci_text(r, 'domain_fid')} | {_count_ci(r, 'meets_target', 'met_fraction')} | "
                      f"{_count_ci(r, 'meets_with_near', 'met_with_near_fraction')} | {ms} | "
-                     f"{_f(r['backward_per_step'], digits=2)} | {r.get('held_target', 'n/a')}/{r['runs']} | "
-                     f"{_ci_text(r, 'steps_to_held_target', digits=0)} | {_ci_text(r, 'time_to_held_target_s')} |")
+                     f"{_f(r['backward_per_step'], places=2)} | {r.get('held_target', 'n/a')}/{r['runs']} | "
+                     f"{_ci_text(r, 'steps_to_held_target', places=0)} | {_ci_text(r, 'time_to_held_target_s')} |")
     lines += ["", "images/run: images judged at each run's final evaluation (forget and retain prompts). Nearest "
               "concepts: the two the judge finds most alike the erased one in the base model's images of it (their "
               "retain prompts; the rest is in the retain drop too). Held target: the run is at target at every "
@@ -513,7 +516,8 @@ def _split_tables(lines: list, report: dict, name: str, s: dict, level: str = "#
               + " The erasure checks' own time (--stop-when-erased) is included: where the probe timed the "
               "entry's check calls, each check is charged the calls it made at the probe's times, else the run's "
               "own clock."]
-    for kind, title_k in (("digit", "digits only"), ("style", "styles only")):
+    for kind, plural in (report.get("world") or {}).get("kinds", []):
+        title_k = f"{plural} only"
         part = s.get("by_kind", {}).get(kind)
         if not part:
             continue
@@ -524,7 +528,7 @@ def _split_tables(lines: list, report: dict, name: str, s: dict, level: str = "#
             lines.append(f"| {label} | {r['runs']} | {_ci_text(r, 'forget_accuracy', 100, pct=True)} | "
                          f"{_ci_text(r, 'retain_drop', 100)} | {_ci_text(r, 'near_retain_drop', 100)} | "
                          f"{_ci_text(r, 'domain_fid')} | {_count_ci(r, 'meets_target', 'met_fraction')} | "
-                         f"{_ci_text(r, 'lambda_mean', digits=2)} |")
+                         f"{_ci_text(r, 'lambda_mean', places=2)} |")
     lines += ["", f"{level}# Targets ({title.split(':')[0].lower()})", "", "| target | measured | met |", "|---|---|---|"]
     for c in s["checks"]:
         m = c["measured"]
@@ -544,10 +548,13 @@ def _count_ci(row: dict, count: str, rate: str) -> str:
     return f"{row[count]}/{row['runs']}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
+EVERY_TIER = "every tier"  # tier_rows' row of the runs at target in every tier
+
+
 def tier_rows(runs: list[dict]) -> dict[str, dict[str, dict]]:
-    """Per method label and style (the prompt tiers of a digit's evaluation): the forget rate pooled over the runs'
-    images with its exact interval, the mean retain drop from the base model in that style with its concept-cluster
-    interval, how many runs trained on the style, and how many runs met the targets in every style."""
+    """Per method label and prompt tier of a concept's evaluation: the forget rate pooled over the runs' images with
+    its exact interval, the mean retain drop from the base model in that tier with its concept-cluster interval, how
+    many runs trained on the tier, and how many runs met the targets in every tier (`EVERY_TIER`)."""
     out: dict[str, dict[str, dict]] = {}
     by_label: dict[str, list[dict]] = {}
     for r in runs:
@@ -570,8 +577,8 @@ def tier_rows(runs: list[dict]) -> dict[str, dict[str, dict]]:
         every = sum(all(t["forget_accuracy"] <= FORGET_TARGET + 1e-12 and
                         r["base_tiers"][s]["retain_accuracy"] - t["retain_accuracy"] <= RETAIN_DROP + 1e-12
                         for s, t in r["tiers"].items()) for r in rs)
-        rows["every style"] = {"runs": len(rs), "met": every}
-        _rate(rows["every style"], "met_fraction", every, len(rs))
+        rows[EVERY_TIER] = {"runs": len(rs), "met": every}
+        _rate(rows[EVERY_TIER], "met_fraction", every, len(rs))
     return out
 
 
@@ -579,28 +586,28 @@ def _tier_section(report: dict) -> list[str]:
     rows = tier_rows(report["runs"])
     if not rows:
         return []
-    lines = ["", "## Forget and retain in every style (prompt tiers)", "",
-             "A digit's final evaluation also draws it in each other style (its caption with the style's phrase, every "
-             "seed) and the other nine digits in that style (a quarter of the seeds, at least 2); a digit counts as "
-             "drawn when the judge names it. Forget: pooled over the runs' images, exact 95% interval. Retain drop: "
-             "points below the base model in the same style, mean over runs with a concept-cluster interval. Trained: "
-             "runs that drew the concept in that style during training (`--concept-variants`); a style no run trained "
-             "on is a held-out template.", "",
-             "Nearest: the erased digit's two nearest digits (found on the base model's plain images) in that style.", "",
-             "| method | style | trained | forget [exact 95%] | retain drop (points) | nearest digits' drop (points) |",
-             "|---|---|---|---|---|---|"]
+    texts = (report.get("world") or {}).get("texts", {})
+    tier = texts.get("tier", "tier")
+    lines = ["", f"## Forget and retain in every {tier} (prompt tiers)", "",
+             f"{texts.get('tiers', '')} Forget: pooled over the runs' images, exact 95% interval. Retain drop: "
+             f"points below the base model in the same {tier}, mean over runs with a concept-cluster interval. Trained: "
+             f"runs that drew the concept in that {tier} during training (`--concept-variants`); a {tier} no run "
+             "trained on is a held-out template.".lstrip(), "",
+             texts.get("near", "Nearest: the erased concept's two nearest concepts, in that tier."), "",
+             f"| method | {tier} | trained | forget [exact 95%] | retain drop (points) | nearest concepts' drop "
+             "(points) |", "|---|---|---|---|---|---|"]
     for label, styles in rows.items():
         for style, row in styles.items():
-            if style == "every style":
+            if style == EVERY_TIER:
                 continue
             ci = row["ci"]["forget"]
             lines.append(f"| {label} | {style} | {row['trained']}/{row['runs']} | {_f(row['forget'], True)} "
                          f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] | {_ci_text(row, 'retain_drop', 100)} | "
                          f"{_ci_text(row, 'near_retain_drop', 100)} |")
-    lines += ["", f"Runs at target in every style (forget <= {FORGET_TARGET:.0%} and retain at most "
+    lines += ["", f"Runs at target in every {tier} (forget <= {FORGET_TARGET:.0%} and retain at most "
                   f"{RETAIN_DROP * 100:.0f} points below the base in each):", ""]
     for label, styles in rows.items():
-        row = styles["every style"]
+        row = styles[EVERY_TIER]
         verdict = "met" if row["met"] == row["runs"] else "**MISSED**"
         lines.append(f"- {label}: {_count_ci({**row, 'meets': row['met']}, 'meets', 'met_fraction')} ({verdict})")
     return lines
@@ -624,8 +631,10 @@ def markdown(report: dict, command: str, plots: dict | None = None) -> str:
                 used.setdefault(a["method"], a)
         said = "; ".join(f"`concept-erase attack --attack {m}` on {a.get('prompts', '?')} prompts" for m, a in used.items())
         lines += ["", "## Attacks on the erased models", "",
-                  f"{said}, on each run's erasure: prompts of the erased concept (a digit's plain caption at seeds 0, 1, "
-                  "...; a style on each digit in turn), the digits judge: attack success rate (ASR), the fraction of prompts "
+                  f"{said}, on each run's erasure: "
+                  + (report.get("world") or {}).get("texts", {}).get("attack_prompts", "prompts of the erased concept, "
+                                                                      "the model's judge")
+                  + ": attack success rate (ASR), the fraction of prompts "
                   "whose image shows the concept. Before: the prompts as given; after: with the attack (a prompt drawn "
                   "before counts after too). Means over runs with 95% bootstrap intervals by concept.", "",
                   "| method | attack | runs attacked | ASR before | ASR after | retain drop (points) |",
@@ -673,8 +682,8 @@ def markdown(report: dict, command: str, plots: dict | None = None) -> str:
         lines.append(f"| {r.get('split', 'all')} | {r['label']} | {r['concept']} | {r['seed']} | {r.get('steps', 'n/a')} | "
                      f"{_f(r['forget_accuracy'], True)}{f' [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]' if ci else ''} | "
                      f"{_f(r['retain_accuracy'], True)} ({_f(r['base_retain_accuracy'], True)}) | {near} | "
-                     f"{_f(r['domain_fid'])} ({_f(r['base_domain_fid'])}) | {_f(1000 * r['step_time_s_median'], digits=0)} | "
-                     f"{_f(r.get('lambda_mean'), digits=3)} | {stt if stt is not None else 'not reached'} | {held} |")
+                     f"{_f(r['domain_fid'])} ({_f(r['base_domain_fid'])}) | {_f(1000 * r['step_time_s_median'], places=0)} | "
+                     f"{_f(r.get('lambda_mean'), places=3)} | {stt if stt is not None else 'not reached'} | {held} |")
     lines += picture("retain against forget", "pareto.png", plots) + [""]
     return "\n".join(lines)
 
@@ -691,7 +700,7 @@ def cost_section(report: dict) -> list[str]:
         return []
     memory = {m["mode"]: m for m in report.get("memory") or []}
 
-    def mean_text(rs, key, digits=1):
+    def mean_text(rs, key, places=1):
         pairs = [(key(r) if callable(key) else r.get(key), r["concept"]) for r in rs]
         pairs = [(v, c) for v, c in pairs if v is not None]
         if not pairs:
@@ -699,7 +708,7 @@ def cost_section(report: dict) -> list[str]:
         values, clusters = [v for v, _ in pairs], [c for _, c in pairs]
         ci = stats.cluster_mean_ci(values, clusters)
         mean = sum(values) / len(values)
-        return f"{mean:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "") + \
+        return f"{mean:.{places}f}" + (f" [{ci[0]:.{places}f}, {ci[1]:.{places}f}]" if ci else "") + \
             (f" ({len(values)} of {len(rs)})" if len(values) < len(rs) else "")
 
     lines = ["", "## Cost per concept (UnlearnCanvas's columns)", "",

@@ -1,10 +1,10 @@
-"""`concept-erase bench`: EUPMU against EUPMU-fast, UNGrad, fixed weights and ESD on the digits model.
+"""`concept-erase bench`: EUPMU against EUPMU-fast, UNGrad, fixed weights, ESD and UCE on a built-in model.
 
 Every run uses the same recipe (subset, batch sizes, steps, learning rate) and differs only in
-the method that combines the forget and retain losses. Per run it measures, with the shipped
-judge: forget accuracy (the erased digit is still drawn, or the erased style still rendered),
-retain accuracy (the other digits; for a style, digit and style both right on the other styles),
-the domain FID of the retained prompts against their real held-out renderings, wall time per
+the method that combines the forget and retain losses. Per run it measures, with the judge of the
+model's world (`bench/world.py`): forget accuracy (the erased concept is still drawn), retain
+accuracy (the anchors' concepts still drawn right), the domain FID of the retained prompts
+against their real held-out renderings, wall time per
 step, backward passes per step, and (every `evaluation.every` steps) the curve that gives the
 training time to reach the target: forget accuracy at most 10% with retain accuracy at most 3
 points below the base model's. A separate probe runs each method, and a plain fine-tuning step
@@ -26,7 +26,6 @@ from pathlib import Path
 
 from concept_erase import provenance
 from concept_erase.attacks.run import run_attack
-from concept_erase.bench.judging import Judging, judged_images, tier_items
 from concept_erase.bench.memory import memory_table
 from concept_erase.bench.pictures import attack_plot, pareto_plot
 from concept_erase.bench.records import RECORD_SCHEMA, upgrade
@@ -35,9 +34,7 @@ from concept_erase.bench.sequence import bench_sequences
 from concept_erase.bench.spec import (FORGET_TARGET, RETAIN_DROP, SHIPPED_BENCH, BenchSpec, load_bench, plan,
                                       run_config, run_settings, split_of)
 from concept_erase.bench.timing import probe_timing
-from concept_erase.config import load_yaml
-from concept_erase.digits.world import DIGIT_NAMES, STYLES, trained_styles
-from concept_erase.embedded import embedded_models
+from concept_erase.bench.world import Judging, world_record
 from concept_erase.errors import UserError
 from concept_erase.export.delta import apply
 from concept_erase.io.atomic import write_json, write_text
@@ -49,16 +46,6 @@ from concept_erase.training.trainer import erase
 def _run_id(label: str, concept: str, seed: int) -> str:
     safe = "".join(c if c.isalnum() or c in "-." else "_" for c in f"{label}__{concept}__s{seed}")
     return safe
-
-
-def bench_model(spec: BenchSpec) -> str:
-    """The recipe's model: one of the embedded digits models (the judge knows their world alone)."""
-    model = load_yaml(spec.recipe).get("model") or "builtin:digits"
-    digits = [f"builtin:{m.name}" for m in embedded_models() if m.judge == "digits"]
-    if model not in digits:
-        raise UserError(f"{spec.recipe}: the benchmark runs on an embedded digits model ({', '.join(digits)}), "
-                        f"not {model!r}: its judge knows that world alone")
-    return model
 
 
 def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: str, overrides: dict, concept: str,
@@ -85,7 +72,7 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
 
     erased = apply(copy.deepcopy(base), run_dir / "erased.safetensors")
     final = judging(erased, final=True)
-    tiers = with_plain(final, judging.tiers(erased)) if spec.eval_tiers and tier_items(concept, 1) else None
+    tiers = with_plain(final, judging.tiers(erased)) if spec.eval_tiers and spec.world.has_tiers(concept) else None
     attacks = [attack_run(spec, a, concept, run_dir / "erased.safetensors", workdir / f"attack-{a['method']}")
                for a in spec.attacks]
     curve = [c for c in curve if c["step"] < done]
@@ -123,13 +110,13 @@ def run_one(spec: BenchSpec, base, judging: Judging, base_eval: dict, *, label: 
         "time_to_held_target_s": time_to_target if meets else None,
         "delta_bytes": (run_dir / "erased.safetensors").stat().st_size,
         "curve": curve, "checks": checks, **({"attacks": attacks} if attacks else {}),
-        **({"tiers": tiers, "base_tiers": base_eval["tiers"], "trained_styles": trained_styles(config.concept_variants)}
-           if tiers else {}),
+        **({"tiers": tiers, "base_tiers": base_eval["tiers"],
+            "trained_styles": spec.world.trained_tiers(config.concept_variants)} if tiers else {}),
     }
 
 
 def with_plain(evaluation: dict, tiers: dict) -> dict:
-    """The tiers of a digit's evaluation with its plain caption's first (the evaluation's own counts)."""
+    """The tiers of a concept's evaluation with its bare prompts' first, as "plain" (the evaluation's own counts)."""
     keys = ("forget_hits", "forget_images", "forget_accuracy", "retain_hits", "retain_images", "retain_accuracy",
             "near_retain_hits", "near_retain_images", "near_retain_accuracy")
     plain = {k: evaluation[k] for k in keys if evaluation.get(k) is not None}
@@ -138,10 +125,9 @@ def with_plain(evaluation: dict, tiers: dict) -> dict:
 
 def attack_run(spec: BenchSpec, a: dict, concept: str, weights: Path, output: Path) -> dict:
     """One of the benchmark's attacks (`a`, from `spec.attacks`) on one run's erasure (`concept-erase attack`, the
-    digits judge): the attack success rate before and after, on the concept's first prompts (a digit in each style;
-    a style on digits)."""
+    model's judge): the attack success rate before and after, on the concept's first prompts."""
     settings = {k: a[k] for k in ("iterations", "timesteps", "tokens") if k in a}
-    r = run_attack(model=bench_model(spec), weights=str(weights), concept=concept, attack=a["method"], output=output,
+    r = run_attack(model=spec.model, weights=str(weights), concept=concept, attack=a["method"], output=output,
                    prompts=a["prompts"], **settings,
                    steps=spec.eval_steps, guidance=spec.eval_guidance, overwrite=True, progress=False)
     return {"method": a["method"], "prompts": r["prompts"], "pre_attack_asr": r["pre_attack_asr"],
@@ -237,8 +223,9 @@ def _narrow(spec: BenchSpec, overrides: dict) -> None:
     they pick some of each split's (a concept or seed the file does not name is refused), so that the split each
     run belongs to, and its evaluation seeds, stay the file's."""
     for c in overrides.get("concepts", []):
-        if c not in DIGIT_NAMES and c not in STYLES[1:]:
-            raise UserError(f"--concepts: {c!r} is neither a digit nor a style ({', '.join(STYLES[1:])})")
+        error = spec.world.concept_error(c)
+        if error:
+            raise UserError(f"--concepts: {error}")
     if spec.splits and spec.splits[0].name != "all":
         for key in ("concepts", "seeds"):
             if key not in overrides:
@@ -287,7 +274,7 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
     made = [f for f in (output / "runs", output) if not f.exists()]
     (output / "runs").mkdir(parents=True, exist_ok=True)
     try:
-        base = load_pipeline(bench_model(spec))
+        base = load_pipeline(spec.model)
         base.set_progress_bar_config(disable=True)
         return _bench(spec, runs, output, base, progress, only, report_only, command, log)
     finally:  # the scratch run goes; folders this call made go too if nothing finished into them
@@ -299,14 +286,14 @@ def run_bench(config_path: str, output: str | Path, *, progress: bool = True, on
 
 def _bench_sequential(spec: BenchSpec, output: Path, only, report_only: bool, runs_from, overrides: dict,
                       progress: bool, command: str, log) -> dict:
-    """A sequential file (`bench/sequence.py`): each split's digits erased one request after another."""
+    """A sequential file (`bench/sequence.py`): each split's concepts erased one request after another."""
     if "concepts" in overrides or runs_from:
-        raise UserError("a sequential benchmark erases each split's digits in the file's order: --concepts and "
+        raise UserError("a sequential benchmark erases each split's concepts in the file's order: --concepts and "
                         "--runs-from do not apply; give --seeds or --only")
     if report_only:
         return bench_sequences(spec, output, None, only=only, report_only=True, command=command, log=log)
     output.mkdir(parents=True, exist_ok=True)
-    base = load_pipeline(bench_model(spec))
+    base = load_pipeline(spec.model)
     base.set_progress_bar_config(disable=True)
     return bench_sequences(spec, output, base, only=only, progress=progress, command=command, log=log)
 
@@ -318,11 +305,11 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
     final_seeds = spec.eval_final_seeds or spec.eval_seeds
     for i, (label, overrides, concept, seed) in enumerate(runs):
         path = output / "runs" / f"{_run_id(label, concept, seed)}.json"
-        wanted = judged_images(concept, final_seeds)
+        wanted = spec.world.judged_images(concept, final_seeds)
         if path.is_file():
             record = read_record(path)
             start = split_of(spec, concept).evaluation_seed_start
-            tiered = record.get("tiers") or not (spec.eval_tiers and tier_items(concept, 1))
+            tiered = record.get("tiers") or not (spec.eval_tiers and spec.world.has_tiers(concept))
             if report_only or (final_images(record) == wanted and record["evaluation_seed_start"] == start
                                and tiered):
                 results.append(record)
@@ -334,8 +321,8 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
             continue
         if concept not in judgings:
             start = split_of(spec, concept).evaluation_seed_start
-            judging = Judging(concept, spec.eval_seeds, spec.eval_steps, spec.eval_guidance, final_seeds,
-                              seed_start=start)
+            judging = spec.world.judging(concept, spec.eval_seeds, spec.eval_steps, spec.eval_guidance, final_seeds,
+                                         seed_start=start)
             base_file = output / "runs" / f"base__{concept.replace(' ', '_')}.json"
             stored = json.loads(base_file.read_text()) if base_file.is_file() else {}
             if stored.get("images") == wanted and stored.get("seed_start", 0) == start and stored.get("nearest"):
@@ -344,7 +331,7 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
             else:
                 base_evals[concept] = judging(base, final=True, find_nearest=True)
                 write_json(base_file, base_evals[concept])
-            if spec.eval_tiers and tier_items(concept, 1) and not base_evals[concept].get("tiers"):
+            if spec.eval_tiers and spec.world.has_tiers(concept) and not base_evals[concept].get("tiers"):
                 base_evals[concept]["tiers"] = with_plain(base_evals[concept], judging.tiers(base))
                 write_json(base_file, base_evals[concept])
             judgings[concept] = judging
@@ -361,7 +348,8 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
     if spec.memory_probe_steps and not memory_file.is_file() and not report_only:
         modes = ["plain"] + sorted({m["method"] for m in spec.methods})
         log(f"memory probe: {', '.join(modes)} ({spec.memory_probe_steps} steps each, a fresh process each)")
-        write_json(memory_file, memory_table(spec.recipe, modes, spec.memory_probe_steps))
+        write_json(memory_file, memory_table(spec.recipe, modes, spec.memory_probe_steps,
+                                                spec.concepts[0]))
     memory = json.loads(memory_file.read_text()) if memory_file.is_file() else []
     timing_file = output / "timing.json"
     if spec.timing_rounds and not timing_file.is_file() and not report_only and not only:
@@ -377,7 +365,8 @@ def _bench(spec: BenchSpec, runs: list, output: Path, base, progress: bool, only
         by_label[label] = by_label.get(label, 0) + 1
     command = command or f"concept-erase bench --config {spec.source} --output {output}"
     report = {"config": spec.source, "command": command, "commit": provenance.commit(), "date": provenance.now(),
-              "machine": provenance.machine(), "versions": provenance.versions(),
+              "machine": provenance.machine(), "versions": provenance.versions(), "model": spec.model,
+              "world": world_record(spec.world, [r["concept"] for r in results]),
               "seconds": round(time.time() - started, 1),
               "runs_planned": len(runs), "runs_finished": len(results), "planned": planned,
               "held_time_reference": spec.held_time_reference,

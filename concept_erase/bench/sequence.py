@@ -1,8 +1,8 @@
-"""The sequential benchmark (`sequential: true` in a benchmark file): each method erases a split's digits one request
-after another (`erase --weights PREVIOUS_RUN`), in the order the split lists them, once per run seed. After every
-request the chained model is judged on every digit's caption at once: each erased digit's forget accuracy, the
-retain accuracy of the digits never erased, and the domain FID of those digits' images. The base model is judged the
-same way once, on the same image seeds.
+"""The sequential benchmark (`sequential: true` in a benchmark file): each method erases a split's concepts one
+request after another (`erase --weights PREVIOUS_RUN`), in the order the split lists them, once per run seed. After
+every request the chained model is judged on every concept of the world's chain kind at once (`BenchWorld.
+chain_judging`): each erased concept's forget accuracy, the retain accuracy of the concepts never erased, and the
+domain FID of their images. The base model is judged the same way once, on the same image seeds.
 
 A request's run is kept (`OUTPUT/sequences/LABEL__sSEED/NN-CONCEPT/`): the next request continues from it, and a
 benchmark cut short continues from the last finished request.
@@ -16,58 +16,18 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from concept_erase import provenance
 from concept_erase.bench.pictures import picture
 from concept_erase.bench.spec import FORGET_TARGET, BenchSpec, run_config, run_settings
 from concept_erase.bench.stats import clopper_pearson, mean_ci
-from concept_erase.digits.evaluate import domain_fid, generate_many
-from concept_erase.digits.judge import load_network
-from concept_erase.digits.world import DIGIT_NAMES, STYLES, build, caption
+from concept_erase.bench.world import ChainJudging, world_record
 from concept_erase.errors import UserError
 from concept_erase.export.delta import apply
-from concept_erase.image_seeds import seed_range
 from concept_erase.io.atomic import atomic_path, write_json, write_text
 from concept_erase.training.trainer import erase
 
-SEQUENCE_RETAIN_DROP = 0.05  # the sequential target: the never-erased digits within 5 points of the base
+SEQUENCE_RETAIN_DROP = 0.05  # the sequential target: the never-erased concepts within 5 points of the base
 SEQUENCE_SCHEMA = 1
-
-
-class SequenceJudging:
-    """Every digit's plain caption on `seeds` image seeds from `seed_start`, judged at once: per digit the share the
-    judge names as that digit, and the domain FID of any set of digits' images against the real test images of the
-    same digits."""
-
-    def __init__(self, seeds: int, steps: int, guidance: float, seed_start: int):
-        self.seeds, self.steps, self.guidance = int(seeds), int(steps), float(guidance)
-        self.seed_start = int(seed_start)
-        self.judge = load_network()
-        test = build("test")
-        plain = test.styles == STYLES.index("plain")
-        self.real = {d: test.images[plain & (test.digits == d)] for d in range(10)}
-
-    @torch.no_grad()
-    def draw(self, pipe) -> list[torch.Tensor]:
-        """Every digit's caption on the evaluation's seeds: one tensor of images per digit."""
-        return generate_many(pipe, [(caption(d), seed_range(self.seed_start, self.seeds)) for d in range(10)],
-                             steps=self.steps, guidance=self.guidance)
-
-    @torch.no_grad()
-    def score(self, made: list[torch.Tensor], erased: list[str]) -> dict:
-        """Forget accuracy of each erased digit, retain accuracy and domain FID of the digits never erased."""
-        hits = [int((self.judge.predict(images)[0] == d).sum()) for d, images in enumerate(made)]
-        gone = [DIGIT_NAMES.index(c) for c in erased]
-        kept = [d for d in range(10) if d not in gone]
-        n = self.seeds
-        return {"forget_by_concept": {DIGIT_NAMES[d]: hits[d] / n for d in gone},
-                "forget_hits": sum(hits[d] for d in gone), "forget_images": n * len(gone),
-                "retain_hits": sum(hits[d] for d in kept), "retain_images": n * len(kept),
-                "retain_accuracy": sum(hits[d] for d in kept) / (n * len(kept)) if kept else None,
-                "domain_fid": domain_fid(self.judge, torch.cat([made[d] for d in kept]),
-                                         torch.cat([self.real[d] for d in kept])) if kept else None,
-                "never_erased": [DIGIT_NAMES[d] for d in kept], "seed_start": self.seed_start}
 
 
 def sequence_id(label: str, seed: int) -> str:
@@ -80,11 +40,11 @@ def settings_differ(stored: dict, settings: dict) -> list[str]:
     return [key for key in settings if stored.get(key) != settings[key] and (key in stored or settings[key] is not None)]
 
 
-def run_sequence(spec: BenchSpec, base, judging: SequenceJudging, base_images: list, *, label: str,
+def run_sequence(spec: BenchSpec, base, judging: ChainJudging, base_images: list, *, label: str,
                  overrides: dict, concepts: list[str], seed: int, split: str, output: Path, progress: bool,
                  log) -> list[dict]:
     """Erase `concepts` one request after another; one record per request (kept ones are read, not rerun). The base
-    model's images (`base_images`, `SequenceJudging.draw`) give its figures on the same digits."""
+    model's images (`base_images`, `ChainJudging.draw`) give its figures on the same concepts."""
     folder = output / "sequences" / sequence_id(label, seed)
     records, previous, redo = [], None, False
     for k, concept in enumerate(concepts, 1):
@@ -152,8 +112,8 @@ def bench_sequences(spec: BenchSpec, output: Path, base, *, only=None, report_on
                     records += [json.loads(f.read_text()) for f in sorted(folder.glob("*/record.json"))]
                     continue
                 if judging is None:
-                    judging = SequenceJudging(spec.eval_final_seeds or spec.eval_seeds, spec.eval_steps,
-                                              spec.eval_guidance, split.evaluation_seed_start)
+                    judging = spec.world.chain_judging(spec.eval_final_seeds or spec.eval_seeds, spec.eval_steps,
+                                                       spec.eval_guidance, split.evaluation_seed_start)
                     base_images = judging.draw(base)
                 log(f"{split.name}, seed {seed}: {label} erases {', '.join(split.concepts)} one after another")
                 records += run_sequence(spec, base, judging, base_images, label=label, overrides=dict(m),
@@ -161,7 +121,8 @@ def bench_sequences(spec: BenchSpec, output: Path, base, *, only=None, report_on
                                         progress=progress, log=log)
     if not records:
         raise UserError(f"no finished request in {output / 'sequences'} to report")
-    report = {"config": spec.source, "sequential": True,
+    report = {"config": spec.source, "sequential": True, "model": spec.model,
+              "world": world_record(spec.world, [r["concept"] for r in records]),
               "command": command or f"concept-erase bench --config {spec.source} --output {output}",
               "commit": provenance.commit(), "date": provenance.now(), "machine": provenance.machine(),
               "versions": provenance.versions(), "seconds": round(time.time() - started, 1),
@@ -212,21 +173,21 @@ def sequence_checks(records: list[dict]) -> list[dict]:
         last = max(r["request"] for r in part)
         final = [r for r in part if r["request"] == last]
         at = sum(r["meets_target"] for r in final)
-        checks.append({"target": f"{label}, after {last} requests ({split}): every erased digit at forget <= "
+        checks.append({"target": f"{label}, after {last} requests ({split}): every erased concept at forget <= "
                                  f"{FORGET_TARGET:.0%}, the never-erased within {SEQUENCE_RETAIN_DROP * 100:.0f} "
                                  "points of the base, every run",
                        "measured": f"{at} of {len(final)} runs", "met": at == len(final)})
     return checks
 
 
-def _ci(ci, scale: float = 1.0, digits: int = 1) -> str:
-    return "" if not ci else f" [{ci[0] * scale:.{digits}f}, {ci[1] * scale:.{digits}f}]"
+def _ci(ci, scale: float = 1.0, places: int = 1) -> str:
+    return "" if not ci else f" [{ci[0] * scale:.{places}f}, {ci[1] * scale:.{places}f}]"
 
 
 def render_sequence(report: dict, plots: dict | None = None) -> str:
     """bench.md of a sequential benchmark (see `report.render` for `plots`)."""
     lines = [f"# Sequential benchmark: {Path(report['config']).name}", "", sequence_block(report)]
-    lines += picture("retain of the never-erased digits and forget of the erased ones, by request", "sequence.png",
+    lines += picture("retain of the never-erased concepts and forget of the erased ones, by request", "sequence.png",
                      plots) + [""]
     return "\n".join(lines)
 
@@ -239,17 +200,17 @@ def sequence_block(report: dict) -> str:
              f"Machine: {report['machine']}.", "",
              f"Its requests: {report['requests_finished']} of {report['requests_planned']} planned, made at commit(s) "
              f"{', '.join(f'`{c}`' for c in commits)}.", "",
-             "Each method erases the split's digits one request after another (`erase --weights PREVIOUS_RUN`), once "
-             "per run seed. After every request the chained model draws every digit's caption on the split's "
-             "evaluation seeds, judged by the digits judge. Forget: the erased digits' images the judge still names "
-             "(pooled over the digits erased so far and the seeds, exact 95% interval); worst: the most drawn erased "
-             "digit, mean over seeds. Retain: the digits never erased (pooled, exact interval); its drop is in points "
-             "below the base model on the same digits, mean over seeds with a bootstrap interval. Steps: the request's "
-             "training steps, mean over seeds (a request that reaches the recipe's budget was not stopped by its "
-             "check). Target per run: "
-             f"every erased digit at forget <= {FORGET_TARGET:.0%} and the never-erased digits within "
+             "Each method erases the split's concepts one request after another (`erase --weights PREVIOUS_RUN`), "
+             "once per run seed. After every request the chained model draws "
+             + (report.get("world") or {}).get("texts", {}).get("chain", "every concept a chain may erase")
+             + ". Forget: the erased concepts' images the judge still names (pooled over the concepts erased so far "
+             "and the seeds, exact 95% interval); worst: the most drawn erased concept, mean over seeds. Retain: the "
+             "concepts never erased (pooled, exact interval); its drop is in points below the base model on the same "
+             "concepts, mean over seeds with a bootstrap interval. Steps: the request's training steps, mean over "
+             "seeds (a request that reaches the recipe's budget was not stopped by its check). Target per run: "
+             f"every erased concept at forget <= {FORGET_TARGET:.0%} and the never-erased concepts within "
              f"{SEQUENCE_RETAIN_DROP * 100:.0f} points of the base.", "",
-             "| split | method | request | digit | runs | steps | forget | worst erased digit | never erased | "
+             "| split | method | request | concept | runs | steps | forget | worst erased concept | never erased | "
              "retain | retain drop (points) | domain FID (base) | at target |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -269,7 +230,7 @@ def sequence_block(report: dict) -> str:
 
 
 def sequence_plot(records: list[dict], path: Path) -> None:
-    """Retain accuracy of the never-erased digits (points below the base), and the erased digits' forget (pooled,
+    """Retain accuracy of the never-erased concepts (points below the base), and the erased concepts' forget (pooled,
     and the most drawn one's), against the request: one colour per method, with the intervals of `summarise`."""
     import matplotlib
 
@@ -290,11 +251,11 @@ def sequence_plot(records: list[dict], path: Path) -> None:
                               [100 * (r["forget_ci"][1] - r["forget"]) for r in every]],
                         marker="o", color=f"C{i}", capsize=3, label=f"{label}: pooled")
         bottom.plot([r["request"] for r in every], [100 * r["worst_forget"] for r in every], marker="x",
-                    linestyle=":", color=f"C{i}", label=f"{label}: the most drawn erased digit")
+                    linestyle=":", color=f"C{i}", label=f"{label}: the most drawn erased concept")
     top.axhline(100 * SEQUENCE_RETAIN_DROP, color="0.5", linestyle="--", linewidth=0.8)
     bottom.axhline(100 * FORGET_TARGET, color="0.5", linestyle="--", linewidth=0.8)
-    top.set_ylabel("never-erased digits:\nretain drop (points)")
-    bottom.set_ylabel("erased digits:\nforget accuracy (%)")
+    top.set_ylabel("never-erased concepts:\nretain drop (points)")
+    bottom.set_ylabel("erased concepts:\nforget accuracy (%)")
     bottom.set_xlabel("requests so far")
     top.legend(fontsize=8)
     bottom.legend(fontsize=7)

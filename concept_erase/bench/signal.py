@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from concept_erase.config import SIGNAL_STOP
 from concept_erase.bench.stats import clopper_pearson, cluster_spearman_ci, spearman
+from concept_erase.config import SIGNAL_STOP
 
 FORGET_TARGET = 0.10
 LEVELS = [round(0.6 - 0.05 * i, 2) for i in range(17)]  # 0.6, 0.55, ..., -0.2

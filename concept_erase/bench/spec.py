@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from concept_erase.attacks.methods import ATTACKS
-from concept_erase.bench.judging import concept_prompts, erase_relative_to
+from concept_erase.bench.world import BenchWorld, world_of
 from concept_erase.config import RECIPES, build_config, is_edit, load_yaml, normalise_keys, settings_for
-from concept_erase.digits.world import DIGIT_NAMES, STYLES
 from concept_erase.errors import UserError
 from concept_erase.image_seeds import CHECK_SEED_START, describe, overlap, seed_range
 from concept_erase.methods.stopping import check_seeds, judge_name
@@ -53,7 +52,7 @@ class BenchSpec:
     eval_guidance: float = 4.0
     eval_every: int = 50
     eval_final_seeds: int = 0  # images per prompt at the final evaluations (0: eval_seeds)
-    eval_tiers: bool = False  # the final evaluations also judge a digit in every other style (prompt tiers)
+    eval_tiers: bool = False  # the final evaluations also judge each concept in the world's prompt tiers
     held_time_reference: str = ""  # the label eupmu's time to held target is compared with
     memory_probe_steps: int = 10
     timing_rounds: int = 8
@@ -62,6 +61,8 @@ class BenchSpec:
     attacks: list[dict] = field(default_factory=lambda: [dict(ATTACK_DEFAULTS)])
     source: str = ""
     sequential: bool = False  # each split's concepts erased one request after another, in order (`bench/sequence.py`)
+    model: str = ""  # the recipe's model
+    world: BenchWorld | None = None  # what the model's package says of its concepts and judging (`bench/world.py`)
 
 
 def _number_list(raw: dict, key: str, default: list, kind, path: Path, low=None) -> list:
@@ -119,7 +120,8 @@ def load_bench(path: str | Path) -> BenchSpec:
     bad = sorted(set(map(str, raw)) - known)
     if bad:
         raise UserError(f"{path}: unknown key {bad[0]!r}; a benchmark file has {', '.join(sorted(known))}")
-    recipe_name = raw.get("recipe", "digits-erase.yaml")
+    # no recipe: the shipped protocol's (a benchmark file names the recipe its runs share)
+    recipe_name = raw["recipe"] if "recipe" in raw else read_yaml(SHIPPED_BENCH, "benchmark file", "")["recipe"]
     if not isinstance(recipe_name, str) or not recipe_name:
         raise UserError(f"{path}: recipe must name a YAML file, not {recipe_name!r}")
     recipe = Path(recipe_name)
@@ -128,14 +130,16 @@ def load_bench(path: str | Path) -> BenchSpec:
         recipe = local if local.is_file() else RECIPES / recipe.name
     if not recipe.is_file():
         raise UserError(f"{path}: recipe {recipe_name!r} not found (relative to the benchmark file, or a shipped recipe name)")
+    model = load_yaml(recipe).get("model") or ""
+    world = world_of(model, str(recipe))
     if "splits" in raw:
         if "concepts" in raw or "seeds" in raw:
             raise UserError(f"{path}: give concepts and seeds inside splits (tuning:, held_out:), not beside them")
-        splits = _splits(raw["splits"], path)
+        splits = _splits(raw["splits"], path, world)
         concepts = [c for sp in splits for c in sp.concepts]
         seeds = sorted({x for sp in splits for x in sp.seeds})
     else:
-        concepts = _concepts(raw.get("concepts"), path, "concepts")
+        concepts = _concepts(raw.get("concepts"), path, "concepts", world)
         seeds = _number_list(raw, "seeds", [0], int, path, low=0)
         if not seeds:
             raise UserError(f"{path}: seeds must list at least one seed")
@@ -189,7 +193,8 @@ def load_bench(path: str | Path) -> BenchSpec:
                      memory_probe_steps=whole_number(raw, "memory_probe_steps", 10, path, 0, "memory_probe_steps"),
                      timing_rounds=whole_number(timing, "rounds", 8, path, 0, "timing_probe.rounds"),
                      timing_steps=whole_number(timing, "steps", 5, path, 1, "timing_probe.steps"),
-                     attacks=attacks, source=str(path), sequential=raw.get("sequential", False))
+                     attacks=attacks, source=str(path), sequential=raw.get("sequential", False), model=model,
+                     world=world)
     if spec.sequential:
         _check_sequential(spec, path)
     # Every run's settings are built now: an unknown key or a bad value in a method entry fails here,
@@ -218,13 +223,15 @@ def load_bench(path: str | Path) -> BenchSpec:
 
 
 def _check_sequential(spec: BenchSpec, path: Path) -> None:
-    """A sequential file: digits only (each request is judged on every digit's caption), trained methods only (a
-    closed-form edit cannot be continued), no eps sweep."""
+    """A sequential file: concepts of the world's chain kind only (each request is judged on all of them at once),
+    trained methods only (a closed-form edit cannot be continued), no eps sweep."""
     if not isinstance(spec.sequential, bool):
         raise UserError(f"{path}: sequential must be true or false, not {spec.sequential!r}")
-    styles = [c for c in spec.concepts if c not in DIGIT_NAMES]
-    if styles:
-        raise UserError(f"{path}: a sequential benchmark erases digits one after another; {styles[0]!r} is not a digit")
+    kind = spec.world.chain_kind
+    other = [c for c in spec.concepts if spec.world.kind(c) != kind]
+    if other:
+        raise UserError(f"{path}: a sequential benchmark erases one {kind} after another; {other[0]!r} is not a "
+                        f"{kind}: leave it out")
     edits = [m["method"] for m in spec.methods if is_edit(m["method"])]
     if edits:
         raise UserError(f"{path}: a sequential benchmark continues each request's run, which a closed-form edit "
@@ -233,22 +240,22 @@ def _check_sequential(spec: BenchSpec, path: Path) -> None:
         raise UserError(f"{path}: eps_sweep is not run in a sequential benchmark; leave it out")
 
 
-def _concepts(value, path: Path, key: str) -> list[str]:
+def _concepts(value, path: Path, key: str, world: BenchWorld) -> list[str]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
-        raise UserError(f"{path}: {key} must list digits ({', '.join(DIGIT_NAMES)}) or styles "
-                        f"({', '.join(STYLES[1:])})")
+        raise UserError(f"{path}: {key} must list concepts of the model's world "
+                        f"({', '.join(plural for _, plural in world.kinds)}), not {value!r}")
     for c in value:
-        if c not in DIGIT_NAMES and c not in STYLES[1:]:
-            raise UserError(f"{path}: {key}: concept {c!r} is neither a digit ({', '.join(DIGIT_NAMES)}) nor a "
-                            f"style ({', '.join(STYLES[1:])})")
+        error = world.concept_error(c)
+        if error:
+            raise UserError(f"{path}: {key}: concept {error}")
     if len(set(value)) < len(value):
         raise UserError(f"{path}: {key} names a concept twice")
     return value
 
 
-def _splits(raw, path: Path) -> list[Split]:
+def _splits(raw, path: Path, world: BenchWorld) -> list[Split]:
     """`splits: {tuning: {concepts, seeds, evaluation_seed_start}, held_out: {...}}`: both declared, neither empty,
     sharing no concept, no run seed and no evaluation image seed."""
     if not isinstance(raw, dict) or set(map(str, raw)) != set(SPLITS):
@@ -262,7 +269,7 @@ def _splits(raw, path: Path) -> list[Split]:
         if not isinstance(part, dict) or sorted(set(map(str, part)) - {"concepts", "seeds", "evaluation_seed_start"}):
             raise UserError(f"{path}: splits.{name} is a mapping with concepts:, seeds: and evaluation_seed_start:, "
                             f"not {part!r}")
-        concepts = _concepts(part.get("concepts"), path, f"splits.{name}.concepts")
+        concepts = _concepts(part.get("concepts"), path, f"splits.{name}.concepts", world)
         seeds = _number_list(part, "seeds", [], int, path, low=0)
         if not seeds:
             raise UserError(f"{path}: splits.{name}.seeds must list at least one run seed")
@@ -329,8 +336,8 @@ def run_settings(config, chained: bool = False) -> dict:
     """What a run record says of how its entry erased; a stored run must say the same as the run this benchmark
     file plans under its label (--runs-from). The check's bar only where the run checks; its floor of images per
     concept only where an image judge checks a `chained` request with the chain's earlier concepts: elsewhere the
-    benchmark's checks are of one concept (a digit's caption; a style's ten captions, which the digits judge reads as
-    the style) on 32 images either way. Records made before the floor existed do not name it."""
+    benchmark's checks are of one concept (which the world's judge reads as one group, `Judge.group`) on 32 images
+    either way. Records made before the floor existed do not name it."""
     checks = config.stop_when_erased
     images = checks and judge_name(config) != "signal"
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
@@ -355,7 +362,7 @@ def run_settings(config, chained: bool = False) -> dict:
 
 def run_config(spec: BenchSpec, overrides: dict, concept: str, seed: int, output: Path, progress: bool):
     """The erase settings of one run: the recipe, the concept's prompts, then the method entry."""
-    concepts, anchors = concept_prompts(concept)
+    concepts, anchors = spec.world.prompts(concept)
     recipe = load_yaml(spec.recipe)
     entry = {k: v for k, v in overrides.items() if k != "label"}
     method = entry.get("method", recipe.get("method", "eupmu"))
@@ -364,8 +371,8 @@ def run_config(spec: BenchSpec, overrides: dict, concept: str, seed: int, output
     settings.update(concepts=concepts, anchors=anchors, output=str(output), overwrite=True,
                     progress=progress, seed=seed)
     if edit:
-        settings["remap_to"] = erase_relative_to(concept) or []  # its guide: what negative guidance erases toward
+        settings["remap_to"] = spec.world.relative_to(concept) or []  # its guide: what negative guidance erases toward
     elif settings.get("forget_loss", "negative-guidance") == "negative-guidance":
-        settings["relative_to"] = erase_relative_to(concept)
+        settings["relative_to"] = spec.world.relative_to(concept)
     settings.update(entry)
     return build_config(settings, {}, source=str(spec.recipe))

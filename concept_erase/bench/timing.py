@@ -94,7 +94,7 @@ class _CheckClock:
     charges each run's checks with these, on the same machine and clock as its steps (`report.check_seconds`)."""
 
     def __init__(self, config):
-        self.judge, self.steps = check_sides(config, "digits"), int(config.check_inference_steps)
+        self.judge, self.steps = check_sides(config, judge_name(config)), int(config.check_inference_steps)
         n, m = len(self.judge.concept_items), len(self.judge.anchor_items)
         chunk, anchor_chunk = EQUAL_CHUNKS
         # (side, images per call): the first `k` items of the side, or its last `k` (the rest after a first chunk)

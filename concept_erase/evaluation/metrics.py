@@ -13,6 +13,7 @@ from pathlib import Path
 
 from concept_erase.attacks.methods import ATTACKS
 from concept_erase.attacks.run import run_attack
+from concept_erase.embedded import WORLD_PACKAGES, embedded_source
 from concept_erase.errors import UserError
 from concept_erase.evaluation.clip import (TEMPLATES, ZeroShotClassifier, clip_score_metric, load_open_clip,
                                            mean_clip_score)
@@ -23,8 +24,8 @@ from concept_erase.evaluation.nudity import (EXPOSED_CLASSES, NUDENET_VERSION, T
 from concept_erase.evaluation.samples import EvalContext, Sample, labels, uint8_batches
 from concept_erase.registry import Registry
 
-# The metrics of an embedded model's own world register from its package (the digits models' judge and domain FID).
-METRICS: Registry = Registry("metric", "metrics: in the suite", providers=("concept_erase.digits.metrics",))
+# The metrics of an embedded model's own world register from its package's `metrics` module.
+METRICS: Registry = Registry("metric", "metrics: in the suite", providers=tuple(f"{w}.metrics" for w in WORLD_PACKAGES))
 
 
 
@@ -247,12 +248,12 @@ class Nudity(Metric):
 @METRICS.register("attack")
 class Attack(Metric):
     """Attack success rate before and after an attack on the erased concept (`concept-erase attack`): the
-    prompt set's rows of the concept are attacked, the judge is the suite's kind (digits judge, NudeNet, or
-    CLIP zero-shot over the set's concepts). Without an erased concept there is nothing to attack: skipped."""
+    prompt set's rows of the concept are attacked, the judge is the model's own (a built-in model's), else the
+    suite's kind (NudeNet, or CLIP zero-shot over the set's concepts). Without an erased concept there is nothing to attack: skipped."""
 
     name = "attack"
     help = ("UnlearnDiffAtk or textual inversion on the erased concept's prompts: attack success rate before and "
-            "after (a judge: the digits models, nudity, or clip)")
+            "after (a judge: a built-in model's own, nudity, or clip)")
 
     def check(self, samples):
         attack = self.options.get("attack", "unlearndiff")
@@ -265,8 +266,8 @@ class Attack(Metric):
             return [self.record("forget", {"skipped": "no erased concept (give --weights of a run, or --erased)"}, {})]
         o = self.options
         kinds = set(ctx.suite.metrics)
-        judge = o.get("judge") or ("digits" if kinds & {"judge", "domain_fid"} else "nudity" if "nudity" in kinds
-                                   else "clip")
+        # a built-in model's own judge ("": `run_attack` takes it), else NudeNet for a nudity suite, else CLIP
+        judge = o.get("judge") or ("" if embedded_source(ctx.model) else "nudity" if "nudity" in kinds else "clip")
         concepts = sorted({s.row.concept for s in ctx.samples if s.row.concept})
         r = run_attack(model=ctx.model, weights=ctx.weights, concept=ctx.erased[0], attack=o.get("attack", "unlearndiff"),
                        output=ctx.output / "attack", prompts=int(o.get("prompts", 8)),

@@ -16,7 +16,7 @@ Images are PIL images or one float tensor [N, 3, H, W] in [0, 1] (`to_tensor`, `
 the scale its accuracy was measured at); None: the run's anchor guidance.
 
 Judges plug in by name (`JUDGES`): `clip` and `nudity` here, and the built-in models' own judges from their
-packages (`PROVIDERS`), registered when the table is first read.
+packages (`embedded.WORLD_PACKAGES`), registered when the table is first read (the table is in `plugins`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ import numpy as np
 import torch
 
 from concept_erase.errors import UserError
-from concept_erase.registry import Registry
-
-PROVIDERS = ("concept_erase.judges.clip", "concept_erase.judges.nudity", "concept_erase.digits.judge")
-JUDGES: Registry = Registry("judge", "--judge", providers=PROVIDERS)
+from concept_erase.plugins import JUDGES
 
 
 @dataclass(frozen=True)

@@ -267,7 +267,7 @@ class ErasureCheck:
         self.steps = int(config.check_inference_steps)
         self.forget_at_most = float(config.check_forget_at_most)
         self.retain_drop_at_most = float(config.check_retain_drop_at_most)
-        self.sides = sides if sides is not None else check_sides(config, "digits")
+        self.sides = sides if sides is not None else check_sides(config, judge_name(config))
         self.baseline: dict | None = None
         self.reason = ""
         self.failed_last = "concept"  # the side that failed the last check: the next check draws it first

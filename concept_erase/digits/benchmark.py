@@ -1,5 +1,6 @@
-"""What the benchmark erases from the digits world and how a run is judged: forget and retain accuracy
-and the domain FID, from the shipped judge."""
+"""The digits world as the benchmark reads it (`bench.world.BenchWorld`): what it erases (a digit or a style), the
+prompts it trains on, and how a run is judged by the shipped judge: forget and retain accuracy, the nearest concepts,
+the prompt tiers (a digit in every other style), the domain FID, and a chain of erased digits judged at once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from concept_erase.digits.evaluate import domain_fid, generate_many
 from concept_erase.digits.judge import load_network
-from concept_erase.digits.world import DIGIT_NAMES, STYLES, build, caption
+from concept_erase.digits.world import DIGIT_NAMES, STYLES, build, caption, trained_styles
 from concept_erase.image_seeds import seed_range
 
 # ---------------------------------------------------------------- what is erased, and how it is judged
@@ -166,3 +167,90 @@ class Judging:
         if fid:
             result["domain_fid"] = domain_fid(self.judge, torch.cat([x[2] for x in retain]), self.real)
         return result
+
+
+class ChainJudging:
+    """Every digit's plain caption on `seeds` image seeds from `seed_start`, judged at once: per digit the share the
+    judge names as that digit, and the domain FID of any set of digits' images against the real test images of the
+    same digits (the sequential benchmark's evaluation after each request)."""
+
+    def __init__(self, seeds: int, steps: int, guidance: float, seed_start: int):
+        self.seeds, self.steps, self.guidance = int(seeds), int(steps), float(guidance)
+        self.seed_start = int(seed_start)
+        self.judge = load_network()
+        test = build("test")
+        plain = test.styles == STYLES.index("plain")
+        self.real = {d: test.images[plain & (test.digits == d)] for d in range(10)}
+
+    @torch.no_grad()
+    def draw(self, pipe) -> list[torch.Tensor]:
+        """Every digit's caption on the evaluation's seeds: one tensor of images per digit."""
+        return generate_many(pipe, [(caption(d), seed_range(self.seed_start, self.seeds)) for d in range(10)],
+                             steps=self.steps, guidance=self.guidance)
+
+    @torch.no_grad()
+    def score(self, made: list[torch.Tensor], erased: list[str]) -> dict:
+        """Forget accuracy of each erased digit, retain accuracy and domain FID of the digits never erased."""
+        hits = [int((self.judge.predict(images)[0] == d).sum()) for d, images in enumerate(made)]
+        gone = [DIGIT_NAMES.index(c) for c in erased]
+        kept = [d for d in range(10) if d not in gone]
+        n = self.seeds
+        return {"forget_by_concept": {DIGIT_NAMES[d]: hits[d] / n for d in gone},
+                "forget_hits": sum(hits[d] for d in gone), "forget_images": n * len(gone),
+                "retain_hits": sum(hits[d] for d in kept), "retain_images": n * len(kept),
+                "retain_accuracy": sum(hits[d] for d in kept) / (n * len(kept)) if kept else None,
+                "domain_fid": domain_fid(self.judge, torch.cat([made[d] for d in kept]),
+                                         torch.cat([self.real[d] for d in kept])) if kept else None,
+                "never_erased": [DIGIT_NAMES[d] for d in kept], "seed_start": self.seed_start}
+
+
+class DigitsBench:
+    """The digits world for `concept-erase bench` (`bench.world.BenchWorld`)."""
+
+    name = "digits"
+    kinds = (("digit", "digits"), ("style", "styles"))
+    chain_kind = "digit"  # a chain is judged on every digit's caption at once
+    texts = {
+        "tier": "style",
+        "tiers": "A digit's final evaluation also draws it in each other style (its caption with the style's phrase, "
+                 "every seed) and the other nine digits in that style (a quarter of the seeds, at least 2); a digit "
+                 "counts as drawn when the judge names it.",
+        "near": "Nearest: the erased digit's two nearest digits (found on the base model's plain images) in that "
+                "style.",
+        "attack_prompts": "prompts of the erased concept (a digit's plain caption at seeds 0, 1, ...; a style on each "
+                          "digit in turn), the digits judge",
+        "chain": "every digit's caption on the split's evaluation seeds, judged by the digits judge",
+    }
+
+    def kind(self, concept: str) -> str:
+        return "digit" if concept in DIGIT_NAMES else "style"
+
+    def concept_error(self, concept: str) -> str | None:
+        if concept in DIGIT_NAMES or concept in STYLES[1:]:
+            return None
+        return f"{concept!r} is neither a digit ({', '.join(DIGIT_NAMES)}) nor a style ({', '.join(STYLES[1:])})"
+
+    def prompts(self, concept: str) -> tuple[list[str], list[str]]:
+        return concept_prompts(concept)
+
+    def relative_to(self, concept: str) -> list[str]:
+        return erase_relative_to(concept)
+
+    def judging(self, concept: str, seeds: int, steps: int, guidance: float, final_seeds: int | None = None,
+                seed_start: int = 0) -> Judging:
+        return Judging(concept, seeds, steps, guidance, final_seeds, seed_start=seed_start)
+
+    def judged_images(self, concept: str, seeds: int) -> int:
+        return judged_images(concept, seeds)
+
+    def has_tiers(self, concept: str) -> bool:
+        return bool(tier_items(concept, 1))
+
+    def trained_tiers(self, concept_variants: list[str]) -> list[str]:
+        return trained_styles(concept_variants)
+
+    def chain_judging(self, seeds: int, steps: int, guidance: float, seed_start: int) -> ChainJudging:
+        return ChainJudging(seeds, steps, guidance, seed_start)
+
+
+WORLD = DigitsBench()
