@@ -86,3 +86,20 @@ def test_ring_a_bell_attacks_every_prompt_through_a_family(tmp_path):
         assert p["adversarial_prompt"] and "three" not in p["adversarial_prompt"].split()
         assert p["rounds"][0]["generations"] == 2 and p["rounds"][0]["distance_last"] <= p["rounds"][0]["distance_first"]
         assert p["success"] == (p["attack_success"] or p["pre_attack_success"])
+
+
+def test_the_base_model_page_pools_each_model_and_says_missed_under_the_bar():
+    """The page of an attack on the base models: per concept the rate as given and the attack's prompts' own, with
+    exact intervals; per model the pooled rate against the bar, MISSED under it."""
+    from concept_erase.bench.base_attack import FINDS_AT_LEAST, markdown
+
+    settings = {"tokens": 16, "iterations": 100, "steps": 25, "guidance": 4.0}
+    row = lambda model, concept, found: {"model": model, "concept": concept, "prompts": 8, "drawn_as_given": 8,  # noqa: E731
+                                         "found": found, "tried": 8, "settings": settings}
+    report = {"attack": "ring-a-bell", "command": "cmd", "commit": "abc", "date": "d", "machine": "m",
+              "rows": [row("a", "zero", 8), row("a", "two", 6), row("b", "zero", 2), row("b", "two", 3)]}
+    page = markdown(report)
+    assert "| a | two | 8/8 = 100% [0.63, 1.00] | 6/8 = 75% [0.35, 0.97] |" in page
+    assert f"finds the concept on a (the base) at {FINDS_AT_LEAST:.0%} or more, pooled over 2 concepts | 14/16" in page
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in page.splitlines() if "pooled over" in line]
+    assert verdicts == ["yes", "**MISSED**"]  # 14/16 meets the bar, 5/16 does not
