@@ -959,3 +959,27 @@ def test_entries_alike_but_in_eps_make_a_curve_judged_against_the_fixed_weights_
     assert checks[curve]["measured"].startswith("eupmu, eps 0.1, 150 steps by fixed 1, 150 steps")
     assert not any(t.startswith("eupmu, eps 0.1, 150 steps:") for t in checks)
     assert any(t.startswith("eupmu, 150 steps:") for t in checks)
+
+
+def test_the_digits_world_gives_the_benchmark_everything_its_interface_names():
+    """`bench.world.BenchWorld`'s members, each present on the digits world and consistent with its concepts: every
+    digit and style is a concept of one of its kinds, the report's words are all there, and a sequential benchmark's
+    kind is one of them."""
+    import inspect
+
+    from concept_erase.bench.world import BenchWorld
+    from concept_erase.digits.benchmark import WORLD
+    from concept_erase.digits.world import DIGIT_NAMES, STYLES
+
+    members = {name for name, _ in inspect.getmembers(BenchWorld) if not name.startswith("_")}
+    members |= set(BenchWorld.__annotations__)
+    assert members and all(hasattr(WORLD, m) for m in members), members - set(dir(WORLD))
+    kinds = [k for k, _ in WORLD.kinds]
+    for concept in DIGIT_NAMES + STYLES[1:]:
+        assert WORLD.concept_error(concept) is None and WORLD.kind(concept) in kinds
+        concepts, anchors = WORLD.prompts(concept)
+        assert concepts and anchors and not set(concepts) & set(anchors)
+        assert WORLD.judged_images(concept, 4) > 0
+    assert "neither a digit" in WORLD.concept_error("eleven") and WORLD.chain_kind in kinds
+    assert {"tier", "tiers", "near", "attack_prompts", "chain"} <= set(WORLD.texts)
+    assert WORLD.has_tiers("three") and not WORLD.has_tiers("red ink")
