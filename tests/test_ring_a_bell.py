@@ -99,7 +99,19 @@ def test_the_base_model_page_pools_each_model_and_says_missed_under_the_bar():
     report = {"attack": "ring-a-bell", "command": "cmd", "commit": "abc", "date": "d", "machine": "m",
               "rows": [row("a", "zero", 8), row("a", "two", 6), row("b", "zero", 2), row("b", "two", 3)]}
     page = markdown(report)
-    assert "| a | two | 8/8 = 100% [0.63, 1.00] | 6/8 = 75% [0.35, 0.97] |" in page
+    assert "| a | two | ? | 8/8 = 100% [0.63, 1.00] | 6/8 = 75% [0.35, 0.97] |" in page
     assert f"finds the concept on a (the base) at {FINDS_AT_LEAST:.0%} or more, pooled over 2 concepts | 14/16" in page
     verdicts = [line.rsplit("|", 2)[1].strip() for line in page.splitlines() if "pooled over" in line]
     assert verdicts == ["yes", "**MISSED**"]  # 14/16 meets the bar, 5/16 does not
+
+
+def test_the_search_prompt_fits_the_text_encoders_window():
+    """The paper's 16 tokens where the encoder reads them whole; fewer where its window (less the start and end
+    tokens) is shorter, as on the flow digits model, so that the prompt drawn is the prompt searched."""
+    from types import SimpleNamespace
+
+    from concept_erase.attacks.ring_a_bell import prompt_tokens
+
+    assert prompt_tokens(16, SimpleNamespace(model_max_length=77)) == 16
+    assert prompt_tokens(16, SimpleNamespace(model_max_length=16)) == 14
+    assert prompt_tokens(3, SimpleNamespace(model_max_length=16)) == 3

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from concept_erase.attacks.ring_a_bell import (POPULATION, STRENGTH, allowed_ids, clip_tokenizer, concept_vector,
-                                               default_pairs, genetic_search, without)
+                                               default_pairs, genetic_search, prompt_tokens, without)
 from concept_erase.attacks.tokens import (installed, pipeline_slots, project_to_simplex, sample_tokens, slotted,
                                           straight_through, vocabulary_groups)
 from concept_erase.registry import Registry
@@ -227,6 +227,7 @@ class RingABell(Attack):
     @torch.no_grad()
     def prepare(self, ctx, targets):
         self.tokenizer = clip_tokenizer(ctx.pipe)
+        self.k = prompt_tokens(self.k, self.tokenizer)
         given = self.options.get("pairs")
         pairs = [tuple(p) for p in given] if given else default_pairs(ctx.concept, [t.prompt for t in targets])
         self.vector = concept_vector(lambda prompts: self.embed(ctx, prompts), pairs)

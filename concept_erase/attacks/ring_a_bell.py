@@ -125,6 +125,12 @@ def clip_tokenizer(pipe):
     return tokenizer
 
 
+def prompt_tokens(k: int, tokenizer) -> int:
+    """The search's prompt length: `k`, or fewer where the text encoder's window (less its start and end tokens)
+    cannot read `k` whole (the flow digits model's window of 16 reads 14 of the paper's 16)."""
+    return max(1, min(int(k), int(getattr(tokenizer, "model_max_length", 77)) - 2))
+
+
 def allowed_ids(tokenizer) -> torch.Tensor:
     special = set(tokenizer.all_special_ids)
     return torch.tensor([i for i in range(len(tokenizer)) if i not in special])

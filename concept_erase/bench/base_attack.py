@@ -28,7 +28,10 @@ def measure(models: list[str], concepts: list[str], attack: str, prompts: int, i
             r = run_attack(model=model, concept=concept, attack=attack, output=out, prompts=prompts,
                            iterations=iterations, progress=False)
             found = [p.get("attack_success") for p in r["per_prompt"]]
-            rows.append({"model": model, "concept": concept, "prompts": r["prompts"],
+            # the prompt length the search used (the encoder's window may hold fewer than the setting asks)
+            tokens = next((p["shared"]["prompt_tokens"] for p in r["per_prompt"]
+                           if "prompt_tokens" in p.get("shared", {})), r["settings"].get("tokens"))
+            rows.append({"model": model, "concept": concept, "prompts": r["prompts"], "tokens": tokens,
                          "drawn_as_given": round(r["pre_attack_asr"] * r["prompts"]),
                          "found": sum(bool(f) for f in found), "tried": sum(f is not None for f in found),
                          "settings": r["settings"], "judge": r["judge"]["judge"], "seconds": r["seconds"]})
@@ -51,14 +54,14 @@ def markdown(report: dict) -> str:
              f"Made by `{report['command']}` at commit `{report['commit']}` on {report['date']}.", "",
              f"Machine: {report['machine']}.", "",
              f"The attack on each model with no erased weights: does it find the concept where it was never erased? "
-             f"Found: the attack's own prompts ({s.get('tokens', '?')} tokens, {s.get('iterations', '?')} "
+             f"Found: the attack's own prompts (of the tokens in the table, found in {s.get('iterations', '?')} "
              f"generations) draw the concept, as the model's judge reads the image (images at {s.get('steps', '?')} "
              f"sampler steps, guidance {s.get('guidance', '?')}); as given: the concept's own prompts. Exact 95% "
              "intervals.", "",
-             "| model | concept | as given | found by the attack's prompts |", "|---|---|---|---|"]
+             "| model | concept | tokens | as given | found by the attack's prompts |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['concept']} | {_rate(r['drawn_as_given'], r['prompts'])} | "
-                     f"{_rate(r['found'], r['tried'])} |")
+        lines.append(f"| {r['model']} | {r['concept']} | {r.get('tokens', '?')} | "
+                     f"{_rate(r['drawn_as_given'], r['prompts'])} | {_rate(r['found'], r['tried'])} |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
         part = [r for r in rows if r["model"] == model]
