@@ -115,3 +115,16 @@ def test_the_search_prompt_fits_the_text_encoders_window():
     assert prompt_tokens(16, SimpleNamespace(model_max_length=77)) == 16
     assert prompt_tokens(16, SimpleNamespace(model_max_length=16)) == 14
     assert prompt_tokens(3, SimpleNamespace(model_max_length=16)) == 3
+
+
+def test_the_search_silences_the_truncation_warnings_and_restores_the_loggers():
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    from concept_erase.attacks.methods import quiet_truncation
+
+    before = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    with quiet_truncation():
+        assert diffusers_logging.get_verbosity() == diffusers_logging.ERROR
+        assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+    assert (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()) == before

@@ -29,6 +29,8 @@ has its own K tokens and its own text, given to the pipeline as `prompt_2`/`prom
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from concept_erase.attacks.ring_a_bell import (POPULATION, STRENGTH, allowed_ids, clip_tokenizer, concept_vector,
@@ -206,6 +208,24 @@ class TextualInversion(Attack):
                 "image": image, "label": verdict["label"], "rounds": []}
 
 
+@contextlib.contextmanager
+def quiet_truncation():
+    """The search decodes each candidate's tokens to text for the pipeline to encode; a candidate that encodes to more
+    tokens than the window is cut as its drawing will be, and diffusers and transformers would say so for every one
+    of the thousands of candidates. Their warnings are silenced for the search and restored after."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    before = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(before[0])
+        transformers_logging.set_verbosity(before[1])
+
+
 @ATTACKS.register("ring-a-bell")
 class RingABell(Attack):
     """Ring-A-Bell (`attacks/ring_a_bell.py`): the concept vector from prompt pairs, then per prompt a genetic search
@@ -247,8 +267,9 @@ class RingABell(Attack):
             return (e - goal).square().mean(dim=(1, 2)).cpu()
 
         gen = torch.Generator().manual_seed(int(target.seed))
-        ids, distance, history = genetic_search(fitness, allowed_ids(tokenizer), self.k,
-                                                int(self.options["iterations"]), gen)
+        with quiet_truncation():
+            ids, distance, history = genetic_search(fitness, allowed_ids(tokenizer), self.k,
+                                                    int(self.options["iterations"]), gen)
         prompt = text(ids.tolist())
         image = ctx.render({"prompt": prompt}, target.seed)
         verdict = ctx.judge([image])[0]
