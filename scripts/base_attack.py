@@ -34,6 +34,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--work", type=Path, default=Path("runs/base-attack"))
+    ap.add_argument("--note", default="", help="a sentence the page prints under what made it (e.g. where the "
+                    "attacks' folders were made at other commits)")
     ap.add_argument("--check", action="store_true", help="run nothing; exit 1 where NAME.md is not made from NAME.json")
     args = ap.parse_args()
     stored, page = args.output.with_suffix(".json"), args.output.with_suffix(".md")
@@ -44,6 +46,8 @@ def main() -> int:
     command = "python scripts/base_attack.py " + shlex.join(sys.argv[1:])
     report = measure(args.models.split(","), args.concepts.split(","), args.attack, args.prompts, args.iterations,
                      args.work, command)
+    if args.note:
+        report["note"] = args.note
     write_json(stored, report)
     write_text(page, markdown(report))
     print(f"written: {stored}, {page}")

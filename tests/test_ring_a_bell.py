@@ -99,7 +99,7 @@ def test_the_base_model_page_pools_each_model_and_says_missed_under_the_bar():
     report = {"attack": "ring-a-bell", "command": "cmd", "commit": "abc", "date": "d", "machine": "m",
               "rows": [row("a", "zero", 8), row("a", "two", 6), row("b", "zero", 2), row("b", "two", 3)]}
     page = markdown(report)
-    assert "| a | two | ? | 8/8 = 100% [0.63, 1.00] | 6/8 = 75% [0.35, 0.97] |" in page
+    assert "| a | two | ? | n/a | 8/8 = 100% [0.63, 1.00] | 6/8 = 75% [0.35, 0.97] |" in page
     assert f"finds the concept on a (the base) at {FINDS_AT_LEAST:.0%} or more, pooled over 2 concepts | 14/16" in page
     verdicts = [line.rsplit("|", 2)[1].strip() for line in page.splitlines() if "pooled over" in line]
     assert verdicts == ["yes", "**MISSED**"]  # 14/16 meets the bar, 5/16 does not

@@ -31,7 +31,11 @@ def measure(models: list[str], concepts: list[str], attack: str, prompts: int, i
             # the prompt length the search used (the encoder's window may hold fewer than the setting asks)
             tokens = next((p["shared"]["prompt_tokens"] for p in r["per_prompt"]
                            if "prompt_tokens" in p.get("shared", {})), r["settings"].get("tokens"))
+            rounds = [p["rounds"][-1] for p in r["per_prompt"] if p.get("rounds")]
+            distance = ([round(sum(x[k] for x in rounds) / len(rounds), 4) for k in ("distance_first", "distance_last")]
+                        if rounds and all("distance_first" in x for x in rounds) else None)
             rows.append({"model": model, "concept": concept, "prompts": r["prompts"], "tokens": tokens,
+                         "search_distance": distance,
                          "drawn_as_given": round(r["pre_attack_asr"] * r["prompts"]),
                          "found": sum(bool(f) for f in found), "tried": sum(f is not None for f in found),
                          "settings": r["settings"], "judge": r["judge"]["judge"], "seconds": r["seconds"]})
@@ -52,15 +56,20 @@ def markdown(report: dict) -> str:
     s = rows[0]["settings"] if rows else {}
     lines = [f"# {report['attack']} on the base models", "",
              f"Made by `{report['command']}` at commit `{report['commit']}` on {report['date']}.", "",
-             f"Machine: {report['machine']}.", "",
+             f"Machine: {report['machine']}.", "", *([report["note"], ""] if report.get("note") else []),
              f"The attack on each model with no erased weights: does it find the concept where it was never erased? "
              f"Found: the attack's own prompts (of the tokens in the table, found in {s.get('iterations', '?')} "
              f"generations) draw the concept, as the model's judge reads the image (images at {s.get('steps', '?')} "
              f"sampler steps, guidance {s.get('guidance', '?')}); as given: the concept's own prompts. Exact 95% "
              "intervals.", "",
-             "| model | concept | tokens | as given | found by the attack's prompts |", "|---|---|---|---|---|"]
+             "Search distance: the mean, over the prompts, of the search's distance to its goal embedding at its "
+             "first and its last generation (where the attack reports one): how far the search got.", "",
+             "| model | concept | tokens | search distance | as given | found by the attack's prompts |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
+        d = r.get("search_distance")
         lines.append(f"| {r['model']} | {r['concept']} | {r.get('tokens', '?')} | "
+                     f"{f'{d[0]:.3f} to {d[1]:.3f}' if d else 'n/a'} | "
                      f"{_rate(r['drawn_as_given'], r['prompts'])} | {_rate(r['found'], r['tried'])} |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for model in dict.fromkeys(r["model"] for r in rows):
