@@ -128,3 +128,13 @@ def test_the_search_silences_the_truncation_warnings_and_restores_the_loggers():
         assert diffusers_logging.get_verbosity() == diffusers_logging.ERROR
         assert transformers_logging.get_verbosity() == transformers_logging.ERROR
     assert (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()) == before
+
+
+def test_the_stored_base_model_page_is_made_from_its_json():
+    """benchmarks/rab-base.md is `base_attack.markdown` of benchmarks/rab-base.json: its table cannot drift."""
+    from pathlib import Path
+
+    from concept_erase.bench.base_attack import markdown
+
+    stored = Path(__file__).resolve().parent.parent / "benchmarks" / "rab-base"
+    assert stored.with_suffix(".md").read_text() == markdown(json.loads(stored.with_suffix(".json").read_text()))
