@@ -36,7 +36,7 @@ def measure(models: list[str], concepts: list[str], attack: str, prompts: int, i
                         if rounds and all("distance_first" in x for x in rounds) else None)
             rows.append({"model": model, "concept": concept, "prompts": r["prompts"], "tokens": tokens,
                          "search_distance": distance,
-                         "drawn_as_given": round(r["pre_attack_asr"] * r["prompts"]),
+                         "drawn_as_given": sum(bool(p.get("pre_attack_success")) for p in r["per_prompt"]),
                          "found": sum(bool(f) for f in found), "tried": sum(f is not None for f in found),
                          "settings": r["settings"], "judge": r["judge"]["judge"], "seconds": r["seconds"]})
             log(f"{model} {concept!r}: the attack's prompts drew it {rows[-1]['found']} of {rows[-1]['tried']}")

@@ -101,8 +101,9 @@ def pareto_plot(results: list[dict], path: Path, split: str | None = None) -> No
         if pairs:
             xs = [stats.mean(r["forget_accuracy"] for r in rs) for rs in curve]
             ys = [stats.mean(r["base_retain_accuracy"] - r["retain_accuracy"] for r in rs) * 100 for rs in curve]
-            rule = "" if any(k.startswith(SWEEP_PREFIX) for k in labels) or ", " not in labels[0] else \
-                f", {labels[0].rpartition(', ')[2]}"
+            first = by[labels[0]][0]  # a curve's points share the stop rule and the budget
+            rule = "" if any(k.startswith(SWEEP_PREFIX) for k in labels) or first.get("stop_when_erased") else \
+                f", {first.get('steps_planned')} steps"
             ax.plot(xs, ys, ":", color="black" if i == 0 else "dimgrey", lw=1, zorder=2,
                     label=f"eps curve ({len(pairs)} runs per point{rule})")
     ax.axvline(FORGET_TARGET, color="grey", lw=0.8, ls="--")

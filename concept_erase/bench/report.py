@@ -288,9 +288,9 @@ def _checks(rows: dict, memory: list[dict], results: list[dict] | None = None,
     # EUPMU's entries: its defaults ("eupmu") and its variants at the defaults' lambda rule (--stop-when-erased,
     # ...); not the reference (the previous default) nor the eps sweep, which have targets of their own.
     curves = eps_curves(results or [])
-    default_eps = next((r.get("eps") for r in results or [] if r["label"] == "eupmu"), None)
+    eps_of = {r["label"]: r.get("eps") for r in reversed(results or [])}  # each label's first run's eps
     points = {k for labels, _ in curves for k in labels  # a curve's points at another eps than the default's
-              if next(r.get("eps") for r in results if r["label"] == k) != default_eps}
+              if eps_of[k] != eps_of.get("eupmu")}
     variants = sorted({r["label"] for r in results or [] if r.get("method") == "eupmu"} - {"eupmu", reference}
                       - {k for k in rows if k.startswith(SWEEP_PREFIX)} - points)
     eupmus = (["eupmu"] if "eupmu" in rows else []) + [v for v in variants if v in rows]
