@@ -212,9 +212,8 @@ def _erase(args) -> None:
     config.check_runnable()
     path = erase(config)  # takes the output's lock itself
     if os.environ.get("RANK", "0") == "0":
-        for flag in inert_flags(config, flags):  # said once the run is done: a refused run prints its error alone
-            print(f"concept-erase: note: {flag} did nothing in this run: it is read by --stop-when-erased, which was "
-                  "off", file=sys.stderr)
+        for note in inert_flags(config, flags):  # said once the run is done: a refused run prints its error alone
+            print(f"concept-erase: note: {note}", file=sys.stderr)
         q = shlex.quote
         print(f"erased weights: {path}")
         print(f"next: concept-erase sample --model {q(config.model)} --weights {q(str(path))} "

@@ -50,6 +50,10 @@ class EraseConfig:
     weights: str = _f("", "continue an earlier erasure of the same --model (its run folder or erased.safetensors): "
                           "start from its weights, keep its concepts erased and its anchors kept, and refer to the "
                           "base model as the original; the new delta holds the whole chain", path=IN_ANY)
+    newest_share: float = _f(0.0, "with --weights: the share of the forget draws that this request's concepts take, "
+                                  "the rest spread evenly over the chain's earlier concepts (0.5: half for the new "
+                                  "concepts however long the chain); 0, the default: every concept of the chain an "
+                                  "equal share", ge=0, le=0.95)
     # the method
     method: str = _f("eupmu", "how to erase: a trained method, named by how it weighs the retain loss (eupmu, "
                               "eupmu-fast, ungrad, fixed, esd), or uce, a closed-form edit of the layers that read "
@@ -527,10 +531,16 @@ def missing_anchors(method: str, chain: str = "") -> str:
 
 def inert_flags(config: EraseConfig, given) -> list[str]:
     """The command-line flags in `given` that this run's other settings make do nothing (a recipe's values are
-    not counted: one recipe serves runs with and without the stop), for a one-line note each."""
-    if config.stop_when_erased:
-        return []
-    return ["--" + name.replace("_", "-") for name in STOP_SETTINGS if name in given]
+    not counted: one recipe serves runs with and without the stop, or every request of a chain), each with why,
+    for a one-line note each."""
+    notes = []
+    if not config.stop_when_erased:
+        notes += [f"--{name.replace('_', '-')} did nothing in this run: it is read by --stop-when-erased, which was off"
+                  for name in STOP_SETTINGS if name in given]
+    if "newest_share" in given and not config.weights:
+        notes.append("--newest-share did nothing in this run: it shares the draws of a chain (--weights "
+                     "PREVIOUS_RUN), and this run continues none")
+    return notes
 
 
 def build_config(file_settings: Optional[dict] = None, overrides: Optional[dict] = None,

@@ -108,6 +108,61 @@ def test_the_chains_anchors_keep_a_request_that_names_none_and_a_chain_without_a
     assert not (tmp_path / "c").exists()
 
 
+def test_the_new_requests_concepts_take_the_share_of_the_draws_that_newest_share_gives(first, tmp_path):
+    """After a one-concept run, a request of two concepts with --newest-share 0.5: the earlier concept takes half the
+    forget draws and each new one a quarter, exactly in every round; by default each of the three a third."""
+    from concept_erase.config import EraseConfig
+    from concept_erase.training.trainer import erase
+
+    def shares(out, **extra):
+        seen = {}
+
+        class Look:
+            def start(self, trainer):
+                order = trainer.forget.order
+                picks = [int(p) for call in range(order.count) for p in order.picks(call, (0, 1), 1)]
+                seen["repeats"] = trainer.ctx.concept_repeats
+                seen["shares"] = [picks.count(i) / len(picks) for i in range(3)]
+
+            def __call__(self, done, trainer):
+                return False
+
+        erase(EraseConfig(model="builtin:tiny", concepts=["monet", "a cat"], anchors=["a dog"], output=str(out),
+                          weights=str(first), steps=1, sampling_steps=3, anchor_inference_steps=2,
+                          anchor_images_per_prompt=1, progress=False, checkpoint_every=0,
+                          cache_dir=str(tmp_path / "cache"), **extra), on_step=Look())
+        return seen
+
+    assert shares(tmp_path / "half", newest_share=0.5) == {"repeats": [2, 1, 1], "shares": [0.5, 0.25, 0.25]}
+    assert shares(tmp_path / "even") == {"repeats": [1, 1, 1], "shares": [1 / 3, 1 / 3, 1 / 3]}
+
+
+def test_the_draw_repeats_give_the_new_concepts_their_share_however_long_the_chain():
+    from concept_erase.training.chain import draw_repeats
+
+    for concepts, earlier, share in [(8, 7, 0.5), (8, 7, 0.3), (4, 2, 0.75), (10, 5, 0.5), (9, 1, 0.2)]:
+        repeats = draw_repeats(concepts, earlier, share)
+        new = sum(repeats[earlier:]) / sum(repeats)
+        assert abs(new - share) < 1e-9, (concepts, earlier, share, repeats)
+        assert len(set(repeats[:earlier])) == 1 and len(set(repeats[earlier:])) == 1  # each side evenly
+    assert draw_repeats(8, 7, 0.0) == [1] * 8  # the default: every concept of the chain once
+    assert draw_repeats(3, 0, 0.5) == [1] * 3  # nothing earlier: nothing to share
+    assert draw_repeats(8, 7, 0.001) == [1] * 8  # under 1/128: read as 0, never a concept left undrawn
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--newest-share", "0.5", "--method", "uce"], "it does not train, so --weights, --newest-share"),
+    (["--newest-share", "1"], "--newest-share"),
+])
+def test_a_newest_share_that_cannot_apply_is_refused_in_one_line(first, extra, message, tmp_path, capsys):
+    out = tmp_path / "b"
+    code = main(["erase", "--model", "builtin:tiny", "--concept", "monet", "--anchor", "a dog", "--output", str(out),
+                 "--weights", str(first), *extra, *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_a_chained_run_resumed_without_its_weights_is_refused_naming_them(first, tmp_path, capsys):
     out = tmp_path / "b"
     argv = ["erase", "--model", "builtin:tiny", "--concept", "monet", "--anchor", "a dog", "--output", str(out),

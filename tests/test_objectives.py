@@ -92,6 +92,23 @@ def test_the_prompt_order_holds_every_prompt_once_in_each_block_and_keeps_no_sta
         [int(p) for c in range(10) for p in order.picks(c, (0, 1), 4)]
 
 
+def test_the_prompt_order_draws_each_prompt_its_repeats_in_every_block_and_once_each_by_default():
+    """With repeats, each aligned block holds prompt i repeats[i] times; with none, every prompt once and the same
+    draws as an order built with ones (a stored run's draws do not change)."""
+    from concept_erase.methods.objectives import PromptOrder
+
+    repeats = [1, 1, 3]
+    order = PromptOrder(3, seed=3, repeats=repeats)
+    assert order.count == 5
+    drawn = [int(p) for call in range(20) for p in order.picks(call, (0, 1), 2)]
+    for block in range(8):
+        assert sorted(drawn[5 * block:5 * block + 5]) == [0, 1, 2, 2, 2]
+    plain = [int(p) for c in range(6) for p in PromptOrder(4, seed=3).picks(c, (0, 1), 2)]
+    assert plain == [int(p) for c in range(6) for p in PromptOrder(4, seed=3, repeats=[1] * 4).picks(c, (0, 1), 2)]
+    with pytest.raises(ValueError, match="one repeat of at least 1 per prompt"):
+        PromptOrder(3, seed=0, repeats=[1, 0, 1])
+
+
 def test_a_run_of_several_concepts_draws_each_equally_often(fresh_pipe, make_config, monkeypatch):
     """Three concepts over twelve forget draws (six steps, two micro-batches): every three draws in a row hold each
     concept once, and each row's conditioning is its concept's."""

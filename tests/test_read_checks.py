@@ -156,18 +156,21 @@ def test_bench_runs_from_checks_every_source_before_making_anything(tmp_path, mo
 
 
 def test_a_stop_flag_without_the_stop_is_said_in_one_line_and_the_run_goes_on(tmp_path, capsys):
-    """--check-every given while --stop-when-erased is off changes nothing: one note, and the run as asked. The
-    same value from a recipe says nothing (one recipe serves runs with and without the stop)."""
+    """--check-every given while --stop-when-erased is off changes nothing: one note, and the run as asked; so does
+    --newest-share on a run that continues no chain. The same values from a recipe say nothing (one recipe serves
+    runs with and without the stop, and every request of a chain)."""
     from concept_erase import cli
 
     base = ["erase", "--model", "builtin:tiny", "--concept", "a cat", "--anchor", "a dog", "--steps", "1",
             "--anchor-images-per-prompt", "1", "--anchor-inference-steps", "2", "--sampling-steps", "2", "--no-progress"]
-    assert cli.main(base + ["--output", str(tmp_path / "a"), "--check-every", "5", "--stop-judge", "signal"]) == 0
+    assert cli.main(base + ["--output", str(tmp_path / "a"), "--check-every", "5", "--stop-judge", "signal",
+                            "--newest-share", "0.5"]) == 0
     err = capsys.readouterr().err
     notes = [line for line in err.splitlines() if "did nothing in this run" in line]
-    assert len(notes) == 2 and "--check-every" in notes[1] and "--stop-judge" in notes[0], err
+    assert len(notes) == 3 and "--check-every" in notes[1] and "--stop-judge" in notes[0], err
+    assert "--newest-share did nothing in this run: it shares the draws of a chain (--weights" in notes[2], err
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("check_every: 5\n")
+    recipe.write_text("check_every: 5\nnewest_share: 0.5\n")
     assert cli.main(base + ["--output", str(tmp_path / "b"), "--config", str(recipe)]) == 0
     assert "did nothing" not in capsys.readouterr().err
 

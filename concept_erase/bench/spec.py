@@ -337,7 +337,8 @@ def run_settings(config, chained: bool = False) -> dict:
     file plans under its label (--runs-from). The check's bar only where the run checks; its floor of images per
     concept only where an image judge checks a `chained` request with the chain's earlier concepts: elsewhere the
     benchmark's checks are of one concept (which the world's judge reads as one group, `Judge.group`) on 32 images
-    either way. Records made before the floor existed do not name it."""
+    either way. Records made before the floor existed do not name it; nor does a request that shares the chain's
+    draws evenly (--newest-share 0, the default) name its share."""
     checks = config.stop_when_erased
     images = checks and judge_name(config) != "signal"
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
@@ -356,6 +357,7 @@ def run_settings(config, chained: bool = False) -> dict:
             "check_inference_steps": config.check_inference_steps if checks else None,
             "check_seed_start": config.check_seed_start if checks else None,
             **({"check_images_per_concept": config.check_images_per_concept} if chained and images else {}),
+            **({"newest_share": config.newest_share} if chained and config.newest_share else {}),
             **({"uce_regularization": config.uce_regularization, "uce_preserve_weight": config.uce_preserve_weight}
                if is_edit(config.method) else {})}
 

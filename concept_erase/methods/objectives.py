@@ -77,19 +77,24 @@ class PromptOrder:
     """Which prompt each forget draw takes when there are several (concepts, or a concept inside its templates).
 
     A run's forget draws are numbered over steps, then processes and micro-batches (`slot` of `slots`), then the
-    rows of a call. Each aligned block of `count` consecutive numbers holds every prompt once, in an order drawn
-    for that block from the run's seed, so the prompts are drawn equally often (a uniform draw is balanced only on
-    average). It keeps no state: a resumed run draws the same prompts."""
+    rows of a call. Each aligned block of consecutive numbers holds every prompt `repeats[i]` times (once each by
+    default), in an order drawn for that block from the run's seed, so the prompts are drawn in those proportions
+    exactly (a uniform draw is balanced only on average). It keeps no state: a resumed run draws the same prompts."""
 
-    def __init__(self, count: int, seed: int):
-        self.count, self.seed = count, seed
+    def __init__(self, count: int, seed: int, repeats: list[int] | None = None):
+        repeats = [1] * count if repeats is None else list(repeats)
+        if len(repeats) != count or min(repeats, default=1) < 1:
+            raise ValueError(f"one repeat of at least 1 per prompt ({count}), not {repeats}")
+        self.pool = torch.repeat_interleave(torch.arange(count), torch.tensor(repeats, dtype=torch.long))
+        self.count, self.seed = len(self.pool), seed
         self._orders: dict[int, torch.Tensor] = {}
 
     def _order(self, block: int) -> torch.Tensor:
         if block not in self._orders:
             if len(self._orders) > 64:
                 self._orders.clear()
-            self._orders[block] = torch.randperm(self.count, generator=generator(self.seed, block, ORDER_STREAM))
+            order = torch.randperm(self.count, generator=generator(self.seed, block, ORDER_STREAM))
+            self._orders[block] = self.pool[order]
         return self._orders[block]
 
     def picks(self, call: int, slot: tuple[int, int], n: int) -> torch.Tensor:
@@ -134,7 +139,7 @@ class NegativeGuidance(Objective):
         # same number of prompts for every concept, so a uniform draw is balanced across concepts.
         variants = ctx.concept_variants
         self.concepts = ctx.embed([v.prompt for v in variants])
-        self.order = PromptOrder(len(variants), cfg.seed)
+        self.order = PromptOrder(len(variants), cfg.seed, [ctx.concept_repeats[v.owner] for v in variants])
         self.uncond = ctx.embed([""])
         # What the concept is erased relative to: the empty prompt (ESD), or one prompt per concept
         # (a style relative to the same caption without it), inside the same template as the concept.
@@ -246,7 +251,7 @@ class Remap(_NoisedBank):
         self.bank = ctx.latent_bank(prompts, cfg.concept_images_per_prompt, role="concept")
         self.cond = ctx.embed(prompts)
         self.remap = ctx.embed([v.template.replace(SLOT, targets[v.owner]) for v in variants])
-        self.order = PromptOrder(len(prompts), cfg.seed)
+        self.order = PromptOrder(len(prompts), cfg.seed, [ctx.concept_repeats[v.owner] for v in variants])
         self.by_prompt = [torch.nonzero(self.bank.prompt_index == k).flatten() for k in range(len(prompts))]
 
     @torch.no_grad()

@@ -15,13 +15,19 @@ untouched: the previous run's adapters join the denoiser as a frozen adapter of 
 active beside the one this run trains, and switching every adapter off gives the base model, the original. The run
 writes one LoRA of the summed rank that holds both (`export.delta.join_lora`: the adapters side by side, each
 one's scale folded into its up-projection), exactly the sum of the two; a third request adds a third.
+
+The forget side draws the chain's concepts evenly by default: in the eighth request the new concept gets one draw
+in eight. `--newest-share` gives the new request's concepts a fixed share however long the chain
+(`draw_repeats`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -54,6 +60,24 @@ class Previous:
         if self.meta.get("chain"):
             return json.loads(self.meta["chain"])
         return [request(self.settings, self.concepts, self.meta)]
+
+
+def draw_repeats(concepts: int, earlier: int, newest_share: float) -> list[int]:
+    """How often each concept of a chained run is drawn in every round of the forget side's draws, in the
+    run's concept order (the chain's `earlier` concepts first, then the request's own): with `newest_share` s the
+    request's concepts take s of the draws between them and the earlier ones 1 - s, each side spread evenly; with
+    0 (or no earlier concept) every concept once. The share is read to the nearest 1/64."""
+    new = concepts - earlier
+    if not newest_share or earlier <= 0 or new <= 0:
+        return [1] * concepts
+    s = Fraction(newest_share).limit_denominator(64)
+    if s == 0:
+        return [1] * concepts
+    each_old, each_new = (1 - s) / earlier, s / new
+    scale = math.lcm(each_old.denominator, each_new.denominator)
+    old_n, new_n = int(each_old * scale), int(each_new * scale)
+    common = math.gcd(old_n, new_n)
+    return [old_n // common] * earlier + [new_n // common] * new
 
 
 def request(settings: dict, concepts: list[str], meta: dict | None = None) -> dict:

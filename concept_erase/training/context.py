@@ -9,6 +9,7 @@ from concept_erase import env
 from concept_erase.embedded import EmbeddedModel
 from concept_erase.families.base import Cond
 from concept_erase.training.banks import LatentBank, build_bank, build_caption_bank
+from concept_erase.training.chain import draw_repeats
 from concept_erase.training.hardware import duration
 from concept_erase.training.original import OriginalModel
 from concept_erase.variants import GENERAL, Variant, check_against_anchors, expand, resolve
@@ -30,10 +31,13 @@ class ErasureContext:
     conditionings, latent banks."""
 
     def __init__(self, config, pipe, family, accelerator, trained, base_digest: str, resolution: int,
-                 log=print, variants: tuple[list[Variant], list[Variant]] | None = None):
+                 log=print, variants: tuple[list[Variant], list[Variant]] | None = None, earlier: int = 0):
         self.config = config
         # The prompts the objectives draw: each concept and anchor bare, then inside its templates (--concept-variants)
         self.concept_variants, self.anchor_variants = variants or prompt_variants(config)
+        # How often the forget side draws each concept per round: a chain's `earlier` concepts against the
+        # request's own (--newest-share); every concept once by default
+        self.concept_repeats = draw_repeats(len(config.concepts), earlier, config.newest_share)
         self.pipe = pipe
         self.family = family
         self.accelerator = accelerator

@@ -142,7 +142,7 @@ def freeze(t) -> None:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     t.ctx = ErasureContext(cfg, pipe, family, acc, base, t.base_digest, t.resolution, log=t.log,
-                           variants=t.variants)
+                           variants=t.variants, earlier=len(t.previous.concepts) if t.previous is not None else 0)
     put_in(unet, t.previous)  # the previous run's weights: where this one starts (the original copy is taken)
     estimate_cost(t)
 
