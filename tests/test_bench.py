@@ -835,6 +835,20 @@ def test_the_lambda_window_delays_a_stop_while_lambda_rises_and_the_best_window_
     assert choose_window({"a": runs}, series, 0.15, windows=[0, 2, 3]) == 2  # the smallest of the best
 
 
+def test_a_delayed_stop_goes_on_to_the_factor_times_the_first_stop_step_and_past_the_study_is_not_a_stop():
+    from concept_erase.bench.signal import delay_summary, delayed_stop_at
+
+    evals = _study_rows("a.yaml", "three", 0, [(0, 1.0, 1.0, 1.0), (10, 0.1, 0.5, 0.95), (20, 0.1, 0.0, 0.99),
+                                               (30, 0.1, 0.0, 1.0)])
+    flat = [1.0] * 30  # lambda at rest throughout
+    assert delayed_stop_at(evals, flat, 0.15, 0, 1)["step"] == 10  # the stop as it is: in the images' lag
+    assert delayed_stop_at(evals, flat, 0.15, 0, 1.5)["step"] == 20  # the first evaluation at or after 15
+    assert delayed_stop_at(evals, flat, 0.15, 0, 3)["step"] == 30
+    assert delayed_stop_at(evals, flat, 0.15, 0, 4) is None  # step 40: after the study's last evaluation
+    runs, series = {("a.yaml", "three", 0): evals}, {("a.yaml", "three", 0): {"lambda": flat}}
+    assert [delay_summary(runs, series, 0.15, 0, f)["at_target"] for f in (1, 2, 4)] == [0, 1, 0]
+
+
 def test_the_committed_signal_study_report_is_what_the_report_code_makes_of_its_data():
     from concept_erase.bench.signal import markdown
 

@@ -27,6 +27,7 @@ FORGET_TARGET = 0.10
 LEVELS = [round(0.6 - 0.05 * i, 2) for i in range(17)]  # 0.6, 0.55, ..., -0.2
 RETAIN_DROP_TARGET = 0.03
 WINDOWS = [0, 2, 3, 5, 8, 10, 15, 20]
+FACTORS = [1, 1.25, 1.5, 2]  # a stop that goes on to this multiple of the step where the signal first said erased
 
 
 def read_study(paths) -> tuple[list[dict], dict[tuple, list[dict]]]:
@@ -90,6 +91,29 @@ def choose_window(models: dict[str, dict], series: dict, level: float, windows=W
         return sum(window_summary(runs, series, level, window)["at_target"] for runs in models.values())
 
     return max(windows, key=lambda w: (met(w), -w))
+
+
+def delayed_stop_at(evals: list[dict], lam: list[float], level: float, window: int, factor: float) -> dict | None:
+    """The evaluation at which a stop that goes on after the signal first says erased (at step s, waiting `window`
+    steps for lambda at rest) to the first evaluation at or after `factor` x s ends the run (None: it never does
+    within the study's steps)."""
+    first = window_stop_at(evals, lam, level, window)
+    if first is None:
+        return None
+    return next((e for e in evals if e["step"] >= factor * first["step"] - 1e-9), None)
+
+
+def delay_summary(runs: dict, series: dict, level: float, window: int, factor: float) -> dict:
+    """How the delayed stop does over the runs: as `window_summary`, for a stop at `factor` x the first stop step."""
+    stops = {k: delayed_stop_at(evals, series[k]["lambda"], level, window, factor) for k, evals in runs.items()}
+    stopped = {k: s for k, s in stops.items() if s is not None}
+    drops = {k: runs_base(runs, k) - s["retain_accuracy"] for k, s in stopped.items()}
+    met = sum(1 for k, s in stopped.items()
+              if s["forget_accuracy"] <= FORGET_TARGET and drops[k] <= RETAIN_DROP_TARGET + 1e-9)
+    return {"factor": factor, "runs": len(runs), "stopped": len(stopped), "at_target": met,
+            "at_target_ci": clopper_pearson(met, len(runs)), "stop_steps": sorted(s["step"] for s in stopped.values()),
+            "worst_drop": max(drops.values(), default=None),
+            "mean_forget": (sum(s["forget_accuracy"] for s in stopped.values()) / len(stopped)) if stopped else None}
 
 
 def stop_at(evals: list[dict], level: float) -> dict | None:
@@ -197,6 +221,7 @@ def markdown(paths, command: str, levels=LEVELS) -> str:
     if series and all(k in series for k in runs):
         level = calibrate(both, levels) if len(both) > 1 else calibrate(by_model(runs), levels)
         lines += _window_section(by_model(runs), series, SIGNAL_STOP if level is None else level)
+        lines += _delay_section(by_model(runs), series, SIGNAL_STOP if level is None else level)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -218,6 +243,35 @@ def _window_section(models: dict[str, dict], series: dict, level: float) -> list
             where = "-" if not steps else f"{steps[len(steps) // 2]} ({steps[0]}-{steps[-1]})"
             worst, mean = s["worst_drop"], s["mean_forget"]
             lines.append(f"| {recipe} | {window} | {s['stopped']} of {s['runs']} | {s['at_target']} of {s['runs']} | "
+                         f"{_ci(s['at_target_ci'])} | {'-' if mean is None else f'{mean:.1%}'} | "
+                         f"{'-' if worst is None else f'{100 * worst:.1f} points'} | {where} |")
+    return lines + [""]
+
+
+def _delay_section(models: dict[str, dict], series: dict, level: float) -> list[str]:
+    window = choose_window(models, series, level)
+    last = max(e["step"] for runs in models.values() for evals in runs.values() for e in evals)
+    totals = {f: sum(delay_summary(runs, series, level, window, f)["at_target"] for runs in models.values())
+              for f in FACTORS}
+    best = max(FACTORS, key=lambda f: (totals[f], -f))
+    lines = ["## Going on after the signal says erased", "",
+             f"At stop level {level:g} and window {window}, a stop that goes on from the step s where the signal "
+             f"first says erased to the first evaluation at or after factor x s (factor 1: the stop as it is). The "
+             f"images lag the signal on some runs; going on is meant to let them follow. A run whose delayed stop "
+             f"falls after the study's last evaluation (step {last}) counts as not stopped, and so not at target: "
+             f"the study cannot say where it would be. Runs at target over both models, by factor: "
+             + ", ".join(f"{f:g}: {totals[f]}" for f in FACTORS)
+             + f"; the most at {best:g}" + (" (the stop as it is)." if best == 1 else "."), "",
+             "| model | factor | runs stopped | at target where stopped | exact 95% interval | mean forget where "
+             "stopped | retain drop at stop, worst | stop step, median (range) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for recipe, runs in sorted(models.items()):
+        for factor in FACTORS:
+            s = delay_summary(runs, series, level, window, factor)
+            steps = s["stop_steps"]
+            where = "-" if not steps else f"{steps[len(steps) // 2]} ({steps[0]}-{steps[-1]})"
+            worst, mean = s["worst_drop"], s["mean_forget"]
+            lines.append(f"| {recipe} | {factor:g} | {s['stopped']} of {s['runs']} | {s['at_target']} of {s['runs']} | "
                          f"{_ci(s['at_target_ci'])} | {'-' if mean is None else f'{mean:.1%}'} | "
                          f"{'-' if worst is None else f'{100 * worst:.1f} points'} | {where} |")
     return lines + [""]
