@@ -72,17 +72,24 @@ def window_stop_at(evals: list[dict], lam: list[float], level: float, window: in
                  and lambda_at_rest(lam, e["step"], window)), None)
 
 
-def window_summary(runs: dict, series: dict, level: float, window: int) -> dict:
-    """How a signal stop at `level` waiting `window` steps for lambda at rest does over the runs."""
-    stops = {k: window_stop_at(evals, series[k]["lambda"], level, window) for k, evals in runs.items()}
+def stops_summary(runs: dict, stops: dict) -> dict:
+    """How a stop rule does over the runs, from where it stops each (`stops`: run -> evaluation, None where it never
+    does): how many stop, how many are at target where they stop (forget within 10%, retain at most 3 points under
+    the run's step-0 value), the stop steps, the worst retain drop and the mean forget where they stop."""
     stopped = {k: s for k, s in stops.items() if s is not None}
     drops = {k: runs_base(runs, k) - s["retain_accuracy"] for k, s in stopped.items()}
     met = sum(1 for k, s in stopped.items()
               if s["forget_accuracy"] <= FORGET_TARGET and drops[k] <= RETAIN_DROP_TARGET + 1e-9)
-    return {"window": window, "runs": len(runs), "stopped": len(stopped), "at_target": met,
+    return {"runs": len(runs), "stopped": len(stopped), "at_target": met,
             "at_target_ci": clopper_pearson(met, len(runs)), "stop_steps": sorted(s["step"] for s in stopped.values()),
             "worst_drop": max(drops.values(), default=None),
             "mean_forget": (sum(s["forget_accuracy"] for s in stopped.values()) / len(stopped)) if stopped else None}
+
+
+def window_summary(runs: dict, series: dict, level: float, window: int) -> dict:
+    """How a signal stop at `level` waiting `window` steps for lambda at rest does over the runs."""
+    stops = {k: window_stop_at(evals, series[k]["lambda"], level, window) for k, evals in runs.items()}
+    return {"window": window, **stops_summary(runs, stops)}
 
 
 def choose_window(models: dict[str, dict], series: dict, level: float, windows=WINDOWS) -> int:
@@ -106,14 +113,7 @@ def delayed_stop_at(evals: list[dict], lam: list[float], level: float, window: i
 def delay_summary(runs: dict, series: dict, level: float, window: int, factor: float) -> dict:
     """How the delayed stop does over the runs: as `window_summary`, for a stop at `factor` x the first stop step."""
     stops = {k: delayed_stop_at(evals, series[k]["lambda"], level, window, factor) for k, evals in runs.items()}
-    stopped = {k: s for k, s in stops.items() if s is not None}
-    drops = {k: runs_base(runs, k) - s["retain_accuracy"] for k, s in stopped.items()}
-    met = sum(1 for k, s in stopped.items()
-              if s["forget_accuracy"] <= FORGET_TARGET and drops[k] <= RETAIN_DROP_TARGET + 1e-9)
-    return {"factor": factor, "runs": len(runs), "stopped": len(stopped), "at_target": met,
-            "at_target_ci": clopper_pearson(met, len(runs)), "stop_steps": sorted(s["step"] for s in stopped.values()),
-            "worst_drop": max(drops.values(), default=None),
-            "mean_forget": (sum(s["forget_accuracy"] for s in stopped.values()) / len(stopped)) if stopped else None}
+    return {"factor": factor, **stops_summary(runs, stops)}
 
 
 def stop_at(evals: list[dict], level: float) -> dict | None:
@@ -225,6 +225,10 @@ def markdown(paths, command: str, levels=LEVELS) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+_STOPS_COLUMNS = ("| runs stopped | at target where stopped | exact 95% interval | mean forget where stopped | retain "
+                  "drop at stop, worst | stop step, median (range) |")
+
+
 def _window_section(models: dict[str, dict], series: dict, level: float) -> list[str]:
     chosen = choose_window(models, series, level)
     lines = ["## The anchors: waiting for lambda at rest", "",
@@ -233,19 +237,20 @@ def _window_section(models: dict[str, dict], series: dict, level: float) -> list
              f"{FORGET_TARGET:.0%} and retain accuracy at most {100 * RETAIN_DROP_TARGET:g} points under the run's "
              f"step-0 value. The window with the most runs at target over both models (the smallest on a tie): "
              f"**{chosen}**.", "",
-             "| model | window | runs stopped | at target where stopped | exact 95% interval | mean forget where "
-             "stopped | retain drop at stop, worst | stop step, median (range) |",
+             "| model | window " + _STOPS_COLUMNS,
              "|---|---|---|---|---|---|---|---|"]
     for recipe, runs in sorted(models.items()):
-        for window in WINDOWS:
-            s = window_summary(runs, series, level, window)
-            steps = s["stop_steps"]
-            where = "-" if not steps else f"{steps[len(steps) // 2]} ({steps[0]}-{steps[-1]})"
-            worst, mean = s["worst_drop"], s["mean_forget"]
-            lines.append(f"| {recipe} | {window} | {s['stopped']} of {s['runs']} | {s['at_target']} of {s['runs']} | "
-                         f"{_ci(s['at_target_ci'])} | {'-' if mean is None else f'{mean:.1%}'} | "
-                         f"{'-' if worst is None else f'{100 * worst:.1f} points'} | {where} |")
+        lines += [_stops_row(recipe, f"{w}", window_summary(runs, series, level, w)) for w in WINDOWS]
     return lines + [""]
+
+
+def _stops_row(recipe: str, setting: str, s: dict) -> str:
+    steps = s["stop_steps"]
+    where = "-" if not steps else f"{steps[len(steps) // 2]} ({steps[0]}-{steps[-1]})"
+    worst, mean = s["worst_drop"], s["mean_forget"]
+    return (f"| {recipe} | {setting} | {s['stopped']} of {s['runs']} | {s['at_target']} of {s['runs']} | "
+            f"{_ci(s['at_target_ci'])} | {'-' if mean is None else f'{mean:.1%}'} | "
+            f"{'-' if worst is None else f'{100 * worst:.1f} points'} | {where} |")
 
 
 def _delay_section(models: dict[str, dict], series: dict, level: float) -> list[str]:
@@ -262,18 +267,10 @@ def _delay_section(models: dict[str, dict], series: dict, level: float) -> list[
              f"the study cannot say where it would be. Runs at target over both models, by factor: "
              + ", ".join(f"{f:g}: {totals[f]}" for f in FACTORS)
              + f"; the most at {best:g}" + (" (the stop as it is)." if best == 1 else "."), "",
-             "| model | factor | runs stopped | at target where stopped | exact 95% interval | mean forget where "
-             "stopped | retain drop at stop, worst | stop step, median (range) |",
+             "| model | factor " + _STOPS_COLUMNS,
              "|---|---|---|---|---|---|---|---|"]
     for recipe, runs in sorted(models.items()):
-        for factor in FACTORS:
-            s = delay_summary(runs, series, level, window, factor)
-            steps = s["stop_steps"]
-            where = "-" if not steps else f"{steps[len(steps) // 2]} ({steps[0]}-{steps[-1]})"
-            worst, mean = s["worst_drop"], s["mean_forget"]
-            lines.append(f"| {recipe} | {factor:g} | {s['stopped']} of {s['runs']} | {s['at_target']} of {s['runs']} | "
-                         f"{_ci(s['at_target_ci'])} | {'-' if mean is None else f'{mean:.1%}'} | "
-                         f"{'-' if worst is None else f'{100 * worst:.1f} points'} | {where} |")
+        lines += [_stops_row(recipe, f"{f:g}", delay_summary(runs, series, level, window, f)) for f in FACTORS]
     return lines + [""]
 
 
