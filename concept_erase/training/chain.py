@@ -67,15 +67,11 @@ def draw_repeats(concepts: int, earlier: int, newest_share: float) -> list[int]:
     run's concept order (the chain's `earlier` concepts first, then the request's own): with `newest_share` s the
     request's concepts take s of the draws between them and the earlier ones 1 - s, each side spread evenly; with
     0 (or no earlier concept) every concept once. The share is read to the nearest 1/64."""
-    new = concepts - earlier
-    if not newest_share or earlier <= 0 or new <= 0:
+    s, new = Fraction(newest_share).limit_denominator(64), concepts - earlier
+    if s == 0 or earlier <= 0 or new <= 0:
         return [1] * concepts
-    s = Fraction(newest_share).limit_denominator(64)
-    if s == 0:
-        return [1] * concepts
-    each_old, each_new = (1 - s) / earlier, s / new
-    scale = math.lcm(each_old.denominator, each_new.denominator)
-    old_n, new_n = int(each_old * scale), int(each_new * scale)
+    # each earlier concept's draws against each new one's: (1 - s) / earlier to s / new, in whole numbers
+    old_n, new_n = (s.denominator - s.numerator) * new, s.numerator * earlier
     common = math.gcd(old_n, new_n)
     return [old_n // common] * earlier + [new_n // common] * new
 
