@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from concept_erase.errors import UserError
-from concept_erase.image_seeds import CHECK_SEED_START
+from concept_erase.image_seeds import CHECK_SEED_START, check_block
 from concept_erase.options import IN_ANY, IN_DIR, IN_FILE, MAX_SEED, OUT_DIR, check_fields, flag_name, setting
 from concept_erase.plugins import (EDITS, FORGET_OBJECTIVES, JUDGES, LAMBDA_CONTROLLERS, RETAIN_OBJECTIVES,
                                    check_trackers)
@@ -199,9 +199,14 @@ class EraseConfig:
                                           "the 5% bar a concept still drawn in 20% of its images passes a check "
                                           "with probability 0.17; at 4, 0.41); a check draws --check-images or "
                                           "this many per concept, whichever is more", ge=1, le=100000)
+    check_confirm: int = _r(1, "with --stop-when-erased: how many checks in a row must find the concept erased "
+                               "before the run stops (1: the first). Each of them draws the concept's images from "
+                               "its own seeds, so a run stops on N x the images of one check, not on one lucky "
+                               "draw among many checks", ge=1, le=100)
     check_seed_start: int = _r(CHECK_SEED_START, "with --stop-when-erased: the first image seed a check draws (a "
                                                  "check draws fewer than 2 x --check-images seeds from here on, or "
-                                                 "--check-images-per-concept where that is more); "
+                                                 "--check-images-per-concept where that is more, and each of "
+                                                 "--check-confirm checks in a row its own such block); "
                                                  "evaluations judge seeds 0 and up, so a run is never graded on "
                                                  "the images that stopped it", ge=0, le=MAX_SEED - 200000)
     hold_erasure_at: float = _f(None, "stop pushing the erasure past this erasure-signal level: a forget "
@@ -356,6 +361,12 @@ class EraseConfig:
             raise UserError(f"--stop-when-erased checks every {self.check_every} steps, more than the run's "
                             f"--steps {self.steps}: no check would run; give --check-every {self.steps} or less, "
                             "or raise --steps")
+        last = self.check_seed_start + self.check_confirm * check_block(self.check_images,
+                                                                         self.check_images_per_concept) - 1
+        if last > MAX_SEED:
+            raise UserError(f"--check-seed-start {self.check_seed_start} leaves no room for the seeds of "
+                            f"--check-confirm {self.check_confirm} checks (up to seed {last}, past {MAX_SEED}); "
+                            "give a smaller --check-seed-start")
         if self.stop_judge == "signal" or self.stop_judge == "auto":
             if self.forget_loss != "negative-guidance":
                 if self.stop_judge == "signal":
@@ -520,7 +531,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 # Settings read only by --stop-when-erased: given while the run does not stop when erased, they change nothing.
 STOP_SETTINGS = ("stop_judge", "stop_signal_at_most", "stop_lambda_window", "clip_model", "clip_weights",
                  "check_every", "check_forget_at_most", "check_retain_drop_at_most", "check_inference_steps",
-                 "check_images", "check_images_per_concept", "check_seed_start")
+                 "check_images", "check_images_per_concept", "check_confirm", "check_seed_start")
 
 
 def missing_anchors(method: str, chain: str = "") -> str:

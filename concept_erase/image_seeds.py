@@ -21,6 +21,13 @@ def seed_range(start: int, count: int) -> range:
     return range(int(start), int(start) + int(count))
 
 
+def check_block(check_images: int, floor: int = 0) -> int:
+    """How many seeds one block of a check's images spans: twice --check-images (the anchors take that many), or
+    the floor of images per concept where that is more. With --check-confirm N the N checks in a row draw the
+    concept from N such blocks, one after another."""
+    return max(2 * int(check_images), int(floor))
+
+
 def overlap(a: range, b: range) -> range:
     """The seeds two ranges share (an empty range when none)."""
     return range(max(a.start, b.start), min(a.stop, b.stop))

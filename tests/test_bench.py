@@ -698,7 +698,7 @@ def _check_items(config) -> set:
     from concept_erase.methods.stopping import CheckSides
 
     sides = CheckSides(config, make_judge("digits", config.concepts, config.anchors))
-    return set(sides.concept_items) | set(sides.anchor_items)
+    return set().union(*sides.concept_blocks) | set(sides.anchor_items)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "benchmarks").glob("*-bench.json")))

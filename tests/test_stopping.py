@@ -33,6 +33,10 @@ class ScriptedSides:
     def group_of(self) -> dict:
         return self.judged_as  # a scripted concept is its own group
 
+    @property
+    def concept_blocks(self) -> list:
+        return [self.concept_items]  # every check draws the same concept images
+
     def _begin(self, side, items):
         """A check begins where a side's first item is drawn again (a check draws each side at most once, in
         either order)."""
@@ -73,7 +77,7 @@ def _settings(**kw):
     from types import SimpleNamespace
 
     return SimpleNamespace(**{"check_every": 2, "check_forget_at_most": 0.05, "check_retain_drop_at_most": 0.03,
-                              "check_inference_steps": 10, **kw})
+                              "check_inference_steps": 10, "check_confirm": 1, **kw})
 
 
 def test_the_check_stops_at_the_first_check_at_target_and_logs_every_check(make_config, tmp_path):
@@ -177,7 +181,7 @@ def test_the_digits_judge_sees_the_embedded_models_digits_and_styles():
     start = 5000
     concepts, anchors = [caption(3), caption(5, "red ink")], [caption(1), caption(7, "bold")]
     sides = CheckSides(SimpleNamespace(concepts=concepts, anchors=anchors, check_images=4, check_seed_start=start,
-                                       check_images_per_concept=1, anchor_guidance=7.5), make_judge("digits", concepts, anchors))
+                                       check_images_per_concept=1, anchor_guidance=7.5, check_confirm=1, weights=""), make_judge("digits", concepts, anchors))
     assert sides.guidance == 4.0  # the judge's own guidance, not the run's
     # two images per concept, seed by seed across the concepts, from the check's first seed on; the anchors get twice
     # the concepts' share, seed by seed too (a first chunk sees every anchor)
@@ -206,7 +210,7 @@ def test_a_check_with_prompt_variants_draws_them_and_judges_each_as_its_concept(
     concepts, anchors = [caption(3)], [caption(1)]
     red = tuple(t for t in STYLE_TEMPLATES if t.tier == "red ink")
     config = SimpleNamespace(concepts=concepts, anchors=anchors, check_images=2, check_seed_start=7000,
-                             check_images_per_concept=1, anchor_guidance=7.5)
+                             check_images_per_concept=1, anchor_guidance=7.5, check_confirm=1, weights="")
     sides = CheckSides(config, make_judge("digits", concepts, anchors),
                        (expand(concepts, red, takes_style), expand(anchors, red, takes_style)))
     assert sides.concept_items == [(caption(3), 7000), (caption(3, "red ink"), 7000)]
@@ -229,7 +233,7 @@ def test_every_concept_gets_its_floor_of_check_images_and_the_check_seeds_cover_
     concepts = [f"c{i}" for i in range(8)]
     config = SimpleNamespace(anchor_guidance=7.5, check_images=32, check_seed_start=50, concepts=concepts,
                              anchors=["a1", "a2"], check_images_per_concept=8, stop_when_erased=True,
-                             stop_judge="digits", weights="")
+                             stop_judge="digits", weights="", check_confirm=1)
     sides = CheckSides(config, judge)
     assert len(sides.concept_items) == 64
     assert sides.concept_items[:9] == [(c, 50) for c in concepts] + [("c0", 51)]
@@ -263,6 +267,14 @@ def test_every_concept_gets_its_floor_of_check_images_and_the_check_seeds_cover_
     # an evaluation must avoid every seed a check may draw, the floor's too
     assert check_seeds(SimpleNamespace(**{**vars(config), "check_images": 2, "check_images_per_concept": 20})) == \
         range(50, 70)
+    # with --check-confirm 3 the concept comes from three blocks of 64 seeds each (twice --check-images), and an
+    # evaluation must avoid all three; the anchors keep the first block's
+    three = CheckSides(SimpleNamespace(**{**vars(config), "check_confirm": 3}), judge)
+    assert [sorted({s for _, s in b}) for b in three.concept_blocks] == [list(range(50 + 64 * b, 58 + 64 * b))
+                                                                         for b in range(3)]
+    assert three.anchor_items == sides.anchor_items and check_seeds(three_config := SimpleNamespace(
+        **{**vars(config), "check_confirm": 3})) == range(50, 50 + 3 * 64)
+    assert all(s in check_seeds(three_config) for b in three.concept_blocks for _, s in b)
 
 
 def test_a_count_stopped_early_gives_the_whole_counts_verdict():
@@ -491,7 +503,7 @@ def test_the_clip_judge_counts_a_concept_image_by_its_nearest_prompt_and_keeps_a
         make_judge("clip", concepts)  # neither --classes nor anchors: nothing to tell the concept from
 
     config = SimpleNamespace(anchor_guidance=7.5, check_images=4, check_seed_start=10, concepts=["c1", "c2"],
-                             anchors=["a1", "a2", "a3", "a4"], check_images_per_concept=1)
+                             anchors=["a1", "a2", "a3", "a4"], check_images_per_concept=1, check_confirm=1, weights="")
     both = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=True, group=str))
     concept_only = CheckSides(config, SimpleNamespace(guidance=None, judges_anchors=False, group=str))  # as NudeNet's
     assert both.guidance == 7.5  # no guidance of the judge's own: the run's anchor guidance
@@ -529,7 +541,7 @@ def test_the_signal_stop_waits_while_lambda_rises_and_says_so(tmp_path):
     logged = []
     trainer = SimpleNamespace(signal=SimpleNamespace(value=0.05), lambda_trail=LambdaTrail(2), output=tmp_path,
                               accelerator=SimpleNamespace(is_main_process=True), start_step=0, log=logged.append)
-    stop = SignalStop(SimpleNamespace(check_every=1, stop_signal_at_most=0.15, stop_lambda_window=2))
+    stop = SignalStop(SimpleNamespace(check_every=1, stop_signal_at_most=0.15, stop_lambda_window=2, check_confirm=1))
     stop.start(trainer)
     verdicts = []
     for lam in (1.0, 1.5, 2.0, 2.2, 1.9):  # rises, then falls under where it was two steps before (2.0)
@@ -543,6 +555,67 @@ def test_the_signal_stop_waits_while_lambda_rises_and_says_so(tmp_path):
     trainer.signal.value = 0.5  # lambda at rest but the concept still guided: no stop
     trainer.lambda_trail.update(1.0)
     assert not stop(6, trainer)
+
+
+class BlockSides:
+    """A concept side in seed blocks of 8 images and no anchors (a judge that cannot tell them): each check shows the
+    concept in as many of its images as the script says, and the blocks each check drew are noted."""
+
+    def __init__(self, blocks: int, shown: list[int]):
+        self.concept_blocks = [[("c", 100 * b + s) for s in range(8)] for b in range(blocks)]
+        self.concept_items, self.anchor_items = self.concept_blocks[0], []
+        self.judged_as, self.group_of, self.judge = {}, {}, SimpleNamespace(name="scripted")
+        self.shown, self.drawn = list(shown), []
+
+    def still_shown(self, pipe, items, steps):
+        self.drawn.append(self.concept_blocks.index(items))
+        k = self.shown.pop(0)
+        return [i < k for i in range(len(items))]
+
+
+@pytest.mark.parametrize("confirm, stops_at", [(1, 2), (2, 8), (3, None)])
+def test_a_run_stops_after_check_confirm_checks_at_target_in_a_row_each_on_its_own_seeds(tmp_path, confirm, stops_at):
+    """--check-confirm N: a check at target (0 of 8 images) at steps 2, 6, 8; 3 images at 4 and 10. One check in a
+    row stops at 2, two at 8 (6 and 8), three never. Check k draws seed block k mod N; a resumed run counts the
+    checks in a row it had made."""
+    from concept_erase.methods.stopping import in_a_row
+
+    sides = BlockSides(confirm, [0, 3, 0, 0, 3])
+    check = ErasureCheck(_settings(check_confirm=confirm), sides=sides)
+    check.baseline = {"retain_accuracy": 1.0}
+    written = []
+    check._write = lambda trainer, record: written.append(record)
+    trainer = _fake_trainer(output=tmp_path)
+    stopped = next((step for step in (2, 4, 6, 8, 10) if check(step, trainer)), None)
+    assert stopped == stops_at
+    assert sides.drawn == [(step // 2) % confirm for step in (2, 4, 6, 8, 10)][:len(sides.drawn)]
+    seeds = [{s for _, s in block} for block in sides.concept_blocks]
+    assert all(not a & b for i, a in enumerate(seeds) for b in seeds[i + 1:])  # each block its own seeds
+    assert [r["at_target"] for r in written] == [True, False, True, True, False][:len(written)]
+    marks = [{"step": 0}] + [{"step": 2 * i + 2, "at_target": t} for i, t in enumerate((True, False, True, True))]
+    assert in_a_row(marks) == 2 and in_a_row(marks[:3]) == 0 and in_a_row([{"step": 0, "at_target": True}]) == 0
+    if confirm == 2:
+        assert "at target on 2 checks in a row" in check.reason and written[3]["in_a_row"] == 2
+        # resumed after the check at step 6: the one check in a row it had counts, so step 8 stops it
+        (tmp_path / "checks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 0}] + written[:3]))
+        again = ErasureCheck(_settings(check_confirm=2), sides=BlockSides(2, [0]))
+        again.start(_fake_trainer(output=tmp_path, start_step=6))
+        assert again.in_a_row == 1 and again(8, trainer)
+
+
+def test_the_signal_stop_waits_for_check_confirm_signals_in_a_row_and_a_resumed_run_counts_them(tmp_path):
+    from concept_erase.methods.signal import LambdaTrail
+
+    trainer = SimpleNamespace(signal=SimpleNamespace(value=0.05), lambda_trail=LambdaTrail(0), output=tmp_path,
+                              accelerator=SimpleNamespace(is_main_process=True), start_step=0, log=lambda m: None)
+    config = SimpleNamespace(check_every=1, stop_signal_at_most=0.15, stop_lambda_window=0, check_confirm=2)
+    stop = SignalStop(config)
+    stop.start(trainer)
+    assert [stop(1, trainer), stop(2, trainer)] == [False, True] and "on 2 checks in a row" in stop.reason
+    trainer.start_step = 1  # resumed after step 1: its one signal at target counts
+    again = SignalStop(config)
+    again.start(trainer)
+    assert again.in_a_row == 1 and again(2, trainer)
 
 
 def test_a_check_of_several_concepts_says_which_are_still_drawn(tmp_path):

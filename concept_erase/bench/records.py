@@ -94,7 +94,7 @@ def upgrade(record, where: str) -> dict:
 CURVE_SETTINGS = ("stop_when_erased", "stop_judge", "steps_planned", "lr", "sampling_steps", "retain_loss",
                   "lambda_update", "beta", "trajectory_model", "trajectory_refresh", "hold_erasure_at",
                   "concept_variants", "check_every", "check_forget_at_most", "check_retain_drop_at_most",
-                  "check_inference_steps", "check_seed_start")
+                  "check_inference_steps", "check_seed_start", "check_confirm")
 SWEEP_PREFIX = "eupmu eps="  # the labels an `eps_sweep:` gives its runs (the eupmu entry with eps changed)
 
 

@@ -338,7 +338,8 @@ def run_settings(config, chained: bool = False) -> dict:
     concept only where an image judge checks a `chained` request with the chain's earlier concepts: elsewhere the
     benchmark's checks are of one concept (which the world's judge reads as one group, `Judge.group`) on 32 images
     either way. Records made before the floor existed do not name it; nor does a request that shares the chain's
-    draws evenly (--newest-share 0, the default) name its share."""
+    draws evenly (--newest-share 0, the default) name its share, nor a run that stops at the first check at target
+    (--check-confirm 1, the default) its confirmation."""
     checks = config.stop_when_erased
     images = checks and judge_name(config) != "signal"
     return {"method": config.method, "eps": config.eps, "lambda_init": config.lambda_init, "beta": config.beta,
@@ -357,6 +358,7 @@ def run_settings(config, chained: bool = False) -> dict:
             "check_inference_steps": config.check_inference_steps if checks else None,
             "check_seed_start": config.check_seed_start if checks else None,
             **({"check_images_per_concept": config.check_images_per_concept} if chained and images else {}),
+            **({"check_confirm": config.check_confirm} if checks and config.check_confirm != 1 else {}),
             **({"newest_share": config.newest_share} if chained and config.newest_share else {}),
             **({"uce_regularization": config.uce_regularization, "uce_preserve_weight": config.uce_preserve_weight}
                if is_edit(config.method) else {})}

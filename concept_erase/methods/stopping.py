@@ -63,7 +63,7 @@ from pathlib import Path
 from concept_erase.embedded import embedded_models, embedded_source
 from concept_erase.errors import UserError
 from concept_erase.evaluation.sample import generate_images
-from concept_erase.image_seeds import seed_range
+from concept_erase.image_seeds import check_block, seed_range
 from concept_erase.judges import make_judge
 from concept_erase.training.context import prompt_variants
 from concept_erase.training.tracking import drawing
@@ -128,7 +128,12 @@ class CheckSides:
             if len(variants_of) > 1 else 1
         per_concept = max(1, math.ceil(n / len(concepts)), floor)
         per_anchor = max(1, math.ceil(2 * n / max(1, len(anchors))))
-        self.concept_items = [(p, s) for s in seed_range(config.check_seed_start, per_concept) for p in concepts]
+        # with --check-confirm N, check k draws the concept from block k mod N (its own seeds); the anchors keep
+        # one set of seeds, the one their accuracy before training was measured on
+        width = _block_width(config)
+        self.concept_blocks = [[(p, s) for s in seed_range(config.check_seed_start + b * width, per_concept)
+                                for p in concepts] for b in range(int(config.check_confirm))]
+        self.concept_items = self.concept_blocks[0]
         self.anchor_items = [(p, s) for s in seed_range(config.check_seed_start, per_anchor) for p in anchors] \
             if judge.judges_anchors else []
 
@@ -152,14 +157,19 @@ class CheckSides:
 
 def check_seeds(config) -> range:
     """The image seeds a check of this run may draw (at most: a judge draws fewer than 2 x check_images, or, with
-    several concepts, check_images_per_concept where that is more, from --check-seed-start on): what an evaluation of
-    the run must not judge (`image_seeds`). No seed for a run that does not stop when erased or stops on the erasure
+    several concepts, check_images_per_concept where that is more, from --check-seed-start on; --check-confirm such
+    blocks one after another): what an evaluation of the run must not judge (`image_seeds`). No seed for a run that does not stop when erased or stops on the erasure
     signal, which draws no image."""
     if not config.stop_when_erased or judge_name(config) == "signal":
         return range(0)
+    return seed_range(config.check_seed_start, int(config.check_confirm) * _block_width(config))
+
+
+def _block_width(config) -> int:
+    """The seeds of one block of check images (`image_seeds.check_block`): the floor per concept counts with several
+    concepts, a chain's earlier ones included."""
     several = len(config.concepts) > 1 or bool(config.weights)  # a chain adds its earlier concepts
-    floor = int(config.check_images_per_concept) if several else 0
-    return seed_range(config.check_seed_start, max(2 * int(config.check_images), floor))
+    return check_block(config.check_images, config.check_images_per_concept if several else 0)
 
 
 def judge_name(config) -> str:
@@ -209,11 +219,13 @@ class SignalStop:
         self.every = int(config.check_every)
         self.at_most = float(config.stop_signal_at_most)
         self.window = int(config.stop_lambda_window)
+        self.confirm = int(config.check_confirm)
+        self.in_a_row = 0
         self.reason = ""
 
     def start(self, trainer) -> None:
         if trainer.accelerator.is_main_process:
-            _keep_checks(Path(trainer.output) / "checks.jsonl", trainer.start_step)
+            self.in_a_row = in_a_row(_keep_checks(Path(trainer.output) / "checks.jsonl", trainer.start_step))
 
     def __call__(self, done: int, trainer) -> bool:
         if done % self.every:
@@ -222,24 +234,31 @@ class SignalStop:
         trail = trainer.lambda_trail
         erased = value is not None and value <= self.at_most
         at_rest = trail.at_rest()
+        self.in_a_row = self.in_a_row + 1 if erased and at_rest else 0
+        stop = self.in_a_row >= self.confirm
         if trainer.accelerator.is_main_process:
             with open(Path(trainer.output) / "checks.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": done, "judge": "signal", "signal": value, "at_most": self.at_most,
                                     "lambda_change": trail.change(), "lambda_window": self.window,
                                     "lambda_at_rest": at_rest, "at_target": erased and at_rest, "images": 0,
-                                    "seconds": 0.0}) + "\n")
+                                    "seconds": 0.0, **({"in_a_row": self.in_a_row} if self.confirm > 1 else {})})
+                        + "\n")
         if erased and not at_rest:
             change = trail.change()
             trainer.log(f"erasure signal at step {done}: {value:.3f} <= {self.at_most:g}, but lambda "
                         + ("has no history yet" if change is None else f"rose by {change:.3g} over the last "
                            f"{self.window} steps") + ": the anchors are still being pushed; training on")
             return False
-        if erased:
+        if erased and not stop:
+            trainer.log(f"erasure signal at step {done}: {value:.3f} <= {self.at_most:g}; erased, {self.in_a_row} of "
+                        f"{self.confirm} checks in a row: training on")
+        if stop:
             self.reason = (f"erased by the erasure signal: its average {value:.3f} is at most "
                            f"--stop-signal-at-most {self.at_most:g}"
-                           + (f", with lambda no higher than {self.window} steps before" if self.window else ""))
+                           + (f", with lambda no higher than {self.window} steps before" if self.window else "")
+                           + (f", on {self.confirm} checks in a row" if self.confirm > 1 else ""))
             trainer.log(f"erasure signal at step {done}: {value:.3f} <= {self.at_most:g}; erased: stopping")
-        return erased
+        return stop
 
 
 def _keep_checks(path: Path, step: int) -> list[dict]:
@@ -268,6 +287,8 @@ class ErasureCheck:
         self.forget_at_most = float(config.check_forget_at_most)
         self.retain_drop_at_most = float(config.check_retain_drop_at_most)
         self.sides = sides if sides is not None else check_sides(config, judge_name(config))
+        self.confirm = int(config.check_confirm)
+        self.in_a_row = 0  # the checks at target since the last one that was not
         self.baseline: dict | None = None
         self.reason = ""
         self.failed_last = "concept"  # the side that failed the last check: the next check draws it first
@@ -275,11 +296,11 @@ class ErasureCheck:
     def _log_path(self, trainer) -> Path:
         return Path(trainer.output) / "checks.jsonl"
 
-    def _concept_side(self, pipe) -> dict:
-        """The concept's first chunk, then the rest, until more show the concept than the bar allows. Before
-        training the first chunk only: it tells whether the model draws the concept at all (the bar is then
-        applied to that chunk, for the note)."""
-        concept = list(self.sides.concept_items)
+    def _concept_side(self, pipe, block: int = 0) -> dict:
+        """The concept's first chunk of seed block `block`, then the rest, until more show the concept than the bar
+        allows. Before training the first chunk only: it tells whether the model draws the concept at all (the bar
+        is then applied to that chunk, for the note)."""
+        concept = list(self.sides.concept_blocks[block])
         if self.baseline is None:
             concept = concept[:CONCEPT_CHUNK]
         n = len(concept)
@@ -325,13 +346,14 @@ class ErasureCheck:
         return {"retain_accuracy": (drawn - lost) / drawn, "retain_images": drawn,
                 "retain_within": most_lost is None or lost <= most_lost, "retain_calls": calls}
 
-    def _judge(self, trainer) -> dict:
+    def _judge(self, trainer, block: int = 0) -> dict:
         """One check, drawing no more images than its verdict needs: the side that failed the last check goes
-        first (the concept's at the start), and the other is drawn only if it passed (both before training)."""
+        first (the concept's at the start), and the other is drawn only if it passed (both before training). The
+        concept's images come from seed block `block`."""
         t0 = time.perf_counter()
         r = {"forget_accuracy": None, "forget_images": 0, "forget_within": False, "forget_calls": [],
              "retain_accuracy": None, "retain_images": 0, "retain_within": False, "retain_calls": []}
-        sides = [(self._concept_side, "forget_within"), (self._anchor_side, "retain_within")]
+        sides = [(lambda pipe: self._concept_side(pipe, block), "forget_within"), (self._anchor_side, "retain_within")]
         if self.baseline is not None and self.failed_last == "anchors":
             sides.reverse()
         with drawing(trainer) as pipe:
@@ -358,6 +380,7 @@ class ErasureCheck:
                             "measurement of the model before training); resume without the flag, or start "
                             "again with --overwrite")
         self.failed_last = _failed_side(kept[-1]) if kept else "concept"  # a resumed run goes on as it would have
+        self.in_a_row = in_a_row(kept)
         if base is None:
             self.baseline = None
             base = {"step": 0, **self._judge(trainer)}
@@ -374,8 +397,13 @@ class ErasureCheck:
     def __call__(self, done: int, trainer) -> bool:
         if done % self.every or not trainer.accelerator.is_main_process:
             return False
-        r = {"step": done, **self._judge(trainer)}
+        block = (done // self.every) % len(self.sides.concept_blocks)
+        r = {"step": done, **self._judge(trainer, block)}
         r["at_target"] = bool(r["forget_within"] and r["retain_within"])
+        self.in_a_row = self.in_a_row + 1 if r["at_target"] else 0
+        stop = self.in_a_row >= self.confirm
+        if self.confirm > 1:
+            r.update(seed_block=block, in_a_row=self.in_a_row)
         self._write(trainer, r)
         self.failed_last = _failed_side(r)
         anchors = (", anchors not judged (this judge cannot tell them)" if not self.sides.anchor_items else
@@ -384,12 +412,25 @@ class ErasureCheck:
                    + ("" if r["retain_within"] else f"{_of(r['retain_images'], len(self.sides.anchor_items))}, under the bar")
                    + f" (before training {self.baseline['retain_accuracy']:.0%})")
         trainer.log(f"erasure check at step {done}: concept {_concept(r, len(self.sides.concept_items))}{anchors}"
-                    + ("; erased: stopping" if r["at_target"] else ""))
-        if r["at_target"]:
+                    + ("; erased: stopping" if stop else
+                       f"; erased, {self.in_a_row} of {self.confirm} checks in a row: training on" if r["at_target"]
+                       else ""))
+        if stop:
             self.reason = (f"erased by the {self.sides.judge.name} judge's check: concept {r['forget_accuracy']:.1%} "
                            f"of {r['forget_images']} images"
-                           + (f", anchors {r['retain_accuracy']:.1%}" if r["retain_accuracy"] is not None else ""))
-        return r["at_target"]
+                           + (f", anchors {r['retain_accuracy']:.1%}" if r["retain_accuracy"] is not None else "")
+                           + (f", at target on {self.confirm} checks in a row" if self.confirm > 1 else ""))
+        return stop
+
+
+def in_a_row(checks: list[dict]) -> int:
+    """How many of the last checks after training began were at target, counted back to the last one that was not."""
+    count = 0
+    for r in reversed(checks):
+        if r.get("step", 0) <= 0 or not r.get("at_target"):
+            break
+        count += 1
+    return count
 
 
 def _failed_side(r: dict) -> str:
