@@ -849,6 +849,19 @@ def test_a_delayed_stop_goes_on_to_the_factor_times_the_first_stop_step_and_past
     assert [delay_summary(runs, series, 0.15, 0, f)["at_target"] for f in (1, 2, 4)] == [0, 1, 0]
 
 
+def test_a_stop_confirmed_over_several_checks_waits_for_that_many_in_a_row():
+    from concept_erase.bench.signal import confirm_summary, window_stop_at
+
+    # the signal says erased at 10, not at 20, then at 30 and 40; the images are clean from 30 on
+    evals = _study_rows("a.yaml", "three", 0, [(0, 1.0, 1.0, 1.0), (10, 0.1, 0.5, 1.0), (20, 0.3, 0.25, 1.0),
+                                               (30, 0.1, 0.0, 1.0), (40, 0.1, 0.0, 1.0)])
+    flat = [1.0] * 40
+    assert [window_stop_at(evals, flat, 0.15, 0, n)["step"] for n in (1, 2)] == [10, 40]
+    assert window_stop_at(evals, flat, 0.15, 0, 3) is None
+    runs, series = {("a.yaml", "three", 0): evals}, {("a.yaml", "three", 0): {"lambda": flat}}
+    assert [confirm_summary(runs, series, 0.15, 0, n)["at_target"] for n in (1, 2, 3)] == [0, 1, 0]
+
+
 def test_the_committed_signal_study_report_is_what_the_report_code_makes_of_its_data():
     from concept_erase.bench.signal import markdown
 

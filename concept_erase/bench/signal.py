@@ -28,6 +28,7 @@ LEVELS = [round(0.6 - 0.05 * i, 2) for i in range(17)]  # 0.6, 0.55, ..., -0.2
 RETAIN_DROP_TARGET = 0.03
 WINDOWS = [0, 2, 3, 5, 8, 10, 15, 20]
 FACTORS = [1, 1.25, 1.5, 2]  # a stop that goes on to this multiple of the step where the signal first said erased
+CONFIRMS = [1, 2, 3]  # a stop at the N-th check in a row that says erased (--check-confirm)
 
 
 def read_study(paths) -> tuple[list[dict], dict[tuple, list[dict]]]:
@@ -65,11 +66,19 @@ def lambda_at_rest(lam: list[float], step: int, window: int) -> bool:
     return step - 1 - window >= 0 and lam[step - 1] <= lam[step - 1 - window]
 
 
-def window_stop_at(evals: list[dict], lam: list[float], level: float, window: int) -> dict | None:
+def window_stop_at(evals: list[dict], lam: list[float], level: float, window: int,
+                   confirm: int = 1) -> dict | None:
     """The evaluation at which a signal stop at `level` that waits for lambda at rest over `window` steps ends the
-    run (None: it never does)."""
-    return next((e for e in evals if e["step"] > 0 and e["signal"] is not None and e["signal"] <= level
-                 and lambda_at_rest(lam, e["step"], window)), None)
+    run, at the `confirm`-th evaluation in a row that says so (None: it never does)."""
+    in_a_row = 0
+    for e in evals:
+        if e["step"] <= 0:
+            continue
+        erased = e["signal"] is not None and e["signal"] <= level and lambda_at_rest(lam, e["step"], window)
+        in_a_row = in_a_row + 1 if erased else 0
+        if in_a_row >= confirm:
+            return e
+    return None
 
 
 def stops_summary(runs: dict, stops: dict) -> dict:
@@ -114,6 +123,12 @@ def delay_summary(runs: dict, series: dict, level: float, window: int, factor: f
     """How the delayed stop does over the runs: as `window_summary`, for a stop at `factor` x the first stop step."""
     stops = {k: delayed_stop_at(evals, series[k]["lambda"], level, window, factor) for k, evals in runs.items()}
     return {"factor": factor, **stops_summary(runs, stops)}
+
+
+def confirm_summary(runs: dict, series: dict, level: float, window: int, confirm: int) -> dict:
+    """How a stop at the `confirm`-th check in a row that says erased does over the runs (as `window_summary`)."""
+    stops = {k: window_stop_at(evals, series[k]["lambda"], level, window, confirm) for k, evals in runs.items()}
+    return {"confirm": confirm, **stops_summary(runs, stops)}
 
 
 def stop_at(evals: list[dict], level: float) -> dict | None:
@@ -222,6 +237,7 @@ def markdown(paths, command: str, levels=LEVELS) -> str:
         level = calibrate(both, levels) if len(both) > 1 else calibrate(by_model(runs), levels)
         lines += _window_section(by_model(runs), series, SIGNAL_STOP if level is None else level)
         lines += _delay_section(by_model(runs), series, SIGNAL_STOP if level is None else level)
+        lines += _confirm_section(by_model(runs), series, SIGNAL_STOP if level is None else level)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -271,6 +287,24 @@ def _delay_section(models: dict[str, dict], series: dict, level: float) -> list[
              "|---|---|---|---|---|---|---|---|"]
     for recipe, runs in sorted(models.items()):
         lines += [_stops_row(recipe, f"{f:g}", delay_summary(runs, series, level, window, f)) for f in FACTORS]
+    return lines + [""]
+
+
+def _confirm_section(models: dict[str, dict], series: dict, level: float) -> list[str]:
+    window = choose_window(models, series, level)
+    totals = {n: sum(confirm_summary(runs, series, level, window, n)["at_target"] for runs in models.values())
+              for n in CONFIRMS}
+    best = max(CONFIRMS, key=lambda n: (totals[n], -n))
+    lines = ["## Several checks in a row", "",
+             f"At stop level {level:g} and window {window}, a stop at the N-th evaluation in a row (the study's "
+             f"evaluations stand for the checks) at which the signal says erased and lambda is at rest "
+             f"(`--check-confirm N`; 1: the stop as it is). Runs at target over both models, by N: "
+             + ", ".join(f"{n}: {totals[n]}" for n in CONFIRMS)
+             + f"; the most at {best}" + (" (the stop as it is)." if best == 1 else "."), "",
+             "| model | checks in a row " + _STOPS_COLUMNS,
+             "|---|---|---|---|---|---|---|---|"]
+    for recipe, runs in sorted(models.items()):
+        lines += [_stops_row(recipe, f"{n}", confirm_summary(runs, series, level, window, n)) for n in CONFIRMS]
     return lines + [""]
 
 
