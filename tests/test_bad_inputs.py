@@ -67,6 +67,7 @@ ERASE_CASES = [
     ("--stop-when-erased", None, "no check would run"),
     ("--check-every", "0", "--check-every must be 1 to"),
     ("--check-inference-steps", "0", "--check-inference-steps must be 1 to"),
+    ("--check-confirm", "0", "--check-confirm must be 1 to"),
     ("--concept-variants", "{bad}/empty.txt", "holds no template"),
     ("--concept-variants", "{bad}/model.safetensors", "is not a text file"),
     ("--concept-variants", "{bad}/no-slot.txt", "has no slot {} for the concept"),
