@@ -272,39 +272,38 @@ def _stops_row(recipe: str, setting: str, s: dict) -> str:
 def _delay_section(models: dict[str, dict], series: dict, level: float) -> list[str]:
     window = choose_window(models, series, level)
     last = max(e["step"] for runs in models.values() for evals in runs.values() for e in evals)
-    totals = {f: sum(delay_summary(runs, series, level, window, f)["at_target"] for runs in models.values())
-              for f in FACTORS}
-    best = max(FACTORS, key=lambda f: (totals[f], -f))
-    lines = ["## Going on after the signal says erased", "",
-             f"At stop level {level:g} and window {window}, a stop that goes on from the step s where the signal "
-             f"first says erased to the first evaluation at or after factor x s (factor 1: the stop as it is). The "
-             f"images lag the signal on some runs; going on is meant to let them follow. A run whose delayed stop "
-             f"falls after the study's last evaluation (step {last}) counts as not stopped, and so not at target: "
-             f"the study cannot say where it would be. Runs at target over both models, by factor: "
-             + ", ".join(f"{f:g}: {totals[f]}" for f in FACTORS)
-             + f"; the most at {best:g}" + (" (the stop as it is)." if best == 1 else "."), "",
-             "| model | factor " + _STOPS_COLUMNS,
-             "|---|---|---|---|---|---|---|---|"]
-    for recipe, runs in sorted(models.items()):
-        lines += [_stops_row(recipe, f"{f:g}", delay_summary(runs, series, level, window, f)) for f in FACTORS]
-    return lines + [""]
+    return _rule_section(
+        models, "Going on after the signal says erased", "factor", FACTORS,
+        lambda runs, f: delay_summary(runs, series, level, window, f),
+        f"At stop level {level:g} and window {window}, a stop that goes on from the step s where the signal first says "
+        f"erased to the first evaluation at or after factor x s (factor 1: the stop as it is). The images lag the "
+        f"signal on some runs; going on is meant to let them follow. A run whose delayed stop falls after the study's "
+        f"last evaluation (step {last}) counts as not stopped, and so not at target: the study cannot say where it "
+        f"would be. Runs at target over both models, by factor: ")
 
 
 def _confirm_section(models: dict[str, dict], series: dict, level: float) -> list[str]:
     window = choose_window(models, series, level)
-    totals = {n: sum(confirm_summary(runs, series, level, window, n)["at_target"] for runs in models.values())
-              for n in CONFIRMS}
-    best = max(CONFIRMS, key=lambda n: (totals[n], -n))
-    lines = ["## Several checks in a row", "",
-             f"At stop level {level:g} and window {window}, a stop at the N-th evaluation in a row (the study's "
-             f"evaluations stand for the checks) at which the signal says erased and lambda is at rest "
-             f"(`--check-confirm N`; 1: the stop as it is). Runs at target over both models, by N: "
-             + ", ".join(f"{n}: {totals[n]}" for n in CONFIRMS)
-             + f"; the most at {best}" + (" (the stop as it is)." if best == 1 else "."), "",
-             "| model | checks in a row " + _STOPS_COLUMNS,
+    return _rule_section(
+        models, "Several checks in a row", "checks in a row", CONFIRMS,
+        lambda runs, n: confirm_summary(runs, series, level, window, n),
+        f"At stop level {level:g} and window {window}, a stop at the N-th evaluation in a row (the study's "
+        f"evaluations stand for the checks) at which the signal says erased and lambda is at rest "
+        f"(`--check-confirm N`; 1: the stop as it is). Runs at target over both models, by N: ")
+
+
+def _rule_section(models: dict[str, dict], heading: str, column: str, values: list, summary, intro: str) -> list[str]:
+    """A section on one change to the stop rule: `summary(runs, value)` for each value (the first: the stop as it
+    is), the runs at target over every model by value, and a table of each model's rows."""
+    totals = {v: sum(summary(runs, v)["at_target"] for runs in models.values()) for v in values}
+    best = max(values, key=lambda v: (totals[v], -v))
+    lines = [f"## {heading}", "",
+             intro + ", ".join(f"{v:g}: {totals[v]}" for v in values)
+             + f"; the most at {best:g}" + (" (the stop as it is)." if best == values[0] else "."), "",
+             f"| model | {column} " + _STOPS_COLUMNS,
              "|---|---|---|---|---|---|---|---|"]
     for recipe, runs in sorted(models.items()):
-        lines += [_stops_row(recipe, f"{n}", confirm_summary(runs, series, level, window, n)) for n in CONFIRMS]
+        lines += [_stops_row(recipe, f"{v:g}", summary(runs, v)) for v in values]
     return lines + [""]
 
 
