@@ -937,6 +937,11 @@ def test_a_later_request_records_the_checks_floor_and_a_request_made_without_it_
     style = run_config(spec, overrides, "red ink", 100, tmp_path / "y", False)  # ten captions, one style
     assert "check_images_per_concept" not in run_settings(style)
     assert settings_differ({k: v for k, v in first.items() if k != "hold_erasure_at"}, first) == []  # None: the same
+    # a confirmed stop is another rule: the entry that asks for it is told apart from the one that does not
+    confirmed = run_config(spec, next(m for m in spec.methods if m.get("check_confirm")), "seven", 100, tmp_path / "z",
+                           False)
+    assert settings_differ(later, run_settings(confirmed, chained=True)) == ["check_confirm"]
+    assert "check_confirm" not in run_settings(dataclasses.replace(confirmed, stop_when_erased=False))
 
 
 @pytest.mark.parametrize("text,message", [
