@@ -158,8 +158,8 @@ class CheckSides:
 def check_seeds(config) -> range:
     """The image seeds a check of this run may draw (at most: a judge draws fewer than 2 x check_images, or, with
     several concepts, check_images_per_concept where that is more, from --check-seed-start on; --check-confirm such
-    blocks one after another): what an evaluation of the run must not judge (`image_seeds`). No seed for a run that does not stop when erased or stops on the erasure
-    signal, which draws no image."""
+    blocks one after another): what an evaluation of the run must not judge (`image_seeds`). No seed for a run that
+    does not stop when erased or stops on the erasure signal, which draws no image."""
     if not config.stop_when_erased or judge_name(config) == "signal":
         return range(0)
     return seed_range(config.check_seed_start, int(config.check_confirm) * _block_width(config))
